@@ -1,0 +1,83 @@
+"""The attention layer and the metadata it needs to find each sequence's KV in the cache.
+
+The runner builds one `AttentionMetadata` per forward pass and the model passes it down
+explicitly (no module-global context), so the same model runs any mix of prefill chunks and
+decode tokens in one flat ragged batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln.kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's tokens sit in the flat batch and in the paged KV cache."""
+
+    # (num_seqs + 1,) int32: sequence s owns flat tokens [query_start_loc[s], query_start_loc[s+1]).
+    query_start_loc: torch.Tensor
+    # (num_seqs,) int32: tokens with KV after this step (cached context + this step's tokens).
+    seq_lens: torch.Tensor
+    # (num_seqs, max_blocks_per_seq) int32: physical KV block ids, in order.
+    block_tables: torch.Tensor
+    # (num_tokens,) int64: cache slot (block_id * block_size + offset) for each new token.
+    slot_mapping: torch.Tensor
+    # Host copies of query_start_loc and seq_lens for code that loops over sequences.
+    query_start_loc_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+class Attention(nn.Module):
+    """Writes this step's K and V into the cache, then attends over each sequence's context."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(
+        self,
+        query: torch.Tensor,  # (T, Hq * D)
+        key: torch.Tensor,  # (T, Hkv * D)
+        value: torch.Tensor,  # (T, Hkv * D)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, Hq * D)
+        num_tokens = query.shape[0]
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        out = ops.paged_attention(
+            query,
+            kv_cache,
+            metadata.block_tables,
+            metadata.query_start_loc_host,
+            metadata.seq_lens_host,
+            self.scale,
+            self.sliding_window,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

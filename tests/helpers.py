@@ -1,0 +1,58 @@
+"""Shared test helpers: tiny random Hugging Face models (no downloads) and a minimal
+single-sequence forward loop over the paged KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from kiln.build.engine import load_engine_model, open_engine
+from kiln.runtime.input_batch import prepare_inputs
+from kiln.runtime.kv_tensors import allocate_kv_caches
+from kiln.runtime.outputs import ScheduledRequest
+
+
+def save_tiny_hf_model(config: transformers.PretrainedConfig, directory: Path, seed: int = 0):
+    """A random-weight float32 HF model saved as safetensors; returns the model (eval)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random (not init-default) norms and biases, so a mis-loaded one cannot hide.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(torch.randn_like(param) * 0.1 + (1.0 if "norm" in name or "ln" in name else 0.0))
+    model.eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+class SequenceRunner:
+    """Feeds one sequence through a kiln model: prefill then one token at a time."""
+
+    def __init__(self, engine_dir: Path, block_size: int = 4, num_blocks: int = 64):
+        self.engine = open_engine(engine_dir)
+        self.model = load_engine_model(self.engine)
+        self.block_size = block_size
+        self.kv_caches = allocate_kv_caches(
+            self.engine.model_config, num_blocks, block_size, self.engine.dtype
+        )
+        # Deliberately non-contiguous, shuffled blocks: the block table must be honoured.
+        self.block_ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
+        self.num_computed = 0
+
+    @torch.no_grad()
+    def step(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits (len(token_ids), V) for the given new tokens."""
+        request = ScheduledRequest(
+            request_id="r",
+            token_ids=token_ids,
+            num_computed_tokens=self.num_computed,
+            block_ids=self.block_ids,
+            sample=True,
+        )
+        inputs = prepare_inputs([request], self.block_size)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        self.num_computed += len(token_ids)
+        return self.model.compute_logits(hidden)
