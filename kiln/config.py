@@ -40,3 +40,30 @@ def validated(cls: type[BaseModel], **values) -> BaseModel:
             for e in error.errors()
         )
         raise KilnError(f"invalid {cls.__name__}: {problems}") from None
+
+
+class EngineConfig(BaseModel):
+    """Runtime knobs: the same names on `LLM(...)`, `LLMEngine` and the CLI."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    max_num_seqs: int = Field(256, ge=1, le=65536, description="most requests in one step")
+    max_num_batched_tokens: int = Field(
+        8192, ge=1, le=1 << 20, description="token budget of one step (prefill chunks + decodes)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="longest prompt + output; defaults to the engine's"
+    )
+    num_kv_blocks: int | None = Field(
+        None, ge=2, description="KV pool size in blocks; overrides sizing from memory"
+    )
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0.0, le=1.0, description="fraction of GPU memory for weights + KV cache"
+    )
+    device: str | None = Field(None, description="'cuda', 'cuda:N' or 'cpu'; default cuda if present")
+    verify_hashes: bool = Field(True, description="check every engine file's sha256 at load")
+    cpu_kv_cache_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="KV pool size on the CPU when num_kv_blocks is unset"
+    )

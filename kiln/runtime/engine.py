@@ -1,0 +1,292 @@
+"""LLMEngine: the one loop. add_request → step() → RequestOutputs.
+
+    step():
+      out = scheduler.schedule()          which requests compute how many tokens
+      res = runner.execute(out)           forward + sample
+      changed = scheduler.update(out, res)  append tokens, stop checks, free blocks
+      detokenize changed requests         text deltas; a stop string finishes the request
+      → one RequestOutput per touched user request (its n sequences grouped)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kiln.build.engine import EngineInfo, open_engine
+from kiln.checkpoint.tokenizer import load_tokenizer
+from kiln.config import EngineConfig
+from kiln.errors import KilnError
+from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.kv_tensors import kv_cache_bytes_per_block
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.request import Request, RequestStatus
+from kiln.runtime.request_output import CompletionOutput, RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one of a request's n sequences."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    num_reported_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    # This step's additions, reported once in the next RequestOutput.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _UserRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[_Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.sequences)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KilnError(f"device {name!r} requested, but no CUDA GPU is available")
+    return device
+
+
+class LLMEngine:
+    def __init__(self, engine: EngineInfo, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.engine = engine
+        self.model_config = engine.model_config
+        self.max_model_len = config.max_model_len or engine.max_model_len
+        if self.max_model_len > engine.max_model_len:
+            raise KilnError(
+                f"max_model_len {self.max_model_len} exceeds the engine's {engine.max_model_len} "
+                f"(rebuild with a larger --max-model-len)"
+            )
+        self.device = resolve_device(config.device)
+        self.tokenizer = load_tokenizer(engine.tokenizer_dir) if engine.tokenizer_dir else None
+        eos = engine.generation_config.get("eos_token_id")
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
+        num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory()
+        self.runner = ModelRunner(engine, self.device, config.block_size, num_blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_kv_blocks=num_blocks,
+                block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self._requests: dict[str, _UserRequest] = {}
+        self._sequence_owner: dict[str, _UserRequest] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+        config = config or EngineConfig()
+        return cls(open_engine(path, verify_hashes=config.verify_hashes), config)
+
+    def _kv_blocks_from_memory(self) -> int:
+        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.engine.dtype)
+        # Never more than every sequence at full length needs (+1: the reserved null block).
+        blocks_needed = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            weight_bytes = sum(f["bytes"] for n, f in self.engine.manifest["files"].items()
+                               if n.endswith(".safetensors"))
+            # Activations of a full token-budget step, roughly: a few hidden-sized buffers
+            # and the logits of up to max_num_seqs rows.
+            activation_bytes = 16 * self.config.max_num_batched_tokens * self.model_config.hidden_size * 4
+            activation_bytes += self.config.max_num_seqs * self.model_config.vocab_size * 4 * 4
+            budget = total * self.config.gpu_memory_utilization - (total - free) - weight_bytes - activation_bytes
+        else:
+            budget = self.config.cpu_kv_cache_bytes
+        blocks = min(int(budget // per_block), blocks_needed)
+        if blocks < 2:
+            raise KilnError(
+                f"not enough memory for the KV cache ({budget / 2**20:.0f} MiB left, one block "
+                f"needs {per_block / 2**20:.2f} MiB); raise gpu_memory_utilization or lower max_model_len"
+            )
+        return blocks
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise KilnError("this engine has no tokenizer: pass prompt_token_ids instead of text")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        for token_id in token_ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
+                raise ValueError(f"prompt token id {token_id!r} is outside the vocabulary [0, {vocab})")
+
+    def add_request(
+        self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None
+    ) -> str:
+        """Validate and queue a request (all n sequences or none). Raises ValueError naming
+        the problem before any state changes."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text, token_ids = self.tokenize_prompt(prompt)
+        self._validate_prompt(token_ids)
+        room = self.max_model_len - len(token_ids)
+        if params.max_tokens is None:
+            if room < 1:
+                raise ValueError(
+                    f"prompt has {len(token_ids)} tokens, leaving no room to generate within "
+                    f"max_model_len {self.max_model_len}"
+                )
+            params = dataclasses.replace(params, max_tokens=room)
+        primary_eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        extra_eos = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
+        if extra_eos and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra_eos])
+        user_request = _UserRequest(request_id, prompt_text, token_ids)
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+            sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(sequence_id, list(token_ids), child_params, eos_token_id=primary_eos)
+            detokenizer = (
+                IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+                if self.tokenizer is not None else None
+            )
+            logprobs = [] if child_params.logprobs is not None else None
+            user_request.sequences.append(_Sequence(request, detokenizer, logprobs=logprobs))
+        added: list[Request] = []
+        try:
+            for sequence in user_request.sequences:
+                self.scheduler.add_request(sequence.request)
+                added.append(sequence.request)
+        except ValueError:
+            for request in added:
+                self.scheduler.abort_request(request.request_id)
+            raise
+        for sequence in user_request.sequences:
+            self.runner.register(sequence.request)
+            self._sequence_owner[sequence.request.request_id] = user_request
+        self._requests[request_id] = user_request
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        user_request = self._requests.get(request_id)
+        if user_request is None:
+            return False
+        for sequence in user_request.sequences:
+            self.scheduler.abort_request(sequence.request.request_id)
+        self._forget(user_request)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def _forget(self, user_request: _UserRequest) -> None:
+        self._requests.pop(user_request.request_id, None)
+        for sequence in user_request.sequences:
+            self._sequence_owner.pop(sequence.request.request_id, None)
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        changed = self.scheduler.update(scheduler_output, runner_output)
+        touched: dict[str, _UserRequest] = {}
+        for request in changed:
+            user_request = self._sequence_owner.get(request.request_id)
+            if user_request is None:
+                continue
+            sequence = next(s for s in user_request.sequences if s.request is request)
+            self._advance_sequence(sequence, runner_output.logprobs.get(request.request_id, []))
+            touched[user_request.request_id] = user_request
+        outputs = []
+        for user_request in touched.values():
+            outputs.append(self._make_output(user_request))
+            if user_request.finished:
+                self._forget(user_request)
+        return outputs
+
+    def _advance_sequence(self, sequence: _Sequence, logprobs: list[TokenLogprobs]) -> None:
+        request = sequence.request
+        new_ids = request.output_token_ids[sequence.num_reported_tokens:]
+        sequence.num_reported_tokens = request.num_output_tokens
+        sequence.delta_token_ids = new_ids
+        if sequence.logprobs is not None:
+            sequence.logprobs.extend(logprobs)
+        detokenizer = sequence.detokenizer
+        if detokenizer is None:
+            sequence.delta_text = ""
+            return
+        # Before the detokenizer runs, a STOPPED status can only come from a token (EOS or a
+        # stop token id): stop strings are found below.
+        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
+        delta = detokenizer.update(new_ids, stop_terminated=stopped_by_token)
+        if detokenizer.stop_hit is not None:
+            self.scheduler.finish_request(
+                request.request_id, RequestStatus.FINISHED_STOPPED, detokenizer.stop_hit
+            )
+        if request.is_finished:
+            delta += detokenizer.finish()
+        sequence.delta_text = delta
+
+    def _make_output(self, user_request: _UserRequest) -> RequestOutput:
+        completions = []
+        for index, sequence in enumerate(user_request.sequences):
+            request = sequence.request
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=sequence.detokenizer.text if sequence.detokenizer else "",
+                    token_ids=list(request.output_token_ids),
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                    logprobs=list(sequence.logprobs) if sequence.logprobs is not None else None,
+                    delta_text=sequence.delta_text,
+                    delta_token_ids=sequence.delta_token_ids,
+                )
+            )
+            sequence.delta_text, sequence.delta_token_ids = "", []
+        return RequestOutput(
+            request_id=user_request.request_id,
+            prompt=user_request.prompt,
+            prompt_token_ids=user_request.prompt_token_ids,
+            outputs=completions,
+            finished=user_request.finished,
+            metrics=[s.request.metrics for s in user_request.sequences],
+        )
