@@ -1,0 +1,358 @@
+"""The token-budget scheduler: which requests compute how many tokens in the next step.
+
+There are no prefill and decode phases. Each request has `num_tokens` (prompt + output) and
+`num_computed_tokens` (those with KV in the cache); a step gives it some of the difference:
+
+    running requests, oldest first    each gets min(its uncomputed tokens, budget left):
+                                      1 for a decode, the next chunk of a chunked prefill
+    then waiting requests, FCFS       prefix-cache hits first, then the whole rest of the
+                                      prompt or as much of it as the budget allows
+
+The step's budget is `max_num_batched_tokens`; at most `max_num_seqs` requests run at once.
+When a running request needs a block and none is left, the newest running request is
+preempted by recompute: its blocks are freed, its `num_computed_tokens` goes back to 0, and
+it waits at the front of the queue; its output tokens are kept and recomputed with the prompt.
+A request that could not fit even with the whole cache to itself is rejected by
+`add_request`, so the oldest running request can always grow and preemption cannot loop.
+
+The engine drives it, one call of each per step and in this order:
+
+    out = scheduler.schedule()
+    res = runner.execute(out)
+    changed = scheduler.update(out, res)        # new tokens, stop checks, blocks freed
+
+A finished or aborted request stays visible to `get_request` (and `finish_request`) until
+the next `schedule()`, which reports its id to the runner in `finished_request_ids` and then
+forgets it: the scheduler keeps no per-request state past that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from kiln.runtime.kv_cache import KVCacheManager, token_ids_between
+from kiln.runtime.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kiln.runtime.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Limits of the scheduler and the size of the KV cache it hands out."""
+
+    # KV blocks the runner allocated, including the reserved null block 0.
+    num_kv_blocks: int
+    # Token slots per KV block.
+    block_size: int = 16
+    # Requests running at once (the largest batch of sequences).
+    max_num_seqs: int = 256
+    # Tokens computed in one step, over all requests (the step's token budget).
+    max_num_batched_tokens: int = 8192
+    # Longest sequence, prompt plus output, that a request may reach.
+    max_model_len: int = 4096
+    # Share the KV of equal full-block prefixes between requests.
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        minimums = {
+            "num_kv_blocks": 2,  # the null block and at least one usable block
+            "block_size": 1,
+            "max_num_seqs": 1,
+            "max_num_batched_tokens": 1,
+            "max_model_len": 1,
+        }
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; decides each step's batch.
+
+    One `Request` is one sequence: a SamplingParams with n > 1 is fanned out into n requests
+    by the engine before they reach `add_request`.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager | None = None):
+        if kv_cache_manager is None:
+            kv_cache_manager = KVCacheManager(
+                config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+            )
+        elif (kv_cache_manager.num_blocks, kv_cache_manager.block_size) != (
+            config.num_kv_blocks,
+            config.block_size,
+        ):
+            raise ValueError(
+                f"kv_cache_manager has num_blocks={kv_cache_manager.num_blocks}, "
+                f"block_size={kv_cache_manager.block_size} but the config says "
+                f"num_kv_blocks={config.num_kv_blocks}, block_size={config.block_size}"
+            )
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        # Every live request, plus finished ones until their id has gone to the runner.
+        self._requests: dict[str, Request] = {}
+        # WAITING and PREEMPTED requests, in the order they will be admitted.
+        self._waiting: deque[Request] = deque()
+        # RUNNING requests, oldest admission first: preemption takes from the end.
+        self._running: list[Request] = []
+        # Finished or aborted since the last schedule(); reported to the runner there.
+        self._finished_request_ids: list[str] = []
+
+    # ---- queries ----------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Waiting requests, preempted ones included."""
+        return len(self._waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def has_finished_requests(self) -> bool:
+        """True while some finished request's id has not yet gone out in a SchedulerOutput
+        (the runner may hold state for it: keep stepping until this is False too)."""
+        return bool(self._finished_request_ids)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # ---- requests in and out ----------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request, or raise ValueError (with the numbers) if it can never run."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.block_ids:
+            raise ValueError(
+                f"request {request.request_id!r} must be new (status waiting, no blocks), "
+                f"got status {request.status.value} with {len(request.block_ids)} blocks"
+            )
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        max_len = self.config.max_model_len
+        if request.num_prompt_tokens >= max_len:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt of {request.num_prompt_tokens} tokens "
+                f"leaves no room to generate within max_model_len {max_len}"
+            )
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            max_tokens = max_len - request.num_prompt_tokens
+        max_num_tokens = request.num_prompt_tokens + max_tokens
+        if max_num_tokens > max_len:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt of {request.num_prompt_tokens} tokens "
+                f"+ max_tokens {max_tokens} = {max_num_tokens} exceeds max_model_len {max_len}"
+            )
+        # The last sampled token ends the request before its KV is ever computed.
+        blocks_needed = self.kv_cache_manager.num_blocks_for(max_num_tokens - 1)
+        blocks_total = self.kv_cache_manager.num_usable_blocks
+        if blocks_needed > blocks_total:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt of {request.num_prompt_tokens} tokens "
+                f"+ max_tokens {max_tokens} needs {blocks_needed} KV blocks of "
+                f"{self.config.block_size} tokens, but the whole cache has {blocks_total}"
+            )
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a waiting, preempted or running request and free its blocks now.
+
+        Returns False (and does nothing) for an unknown or already finished request: a client
+        disconnect can race with the request's own finish.
+        """
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> bool:
+        """End a request from outside the scheduler (a stop string the detokenizer found, an
+        abort) and free its blocks now.
+
+        A request that already finished in the last `update` (say by length on the same token
+        whose text completed the stop string) is relabelled with the new status and
+        stop_reason unless it was aborted. Returns False for an unknown or aborted request.
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a finished status, got {status.value}")
+        request = self._requests.get(request_id)
+        if request is None or request.status is RequestStatus.FINISHED_ABORTED:
+            return False
+        if request.is_finished:
+            if status is RequestStatus.FINISHED_ABORTED:
+                return False  # it ended on its own first: nothing to abort
+            request.status = status
+            request.stop_reason = stop_reason
+            return True
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self._finish(request, status, stop_reason)
+        return True
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts, allocating their KV blocks."""
+        now = time.monotonic()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        index = 0
+        while index < len(self._running) and budget > 0:
+            request = self._running[index]
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache_manager.allocate_slots(request, num_new_tokens):
+                # Out of blocks: the newest running request gives its blocks back.
+                victim = self._running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._schedule_chunk(request, num_new_tokens))
+                budget -= num_new_tokens
+                index += 1
+
+        # Admitting new work right after a preemption would only take the blocks back.
+        while self._waiting and budget > 0 and not preempted:
+            if len(self._running) >= self.config.max_num_seqs:
+                break
+            request = self._waiting[0]
+            computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(
+                request
+            )
+            num_new_tokens = min(request.num_tokens - num_cached_tokens, budget)
+            if not self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks):
+                # Strict FCFS: later requests wait too, so a large one is not starved.
+                break
+            self._waiting.popleft()
+            request.num_computed_tokens = num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+                request.metrics.num_cached_prompt_tokens = min(
+                    num_cached_tokens, request.num_prompt_tokens
+                )
+            self._running.append(request)
+            scheduled.append(self._schedule_chunk(request, num_new_tokens))
+            budget -= num_new_tokens
+
+        finished_request_ids = self._finished_request_ids
+        self._finished_request_ids = []
+        for request_id in finished_request_ids:
+            del self._requests[request_id]
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted_request_ids=[r.request_id for r in preempted],
+            finished_request_ids=finished_request_ids,
+        )
+
+    def update(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[Request]:
+        """Apply one step's results: advance computed tokens, append sampled tokens, run the
+        stop checks, free finished requests' blocks.
+
+        Returns the requests that got new tokens or finished, in batch order. A request
+        aborted between schedule() and update() is skipped.
+        """
+        now = time.monotonic()
+        changed: list[Request] = []
+        for chunk in scheduler_output.scheduled:
+            request = self._requests.get(chunk.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += chunk.num_scheduled_tokens
+            self.kv_cache_manager.cache_full_blocks(request)
+            if not chunk.sample:
+                continue
+            sampled = model_runner_output.sampled_token_ids.get(chunk.request_id)
+            if not sampled:
+                raise ValueError(
+                    f"request {chunk.request_id!r} was scheduled to sample, but the runner "
+                    f"returned no sampled token for it"
+                )
+            for token_id in sampled:
+                request.output_token_ids.append(token_id)
+                if self._check_stop(request):
+                    # Tokens after the stop (speculative decoding) are dropped.
+                    break
+            request.metrics.num_output_tokens = request.num_output_tokens
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            if request.is_finished:
+                self._running.remove(request)
+                self._free_finished(request, now)
+            changed.append(request)
+        return changed
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _schedule_chunk(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        end = start + num_new_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=token_ids_between(request, start, end),
+            num_computed_tokens=start,
+            block_ids=list(request.block_ids),  # a snapshot: the table grows later
+            sample=end == request.num_tokens,
+        )
+
+    def _check_stop(self, request: Request) -> bool:
+        """Set the finished status of a request whose last token ends it."""
+        params = request.sampling_params
+        last_token_id = request.output_token_ids[-1]
+        # EOS and stop ids only count once min_tokens are out.
+        if request.num_output_tokens >= params.min_tokens:
+            if last_token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last_token_id
+                return True
+            if not params.ignore_eos and last_token_id == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = None  # OpenAI convention: None means EOS
+                return True
+        max_tokens = params.max_tokens
+        if (max_tokens is not None and request.num_output_tokens >= max_tokens) or (
+            request.num_tokens >= self.config.max_model_len
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        # Front of the queue: it was admitted before anything still waiting.
+        self._waiting.appendleft(request)
+
+    def _finish(
+        self, request: Request, status: RequestStatus, stop_reason: int | str | None
+    ) -> None:
+        request.status = status
+        request.stop_reason = stop_reason
+        self._free_finished(request, time.monotonic())
+
+    def _free_finished(self, request: Request, now: float) -> None:
+        self.kv_cache_manager.free(request)
+        request.metrics.finished_time = now
+        self._finished_request_ids.append(request.request_id)
