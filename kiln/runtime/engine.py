@@ -217,9 +217,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     def _forget(self, user_request: _UserRequest) -> None:
+        """Drop every trace of a finished or aborted request now (the scheduler also tells
+        the runner at its next schedule(); doing it here leaves nothing behind when idle)."""
         self._requests.pop(user_request.request_id, None)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)
+            self.runner.forget(sequence.request.request_id)
 
     # ---- the loop ---------------------------------------------------------------------
 
