@@ -98,6 +98,44 @@ def cmd_chat(args: argparse.Namespace) -> None:
     interactive_chat(LLM(model=args.model, **_engine_kwargs(args)), _sampling_params(args))
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> None:
+    from kiln.bench.datasets import sample_sharegpt, synthetic_requests
+    from kiln.bench.results import write_result
+    from kiln.bench.throughput import length_stats, run_batched, run_sequential
+    from kiln.entrypoints import LLM
+
+    llm = LLM(model=args.model, **_engine_kwargs(args))
+    engine = llm.llm_engine
+    if args.dataset == "sharegpt":
+        if llm.tokenizer is None:
+            raise KilnError("--dataset sharegpt needs an engine with a tokenizer; use --dataset random")
+        requests = sample_sharegpt(llm.tokenizer, args.num_prompts, engine.max_model_len, args.seed)
+    else:
+        requests = synthetic_requests(
+            args.num_prompts, args.input_len, args.output_len, engine.model_config.vocab_size, args.seed
+        )
+    metrics = {f"batched_{k}": v for k, v in run_batched(engine, requests).items()}
+    metrics["output_tok_s"] = metrics["batched_output_tok_s"]
+    metrics["requests_s"] = metrics["batched_requests_s"]
+    if args.sequential_baseline:
+        metrics.update({f"sequential_{k}": v for k, v in run_sequential(engine, requests).items()})
+        metrics["batched_over_sequential"] = metrics["output_tok_s"] / metrics["sequential_output_tok_s"]
+    config = {
+        "dataset": args.dataset, **length_stats(requests), "seed": args.seed,
+        "input_len": args.input_len if args.dataset == "random" else None,
+        "output_len": args.output_len if args.dataset == "random" else None,
+        "engine": engine.config.model_dump(), "num_kv_blocks": engine.scheduler.config.num_kv_blocks,
+    }
+    path = write_result(
+        "throughput", device=engine.device, model=str(args.model),
+        dtype=engine.engine.manifest["build"]["dtype"], config=config, metrics=metrics,
+        output_dir=args.output_dir,
+    )
+    for name, value in metrics.items():
+        print(f"{name:36s} {value:12.2f}")
+    print(f"wrote {path}")
+
+
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -138,6 +176,20 @@ def make_parser() -> argparse.ArgumentParser:
         _add_sampling_args(sub)
         _add_engine_args(sub)
         sub.set_defaults(func=func)
+    bench = commands.add_parser("bench", help="benchmarks (JSON to benchmarks/results/)")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    throughput = benches.add_parser("throughput", help="offline throughput of N requests")
+    throughput.add_argument("model", nargs="?", default="smollm2")
+    throughput.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
+    throughput.add_argument("--num-prompts", type=int, default=64)
+    throughput.add_argument("--input-len", type=int, default=128, help="random dataset only")
+    throughput.add_argument("--output-len", type=int, default=128, help="random dataset only")
+    throughput.add_argument("--seed", type=int, default=0)
+    throughput.add_argument("--sequential-baseline", action="store_true",
+                            help="also run the requests one at a time and report the ratio")
+    throughput.add_argument("--output-dir", default="benchmarks/results")
+    _add_engine_args(throughput)
+    throughput.set_defaults(func=cmd_bench_throughput)
     return parser
 
 

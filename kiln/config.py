@@ -63,6 +63,10 @@ class EngineConfig(BaseModel):
         0.90, gt=0.0, le=1.0, description="fraction of GPU memory for weights + KV cache"
     )
     device: str | None = Field(None, description="'cuda', 'cuda:N' or 'cpu'; default cuda if present")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="compute dtype; auto = the engine's on a GPU, float32 on the CPU "
+        "(CPU bfloat16 matmuls are several times slower than float32 ones)"
+    )
     verify_hashes: bool = Field(True, description="check every engine file's sha256 at load")
     cpu_kv_cache_bytes: int = Field(
         1 << 30, ge=1 << 20, description="KV pool size on the CPU when num_kv_blocks is unset"

@@ -84,8 +84,11 @@ class LLM:
     """Offline inference over one engine: every prompt batched through the engine loop."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL_ALIAS, *, dtype: str | None = None, **engine_knobs):
-        build_config = validated(BuildConfig, **({"dtype": dtype} if dtype else {}))
-        engine_config = validated(EngineConfig, **engine_knobs)
+        # dtype is both the build dtype (for a source that is not an engine yet) and the
+        # compute dtype; unset, engines are built in bfloat16 and run in EngineConfig's "auto".
+        dtype_knob = {"dtype": dtype} if dtype else {}
+        build_config = validated(BuildConfig, **dtype_knob)
+        engine_config = validated(EngineConfig, **engine_knobs, **dtype_knob)
         self.engine_dir = resolve_engine(model, build_config)
         self.llm_engine = LLMEngine.from_engine_dir(self.engine_dir, engine_config)
 

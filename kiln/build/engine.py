@@ -169,14 +169,18 @@ def open_engine(engine_dir: str | Path, *, verify_hashes: bool = True) -> Engine
     return EngineInfo(engine_dir, manifest, model_config)
 
 
-def load_engine_model(engine: EngineInfo, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model with the engine's weights, on `device`, in the engine's dtype."""
+def load_engine_model(
+    engine: EngineInfo, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """The model with the engine's weights on `device`, in `dtype` (default: the engine's)."""
     from kiln.models.registry import get_model_class
 
     model_class = get_model_class(engine.model_config.architecture)
     with torch.device("meta"):
         model = model_class(engine.model_config)
     weights = load_file(engine.path / "rank0.safetensors", device=str(device))
+    if dtype is not None and dtype != engine.dtype:
+        weights = {name: tensor.to(dtype) for name, tensor in weights.items()}
     expected = set(model.engine_state_dict())
     if set(weights) != expected:
         missing = sorted(expected - set(weights))

@@ -79,11 +79,15 @@ class LLMEngine:
                 f"(rebuild with a larger --max-model-len)"
             )
         self.device = resolve_device(config.device)
+        if config.dtype != "auto":
+            self.dtype = getattr(torch, config.dtype)
+        else:
+            self.dtype = engine.dtype if self.device.type == "cuda" else torch.float32
         self.tokenizer = load_tokenizer(engine.tokenizer_dir) if engine.tokenizer_dir else None
         eos = engine.generation_config.get("eos_token_id")
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory()
-        self.runner = ModelRunner(engine, self.device, config.block_size, num_blocks)
+        self.runner = ModelRunner(engine, self.device, self.dtype, config.block_size, num_blocks)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_kv_blocks=num_blocks,
@@ -104,7 +108,7 @@ class LLMEngine:
         return cls(open_engine(path, verify_hashes=config.verify_hashes), config)
 
     def _kv_blocks_from_memory(self) -> int:
-        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.engine.dtype)
+        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
         # Never more than every sequence at full length needs (+1: the reserved null block).
         blocks_needed = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
         if self.device.type == "cuda":

@@ -23,14 +23,19 @@ from kiln.runtime.sampler import RequestGenerators, Sampler, SamplingMetadata, S
 
 class ModelRunner:
     def __init__(
-        self, engine: EngineInfo, device: torch.device, block_size: int, num_kv_blocks: int
+        self,
+        engine: EngineInfo,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        num_kv_blocks: int,
     ) -> None:
         self.engine = engine
         self.device = device
         self.block_size = block_size
-        self.model = load_engine_model(engine, device)
+        self.model = load_engine_model(engine, device, dtype)
         self.kv_caches = allocate_kv_caches(
-            engine.model_config, num_kv_blocks, block_size, engine.dtype, device
+            engine.model_config, num_kv_blocks, block_size, dtype, device
         )
         self.sampler = Sampler()
         self.generators = RequestGenerators(device)

@@ -1,0 +1,73 @@
+"""Offline throughput: N requests submitted at once, run to completion.
+
+Figures: output tokens/s, total (prompt + output) tokens/s, requests/s. With
+`sequential_baseline`, the same requests also run one at a time through the same engine, the
+way a loop without in-flight batching would serve them.
+"""
+
+from __future__ import annotations
+
+import time
+from kiln.bench.datasets import BenchRequest
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+
+
+def _params(request: BenchRequest) -> SamplingParams:
+    # As vLLM's benchmark: sample at temperature 1 and ignore EOS, so every request produces
+    # exactly its output length and runs are comparable.
+    return SamplingParams(temperature=1.0, max_tokens=request.output_len, ignore_eos=True, seed=0)
+
+
+def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
+    started = time.perf_counter()
+    for request in requests:
+        engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids}, _params(request))
+    steps = 0
+    output_tokens = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                output_tokens += len(output.outputs[0].token_ids)
+        steps += 1
+    seconds = time.perf_counter() - started
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "output_tok_s": output_tokens / seconds,
+        "total_tok_s": (output_tokens + prompt_tokens) / seconds,
+        "requests_s": len(requests) / seconds,
+        "output_tokens": output_tokens,
+        "prompt_tokens": prompt_tokens,
+    }
+
+
+def run_sequential(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
+    started = time.perf_counter()
+    output_tokens = 0
+    for request in requests:
+        engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids}, _params(request))
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    output_tokens += len(output.outputs[0].token_ids)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "output_tok_s": output_tokens / seconds,
+        "requests_s": len(requests) / seconds,
+        "output_tokens": output_tokens,
+    }
+
+
+def length_stats(requests: list[BenchRequest]) -> dict:
+    prompts = [len(r.prompt_token_ids) for r in requests]
+    outputs = [r.output_len for r in requests]
+    return {
+        "num_requests": len(requests),
+        "mean_input_len": sum(prompts) / len(prompts),
+        "mean_output_len": sum(outputs) / len(outputs),
+        "max_input_len": max(prompts),
+        "max_output_len": max(outputs),
+    }
