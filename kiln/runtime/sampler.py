@@ -1,0 +1,371 @@
+"""Batched sampling: one row of logits per request in, one token id per request out.
+
+    SamplingMetadata.build(rows)   once per step, on the host: per-request params → tensors
+    Sampler()(logits, metadata)    on the logits' device, no host syncs
+
+Order of processing (as vLLM):
+
+    logits (R, V) float32
+      1. repetition penalty   on prompt + output tokens (HF/CTRL: divide positive logits,
+                              multiply negative ones)
+      2. frequency, presence  on output tokens only (OpenAI: subtract f * count + p * [count>0])
+      3. min_tokens           EOS and stop token ids → -inf while too few tokens are out
+      ── greedy rows: argmax of these penalised logits
+      4. temperature          logits / T (greedy rows use T = 1)
+      ── logprobs: log_softmax of the logits at this point (see below)
+      5. top-k, top-p, min-p  filtering, in that order, to -inf
+      6. sample               exponential race: argmax(probs / Exponential(1))
+
+Logprobs are the log_softmax of the logits after steps 1-4: penalties, min_tokens masking
+and temperature, but before top-k/top-p/min-p truncation, so a top-n list still ranks
+tokens the filters removed instead of showing -inf for all of them. For greedy rows that is
+the log_softmax of the penalised logits (temperature is not applied). Tokens banned by
+min_tokens have logprob -inf.
+
+Per-request seeds: the exponential race draws one Exponential(1) per vocabulary entry. A
+seeded row draws its V exponentials from its own `torch.Generator` and nothing else does,
+so its tokens depend only on its seed, its logits and how many steps it has sampled, never
+on the batch around it. The generator must outlive the step: the engine keeps one per
+request (`RequestGenerators`) and drops it when the request finishes. Unseeded rows share
+torch's default generator for the logits' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.sampling_params import SamplingParams
+
+# Random rows with a tiny temperature would overflow logits / T; below this they are
+# sampled at this temperature, which is already argmax in all but name.
+MIN_TEMPERATURE = 1e-5
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator for one seeded request, on the device that holds the logits."""
+    generator = torch.Generator(device=device)
+    # manual_seed takes a 64-bit value; map negative seeds into range deterministically.
+    generator.manual_seed(seed % 2**64)
+    return generator
+
+
+class RequestGenerators:
+    """The per-request generators of seeded requests, kept alive across steps.
+
+    The owner of the step loop (the engine or model runner) holds one of these, calls
+    `get` while building each step's rows and `drop` when a request finishes or is
+    aborted. Preemption must *not* drop it: the recomputed request continues its random
+    stream where it left off, so it reproduces the tokens it would have produced.
+    A request fanned out into n sequences should give each its own seed (vLLM uses
+    seed + index), or the n sequences come out identical.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def get(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = make_generator(params.seed, self.device)
+            self._generators[request_id] = generator
+        return generator
+
+    def drop(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._generators)
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One request's input to this step's sampling (host data)."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    # Tokens generated so far (before this step's token).
+    output_token_ids: Sequence[int]
+    # The model's EOS id; banned by min_tokens unless params.ignore_eos.
+    eos_token_id: int | None = None
+    # From RequestGenerators.get: the request's own generator, or None when unseeded.
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """A step's sampling parameters as tensors on the logits' device.
+
+    Optional tensors are None when no row in the batch uses that feature, so the sampler
+    skips the work; those decisions are made on the host while building, never by reading
+    a device tensor.
+    """
+
+    # (R,) float32 temperatures; 1.0 for greedy rows so dividing by it is a no-op.
+    temperatures: torch.Tensor
+    # (R,) bool: rows that take argmax of the penalised logits.
+    greedy_mask: torch.Tensor
+    all_greedy: bool
+    # (R,) int64 in [1, V]; V for rows without top-k. None when no row uses top-k.
+    top_k: torch.Tensor | None
+    # (R,) float32 in (0, 1]. None when no row uses top-p.
+    top_p: torch.Tensor | None
+    # (R,) float32 in [0, 1]. None when no row uses min-p.
+    min_p: torch.Tensor | None
+    # (R,) float32 each; None when no row has any penalty.
+    repetition_penalties: torch.Tensor | None
+    presence_penalties: torch.Tensor | None
+    frequency_penalties: torch.Tensor | None
+    # (R, Lp) / (R, Lo) int64 token ids padded with V (a column that is dropped). Only rows
+    # with penalties carry their ids; the others are all padding. None without penalties.
+    prompt_token_ids: torch.Tensor | None
+    output_token_ids: torch.Tensor | None
+    # (K,) int64 indices into the flattened (R * V) logits that min_tokens sets to -inf
+    # (row * V + token id: index_fill_ on a flat view does not sync, unlike indexed
+    # assignment of a Python scalar).
+    banned_flat_indices: torch.Tensor | None
+    # Row index → that row's own generator, for seeded random rows.
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # Per row: top-n logprobs requested (None: no logprobs). max_num_logprobs is the
+    # largest n, or None when no row wants logprobs.
+    num_logprobs: list[int | None] = field(default_factory=list)
+    max_num_logprobs: int | None = None
+
+    @classmethod
+    def build(
+        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+    ) -> SamplingMetadata:
+        device = torch.device(device)
+        params = [row.params for row in rows]
+        greedy = [p.is_greedy for p in params]
+        # Filters matter for random rows only: greedy rows take the argmax anyway.
+        random_params = [p for p, g in zip(params, greedy) if not g]
+        has_penalty = [
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            for p in params
+        ]
+        any_penalty = any(has_penalty)
+
+        def floats(values: list[float], needed: bool = True) -> torch.Tensor | None:
+            return _to_device(values, torch.float32, device) if needed else None
+
+        def penalised_ids(lists: list[Sequence[int]]) -> torch.Tensor | None:
+            if not any_penalty:
+                return None
+            # Rows without penalties need no counts: their ids are left out entirely.
+            return _padded([t if h else () for t, h in zip(lists, has_penalty)], vocab_size, device)
+
+        banned = _min_tokens_banned_indices(rows, vocab_size)
+        num_logprobs = [p.logprobs for p in params]
+        requested = [n for n in num_logprobs if n is not None]
+        return cls(
+            temperatures=_to_device(
+                [1.0 if g else max(p.temperature, MIN_TEMPERATURE) for p, g in zip(params, greedy)],
+                torch.float32,
+                device,
+            ),
+            greedy_mask=_to_device(greedy, torch.bool, device),
+            all_greedy=all(greedy),
+            top_k=(
+                _to_device(
+                    [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params],
+                    torch.int64,
+                    device,
+                )
+                if any(p.top_k != -1 for p in random_params)
+                else None
+            ),
+            top_p=floats([p.top_p for p in params], any(p.top_p < 1 for p in random_params)),
+            min_p=floats([p.min_p for p in params], any(p.min_p > 0 for p in random_params)),
+            repetition_penalties=floats([p.repetition_penalty for p in params], any_penalty),
+            presence_penalties=floats([p.presence_penalty for p in params], any_penalty),
+            frequency_penalties=floats([p.frequency_penalty for p in params], any_penalty),
+            prompt_token_ids=penalised_ids([row.prompt_token_ids for row in rows]),
+            output_token_ids=penalised_ids([row.output_token_ids for row in rows]),
+            banned_flat_indices=_to_device(banned, torch.int64, device) if banned else None,
+            generators={
+                i: row.generator
+                for i, (row, g) in enumerate(zip(rows, greedy))
+                if row.generator is not None and not g
+            },
+            num_logprobs=num_logprobs,
+            max_num_logprobs=max(requested) if requested else None,
+        )
+
+
+def _min_tokens_banned_indices(rows: Sequence[SamplingRow], vocab_size: int) -> list[int]:
+    """Flat (row * V + token) indices of the EOS and stop token ids of rows that have not
+    yet generated min_tokens tokens."""
+    indices: list[int] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) >= row.params.min_tokens:
+            continue
+        stop_ids = set(row.params.stop_token_ids)
+        if row.eos_token_id is not None and not row.params.ignore_eos:
+            stop_ids.add(row.eos_token_id)
+        indices += [i * vocab_size + t for t in sorted(stop_ids) if t < vocab_size]
+    return indices
+
+
+def _to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list → device tensor without blocking the host on CUDA (pinned, async copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _padded(
+    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    width = max((len(t) for t in token_lists), default=0)
+    padded = [list(t) + [vocab_size] * (width - len(t)) for t in token_lists]
+    return _to_device(padded, torch.int64, device).reshape(len(token_lists), width)
+
+
+@dataclass(frozen=True)
+class LogprobsTensors:
+    """Logprobs of one step, still on the device (see the module docstring for which)."""
+
+    sampled_logprobs: torch.Tensor  # (R,) float32: logprob of each row's sampled token
+    top_token_ids: torch.Tensor  # (R, max_n) int64, best first
+    top_logprobs: torch.Tensor  # (R, max_n) float32, descending
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # (R,) int64
+    logprobs: LogprobsTensors | None  # None when no row asked for logprobs
+
+
+class Sampler:
+    """Stateless: everything per request comes in through SamplingMetadata."""
+
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        # The caller's logits stay untouched: all processing below is in place on a copy.
+        logits = logits.to(torch.float32, copy=True)  # (R, V)
+        self._apply_penalties(logits, metadata)
+        if metadata.banned_flat_indices is not None:
+            logits.view(-1).index_fill_(0, metadata.banned_flat_indices, float("-inf"))
+        greedy_token_ids = logits.argmax(dim=-1)  # (R,)
+
+        logits.div_(metadata.temperatures.unsqueeze(1))  # greedy rows divide by 1
+        logprobs = None
+        if metadata.max_num_logprobs is not None:
+            logprobs = torch.log_softmax(logits, dim=-1)  # (R, V)
+
+        if metadata.all_greedy:
+            sampled = greedy_token_ids
+        else:
+            random_token_ids = self._sample_random(logits, metadata)  # (R,)
+            sampled = torch.where(metadata.greedy_mask, greedy_token_ids, random_token_ids)
+
+        if logprobs is None:
+            return SamplerOutput(sampled_token_ids=sampled, logprobs=None)
+        top_logprobs, top_token_ids = logprobs.topk(metadata.max_num_logprobs, dim=-1)
+        sampled_logprobs = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)  # (R,)
+        return SamplerOutput(
+            sampled_token_ids=sampled,
+            logprobs=LogprobsTensors(sampled_logprobs, top_token_ids, top_logprobs),
+        )
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+        if metadata.repetition_penalties is None:
+            return
+        num_rows, vocab_size = logits.shape
+        output_counts = _bin_counts(metadata.output_token_ids, num_rows, vocab_size)  # (R, V)
+        prompt_counts = _bin_counts(metadata.prompt_token_ids, num_rows, vocab_size)  # (R, V)
+        seen = (prompt_counts > 0) | (output_counts > 0)  # (R, V)
+
+        penalty = metadata.repetition_penalties.unsqueeze(1).expand_as(logits)  # (R, V)
+        penalty = torch.where(seen, penalty, torch.ones_like(penalty))
+        # Dividing a positive logit and multiplying a negative one both make the token less
+        # likely; a plain division would make negative logits *more* likely.
+        logits.copy_(torch.where(logits > 0, logits / penalty, logits * penalty))
+
+        logits.sub_(metadata.frequency_penalties.unsqueeze(1) * output_counts)
+        logits.sub_(metadata.presence_penalties.unsqueeze(1) * (output_counts > 0))
+
+    @staticmethod
+    def _sample_random(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Filter (top-k, top-p, min-p) then sample every row; the caller keeps greedy rows'
+        argmax instead. Modifies logits in place."""
+        if metadata.top_k is not None or metadata.top_p is not None:
+            _apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+        probs = torch.softmax(logits, dim=-1)  # (R, V)
+        if metadata.min_p is not None:
+            max_probs = probs.amax(dim=-1, keepdim=True)  # (R, 1)
+            too_small = probs < metadata.min_p.unsqueeze(1) * max_probs  # (R, V)
+            probs = probs.masked_fill(too_small, 0.0)  # no renormalisation needed: see below
+
+        # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
+        # p_i / sum(p), so unnormalised probabilities are fine, and it needs no cumsum or
+        # host sync (unlike torch.multinomial).
+        exponentials = torch.empty_like(probs)  # (R, V)
+        exponentials.exponential_()
+        for row, generator in metadata.generators.items():
+            exponentials[row].exponential_(generator=generator)
+        # An exactly-zero draw would turn a filtered token's 0/0 into NaN, which argmax picks.
+        exponentials.clamp_min_(torch.finfo(torch.float32).tiny)
+        return (probs / exponentials).argmax(dim=-1)  # (R,)
+
+
+def _bin_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> torch.Tensor:
+    """(R, L) padded token ids → (R, V) counts; the padding id V lands in a dropped column."""
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=token_ids.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.float32))
+    return counts[:, :vocab_size]  # (R, V)
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> None:
+    """Set logits outside each row's top-k and nucleus to -inf, in place. One ascending sort
+    serves both; thresholds are gathered per row, so no per-row host control flow."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)  # (R, V) each
+    vocab_size = logits.shape[1]
+    if top_k is not None:
+        # The k-th largest logit is at ascending position V - k; ties with it are kept.
+        kth_largest = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))  # (R, 1)
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_probs = sorted_logits.softmax(dim=-1)  # (R, V) ascending
+        cumulative = sorted_probs.cumsum(dim=-1)  # (R, V)
+        # Drop a token when it and everything below it hold <= 1 - p of the mass: what is
+        # left is the smallest top set holding >= p. The top token always stays.
+        drop = cumulative <= (1 - top_p).unsqueeze(1)  # (R, V)
+        drop[:, -1] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    logits.scatter_(1, sorted_idx, sorted_logits)
+
+
+def to_token_logprobs(
+    sampled_token_ids: list[int],
+    logprobs: LogprobsTensors | None,
+    num_logprobs: Sequence[int | None],
+) -> list[TokenLogprobs | None]:
+    """Device tensors → one TokenLogprobs per row (None for rows that did not ask).
+
+    Copies to the host once (the step's single sync point for logprobs). Logprobs may be
+    -inf (tokens banned by min_tokens); JSON encoders need to map that themselves.
+    """
+    if logprobs is None:
+        return [None] * len(sampled_token_ids)
+    sampled = logprobs.sampled_logprobs.tolist()
+    top_ids = logprobs.top_token_ids.tolist()
+    top_values = logprobs.top_logprobs.tolist()
+    records: list[TokenLogprobs | None] = []
+    for row, n in enumerate(num_logprobs):
+        if n is None:
+            records.append(None)
+            continue
+        top = list(zip(top_ids[row][:n], top_values[row][:n]))
+        records.append(TokenLogprobs(sampled_token_ids[row], sampled[row], top))
+    return records
