@@ -5,17 +5,63 @@ KV cache layout of one layer (one tensor, allocated by the model runner):
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)
                │  │           │
                │  │           └ token slot inside the block
-               │  └ physical block id (a request's block table lists its blocks in order)
+               │  └ physical block id (a request's block table lists its blocks in order;
+               │    block 0 is a null block that CUDA-graph padding rows point at)
                └ 0 = keys, 1 = values
 
-    slot = block_id * block_size + offset   (slot_mapping gives one per new token)
+    slot = block_id * block_size + offset   (slot_mapping gives one per new token; -1 = padding)
 
-The torch reference below loops over sequences; it is the oracle for the fast kernels.
+Each op has a torch reference (loops over sequences; the oracle) and a Triton fast path:
+
+- `write_kv_cache`: one program per token copies its K and V rows into their slot.
+- `paged_decode_attention` (every sequence has exactly one new token): flash-decoding. Grid
+  (sequence, KV head, split); a program takes all query heads of its KV head's group as one
+  (group padded to 16, head_dim) tile so `tl.dot` applies, walks its split's keys through the
+  block table with an online softmax, and leaves a partial output and its log-sum-exp; a small
+  reduce kernel combines the splits. The split count comes from the batch shape and the SM
+  count (host side); each sequence sizes its splits from its own length on the GPU, so the
+  launch is CUDA-graph capturable.
+- `paged_prefill_attention` (any ragged mix of new-token counts, prefix reuse, chunked
+  prefill): grid (query block, query head); each program finds its sequence by a binary search
+  over `query_start_loc` on the GPU, so it needs no host lists either.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Protocol
+
 import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton_utils import (
+    NO_WINDOW,
+    check_float,
+    check_head_dim,
+    check_last_dim_contiguous,
+    dot_dtype,
+    dot_precision,
+    launchable,
+    next_power_of_2,
+)
+
+LOG2_E = math.log2(math.e)  # kernels use exp2: scores are pre-multiplied by log2(e)
+
+
+class PagedAttentionMetadata(Protocol):
+    """The fields of the layers' AttentionMetadata that attention reads (kernels know no layer)."""
+
+    query_start_loc: torch.Tensor  # (S+1,) int32
+    seq_lens: torch.Tensor  # (S,) int32
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+    query_start_loc_host: list[int]
+    seq_lens_host: list[int]
+
+
+# ---------------------------------------------------------------------------------------------
+# References
 
 
 def write_kv_cache_reference(
@@ -63,12 +109,397 @@ def paged_attention_reference(
         v = kv[1, :seq_len].float().repeat_interleave(group, dim=1)  # (L, Hq, D)
         q = query[start:end].float()  # (q_len, Hq, D)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (Hq, q_len, L)
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)  # (q_len, 1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)  # (1, L)
+        device = query.device
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)  # (q_len, 1)
+        k_pos = torch.arange(seq_len, device=device).unsqueeze(0)  # (1, L)
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache write
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    key_ptr, stride_kt, stride_kh,  # (T, Hkv, D)
+    value_ptr, stride_vt, stride_vh,  # (T, Hkv, D)
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    slot_mapping_ptr,  # (T,) int64
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot < 0:  # a padding token: nothing to write
+        return
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, DIM_PAD)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+    key = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    value = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot
+           + heads * stride_c_head + dims)
+    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_c_kind, value.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # (T, Hkv, D)
+    value: torch.Tensor,  # (T, Hkv, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+    slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
+) -> None:
+    num_tokens, num_kv_heads, head_dim = key.shape
+    for name, tensor in (("key", key), ("value", value), ("kv_cache", kv_cache)):
+        check_last_dim_contiguous(name, tensor)
+    if num_tokens == 0:
+        return
+    launchable(_write_kv_cache_kernel, key)[(num_tokens,)](
+        key, key.stride(0), key.stride(1),
+        value, value.stride(0), value.stride(1),
+        kv_cache, *kv_cache.stride()[:4],
+        slot_mapping,
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
+        HEADS_PAD=next_power_of_2(num_kv_heads), DIM_PAD=next_power_of_2(head_dim),
+        num_warps=1 if num_kv_heads * head_dim <= 1024 else 4,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: flash-decoding over the block table
+
+# Splits per sequence are fixed on the host (a CUDA graph bakes in its grid); each sequence
+# then cuts its own visible keys into that many equal splits on the GPU, so a short context
+# still spreads over the SMs and a long one never needs more than MAX_DECODE_SPLITS partials.
+MAX_DECODE_SPLITS = 64
+# A split's fixed cost (loading q, writing a (group, D) fp32 partial that the reduce reads
+# back) is ~5% of reading 128 tokens of K and V at head_dim 128; below that, fewer splits.
+MIN_DECODE_SPLIT_TOKENS = 128
+# Programs per SM the splits aim for: two waves keep every SM busy through the tail.
+DECODE_PROGRAMS_PER_SM = 2
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per sequence so that (sequences x KV heads x splits) fills the GPU about twice:
+    33 at batch 1 with 8 KV heads on 132 SMs, 1 (no reduce) from batch 33 up."""
+    target = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
+    return max(1, min(MAX_DECODE_SPLITS, triton.cdiv(target, num_seqs * num_kv_heads)))
+
+
+@functools.cache
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter runs programs one after another: keep grids small
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    block_table,  # this sequence's row of the block table
+    pos, valid,  # (BLOCK_N,) key positions and which of them to read
+    kv_head,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each."""
+    block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
+    ptrs = cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(
+    q, k, v,  # (M, D), (BLOCK_N, D), (BLOCK_N, D) in DOT_DTYPE
+    visible,  # (M, BLOCK_N) which query row may see which key
+    m, l, acc,  # (M,) running max of log2-scaled scores, (M,) running sum, (M, D) output
+    qk_scale,  # softmax scale * log2(e): exp2 of scaled scores is exp of the scores
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Folds one key tile into each query row's running softmax; returns the new (m, l, acc)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    # A row that has seen no visible key yet (causal edge, window start, padding) is still at
+    # -inf; subtracting 0 instead keeps exp2 from producing NaN, and its p stays 0.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_split(seq_len, window, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """(first visible key, tokens per split, splits with work) of a sequence whose one query
+    sits at position seq_len - 1 and sees keys p > seq_len - 1 - window."""
+    kv_start = tl.maximum(seq_len - window, 0)
+    visible = tl.maximum(seq_len - kv_start, 1)  # an empty sequence still runs split 0
+    split_size = tl.cdiv(tl.cdiv(visible, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles
+    split_size = tl.maximum(split_size, MIN_SPLIT)
+    return kv_start, split_size, tl.cdiv(visible, split_size)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, stride_qt, stride_qh,  # (S, Hq, D): the one new token of each sequence
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    block_tables_ptr, stride_bt,  # (S, max_blocks) int32
+    seq_lens_ptr,  # (S,) int32
+    out_ptr, stride_ot, stride_oh,  # (S, Hq, D): written here when NUM_SPLITS == 1
+    part_out_ptr,  # (S, Hq, NUM_SPLITS, D) float32: each split's normalised output
+    part_lse_ptr,  # (S, Hq, NUM_SPLITS) float32: each split's log2-sum-exp2 of scores
+    qk_scale, window,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT,
+                                                     BLOCK_N)
+    if split >= num_active:
+        return
+    kv_lo = kv_start + split * split_size
+    kv_hi = tl.minimum(kv_lo + split_size, seq_len)
+
+    group_rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group_rows  # (GROUP_PAD,) query heads of this KV head
+    head_mask = group_rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_mask[:, None], other=0.0).to(DOT_DTYPE)  # (GROUP_PAD, D)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max (log2 domain)
+    l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt
+    for tile in range(kv_lo, kv_hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = pos < kv_hi
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+        m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
+                                         DOT_DTYPE, PRECISION)
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # no key (seq_len 0): zeros, like the reference
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split  # (GROUP_PAD,)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out,
+                 mask=head_mask[:, None])
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=head_mask)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr,  # as written by _paged_decode_kernel
+    seq_lens_ptr,
+    out_ptr, stride_ot, stride_oh,  # (S, Hq, D)
+    window,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    _, _, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
+    splits = tl.arange(0, SPLITS_PAD)
+    active = splits < num_active  # the splits that ran; the rest of the buffer is stale
+    part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (SPLITS_PAD,)
+    dims = tl.arange(0, HEAD_DIM)
+    partial = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                      mask=active[:, None], other=0.0)  # (SPLITS_PAD, D)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * partial, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    check_float("query", query)
+    check_float("kv_cache", kv_cache)
+    check_last_dim_contiguous("query", query)
+    check_last_dim_contiguous("kv_cache", kv_cache)
+    check_head_dim(query.shape[2])
+    if query.shape[1] % kv_cache.shape[3]:
+        raise ValueError(
+            f"{query.shape[1]} query heads is not a multiple of {kv_cache.shape[3]} KV heads"
+        )
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # (S, Hq, D): exactly one new token per sequence
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), holding this step's KV
+    block_tables: torch.Tensor,  # (S, max_blocks) int32
+    seq_lens: torch.Tensor,  # (S,) int32, on the GPU; never read on the host
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,  # splits per sequence; default: decode_num_splits
+) -> torch.Tensor:  # (S, Hq, D)
+    _check_attention_inputs(query, kv_cache)
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    if seq_lens.shape[0] != num_seqs:
+        raise ValueError(f"decode takes one token per sequence: {num_seqs} tokens, "
+                         f"{seq_lens.shape[0]} sequences")
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return out
+    num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
+    block_n = 64 if head_dim <= 128 else 32
+    window = sliding_window or NO_WINDOW
+    group = num_heads // num_kv_heads
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits,
+                               dtype=torch.float32, device=query.device)
+    else:  # the split kernel writes `out` itself; these are never touched
+        part_out = part_lse = out
+    launchable(_paged_decode_kernel, query)[(num_seqs, num_kv_heads, num_splits)](
+        query, query.stride(0), query.stride(1),
+        kv_cache, *kv_cache.stride()[:4],
+        block_tables, block_tables.stride(0),
+        seq_lens,
+        out, out.stride(0), out.stride(1),
+        part_out, part_lse,
+        scale * LOG2_E, window,
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
+        DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
+            part_out, part_lse, seq_lens,
+            out, out.stride(0), out.stride(1),
+            window,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=block_n,
+            NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
+            SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill / extend: ragged new tokens over cached context
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, stride_qt, stride_qh,  # (T, Hq, D)
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    block_tables_ptr, stride_bt,  # (S, max_blocks) int32
+    query_start_loc_ptr,  # (S+1,) int32
+    seq_lens_ptr,  # (S,) int32
+    out_ptr, stride_ot, stride_oh,  # (T, Hq, D)
+    qk_scale, window, num_seqs,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Sequence s owns programs [first(s), first(s+1)) with first(s) = query_start_loc[s] //
+    # BLOCK_M + s: strictly increasing, and at least cdiv(q_len, BLOCK_M) programs apart, so a
+    # grid of T // BLOCK_M + S covers every query block; programs past a sequence's end exit.
+    program = tl.program_id(0)
+    head = tl.program_id(1)
+    left: tl.int32 = 0
+    right: tl.int32 = num_seqs
+    while left < right:  # binary search for the first s with first(s) > program
+        mid = (left + right) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= program:
+            left = mid + 1
+        else:
+            right = mid
+    seq = (left - 1).to(tl.int64)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = program - (q_start // BLOCK_M + seq)
+    if q_block * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len  # tokens cached before this step's
+
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) index among the new tokens
+    row_mask = rows < q_len
+    q_pos = context + rows  # absolute positions
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_mask[:, None], other=0.0).to(DOT_DTYPE)  # (BLOCK_M, D)
+
+    # Keys this block can see: from the first row's window start to the last row's position.
+    kv_lo = tl.maximum(context + q_block * BLOCK_M - window + 1, 0)
+    kv_hi = context + tl.minimum(q_len, (q_block + 1) * BLOCK_M)
+    kv_head = head // GROUP
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt
+    for tile in range(kv_lo // BLOCK_N * BLOCK_N, kv_hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        in_range = (pos >= kv_lo) & (pos < kv_hi)
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+        visible = (in_range[None, :] & (pos[None, :] <= q_pos[:, None])
+                   & (pos[None, :] > q_pos[:, None] - window))  # (BLOCK_M, BLOCK_N)
+        m, l, acc = _online_softmax_step(q, k, v, visible, m, l, acc, qk_scale,
+                                         DOT_DTYPE, PRECISION)
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # (T, Hq, D) all new tokens, concatenated
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), holding this step's KV
+    block_tables: torch.Tensor,  # (S, max_blocks) int32
+    query_start_loc: torch.Tensor,  # (S+1,) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    _check_attention_inputs(query, kv_cache)
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_m = 64
+    block_n = 64 if head_dim <= 128 else 32
+    grid = (num_tokens // block_m + num_seqs, num_heads)
+    launchable(_paged_prefill_kernel, query)[grid](
+        query, query.stride(0), query.stride(1),
+        kv_cache, *kv_cache.stride()[:4],
+        block_tables, block_tables.stride(0),
+        query_start_loc, seq_lens,
+        out, out.stride(0), out.stride(1),
+        scale * LOG2_E, sliding_window or NO_WINDOW, num_seqs,
+        GROUP=num_heads // kv_cache.shape[3], HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
+        num_warps=4, num_stages=2,
+    )
     return out

@@ -1,28 +1,137 @@
 """The one dispatcher for every op: the model code calls these, never an implementation.
 
-Today every op runs its torch reference (CPU and GPU alike). Fast paths (Triton, cuBLAS)
-plug in here, selected per op when the tensors are on CUDA and `KILN_REFERENCE_KERNELS` is
-not set; the reference stays the oracle that tests and `kiln verify` compare against.
+Each op runs its Triton fast path when its tensors are on CUDA, and its torch reference
+otherwise (the CPU) or when `KILN_REFERENCE_KERNELS=1` forces the references everywhere,
+which is how `kiln verify` diffs fast against reference layer by layer. The references are the
+oracle the kernel tests compare against.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from kiln.kernels import activation, attention, norm, rope as rope_kernels
 from kiln.kernels.activation import gelu_tanh_reference, silu_and_mul_reference
-from kiln.kernels.attention import paged_attention_reference, write_kv_cache_reference
+from kiln.kernels.attention import (
+    PagedAttentionMetadata,
+    paged_attention_reference,
+    write_kv_cache_reference,
+)
 from kiln.kernels.norm import layer_norm_reference, rms_norm_reference
-from kiln.kernels.rope import rope_reference
+from kiln.kernels.rope import rope_and_write_kv_cache_reference, rope_reference
+
+
+def use_reference_kernels() -> bool:
+    """True when KILN_REFERENCE_KERNELS=1. Read at every call, so a test or `kiln verify` can
+    flip it between calls; the only place kiln's kernels read the environment."""
+    return os.environ.get("KILN_REFERENCE_KERNELS") == "1"
+
+
+def _fast(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and not use_reference_kernels()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
 
-rms_norm = rms_norm_reference
+def rms_norm(
+    x: torch.Tensor,  # (T, H) or (T, heads, D)
+    weight: torch.Tensor,  # (H,)
+    eps: float,
+    residual: torch.Tensor | None = None,  # like x
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(norm(x + residual) * weight, x + residual), or (norm(x) * weight, None)."""
+    if _fast(x):
+        return norm.rms_norm(x, weight, eps, residual)
+    return rms_norm_reference(x, weight, eps, residual)
+
+
 layer_norm = layer_norm_reference
-rope = rope_reference
-silu_and_mul = silu_and_mul_reference
 gelu_tanh = gelu_tanh_reference
-write_kv_cache = write_kv_cache_reference
-paged_attention = paged_attention_reference
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # (T, 2I) [gate | up] → (T, I)
+    if _fast(x):
+        return activation.silu_and_mul(x)
+    return silu_and_mul_reference(x)
+
+
+def rope(
+    positions: torch.Tensor,  # (T,) int64
+    query: torch.Tensor,  # (T, Hq, D)
+    key: torch.Tensor,  # (T, Hkv, D)
+    cos_sin_cache: torch.Tensor,  # (max_positions, rotary_dim) float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _fast(query):
+        return rope_kernels.rope(positions, query, key, cos_sin_cache)
+    return rope_reference(positions, query, key, cos_sin_cache)
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # (T, Hkv, D)
+    value: torch.Tensor,  # (T, Hkv, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+    slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding
+) -> None:
+    if _fast(key):
+        attention.write_kv_cache(key, value, kv_cache, slot_mapping)
+    else:
+        write_kv_cache_reference(key, value, kv_cache, slot_mapping)
+
+
+def rope_and_write_kv_cache(
+    positions: torch.Tensor,  # (T,) int64
+    query: torch.Tensor,  # (T, Hq, D)
+    key: torch.Tensor,  # (T, Hkv, D)
+    value: torch.Tensor,  # (T, Hkv, D)
+    cos_sin_cache: torch.Tensor,  # (max_positions, rotary_dim) float32
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+    slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding
+) -> torch.Tensor:  # (T, Hq, D) rotated query; rotated key and value are now in the cache
+    if _fast(query):
+        return rope_kernels.rope_and_write_kv_cache(
+            positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping
+        )
+    return rope_and_write_kv_cache_reference(
+        positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,  # (T, Hq, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), holding this step's KV
+    metadata: PagedAttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    """Causal attention of every new token over its sequence's cached context.
+
+    On CUDA a batch where every sequence has exactly one new token takes the split-K decode
+    kernel (it reads only device tensors: CUDA-graph capturable); any other mix takes the
+    prefill kernel.
+    """
+    if not _fast(query):
+        return paged_attention_reference(
+            query, kv_cache, metadata.block_tables, metadata.query_start_loc_host,
+            metadata.seq_lens_host, scale, sliding_window,
+        )
+    if _all_single_token(query, metadata):
+        return attention.paged_decode_attention(
+            query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, sliding_window
+        )
+    return attention.paged_prefill_attention(
+        query, kv_cache, metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
+        scale, sliding_window,
+    )
+
+
+def _all_single_token(query: torch.Tensor, metadata: PagedAttentionMetadata) -> bool:
+    # As many tokens as sequences (tensor shapes, padded rows included) and no sequence with
+    # more than one: then every sequence has exactly one.
+    if query.shape[0] != metadata.seq_lens.shape[0]:
+        return False
+    starts = metadata.query_start_loc_host
+    return all(end - start <= 1 for start, end in zip(starts, starts[1:]))

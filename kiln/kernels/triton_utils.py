@@ -1,0 +1,75 @@
+"""What every Triton launcher needs: a launchability check, dot operand types, and input checks
+with messages a person can act on.
+
+On the CPU the kernels run through Triton's interpreter, which `TRITON_INTERPRET=1` selects,
+and only if it is set before triton is first imported: triton decorates its own standard
+library (tl.sum, tl.max, ...) at import time. The test suite's conftest sets it on machines
+without CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# A window wider than any context: every causal key is inside it (kernels take an int, not None).
+NO_WINDOW = 1 << 30
+
+next_power_of_2 = triton.next_power_of_2
+
+
+def interpreter_active() -> bool:
+    """True when triton was imported under TRITON_INTERPRET=1: kernels then run on CPU tensors.
+    (Its standard library is an interpreted function exactly then.)"""
+    return isinstance(tl.sum, InterpretedFunction)
+
+
+def launchable(kernel, tensor: torch.Tensor):
+    """`kernel`, after checking it can run where `tensor` lives."""
+    interpreted = interpreter_active() and isinstance(kernel, InterpretedFunction)
+    if not tensor.is_cuda and not interpreted:
+        raise RuntimeError(
+            f"{kernel.__name__} got {tensor.device} tensors: Triton kernels run on the CPU only "
+            "through Triton's interpreter. Set TRITON_INTERPRET=1 before triton is first imported."
+        )
+    return kernel
+
+
+def dot_dtype(tensor: torch.Tensor):
+    """Operand type for `tl.dot`: the tensor's own 16-bit type on the GPU (tensor cores, fp32
+    accumulation), float32 under the interpreter, whose bf16 arithmetic is wrong."""
+    return _TL_DTYPES[tensor.dtype] if tensor.is_cuda else tl.float32
+
+
+def dot_precision(tensor: torch.Tensor) -> str:
+    """fp32 operands use exact fp32 products ("ieee"), not Triton's default TF32, so fp32 models
+    match their reference; 16-bit operands ignore this."""
+    return "ieee" if tensor.dtype == torch.float32 or not tensor.is_cuda else "tf32"
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _TL_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {tensor.dtype}; the Triton kernels take float16, bfloat16 or float32"
+        )
+
+
+def check_last_dim_contiguous(name: str, tensor: torch.Tensor) -> None:
+    # Kernels index the last axis as offset + arange: that is what makes their loads 16-byte wide.
+    if tensor.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last axis (stride {tensor.stride(-1)}); "
+            "call .contiguous() first"
+        )
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(
+            f"the Triton attention kernels need a power-of-2 head_dim >= 16 (tl.dot tiles); got "
+            f"{head_dim}. Set KILN_REFERENCE_KERNELS=1 to run this model with the torch reference."
+        )
