@@ -67,6 +67,7 @@ class EngineConfig(BaseModel):
         "auto", description="compute dtype; auto = the engine's on a GPU, float32 on the CPU "
         "(CPU bfloat16 matmuls are several times slower than float32 ones)"
     )
+    enable_cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs")
     verify_hashes: bool = Field(True, description="check every engine file's sha256 at load")
     cpu_kv_cache_bytes: int = Field(
         1 << 30, ge=1 << 20, description="KV pool size on the CPU when num_kv_blocks is unset"

@@ -56,3 +56,18 @@ class SequenceRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
         self.num_computed += len(token_ids)
         return self.model.compute_logits(hidden)
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """Plain argmax decoding with transformers' KV cache and no logits processors (generate()
+    with min_new_tokens would ban EOS, which kiln's ignore_eos does not)."""
+    output = model(torch.tensor([prompt]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(num_tokens):
+        next_token = int(output.logits[0, -1].argmax())
+        tokens.append(next_token)
+        output = model(
+            torch.tensor([[next_token]]), past_key_values=output.past_key_values, use_cache=True
+        )
+    return tokens

@@ -58,6 +58,7 @@ class PagedAttentionMetadata(Protocol):
     block_tables: torch.Tensor  # (S, max_blocks) int32
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    max_query_len: int  # 1 for a decode-only batch
 
 
 # ---------------------------------------------------------------------------------------------

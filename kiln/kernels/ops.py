@@ -131,7 +131,4 @@ def paged_attention(
 def _all_single_token(query: torch.Tensor, metadata: PagedAttentionMetadata) -> bool:
     # As many tokens as sequences (tensor shapes, padded rows included) and no sequence with
     # more than one: then every sequence has exactly one.
-    if query.shape[0] != metadata.seq_lens.shape[0]:
-        return False
-    starts = metadata.query_start_loc_host
-    return all(end - start <= 1 for start, end in zip(starts, starts[1:]))
+    return query.shape[0] == metadata.seq_lens.shape[0] and metadata.max_query_len <= 1

@@ -30,6 +30,10 @@ class AttentionMetadata:
     # Host copies of query_start_loc and seq_lens for code that loops over sequences.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    # Longest query (1: a decode-only batch) and longest sequence in this batch. Inside a
+    # captured CUDA graph these describe the capture batch, not later replays.
+    max_query_len: int = 0
+    max_seq_len: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -71,13 +75,5 @@ class Attention(nn.Module):
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        out = ops.paged_attention(
-            query,
-            kv_cache,
-            metadata.block_tables,
-            metadata.query_start_loc_host,
-            metadata.seq_lens_host,
-            self.scale,
-            self.sliding_window,
-        )
+        out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

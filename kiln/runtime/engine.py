@@ -87,7 +87,13 @@ class LLMEngine:
         eos = engine.generation_config.get("eos_token_id")
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory()
-        self.runner = ModelRunner(engine, self.device, self.dtype, config.block_size, num_blocks)
+        self.runner = ModelRunner(
+            engine, self.device, self.dtype, config.block_size, num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_cuda_graphs=config.enable_cuda_graphs,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_kv_blocks=num_blocks,

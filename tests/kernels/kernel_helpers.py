@@ -30,6 +30,7 @@ class PagedBatch:
     positions: torch.Tensor  # (T,) int64
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    max_query_len: int
 
 
 def make_paged_batch(
@@ -99,6 +100,7 @@ def make_paged_batch(
         positions=torch.cat(positions).to(device),
         query_start_loc_host=query_start_loc,
         seq_lens_host=seq_lens,
+        max_query_len=max(q_lens, default=0),
     )
 
 

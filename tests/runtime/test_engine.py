@@ -15,7 +15,7 @@ from kiln.build.engine import open_engine
 from kiln.config import BuildConfig, EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import hf_greedy, save_tiny_hf_model
 
 VOCAB = 128
 
@@ -73,12 +73,7 @@ def test_batching_chunking_and_preemption_are_invisible(tiny):
         assert output.outputs[0].finish_reason == "length"
 
     for prompt, param, output in zip(prompts, params, batched):
-        with torch.no_grad():
-            expected = hf_model.generate(
-                torch.tensor([prompt]), max_new_tokens=param.max_tokens, do_sample=False,
-                min_new_tokens=param.max_tokens, pad_token_id=0,
-            )[0, len(prompt):].tolist()
-        assert output.outputs[0].token_ids == expected
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, param.max_tokens)
 
 
 def test_prefix_reuse_computes_only_the_rest(tiny):

@@ -1,0 +1,119 @@
+"""Latency: batch-1 decode speed against the memory roofline, time to first token against
+the compute roofline, and decode throughput against batch size.
+
+Roofline arithmetic (written into the result next to each figure):
+  decode, batch 1:   bytes/token = weight bytes + KV bytes read; ceiling = copy_bw / bytes
+  prefill of L:      FLOPs = 2 · (non-embedding params) · L + attention 2 · 2 · L² / 2 · H · layers
+                     (causal QKᵀ and PV, half the square), over the measured bf16 GEMM peak
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+
+
+def measure_copy_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    count = int(gib * 2**30) // 4
+    source = torch.empty(count, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * count * 4 / times[len(times) // 2]
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 8192) -> float:
+    """FLOP/s of a large square matmul on random data (median of 10)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * size**3 / times[len(times) // 2]
+
+
+def _sync(engine: LLMEngine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def decode_speed(
+    engine: LLMEngine, batch_size: int, prompt_len: int, new_tokens: int, vocab_low: int = 100
+) -> dict:
+    """Decode tokens/s of `batch_size` concurrent greedy requests (prefill excluded)."""
+    generator = torch.Generator().manual_seed(batch_size)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for _ in range(batch_size):
+        prompt = torch.randint(vocab_low, vocab, (prompt_len,), generator=generator).tolist()
+        engine.add_request(None, prompt, params)
+    step_times: list[float] = []
+    while engine.has_unfinished_requests():
+        _sync(engine)
+        started = time.perf_counter()
+        engine.step()
+        _sync(engine)
+        step_times.append(time.perf_counter() - started)
+    # Steps whose batch is all decodes: skip the prefill step(s) at the start.
+    decode_times = step_times[-(new_tokens - 1):]
+    seconds = sum(decode_times)
+    return {
+        "batch_size": batch_size,
+        "decode_tok_s": batch_size * len(decode_times) / seconds,
+        "step_ms_median": sorted(decode_times)[len(decode_times) // 2] * 1e3,
+    }
+
+
+def time_to_first_token(engine: LLMEngine, prompt_len: int, repeats: int = 3) -> float:
+    """Seconds for a prompt of prompt_len to give its first token (median of repeats)."""
+    vocab = engine.model_config.vocab_size
+    times = []
+    for index in range(repeats):
+        generator = torch.Generator().manual_seed(1000 + index)
+        prompt = torch.randint(100, vocab, (prompt_len,), generator=generator).tolist()
+        engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=1))
+        _sync(engine)
+        started = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        _sync(engine)
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def prefill_flops(engine: LLMEngine, prompt_len: int) -> float:
+    config = engine.model_config
+    params = sum(p.numel() for p in engine.runner.model.parameters())
+    embedding = config.vocab_size * config.hidden_size
+    # The LM head runs on the last token only; the embedding is a lookup.
+    matmul_params = params - embedding - (0 if config.tie_word_embeddings else embedding)
+    linear = 2 * matmul_params * prompt_len + 2 * embedding
+    attention = 2 * 2 * prompt_len * prompt_len / 2 * config.num_heads * config.head_dim * config.num_layers
+    return linear + attention
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
