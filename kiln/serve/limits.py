@@ -1,0 +1,143 @@
+"""Request size limits: headers → 431, bodies → 413, before anything is buffered.
+
+Headers are parsed by uvicorn's h11 protocol, which stops buffering at
+`h11_max_incomplete_event_size`; h11 marks that failure with status hint 431, which
+`HeaderLimitH11Protocol` passes on instead of uvicorn's generic 400.
+
+Bodies are counted by `BodyLimitMiddleware` as they arrive, declared (Content-Length) or not
+(chunked). An oversized body is read on and thrown away (up to a bound) before the 413 is
+sent: closing a socket with unread bytes makes the kernel send a reset, and a client still
+writing would see "connection reset" instead of the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import h11
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from kiln.serve.errors import error_bytes
+
+# An oversized body is drained for at most this many bytes and seconds, then the connection
+# is dropped: the 413 is a courtesy to honest clients, not an obligation to read forever.
+MAX_DRAIN_BYTES = 256 * 1024 * 1024
+MAX_DRAIN_SECONDS = 10.0
+
+
+class HeaderLimitH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, answering over-long request heads with 431."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._error_status = 400
+        next_event = self.conn.next_event
+
+        def next_event_remembering_status():
+            try:
+                return next_event()
+            except h11.RemoteProtocolError as error:
+                self._error_status = error.error_status_hint
+                raise
+
+        self.conn.next_event = next_event_remembering_status
+
+    def send_400_response(self, msg: str) -> None:
+        if self._error_status != 431:
+            super().send_400_response(msg)
+            return
+        body = error_bytes(431, "request headers too large")
+        event = h11.Response(status_code=431, reason=b"Request Header Fields Too Large", headers=[
+            (b"content-type", b"application/json"), (b"connection", b"close"),
+            (b"content-length", str(len(body)).encode()),
+        ])
+        self.transport.write(self.conn.send(event))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over `max_body_bytes` (pure ASGI: streams are not buffered)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._reject(receive, send, declared)
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if response_started:
+                raise
+            await self._reject(receive, send, received)
+
+    async def _reject(self, receive: Receive, send: Send, seen: int) -> None:
+        if seen <= MAX_DRAIN_BYTES:
+            await _drain(receive)
+        body = error_bytes(
+            413, f"request body too large: limit {self.max_body_bytes} bytes", code="body_too_large"
+        )
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _drain(receive: Receive) -> None:
+    drained = 0
+    deadline = time.monotonic() + MAX_DRAIN_SECONDS
+    while drained <= MAX_DRAIN_BYTES:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), timeout=remaining)
+        except asyncio.TimeoutError:
+            return  # a client that stopped sending does not hold the connection longer
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return

@@ -1,0 +1,218 @@
+"""The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models, plus vLLM's
+/tokenize and /detokenize.
+
+Each generation handler: check the model and readiness, turn the body into prompt token ids
+and SamplingParams (400 with the numbers on anything wrong), take places in the bounded
+queue (503 when full), then stream (SSE) or wait for the whole answer, in both cases
+aborting the engine requests if the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from kiln.checkpoint.tokenizer import chat_template_of, special_tokens_of
+from kiln.runtime.engine import LLMEngine
+from kiln.serve.chat_template import TemplateError, render_chat
+from kiln.serve.errors import APIError, error_body
+from kiln.serve.generation import (
+    Submission, check_token_ids, encode, resolve_max_tokens, sampling_params, stream_outputs,
+)
+from kiln.serve.protocol import (
+    ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    message_dicts,
+)
+from kiln.serve.responses import StreamFormatter, TokenText, full_response
+from kiln.serve.state import ServerState
+from kiln.serve.streaming import DONE_EVENT, ClientDisconnected, SSEResponse, sse, until_disconnected
+
+logger = logging.getLogger("kiln.serve")
+router = APIRouter()
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.kiln
+
+
+def _reject_nul(text: str, param: str) -> None:
+    # U+0000 is valid JSON but no honest prompt has one, and C code downstream (logs,
+    # tokenizer normalisers) may cut the string at it.
+    if "\x00" in text:
+        raise APIError(400, f"{param} contains a NUL character (U+0000)", param=param)
+
+
+async def _completion_prompts(engine: LLMEngine, body: CompletionRequest, max_prompts: int) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) or not prompt:
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if len(prompts) > max_prompts:
+        raise APIError(400, f"at most {max_prompts} prompts per request, got {len(prompts)}", param="prompt")
+    token_lists = []
+    for item in prompts:
+        if isinstance(item, str):
+            _reject_nul(item, "prompt")
+            item = await encode(engine, item, add_special_tokens=True)
+        check_token_ids(engine, list(item))
+        token_lists.append(list(item))
+    return token_lists
+
+
+async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[ChatMessage],
+                       add_generation_prompt: bool, request_template: str | None) -> list[int]:
+    conversation = message_dicts(messages)
+    for index, message in enumerate(conversation):
+        _reject_nul(message["content"], f"messages[{index}].content")
+    if engine.tokenizer is None:
+        raise APIError(400, "this engine has no tokenizer, so it has no chat template")
+    if request_template is not None:
+        if not state.settings.trust_request_chat_template:
+            raise APIError(400, "chat_template in the request is disabled on this server "
+                           "(start it with --trust-request-chat-template)", param="chat_template")
+        template = request_template
+    else:
+        template = chat_template_of(engine.tokenizer, engine.engine.tokenizer_dir)
+        if template is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions")
+    settings = state.settings
+    try:
+        text = await asyncio.to_thread(
+            render_chat, template, conversation, special_tokens=special_tokens_of(engine.tokenizer),
+            add_generation_prompt=add_generation_prompt,
+            time_budget_s=settings.chat_template_timeout_s, max_chars=settings.chat_template_max_chars,
+        )
+    except TemplateError as error:
+        raise APIError(400, str(error), param="chat_template") from None
+    token_ids = await encode(engine, text, add_special_tokens=False)
+    check_token_ids(engine, token_ids, "rendered chat")
+    return token_ids
+
+
+async def _generate(request: Request, state: ServerState, body, chat: bool,
+                    prompts: list[list[int]], max_tokens_requested: int | None,
+                    default_max_tokens: int | None, logprobs: int | None) -> Response:
+    async_engine = state.require_ready()
+    engine = async_engine.engine
+    max_tokens = resolve_max_tokens(state, max_tokens_requested, default_max_tokens, [len(p) for p in prompts])
+    params = sampling_params(body, state, max_tokens, logprobs)
+    submission = Submission.new("chatcmpl" if chat else "cmpl", prompts, params)
+    release = state.admit(len(prompts) * params.n)
+    token_text = TokenText(engine.tokenizer)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        formatter = StreamFormatter(chat, submission.id_prefix, state.model_name, params.n, token_text,
+                                    logprobs is not None, body.return_token_ids, include_usage)
+        events = _events(state, async_engine, submission, formatter)
+        return SSEResponse(events, release)
+    try:
+        finals = {}
+
+        async def collect() -> None:
+            async for index, output in stream_outputs(state, async_engine, submission):
+                if output.finished:
+                    finals[index] = output
+
+        await until_disconnected(request, collect())
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the requests are aborted
+    finally:
+        release()
+    return JSONResponse(full_response(chat, submission.id_prefix, state.model_name, params.n, finals,
+                                      token_text, logprobs is not None, body.return_token_ids))
+
+
+async def _events(state: ServerState, async_engine, submission: Submission,
+                  formatter: StreamFormatter) -> AsyncIterator[str]:
+    try:
+        if formatter.chat:
+            yield sse(formatter.role_chunk(len(submission.prompts) * formatter.n))
+        async for index, output in stream_outputs(state, async_engine, submission):
+            for chunk in formatter.step_chunks(index, output):
+                yield sse(chunk)
+        if formatter.include_usage:
+            yield sse(formatter.usage_chunk(sum(len(p) for p in submission.prompts)))
+    except APIError as error:
+        # Headers are gone: the error travels as an event, then the stream ends as usual.
+        yield sse(error_body(error.status, error.message, error.param, error.code))
+    except Exception:
+        logger.exception("error while streaming")
+        yield sse(error_body(500, "internal server error"))
+    yield DONE_EVENT
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    state.check_model(body.model)
+    engine = state.require_ready().engine
+    if body.echo:
+        raise APIError(400, "echo is not supported", param="echo")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of must equal n (beam search is not supported)", param="best_of")
+    prompts = await _completion_prompts(engine, body, state.settings.max_prompts)
+    return await _generate(request, state, body, False, prompts, body.max_tokens, 16, body.logprobs)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    state.check_model(body.model)
+    engine = state.require_ready().engine
+    if body.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree", param="max_tokens")
+    prompt = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt, body.chat_template)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _generate(request, state, body, True, [prompt], max_tokens, None, logprobs)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    state = server_state(request)
+    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "kiln"}
+    if state.async_engine is not None:
+        card["max_model_len"] = state.engine.max_model_len
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    state = server_state(request)
+    state.check_model(body.model)
+    engine = state.require_ready().engine
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        tokens = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt, None)
+    else:
+        _reject_nul(body.prompt, "prompt")
+        tokens = await encode(engine, body.prompt, body.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    state = server_state(request)
+    state.check_model(body.model)
+    engine = state.require_ready().engine
+    if engine.tokenizer is None:
+        raise APIError(400, "this engine has no tokenizer")
+    vocab = engine.model_config.vocab_size
+    for token_id in body.tokens:
+        if token_id >= vocab:
+            raise APIError(400, f"token id {token_id} is outside the vocabulary [0, {vocab})", param="tokens")
+    text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens)
+    return {"prompt": text}

@@ -1,0 +1,150 @@
+"""Request bodies of the OpenAI-compatible API, validated at the edge.
+
+Every count, list and string a client sends has a bound here, so /openapi.json tells clients
+(and the fuzzer) the limits, and nothing unbounded reaches the engine. Models are strict
+(`true` is not 1, "3" is not 3) and reject NaN/inf. Unknown fields are ignored, as OpenAI
+clients send fields this server does not use (`user`, `metadata`, ...).
+
+Responses are plain dicts built in `responses.py`: they follow OpenAI's shapes field for
+field, and a second set of pydantic models would only be a second place to keep in step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from kiln.runtime.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MIN_SEED,
+)
+
+# Upper bounds that only keep requests finite; the server's own (smaller, configurable)
+# caps in ServeSettings are checked by the handlers.
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_PROMPT_IDS = 1 << 20
+MAX_BATCH_PROMPTS = 256
+MAX_MESSAGES = 4096
+MAX_NAME_CHARS = 256
+MAX_TEMPLATE_CHARS = 64 * 1024
+TOKEN_ID = Annotated[int, Field(ge=0, le=(1 << 31) - 1)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+ShortString = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's)."""
+
+    model: ShortString | None = Field(None, description="the served model name; optional")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                                description="not supported: must be empty")
+    user: ShortString | None = None
+    # vLLM extensions.
+    top_k: int | None = Field(None, ge=-1, le=1 << 20)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    ignore_eos: bool = False
+    stop_token_ids: list[TOKEN_ID] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # kiln extension: put the generated token ids in every choice (and stream chunk), so a
+    # client can check tokens, not only text.
+    return_token_ids: bool = False
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (
+        Annotated[str, StringConstraints(max_length=1 << 24)]
+        | Annotated[list[TOKEN_ID], Field(max_length=MAX_PROMPT_IDS)]
+        | Annotated[list[Annotated[str, StringConstraints(max_length=1 << 24)]],
+                    Field(max_length=MAX_BATCH_PROMPTS)]
+        | Annotated[list[Annotated[list[TOKEN_ID], Field(max_length=MAX_PROMPT_IDS)]],
+                    Field(max_length=MAX_BATCH_PROMPTS)]
+    )
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, description="not supported: must be false")
+    suffix: ShortString | None = Field(None, description="not supported: must be empty")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="must equal n if given")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Annotated[str, StringConstraints(max_length=1 << 24)]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: (
+        Annotated[str, StringConstraints(max_length=1 << 24)]
+        | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+        | None
+    ) = None
+    name: ShortString | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field("text", description="only plain text is supported")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = Field(None, max_length=MAX_MESSAGES, description="not supported")
+    add_generation_prompt: bool = True
+    # Only honoured when the server runs with --trust-request-chat-template.
+    chat_template: Annotated[str, StringConstraints(max_length=MAX_TEMPLATE_CHARS)] | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: ShortString | None = None
+    prompt: Annotated[str, StringConstraints(max_length=1 << 24)] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: ShortString | None = None
+    tokens: list[TOKEN_ID] = Field(max_length=MAX_PROMPT_IDS)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as chat templates expect them: content a plain string."""
+    result = []
+    for message in messages:
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        entry: dict = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        result.append(entry)
+    return result

@@ -1,0 +1,132 @@
+"""What one server knows besides its routes: settings, the engine (once loaded), readiness,
+and the admission count that bounds the queue."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from kiln.runtime.async_engine import AsyncLLMEngine
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import MAX_N
+from kiln.serve.errors import APIError
+from kiln.serve.metrics import ServerMetrics
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    """Limits and policies of one server; every field has a secure default."""
+
+    # Largest request body (bytes) and request head (request line + headers, bytes).
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    # Sequences (prompts x n) admitted and not finished; past it, new requests get 503.
+    max_queued_requests: int = 256
+    # Seconds a client is told to wait (Retry-After) after a 503.
+    retry_after_s: int = 1
+    # Server caps, within the schema's hard limits.
+    max_n: int = 16
+    max_tokens_cap: int | None = None  # None: up to the model length
+    max_prompts: int = 64  # prompts in one batched /v1/completions request
+    # Chat template budget: wall time per render and characters of output.
+    chat_template_timeout_s: float = 1.0
+    chat_template_max_chars: int = 1 << 20
+    # A template sent in the request runs code the operator did not choose: off by default.
+    trust_request_chat_template: bool = False
+    # /ready fails when requests are in flight but no engine step has produced output for
+    # this long (a stuck step).
+    stall_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        positive = ("max_body_bytes", "max_header_bytes", "max_queued_requests", "max_n",
+                    "max_prompts", "chat_template_max_chars")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_n > MAX_N:
+            raise ValueError(f"max_n must be <= {MAX_N}, got {self.max_n}")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
+        for name in ("chat_template_timeout_s", "stall_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+class ServerState:
+    def __init__(self, model_name: str, settings: ServeSettings,
+                 async_engine: AsyncLLMEngine | None = None) -> None:
+        self.model_name = model_name
+        self.settings = settings
+        self.async_engine = async_engine
+        self.created = int(time.time())
+        self.load_error: str | None = None
+        self.draining = False
+        # Sequences admitted and not yet finished or aborted.
+        self.in_flight = 0
+        # Engine request ids submitted and not yet finished (aborted at shutdown).
+        self.active_request_ids: set[str] = set()
+        self.last_progress = time.monotonic()
+        self.metrics = ServerMetrics(model_name, lambda: self.engine.scheduler if self.async_engine else None)
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self.async_engine is None:
+            raise APIError(503, "the model is still loading", headers=self._retry_after())
+        return self.async_engine.engine
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server cannot take requests now, or None when it can."""
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        if self.async_engine is None:
+            return "the model is still loading"
+        if self.draining:
+            return "the server is shutting down"
+        if self.async_engine.error is not None:
+            return f"the engine loop has stopped: {self.async_engine.error!r}"
+        stalled_for = time.monotonic() - self.last_progress
+        if self.in_flight and stalled_for > self.settings.stall_timeout_s:
+            return f"the engine made no progress for {stalled_for:.0f} s"
+        return None
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_s)}
+
+    def require_ready(self) -> AsyncLLMEngine:
+        reason = self.not_ready_reason()
+        if reason is not None:
+            self.metrics.rejected.inc()
+            raise APIError(503, reason, code="not_ready", headers=self._retry_after())
+        return self.async_engine
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+
+    def admit(self, num_sequences: int) -> Callable[[], None]:
+        """Take `num_sequences` places in the bounded queue, or raise 503 when it is full.
+        Returns the release function (safe to call more than once)."""
+        limit = self.settings.max_queued_requests
+        if self.in_flight + num_sequences > limit:
+            self.metrics.rejected.inc()
+            raise APIError(503, f"the server is at capacity ({self.in_flight} sequences in "
+                           f"flight, limit {limit}); retry later", code="overloaded",
+                           headers=self._retry_after())
+        if self.in_flight == 0:
+            self.last_progress = time.monotonic()  # idle time is not a stall
+        self.in_flight += num_sequences
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= num_sequences
+
+        return release
+
+    def progressed(self) -> None:
+        self.last_progress = time.monotonic()
