@@ -15,14 +15,14 @@ steps=("$@")
 for step in "${steps[@]}"; do
   case $step in
     tests)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+      timeout 300 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     build)
       [ -f $engine/engine.json ] || /usr/bin/time -f "build %e s, %M KB" python3 -m kiln.cli build llama-3.1-8b --random-weights -o $engine --max-model-len 16384 2>&1 | tail -2 ;;
     latency)
-      timeout 420 python3 -m kiln.cli bench latency $engine --hf-peer --plot --batch-sizes 1 8 32 64 128 256 \
+      timeout ${LATENCY_TIMEOUT:-420} python3 -m kiln.cli bench latency $engine --hf-peer --plot --batch-sizes 1 8 32 64 128 256 \
         --ttft-lens 128 512 2048 8192 --output-dir "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
     throughput)
-      timeout 300 python3 -m kiln.cli bench throughput $engine --dataset random --num-prompts 1000 \
+      timeout 300 python3 -m kiln.cli bench throughput $engine --dataset random --num-prompts ${THROUGHPUT_PROMPTS:-1000} \
         --input-len 128 --output-len 128 --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -12 ;;
   esac
 done

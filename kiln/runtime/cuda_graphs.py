@@ -57,8 +57,7 @@ class CudaGraphRunner:
         index = bisect.bisect_left(self.sizes, num_seqs)
         return self.sizes[index] if index < len(self.sizes) else None
 
-    def _forward(self, size: int) -> torch.Tensor:
-        inputs = self.buffers.prepare([], self.block_size, pad_to=size)
+    def _forward(self, inputs) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
         return self.model.compute_logits(hidden)  # (size, V): one token per sequence
 
@@ -69,13 +68,16 @@ class CudaGraphRunner:
         before = torch.cuda.memory_allocated()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
+            # The host→device input copies stay outside the graph: each step's prepare()
+            # refills the same device buffers the graph reads.
+            inputs = self.buffers.prepare([], self.block_size, pad_to=size)
             # Warm up outside the graph: Triton compiles and cuBLAS picks its kernels here.
             for _ in range(2):
-                self._forward(size)
+                self._forward(inputs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(size)
+                logits = self._forward(inputs)
             self._graphs[size] = (graph, logits)
         torch.cuda.synchronize()
         return CaptureReport(
