@@ -55,7 +55,7 @@ def resolve_max_tokens(state: ServerState, requested: int | None, default: int |
     max_model_len = engine.max_model_len
     cap = state.settings.max_tokens_cap or max_model_len
     longest = max(prompt_lens)
-    if requested is not None and requested > cap:
+    if requested is not None and state.settings.max_tokens_cap is not None and requested > cap:
         raise APIError(400, f"max_tokens {requested} is over this server's limit {cap}",
                        param="max_tokens")
     if longest >= max_model_len:

@@ -59,10 +59,6 @@ class HeaderLimitH11Protocol(H11Protocol):
         self.transport.close()
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     """413 for a request body over `max_body_bytes` (pure ASGI: streams are not buffered)."""
 
@@ -80,27 +76,32 @@ class BodyLimitMiddleware:
             return
         received = 0
         response_started = False
+        rejected = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            # Past the limit, the 413 goes out from here and the app is told the client left:
+            # an exception would be turned into a 400 by the framework's body parsing.
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge()
+                    rejected = True
+                    if not response_started:
+                        await self._reject(receive, send, received)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
+            if rejected:
+                return  # the app's answer to a body it never got whole
             response_started = response_started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if response_started:
-                raise
-            await self._reject(receive, send, received)
+        await self.app(scope, limited_receive, guarded_send)
 
     async def _reject(self, receive: Receive, send: Send, seen: int) -> None:
         if seen <= MAX_DRAIN_BYTES:
