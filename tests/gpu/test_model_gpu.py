@@ -89,16 +89,42 @@ def test_fast_logits_match_reference(engine_dir, monkeypatch):
     assert error < 2e-2, error
 
 
+def reference_logits(engine_dir, sequence: list[int], monkeypatch) -> torch.Tensor:
+    """Reference-path logits at every position of `sequence`, one eager prefill."""
+    monkeypatch.setenv("KILN_REFERENCE_KERNELS", "1")
+    try:
+        engine = make_engine(engine_dir, enable_cuda_graphs=False)
+        runner = engine.runner
+        from kiln.runtime.outputs import ScheduledRequest
+
+        blocks = list(range(1, 1 + -(-len(sequence) // 16)))
+        inputs = runner.buffers.prepare([ScheduledRequest("r", sequence, 0, blocks, True)], 16)
+        with torch.inference_mode():
+            hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.metadata)
+            return runner.model.compute_logits(hidden).float().cpu()
+    finally:
+        monkeypatch.delenv("KILN_REFERENCE_KERNELS")
+
+
 @pytest.mark.parametrize("batch", [1, 16])
 def test_greedy_tokens_fast_graphs_equal_reference(engine_dir, batch, monkeypatch):
+    """64 greedy steps on the fast path (Triton + CUDA graphs), checked token by token against
+    the reference path fed the same history. Random tiny models have near-tied logits, where
+    bf16 rounding in either path may pick the other token; every fast token must be the
+    reference argmax or within 1% of the logit range of it, and ≥ 95% exactly the argmax."""
     prompts = prompts_for(batch, 512)
     fast = greedy_run(make_engine(engine_dir), prompts, 64)
-    monkeypatch.setenv("KILN_REFERENCE_KERNELS", "1")
-    reference = greedy_run(make_engine(engine_dir), prompts, 64)
-    # Random tiny models have near-tied logits; bf16 rounding may flip a near tie, after which
-    # sequences diverge. Require equality on the vast majority and report any divergence.
-    same = sum(f == r for f, r in zip(fast, reference))
-    assert same >= max(1, int(0.9 * batch)), (same, batch)
+    exact = total = 0
+    for prompt, tokens in zip(prompts, fast):
+        logits = reference_logits(engine_dir, prompt + tokens[:-1], monkeypatch)[len(prompt) - 1 :]
+        for step, token in enumerate(tokens):
+            row = logits[step]
+            best = int(row.argmax())
+            tolerance = 0.01 * float(row.max() - row.min())
+            assert float(row[best] - row[token]) <= tolerance, (step, token, best)
+            exact += token == best
+            total += 1
+    assert exact >= 0.95 * total, (exact, total)
 
 
 def test_cuda_graph_replay_equals_eager_twice(engine_dir):
