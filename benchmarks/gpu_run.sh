@@ -22,7 +22,7 @@ for step in "${steps[@]}"; do
       timeout ${LATENCY_TIMEOUT:-420} python3 -m kiln.cli bench latency $engine --hf-peer --plot --batch-sizes 1 8 32 64 128 256 \
         --ttft-lens 128 512 2048 8192 --output-dir "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
     throughput)
-      timeout 300 python3 -m kiln.cli bench throughput $engine --dataset random --num-prompts ${THROUGHPUT_PROMPTS:-1000} \
-        --input-len 128 --output-len 128 --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -12 ;;
+      timeout ${THROUGHPUT_TIMEOUT:-300} python3 -m kiln.cli bench throughput $engine --dataset random --num-prompts ${THROUGHPUT_PROMPTS:-1000} \
+        --input-len ${INPUT_LEN:-128} --output-len ${OUTPUT_LEN:-128} --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -12 ;;
   esac
 done
