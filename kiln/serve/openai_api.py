@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import AsyncIterator
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -184,7 +185,11 @@ async def list_models(request: Request) -> dict:
     state = server_state(request)
     card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "kiln"}
     if state.async_engine is not None:
-        card["max_model_len"] = state.engine.max_model_len
+        engine = state.engine
+        card["max_model_len"] = engine.max_model_len
+        # kiln extension: where the figures of `kiln bench serve` come from.
+        card["device"] = (torch.cuda.get_device_name(engine.device)
+                          if engine.device.type == "cuda" else "cpu")
     return {"object": "list", "data": [card]}
 
 

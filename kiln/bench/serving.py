@@ -1,0 +1,260 @@
+"""`kiln bench serve`: online serving latency against a running OpenAI-compatible server.
+
+Replays prompts (ShareGPT, or random token ids) as streaming /v1/completions requests, either
+arriving as a Poisson process at each `--request-rate` or kept at a fixed `--concurrency`,
+and measures per request, from the client:
+
+    TTFT  send → first streamed token          TPOT  (e2e - TTFT) / (output tokens - 1)
+    ITL   gaps between streamed token chunks   E2E   send → last byte
+
+reported as mean / p50 / p90 / p99 in ms, with output tokens/s and requests/s. As in vLLM's
+benchmark, requests ignore EOS so each produces exactly its sampled output length. One JSON
+(kiln's result shape) per sweep, and a latency-vs-rate plot when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from kiln.bench.datasets import BenchRequest, sample_sharegpt, synthetic_requests
+from kiln.errors import KilnError
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_len: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+class RemoteTokenizer:
+    """`encode` through the server's /tokenize, so the bench needs no local model files."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self._client = client
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        response = self._client.post("/tokenize", json={"prompt": text, "add_special_tokens": add_special_tokens})
+        if response.status_code != 200:
+            raise KilnError(f"/tokenize failed ({response.status_code}): {response.text[:200]}")
+        return response.json()["tokens"]
+
+
+async def send_one(client: httpx.AsyncClient, model: str, request: BenchRequest) -> RequestResult:
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+            "ignore_eos": True, "temperature": 1.0, "seed": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
+    result = RequestResult(ok=False, prompt_len=len(request.prompt_token_ids))
+    started = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "stream error")
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(choice.get("token_ids") for choice in chunk.get("choices", [])):
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - started
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+    except httpx.HTTPError as error:
+        result.error = f"{type(error).__name__}: {error}"
+        return result
+    result.e2e = time.perf_counter() - started
+    result.ok = last is not None
+    return result
+
+
+async def run_point(base_url: str, headers: dict, model: str, requests: list[BenchRequest],
+                    request_rate: float | None, concurrency: int | None, seed: int) -> tuple[list[RequestResult], float]:
+    """One load point: Poisson arrivals at `request_rate` (inf = all at once), or
+    `concurrency` requests in flight at all times."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(3600, connect=30)) as client:
+        await send_one(client, model, BenchRequest(requests[0].prompt_token_ids, 4))  # warm-up
+        started = time.perf_counter()
+        if concurrency is not None:
+            queue = list(reversed(requests))
+            results: list[RequestResult] = []
+
+            async def worker() -> None:
+                while queue:
+                    results.append(await send_one(client, model, queue.pop()))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            rng = random.Random(seed)
+            tasks = []
+            for request in requests:
+                tasks.append(asyncio.create_task(send_one(client, model, request)))
+                if request_rate is not None and math.isfinite(request_rate):
+                    await asyncio.sleep(rng.expovariate(request_rate))
+            results = list(await asyncio.gather(*tasks))
+        return results, time.perf_counter() - started
+
+
+def _percentiles(name: str, values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    stats = {f"mean_{name}_ms": 1e3 * statistics.fmean(ordered)}
+    for p in PERCENTILES:
+        index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
+        stats[f"p{p}_{name}_ms"] = 1e3 * ordered[index]
+    return stats
+
+
+def summarise(results: list[RequestResult], duration: float) -> dict[str, float]:
+    done = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    metrics = {
+        "completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
+        "request_throughput": len(done) / duration, "output_tok_s": output_tokens / duration,
+        "total_tok_s": (output_tokens + sum(r.prompt_len for r in done)) / duration,
+        "output_tokens": output_tokens,
+    }
+    metrics.update(_percentiles("ttft", [r.ttft for r in done]))
+    metrics.update(_percentiles("tpot", [(r.e2e - r.ttft) / (r.output_tokens - 1)
+                                         for r in done if r.output_tokens > 1]))
+    metrics.update(_percentiles("itl", [gap for r in done for gap in r.itl]))
+    metrics.update(_percentiles("e2e", [r.e2e for r in done]))
+    return metrics
+
+
+def plot_latency_vs_rate(points: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(points, key=lambda p: p["metrics"]["request_throughput"])
+    rates = [p["metrics"]["request_throughput"] for p in points]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("p50_ttft_ms", "TTFT p50"), ("p99_ttft_ms", "TTFT p99")):
+        left.plot(rates, [p["metrics"].get(key, float("nan")) for p in points], marker="o", label=label)
+    for key, label in (("p50_itl_ms", "ITL p50"), ("p99_itl_ms", "ITL p99"), ("p50_tpot_ms", "TPOT p50")):
+        right.plot(rates, [p["metrics"].get(key, float("nan")) for p in points], marker="o", label=label)
+    for axis, name in ((left, "time to first token (ms)"), (right, "per-token latency (ms)")):
+        axis.set_xlabel("achieved request rate (req/s)")
+        axis.set_ylabel(name)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _server_info(client: httpx.Client) -> dict:
+    try:
+        response = client.get("/v1/models")
+    except httpx.HTTPError as error:
+        raise KilnError(f"cannot reach the server at {client.base_url}: {error}") from None
+    if response.status_code != 200:
+        raise KilnError(f"{client.base_url}/v1/models answered {response.status_code}: {response.text[:200]}")
+    return response.json()["data"][0]
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from kiln.bench.results import write_result
+    from kiln.bench.throughput import length_stats
+
+    api_key = args.api_key or os.environ.get("KILN_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=args.base_url, headers=headers, timeout=60) as client:
+        card = _server_info(client)
+        model, server_device = args.model or card["id"], card.get("device")
+        max_model_len = args.max_model_len or card.get("max_model_len") or 4096
+        if args.dataset == "sharegpt":
+            requests = sample_sharegpt(RemoteTokenizer(client), args.num_prompts, max_model_len, args.seed)
+        else:
+            requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
+                                          args.vocab_size, args.seed)
+    loads = [("rate", rate, None) for rate in (args.request_rate or [])]
+    loads += [("concurrency", None, c) for c in (args.concurrency or [])]
+    if not loads:
+        loads = [("rate", float("inf"), None)]
+    points = []
+    for kind, rate, concurrency in loads:
+        results, duration = asyncio.run(run_point(args.base_url, headers, model, requests, rate,
+                                                  concurrency, args.seed))
+        metrics = summarise(results, duration)
+        label = f"rate_{rate:g}" if kind == "rate" else f"concurrency_{concurrency}"
+        points.append({"label": label, "request_rate": rate, "concurrency": concurrency, "metrics": metrics})
+        print(f"{label:18s} " + "  ".join(f"{k} {metrics[k]:.1f}" for k in (
+            "request_throughput", "output_tok_s", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms")
+            if k in metrics))
+        errors = [r.error for r in results if not r.ok]
+        if errors:
+            print(f"  {len(errors)} failed, e.g. {errors[0]}")
+    # The server's device, not this client's, is what the figures describe.
+    cuda_here = server_device is not None and server_device != "cpu" and torch.cuda.is_available()
+    path = write_result(
+        "serve", device=torch.device("cuda" if cuda_here else "cpu"), model=model, dtype="server",
+        config={"base_url": args.base_url, "dataset": args.dataset, **length_stats(requests),
+                "seed": args.seed, "request_rates": args.request_rate, "concurrency": args.concurrency},
+        metrics={f"{p['label']}.{name}": value for p in points for name, value in p["metrics"].items()},
+        output_dir=args.output_dir,
+        extra={"points": points, **({"gpu": server_device} if server_device else {})},
+    )
+    print(f"wrote {path}")
+    if args.plot and len(points) > 0:
+        plotted = plot_latency_vs_rate(points, path.with_suffix(".png"), f"{model} at {args.base_url}")
+        print(f"wrote {plotted}" if plotted else "matplotlib not installed: no plot")
+
+
+def add_bench_serve_parser(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    serve = benches.add_parser("serve", help="online latency against a running server (TTFT, ITL, TPOT)")
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serve.add_argument("--api-key", default=None, help="or set KILN_API_KEY")
+    serve.add_argument("--model", default=None, help="model id to send (default: the server's)")
+    serve.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
+    serve.add_argument("--num-prompts", type=int, default=200)
+    serve.add_argument("--request-rate", type=float, nargs="*", default=None,
+                       help="Poisson arrival rates in req/s to sweep (inf = all at once)")
+    serve.add_argument("--concurrency", type=int, nargs="*", default=None,
+                       help="fixed numbers of requests in flight to sweep")
+    serve.add_argument("--input-len", type=int, default=128, help="random dataset only")
+    serve.add_argument("--output-len", type=int, default=128, help="random dataset only")
+    serve.add_argument("--vocab-size", type=int, default=32000, help="random dataset only")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="ShareGPT length filter (default: the server's max_model_len)")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--plot", action="store_true", help="write a latency-vs-rate PNG beside the JSON")
+    serve.add_argument("--output-dir", default="benchmarks/results")
+    serve.set_defaults(func=cmd_bench_serve)
+    return serve
