@@ -199,7 +199,10 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     if curve and args.plot:
         from kiln.bench.plots import plot_decode_curve
 
-        plot_decode_curve(curve, path.with_suffix(".png"), title=f"{args.model} on {engine.device}")
+        from kiln.bench.results import device_name
+
+        title = f"{engine.model_config.architecture}, {device_name(engine.device)}"
+        plot_decode_curve(curve, path.with_suffix(".png"), title=title)
     for name, value in metrics.items():
         print(f"{name:36s} {value:12.2f}")
     print(f"wrote {path}")

@@ -51,7 +51,10 @@ def read_checkpoint(source: str | Path, *, weights: bool = True) -> Checkpoint:
     if path.is_file() and path.name.endswith(".json"):
         if weights:
             raise CheckpointError(f"{path}: a config file alone has no weights; use --random-weights")
-        return read_hf_directory(path.parent, weights=False)
+        from kiln.checkpoint.hf import read_json
+
+        return Checkpoint(config=read_json(path, "config"), tensors=None, save_tokenizer=None,
+                          source_files=[path])
     return read_hf_directory(path, weights=weights)
 
 
