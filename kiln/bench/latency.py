@@ -115,5 +115,12 @@ def prefill_flops(engine: LLMEngine, prompt_len: int) -> float:
     return linear + attention
 
 
-def weight_bytes(engine: LLMEngine) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+def weight_bytes_per_token(engine: LLMEngine) -> int:
+    """Weight bytes one decode step must read: every parameter except the input embedding
+    table, of which a step reads one row (tied: the same matrix is read whole as the head)."""
+    config = engine.model_config
+    total = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    if config.tie_word_embeddings:
+        return total
+    element = next(engine.runner.model.parameters()).element_size()
+    return total - config.vocab_size * config.hidden_size * element
