@@ -7,13 +7,13 @@ import argparse
 import logging
 import os
 
+from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
 
 API_KEY_ENV = "KILN_API_KEY"
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from kiln.cli import _engine_kwargs
     from kiln.config import EngineConfig, validated
     from kiln.entrypoints import resolve_engine
     from kiln.runtime.engine import LLMEngine
@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
     except ValueError as error:
         raise KilnError(f"invalid serve setting: {error}") from None
-    engine_config = validated(EngineConfig, **_engine_kwargs(args))
+    engine_config = validated(EngineConfig, **engine_kwargs(args))
     # Resolve (and build, once) before listening: a missing model fails at once, with the
     # CLI's one-line error, instead of as a server that never gets ready.
     engine_dir = resolve_engine(args.model)
@@ -52,8 +52,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from kiln.cli import _add_engine_args
-
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat at /")
     serve.add_argument("model", nargs="?", default="smollm2",
                        help="engine dir, HF dir, .gguf, or 'smollm2' (the embedded default)")
@@ -78,6 +76,6 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                        help="let requests send their own chat_template (sandboxed, budgeted)")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
-    _add_engine_args(serve)
+    add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
