@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from kiln.serve.state import ServerState, ServeSettings
-from tests.serve.conftest import API_KEY, MODEL, serving
+from tests.serve.conftest import API_KEY, MODEL, free_port, serving
 
 COMPLETION = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 2}
 
@@ -179,14 +178,8 @@ def test_request_chat_templates_are_sandboxed_and_budgeted(llm_engine):
         server.wait_idle()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sigterm_drains_the_real_cli(engine_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "kiln.serve", str(engine_dir), "--port", str(port),
                "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512",
