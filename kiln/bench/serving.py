@@ -166,6 +166,10 @@ def plot_latency_vs_rate(points: list[dict], path: Path, title: str) -> Path | N
     for key, label in (("p50_itl_ms", "ITL p50"), ("p99_itl_ms", "ITL p99"), ("p50_tpot_ms", "TPOT p50")):
         right.plot(rates, [p["metrics"].get(key, float("nan")) for p in points], marker="o", label=label)
     for axis, name in ((left, "time to first token (ms)"), (right, "per-token latency (ms)")):
+        for point, rate in zip(points, rates):  # which load (offered rate or concurrency) it was
+            axis.annotate(point["label"], (rate, point["metrics"].get("p50_ttft_ms" if axis is left
+                                                                       else "p50_itl_ms", 0)),
+                          textcoords="offset points", xytext=(4, -12), fontsize=7)
         axis.set_xlabel("achieved request rate (req/s)")
         axis.set_ylabel(name)
         axis.grid(True, alpha=0.3)
