@@ -191,6 +191,20 @@ def _server_info(client: httpx.Client) -> dict:
     return response.json()["data"][0]
 
 
+def _local_tokenizer(model: str):
+    """The tokenizer of another model (an engine dir, HF dir, .gguf or 'smollm2'), for
+    servers whose engine has none (random-weight benchmark engines): ShareGPT prompts are
+    then sent as that tokenizer's ids, which any vocabulary at least as large accepts."""
+    from kiln.build.engine import open_engine
+    from kiln.checkpoint.tokenizer import load_tokenizer
+    from kiln.entrypoints import resolve_engine
+
+    info = open_engine(resolve_engine(model), verify_hashes=False)
+    if info.tokenizer_dir is None:
+        raise KilnError(f"{model} has no tokenizer")
+    return load_tokenizer(info.tokenizer_dir)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     import torch
 
@@ -204,7 +218,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         model, server_device = args.model or card["id"], card.get("device")
         max_model_len = args.max_model_len or card.get("max_model_len") or 4096
         if args.dataset == "sharegpt":
-            requests = sample_sharegpt(RemoteTokenizer(client), args.num_prompts, max_model_len, args.seed)
+            tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else RemoteTokenizer(client)
+            requests = sample_sharegpt(tokenizer, args.num_prompts, max_model_len, args.seed)
         else:
             requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
                                           args.vocab_size, args.seed)
@@ -257,6 +272,9 @@ def add_bench_serve_parser(benches: argparse._SubParsersAction) -> argparse.Argu
     serve.add_argument("--vocab-size", type=int, default=32000, help="random dataset only")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="ShareGPT length filter (default: the server's max_model_len)")
+    serve.add_argument("--tokenizer", default=None,
+                       help="tokenize ShareGPT locally with this model's tokenizer (e.g. 'smollm2') "
+                       "instead of the server's /tokenize; for engines without a tokenizer")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--plot", action="store_true", help="write a latency-vs-rate PNG beside the JSON")
     serve.add_argument("--output-dir", default="benchmarks/results")
