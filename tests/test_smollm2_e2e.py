@@ -70,3 +70,17 @@ def test_streamed_deltas_add_up(llm):
     assert "".join(deltas) == final.outputs[0].text
     assert "\ufffd" not in final.outputs[0].text
     assert final.outputs[0].text.strip()
+
+
+def test_interactive_chat_streams_answers(llm):
+    """`kiln chat`: each line is a user turn, answers stream back, history carries over."""
+    import io
+
+    from kiln.entrypoints import interactive_chat
+
+    stdin = io.StringIO("What is the capital of France?\nAnd of Italy?\n\n")
+    stdout = io.StringIO()
+    interactive_chat(llm, SamplingParams(temperature=0, max_tokens=24), stdin=stdin, stdout=stdout)
+    transcript = stdout.getvalue()
+    assert transcript.count("kiln> ") == 2
+    assert "Paris" in transcript and "Rome" in transcript

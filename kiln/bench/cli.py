@@ -146,3 +146,7 @@ def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParse
     latency.add_argument("--output-dir", default="benchmarks/results")
     add_engine_args(latency)
     latency.set_defaults(func=cmd_bench_latency)
+
+    from kiln.bench.serving import add_bench_serve_parser
+
+    add_bench_serve_parser(benches)

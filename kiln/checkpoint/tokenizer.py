@@ -1,19 +1,15 @@
 """Tokenizers and chat templates of an engine.
 
-Chat templates are Jinja code that came with a checkpoint: they are rendered in Jinja's
-immutable sandbox, never in a plain Environment, so a template cannot reach Python
-internals (`__class__.__mro__`, `cycler.__init__.__globals__`, ...).
+Chat templates are Jinja code that came with a checkpoint: they are rendered by
+chat_template.py in Jinja's immutable sandbox with a time and size budget, never in a plain
+Environment, so a template can neither reach Python internals (`__class__.__mro__`) nor hang.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from pathlib import Path
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+from kiln.checkpoint.chat_template import TemplateError, render_chat
 from kiln.errors import KilnError
 
 MAX_RENDERED_CHARS = 4 * 1024 * 1024
@@ -40,10 +36,6 @@ def chat_template_of(tokenizer, directory: Path | None = None) -> str | None:
     return None
 
 
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
 def render_chat_template(
     template: str,
     messages: list[dict],
@@ -51,29 +43,21 @@ def render_chat_template(
     add_generation_prompt: bool = True,
     special_tokens: dict[str, str] | None = None,
 ) -> str:
-    """Render a chat in the sandbox. Raises KilnError for malformed messages or a template
-    that fails or tries something the sandbox forbids."""
+    """Render a chat in the sandbox, within the time and size budget of chat_template.py.
+    Raises KilnError for malformed messages or a template that fails, runs too long or
+    tries something the sandbox forbids."""
     if not isinstance(messages, list) or not messages:
         raise KilnError("messages must be a non-empty list of {role, content} objects")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise KilnError(f"messages[{index}] must be an object with a string 'role'")
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent)
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        compiled = environment.from_string(template)
-        rendered = compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **(special_tokens or {})
+        return render_chat(
+            template, messages, special_tokens=special_tokens,
+            add_generation_prompt=add_generation_prompt, max_chars=MAX_RENDERED_CHARS,
         )
-    except jinja2.exceptions.SecurityError as error:
-        raise KilnError(f"chat template tried an unsafe operation: {error}") from None
-    except jinja2.exceptions.TemplateError as error:
-        raise KilnError(f"chat template failed: {error}") from None
-    if len(rendered) > MAX_RENDERED_CHARS:
-        raise KilnError(f"chat template produced {len(rendered)} characters (limit {MAX_RENDERED_CHARS})")
-    return rendered
+    except TemplateError as error:
+        raise KilnError(str(error)) from None
 
 
 def special_tokens_of(tokenizer) -> dict[str, str]:

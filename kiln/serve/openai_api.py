@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kiln.checkpoint.tokenizer import chat_template_of, special_tokens_of
 from kiln.runtime.engine import LLMEngine
-from kiln.serve.chat_template import TemplateError, render_chat
+from kiln.checkpoint.chat_template import TemplateError, render_chat
 from kiln.serve.errors import APIError, error_body
 from kiln.serve.generation import (
     Submission, check_token_ids, encode, resolve_max_tokens, sampling_params, stream_outputs,
