@@ -30,6 +30,7 @@ class AsyncLLMEngine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._ids = 0
+        self._stopping = False
         # Set when the loop died; every waiting and later caller gets it.
         self.error: BaseException | None = None
 
@@ -102,11 +103,11 @@ class AsyncLLMEngine:
 
     async def _run_loop(self) -> None:
         try:
-            while True:
+            while not self._stopping:
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.clear()
-                    if not self._commands:
+                    if not self._commands and not self._stopping:
                         await self._wakeup.wait()
                     continue
                 outputs = await asyncio.to_thread(self.engine.step)
@@ -123,10 +124,17 @@ class AsyncLLMEngine:
             raise
 
     async def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
-            self._loop_task = None
+        """Stop the loop after the step in flight (never mid-step: the worker thread would
+        keep using the engine), abort what is left and tell any waiting caller."""
+        if self._loop_task is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            await self._loop_task
+        except asyncio.CancelledError:
+            pass
+        self._loop_task = None
+        self.engine.abort_all()
+        for stream in self._streams.values():
+            stream.put_nowait(RuntimeError("the engine was shut down"))

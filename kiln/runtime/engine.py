@@ -223,6 +223,13 @@ class LLMEngine:
         self._forget(user_request)
         return True
 
+    def abort_all(self) -> int:
+        """Abort every request; returns how many there were."""
+        request_ids = list(self._requests)
+        for request_id in request_ids:
+            self.abort_request(request_id)
+        return len(request_ids)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
