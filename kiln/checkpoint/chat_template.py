@@ -40,7 +40,7 @@ class TemplateError(ValueError):
 
 
 class _BudgetExceeded(Exception):
-    pass
+    """The template ran past its time or size budget."""
 
 
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):

