@@ -33,7 +33,11 @@ class CausalLM(nn.Module, abc.ABC):
     def config_from_hf(cls, hf: dict) -> ModelConfig:
         """Normalise this architecture's Hugging Face config.json."""
 
+    @property
     @abc.abstractmethod
+    def backbone(self) -> nn.Module:
+        """The decoder stack under its Hugging Face name (`model`, `transformer`, ...)."""
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (T,) all scheduled tokens, flat
@@ -42,6 +46,7 @@ class CausalLM(nn.Module, abc.ABC):
         metadata,  # AttentionMetadata
     ) -> torch.Tensor:  # (T, hidden) final hidden states
         """Run one flat ragged batch; writes this step's KV into kv_caches."""
+        return self.backbone(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) → (N, V) float32
         return self.lm_head(hidden)

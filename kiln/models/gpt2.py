@@ -12,7 +12,7 @@ from torch import nn
 
 from kiln.errors import CheckpointError
 from kiln.layers.activation import get_activation
-from kiln.layers.attention import Attention, AttentionMetadata
+from kiln.layers.attention import Attention
 from kiln.layers.embedding import LMHead, VocabEmbedding
 from kiln.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from kiln.layers.norm import LayerNorm
@@ -89,14 +89,9 @@ class GPT2LMHeadModel(CausalLM):
         tied = self.transformer.wte if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.transformer(input_ids, positions, kv_caches, metadata)
+    @property
+    def backbone(self) -> nn.Module:
+        return self.transformer
 
     def map_checkpoint_name(self, name: str) -> str | None:
         if name.endswith(self.ignored_checkpoint_suffixes):

@@ -8,7 +8,7 @@ from torch import nn
 
 from kiln.errors import CheckpointError
 from kiln.layers.activation import SiluAndMul
-from kiln.layers.attention import Attention, AttentionMetadata
+from kiln.layers.attention import Attention
 from kiln.layers.embedding import LMHead, VocabEmbedding
 from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kiln.layers.norm import RMSNorm
@@ -127,14 +127,9 @@ class LlamaForCausalLM(CausalLM):
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, metadata)
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:

@@ -30,4 +30,6 @@ def all_reduce(x):
     """Sum over the tensor-parallel group (identity at world size 1)."""
     if _state.tp_size == 1:
         return x
+    # Unreachable today: nothing sets tp_size > 1 until the TP runner exists (issue to come);
+    # failing loudly beats silently returning a partial sum.
     raise NotImplementedError("tensor parallelism > 1 is not implemented yet")

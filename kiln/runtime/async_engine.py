@@ -14,6 +14,7 @@ step is scheduled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import AsyncIterator
 
@@ -130,10 +131,10 @@ class AsyncLLMEngine:
             return
         self._stopping = True
         self._wakeup.set()
-        try:
+        # The loop ends by itself once _stopping is seen; it only raises CancelledError if
+        # someone else cancelled it, which is the same outcome: stopped.
+        with contextlib.suppress(asyncio.CancelledError):
             await self._loop_task
-        except asyncio.CancelledError:
-            pass
         self._loop_task = None
         self.engine.abort_all()
         for stream in self._streams.values():

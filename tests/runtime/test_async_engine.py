@@ -94,11 +94,9 @@ def test_bad_request_raises_and_engine_continues(engine_dir):
     async def main():
         engine = AsyncLLMEngine(new_engine(engine_dir))
         with pytest.raises(ValueError, match="prompt is empty"):
-            async for _ in engine.generate([], SamplingParams()):
-                pass
+            [_ async for _ in engine.generate([], SamplingParams())]
         with pytest.raises(ValueError, match="max_model_len"):
-            async for _ in engine.generate(list(range(1, 60)) * 2, SamplingParams(max_tokens=50)):
-                pass
+            [_ async for _ in engine.generate(list(range(1, 60)) * 2, SamplingParams(max_tokens=50))]
         outputs = [o async for o in engine.generate([1, 2], SamplingParams(max_tokens=3, ignore_eos=True))]
         assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 3
         await engine.shutdown()
