@@ -68,6 +68,10 @@ class EngineConfig(BaseModel):
         "(CPU bfloat16 matmuls are several times slower than float32 ones)"
     )
     enable_cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs")
+    overlap_scheduling: bool | None = Field(
+        None, description="schedule and prepare step N+1 on the host while the GPU runs step N; "
+        "default on for CUDA, off on the CPU (where host and 'device' are the same cores)"
+    )
     verify_hashes: bool = Field(True, description="check every engine file's sha256 at load")
     cpu_kv_cache_bytes: int = Field(
         1 << 30, ge=1 << 20, description="KV pool size on the CPU when num_kv_blocks is unset"

@@ -10,21 +10,28 @@ from kiln.errors import KilnError
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> None:
-    from kiln.bench.datasets import sample_sharegpt, synthetic_requests
+    from kiln.bench.datasets import load_requests, sample_sharegpt, save_requests, synthetic_requests
+    from kiln.bench.serving import _local_tokenizer
     from kiln.bench.results import write_result
     from kiln.bench.throughput import length_stats, run_batched, run_sequential
     from kiln.entrypoints import LLM
 
     llm = LLM(model=args.model, **engine_kwargs(args))
     engine = llm.llm_engine
-    if args.dataset == "sharegpt":
-        if llm.tokenizer is None:
-            raise KilnError("--dataset sharegpt needs an engine with a tokenizer; use --dataset random")
-        requests = sample_sharegpt(llm.tokenizer, args.num_prompts, engine.max_model_len, args.seed)
+    if args.dataset == "file":
+        requests = load_requests(args.dataset_path, engine.model_config.vocab_size)[: args.num_prompts]
+    elif args.dataset == "sharegpt":
+        tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else llm.tokenizer
+        if tokenizer is None:
+            raise KilnError("--dataset sharegpt needs an engine with a tokenizer (or --tokenizer); "
+                            "use --dataset random")
+        requests = sample_sharegpt(tokenizer, args.num_prompts, engine.max_model_len, args.seed)
     else:
         requests = synthetic_requests(
             args.num_prompts, args.input_len, args.output_len, engine.model_config.vocab_size, args.seed
         )
+    if args.save_dataset:
+        print(f"saved {len(requests)} requests to {save_requests(requests, args.save_dataset)}")
     metrics = {f"batched_{k}": v for k, v in run_batched(engine, requests).items()}
     metrics["output_tok_s"] = metrics["batched_output_tok_s"]
     metrics["requests_s"] = metrics["batched_requests_s"]
@@ -73,16 +80,23 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         "ttft_prompt_lens": args.ttft_lens, "batch_sizes": args.batch_sizes,
         "engine": engine.config.model_dump(), "num_kv_blocks": engine.scheduler.config.num_kv_blocks,
     }
+    startup = engine.startup
+    metrics["startup_s"] = startup.total_seconds
+    metrics["startup_open_verify_s"] = startup.open_seconds
+    metrics["startup_load_s"] = startup.load_seconds
+    metrics["startup_kv_allocation_s"] = startup.kv_allocation_seconds
     if engine.runner.capture_report is not None:
         metrics["graph_capture_s"] = engine.runner.capture_report.seconds
         metrics["graph_memory_mib"] = engine.runner.capture_report.memory_bytes / 2**20
+    print(startup.describe())
     if cuda:
         metrics["copy_bandwidth_gb_s"] = latency.measure_copy_bandwidth(engine.device) / 1e9
         metrics["bf16_matmul_tflop_s"] = latency.measure_matmul_peak(engine.device, torch.bfloat16) / 1e12
     latency.decode_speed(engine, 1, args.prompt_len, 16)  # warm-up
     bs1 = latency.decode_speed(engine, 1, args.prompt_len, args.new_tokens)
     metrics["bs1_decode_tok_s"] = bs1["decode_tok_s"]
-    metrics["bs1_step_ms_median"] = bs1["step_ms_median"]
+    for name in ("step_ms_mean", "cpu_ms_per_step", "gpu_ms_per_step"):
+        metrics[f"bs1_{name}"] = bs1[name]
     weight_bytes = latency.weight_bytes_per_token(engine)
     metrics["bytes_per_token_gb"] = weight_bytes / 1e9
     if cuda:
@@ -102,6 +116,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         point = latency.decode_speed(engine, batch_size, args.prompt_len, args.batch_new_tokens)
         curve.append(point)
         metrics[f"decode_tok_s_bs{batch_size}"] = point["decode_tok_s"]
+        metrics[f"cpu_ms_per_step_bs{batch_size}"] = point["cpu_ms_per_step"]
+        metrics[f"gpu_ms_per_step_bs{batch_size}"] = point["gpu_ms_per_step"]
     path = write_result(
         "latency", device=engine.device, model=str(args.model),
         dtype=str(engine.dtype).removeprefix("torch."), config=config, metrics=metrics,
@@ -119,10 +135,21 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def add_dataset_file_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset-path", default=None,
+                        help="--dataset file: JSON lines of {prompt_token_ids, output_len}")
+    parser.add_argument("--save-dataset", default=None, metavar="PATH",
+                        help="write the sampled requests as such a file (to replay them elsewhere)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenize ShareGPT with this model's tokenizer (e.g. 'smollm2') instead "
+                        "of the engine's; for engines without a tokenizer")
+
+
 def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
     throughput = benches.add_parser("throughput", help="offline throughput of N requests")
     throughput.add_argument("model", nargs="?", default="smollm2")
-    throughput.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
+    throughput.add_argument("--dataset", choices=("sharegpt", "random", "file"), default="sharegpt")
+    add_dataset_file_args(throughput)
     throughput.add_argument("--num-prompts", type=int, default=64)
     throughput.add_argument("--input-len", type=int, default=128, help="random dataset only")
     throughput.add_argument("--output-len", type=int, default=128, help="random dataset only")

@@ -92,3 +92,60 @@ def synthetic_requests(
         BenchRequest([rng.randrange(low, vocab_size) for _ in range(input_len)], output_len)
         for _ in range(num_requests)
     ]
+
+
+# A saved request set: one JSON object per line, {"prompt_token_ids": [...], "output_len": n}.
+# It lets a machine without the ShareGPT data or the tokenizer (the GPU box) replay exactly
+# the requests sampled elsewhere. The file is untrusted input: every field is checked.
+MAX_DATASET_FILE_BYTES = 256 * 2**20
+MAX_DATASET_TOKENS = 1 << 20  # per field
+
+
+def save_requests(requests: list[BenchRequest], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"prompt_token_ids": r.prompt_token_ids, "output_len": r.output_len})
+        for r in requests
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def load_requests(path: str | Path | None, vocab_size: int | None = None) -> list[BenchRequest]:
+    """Read a file written by save_requests; raise KilnError naming the line of any problem."""
+    if path is None:
+        raise KilnError("--dataset file needs --dataset-path PATH (a file written by --save-dataset)")
+    path = Path(path)
+    if not path.is_file():
+        raise KilnError(f"dataset file {path} does not exist")
+    if path.stat().st_size > MAX_DATASET_FILE_BYTES:
+        raise KilnError(f"dataset file {path} is larger than {MAX_DATASET_FILE_BYTES >> 20} MiB")
+    requests = []
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            requests.append(_parse_request_line(line, f"{path}:{number}", vocab_size))
+    if not requests:
+        raise KilnError(f"dataset file {path} holds no requests")
+    return requests
+
+
+def _parse_request_line(line: str, where: str, vocab_size: int | None) -> BenchRequest:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise KilnError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise KilnError(f"{where}: expected an object with prompt_token_ids and output_len")
+    prompt, output_len = record.get("prompt_token_ids"), record.get("output_len")
+    if not isinstance(prompt, list) or not 0 < len(prompt) <= MAX_DATASET_TOKENS:
+        raise KilnError(f"{where}: prompt_token_ids must be a non-empty list of token ids")
+    upper = vocab_size if vocab_size is not None else 2**31
+    for token in prompt:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < upper:
+            raise KilnError(f"{where}: token id {token!r} is not an int in [0, {upper})")
+    if isinstance(output_len, bool) or not isinstance(output_len, int) or not 0 < output_len <= MAX_DATASET_TOKENS:
+        raise KilnError(f"{where}: output_len must be a positive int, got {output_len!r}")
+    return BenchRequest(prompt, output_len)

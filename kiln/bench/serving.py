@@ -27,7 +27,13 @@ from pathlib import Path
 
 import httpx
 
-from kiln.bench.datasets import BenchRequest, sample_sharegpt, synthetic_requests
+from kiln.bench.datasets import (
+    BenchRequest,
+    load_requests,
+    sample_sharegpt,
+    save_requests,
+    synthetic_requests,
+)
 from kiln.errors import KilnError
 
 PERCENTILES = (50, 90, 99)
@@ -59,7 +65,9 @@ class RemoteTokenizer:
 
 async def send_one(client: httpx.AsyncClient, model: str, request: BenchRequest) -> RequestResult:
     body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-            "ignore_eos": True, "temperature": 1.0, "seed": 0, "stream": True,
+            # Unseeded, as vLLM's benchmark: a seed per request would make the server draw each
+            # row's random numbers from its own generator.
+            "ignore_eos": True, "temperature": 1.0, "stream": True,
             "stream_options": {"include_usage": True}, "return_token_ids": True}
     result = RequestResult(ok=False, prompt_len=len(request.prompt_token_ids))
     started = time.perf_counter()
@@ -217,12 +225,16 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         card = _server_info(client)
         model, server_device = args.model or card["id"], card.get("device")
         max_model_len = args.max_model_len or card.get("max_model_len") or 4096
-        if args.dataset == "sharegpt":
+        if args.dataset == "file":
+            requests = load_requests(args.dataset_path)[: args.num_prompts]
+        elif args.dataset == "sharegpt":
             tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else RemoteTokenizer(client)
             requests = sample_sharegpt(tokenizer, args.num_prompts, max_model_len, args.seed)
         else:
             requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
                                           args.vocab_size, args.seed)
+    if args.save_dataset:
+        print(f"saved {len(requests)} requests to {save_requests(requests, args.save_dataset)}")
     loads = [("rate", rate, None) for rate in (args.request_rate or [])]
     loads += [("concurrency", None, c) for c in (args.concurrency or [])]
     if not loads:
@@ -261,7 +273,7 @@ def add_bench_serve_parser(benches: argparse._SubParsersAction) -> argparse.Argu
     serve.add_argument("--base-url", default="http://127.0.0.1:8000")
     serve.add_argument("--api-key", default=None, help="or set KILN_API_KEY")
     serve.add_argument("--model", default=None, help="model id to send (default: the server's)")
-    serve.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
+    serve.add_argument("--dataset", choices=("sharegpt", "random", "file"), default="sharegpt")
     serve.add_argument("--num-prompts", type=int, default=200)
     serve.add_argument("--request-rate", type=float, nargs="*", default=None,
                        help="Poisson arrival rates in req/s to sweep (inf = all at once)")
@@ -272,9 +284,9 @@ def add_bench_serve_parser(benches: argparse._SubParsersAction) -> argparse.Argu
     serve.add_argument("--vocab-size", type=int, default=32000, help="random dataset only")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="ShareGPT length filter (default: the server's max_model_len)")
-    serve.add_argument("--tokenizer", default=None,
-                       help="tokenize ShareGPT locally with this model's tokenizer (e.g. 'smollm2') "
-                       "instead of the server's /tokenize; for engines without a tokenizer")
+    from kiln.bench.cli import add_dataset_file_args
+
+    add_dataset_file_args(serve)
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--plot", action="store_true", help="write a latency-vs-rate PNG beside the JSON")
     serve.add_argument("--output-dir", default="benchmarks/results")

@@ -7,7 +7,9 @@ way a loop without in-flight batching would serve them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+
 from kiln.bench.datasets import BenchRequest
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
@@ -20,6 +22,7 @@ def _params(request: BenchRequest) -> SamplingParams:
 
 
 def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
+    stats_before = dataclasses.replace(engine.stats)
     started = time.perf_counter()
     for request in requests:
         engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids}, _params(request))
@@ -32,9 +35,15 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
         steps += 1
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    stats = engine.stats
     return {
         "seconds": seconds,
         "steps": steps,
+        "step_ms_mean": 1e3 * seconds / max(steps, 1),
+        # Host time inside step() that was not spent waiting for the GPU, and device time of
+        # the steps (CUDA events): with overlap scheduling the two run side by side.
+        "cpu_ms_per_step": 1e3 * (stats.host_seconds - stats_before.host_seconds) / max(steps, 1),
+        "gpu_ms_per_step": 1e3 * (stats.gpu_seconds - stats_before.gpu_seconds) / max(steps, 1),
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (output_tokens + prompt_tokens) / seconds,
         "requests_s": len(requests) / seconds,

@@ -1,7 +1,8 @@
 """The build pipeline: checkpoint → model parameters (fused, cast) → engine directory.
 
     read (checkpoint/)  →  config_from_hf  →  load_checkpoint_weights (fuse q|k|v, gate|up)
-      →  cast to the build dtype  →  write_engine (temp dir, sha256 per file, rename)
+      →  cast to the build dtype  →  write_engine (temp dir, sha256 per file and per
+         256 MiB chunk, rename)
 
 Every transformation that does not depend on the requests happens here, once.
 """

@@ -19,7 +19,7 @@ from kiln.models.registry import register_model
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         c = config
         self.qkv_proj = QKVParallelLinear(
@@ -32,9 +32,8 @@ class LlamaAttention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
-        self.rotary_emb = RotaryEmbedding(
-            c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling
-        )
+        # Shared by every layer: one cos/sin table (64 MiB at 128k positions), not one each.
+        self.rotary_emb = rotary_emb
         self.attn = Attention(
             self.qkv_proj.num_heads,
             c.head_dim,
@@ -51,8 +50,10 @@ class LlamaAttention(nn.Module):
         k = k.reshape(-1, self.kv_size // self.head_dim, self.head_dim)  # (T, Hkv, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.flatten(1), k.flatten(1), v, kv_cache, metadata)
+        out = self.attn(
+            q.flatten(1), k.flatten(1), v, kv_cache, metadata,
+            positions=positions, rotary_emb=self.rotary_emb,
+        )
         return self.o_proj(out)
 
 
@@ -76,9 +77,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index)
+        self.self_attn = LlamaAttention(config, layer_index, rotary_emb)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -99,8 +100,11 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 

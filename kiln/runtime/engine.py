@@ -6,12 +6,26 @@
       changed = scheduler.update(out, res)  append tokens, stop checks, free blocks
       detokenize changed requests         text deltas; a stop string finishes the request
       → one RequestOutput per touched user request (its n sequences grouped)
+
+With overlap scheduling (default on CUDA) the host does not wait for step N before
+scheduling and launching step N+1, so its Python work hides behind the GPU's:
+
+    step k:  out_k = schedule(); launched_k = runner.execute_async(out_k)
+             res_{k-1} = runner.collect(launched_{k-1}); update(out_{k-1}, res_{k-1}) ...
+
+and step() returns the outputs of the step before. A request that stops on a token has then
+been scheduled once more than needed; the scheduler drops that extra token. Steps run
+synchronously while any live request uses repetition/frequency/presence penalties, which
+need every previous token on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +37,8 @@ from kiln.config import EngineConfig
 from kiln.errors import KilnError
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_tensors import kv_cache_bytes_per_block
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.model_runner import LaunchedStep, ModelRunner
+from kiln.runtime.outputs import SchedulerOutput
 from kiln.runtime.outputs import TokenLogprobs
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
@@ -31,6 +46,8 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 
 PromptType = str | list[int] | dict
+
+logger = logging.getLogger("kiln.engine")
 
 
 @dataclass
@@ -56,6 +73,67 @@ class _UserRequest:
     @property
     def finished(self) -> bool:
         return all(s.request.is_finished for s in self.sequences)
+
+
+@dataclass
+class StartupReport:
+    """What start-up cost: opening (manifest + hash verification), loading the weights,
+    allocating the KV cache, capturing CUDA graphs."""
+
+    load_seconds: float
+    kv_allocation_seconds: float
+    num_kv_blocks: int
+    kv_cache_bytes: int
+    graph_capture_seconds: float
+    graph_memory_bytes: int
+    num_graphs: int
+    open_seconds: float = 0.0  # set by from_engine_dir, which opens the engine
+
+    @property
+    def total_seconds(self) -> float:
+        return (self.open_seconds + self.load_seconds + self.kv_allocation_seconds
+                + self.graph_capture_seconds)
+
+    def describe(self) -> str:
+        graphs = (
+            f", {self.num_graphs} CUDA graphs captured in {self.graph_capture_seconds:.1f} s "
+            f"({self.graph_memory_bytes / 2**20:.0f} MiB)" if self.num_graphs else ""
+        )
+        return (
+            f"start-up {self.total_seconds:.1f} s: open + verify {self.open_seconds:.1f} s, "
+            f"load {self.load_seconds:.1f} s, KV cache {self.kv_cache_bytes / 2**30:.1f} GiB "
+            f"({self.num_kv_blocks} blocks) in {self.kv_allocation_seconds:.1f} s{graphs}"
+        )
+
+
+@dataclass
+class EngineStats:
+    """Where the time of the engine loop went (read by the benchmarks)."""
+
+    num_steps: int = 0
+    step_seconds: float = 0.0  # wall time inside step()
+    wait_seconds: float = 0.0  # of which blocked on the GPU (runner.collect)
+    gpu_seconds: float = 0.0  # device time of the collected steps (CUDA events)
+
+    @property
+    def host_seconds(self) -> float:
+        return self.step_seconds - self.wait_seconds
+
+    def per_step_ms(self) -> dict[str, float]:
+        steps = max(self.num_steps, 1)
+        return {
+            "step_ms": 1000 * self.step_seconds / steps,
+            "cpu_ms_per_step": 1000 * self.host_seconds / steps,
+            "gpu_ms_per_step": 1000 * self.gpu_seconds / steps,
+        }
+
+
+def _uses_penalties(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -104,14 +182,46 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
+        runner = self.runner
+        capture = runner.capture_report
+        self.startup = StartupReport(
+            load_seconds=runner.load_seconds,
+            kv_allocation_seconds=runner.kv_allocation_seconds,
+            num_kv_blocks=num_blocks,
+            kv_cache_bytes=num_blocks * kv_cache_bytes_per_block(
+                self.model_config, config.block_size, self.dtype
+            ),
+            graph_capture_seconds=capture.seconds if capture else 0.0,
+            graph_memory_bytes=capture.memory_bytes if capture else 0,
+            num_graphs=len(capture.sizes) if capture else 0,
+        )
         self._requests: dict[str, _UserRequest] = {}
         self._sequence_owner: dict[str, _UserRequest] = {}
         self._ids = itertools.count()
+        overlap = config.overlap_scheduling
+        self.overlap_scheduling = self.device.type == "cuda" if overlap is None else overlap
+        # The launched step whose results the next step() collects (overlap scheduling).
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        # Live sequences with penalties: while any exists, steps run synchronously.
+        self._num_penalised_sequences = 0
+        # Host seconds spent in step() (minus what the runner reports as waiting) and steps
+        # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
+        self.stats = EngineStats()
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
         config = config or EngineConfig()
-        return cls(open_engine(path, verify_hashes=config.verify_hashes), config)
+        started = time.perf_counter()
+        info = open_engine(path, verify_hashes=config.verify_hashes)
+        opened = time.perf_counter() - started
+        engine = cls(info, config)
+        engine.startup.open_seconds = opened
+        logger.info("%s", engine.startup.describe())
+        # The model, tokenizer and caches are long-lived: move them out of the collector's
+        # sight so its full passes stop walking them (~1 ms a step at batch 256).
+        gc.collect()
+        gc.freeze()
+        return engine
 
     def _kv_blocks_from_memory(self) -> int:
         per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
@@ -211,6 +321,8 @@ class LLMEngine:
         for sequence in user_request.sequences:
             self.runner.register(sequence.request)
             self._sequence_owner[sequence.request.request_id] = user_request
+        if _uses_penalties(params):
+            self._num_penalised_sequences += len(user_request.sequences)
         self._requests[request_id] = user_request
         return request_id
 
@@ -231,12 +343,15 @@ class LLMEngine:
         return len(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def _forget(self, user_request: _UserRequest) -> None:
         """Drop every trace of a finished or aborted request now (the scheduler also tells
         the runner at its next schedule(); doing it here leaves nothing behind when idle)."""
-        self._requests.pop(user_request.request_id, None)
+        if self._requests.pop(user_request.request_id, None) is None:
+            return
+        if _uses_penalties(user_request.sequences[0].request.sampling_params):
+            self._num_penalised_sequences -= len(user_request.sequences)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)
             self.runner.forget(sequence.request.request_id)
@@ -244,8 +359,33 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        waited, gpu = self.runner.wait_seconds, self.runner.gpu_seconds
+        outputs = self._step()
+        self.stats.num_steps += 1
+        self.stats.step_seconds += time.perf_counter() - started
+        self.stats.wait_seconds += self.runner.wait_seconds - waited
+        self.stats.gpu_seconds += self.runner.gpu_seconds - gpu
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
+        previous, self._in_flight = self._in_flight, None
+        overlap = self.overlap_scheduling and self._num_penalised_sequences == 0
+        if previous is not None and not overlap:
+            # Penalties arrived: finish the step in flight before scheduling the next.
+            return self._finish_step(*previous)
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        launched = self.runner.execute_async(scheduler_output)
+        if not overlap:
+            return self._finish_step(scheduler_output, launched)
+        if not scheduler_output.is_empty:
+            self._in_flight = (scheduler_output, launched)
+        return self._finish_step(*previous) if previous is not None else []
+
+    def _finish_step(
+        self, scheduler_output: SchedulerOutput, launched: LaunchedStep
+    ) -> list[RequestOutput]:
+        runner_output = self.runner.collect(launched)
         changed = self.scheduler.update(scheduler_output, runner_output)
         touched: dict[str, _UserRequest] = {}
         for request in changed:

@@ -16,6 +16,7 @@ step's inputs. A decode batch padded for a graph gets padding rows that write no
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +46,10 @@ class InputBuffers:
         self.max_num_tokens = max_num_tokens
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
-        pin = self.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
 
         def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            host = torch.zeros(shape, dtype=dtype, pin_memory=on_cuda)
             return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=self.device)
 
         self._input_ids = pair(max_num_tokens, torch.int64)
@@ -57,27 +58,71 @@ class InputBuffers:
         self._query_start_loc = pair(max_num_seqs + 1, torch.int32)
         self._seq_lens = pair(max_num_seqs, torch.int32)
         self._logits_indices = pair(max_num_seqs, torch.int64)
-        self._block_tables = pair((max_num_seqs, max_blocks_per_seq), torch.int32)
+        self._block_tables = torch.zeros(
+            (max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=self.device
+        )
+        # The host side of the block table is packed at the batch's own width (rows of
+        # `widest` columns, back to back), so its copy is one contiguous pinned transfer;
+        # a strided host slice would make torch stage it through pageable memory first.
+        block_tables_host = torch.zeros(
+            max_num_seqs * max_blocks_per_seq, dtype=torch.int32, pin_memory=on_cuda
+        )
+        self._block_tables_host = block_tables_host, block_tables_host.numpy()
+        # Recorded after each step's host→device copies. The staging buffers are refilled
+        # every step; when steps overlap (the host prepares step N+1 while the device runs
+        # step N) the previous copies may still be queued, so prepare waits for them first.
+        # In a step-by-step loop they finished long ago and the wait costs nothing.
+        self._copies_done = torch.cuda.Event() if on_cuda else None
 
-    def _copy(self, buffers, count, columns: int | None = None) -> torch.Tensor:
-        host, _, device = buffers
-        if columns is None:
-            if self.device.type == "cpu":
-                return host[:count].clone()
-            device[:count].copy_(host[:count], non_blocking=True)
-            return device[:count]
+    def _copy(self, buffers, count) -> torch.Tensor:
+        host, host_array, device = buffers
         if self.device.type == "cpu":
-            return host[:count, :columns].clone()
-        device[:count, :columns].copy_(host[:count, :columns], non_blocking=True)
+            return torch.from_numpy(host_array[:count].copy())  # cheaper than a torch clone
+        device[:count].copy_(host[:count], non_blocking=True)
         return device[:count]
+
+    def _copy_block_tables(self, num_seqs: int, widest: int) -> torch.Tensor:
+        host, host_array = self._block_tables_host
+        if self.device.type == "cpu":
+            table = host_array[: num_seqs * widest].reshape(num_seqs, widest)
+            return torch.from_numpy(table.copy())
+        table = host[: num_seqs * widest].view(num_seqs, widest)
+        self._block_tables[:num_seqs, :widest].copy_(table, non_blocking=True)
+        # Full rows: the view a captured graph reads; columns past `widest` are stale but
+        # never read (seq_lens bounds every lookup).
+        return self._block_tables[:num_seqs]
 
     def prepare(
         self, scheduled: list[ScheduledRequest], block_size: int, pad_to: int | None = None
     ) -> ModelInputs:
         """Fill the buffers for this batch. With pad_to, the batch must be decode-only (one
-        token per request) and is padded to pad_to sequences for a captured graph."""
+        token per request) and is padded to pad_to sequences for a captured graph.
+
+        Token ids are copied as given, including the placeholder -1 that overlapped steps
+        use for a token the previous step is still sampling: positions and slots come from
+        num_computed_tokens, never from the ids.
+        """
+        # One pass over the requests gathers plain lists; everything per token below is
+        # numpy over the whole batch (a decode batch is hundreds of one-token rows, where
+        # per-row numpy calls cost more than the work they do).
+        token_ids: list[int] = []
+        block_ids: list[int] = []
+        num_scheduled: list[int] = []
+        num_computed: list[int] = []
+        num_blocks: list[int] = []
+        sampled_rows: list[int] = []
+        sampled_ids: list[str] = []
+        for row, request in enumerate(scheduled):
+            token_ids += request.token_ids
+            block_ids += request.block_ids
+            num_scheduled.append(len(request.token_ids))
+            num_computed.append(request.num_computed_tokens)
+            num_blocks.append(len(request.block_ids))
+            if request.sample:
+                sampled_rows.append(row)
+                sampled_ids.append(request.request_id)
         num_seqs = len(scheduled)
-        num_tokens = sum(r.num_scheduled_tokens for r in scheduled)
+        num_tokens = len(token_ids)
         padded_seqs = pad_to or num_seqs
         padded_tokens = num_tokens + (padded_seqs - num_seqs)
         if padded_seqs > self.max_num_seqs or padded_tokens > self.max_num_tokens:
@@ -85,72 +130,65 @@ class InputBuffers:
                 f"batch of {num_seqs} sequences / {num_tokens} tokens exceeds the input buffers "
                 f"({self.max_num_seqs} / {self.max_num_tokens})"
             )
-        input_ids, positions, slots = self._input_ids[1], self._positions[1], self._slot_mapping[1]
-        query_start_loc, seq_lens = self._query_start_loc[1], self._seq_lens[1]
-        logits_indices, block_tables = self._logits_indices[1], self._block_tables[1]
-        sampled_ids: list[str] = []
-        num_sampled = 0
-        offset = 0
-        widest = 1
+        if self._copies_done is not None:
+            self._copies_done.synchronize()
+
+        query_lens = int64_array(num_scheduled)  # (S,)
+        seq_lens = int64_array(num_computed) + query_lens  # (S,)
+        block_counts = int64_array(num_blocks)  # (S,)
+        self._check_blocks(scheduled, seq_lens, block_counts, block_size)
+
+        query_start_loc = self._query_start_loc[1]
         query_start_loc[0] = 0
-        for row, request in enumerate(scheduled):
-            start = request.num_computed_tokens
-            count = request.num_scheduled_tokens
-            end = start + count
-            num_blocks = len(request.block_ids)
-            if -(-end // block_size) > num_blocks:
-                raise ValueError(
-                    f"request {request.request_id}: {num_blocks} blocks cannot hold "
-                    f"{end} tokens at block size {block_size}"
-                )
-            if num_blocks > self.max_blocks_per_seq:
-                raise ValueError(
-                    f"request {request.request_id} has {num_blocks} blocks, more than the "
-                    f"{self.max_blocks_per_seq} a sequence may have"
-                )
-            block_ids = np.asarray(request.block_ids, dtype=np.int64)
-            block_tables[row, :num_blocks] = block_ids
-            widest = max(widest, num_blocks)
-            token_positions = np.arange(start, end, dtype=np.int64)
-            input_ids[offset : offset + count] = request.token_ids
-            positions[offset : offset + count] = token_positions
-            slots[offset : offset + count] = (
-                block_ids[token_positions // block_size] * block_size + token_positions % block_size
-            )
-            offset += count
-            query_start_loc[row + 1] = offset
-            seq_lens[row] = end
-            if request.sample:
-                logits_indices[num_sampled] = offset - 1
-                num_sampled += 1
-                sampled_ids.append(request.request_id)
+        query_start_loc[1 : num_seqs + 1] = np.cumsum(query_lens)
+        token_rows = np.repeat(np.arange(num_seqs), query_lens)  # (T,) row of each token
+        # Position of each token: its row's first position plus its offset in the row.
+        first_positions = seq_lens - query_lens - query_start_loc[:num_seqs]  # (S,)
+        positions = np.arange(num_tokens) + first_positions[token_rows]  # (T,)
+        # Block ids of all rows back to back; a row's blocks start after the earlier rows'.
+        flat_block_ids = int64_array(block_ids)  # (sum of block_counts,)
+        block_starts = np.cumsum(block_counts) - block_counts  # (S,)
+        slot_blocks = flat_block_ids[block_starts[token_rows] + positions // block_size]  # (T,)
+
+        self._input_ids[1][:num_tokens] = int64_array(token_ids)
+        self._positions[1][:num_tokens] = positions
+        self._slot_mapping[1][:num_tokens] = slot_blocks * block_size + positions % block_size
+        self._seq_lens[1][:num_seqs] = seq_lens
+        # The last token of each sampling request: the token before the next row starts.
+        num_sampled = len(sampled_rows)
+        self._logits_indices[1][:num_sampled] = (
+            query_start_loc[int64_array(sampled_rows) + 1] - 1
+        )
+
+        widest = max(1, max(num_blocks, default=1))
+        block_table = self._block_tables_host[1][: padded_seqs * widest].reshape(
+            padded_seqs, widest
+        )
+        block_table[:] = 0  # unused columns (and padding rows: the null block 0) read as 0
+        columns = np.arange(widest)
+        # Boolean-mask assignment fills in row-major order: row by row, each row's blocks.
+        block_table[:num_seqs][columns < block_counts[:, None]] = flat_block_ids
+
+        max_query_len = max(num_scheduled, default=0)
         if padded_seqs > num_seqs:
             if num_tokens != num_seqs or num_sampled != num_seqs:
                 raise ValueError("only decode-only batches (one sampled token each) are padded")
-            pad = slice(num_seqs, padded_seqs)
-            input_ids[num_tokens:padded_tokens] = 0
-            positions[num_tokens:padded_tokens] = 0
-            slots[num_tokens:padded_tokens] = -1  # written nowhere
-            seq_lens[pad] = 1  # one (null-block) token: finite attention, no NaN
-            block_tables[pad, :widest] = 0
-            query_start_loc[num_seqs + 1 : padded_seqs + 1] = np.arange(
-                num_tokens + 1, padded_tokens + 1
-            )
-            logits_indices[num_sampled:padded_seqs] = np.arange(num_tokens, padded_tokens)
+            self._pad(num_seqs, padded_seqs)
             num_sampled = padded_seqs
-
-        query_lens = np.diff(query_start_loc[: padded_seqs + 1])
+            max_query_len = 1  # decode rows and padding rows alike
+        query_start_loc_host = query_start_loc[: padded_seqs + 1].tolist()
+        seq_lens_host = self._seq_lens[1][:padded_seqs].tolist()
         metadata = AttentionMetadata(
             query_start_loc=self._copy(self._query_start_loc, padded_seqs + 1),
             seq_lens=self._copy(self._seq_lens, padded_seqs),
-            block_tables=self._copy(self._block_tables, padded_seqs, columns=widest),
+            block_tables=self._copy_block_tables(padded_seqs, widest),
             slot_mapping=self._copy(self._slot_mapping, padded_tokens),
-            query_start_loc_host=query_start_loc[: padded_seqs + 1].tolist(),
-            seq_lens_host=seq_lens[:padded_seqs].tolist(),
-            max_query_len=int(query_lens.max()) if padded_seqs else 0,
-            max_seq_len=int(seq_lens[:padded_seqs].max()) if padded_seqs else 0,
+            query_start_loc_host=query_start_loc_host,
+            seq_lens_host=seq_lens_host,
+            max_query_len=max_query_len,
+            max_seq_len=max(seq_lens_host, default=0),
         )
-        return ModelInputs(
+        inputs = ModelInputs(
             input_ids=self._copy(self._input_ids, padded_tokens),
             positions=self._copy(self._positions, padded_tokens),
             metadata=metadata,
@@ -159,6 +197,49 @@ class InputBuffers:
             num_tokens=num_tokens,
             num_seqs=num_seqs,
         )
+        if self._copies_done is not None:
+            self._copies_done.record()
+        return inputs
+
+    def _check_blocks(
+        self,
+        scheduled: list[ScheduledRequest],
+        seq_lens: np.ndarray,
+        block_counts: np.ndarray,
+        block_size: int,
+    ) -> None:
+        """Every row's blocks must hold its tokens and fit a block-table row; the first row
+        that fails is reported."""
+        too_few = -(-seq_lens // block_size) > block_counts
+        too_many = block_counts > self.max_blocks_per_seq
+        failing = np.flatnonzero(too_few | too_many)
+        if not len(failing):
+            return
+        row = int(failing[0])
+        request = scheduled[row]
+        if too_few[row]:
+            raise ValueError(
+                f"request {request.request_id}: {block_counts[row]} blocks cannot hold "
+                f"{seq_lens[row]} tokens at block size {block_size}"
+            )
+        raise ValueError(
+            f"request {request.request_id} has {block_counts[row]} blocks, more than the "
+            f"{self.max_blocks_per_seq} a sequence may have"
+        )
+
+    def _pad(self, num_seqs: int, padded_seqs: int) -> None:
+        """Padding rows for a captured graph: one token each (id 0, position 0) that writes
+        nowhere (slot -1) and attends over one token of the null block 0, so attention stays
+        finite. The block table rows are already zero."""
+        num_tokens, padded_tokens = num_seqs, padded_seqs  # decode-only: one token per row
+        self._input_ids[1][num_tokens:padded_tokens] = 0
+        self._positions[1][num_tokens:padded_tokens] = 0
+        self._slot_mapping[1][num_tokens:padded_tokens] = -1
+        self._seq_lens[1][num_seqs:padded_seqs] = 1
+        self._query_start_loc[1][num_seqs + 1 : padded_seqs + 1] = np.arange(
+            num_tokens + 1, padded_tokens + 1
+        )
+        self._logits_indices[1][num_seqs:padded_seqs] = np.arange(num_tokens, padded_tokens)
 
 
 def prepare_inputs(
@@ -169,3 +250,12 @@ def prepare_inputs(
     max_blocks = max((len(r.block_ids) for r in scheduled), default=1)
     buffers = InputBuffers(num_tokens, max(1, len(scheduled)), max(1, max_blocks), device)
     return buffers.prepare(scheduled, block_size)
+
+
+def int64_array(values: list[int]) -> np.ndarray:
+    """As np.array(values, dtype=np.int64), for lists of Python ints, in one C loop
+    (struct): numpy converts element by element through its scalar types, 2-3x slower; at
+    a batch of 256 decode rows that is thousands of block ids every step."""
+    array = np.empty(len(values), dtype=np.int64)
+    struct.pack_into(f"{len(values)}q", array, 0, *values)
+    return array

@@ -6,6 +6,12 @@
 Decode-only steps on CUDA replay a captured graph (cuda_graphs.py); everything else runs
 eagerly. The step's only device→host synchronisation is copying the sampled ids back.
 
+`execute_async` launches a step and returns at once; `collect` waits for its sampled ids.
+Between the two the host may schedule and launch the next step (overlap scheduling): that
+step's inputs may then hold placeholders (-1) for tokens the previous step is still
+sampling, which `execute_async` fills on the device from the previous step's sampled ids
+before the forward, so the host never waits for them. `execute` is the two back to back.
+
 The runner owns the model, the paged KV tensors, the persistent input buffers and the
 per-request generators of seeded requests. It sees requests (sampling parameters, token
 history) through `register`, which the engine calls when a request is added; `forget` drops
@@ -13,6 +19,9 @@ them (the engine calls it when a request ends; ids in a SchedulerOutput's finish
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +32,28 @@ from kiln.runtime.input_batch import InputBuffers
 from kiln.runtime.kv_tensors import allocate_kv_caches
 from kiln.runtime.outputs import ModelRunnerOutput, SchedulerOutput
 from kiln.runtime.request import Request
-from kiln.runtime.sampler import RequestGenerators, Sampler, SamplingMetadata, SamplingRow, to_token_logprobs
+from kiln.runtime.sampler import (
+    LogprobsTensors,
+    RequestGenerators,
+    Sampler,
+    SamplingMetadata,
+    SamplingRow,
+    to_token_logprobs,
+)
+from kiln.runtime.scheduler import PLACEHOLDER_TOKEN_ID
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device; `ModelRunner.collect` turns it into a
+    ModelRunnerOutput."""
+
+    request_ids: list[str]  # the sampled rows, in order
+    token_ids: torch.Tensor | None  # (R,) int64 on the host (pinned on CUDA), filled async
+    logprobs: LogprobsTensors | None  # host copies, filled async
+    num_logprobs: list[int | None]
+    done: torch.cuda.Event | None  # recorded after the copies; None on the CPU
+    started: torch.cuda.Event | None  # recorded before the step's first device work
 
 
 class ModelRunner:
@@ -42,10 +72,16 @@ class ModelRunner:
         self.engine = engine
         self.device = device
         self.block_size = block_size
+        started = time.perf_counter()
         self.model = load_engine_model(engine, device, dtype)
+        _sync(device)
+        self.load_seconds = time.perf_counter() - started
+        started = time.perf_counter()
         self.kv_caches = allocate_kv_caches(
             engine.model_config, num_kv_blocks, block_size, dtype, device
         )
+        _sync(device)
+        self.kv_allocation_seconds = time.perf_counter() - started
         self.buffers = InputBuffers(
             max_num_tokens=max(max_num_batched_tokens, max_num_seqs),
             max_num_seqs=max_num_seqs,
@@ -55,6 +91,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators = RequestGenerators(device)
         self._requests: dict[str, Request] = {}
+        # The last launched step's sampled ids, still on the device, and each request's row
+        # in them: the source of the next step's placeholder tokens.
+        self._last_sampled = torch.empty(0, dtype=torch.int64, device=device)
+        self._last_sampled_rows: dict[str, int] = {}
+        # Host seconds spent blocked in collect() and device seconds of the collected steps
+        # (CUDA only): the benchmarks report CPU time per step next to GPU time per step.
+        self.wait_seconds = 0.0
+        self.gpu_seconds = 0.0
         self.graphs: CudaGraphRunner | None = None
         self.capture_report: CaptureReport | None = None
         if enable_cuda_graphs and device.type == "cuda" and not use_reference_kernels():
@@ -78,24 +122,81 @@ class ModelRunner:
             return None
         return self.graphs.size_for(len(scheduled))
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.execute_async(scheduler_output))
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
         for request_id in scheduler_output.finished_request_ids:
             self.forget(request_id)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return LaunchedStep([], None, None, [], None, None)
         graph_size = self._graph_size(scheduler_output)
         inputs = self.buffers.prepare(scheduler_output.scheduled, self.block_size, pad_to=graph_size)
+        # After the host work of prepare(): the GPU time of a step should not count the GPU
+        # waiting for this host.
+        started = self._record_event()
+        self._fill_placeholders(scheduler_output, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (R, V) float32
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
             if not inputs.sampled_request_ids:
-                return ModelRunnerOutput(sampled_token_ids={})
+                return LaunchedStep([], None, None, [], self._record_event(), started)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (R, V) float32
-        return self._sample(logits, inputs.sampled_request_ids)
+        return self._sample(logits, inputs.sampled_request_ids, started)
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step's sampled ids (the step's one device → host sync)."""
+        if step.done is not None:
+            waited = time.perf_counter()
+            step.done.synchronize()
+            self.wait_seconds += time.perf_counter() - waited
+            if step.started is not None:
+                self.gpu_seconds += step.started.elapsed_time(step.done) / 1000
+        if step.token_ids is None:
+            return ModelRunnerOutput(sampled_token_ids={})
+        token_ids = step.token_ids.tolist()
+        logprobs = to_token_logprobs(token_ids, step.logprobs, step.num_logprobs)
+        return ModelRunnerOutput(
+            sampled_token_ids={rid: [t] for rid, t in zip(step.request_ids, token_ids)},
+            logprobs={
+                rid: [record] for rid, record in zip(step.request_ids, logprobs) if record is not None
+            },
+        )
+
+    def _record_event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _fill_placeholders(self, scheduler_output: SchedulerOutput, inputs) -> None:
+        """Write the previous step's sampled ids (still on the device) into the input
+        positions the scheduler left as placeholders."""
+        positions: list[int] = []
+        rows: list[int] = []
+        starts = inputs.metadata.query_start_loc_host
+        for index, request in enumerate(scheduler_output.scheduled):
+            if request.token_ids[-1] != PLACEHOLDER_TOKEN_ID:
+                continue
+            row = self._last_sampled_rows.get(request.request_id)
+            if row is None or len(request.token_ids) > 1 and PLACEHOLDER_TOKEN_ID in request.token_ids[:-1]:
+                raise RuntimeError(
+                    f"request {request.request_id!r} has a placeholder token that no "
+                    f"previous step sampled"
+                )
+            positions.append(starts[index + 1] - 1)
+            rows.append(row)
+        if not positions:
+            return
+        source = self._last_sampled.index_select(0, _to_device(rows, self.device))
+        inputs.input_ids.index_copy_(0, _to_device(positions, self.device), source)
+
+    def _sample(
+        self, logits: torch.Tensor, request_ids: list[str], started: torch.cuda.Event | None
+    ) -> LaunchedStep:
         rows = []
         for request_id in request_ids:
             request = self._requests[request_id]
@@ -106,15 +207,47 @@ class ModelRunner:
                     output_token_ids=request.output_token_ids,
                     eos_token_id=request.eos_token_id,
                     generator=self.generators.get(request_id, request.sampling_params),
+                    # Sampled by earlier steps still in flight (this step's own is the last).
+                    num_pending_output_tokens=max(0, request.num_pending_tokens - 1),
                 )
             )
         metadata = SamplingMetadata.build(rows, logits.shape[-1], self.device)
         sampled = self.sampler(logits, metadata)
-        token_ids = sampled.sampled_token_ids.tolist()  # the step's one device → host copy
-        logprobs = to_token_logprobs(token_ids, sampled.logprobs, metadata.num_logprobs)
-        return ModelRunnerOutput(
-            sampled_token_ids={rid: [t] for rid, t in zip(request_ids, token_ids)},
-            logprobs={
-                rid: [record] for rid, record in zip(request_ids, logprobs) if record is not None
-            },
+        self._last_sampled = sampled.sampled_token_ids
+        self._last_sampled_rows = {rid: row for row, rid in enumerate(request_ids)}
+        return LaunchedStep(
+            request_ids=request_ids,
+            token_ids=_to_host(sampled.sampled_token_ids),
+            logprobs=(
+                None if sampled.logprobs is None
+                else LogprobsTensors(*(_to_host(t) for t in (
+                    sampled.logprobs.sampled_logprobs,
+                    sampled.logprobs.top_token_ids,
+                    sampled.logprobs.top_logprobs,
+                )))
+            ),
+            num_logprobs=metadata.num_logprobs,
+            done=self._record_event(),
+            started=started,
         )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a device → host copy without waiting for it (pinned memory on CUDA)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

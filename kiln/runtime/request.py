@@ -60,8 +60,14 @@ class Request:
     eos_token_id: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
-    # Tokens (of all_token_ids) whose KV is in the cache. Reset to 0 on preemption.
+    # Tokens (of all_token_ids) whose KV is in the cache or is being computed by a step that
+    # has been scheduled: the scheduler advances it when it schedules a chunk, so with
+    # overlapped steps it runs ahead of what the GPU has finished. Reset to 0 on preemption.
     num_computed_tokens: int = 0
+    # Tokens sampled (or being sampled) by scheduled steps whose ids the host does not know
+    # yet. The next step feeds such a token to the model as a placeholder that the runner
+    # fills on the device. 0 or 1 with synchronous steps; up to 2 when steps overlap.
+    num_pending_tokens: int = 0
     # Physical KV block ids, in order: block i holds tokens [i*block_size, (i+1)*block_size).
     block_ids: list[int] = field(default_factory=list)
     # Stop reason detail: the stop token id or stop string that ended the request.

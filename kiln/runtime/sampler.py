@@ -32,17 +32,24 @@ torch's default generator for the logits' device.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from kiln.runtime.input_batch import int64_array
 from kiln.runtime.outputs import TokenLogprobs
 from kiln.runtime.sampling_params import SamplingParams
 
 # Random rows with a tiny temperature would overflow logits / T; below this they are
 # sampled at this temperature, which is already argmax in all but name.
 MIN_TEMPERATURE = 1e-5
+# Every optional feature off: the values SamplingMetadata.build looks for.
+_OFF = SamplingParams()
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -84,9 +91,12 @@ class RequestGenerators:
         return len(self._generators)
 
 
-@dataclass(frozen=True)
-class SamplingRow:
-    """One request's input to this step's sampling (host data)."""
+class SamplingRow(NamedTuple):
+    """One request's input to this step's sampling (host data).
+
+    A NamedTuple rather than a frozen dataclass: just as immutable, and the runner builds
+    one per request per step, where a frozen dataclass's __init__ costs twice as much.
+    """
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
@@ -96,6 +106,10 @@ class SamplingRow:
     eos_token_id: int | None = None
     # From RequestGenerators.get: the request's own generator, or None when unseeded.
     generator: torch.Generator | None = None
+    # Output tokens already sampled on the device by steps still in flight, so not yet in
+    # output_token_ids. They count toward min_tokens (penalties use output_token_ids only:
+    # steps with penalties are not overlapped).
+    num_pending_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,10 @@ class SamplingMetadata:
     temperatures: torch.Tensor
     # (R,) bool: rows that take argmax of the penalised logits.
     greedy_mask: torch.Tensor
+    # Every row / some row is greedy (an empty batch: True / False). Without greedy rows
+    # the sampler skips their argmax; with only greedy rows, all random sampling.
     all_greedy: bool
+    any_greedy: bool
     # (R,) int64 in [1, V]; V for rows without top-k. None when no row uses top-k.
     top_k: torch.Tensor | None
     # (R,) float32 in (0, 1]. None when no row uses top-p.
@@ -141,70 +158,110 @@ class SamplingMetadata:
     def build(
         cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
     ) -> SamplingMetadata:
+        # This runs every step over every row. Each setting is read once into a list (a
+        # comprehension over one attribute is the cheapest per-row Python there is), "does
+        # any row use it?" is list.count of its off value, a C loop (most batches use no
+        # optional feature, and then nothing more is done for it), and per-row arithmetic
+        # is numpy. Counting _OFF's own value objects lets count() match defaulted
+        # settings by identity before it compares; any equal value still counts.
         device = torch.device(device)
+        num_rows = len(rows)
         params = [row.params for row in rows]
-        greedy = [p.is_greedy for p in params]
+        temperatures = _float64_array([p.temperature for p in params])  # (R,)
+        top_k = [p.top_k for p in params]
+        uses_top_k = top_k.count(_OFF.top_k) != num_rows
+        greedy = temperatures == 0  # (R,) SamplingParams.is_greedy: T = 0 or top_k = 1
+        if uses_top_k and 1 in top_k:
+            greedy |= np.array([k == 1 for k in top_k], dtype=bool)
         # Filters matter for random rows only: greedy rows take the argmax anyway.
-        random_params = [p for p, g in zip(params, greedy) if not g]
-        has_penalty = [
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            for p in params
-        ]
-        any_penalty = any(has_penalty)
+        random = ~greedy  # (R,)
 
-        def floats(values: list[float], needed: bool = True) -> torch.Tensor | None:
-            return _to_device(values, torch.float32, device) if needed else None
+        host: dict[str, np.ndarray] = {}  # field name → its host array
+        # Greedy rows divide by 1; tiny temperatures are raised to MIN_TEMPERATURE.
+        temperatures = np.maximum(temperatures, MIN_TEMPERATURE)
+        temperatures[greedy] = 1.0
+        host["temperatures"] = _float32_array(temperatures)
+        host["greedy_mask"] = greedy
+        if uses_top_k and (np.array([k != -1 for k in top_k], dtype=bool) & random).any():
+            # Clamped in Python first: top_k may be any int, past what int64 holds.
+            host["top_k"] = int64_array(
+                [vocab_size if k == -1 else min(k, vocab_size) for k in top_k]
+            )
+        top_p = [p.top_p for p in params]
+        if top_p.count(_OFF.top_p) != num_rows and (_float64_array(top_p)[random] < 1).any():
+            host["top_p"] = _float32_array(top_p)
+        min_p = [p.min_p for p in params]
+        if min_p.count(_OFF.min_p) != num_rows and (_float64_array(min_p)[random] > 0).any():
+            host["min_p"] = _float32_array(min_p)
 
-        def penalised_ids(lists: list[Sequence[int]]) -> torch.Tensor | None:
-            if not any_penalty:
-                return None
+        repetition = [p.repetition_penalty for p in params]
+        presence = [p.presence_penalty for p in params]
+        frequency = [p.frequency_penalty for p in params]
+        if (
+            repetition.count(_OFF.repetition_penalty) != num_rows
+            or presence.count(_OFF.presence_penalty) != num_rows
+            or frequency.count(_OFF.frequency_penalty) != num_rows
+        ):
+            penalties = _float64_array(repetition + presence + frequency).reshape(3, num_rows)
+            has_penalty = (penalties != [[1.0], [0.0], [0.0]]).any(axis=0)  # (R,)
+            penalties32 = _float32_array(penalties)  # (3, R)
+            host["repetition_penalties"] = penalties32[0]
+            host["presence_penalties"] = penalties32[1]
+            host["frequency_penalties"] = penalties32[2]
             # Rows without penalties need no counts: their ids are left out entirely.
-            return _padded([t if h else () for t, h in zip(lists, has_penalty)], vocab_size, device)
+            host["prompt_token_ids"] = _padded_ids(
+                [row.prompt_token_ids for row in rows], has_penalty, vocab_size
+            )
+            host["output_token_ids"] = _padded_ids(
+                [row.output_token_ids for row in rows], has_penalty, vocab_size
+            )
 
-        banned = _min_tokens_banned_indices(rows, vocab_size)
+        if [p.min_tokens for p in params].count(_OFF.min_tokens) != num_rows:
+            banned = _min_tokens_banned_indices(rows, vocab_size)
+            if banned:
+                host["banned_flat_indices"] = int64_array(banned)
+
+        generators = {}
+        row_generators = [row.generator for row in rows]
+        if row_generators.count(None) != num_rows:
+            generators = {
+                i: generator
+                for i, (generator, is_random) in enumerate(zip(row_generators, random.tolist()))
+                if generator is not None and is_random
+            }
         num_logprobs = [p.logprobs for p in params]
-        requested = [n for n in num_logprobs if n is not None]
+        max_num_logprobs = None
+        if num_logprobs.count(None) != num_rows:
+            max_num_logprobs = max(n for n in num_logprobs if n is not None)
+
+        tensors = _to_device(host, device)
         return cls(
-            temperatures=_to_device(
-                [1.0 if g else max(p.temperature, MIN_TEMPERATURE) for p, g in zip(params, greedy)],
-                torch.float32,
-                device,
-            ),
-            greedy_mask=_to_device(greedy, torch.bool, device),
-            all_greedy=all(greedy),
-            top_k=(
-                _to_device(
-                    [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params],
-                    torch.int64,
-                    device,
-                )
-                if any(p.top_k != -1 for p in random_params)
-                else None
-            ),
-            top_p=floats([p.top_p for p in params], any(p.top_p < 1 for p in random_params)),
-            min_p=floats([p.min_p for p in params], any(p.min_p > 0 for p in random_params)),
-            repetition_penalties=floats([p.repetition_penalty for p in params], any_penalty),
-            presence_penalties=floats([p.presence_penalty for p in params], any_penalty),
-            frequency_penalties=floats([p.frequency_penalty for p in params], any_penalty),
-            prompt_token_ids=penalised_ids([row.prompt_token_ids for row in rows]),
-            output_token_ids=penalised_ids([row.output_token_ids for row in rows]),
-            banned_flat_indices=_to_device(banned, torch.int64, device) if banned else None,
-            generators={
-                i: row.generator
-                for i, (row, g) in enumerate(zip(rows, greedy))
-                if row.generator is not None and not g
-            },
+            temperatures=tensors["temperatures"],
+            greedy_mask=tensors["greedy_mask"],
+            all_greedy=bool(greedy.all()),
+            any_greedy=bool(greedy.any()),
+            top_k=tensors.get("top_k"),
+            top_p=tensors.get("top_p"),
+            min_p=tensors.get("min_p"),
+            repetition_penalties=tensors.get("repetition_penalties"),
+            presence_penalties=tensors.get("presence_penalties"),
+            frequency_penalties=tensors.get("frequency_penalties"),
+            prompt_token_ids=tensors.get("prompt_token_ids"),
+            output_token_ids=tensors.get("output_token_ids"),
+            banned_flat_indices=tensors.get("banned_flat_indices"),
+            generators=generators,
             num_logprobs=num_logprobs,
-            max_num_logprobs=max(requested) if requested else None,
+            max_num_logprobs=max_num_logprobs,
         )
 
 
 def _min_tokens_banned_indices(rows: Sequence[SamplingRow], vocab_size: int) -> list[int]:
     """Flat (row * V + token) indices of the EOS and stop token ids of rows that have not
-    yet generated min_tokens tokens."""
+    yet generated min_tokens tokens, counting those still being sampled on the device."""
     indices: list[int] = []
     for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.params.min_tokens:
+        num_generated = len(row.output_token_ids) + row.num_pending_output_tokens
+        if num_generated >= row.params.min_tokens:
             continue
         stop_ids = set(row.params.stop_token_ids)
         if row.eos_token_id is not None and not row.params.ignore_eos:
@@ -213,20 +270,71 @@ def _min_tokens_banned_indices(rows: Sequence[SamplingRow], vocab_size: int) -> 
     return indices
 
 
-def _to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list → device tensor without blocking the host on CUDA (pinned, async copy)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+def _padded_ids(
+    token_lists: Sequence[Sequence[int]], keep: np.ndarray, vocab_size: int
+) -> np.ndarray:
+    """(R, L) int64: the token ids of the rows in `keep`, each padded with V to the longest
+    kept row; the other rows are all padding."""
+    lengths = int64_array([len(ids) for ids in token_lists]) * keep  # (R,)
+    width = int(lengths.max()) if len(lengths) else 0
+    padded = np.full((len(token_lists), width), vocab_size, dtype=np.int64)
+    kept_ids = [ids for ids, kept in zip(token_lists, keep.tolist()) if kept]
+    # Boolean-mask assignment fills row by row, so the flat ids land in their own rows.
+    padded[np.arange(width) < lengths[:, None]] = int64_array(list(chain.from_iterable(kept_ids)))
+    return padded
 
 
-def _padded(
-    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
-) -> torch.Tensor:
-    width = max((len(t) for t in token_lists), default=0)
-    padded = [list(t) + [vocab_size] * (width - len(t)) for t in token_lists]
-    return _to_device(padded, torch.int64, device).reshape(len(token_lists), width)
+def _float64_array(values: list[float]) -> np.ndarray:
+    """As np.array(values, dtype=np.float64), for lists of Python numbers, in one C loop
+    (struct); numpy converts element by element, ~3x slower at a few hundred."""
+    array = np.empty(len(values), dtype=np.float64)
+    struct.pack_into(f"{len(values)}d", array, 0, *values)
+    return array
+
+
+def _float32_array(values: np.ndarray | list[float]) -> np.ndarray:
+    """Rounded to float32 as torch.tensor(values, dtype=torch.float32) does, including
+    values past float32's range becoming ±inf without a warning."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=np.float64).astype(np.float32)
+
+
+def _to_device(host: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host arrays → tensors on `device`. On the CPU they are wrapped as they are. On CUDA
+    they go in one pinned buffer and one non-blocking copy, rather than a pinned allocation
+    and a copy per field: each array sits at an 8-byte aligned offset and becomes a typed
+    view of the device copy. The pinned buffer is fresh each step, from torch's caching host
+    allocator, which does not hand a block out again before the copy reading it has
+    finished, so a later step never overwrites data still in flight."""
+    if device.type == "cpu":
+        return {name: torch.from_numpy(array) for name, array in host.items()}
+    return _packed_copy(host, device, pin_memory=device.type == "cuda")
+
+
+def _packed_copy(
+    host: dict[str, np.ndarray], device: torch.device, pin_memory: bool
+) -> dict[str, torch.Tensor]:
+    """All arrays in one byte buffer, one copy to `device`, one typed view per array."""
+    offsets = {}
+    size = 0
+    for name, array in host.items():
+        offsets[name] = size
+        size += -(-array.nbytes // 8) * 8
+    packed_host = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+    packed_bytes = packed_host.numpy()
+    for name, array in host.items():
+        raw = np.ascontiguousarray(array).view(np.uint8).ravel()
+        packed_bytes[offsets[name] : offsets[name] + raw.size] = raw
+    packed = packed_host.to(device, non_blocking=True)
+    return {
+        name: packed[offsets[name] : offsets[name] + array.nbytes]
+        .view(_TORCH_DTYPES[array.dtype.type])
+        .view(array.shape)
+        for name, array in host.items()
+    }
+
+
+_TORCH_DTYPES = {np.float32: torch.float32, np.int64: torch.int64, np.bool_: torch.bool}
 
 
 @dataclass(frozen=True)
@@ -248,14 +356,26 @@ class Sampler:
     """Stateless: everything per request comes in through SamplingMetadata."""
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        # The caller's logits stay untouched: all processing below is in place on a copy.
-        logits = logits.to(torch.float32, copy=True)  # (R, V)
+        # The caller's logits stay untouched: processing below is in place on a copy. An
+        # all-greedy batch without penalties or min_tokens changes nothing in place (it
+        # skips the division by T = 1 too), so it reads the logits as they are.
+        in_place = (
+            not metadata.all_greedy
+            or metadata.repetition_penalties is not None
+            or metadata.banned_flat_indices is not None
+        )
+        logits = logits.to(torch.float32, copy=in_place)  # (R, V)
         self._apply_penalties(logits, metadata)
         if metadata.banned_flat_indices is not None:
             logits.view(-1).index_fill_(0, metadata.banned_flat_indices, float("-inf"))
-        greedy_token_ids = logits.argmax(dim=-1)  # (R,)
+        # Greedy rows' tokens, before the division by T below. A batch of random rows only
+        # skips this (an empty batch counts as all greedy).
+        greedy_token_ids = None
+        if metadata.all_greedy or metadata.any_greedy:
+            greedy_token_ids = logits.argmax(dim=-1)  # (R,)
 
-        logits.div_(metadata.temperatures.unsqueeze(1))  # greedy rows divide by 1
+        if not metadata.all_greedy:
+            logits.div_(metadata.temperatures.unsqueeze(1))  # greedy rows divide by 1
         logprobs = None
         if metadata.max_num_logprobs is not None:
             logprobs = torch.log_softmax(logits, dim=-1)  # (R, V)
@@ -263,8 +383,9 @@ class Sampler:
         if metadata.all_greedy:
             sampled = greedy_token_ids
         else:
-            random_token_ids = self._sample_random(logits, metadata)  # (R,)
-            sampled = torch.where(metadata.greedy_mask, greedy_token_ids, random_token_ids)
+            sampled = self._sample_random(logits, metadata)  # (R,)
+            if metadata.any_greedy:
+                sampled = torch.where(metadata.greedy_mask, greedy_token_ids, sampled)
 
         if logprobs is None:
             return SamplerOutput(sampled_token_ids=sampled, logprobs=None)

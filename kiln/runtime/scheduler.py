@@ -21,6 +21,20 @@ The engine drives it, one call of each per step and in this order:
     res = runner.execute(out)
     changed = scheduler.update(out, res)        # new tokens, stop checks, blocks freed
 
+or, with overlapped steps (the GPU computes step N while the host schedules step N+1), with
+the next step scheduled before the previous one's results are in:
+
+    out1 = schedule(); launch(out1)
+    out2 = schedule(); launch(out2); update(out1, collect(out1))
+    out3 = schedule(); launch(out3); update(out2, collect(out2))  ...
+
+`schedule()` advances `num_computed_tokens` as it hands out a chunk and counts the token
+that chunk will sample in `num_pending_tokens`; a request whose last token is still pending
+is scheduled again with a placeholder (-1) the runner fills on the device from the previous
+step's sampled ids. A request that stops on that pending token has then computed one token
+too many: `update` drops it. A request whose pending tokens already reach max_tokens or
+max_model_len is not scheduled again.
+
 A finished or aborted request stays visible to `get_request` (and `finish_request`) until
 the next `schedule()`, which reports its id to the runner in `finished_request_ids` and then
 forgets it: the scheduler keeps no per-request state past that.
@@ -35,6 +49,9 @@ from dataclasses import dataclass
 from kiln.runtime.kv_cache import KVCacheManager, token_ids_between
 from kiln.runtime.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kiln.runtime.request import Request, RequestStatus
+
+# Stands in a ScheduledRequest's token_ids for a token sampled by a step still in flight.
+PLACEHOLDER_TOKEN_ID = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +233,13 @@ class Scheduler:
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new_tokens = min(
+                request.num_tokens + request.num_pending_tokens - request.num_computed_tokens,
+                budget,
+            )
+            if num_new_tokens <= 0 or self._reaches_limit_when_pending_arrive(request):
+                index += 1  # only waiting for its pending token (overlapped steps)
+                continue
             while not self.kv_cache_manager.allocate_slots(request, num_new_tokens):
                 # Out of blocks: the newest running request gives its blocks back.
                 victim = self._running.pop()
@@ -234,6 +257,10 @@ class Scheduler:
             if len(self._running) >= self.config.max_num_seqs:
                 break
             request = self._waiting[0]
+            if request.num_pending_tokens:
+                # Preempted while its last sampled token is in flight: its token history is
+                # incomplete until the next update().
+                break
             computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(
                 request
             )
@@ -276,30 +303,36 @@ class Scheduler:
         changed: list[Request] = []
         for chunk in scheduler_output.scheduled:
             request = self._requests.get(chunk.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None or request.is_finished:
+                # Aborted, or stopped on the token before this one (overlapped steps).
                 continue
-            request.num_computed_tokens += chunk.num_scheduled_tokens
-            self.kv_cache_manager.cache_full_blocks(request)
-            if not chunk.sample:
-                continue
-            sampled = model_runner_output.sampled_token_ids.get(chunk.request_id)
-            if not sampled:
-                raise ValueError(
-                    f"request {chunk.request_id!r} was scheduled to sample, but the runner "
-                    f"returned no sampled token for it"
-                )
-            for token_id in sampled:
-                request.output_token_ids.append(token_id)
-                if self._check_stop(request):
-                    # Tokens after the stop (speculative decoding) are dropped.
-                    break
-            request.metrics.num_output_tokens = request.num_output_tokens
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
+            if chunk.sample:
+                sampled = model_runner_output.sampled_token_ids.get(chunk.request_id)
+                if not sampled:
+                    raise ValueError(
+                        f"request {chunk.request_id!r} was scheduled to sample, but the runner "
+                        f"returned no sampled token for it"
+                    )
+                request.num_pending_tokens -= 1
+                for token_id in sampled:
+                    request.output_token_ids.append(token_id)
+                    if self._check_stop(request):
+                        # Tokens after the stop (speculative decoding) are dropped.
+                        break
+                request.metrics.num_output_tokens = request.num_output_tokens
+                if request.metrics.first_token_time is None:
+                    request.metrics.first_token_time = now
+                changed.append(request)
             if request.is_finished:
-                self._running.remove(request)
+                if request in self._running:
+                    self._running.remove(request)
+                else:  # preempted while its token was in flight
+                    self._waiting.remove(request)
                 self._free_finished(request, now)
-            changed.append(request)
+            elif request.status is RequestStatus.RUNNING:
+                # After the append: blocks up to num_computed_tokens may hold the token that
+                # was a placeholder until now.
+                self.kv_cache_manager.cache_full_blocks(request)
         return changed
 
     # ---- helpers ----------------------------------------------------------------------
@@ -307,12 +340,31 @@ class Scheduler:
     def _schedule_chunk(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         end = start + num_new_tokens
+        known_end = request.num_tokens
+        token_ids = token_ids_between(request, start, min(end, known_end))
+        if end > known_end:
+            token_ids += [PLACEHOLDER_TOKEN_ID] * (end - known_end)
+        sample = end == known_end + request.num_pending_tokens
+        request.num_computed_tokens = end
+        if sample:
+            request.num_pending_tokens += 1
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=token_ids_between(request, start, end),
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_ids=list(request.block_ids),  # a snapshot: the table grows later
-            sample=end == request.num_tokens,
+            sample=sample,
+        )
+
+    def _reaches_limit_when_pending_arrive(self, request: Request) -> bool:
+        """True when the request's pending tokens will end it by length, so scheduling it
+        again would compute a token past max_tokens or max_model_len."""
+        if not request.num_pending_tokens:
+            return False
+        num_outputs = request.num_output_tokens + request.num_pending_tokens
+        max_tokens = request.sampling_params.max_tokens
+        return (max_tokens is not None and num_outputs >= max_tokens) or (
+            request.num_tokens + request.num_pending_tokens >= self.config.max_model_len
         )
 
     def _check_stop(self, request: Request) -> bool:

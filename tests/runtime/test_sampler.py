@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kiln.runtime.outputs import TokenLogprobs
 from kiln.runtime.sampler import (
+    MIN_TEMPERATURE,
     RequestGenerators,
     Sampler,
     SamplingMetadata,
     SamplingRow,
+    _packed_copy,
     to_token_logprobs,
 )
 from kiln.runtime.sampling_params import SamplingParams
@@ -171,6 +176,22 @@ def test_min_tokens_blocks_eos_and_stop_ids() -> None:
     assert out.sampled_token_ids.tolist() == [4, 4, eos, eos]
 
 
+def test_pending_output_tokens_count_toward_min_tokens() -> None:
+    """Tokens sampled by steps still in flight are generated tokens: once they and the
+    known output reach min_tokens, EOS is allowed again."""
+    eos = 3
+    logits = torch.tensor([[0.0, 5.0, 1.0, 9.0]] * 3)  # (R, V): EOS wins when allowed
+    params = SamplingParams(temperature=0.0, min_tokens=3)
+    rows = [
+        SamplingRow(params, [], [1], eos, num_pending_output_tokens=1),  # 2 < 3: banned
+        SamplingRow(params, [], [1], eos, num_pending_output_tokens=2),  # 3: allowed
+        SamplingRow(params, [], [], eos, num_pending_output_tokens=3),  # all still pending
+    ]
+    out, metadata = sample(logits, rows)
+    assert out.sampled_token_ids.tolist() == [1, eos, eos]
+    assert metadata.banned_flat_indices.tolist() == [eos]  # row 0 only
+
+
 def test_min_tokens_blocks_eos_for_random_rows() -> None:
     torch.manual_seed(2)
     logits = torch.tensor([[0.0, 0.0, 0.0, 3.0]]).expand(2000, -1)  # EOS has p ~ 0.87
@@ -304,3 +325,160 @@ def test_min_tokens_banned_token_has_minus_inf_logprob() -> None:
     assert out.sampled_token_ids.tolist() == [1]
     assert out.logprobs.top_token_ids[0].tolist()[:2] == [1, 0]
     assert out.logprobs.top_logprobs[0, 2].item() == -math.inf
+
+
+# ----------------------------------------------------------------------------------------
+# SamplingMetadata.build against a per-row reference
+
+
+def reference_metadata(rows: list[SamplingRow], vocab_size: int) -> dict:
+    """Every field computed row by row straight from SamplingParams: the spec that build()
+    vectorises."""
+    params = [r.params for r in rows]
+    greedy = [p.is_greedy for p in params]
+    random_params = [p for p, is_greedy in zip(params, greedy) if not is_greedy]
+
+    def has_penalty(p: SamplingParams) -> bool:
+        return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+    any_penalty = any(has_penalty(p) for p in params)
+
+    def floats(values: list[float], needed: bool = True) -> torch.Tensor | None:
+        return torch.tensor(values, dtype=torch.float32) if needed else None
+
+    def padded_ids(lists: list[list[int]]) -> torch.Tensor | None:
+        if not any_penalty:
+            return None
+        kept = [list(ids) if has_penalty(p) else [] for ids, p in zip(lists, params)]
+        width = max((len(ids) for ids in kept), default=0)
+        padded = [ids + [vocab_size] * (width - len(ids)) for ids in kept]
+        return torch.tensor(padded, dtype=torch.int64).reshape(len(rows), width)
+
+    banned = []
+    for i, r in enumerate(rows):
+        if len(r.output_token_ids) + r.num_pending_output_tokens >= r.params.min_tokens:
+            continue
+        stop_ids = set(r.params.stop_token_ids)
+        if r.eos_token_id is not None and not r.params.ignore_eos:
+            stop_ids.add(r.eos_token_id)
+        banned += [i * vocab_size + t for t in sorted(stop_ids) if t < vocab_size]
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    return {
+        "temperatures": floats(
+            [1.0 if g else max(p.temperature, MIN_TEMPERATURE) for p, g in zip(params, greedy)]
+        ),
+        "greedy_mask": torch.tensor(greedy, dtype=torch.bool),
+        "all_greedy": all(greedy),
+        "any_greedy": any(greedy),
+        "top_k": (
+            torch.tensor(
+                [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params],
+                dtype=torch.int64,
+            )
+            if any(p.top_k != -1 for p in random_params)
+            else None
+        ),
+        "top_p": floats([p.top_p for p in params], any(p.top_p < 1 for p in random_params)),
+        "min_p": floats([p.min_p for p in params], any(p.min_p > 0 for p in random_params)),
+        "repetition_penalties": floats([p.repetition_penalty for p in params], any_penalty),
+        "presence_penalties": floats([p.presence_penalty for p in params], any_penalty),
+        "frequency_penalties": floats([p.frequency_penalty for p in params], any_penalty),
+        "prompt_token_ids": padded_ids([r.prompt_token_ids for r in rows]),
+        "output_token_ids": padded_ids([r.output_token_ids for r in rows]),
+        "banned_flat_indices": torch.tensor(banned, dtype=torch.int64) if banned else None,
+        "generators": {
+            i: r.generator
+            for i, (r, g) in enumerate(zip(rows, greedy))
+            if r.generator is not None and not g
+        },
+        "num_logprobs": [p.logprobs for p in params],
+        "max_num_logprobs": max(requested) if requested else None,
+    }
+
+
+REFERENCE_VOCAB = 32
+
+
+def maybe(default, *others):
+    """Mostly the default (most batches use no optional feature), sometimes another."""
+    return st.one_of(st.just(default), st.just(default), st.sampled_from(others))
+
+
+sampling_params = st.builds(
+    SamplingParams,
+    temperature=maybe(1.0, 0.0, 1e-7, 0.7),
+    top_k=maybe(-1, 0, 1, 5, 10**30),  # 10**30: past int64, clamped to V
+    top_p=maybe(1.0, 0.5),
+    min_p=maybe(0.0, 0.2),
+    repetition_penalty=maybe(1.0, 1.3),
+    presence_penalty=maybe(0.0, -0.5),
+    frequency_penalty=maybe(0.0, 0.25),
+    seed=maybe(None, 3),
+    max_tokens=st.just(16),
+    min_tokens=maybe(0, 2, 5),
+    stop_token_ids=maybe([], [4], [REFERENCE_VOCAB + 1, 2]),  # ids >= V are never banned
+    ignore_eos=st.booleans(),
+    logprobs=maybe(None, 0, 3),
+)
+
+
+@st.composite
+def sampling_batches(draw) -> list[SamplingRow]:
+    # Rows pick from a small pool of params, so uniform batches (the common case) are common.
+    pool = draw(st.lists(sampling_params, min_size=1, max_size=3))
+    rows = []
+    for _ in range(draw(st.integers(0, 8))):
+        params = draw(st.sampled_from(pool))
+        token_ids = st.lists(st.integers(0, REFERENCE_VOCAB - 1), max_size=6)
+        rows.append(
+            SamplingRow(
+                params,
+                draw(token_ids),
+                draw(token_ids),
+                draw(st.sampled_from([None, 2, REFERENCE_VOCAB + 5])),
+                torch.Generator() if params.seed is not None else None,
+                draw(st.integers(0, 3)),
+            )
+        )
+    return rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(sampling_batches())
+def test_build_matches_per_row_reference(rows) -> None:
+    metadata = SamplingMetadata.build(rows, REFERENCE_VOCAB, "cpu")
+    for name, want in reference_metadata(rows, REFERENCE_VOCAB).items():
+        got = getattr(metadata, name)
+        if isinstance(want, torch.Tensor):
+            assert isinstance(got, torch.Tensor), name
+            assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+            assert torch.equal(got, want), name
+        else:
+            assert got == want, name
+
+
+def test_packed_copy_round_trips_every_array() -> None:
+    """The CUDA path of build: all host arrays in one buffer and one copy, each tensor a
+    typed view at an aligned offset (run here with the CPU as the 'device')."""
+    host = {
+        "mask": np.array([True, False, True]),  # 3 bytes: the next array must realign
+        "floats": np.array([0.5, -2.0, 3.25], dtype=np.float32),
+        "empty": np.zeros(0, dtype=np.int64),
+        "ids": np.arange(12, dtype=np.int64).reshape(3, 4) - 5,
+        "no_columns": np.zeros((3, 0), dtype=np.int64),
+    }
+    tensors = _packed_copy(host, torch.device("cpu"), pin_memory=False)
+    for name, array in host.items():
+        assert torch.equal(tensors[name], torch.from_numpy(array)), name
+
+
+def test_all_greedy_batch_reads_the_logits_without_changing_them() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(3, 20)  # (R, V)
+    original = logits.clone()
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(top_k=1)]
+    out, _ = sample(logits, [row(params[0]), row(params[1]), row(params[0])])
+    assert torch.equal(logits, original)
+    assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
+    # Greedy logprobs are the log_softmax of the logits as they came (no temperature).
+    assert torch.equal(out.logprobs.top_logprobs, torch.log_softmax(logits, -1).topk(2).values)

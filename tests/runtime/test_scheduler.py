@@ -13,7 +13,7 @@ from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.outputs import ModelRunnerOutput, SchedulerOutput
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+from kiln.runtime.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler, SchedulerConfig
 
 EOS = 2
 BLOCK_SIZE = 4
@@ -586,3 +586,153 @@ def test_random_add_step_abort_keeps_every_invariant(ops, budget, num_kv_blocks,
             for i, token in enumerate(outputs):
                 position = request.num_prompt_tokens + i
                 assert token in (EOS, token_for(request.request_id, position))
+
+
+# ---- overlapped steps: schedule N+1 before N's tokens are known ---------------------------
+
+
+class OverlappedDriver:
+    """Drives the scheduler as the engine does with overlap scheduling: each step schedules
+    the next batch before applying the previous one's sampled tokens. The fabricated model
+    samples from (request, position), so placeholders need no values."""
+
+    def __init__(self, scheduler: Scheduler, sample: Callable[[str, int], int] = token_for):
+        self.scheduler = scheduler
+        self.sample = sample
+        self.in_flight: tuple[SchedulerOutput, ModelRunnerOutput] | None = None
+
+    def step(self) -> SchedulerOutput:
+        out = self.scheduler.schedule()
+        sampled = {}
+        for chunk in out.scheduled:
+            known = [t for t in chunk.token_ids if t != PLACEHOLDER_TOKEN_ID]
+            # Placeholders only ever stand for the tokens at the end of a chunk.
+            assert chunk.token_ids[: len(known)] == known
+            request = self.scheduler.get_request(chunk.request_id)
+            assert request.all_token_ids[chunk.num_computed_tokens :][: len(known)] == known
+            if chunk.sample:
+                position = chunk.num_computed_tokens + chunk.num_scheduled_tokens
+                sampled[chunk.request_id] = [self.sample(chunk.request_id, position)]
+        previous, self.in_flight = self.in_flight, None
+        if not out.is_empty:
+            self.in_flight = (out, ModelRunnerOutput(sampled_token_ids=sampled))
+        if previous is not None:
+            self.scheduler.update(*previous)
+        return out
+
+    def busy(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.in_flight is not None
+
+
+def test_overlapped_decode_feeds_placeholders_and_stops_at_max_tokens():
+    scheduler = make_scheduler()
+    request = make_request("r", [5, 6, 7], max_tokens=3)
+    scheduler.add_request(request)
+    driver = OverlappedDriver(scheduler)
+    first = driver.step()  # the prompt; samples output 0
+    assert first.scheduled[0].token_ids == [5, 6, 7] and request.num_pending_tokens == 1
+    second = driver.step()  # output 0 is still in flight: a placeholder
+    assert second.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    assert request.output_token_ids == [token_for("r", 3)] and request.num_pending_tokens == 1
+    third = driver.step()  # outputs 1 (known now) and 2 (in flight) reach max_tokens = 3
+    assert third.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    fourth = driver.step()  # nothing left to compute: the last token is only awaited
+    assert fourth.scheduled == []
+    while driver.busy():
+        driver.step()
+    assert request.output_token_ids == expected_output(request)
+    assert request.num_output_tokens == 3 and request.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_overlapped_stop_on_pending_token_drops_the_extra_one():
+    scheduler = make_scheduler()
+    request = make_request("r", [5, 6, 7], max_tokens=10)
+    scheduler.add_request(request)
+    # EOS as output 1 (position 4): the step computing position 5 is already launched.
+    driver = OverlappedDriver(scheduler, lambda rid, pos: EOS if pos == 4 else token_for(rid, pos))
+    while driver.busy():
+        driver.step()
+    assert request.output_token_ids == [token_for("r", 3), EOS]
+    assert request.status is RequestStatus.FINISHED_STOPPED
+    assert scheduler.kv_cache_manager.num_free_blocks == scheduler.kv_cache_manager.num_usable_blocks
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations, st.integers(3, 16), st.sampled_from([5, 6, 8, 16]), st.booleans())
+def test_overlapped_steps_keep_every_invariant(ops, budget, num_kv_blocks, prefix_caching):
+    """The random add / step / abort property again, with each step's tokens applied only
+    after the next step is scheduled: same outputs, no leaked blocks, nothing past limits."""
+    scheduler = make_scheduler(
+        num_kv_blocks=num_kv_blocks,
+        max_num_seqs=3,
+        max_num_batched_tokens=budget,
+        max_model_len=MAX_MODEL_LEN,
+        enable_prefix_caching=prefix_caching,
+    )
+    kv = scheduler.kv_cache_manager
+    added: list[Request] = []
+    eos_phase = [7]
+    sampled: dict[tuple[str, int], int] = {}
+
+    def sample(request_id: str, position: int) -> int:
+        assert (request_id, position) not in sampled, "a position was sampled twice"
+        token = EOS if position % 7 == eos_phase[0] else token_for(request_id, position)
+        sampled[(request_id, position)] = token
+        return token
+
+    driver = OverlappedDriver(scheduler, sample)
+
+    def check() -> None:
+        running = scheduler._running
+        kv.check_invariants(running)
+        for request in running:
+            assert len(request.block_ids) * BLOCK_SIZE >= request.num_computed_tokens
+            assert request.num_computed_tokens <= request.num_tokens + request.num_pending_tokens
+            assert 0 <= request.num_pending_tokens <= 2
+        for request in scheduler._waiting:
+            assert request.block_ids == [] and request.num_computed_tokens == 0
+
+    for op in ops:
+        if op[0] == "add":
+            _, prefix, suffix_len, max_tokens, ignore_eos = op
+            n = len(added)
+            prompt = PREFIXES[prefix] + [50 + n] * suffix_len
+            request = make_request(str(n), prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
+            fits_len = len(prompt) + max_tokens <= MAX_MODEL_LEN
+            fits_cache = kv.num_blocks_for(len(prompt) + max_tokens - 1) <= kv.num_usable_blocks
+            if fits_len and fits_cache:
+                scheduler.add_request(request)
+                added.append(request)
+        elif op[0] == "step":
+            eos_phase[0] = op[1]
+            out = driver.step()
+            assert out.total_num_scheduled_tokens <= budget
+        elif added:
+            request = added[op[1] % len(added)]
+            scheduler.abort_request(request.request_id)
+            assert request.block_ids == []
+        check()
+
+    eos_phase[0] = 7
+    for _ in range(500):
+        if not driver.busy():
+            break
+        driver.step()
+        check()
+    assert not driver.busy()
+    scheduler.schedule()  # reports the last finished ids
+    assert scheduler._requests == {}
+    kv.check_invariants([])
+    assert kv.num_free_blocks == kv.num_usable_blocks
+    for request in added:
+        assert request.is_finished and request.block_ids == []
+        assert request.num_output_tokens <= request.sampling_params.max_tokens
+        assert request.num_tokens <= MAX_MODEL_LEN
+        # Every output is the token sampled at its position: none lost, doubled or reordered
+        # (each position is sampled once, recompute after preemption included).
+        start = request.num_prompt_tokens
+        assert request.output_token_ids == [
+            sampled[(request.request_id, start + i)] for i in range(request.num_output_tokens)
+        ]
+        if request.status is RequestStatus.FINISHED_STOPPED:
+            assert request.output_token_ids[-1] == EOS

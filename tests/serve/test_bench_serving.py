@@ -39,12 +39,21 @@ def test_bench_serve_random_prompts(server, tmp_path, capsys):
     server.wait_idle()
 
 
-def test_bench_serve_sharegpt(server, tmp_path):
+def test_bench_serve_sharegpt_saved_and_replayed(server, tmp_path):
+    saved = tmp_path / "requests.jsonl"
     bench(["--base-url", server.url, "--api-key", API_KEY, "--num-prompts", "3", "--concurrency", "3",
-           "--max-model-len", "64", "--output-dir", str(tmp_path)])
-    [result_path] = tmp_path.glob("serve-*.json")
+           "--max-model-len", "64", "--output-dir", str(tmp_path / "first"), "--save-dataset", str(saved)])
+    [result_path] = (tmp_path / "first").glob("serve-*.json")
     result = json.loads(result_path.read_text())
     [point] = result["points"]
     assert point["metrics"]["completed"] == 3 and point["metrics"]["failed"] == 0
     assert result["config"]["dataset"] == "sharegpt" and result["config"]["max_input_len"] <= 64
+    # The saved token ids replay the same requests where no ShareGPT data or tokenizer is.
+    bench(["--base-url", server.url, "--api-key", API_KEY, "--dataset", "file", "--dataset-path",
+           str(saved), "--concurrency", "3", "--output-dir", str(tmp_path / "replay")])
+    [replay_path] = (tmp_path / "replay").glob("serve-*.json")
+    replay = json.loads(replay_path.read_text())
+    for key in ("num_requests", "mean_input_len", "mean_output_len", "max_input_len"):
+        assert replay["config"][key] == result["config"][key]
+    assert replay["points"][0]["metrics"]["completed"] == 3
     server.wait_idle()

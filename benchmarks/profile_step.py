@@ -1,0 +1,66 @@
+"""Where one step's GPU time goes: torch.profiler over a prefill and a few batch-1 decode
+steps of an engine, top kernels by total CUDA time. Usage (GPU machine):
+    python3 benchmarks/profile_step.py ENGINE_DIR [--prefill 512 8192] [--out DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kiln.config import EngineConfig
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+
+
+def run(engine: LLMEngine, prompt_len: int, max_tokens: int) -> None:
+    generator = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(100, engine.model_config.vocab_size, (prompt_len,), generator=generator).tolist()
+    engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+
+
+def top_kernels(prof, count: int) -> list[dict]:
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if device_us and event.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append({"name": event.key[:90], "calls": event.count, "total_us": device_us})
+    rows.sort(key=lambda r: -r["total_us"])
+    return rows[:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("engine")
+    parser.add_argument("--prefill", type=int, nargs="*", default=[512, 8192])
+    parser.add_argument("--decode-tokens", type=int, default=20)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    engine = LLMEngine.from_engine_dir(args.engine, EngineConfig(max_model_len=16384))
+    report = {}
+    for prompt_len in args.prefill:
+        run(engine, prompt_len, 1)  # warm-up: compiles
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(engine, prompt_len, 1)
+        report[f"prefill_{prompt_len}"] = top_kernels(prof, 15)
+    run(engine, 5, args.decode_tokens)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(engine, 5, args.decode_tokens)
+    report["decode_bs1"] = top_kernels(prof, 25)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile_step.json").write_text(json.dumps(report, indent=1))
+    for name, rows in report.items():
+        total = sum(r["total_us"] for r in rows)
+        print(f"== {name}: top kernels {total / 1e3:.2f} ms")
+        for row in rows[:12]:
+            print(f"  {row['total_us'] / 1e3:8.2f} ms {row['calls']:6d}x  {row['name']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""InputBuffers.prepare: the vectorised batch against a per-row reference.
+
+prepare builds every tensor for the whole batch at once (numpy over flat arrays); the
+reference below walks the requests one token at a time, the way the module docstring
+describes the layout. Random mixes of prefill chunks, decode rows, placeholder tokens and
+graph padding go through one set of buffers in a row, so data a bigger earlier batch left
+behind cannot hide either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln.runtime.input_batch import InputBuffers, prepare_inputs
+from kiln.runtime.outputs import ScheduledRequest
+
+BLOCK_SIZE = 4
+MAX_NUM_TOKENS = 96
+MAX_NUM_SEQS = 12
+MAX_BLOCKS_PER_SEQ = 16
+PLACEHOLDER = -1  # a token the previous step is still sampling
+
+
+@dataclass
+class Expected:
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_rows: list[list[int]]  # the block ids each row of the block table must start with
+    logits_indices: list[int]
+    sampled_request_ids: list[str]
+
+
+def reference(scheduled: list[ScheduledRequest], block_size: int, pad_to: int | None) -> Expected:
+    """One request and one token at a time."""
+    expected = Expected([], [], [], [0], [], [], [], [])
+    for request in scheduled:
+        for offset, token_id in enumerate(request.token_ids):
+            position = request.num_computed_tokens + offset
+            block_id = request.block_ids[position // block_size]
+            expected.input_ids.append(token_id)
+            expected.positions.append(position)
+            expected.slot_mapping.append(block_id * block_size + position % block_size)
+        expected.query_start_loc.append(len(expected.input_ids))
+        expected.seq_lens.append(request.num_computed_tokens + len(request.token_ids))
+        expected.block_rows.append(list(request.block_ids))
+        if request.sample:
+            expected.logits_indices.append(len(expected.input_ids) - 1)
+            expected.sampled_request_ids.append(request.request_id)
+    # Graph padding: one token that writes nowhere, attending over the null block 0.
+    for _ in range(len(scheduled), pad_to or len(scheduled)):
+        expected.input_ids.append(0)
+        expected.positions.append(0)
+        expected.slot_mapping.append(-1)
+        expected.query_start_loc.append(len(expected.input_ids))
+        expected.seq_lens.append(1)
+        expected.block_rows.append([0])
+        expected.logits_indices.append(len(expected.input_ids) - 1)
+    return expected
+
+
+def check(inputs, expected: Expected, num_seqs: int, num_tokens: int) -> None:
+    metadata = inputs.metadata
+    for tensor, values, dtype in [
+        (inputs.input_ids, expected.input_ids, torch.int64),
+        (inputs.positions, expected.positions, torch.int64),
+        (inputs.logits_indices, expected.logits_indices, torch.int64),
+        (metadata.slot_mapping, expected.slot_mapping, torch.int64),
+        (metadata.query_start_loc, expected.query_start_loc, torch.int32),
+        (metadata.seq_lens, expected.seq_lens, torch.int32),
+    ]:
+        assert tensor.dtype == dtype
+        assert tensor.tolist() == values
+    assert metadata.query_start_loc_host == expected.query_start_loc
+    assert metadata.seq_lens_host == expected.seq_lens
+    query_lens = [b - a for a, b in zip(expected.query_start_loc, expected.query_start_loc[1:])]
+    assert metadata.max_query_len == max(query_lens, default=0)
+    assert metadata.max_seq_len == max(expected.seq_lens, default=0)
+    # Columns past a row's own blocks are never read (seq_lens bounds them): only each
+    # row's prefix is specified, and the table must be at least as wide as the widest row.
+    block_tables = metadata.block_tables
+    assert block_tables.dtype == torch.int32
+    assert block_tables.shape[0] == len(expected.block_rows)
+    for row, block_ids in enumerate(expected.block_rows):
+        assert block_tables[row, : len(block_ids)].tolist() == block_ids
+    assert inputs.sampled_request_ids == expected.sampled_request_ids
+    assert (inputs.num_seqs, inputs.num_tokens) == (num_seqs, num_tokens)
+
+
+@st.composite
+def batches(draw, block_size: int) -> tuple[list[ScheduledRequest], int | None]:
+    """A batch that fits the buffers: decode-only (maybe padded for a graph) or a mix of
+    prefill chunks and decode rows."""
+    decode_only = draw(st.booleans())
+    num_seqs = draw(st.integers(0 if decode_only else 1, MAX_NUM_SEQS))
+    scheduled = []
+    budget = MAX_NUM_TOKENS
+    for index in range(num_seqs):
+        # Leave at least one token of the budget for each row still to come, and fit the
+        # row's tokens into its blocks.
+        most = min(20, budget - (num_seqs - index - 1), MAX_BLOCKS_PER_SEQ * block_size)
+        num_tokens = 1 if decode_only else draw(st.integers(1, most))
+        budget -= num_tokens
+        max_computed = MAX_BLOCKS_PER_SEQ * block_size - num_tokens
+        num_computed = draw(st.integers(0, max_computed))
+        needed_blocks = -(-(num_computed + num_tokens) // block_size)
+        num_blocks = draw(st.integers(needed_blocks, MAX_BLOCKS_PER_SEQ))  # spare blocks too
+        block_ids = draw(
+            st.lists(st.integers(1, 10_000), min_size=num_blocks, max_size=num_blocks, unique=True)
+        )
+        token_ids = draw(
+            st.lists(
+                st.one_of(st.just(PLACEHOLDER), st.integers(0, 50_000)),
+                min_size=num_tokens,
+                max_size=num_tokens,
+            )
+        )
+        sample = True if decode_only else draw(st.booleans())
+        scheduled.append(ScheduledRequest(f"r{index}", token_ids, num_computed, block_ids, sample))
+    pad_to = None
+    if decode_only and draw(st.booleans()):
+        pad_to = draw(st.integers(max(num_seqs, 1), MAX_NUM_SEQS))
+    return scheduled, pad_to
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from([1, 4, 16]).flatmap(
+        lambda block_size: st.tuples(
+            st.just(block_size), st.lists(batches(block_size), min_size=1, max_size=4)
+        )
+    )
+)
+def test_prepare_matches_per_row_reference(block_size_and_steps) -> None:
+    block_size, steps = block_size_and_steps
+    buffers = InputBuffers(MAX_NUM_TOKENS, MAX_NUM_SEQS, MAX_BLOCKS_PER_SEQ, "cpu")
+    prepared = []
+    for scheduled, pad_to in steps:
+        prepared.append((buffers.prepare(scheduled, block_size, pad_to=pad_to), scheduled, pad_to))
+    # Checked after all steps: on the CPU each step's tensors are its own, not views of the
+    # staging buffers that later steps refill.
+    for inputs, scheduled, pad_to in prepared:
+        num_tokens = sum(len(r.token_ids) for r in scheduled)
+        check(inputs, reference(scheduled, block_size, pad_to), len(scheduled), num_tokens)
+
+
+def test_placeholder_tokens_pass_through() -> None:
+    """-1 is copied as given; positions and slots come from num_computed_tokens."""
+    scheduled = [
+        ScheduledRequest("decode", [PLACEHOLDER], 5, [7, 3], True),
+        ScheduledRequest("chunk", [11, 12, PLACEHOLDER], 0, [9], True),
+    ]
+    inputs = prepare_inputs(scheduled, BLOCK_SIZE)
+    assert inputs.input_ids.tolist() == [PLACEHOLDER, 11, 12, PLACEHOLDER]
+    assert inputs.positions.tolist() == [5, 0, 1, 2]
+    assert inputs.metadata.slot_mapping.tolist() == [3 * 4 + 1, 9 * 4, 9 * 4 + 1, 9 * 4 + 2]
+
+
+def test_padding_rows_write_nowhere_and_read_the_null_block() -> None:
+    buffers = InputBuffers(MAX_NUM_TOKENS, MAX_NUM_SEQS, MAX_BLOCKS_PER_SEQ, "cpu")
+    wide = [
+        ScheduledRequest(f"w{i}", [1, 2, 3], 40, list(range(20 + i * 11, 31 + i * 11)), True)
+        for i in range(4)
+    ]
+    buffers.prepare(wide, BLOCK_SIZE)  # leaves non-zero data in every staging buffer
+    inputs = buffers.prepare([ScheduledRequest("d", [5], 2, [8], True)], BLOCK_SIZE, pad_to=3)
+    assert inputs.input_ids.tolist() == [5, 0, 0]
+    assert inputs.metadata.slot_mapping.tolist() == [8 * 4 + 2, -1, -1]
+    assert inputs.metadata.seq_lens_host == [3, 1, 1]
+    assert inputs.metadata.block_tables.tolist() == [[8], [0], [0]]
+    assert inputs.logits_indices.tolist() == [0, 1, 2]
+    assert (inputs.num_seqs, inputs.num_tokens) == (1, 1)
+
+
+def test_empty_batch_padded_for_graph_capture() -> None:
+    buffers = InputBuffers(MAX_NUM_TOKENS, MAX_NUM_SEQS, MAX_BLOCKS_PER_SEQ, "cpu")
+    inputs = buffers.prepare([], BLOCK_SIZE, pad_to=4)
+    assert inputs.metadata.query_start_loc_host == [0, 1, 2, 3, 4]
+    assert inputs.metadata.block_tables.tolist() == [[0]] * 4
+    assert (inputs.metadata.max_query_len, inputs.metadata.max_seq_len) == (1, 1)
+    assert inputs.sampled_request_ids == []
+
+
+@pytest.mark.parametrize(
+    ("scheduled", "pad_to", "message"),
+    [
+        (
+            [
+                ScheduledRequest("ok", [1], 0, [1], True),
+                ScheduledRequest("short", [1, 2, 3], 6, [1, 2], True),
+            ],
+            None,
+            "request short: 2 blocks cannot hold 9 tokens at block size 4",
+        ),
+        (
+            [ScheduledRequest("long", [1], 0, list(range(1, MAX_BLOCKS_PER_SEQ + 2)), True)],
+            None,
+            f"request long has {MAX_BLOCKS_PER_SEQ + 1} blocks, more than the "
+            f"{MAX_BLOCKS_PER_SEQ} a sequence may have",
+        ),
+        (
+            [ScheduledRequest("big", list(range(MAX_NUM_TOKENS + 1)), 0, list(range(1, 30)), True)],
+            None,
+            f"batch of 1 sequences / {MAX_NUM_TOKENS + 1} tokens exceeds the input buffers",
+        ),
+        (
+            [ScheduledRequest("chunk", [1, 2], 0, [1], True)],
+            4,
+            "only decode-only batches",
+        ),
+        (
+            [ScheduledRequest("unsampled", [1], 0, [1], False)],
+            4,
+            "only decode-only batches",
+        ),
+    ],
+)
+def test_bad_batches_are_rejected_with_the_reason(scheduled, pad_to, message) -> None:
+    buffers = InputBuffers(MAX_NUM_TOKENS, MAX_NUM_SEQS, MAX_BLOCKS_PER_SEQ, "cpu")
+    with pytest.raises(ValueError, match=message):
+        buffers.prepare(scheduled, BLOCK_SIZE, pad_to=pad_to)
