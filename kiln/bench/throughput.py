@@ -23,6 +23,8 @@ def _params(request: BenchRequest) -> SamplingParams:
 
 def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
     stats_before = dataclasses.replace(engine.stats)
+    runner = engine.runner
+    graph_before = (runner.graph_steps, runner.graph_gpu_seconds)
     started = time.perf_counter()
     for request in requests:
         engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids}, _params(request))
@@ -44,6 +46,11 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
         # the steps (CUDA events): with overlap scheduling the two run side by side.
         "cpu_ms_per_step": 1e3 * (stats.host_seconds - stats_before.host_seconds) / max(steps, 1),
         "gpu_ms_per_step": 1e3 * (stats.gpu_seconds - stats_before.gpu_seconds) / max(steps, 1),
+        # Decode-only steps (CUDA graphs) against the rest (eager: prefill chunks, mixed).
+        "graph_steps": runner.graph_steps - graph_before[0],
+        "gpu_s_graph_steps": runner.graph_gpu_seconds - graph_before[1],
+        "gpu_s_eager_steps": (stats.gpu_seconds - stats_before.gpu_seconds)
+        - (runner.graph_gpu_seconds - graph_before[1]),
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (output_tokens + prompt_tokens) / seconds,
         "requests_s": len(requests) / seconds,

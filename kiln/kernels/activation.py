@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_utils import (
+    pdl_prologue,
+    use_pdl,
     check_float,
     check_last_dim_contiguous,
     launchable,
@@ -30,8 +32,9 @@ def _silu_and_mul_kernel(
     x_ptr, stride_xt,  # (T, 2I): [gate | up]
     out_ptr,  # (T, I) contiguous
     intermediate,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
@@ -57,7 +60,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # (..., 2I) → (..., I)
         return out
     block = min(1024, next_power_of_2(intermediate))
     grid = (x2.shape[0], triton.cdiv(intermediate, block))
+    pdl = use_pdl(x)
     launchable(_silu_and_mul_kernel, x)[grid](
         x2, x2.stride(0), out, intermediate, BLOCK=block, num_warps=4 if block >= 1024 else 1,
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return out

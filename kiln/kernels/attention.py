@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_utils import (
+    pdl_prologue,
+    use_pdl,
     NO_WINDOW,
     check_float,
     check_head_dim,
@@ -264,8 +266,9 @@ def _paged_decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -316,7 +319,9 @@ def _paged_decode_reduce_kernel(
     window,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -376,6 +381,7 @@ def paged_decode_attention(
                                dtype=torch.float32, device=query.device)
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
+    pdl = use_pdl(query)
     launchable(_paged_decode_kernel, query)[(num_seqs, num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
         kv_cache, *kv_cache.stride()[:4],
@@ -388,7 +394,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
         DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, USE_PDL=pdl, launch_pdl=pdl,
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
@@ -398,7 +404,7 @@ def paged_decode_attention(
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=block_n,
             NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
             SPLITS_PAD=next_power_of_2(num_splits),
-            num_warps=4,
+            num_warps=4, USE_PDL=pdl, launch_pdl=pdl,
         )
     return out
 

@@ -81,6 +81,20 @@ def default_config(m: int, gate_up: bool) -> GemvConfig:
     return GemvConfig(block_n=16, block_k=128 if gate_up else 256)
 
 
+def decode_config(out_features: int, in_features: int) -> GemvConfig:
+    """Batch-1 launch parameters by matrix size, from the H100 sweep of
+    benchmarks/decode_chain_bench.py (best config with PDL, L2-rotated weights, µs per launch
+    against cuBLAS): large matrices stream best as many narrow programs (4 rows, 4 warps:
+    gate|up 77.4 vs 81.8, down 40.8 vs 43.9, lm_head 335.6 vs 376.9); the 33–50 MB ones need
+    wider programs with 8 warps to have enough bytes in flight (o 12.7 vs 15.8 with 16 rows,
+    q|k|v 18.9 vs 20.8 with 8 rows and 1024-wide K tiles)."""
+    if out_features * in_features >= 48 * 2**20:  # ≥ 96 MB of bf16
+        return GemvConfig(block_n=4, block_k=512, num_warps=4)
+    if out_features <= 4096:
+        return GemvConfig(block_n=16, block_k=512, num_warps=8)
+    return GemvConfig(block_n=8, block_k=1024, num_warps=8)
+
+
 def skinny_linear_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_utils import (
+    pdl_prologue,
+    use_pdl,
     check_float,
     check_last_dim_contiguous,
     launchable,
@@ -46,8 +48,9 @@ def _rms_norm_kernel(
     out_ptr,  # (outer * inner, H) contiguous
     residual_out_ptr,  # (outer * inner, H) contiguous: x + residual, when HAS_RESIDUAL
     inner, eps,
-    H: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    H: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     outer_index = row // inner
     inner_index = row % inner
@@ -99,6 +102,7 @@ def rms_norm(
     if num_rows == 0:
         return out, new_residual
     block = next_power_of_2(hidden)
+    pdl = use_pdl(x)
     launchable(_rms_norm_kernel, x)[(num_rows,)](
         x3, x3.stride(0), x3.stride(1),
         r3, r3.stride(0), r3.stride(1),
@@ -107,5 +111,6 @@ def rms_norm(
         H=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
         # One row per program; enough warps that each thread moves a few 16-byte vectors.
         num_warps=max(1, min(8, block // 512)),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return out, new_residual

@@ -14,6 +14,8 @@ import triton.language as tl
 
 from kiln.kernels.attention import write_kv_cache_reference
 from kiln.kernels.triton_utils import (
+    pdl_prologue,
+    use_pdl,
     check_float,
     check_last_dim_contiguous,
     launchable,
@@ -101,7 +103,9 @@ def _rope_kernel(
     ROTARY_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr, WRITE_CACHE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)  # one program per token, all its heads
     position = tl.load(positions_ptr + token)
     half_dims = tl.arange(0, HALF_PAD)[None, :]
@@ -162,6 +166,7 @@ def _launch_rope(positions, query, key, cos_sin_cache, value, kv_cache, slot_map
     if num_tokens == 0:
         return q_out, k_out
     half = rotary_dim // 2
+    pdl = use_pdl(query)
     launchable(_rope_kernel, query)[(num_tokens,)](
         positions, cos_sin_cache, cos_sin_cache.stride(0),
         query, query.stride(0), query.stride(1),
@@ -176,6 +181,7 @@ def _launch_rope(positions, query, key, cos_sin_cache, value, kv_cache, slot_map
         REST_PAD=next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0,
         WRITE_CACHE=write_cache,
         num_warps=4 if num_heads * head_dim >= 2048 else 1,
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return q_out, k_out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln.kernels import ops
 from kiln.layers.linear import default_weight_loader
 
 
@@ -31,4 +32,4 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tied_to.weight if self.tied_to is not None else self.weight
-        return nn.functional.linear(hidden, weight).float()
+        return ops.linear(hidden, weight, None).float()

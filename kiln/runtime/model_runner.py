@@ -54,6 +54,7 @@ class LaunchedStep:
     num_logprobs: list[int | None]
     done: torch.cuda.Event | None  # recorded after the copies; None on the CPU
     started: torch.cuda.Event | None  # recorded before the step's first device work
+    graphed: bool = False  # a decode step replayed from a CUDA graph
 
 
 class ModelRunner:
@@ -99,6 +100,9 @@ class ModelRunner:
         # (CUDA only): the benchmarks report CPU time per step next to GPU time per step.
         self.wait_seconds = 0.0
         self.gpu_seconds = 0.0
+        # Of those, the decode steps replayed from CUDA graphs (the rest ran eagerly).
+        self.graph_steps = 0
+        self.graph_gpu_seconds = 0.0
         self.graphs: CudaGraphRunner | None = None
         self.capture_report: CaptureReport | None = None
         if enable_cuda_graphs and device.type == "cuda" and not use_reference_kernels():
@@ -144,7 +148,9 @@ class ModelRunner:
             if not inputs.sampled_request_ids:
                 return LaunchedStep([], None, None, [], self._record_event(), started)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (R, V) float32
-        return self._sample(logits, inputs.sampled_request_ids, started)
+        launched = self._sample(logits, inputs.sampled_request_ids, started)
+        launched.graphed = graph_size is not None
+        return launched
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's sampled ids (the step's one device → host sync)."""
@@ -153,7 +159,11 @@ class ModelRunner:
             step.done.synchronize()
             self.wait_seconds += time.perf_counter() - waited
             if step.started is not None:
-                self.gpu_seconds += step.started.elapsed_time(step.done) / 1000
+                seconds = step.started.elapsed_time(step.done) / 1000
+                self.gpu_seconds += seconds
+                if step.graphed:
+                    self.graph_steps += 1
+                    self.graph_gpu_seconds += seconds
         if step.token_ids is None:
             return ModelRunnerOutput(sampled_token_ids={})
         token_ids = step.token_ids.tolist()
