@@ -29,11 +29,11 @@ for step in "${steps[@]}"; do
         --ttft-lens 128 512 2048 8192 --output-dir "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-300} python3 -m kiln.cli bench throughput $engine --dataset random --num-prompts ${THROUGHPUT_PROMPTS:-1000} \
-        --input-len ${INPUT_LEN:-128} --output-len ${OUTPUT_LEN:-128} --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -12 ;;
+        --input-len ${INPUT_LEN:-128} --output-len ${OUTPUT_LEN:-128} ${ENGINE_ARGS:-} --output-dir "$OUT" 2>&1 | tee -a "$OUT/throughput.log" | tail -17 ;;
     sharegpt)
       timeout ${THROUGHPUT_TIMEOUT:-300} python3 -m kiln.cli bench throughput $engine --dataset file \
         --dataset-path .bench-data/sharegpt-smollm2-1000.jsonl --num-prompts ${SHAREGPT_PROMPTS:-1000} \
-        --output-dir "$OUT" 2>&1 | tee "$OUT/sharegpt.log" | tail -12 ;;
+        ${ENGINE_ARGS:-} --output-dir "$OUT" 2>&1 | tee -a "$OUT/sharegpt.log" | tail -17 ;;
     serve)
       python3 -m kiln.cli serve $engine --port 8000 --max-queued-requests 4096 > "$OUT/server.log" 2>&1 &
       server=$!

@@ -30,10 +30,12 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
         engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids}, _params(request))
     steps = 0
     output_tokens = 0
+    preemptions = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
                 output_tokens += len(output.outputs[0].token_ids)
+                preemptions += sum(m.num_preemptions for m in output.metrics)
         steps += 1
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
@@ -41,6 +43,7 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
     return {
         "seconds": seconds,
         "steps": steps,
+        "preemptions": preemptions,  # each one recomputes the request's tokens so far
         "step_ms_mean": 1e3 * seconds / max(steps, 1),
         # Host time inside step() that was not spent waiting for the GPU, and device time of
         # the steps (CUDA events): with overlap scheduling the two run side by side.

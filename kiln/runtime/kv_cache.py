@@ -201,6 +201,17 @@ class KVCacheManager:
 
     # ---- allocation -------------------------------------------------------------------
 
+    def num_free_blocks_taken(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+    ) -> int:
+        """How much `allocate_slots` with these arguments would lower num_free_blocks."""
+        num_tokens = (
+            request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        )
+        num_held = len(request.block_ids) + len(computed_blocks)
+        num_needed = max(0, self.num_blocks_for(num_tokens) - num_held)
+        return num_needed + sum(1 for b in computed_blocks if b in self._evictable_block_ids)
+
     def allocate_slots(
         self,
         request: Request,
@@ -221,17 +232,15 @@ class KVCacheManager:
                 f"block table, but it holds {len(request.block_ids)} blocks and "
                 f"{request.num_computed_tokens} computed tokens"
             )
+        # Hits that nobody owns sit in the evictable pool; claiming them shrinks it too.
+        if self.num_free_blocks_taken(request, num_new_tokens, computed_blocks) > self.num_free_blocks:
+            return False
         num_tokens = (
             request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         )
-        num_held = len(request.block_ids) + len(computed_blocks)
-        num_needed = max(0, self.num_blocks_for(num_tokens) - num_held)
-        # Hits that nobody owns sit in the evictable pool; claiming them shrinks it.
-        num_hits_evictable = sum(
-            1 for block_id in computed_blocks if block_id in self._evictable_block_ids
+        num_needed = max(
+            0, self.num_blocks_for(num_tokens) - len(request.block_ids) - len(computed_blocks)
         )
-        if num_needed > self.num_free_blocks - num_hits_evictable:
-            return False
 
         # Claim the hits before taking fresh blocks, so the eviction below cannot take them.
         for block_id in computed_blocks:

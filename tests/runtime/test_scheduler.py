@@ -736,3 +736,22 @@ def test_overlapped_steps_keep_every_invariant(ops, budget, num_kv_blocks, prefi
         ]
         if request.status is RequestStatus.FINISHED_STOPPED:
             assert request.output_token_ids[-1] == EOS
+
+
+def test_admission_leaves_a_block_of_headroom_per_running_request():
+    # 12 usable blocks of 4 tokens. Two running requests hold 2 blocks each; a waiting one
+    # whose prompt needs 7 blocks would leave 1 free block < 2 running (the watermark).
+    scheduler = make_scheduler(num_kv_blocks=13, max_num_batched_tokens=64)
+    first, second = make_request("a", [1] * 7, max_tokens=8), make_request("b", [2] * 7, max_tokens=8)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    step(scheduler)
+    assert scheduler.num_running == 2 and scheduler.kv_cache_manager.num_free_blocks == 8
+    big = make_request("c", [3] * 27, max_tokens=1)
+    scheduler.add_request(big)
+    out, _ = step(scheduler)
+    assert [c.request_id for c in out.scheduled] == ["a", "b"] and scheduler.num_waiting == 1
+    run_to_completion(scheduler)
+    # Alone, the same request may take every block it needs: the watermark only protects
+    # requests that are running.
+    assert big.is_finished and big.num_output_tokens == 1
