@@ -497,6 +497,24 @@ operations = st.lists(
 )
 
 
+def add_from_op(scheduler: Scheduler, added: list[Request], op: tuple) -> None:
+    """Add the request an `add_op` describes; one that can never fit must be rejected with
+    its prompt length in the message."""
+    _, prefix, suffix_len, max_tokens, ignore_eos = op
+    kv = scheduler.kv_cache_manager
+    n = len(added)
+    prompt = PREFIXES[prefix] + [50 + n] * suffix_len
+    request = make_request(str(n), prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    fits_len = len(prompt) + max_tokens <= MAX_MODEL_LEN
+    fits_cache = kv.num_blocks_for(len(prompt) + max_tokens - 1) <= kv.num_usable_blocks
+    if fits_len and fits_cache:
+        scheduler.add_request(request)
+        added.append(request)
+    else:
+        with pytest.raises(ValueError, match=str(len(prompt))):
+            scheduler.add_request(request)
+
+
 @settings(max_examples=200, deadline=None)
 @given(operations, st.integers(3, 16), st.sampled_from([5, 6, 8, 16]), st.booleans())
 def test_random_add_step_abort_keeps_every_invariant(ops, budget, num_kv_blocks, prefix_caching):
@@ -536,18 +554,7 @@ def test_random_add_step_abort_keeps_every_invariant(ops, budget, num_kv_blocks,
 
     for op in ops:
         if op[0] == "add":
-            _, prefix, suffix_len, max_tokens, ignore_eos = op
-            n = len(added)
-            prompt = PREFIXES[prefix] + [50 + n] * suffix_len
-            request = make_request(str(n), prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
-            fits_len = len(prompt) + max_tokens <= MAX_MODEL_LEN
-            fits_cache = kv.num_blocks_for(len(prompt) + max_tokens - 1) <= kv.num_usable_blocks
-            if fits_len and fits_cache:
-                scheduler.add_request(request)
-                added.append(request)
-            else:
-                with pytest.raises(ValueError, match=str(len(prompt))):
-                    scheduler.add_request(request)
+            add_from_op(scheduler, added, op)
         elif op[0] == "step":
             checked_step(op[1])
         elif added:
@@ -694,15 +701,7 @@ def test_overlapped_steps_keep_every_invariant(ops, budget, num_kv_blocks, prefi
 
     for op in ops:
         if op[0] == "add":
-            _, prefix, suffix_len, max_tokens, ignore_eos = op
-            n = len(added)
-            prompt = PREFIXES[prefix] + [50 + n] * suffix_len
-            request = make_request(str(n), prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
-            fits_len = len(prompt) + max_tokens <= MAX_MODEL_LEN
-            fits_cache = kv.num_blocks_for(len(prompt) + max_tokens - 1) <= kv.num_usable_blocks
-            if fits_len and fits_cache:
-                scheduler.add_request(request)
-                added.append(request)
+            add_from_op(scheduler, added, op)
         elif op[0] == "step":
             eos_phase[0] = op[1]
             out = driver.step()
