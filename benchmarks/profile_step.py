@@ -16,13 +16,25 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
 
 
-def run(engine: LLMEngine, prompt_len: int, max_tokens: int) -> None:
+def run(engine: LLMEngine, prompt_len: int, max_tokens: int, batch: int = 1) -> None:
     generator = torch.Generator().manual_seed(prompt_len)
-    prompt = torch.randint(100, engine.model_config.vocab_size, (prompt_len,), generator=generator).tolist()
-    engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    vocab = engine.model_config.vocab_size
+    for _ in range(batch):
+        prompt = torch.randint(100, vocab, (prompt_len,), generator=generator).tolist()
+        engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def top_host_ops(prof, count: int) -> list[dict]:
+    rows = [
+        {"name": e.key[:90], "calls": e.count, "self_cpu_us": e.self_cpu_time_total}
+        for e in prof.key_averages() if e.self_cpu_time_total
+    ]
+    rows.sort(key=lambda r: -r["self_cpu_us"])
+    return rows[:count]
 
 
 def top_kernels(prof, count: int) -> list[dict]:
@@ -38,28 +50,36 @@ def top_kernels(prof, count: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("engine")
-    parser.add_argument("--prefill", type=int, nargs="*", default=[512, 8192])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[128, 8192])
     parser.add_argument("--decode-tokens", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=256, help="batch of the second decode profile")
+    parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    engine = LLMEngine.from_engine_dir(args.engine, EngineConfig(max_model_len=16384))
+    engine = LLMEngine.from_engine_dir(args.engine, EngineConfig(max_model_len=args.max_model_len))
     report = {}
     for prompt_len in args.prefill:
         run(engine, prompt_len, 1)  # warm-up: compiles
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run(engine, prompt_len, 1)
         report[f"prefill_{prompt_len}"] = top_kernels(prof, 15)
+        report[f"prefill_{prompt_len}_host"] = top_host_ops(prof, 15)
     run(engine, 5, args.decode_tokens)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run(engine, 5, args.decode_tokens)
     report["decode_bs1"] = top_kernels(prof, 25)
+    run(engine, 5, 8, batch=args.batch)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(engine, 5, args.decode_tokens, batch=args.batch)
+    report[f"decode_bs{args.batch}"] = top_kernels(prof, 25)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_step.json").write_text(json.dumps(report, indent=1))
     for name, rows in report.items():
-        total = sum(r["total_us"] for r in rows)
-        print(f"== {name}: top kernels {total / 1e3:.2f} ms")
+        key = "self_cpu_us" if name.endswith("_host") else "total_us"
+        total = sum(r[key] for r in rows)
+        print(f"== {name}: top {'host ops' if key == 'self_cpu_us' else 'kernels'} {total / 1e3:.2f} ms")
         for row in rows[:12]:
-            print(f"  {row['total_us'] / 1e3:8.2f} ms {row['calls']:6d}x  {row['name']}")
+            print(f"  {row[key] / 1e3:8.2f} ms {row['calls']:6d}x  {row['name']}")
 
 
 if __name__ == "__main__":
