@@ -84,6 +84,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     metrics["startup_s"] = startup.total_seconds
     metrics["startup_open_verify_s"] = startup.open_seconds
     metrics["startup_load_s"] = startup.load_seconds
+    metrics["startup_kv_profile_s"] = startup.kv_profile_seconds
     metrics["startup_kv_allocation_s"] = startup.kv_allocation_seconds
     if engine.runner.capture_report is not None:
         metrics["graph_capture_s"] = engine.runner.capture_report.seconds

@@ -81,6 +81,7 @@ class StartupReport:
     allocating the KV cache, capturing CUDA graphs."""
 
     load_seconds: float
+    kv_profile_seconds: float  # the profiling forward that sizes the KV cache (CUDA)
     kv_allocation_seconds: float
     num_kv_blocks: int
     kv_cache_bytes: int
@@ -91,8 +92,8 @@ class StartupReport:
 
     @property
     def total_seconds(self) -> float:
-        return (self.open_seconds + self.load_seconds + self.kv_allocation_seconds
-                + self.graph_capture_seconds)
+        return (self.open_seconds + self.load_seconds + self.kv_profile_seconds
+                + self.kv_allocation_seconds + self.graph_capture_seconds)
 
     def describe(self) -> str:
         graphs = (
@@ -102,7 +103,8 @@ class StartupReport:
         return (
             f"start-up {self.total_seconds:.1f} s: open + verify {self.open_seconds:.1f} s, "
             f"load {self.load_seconds:.1f} s, KV cache {self.kv_cache_bytes / 2**30:.1f} GiB "
-            f"({self.num_kv_blocks} blocks) in {self.kv_allocation_seconds:.1f} s{graphs}"
+            f"({self.num_kv_blocks} blocks) sized in {self.kv_profile_seconds:.1f} s and "
+            f"allocated in {self.kv_allocation_seconds:.1f} s{graphs}"
         )
 
 
@@ -164,14 +166,19 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(engine.tokenizer_dir) if engine.tokenizer_dir else None
         eos = engine.generation_config.get("eos_token_id")
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
-        num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory()
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None and self.device.type != "cuda":
+            num_blocks = self._cpu_kv_blocks()
+        # On CUDA with num_blocks None the runner sizes the cache with a profiling forward.
         self.runner = ModelRunner(
             engine, self.device, self.dtype, config.block_size, num_blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_cuda_graphs=config.enable_cuda_graphs,
+            gpu_memory_utilization=config.gpu_memory_utilization,
         )
+        num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_kv_blocks=num_blocks,
@@ -191,6 +198,7 @@ class LLMEngine:
             kv_cache_bytes=num_blocks * kv_cache_bytes_per_block(
                 self.model_config, config.block_size, self.dtype
             ),
+            kv_profile_seconds=runner.memory_profile.seconds if runner.memory_profile else 0.0,
             graph_capture_seconds=capture.seconds if capture else 0.0,
             graph_memory_bytes=capture.memory_bytes if capture else 0,
             num_graphs=len(capture.sizes) if capture else 0,
@@ -225,26 +233,16 @@ class LLMEngine:
             gc.freeze()
         return engine
 
-    def _kv_blocks_from_memory(self) -> int:
+    def _cpu_kv_blocks(self) -> int:
         per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
         # Never more than every sequence at full length needs (+1: the reserved null block).
         blocks_needed = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            weight_bytes = sum(f["bytes"] for n, f in self.engine.manifest["files"].items()
-                               if n.endswith(".safetensors"))
-            # Activations of a full token-budget step, roughly: a few hidden-sized buffers
-            # and the logits of up to max_num_seqs rows.
-            activation_bytes = 16 * self.config.max_num_batched_tokens * self.model_config.hidden_size * 4
-            activation_bytes += self.config.max_num_seqs * self.model_config.vocab_size * 4 * 4
-            budget = total * self.config.gpu_memory_utilization - (total - free) - weight_bytes - activation_bytes
-        else:
-            budget = self.config.cpu_kv_cache_bytes
+        budget = self.config.cpu_kv_cache_bytes
         blocks = min(int(budget // per_block), blocks_needed)
         if blocks < 2:
             raise KilnError(
-                f"not enough memory for the KV cache ({budget / 2**20:.0f} MiB left, one block "
-                f"needs {per_block / 2**20:.2f} MiB); raise gpu_memory_utilization or lower max_model_len"
+                f"cpu_kv_cache_bytes {budget} holds fewer than 2 KV blocks of "
+                f"{per_block / 2**20:.2f} MiB; raise cpu_kv_cache_bytes or lower block_size"
             )
         return blocks
 

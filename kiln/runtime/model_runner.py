@@ -29,7 +29,8 @@ from kiln.build.engine import EngineInfo, load_engine_model
 from kiln.kernels.ops import use_reference_kernels
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import InputBuffers
-from kiln.runtime.kv_tensors import allocate_kv_caches
+from kiln.runtime.kv_tensors import allocate_kv_caches, kv_cache_bytes_per_block
+from kiln.runtime.memory_profile import MemoryProfile, profile_kv_blocks
 from kiln.runtime.outputs import ModelRunnerOutput, SchedulerOutput
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import (
@@ -64,12 +65,15 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         block_size: int,
-        num_kv_blocks: int,
+        num_kv_blocks: int | None,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_cuda_graphs: bool = True,
+        gpu_memory_utilization: float = 0.9,
     ) -> None:
+        """num_kv_blocks None (CUDA only): size the KV cache with a profiling forward
+        (memory_profile.py) to fill gpu_memory_utilization of the device."""
         self.engine = engine
         self.device = device
         self.block_size = block_size
@@ -77,18 +81,32 @@ class ModelRunner:
         self.model = load_engine_model(engine, device, dtype)
         _sync(device)
         self.load_seconds = time.perf_counter() - started
+        max_blocks_per_seq = -(-max_model_len // block_size)
+        self.buffers = InputBuffers(
+            max_num_tokens=max(max_num_batched_tokens, max_num_seqs),
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=max_blocks_per_seq,
+            device=device,
+        )
+        self.memory_profile: MemoryProfile | None = None
+        if num_kv_blocks is None:
+            if device.type != "cuda":
+                raise ValueError("num_kv_blocks must be given on the CPU (no memory profiling there)")
+            self.memory_profile = profile_kv_blocks(
+                self.model, device, dtype, block_size,
+                kv_cache_bytes_per_block(engine.model_config, block_size, dtype),
+                max_num_batched_tokens, max_num_seqs, gpu_memory_utilization,
+                # Never more than every sequence at full length needs (+1: the null block).
+                max_blocks=max_num_seqs * max_blocks_per_seq + 1,
+            )
+            num_kv_blocks = self.memory_profile.num_kv_blocks
+        self.num_kv_blocks = num_kv_blocks
         started = time.perf_counter()
         self.kv_caches = allocate_kv_caches(
             engine.model_config, num_kv_blocks, block_size, dtype, device
         )
         _sync(device)
         self.kv_allocation_seconds = time.perf_counter() - started
-        self.buffers = InputBuffers(
-            max_num_tokens=max(max_num_batched_tokens, max_num_seqs),
-            max_num_seqs=max_num_seqs,
-            max_blocks_per_seq=-(-max_model_len // block_size),
-            device=device,
-        )
         self.sampler = Sampler()
         self.generators = RequestGenerators(device)
         self._requests: dict[str, Request] = {}

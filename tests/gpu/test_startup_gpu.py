@@ -17,6 +17,7 @@ import transformers
 from kiln.build.builder import build_engine
 from kiln.build.engine import _stage_to_device, open_engine
 from kiln.config import BuildConfig, EngineConfig
+from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.kv_tensors import NULL_BLOCK
 from kiln.runtime.outputs import ScheduledRequest
@@ -176,3 +177,20 @@ def test_uninitialised_kv_is_never_read(engine_dir):
             runner.buffers.prepare([], BLOCK_SIZE, pad_to=size)
             assert runner.graphs.replay(size).isfinite().all(), size
     assert greedy(poisoned, prompts) == expected
+
+
+def test_kv_cache_sized_by_a_profiling_forward(engine_dir):
+    """Without num_kv_blocks the runner measures a worst-case step and fills what is left of
+    gpu_memory_utilization; for a tiny model the cap (every sequence at full length) binds,
+    and a budget that cannot hold two blocks fails with the numbers in the message."""
+    config = EngineConfig(device="cuda", block_size=BLOCK_SIZE, max_num_seqs=64, enable_cuda_graphs=False)
+    engine = LLMEngine(open_engine(engine_dir), config)
+    profile = engine.runner.memory_profile
+    assert profile is not None and profile.activation_peak_bytes > 0
+    assert 0 < profile.in_use_bytes < profile.total_bytes
+    cap = 64 * -(-engine.max_model_len // BLOCK_SIZE) + 1
+    assert engine.runner.num_kv_blocks == engine.scheduler.config.num_kv_blocks == cap
+    assert "sized in" in engine.startup.describe()
+    del engine
+    with pytest.raises(KilnError, match="not enough GPU memory for the KV cache"):
+        LLMEngine(open_engine(engine_dir), EngineConfig(device="cuda", gpu_memory_utilization=0.01))

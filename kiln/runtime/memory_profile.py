@@ -1,0 +1,92 @@
+"""How many KV blocks fit on the GPU: measured with a profiling forward, not guessed.
+
+After the weights and input buffers are on the device, the runner runs the largest step the
+scheduler may ever give it — one sequence of max_num_batched_tokens tokens, logits for
+max_num_seqs rows, and the sampler's costliest path (top-k + top-p sort over the whole
+vocabulary) — and records the peak of torch's allocator. Then
+
+    KV budget = total · gpu_memory_utilization − (memory in use now) − (peak − allocated now)
+
+where "in use now" (total − free, after the allocator's cache is released) counts the
+weights, the CUDA context, other processes on the GPU, and everything this process holds;
+and the second term is the activation headroom a step needs on top. CUDA graphs are
+captured after the KV cache: their pool (hundreds of MiB) comes out of the 1 −
+gpu_memory_utilization slack, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.runtime.input_batch import prepare_inputs
+from kiln.runtime.kv_tensors import allocate_kv_caches
+from kiln.runtime.outputs import ScheduledRequest
+from kiln.runtime.sampler import Sampler, SamplingMetadata, SamplingRow
+from kiln.runtime.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    num_kv_blocks: int
+    activation_peak_bytes: int  # a worst-case step's allocations beyond what persists
+    in_use_bytes: int  # device memory in use before the KV cache (weights, context, others)
+    total_bytes: int
+    seconds: float
+
+
+@torch.inference_mode()
+def profile_kv_blocks(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_size: int,
+    bytes_per_block: int,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    gpu_memory_utilization: float,
+    max_blocks: int,
+) -> MemoryProfile:
+    started = time.perf_counter()
+    config = model.config
+    num_tokens = max_num_batched_tokens
+    num_rows = min(max_num_seqs, num_tokens)
+    # A scratch cache just large enough for the profiling sequence (+ the null block).
+    scratch_blocks = -(-num_tokens // block_size) + 1
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    allocated_before = torch.cuda.memory_allocated(device)
+    scratch_kv = allocate_kv_caches(config, scratch_blocks, block_size, dtype, device)
+    request = ScheduledRequest(
+        request_id="memory-profile", token_ids=[0] * num_tokens, num_computed_tokens=0,
+        block_ids=list(range(1, scratch_blocks)), sample=True,
+    )
+    inputs = prepare_inputs([request], block_size, device)
+    torch.cuda.reset_peak_memory_stats(device)
+    hidden = model(inputs.input_ids, inputs.positions, scratch_kv, inputs.metadata)
+    logits = model.compute_logits(hidden[:num_rows])  # (rows, V): a full decode batch
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
+    rows = [SamplingRow(params=params, prompt_token_ids=(), output_token_ids=()) for _ in range(num_rows)]
+    Sampler()(logits, SamplingMetadata.build(rows, logits.shape[-1], device))
+    torch.cuda.synchronize(device)
+    # What the step allocated beyond the scratch cache and its inputs (both freed below).
+    scratch_bytes = sum(t.numel() * t.element_size() for t in scratch_kv)
+    activation_peak = torch.cuda.max_memory_allocated(device) - allocated_before - scratch_bytes
+    del hidden, logits, scratch_kv, inputs
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free
+    budget = total * gpu_memory_utilization - in_use - activation_peak
+    num_blocks = min(int(budget // bytes_per_block), max_blocks)
+    if num_blocks < 2:
+        raise KilnError(
+            f"not enough GPU memory for the KV cache: {budget / 2**30:.2f} GiB left of "
+            f"{total / 2**30:.1f} GiB × gpu_memory_utilization {gpu_memory_utilization} after "
+            f"{in_use / 2**30:.1f} GiB in use and a {activation_peak / 2**30:.2f} GiB step peak "
+            f"(one block needs {bytes_per_block / 2**20:.2f} MiB); raise gpu_memory_utilization "
+            f"or lower max_num_batched_tokens / max_num_seqs"
+        )
+    return MemoryProfile(num_blocks, activation_peak, in_use, total, time.perf_counter() - started)
