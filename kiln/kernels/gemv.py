@@ -43,7 +43,6 @@ tl.dot (tensor cores) does the products; the padding costs no weight bytes.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels.triton_utils import dot_dtype, dot_precision, interpreter_active
+from kiln.kernels.triton_utils import dot_dtype, dot_precision, has_sm90, interpreter_active
 
 MAX_ROWS = 16  # M up to one tl.dot tile; larger batches are cuBLAS's job
 K_MULTIPLE = 64  # every BLOCK_K is a power of 2 ≥ 64 dividing K: no K masks, 16-byte loads
@@ -277,12 +276,6 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _unsupported_reason(x, weight) is None
 
 
-@functools.lru_cache(maxsize=None)
-def _device_has_sm90(device_index: int) -> bool:
-    # griddepcontrol (PDL) and cp.async.bulk.prefetch are sm_90+ instructions.
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def _launch(x, weight, bias, out_features: int, gate_up: bool, pdl: bool,
             config: GemvConfig | None) -> torch.Tensor:
     reason = _unsupported_reason(x, weight)
@@ -296,7 +289,7 @@ def _launch(x, weight, bias, out_features: int, gate_up: bool, pdl: bool,
     block_m = 1 if m == 1 else MAX_ROWS
     block_n = config.block_n if m == 1 else max(16, config.block_n)  # tl.dot needs ≥ 16
     block_k = min(config.block_k, k & -k)  # k & -k: the largest power of 2 dividing k (≥ 64)
-    sm90 = x.is_cuda and _device_has_sm90(x.device.index or 0)
+    sm90 = has_sm90(x)
     use_pdl = pdl and sm90
     # L2 prefetch: each warp takes whole rows of a tile, or 1/pieces of one row.
     warps = config.num_warps

@@ -43,14 +43,20 @@ def launchable(kernel, tensor: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=None)
-def _has_sm90(device_index: int) -> bool:
+def _device_is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def has_sm90(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lives on a Hopper-or-newer GPU: griddepcontrol (PDL) and
+    cp.async.bulk.prefetch are sm_90+ instructions."""
+    return tensor.is_cuda and _device_is_sm90(tensor.device.index or 0)
 
 
 def use_pdl(tensor: torch.Tensor) -> bool:
     """Whether a kernel on `tensor` launches as a programmatic dependent launch (PDL): sm_90+
     GPUs, never under the interpreter. Pass it as the kernel's USE_PDL and as `launch_pdl`."""
-    return tensor.is_cuda and not interpreter_active() and _has_sm90(tensor.device.index or 0)
+    return has_sm90(tensor) and not interpreter_active()
 
 
 @triton.jit

@@ -130,14 +130,6 @@ class EngineStats:
         }
 
 
-def _uses_penalties(params: SamplingParams) -> bool:
-    return (
-        params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
-
-
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -321,7 +313,7 @@ class LLMEngine:
         for sequence in user_request.sequences:
             self.runner.register(sequence.request)
             self._sequence_owner[sequence.request.request_id] = user_request
-        if _uses_penalties(params):
+        if params.uses_penalties:
             self._num_penalised_sequences += len(user_request.sequences)
         self._requests[request_id] = user_request
         return request_id
@@ -350,7 +342,7 @@ class LLMEngine:
         the runner at its next schedule(); doing it here leaves nothing behind when idle)."""
         if self._requests.pop(user_request.request_id, None) is None:
             return
-        if _uses_penalties(user_request.sequences[0].request.sampling_params):
+        if user_request.sequences[0].request.sampling_params.uses_penalties:
             self._num_penalised_sequences -= len(user_request.sequences)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)

@@ -219,8 +219,10 @@ class ModelRunner:
             rows.append(row)
         if not positions:
             return
-        source = self._last_sampled.index_select(0, _to_device(rows, self.device))
-        inputs.input_ids.index_copy_(0, _to_device(positions, self.device), source)
+        # One host → device copy for both index lists.
+        rows_and_positions = _to_device([rows, positions], self.device)
+        source = self._last_sampled.index_select(0, rows_and_positions[0])
+        inputs.input_ids.index_copy_(0, rows_and_positions[1], source)
 
     def _sample(
         self, logits: torch.Tensor, request_ids: list[str], started: torch.cuda.Event | None
@@ -274,7 +276,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
     host = torch.tensor(values, dtype=torch.int64)
     if device.type != "cuda":
         return host

@@ -181,6 +181,15 @@ class SamplingParams:
         return list(ids)
 
     @property
+    def uses_penalties(self) -> bool:
+        """True when the repetition, presence or frequency penalty changes the logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
     def is_greedy(self) -> bool:
         """True when sampling is deterministic argmax (no randomness is drawn)."""
         return self.temperature == 0 or self.top_k == 1

@@ -146,3 +146,10 @@ def test_message_states_the_range() -> None:
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match=rf"n must be in \[1, {MAX_N}\], got 1000000000"):
         SamplingParams(n=10**9)
+
+
+def test_uses_penalties():
+    assert not SamplingParams().uses_penalties
+    assert SamplingParams(repetition_penalty=1.1).uses_penalties
+    assert SamplingParams(presence_penalty=-0.5).uses_penalties
+    assert SamplingParams(frequency_penalty=0.2).uses_penalties

@@ -497,6 +497,17 @@ operations = st.lists(
 )
 
 
+def property_scheduler(budget: int, num_kv_blocks: int, prefix_caching: bool) -> Scheduler:
+    """The small scheduler the random add / step / abort properties drive."""
+    return make_scheduler(
+        num_kv_blocks=num_kv_blocks,
+        max_num_seqs=3,
+        max_num_batched_tokens=budget,
+        max_model_len=MAX_MODEL_LEN,
+        enable_prefix_caching=prefix_caching,
+    )
+
+
 def add_from_op(scheduler: Scheduler, added: list[Request], op: tuple) -> None:
     """Add the request an `add_op` describes; one that can never fit must be rejected with
     its prompt length in the message."""
@@ -518,13 +529,7 @@ def add_from_op(scheduler: Scheduler, added: list[Request], op: tuple) -> None:
 @settings(max_examples=200, deadline=None)
 @given(operations, st.integers(3, 16), st.sampled_from([5, 6, 8, 16]), st.booleans())
 def test_random_add_step_abort_keeps_every_invariant(ops, budget, num_kv_blocks, prefix_caching):
-    scheduler = make_scheduler(
-        num_kv_blocks=num_kv_blocks,
-        max_num_seqs=3,
-        max_num_batched_tokens=budget,
-        max_model_len=MAX_MODEL_LEN,
-        enable_prefix_caching=prefix_caching,
-    )
+    scheduler = property_scheduler(budget, num_kv_blocks, prefix_caching)
     kv = scheduler.kv_cache_manager
     added: list[Request] = []
     preempted: list[str] = []
@@ -669,13 +674,7 @@ def test_overlapped_stop_on_pending_token_drops_the_extra_one():
 def test_overlapped_steps_keep_every_invariant(ops, budget, num_kv_blocks, prefix_caching):
     """The random add / step / abort property again, with each step's tokens applied only
     after the next step is scheduled: same outputs, no leaked blocks, nothing past limits."""
-    scheduler = make_scheduler(
-        num_kv_blocks=num_kv_blocks,
-        max_num_seqs=3,
-        max_num_batched_tokens=budget,
-        max_model_len=MAX_MODEL_LEN,
-        enable_prefix_caching=prefix_caching,
-    )
+    scheduler = property_scheduler(budget, num_kv_blocks, prefix_caching)
     kv = scheduler.kv_cache_manager
     added: list[Request] = []
     eos_phase = [7]
