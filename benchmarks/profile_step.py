@@ -28,6 +28,63 @@ def run(engine: LLMEngine, prompt_len: int, max_tokens: int, batch: int = 1) -> 
         torch.cuda.synchronize()
 
 
+def profile_decode_steps(engine: LLMEngine, prompt_len: int, batch: int, steps: int) -> list[dict]:
+    """Kernels of `steps` decode-only steps at `batch` rows, after every prompt is prefilled."""
+    budget = engine.config.max_num_batched_tokens
+    prefill_steps = -(-batch * prompt_len // budget) + 3
+    generator = torch.Generator().manual_seed(batch)
+    vocab = engine.model_config.vocab_size
+    for _ in range(batch):
+        prompt = torch.randint(100, vocab, (prompt_len,), generator=generator).tolist()
+        params = SamplingParams(temperature=1.0, max_tokens=prefill_steps + steps + 4, ignore_eos=True)
+        engine.add_request(None, prompt, params)
+    for _ in range(prefill_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    rows = top_kernels(prof, 40)
+    for row in rows:
+        row["us_per_step"] = row["total_us"] / steps
+    return rows
+
+
+def profile_mixed_step(engine: LLMEngine, decode_rows: int, new_prompts: int, prompt_len: int,
+                       steps: int = 2) -> list[dict]:
+    """Kernels of the steps right after `new_prompts` prompts arrive while `decode_rows`
+    requests decode: the eager mixed steps of an offline run between decode waves."""
+    budget = engine.config.max_num_batched_tokens
+    generator = torch.Generator().manual_seed(decode_rows)
+    vocab = engine.model_config.vocab_size
+
+    def add(count: int, max_tokens: int) -> None:
+        for _ in range(count):
+            prompt = torch.randint(100, vocab, (prompt_len,), generator=generator).tolist()
+            engine.add_request(None, prompt, SamplingParams(temperature=1.0, max_tokens=max_tokens,
+                                                            ignore_eos=True))
+
+    prefill_steps = -(-decode_rows * prompt_len // budget) + 3
+    add(decode_rows, prefill_steps + steps + 8)
+    for _ in range(prefill_steps):
+        engine.step()
+    add(new_prompts, 4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    rows = top_kernels(prof, 40)
+    for row in rows:
+        row["us_per_step"] = row["total_us"] / steps
+    return rows, top_host_ops(prof, 15)
+
+
 def top_host_ops(prof, count: int) -> list[dict]:
     rows = [
         {"name": e.key[:90], "calls": e.count, "self_cpu_us": e.self_cpu_time_total}
@@ -53,10 +110,19 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[128, 8192])
     parser.add_argument("--decode-tokens", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256, help="batch of the second decode profile")
+    parser.add_argument("--batch-prompt-len", type=int, default=5,
+                        help="prompt length of the batched decode profile (its KV context)")
     parser.add_argument("--max-model-len", type=int, default=16384)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--mixed", type=int, nargs=2, metavar=("DECODE_ROWS", "NEW_PROMPTS"),
+                        help="also profile the mixed steps after NEW_PROMPTS 128-token prompts "
+                             "arrive while DECODE_ROWS requests decode")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    engine = LLMEngine.from_engine_dir(args.engine, EngineConfig(max_model_len=args.max_model_len))
+    engine = LLMEngine.from_engine_dir(args.engine, EngineConfig(
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens))
     report = {}
     for prompt_len in args.prefill:
         run(engine, prompt_len, 1)  # warm-up: compiles
@@ -68,10 +134,13 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run(engine, 5, args.decode_tokens)
     report["decode_bs1"] = top_kernels(prof, 25)
-    run(engine, 5, 8, batch=args.batch)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(engine, 5, args.decode_tokens, batch=args.batch)
-    report[f"decode_bs{args.batch}"] = top_kernels(prof, 25)
+    run(engine, args.batch_prompt_len, 8, batch=args.batch)
+    report[f"decode_bs{args.batch}_ctx{args.batch_prompt_len}"] = profile_decode_steps(
+        engine, args.batch_prompt_len, args.batch, args.decode_tokens)
+    if args.mixed:
+        name = f"mixed_{args.mixed[0]}decode_{args.mixed[1]}x128"
+        report[name], report[f"{name}_host"] = profile_mixed_step(
+            engine, args.mixed[0], args.mixed[1], 128)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_step.json").write_text(json.dumps(report, indent=1))
     for name, rows in report.items():

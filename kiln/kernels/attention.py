@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import triton
@@ -61,6 +61,8 @@ class PagedAttentionMetadata(Protocol):
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
     max_query_len: int  # 1 for a decode-only batch
+    num_decode_seqs: int  # > 0: a mixed batch whose first num_decode_seqs rows are decode
+    prefill_query_start_loc: torch.Tensor | None  # (S - num_decode_seqs + 1,) int32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +190,34 @@ MIN_DECODE_SPLIT_TOKENS = 128
 DECODE_PROGRAMS_PER_SM = 2
 
 
+class DecodeTiling(NamedTuple):
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+class PrefillTiling(NamedTuple):
+    block_m: int  # query rows per program
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+def prefill_tiling(head_dim: int, device: torch.device) -> PrefillTiling:
+    """The prefill kernel's tiles. The interpreter keeps the small tiles the CPU tests were
+    written for; on the GPU the figures come from benchmarks/attention_sweep.py."""
+    if device.type != "cuda":
+        return PrefillTiling(64, 64 if head_dim <= 128 else 32, 4, 2)
+    return PREFILL_TILING_CUDA.get(head_dim, PrefillTiling(64, 32, 4, 2))
+
+
+# head_dim → tiling on the GPU (H100 measurements in benchmarks/BENCHMARKS.md).
+PREFILL_TILING_CUDA = {
+    64: PrefillTiling(64, 64, 4, 2),
+    128: PrefillTiling(64, 64, 4, 2),
+}
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits per sequence so that (sequences x KV heads x splits) fills the GPU about twice:
     33 at batch 1 with 8 KV heads on 132 SMs, 1 (no reduce) from batch 33 up."""
@@ -236,6 +266,20 @@ def _online_softmax_step(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(scores - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale,
+                                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """_online_softmax_step for a tile every query row sees whole: no mask, and no -inf
+    guard, since every row's new max is a finite score (the old -inf max gives alpha 0)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(scores - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
     return m_new, l, acc
@@ -360,6 +404,8 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,  # splits per sequence; default: decode_num_splits
+    out: torch.Tensor | None = None,  # (S, Hq, D) to write into (a view of a larger output)
+    tiling: DecodeTiling | None = None,  # default: DecodeTiling for the head_dim
 ) -> torch.Tensor:  # (S, Hq, D)
     _check_attention_inputs(query, kv_cache)
     num_seqs, num_heads, head_dim = query.shape
@@ -367,11 +413,11 @@ def paged_decode_attention(
     if seq_lens.shape[0] != num_seqs:
         raise ValueError(f"decode takes one token per sequence: {num_seqs} tokens, "
                          f"{seq_lens.shape[0]} sequences")
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    out = _output_like(query, out)
     if num_seqs == 0:
         return out
     num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
-    block_n = 64 if head_dim <= 128 else 32
+    block_n, num_warps, num_stages = tiling or DecodeTiling(64 if head_dim <= 128 else 32, 4, 2)
     window = sliding_window or NO_WINDOW
     group = num_heads // num_kv_heads
     if num_splits > 1:
@@ -394,7 +440,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
         DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
-        num_warps=4, num_stages=2, USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
@@ -411,6 +457,29 @@ def paged_decode_attention(
 
 # ---------------------------------------------------------------------------------------------
 # Prefill / extend: ragged new tokens over cached context
+
+
+@triton.jit
+def _prefill_tile(
+    q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    block_table, kv_head,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One key tile of a prefill query block; MASKED False: every row sees every key."""
+    pos = tile + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_range = (pos >= kv_lo) & (pos < kv_hi)
+    else:
+        in_range = pos < kv_hi  # always true: kept as the loads' mask
+    k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                         block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+    if MASKED:
+        visible = (in_range[None, :] & (pos[None, :] <= q_pos[:, None])
+                   & (pos[None, :] > q_pos[:, None] - window))  # (BLOCK_M, BLOCK_N)
+        return _online_softmax_step(q, k, v, visible, m, l, acc, qk_scale, DOT_DTYPE, PRECISION)
+    return _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE, PRECISION)
 
 
 @triton.jit
@@ -459,20 +528,35 @@ def _paged_prefill_kernel(
     # Keys this block can see: from the first row's window start to the last row's position.
     kv_lo = tl.maximum(context + q_block * BLOCK_M - window + 1, 0)
     kv_hi = context + tl.minimum(q_len, (q_block + 1) * BLOCK_M)
+    # Key tiles every row of the block sees whole (at or before the first row's position,
+    # after the last row's window start) skip the mask: [full_lo, full_hi), whole tiles.
+    # The masked tiles before (window edge) and after (the causal diagonal) are few.
+    first_q_pos = context + q_block * BLOCK_M
+    last_q_pos = kv_hi - 1
+    tile_lo = kv_lo // BLOCK_N * BLOCK_N
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(last_q_pos - window + 1, 0), BLOCK_N) * BLOCK_N,
+                         tile_lo)
+    full_hi = tl.maximum((first_q_pos + 1) // BLOCK_N * BLOCK_N, full_lo)
     kv_head = head // GROUP
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     block_table = block_tables_ptr + seq * stride_bt
-    for tile in range(kv_lo // BLOCK_N * BLOCK_N, kv_hi, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        in_range = (pos >= kv_lo) & (pos < kv_hi)
-        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
-        visible = (in_range[None, :] & (pos[None, :] <= q_pos[:, None])
-                   & (pos[None, :] > q_pos[:, None] - window))  # (BLOCK_M, BLOCK_N)
-        m, l, acc = _online_softmax_step(q, k, v, visible, m, l, acc, qk_scale,
-                                         DOT_DTYPE, PRECISION)
+    for tile in range(tile_lo, tl.minimum(full_lo, kv_hi), BLOCK_N):  # window edge: masked
+        m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
+                                  cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                  stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
+                                  BLOCK_N, DOT_DTYPE, PRECISION, True)
+    for tile in range(full_lo, full_hi, BLOCK_N):  # seen whole by every row: no mask
+        m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
+                                  cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                  stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
+                                  BLOCK_N, DOT_DTYPE, PRECISION, False)
+    for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the diagonal: masked
+        m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
+                                  cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                  stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
+                                  BLOCK_N, DOT_DTYPE, PRECISION, True)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -487,15 +571,16 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # (S,) int32
     scale: float,
     sliding_window: int | None = None,
+    out: torch.Tensor | None = None,  # (T, Hq, D) to write into (a view of a larger output)
+    tiling: PrefillTiling | None = None,  # default: prefill_tiling(head_dim)
 ) -> torch.Tensor:  # (T, Hq, D)
     _check_attention_inputs(query, kv_cache)
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    out = _output_like(query, out)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m = 64
-    block_n = 64 if head_dim <= 128 else 32
+    block_m, block_n, num_warps, num_stages = tiling or prefill_tiling(head_dim, query.device)
     grid = (num_tokens // block_m + num_seqs, num_heads)
     launchable(_paged_prefill_kernel, query)[grid](
         query, query.stride(0), query.stride(1),
@@ -507,6 +592,57 @@ def paged_prefill_attention(
         GROUP=num_heads // kv_cache.shape[3], HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed steps: decode rows first, then prefill / extend rows
+
+
+def paged_mixed_attention(
+    query: torch.Tensor,  # (T, Hq, D): D decode tokens (one per sequence), then the rest
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), holding this step's KV
+    block_tables: torch.Tensor,  # (S, max_blocks) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    num_decode_seqs: int,  # D: sequences [0, D) have exactly one new token each
+    prefill_query_start_loc: torch.Tensor,  # (S - D + 1,) int32: query_start_loc[D:] - D
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    """A step that mixes decode tokens with prefill chunks, ordered decode-first by the
+    runner. The prefill kernel would give each decode token a whole query block per query
+    head and walk its context without splitting: at 2048/2048 a mixed step's ~125 decode
+    rows of ~3 k context cost more than its 8 k prefill tokens' attention. Here the decode
+    rows take the split-K decode kernel (one program per KV head group) and only the rest
+    the prefill kernel, both writing into one output."""
+    num_decode = num_decode_seqs
+    if not 0 <= num_decode <= seq_lens.shape[0]:
+        raise ValueError(f"num_decode_seqs {num_decode} outside [0, {seq_lens.shape[0]}]")
+    if prefill_query_start_loc.shape[0] != seq_lens.shape[0] - num_decode + 1:
+        raise ValueError(
+            f"prefill_query_start_loc has {prefill_query_start_loc.shape[0]} entries; "
+            f"{seq_lens.shape[0] - num_decode + 1} expected for {seq_lens.shape[0]} sequences "
+            f"of which {num_decode} decode"
+        )
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_decode:
+        paged_decode_attention(query[:num_decode], kv_cache, block_tables[:num_decode],
+                               seq_lens[:num_decode], scale, sliding_window,
+                               out=out[:num_decode])
+    if num_decode < seq_lens.shape[0]:
+        paged_prefill_attention(query[num_decode:], kv_cache, block_tables[num_decode:],
+                                prefill_query_start_loc, seq_lens[num_decode:], scale,
+                                sliding_window, out=out[num_decode:])
+    return out
+
+
+def _output_like(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} does not match "
+                         f"the query {tuple(query.shape)} {query.dtype} on {query.device}")
+    check_last_dim_contiguous("out", out)
     return out

@@ -117,8 +117,9 @@ def paged_attention(
     """Causal attention of every new token over its sequence's cached context.
 
     On CUDA a batch where every sequence has exactly one new token takes the split-K decode
-    kernel (it reads only device tensors: CUDA-graph capturable); any other mix takes the
-    prefill kernel.
+    kernel (it reads only device tensors: CUDA-graph capturable); a mixed batch ordered
+    decode-first (metadata.num_decode_seqs > 0) takes the decode kernel for its decode rows
+    and the prefill kernel for the rest; any other mix takes the prefill kernel.
     """
     if not _fast(query):
         return paged_attention_reference(
@@ -128,6 +129,12 @@ def paged_attention(
     if _all_single_token(query, metadata):
         return attention.paged_decode_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, sliding_window
+        )
+    num_decode = metadata.num_decode_seqs
+    if num_decode and metadata.prefill_query_start_loc is not None:
+        return attention.paged_mixed_attention(
+            query, kv_cache, metadata.block_tables, metadata.seq_lens, num_decode,
+            metadata.prefill_query_start_loc, scale, sliding_window,
         )
     return attention.paged_prefill_attention(
         query, kv_cache, metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,

@@ -34,6 +34,12 @@ class AttentionMetadata:
     # captured CUDA graph these describe the capture batch, not later replays.
     max_query_len: int = 0
     max_seq_len: int = 0
+    # A mixed step (decode tokens and prefill chunks) ordered decode-first by the runner:
+    # sequences [0, num_decode_seqs) have one new token each, and
+    # prefill_query_start_loc = query_start_loc[num_decode_seqs:] - num_decode_seqs lets the
+    # rest run through the prefill kernel on their own. 0 / None: not split.
+    num_decode_seqs: int = 0
+    prefill_query_start_loc: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -31,5 +31,19 @@ class LMHead(nn.Module):
             self.weight.weight_loader = default_weight_loader
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.tied_to.weight if self.tied_to is not None else self.weight
-        return ops.linear(hidden, weight, None).float()
+        return ops.linear(hidden, self._weight(), None).float()
+
+    def logits_into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(N, H) → the (N, V) logits in the weight dtype, written into `out`: no float32
+        copy (bf16 → fp32 is exact, so a consumer that needs fp32 converts losslessly)."""
+        weight = self._weight()
+        if hidden.shape[0] == 1 or not hidden.is_cuda:  # the GEMV path at one row
+            return out.copy_(ops.linear(hidden, weight, None))
+        return torch.mm(hidden, weight.t(), out=out)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._weight().shape[0]
+
+    def _weight(self) -> torch.Tensor:
+        return self.tied_to.weight if self.tied_to is not None else self.weight

@@ -51,6 +51,10 @@ class CausalLM(nn.Module, abc.ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) → (N, V) float32
         return self.lm_head(hidden)
 
+    def compute_logits_into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(N, H) → (N, V) logits in the model dtype, written into `out` (CUDA graphs)."""
+        return self.lm_head.logits_into(hidden, out)
+
     # ---- checkpoint loading -------------------------------------------------------------
 
     def map_checkpoint_name(self, name: str) -> str | None:

@@ -9,7 +9,9 @@ point of view. Prefill and mixed steps run eagerly.
 
 Memory: every graph writes its logits into one shared buffer, so what capture keeps is
 
-    shared logits (max size, V) float32          one buffer, outside the pool
+    shared logits (max size, V) model dtype      one buffer, outside the pool, written by
+                                                 the LM head's GEMM itself (no float32 copy:
+                                                 the sampler reads bf16 or converts exactly)
     + the pool: the largest graph's transients   smaller graphs reuse the same blocks
 
 instead of one live (size, V) output per graph (Llama-3's vocabulary: 512 KB a row, 2.3 GB
@@ -92,8 +94,13 @@ class CudaGraphRunner:
         return self.sizes[index] if index < len(self.sizes) else None
 
     def _forward(self, inputs) -> torch.Tensor:
+        """Into the shared buffer: (size, V) logits in the model dtype, one row per sequence."""
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
-        return self.model.compute_logits(hidden)  # (size, V): one token per sequence
+        if self._logits is None:
+            vocab_size = self.model.lm_head.vocab_size
+            self._logits = torch.empty((self.sizes[-1], vocab_size), dtype=hidden.dtype,
+                                       device=hidden.device)
+        return self.model.compute_logits_into(hidden, self._logits[: hidden.shape[0]])
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
@@ -115,18 +122,13 @@ class CudaGraphRunner:
             # picks its kernels for this shape. Work like that cannot be captured; nothing
             # needs a second run.
             warmup_started = time.perf_counter()
-            logits = self._forward(inputs)  # (size, V)
-            if self._logits is None:
-                self._logits = torch.empty(
-                    (self.sizes[-1], logits.shape[-1]), dtype=logits.dtype, device=logits.device
-                )
-            del logits
+            self._forward(inputs)
             torch.cuda.synchronize()
             warmup_seconds += time.perf_counter() - warmup_started
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                # The graph's own output is a transient of the pool; only this copy outlives it.
-                self._logits[:size].copy_(self._forward(inputs))
+                # The LM head writes straight into the shared buffer, outside the pool.
+                self._forward(inputs)
             self._graphs[size] = graph
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-ups' cached blocks: not kept by capture

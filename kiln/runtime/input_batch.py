@@ -56,6 +56,7 @@ class InputBuffers:
         self._positions = pair(max_num_tokens, torch.int64)
         self._slot_mapping = pair(max_num_tokens, torch.int64)
         self._query_start_loc = pair(max_num_seqs + 1, torch.int32)
+        self._prefill_query_start_loc = pair(max_num_seqs + 1, torch.int32)
         self._seq_lens = pair(max_num_seqs, torch.int32)
         self._logits_indices = pair(max_num_seqs, torch.int64)
         self._block_tables = torch.zeros(
@@ -178,6 +179,15 @@ class InputBuffers:
             max_query_len = 1  # decode rows and padding rows alike
         query_start_loc_host = query_start_loc[: padded_seqs + 1].tolist()
         seq_lens_host = self._seq_lens[1][:padded_seqs].tolist()
+        # A mixed step whose leading rows are one-token (decode) rows: attention runs those
+        # through the decode kernel and the rest, rebased to token 0, through the prefill one.
+        num_decode = int(np.argmax(query_lens != 1)) if max_query_len > 1 else 0
+        prefill_query_start_loc = None
+        if num_decode:
+            rebased = self._prefill_query_start_loc[1]
+            count = num_seqs - num_decode + 1
+            rebased[:count] = query_start_loc[num_decode : num_seqs + 1] - num_decode
+            prefill_query_start_loc = self._copy(self._prefill_query_start_loc, count)
         metadata = AttentionMetadata(
             query_start_loc=self._copy(self._query_start_loc, padded_seqs + 1),
             seq_lens=self._copy(self._seq_lens, padded_seqs),
@@ -187,6 +197,8 @@ class InputBuffers:
             seq_lens_host=seq_lens_host,
             max_query_len=max_query_len,
             max_seq_len=max(seq_lens_host, default=0),
+            num_decode_seqs=num_decode,
+            prefill_query_start_loc=prefill_query_start_loc,
         )
         inputs = ModelInputs(
             input_ids=self._copy(self._input_ids, padded_tokens),

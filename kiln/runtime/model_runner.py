@@ -27,11 +27,12 @@ import torch
 
 from kiln.build.engine import EngineInfo, load_engine_model
 from kiln.kernels.ops import use_reference_kernels
+from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import InputBuffers
 from kiln.runtime.kv_tensors import allocate_kv_caches, kv_cache_bytes_per_block
 from kiln.runtime.memory_profile import MemoryProfile, profile_kv_blocks
-from kiln.runtime.outputs import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import (
     LogprobsTensors,
@@ -128,6 +129,13 @@ class ModelRunner:
                 self.model, self.kv_caches, self.buffers, block_size, capture_sizes(max_num_seqs)
             )
             self.capture_report = self.graphs.capture()
+        if device.type == "cuda" and not use_reference_kernels():
+            # Compile the temperature-only sampling kernels now rather than in the first
+            # step that needs them (a second or two, inside someone's latency).
+            vocab_size = engine.model_config.vocab_size
+            sample_gumbel(torch.zeros(1, vocab_size, device=device),
+                          torch.ones(1, device=device), torch.zeros(1, dtype=torch.bool, device=device),
+                          seed=0)
 
     def register(self, request: Request) -> None:
         self._requests[request.request_id] = request
@@ -154,11 +162,12 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return LaunchedStep([], None, None, [], None, None)
         graph_size = self._graph_size(scheduler_output)
-        inputs = self.buffers.prepare(scheduler_output.scheduled, self.block_size, pad_to=graph_size)
+        scheduled = _decode_rows_first(scheduler_output.scheduled)
+        inputs = self.buffers.prepare(scheduled, self.block_size, pad_to=graph_size)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
-        self._fill_placeholders(scheduler_output, inputs)
+        self._fill_placeholders(scheduled, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (R, V) float32
         else:
@@ -200,13 +209,13 @@ class ModelRunner:
         event.record()
         return event
 
-    def _fill_placeholders(self, scheduler_output: SchedulerOutput, inputs) -> None:
+    def _fill_placeholders(self, scheduled: list[ScheduledRequest], inputs) -> None:
         """Write the previous step's sampled ids (still on the device) into the input
         positions the scheduler left as placeholders."""
         positions: list[int] = []
         rows: list[int] = []
         starts = inputs.metadata.query_start_loc_host
-        for index, request in enumerate(scheduler_output.scheduled):
+        for index, request in enumerate(scheduled):
             if request.token_ids[-1] != PLACEHOLDER_TOKEN_ID:
                 continue
             row = self._last_sampled_rows.get(request.request_id)
@@ -260,6 +269,16 @@ class ModelRunner:
             done=self._record_event(),
             started=started,
         )
+
+
+def _decode_rows_first(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+    """A mixed step's one-token (decode) rows first, each group in scheduler order, so
+    attention can hand them to the decode kernel as one leading slice (input_batch.py marks
+    it). Rows are matched to outputs by request id, so the order is the runner's own."""
+    decode = [request for request in scheduled if request.num_scheduled_tokens == 1]
+    if len(decode) in (0, len(scheduled)):
+        return scheduled
+    return decode + [request for request in scheduled if request.num_scheduled_tokens != 1]
 
 
 def _sync(device: torch.device) -> None:

@@ -114,6 +114,39 @@ def test_greedy_tokens_fast_graphs_equal_reference(engine_dir, batch, monkeypatc
     reference argmax or within 1% of the logit range of it, and ≥ 95% exactly the argmax."""
     prompts = prompts_for(batch, 512)
     fast = greedy_run(make_engine(engine_dir), prompts, 64)
+    assert_reference_argmax(engine_dir, prompts, fast, monkeypatch)
+
+
+def test_mixed_steps_split_decode_and_prefill_rows_equal_reference(engine_dir, monkeypatch):
+    """Requests arriving while others decode make mixed steps, which the runner orders
+    decode-first so attention splits them between the decode and prefill kernels; their
+    tokens are checked against the reference as above."""
+    prompts = prompts_for(12, 512)
+    engine = make_engine(engine_dir, max_num_batched_tokens=256)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ids, done, step = [], {}, 0
+    mixed_steps = 0
+    original_prepare = engine.runner.buffers.prepare
+
+    def counting_prepare(*args, **kwargs):
+        nonlocal mixed_steps
+        inputs = original_prepare(*args, **kwargs)
+        mixed_steps += inputs.metadata.num_decode_seqs > 0
+        return inputs
+
+    engine.runner.buffers.prepare = counting_prepare
+    while len(ids) < len(prompts) or engine.has_unfinished_requests():
+        if step % 3 == 0 and len(ids) < len(prompts):
+            ids.append(engine.add_request(None, prompts[len(ids)], params))
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output.outputs[0].token_ids
+        step += 1
+    assert mixed_steps >= 5, mixed_steps
+    assert_reference_argmax(engine_dir, prompts, [done[i] for i in ids], monkeypatch)
+
+
+def assert_reference_argmax(engine_dir, prompts, fast, monkeypatch) -> None:
     exact = total = 0
     for prompt, tokens in zip(prompts, fast):
         logits = reference_logits(engine_dir, prompt + tokens[:-1], monkeypatch)[len(prompt) - 1 :]

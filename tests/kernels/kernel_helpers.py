@@ -31,6 +31,18 @@ class PagedBatch:
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
     max_query_len: int
+    num_decode_seqs: int = 0  # set by with_decode_split: a mixed batch ordered decode-first
+    prefill_query_start_loc: torch.Tensor | None = None
+
+
+def with_decode_split(batch: PagedBatch) -> PagedBatch:
+    """The batch as the runner hands a mixed step to attention: its leading one-token rows
+    marked as decode rows, the rest's query_start_loc rebased to start at 0."""
+    q_lens = [b - a for a, b in zip(batch.query_start_loc_host, batch.query_start_loc_host[1:])]
+    num_decode = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
+    batch.num_decode_seqs = num_decode
+    batch.prefill_query_start_loc = batch.query_start_loc[num_decode:] - num_decode
+    return batch
 
 
 def make_paged_batch(

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from kiln.kernels import attention, ops
-from tests.kernels.kernel_helpers import attention_tolerance, make_paged_batch, reference_attention
+from tests.kernels.kernel_helpers import (
+    attention_tolerance,
+    make_paged_batch,
+    reference_attention,
+    with_decode_split,
+)
 
 # The interpreter turns a loop bound loaded from memory into an int through a 1-element array,
 # which numpy deprecates; nothing of ours to fix.
@@ -75,6 +80,10 @@ PREFILL_CASES = [
     (torch.bfloat16, 4, 1, 64, 16, 1, [20, 1, 66], [0, 7, 30]),  # window 1: only itself
     (torch.float32, 8, 2, 64, 16, 100, [1, 1, 1, 1], [300, 16, 555, 0]),  # decode-only batch
     (torch.bfloat16, 4, 4, 64, 64, None, [128], [0]),  # exactly two query blocks
+    # Long cached prefixes: key tiles every row sees whole (the unmasked loop) between the
+    # window edge and the diagonal.
+    (torch.bfloat16, 4, 2, 64, 16, 150, [130, 70], [200, 64]),
+    (torch.float32, 2, 1, 64, 16, None, [100], [300]),
 ]
 
 
@@ -87,6 +96,41 @@ def test_prefill_matches_reference(case, device, poison_outputs):
     out = attention.paged_prefill_attention(batch.query, batch.kv_cache, batch.block_tables,
                                             batch.query_start_loc, batch.seq_lens, scale, window)
     _compare(out, reference_attention(batch, scale, window), dtype)
+
+
+# (dtype, num_heads, num_kv_heads, head_dim, block_size, window, q_lens, contexts): decode rows
+# first (long and short contexts, one past a window), then prefill chunks with and without a
+# cached prefix, one-token chunks among them; all-decode and no-decode edges.
+MIXED_CASES = [
+    (torch.float32, 4, 2, 64, 16, None, [1, 1, 1, 70, 5, 1, 130], [300, 16, 0, 0, 100, 9, 20]),
+    (torch.bfloat16, 8, 2, 64, 8, 32, [1, 1, 70, 1], [555, 40, 20, 3]),
+    (torch.float16, 4, 4, 128, 32, None, [1, 64], [200, 0]),
+    (torch.bfloat16, 4, 1, 64, 16, None, [1, 1, 1], [30, 64, 2]),  # decode rows only
+    (torch.float32, 2, 2, 64, 16, None, [20, 1], [0, 7]),  # no leading decode row
+]
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: _case_id(*c))
+def test_mixed_step_decode_rows_then_prefill_matches_reference(case, device, poison_outputs):
+    dtype, num_heads, num_kv_heads, head_dim, block_size, window, q_lens, contexts = case
+    batch = with_decode_split(make_paged_batch(q_lens, contexts, num_heads, num_kv_heads,
+                                               head_dim, block_size, dtype, device))
+    scale = head_dim**-0.5
+    out = attention.paged_mixed_attention(
+        batch.query, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.num_decode_seqs,
+        batch.prefill_query_start_loc, scale, window)
+    _compare(out, reference_attention(batch, scale, window), dtype)
+
+
+def test_mixed_step_rejects_a_split_that_does_not_match_the_batch(device):
+    batch = with_decode_split(make_paged_batch([1, 3], [4, 0], 2, 2, 64, 16, torch.float32,
+                                               device))
+    with pytest.raises(ValueError, match="num_decode_seqs 3 outside"):
+        attention.paged_mixed_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                        batch.seq_lens, 3, batch.prefill_query_start_loc, 1.0)
+    with pytest.raises(ValueError, match="prefill_query_start_loc has 3 entries; 2 expected"):
+        attention.paged_mixed_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                        batch.seq_lens, 1, batch.query_start_loc, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -83,6 +83,16 @@ def check(inputs, expected: Expected, num_seqs: int, num_tokens: int) -> None:
     query_lens = [b - a for a, b in zip(expected.query_start_loc, expected.query_start_loc[1:])]
     assert metadata.max_query_len == max(query_lens, default=0)
     assert metadata.max_seq_len == max(expected.seq_lens, default=0)
+    # A mixed batch's leading one-token rows are its decode rows; the rest's starts rebased.
+    num_decode = 0
+    if max(query_lens, default=0) > 1:
+        num_decode = next(i for i, q in enumerate(query_lens) if q != 1)
+    assert metadata.num_decode_seqs == num_decode
+    if num_decode:
+        rebased = [start - num_decode for start in expected.query_start_loc[num_decode:]]
+        assert metadata.prefill_query_start_loc.tolist() == rebased
+    else:
+        assert metadata.prefill_query_start_loc is None
     # Columns past a row's own blocks are never read (seq_lens bounds them): only each
     # row's prefix is specified, and the table must be at least as wide as the widest row.
     block_tables = metadata.block_tables
@@ -226,3 +236,24 @@ def test_bad_batches_are_rejected_with_the_reason(scheduled, pad_to, message) ->
     buffers = InputBuffers(MAX_NUM_TOKENS, MAX_NUM_SEQS, MAX_BLOCKS_PER_SEQ, "cpu")
     with pytest.raises(ValueError, match=message):
         buffers.prepare(scheduled, BLOCK_SIZE, pad_to=pad_to)
+
+
+def test_runner_orders_a_mixed_step_decode_rows_first() -> None:
+    """The runner hands prepare() a mixed step's one-token rows first, each group in scheduler
+    order; decode-only and prefill-only steps keep their order."""
+    from kiln.runtime.model_runner import _decode_rows_first
+
+    chunk = ScheduledRequest("chunk", [1, 2, 3], 0, [1], False)
+    decode_a = ScheduledRequest("a", [PLACEHOLDER], 4, [2, 6], True)
+    prompt = ScheduledRequest("prompt", [5, 6], 0, [3], True)
+    decode_b = ScheduledRequest("b", [7], 9, [4, 5, 8], True)
+    ordered = _decode_rows_first([chunk, decode_a, prompt, decode_b])
+    assert [r.request_id for r in ordered] == ["a", "b", "chunk", "prompt"]
+    inputs = prepare_inputs(ordered, BLOCK_SIZE)
+    assert inputs.metadata.num_decode_seqs == 2
+    assert inputs.metadata.prefill_query_start_loc.tolist() == [0, 3, 5]
+    assert inputs.sampled_request_ids == ["a", "b", "prompt"]
+    decode_only = [decode_b, decode_a]
+    assert _decode_rows_first(decode_only) is decode_only
+    prefill_only = [prompt, chunk]
+    assert _decode_rows_first(prefill_only) is prefill_only
