@@ -55,7 +55,7 @@ def time_ms(fn, reps: int = 10) -> float:
 def sweep_decode(scale: float) -> dict:
     cases = {"1024x200": [200 + i % 17 for i in range(1024)],
              "128x3000": [3000 + 8 * i for i in range(128)], "1x8192": [8192]}
-    tilings = [DecodeTiling(*t) for t in itertools.product([32, 64, 128], [2, 4, 8], [2, 3, 4])]
+    tilings = [DecodeTiling(*t) for t in itertools.product([32, 64, 128], [2, 4, 8], [2, 3])]
     report = {}
     for name, contexts in cases.items():
         query, kv, table, qsl, seq, _ = make_batch([1] * len(contexts), contexts)
@@ -86,9 +86,11 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     scale = HEAD_DIM**-0.5
-    cases = {"1x8192": ([8192], [0]), "4x2048": ([2048] * 4, [0] * 4),
-             "64x128": ([128] * 64, [0] * 64)}
-    tilings = [PrefillTiling(*t) for t in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])]
+    cases = {"1x8192": ([8192], [0]), "4x2048": ([2048] * 4, [0] * 4)}
+    # The first sweep (all of [64, 128] x [32, 64, 128] x [4, 8] x [2, 3, 4]) put these within
+    # 5 % of the best at 8,192 and 4 x 2,048 on the H100.
+    tilings = [PrefillTiling(*t) for t in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+                                           (128, 32, 4, 2), (64, 64, 4, 3)]]
     report = {"default": attention.prefill_tiling(HEAD_DIM, torch.device("cuda"))._asdict(), "cases": {}}
     for name, (q_lens, contexts) in cases.items():
         query, kv, table, qsl, seq, flop = make_batch(q_lens, contexts)

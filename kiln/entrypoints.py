@@ -8,6 +8,8 @@ settings, and reused from there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -130,7 +132,10 @@ class LLM:
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        sampling_params = list(sampling_params)
+        # Only the finished outputs are returned, so only those are built (as vLLM's LLM).
+        sampling_params = [
+            dataclasses.replace(params, output_kind="final_only") for params in sampling_params
+        ]
         if len(sampling_params) != len(prompts):
             raise ValueError(
                 f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "

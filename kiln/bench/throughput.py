@@ -17,8 +17,10 @@ from kiln.runtime.sampling_params import SamplingParams
 
 def _params(request: BenchRequest) -> SamplingParams:
     # As vLLM's benchmark: sample at temperature 1 and ignore EOS, so every request produces
-    # exactly its output length and runs are comparable.
-    return SamplingParams(temperature=1.0, max_tokens=request.output_len, ignore_eos=True)
+    # exactly its output length and runs are comparable; as its LLM.generate, report only the
+    # finished request.
+    return SamplingParams(temperature=1.0, max_tokens=request.output_len, ignore_eos=True,
+                          output_kind="final_only")
 
 
 def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:

@@ -69,9 +69,12 @@ class _UserRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[_Sequence] = field(default_factory=list)
+    final_only: bool = False  # SamplingParams.output_kind "final_only": report only the end
 
     @property
     def finished(self) -> bool:
+        if len(self.sequences) == 1:  # the common case, asked of every request every step
+            return self.sequences[0].request.is_finished
         return all(s.request.is_finished for s in self.sequences)
 
 
@@ -287,7 +290,8 @@ class LLMEngine:
         extra_eos = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
         if extra_eos and not params.ignore_eos:
             params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra_eos])
-        user_request = _UserRequest(request_id, prompt_text, token_ids)
+        user_request = _UserRequest(request_id, prompt_text, token_ids,
+                                    final_only=params.output_kind == "final_only")
         for index in range(params.n):
             child_params = params
             if params.n > 1:
@@ -389,8 +393,10 @@ class LLMEngine:
             touched[user_request.request_id] = user_request
         outputs = []
         for user_request in touched.values():
-            outputs.append(self._make_output(user_request))
-            if user_request.finished:
+            finished = user_request.finished
+            if finished or not user_request.final_only:
+                outputs.append(self._make_output(user_request))
+            if finished:
                 self._forget(user_request)
         return outputs
 

@@ -226,6 +226,10 @@ class KVCacheManager:
         request.num_computed_tokens + len(computed_blocks) * block_size + num_new_tokens.
         Returns False, changing nothing, when the free and evictable blocks do not suffice.
         """
+        if not computed_blocks and (
+            request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        ):
+            return True  # the blocks held already fit them: most decode steps of a request
         if computed_blocks and (request.block_ids or request.num_computed_tokens):
             raise ValueError(
                 f"request {request.request_id!r}: computed_blocks can only start an empty "

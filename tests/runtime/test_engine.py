@@ -6,6 +6,8 @@ running each prompt alone, and equal transformers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -124,6 +126,41 @@ def test_logprobs_and_deltas(tiny):
         assert record.sampled_token_id == token_id
         assert record.top[0][0] == token_id  # greedy: the sampled token is the best one
         assert len(record.top) == 3
+
+
+def test_final_only_requests_report_once_with_everything_cumulative_ones_have(tiny):
+    """output_kind "final_only" (LLM.generate, the throughput bench) returns one output per
+    request, when it finishes, equal to the last output of the same request streamed."""
+    _, engine_dir = tiny
+    engine = make_engine(engine_dir)
+    prompts = random_prompts(6, seed=3)
+    streamed = SamplingParams(temperature=0, max_tokens=7, logprobs=2, ignore_eos=True)
+    final_only = dataclasses.replace(streamed, output_kind="final_only")
+    reports: dict[str, list] = {}
+    ids = {}
+    for index, prompt in enumerate(prompts):
+        params = final_only if index % 2 else streamed
+        ids[engine.add_request(None, {"prompt_token_ids": prompt}, params)] = index
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            reports.setdefault(output.request_id, []).append(output)
+    for request_id, index in ids.items():
+        outputs = reports[request_id]
+        if index % 2:
+            assert len(outputs) == 1 and outputs[0].finished
+        else:
+            assert len(outputs) > 1 and not outputs[0].finished
+    # Same prompt, same greedy tokens and logprobs either way (run alone this time).
+    by_index = {index: reports[request_id][-1] for request_id, index in ids.items()}
+    again = make_engine(engine_dir)
+    for index, final in by_index.items():
+        (rerun,) = run_all(again, [prompts[index]], [streamed if index % 2 else final_only])
+        assert rerun.outputs[0].token_ids == final.outputs[0].token_ids
+        # Batched with other rows, the fp32 matmuls sum in another order: ulps apart.
+        for ours, theirs in zip(rerun.outputs[0].logprobs, final.outputs[0].logprobs, strict=True):
+            assert ours.sampled_logprob == pytest.approx(theirs.sampled_logprob, abs=1e-4)
+            assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+        assert rerun.outputs[0].finish_reason == final.outputs[0].finish_reason
 
 
 @pytest.mark.parametrize(

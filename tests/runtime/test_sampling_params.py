@@ -92,6 +92,8 @@ BAD_VALUES = [
     ("ignore_eos", 1),
     ("skip_special_tokens", "yes"),
     ("include_stop_str_in_output", None),
+    ("output_kind", "delta"),
+    ("output_kind", None),
 ]
 
 
