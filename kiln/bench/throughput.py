@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 from kiln.bench.datasets import BenchRequest
 from kiln.runtime.engine import LLMEngine
@@ -23,8 +24,18 @@ def _params(request: BenchRequest) -> SamplingParams:
                           output_kind="final_only")
 
 
+def _triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache: one more per compilation, so a count that grows
+    during a run means a step waited for a compile (a second or more each)."""
+    from triton import knobs
+
+    directory = Path(knobs.cache.dir)
+    return sum(1 for _ in directory.iterdir()) if directory.is_dir() else 0
+
+
 def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
     stats_before = dataclasses.replace(engine.stats)
+    cache_entries_before = _triton_cache_entries()
     runner = engine.runner
     graph_before = (runner.graph_steps, runner.graph_gpu_seconds)
     started = time.perf_counter()
@@ -56,6 +67,7 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
         "gpu_s_graph_steps": runner.graph_gpu_seconds - graph_before[1],
         "gpu_s_eager_steps": (stats.gpu_seconds - stats_before.gpu_seconds)
         - (runner.graph_gpu_seconds - graph_before[1]),
+        "triton_compiles": _triton_cache_entries() - cache_entries_before,
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (output_tokens + prompt_tokens) / seconds,
         "requests_s": len(requests) / seconds,
@@ -76,6 +88,7 @@ def run_sequential(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
+        "triton_compiles": _triton_cache_entries() - cache_entries_before,
         "output_tok_s": output_tokens / seconds,
         "requests_s": len(requests) / seconds,
         "output_tokens": output_tokens,

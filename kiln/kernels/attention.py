@@ -219,10 +219,15 @@ PREFILL_TILING_CUDA = {
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits per sequence so that (sequences x KV heads x splits) fills the GPU about twice:
-    33 at batch 1 with 8 KV heads on 132 SMs, 1 (no reduce) from batch 33 up."""
+    """Splits per sequence so that (sequences x KV heads x splits) fills the GPU at least
+    twice, rounded up to a power of 2: 64 at batch 1 with 8 KV heads on 132 SMs, 1 (no
+    reduce) from batch 33 up. The split count is a compile-time constant of the kernel, and
+    the decode rows of a mixed step come in any number: powers of 2 keep the variants to the
+    seven that CUDA-graph capture (batch 1, 2, 4, 8, 16, 24, 32, ...) already compiles, so no
+    step compiles a kernel mid-run (a second or more, inside someone's latency)."""
     target = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
-    return max(1, min(MAX_DECODE_SPLITS, triton.cdiv(target, num_seqs * num_kv_heads)))
+    splits = triton.next_power_of_2(triton.cdiv(target, num_seqs * num_kv_heads))
+    return max(1, min(MAX_DECODE_SPLITS, splits))
 
 
 @functools.cache
@@ -482,7 +487,11 @@ def _prefill_tile(
     return _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE, PRECISION)
 
 
-@triton.jit
+# Per-step values stay runtime arguments rather than specialisations: the sequence count,
+# and pointers a mixed step slices at a row offset (seq_lens[D:], block_tables[D:]), whose
+# 16-byte alignment would otherwise pick a kernel variant, compiled mid-run on first sight.
+@triton.jit(do_not_specialize=["num_seqs", "seq_lens_ptr", "block_tables_ptr",
+                               "query_start_loc_ptr"])
 def _paged_prefill_kernel(
     q_ptr, stride_qt, stride_qh,  # (T, Hq, D)
     cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,

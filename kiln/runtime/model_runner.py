@@ -131,11 +131,13 @@ class ModelRunner:
             self.capture_report = self.graphs.capture()
         if device.type == "cuda" and not use_reference_kernels():
             # Compile the temperature-only sampling kernels now rather than in the first
-            # step that needs them (a second or two, inside someone's latency).
-            vocab_size = engine.model_config.vocab_size
-            sample_gumbel(torch.zeros(1, vocab_size, device=device),
-                          torch.ones(1, device=device), torch.zeros(1, dtype=torch.bool, device=device),
-                          seed=0)
+            # step that needs them (a second or two, inside someone's latency): for the
+            # eager steps' float32 logits and the graphs' logits in the model dtype.
+            vocab_size = self.model.lm_head.vocab_size
+            for logits_dtype in {torch.float32, dtype}:
+                sample_gumbel(torch.zeros(1, vocab_size, dtype=logits_dtype, device=device),
+                              torch.ones(1, device=device),
+                              torch.zeros(1, dtype=torch.bool, device=device), seed=0)
 
     def register(self, request: Request) -> None:
         self._requests[request.request_id] = request

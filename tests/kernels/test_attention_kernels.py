@@ -61,13 +61,18 @@ def test_decode_with_one_split_writes_the_output_directly(device, poison_outputs
     _compare(out, reference_attention(batch, 0.125, None), torch.bfloat16)
 
 
-def test_decode_num_splits_fills_the_gpu_twice(monkeypatch):
+def test_decode_num_splits_fills_the_gpu_in_powers_of_two(monkeypatch):
     monkeypatch.setattr(attention, "_multiprocessor_count", lambda device: 132)  # an H100
     cuda = torch.device("cuda")
-    assert attention.decode_num_splits(1, 8, cuda) == 33  # 264 programs at batch 1
-    assert attention.decode_num_splits(8, 8, cuda) == 5
+    assert attention.decode_num_splits(1, 8, cuda) == 64  # 33 → 64: powers of 2 only
+    assert attention.decode_num_splits(8, 8, cuda) == 8  # 5 → 8
     assert attention.decode_num_splits(33, 8, cuda) == 1  # no reduce from batch 33 up
     assert attention.decode_num_splits(1, 1, cuda) == attention.MAX_DECODE_SPLITS
+    # Every batch size gets one of the split counts the graph capture sizes compile.
+    from kiln.runtime.cuda_graphs import capture_sizes
+
+    captured = {attention.decode_num_splits(n, 8, cuda) for n in capture_sizes(1024)}
+    assert {attention.decode_num_splits(n, 8, cuda) for n in range(1, 1025)} <= captured
 
 
 # (dtype, num_heads, num_kv_heads, head_dim, block_size, window, q_lens, contexts)
