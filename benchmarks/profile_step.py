@@ -1,6 +1,10 @@
-"""Where one step's GPU time goes: torch.profiler over a prefill and a few batch-1 decode
-steps of an engine, top kernels by total CUDA time. Usage (GPU machine):
-    python3 benchmarks/profile_step.py ENGINE_DIR [--prefill 512 8192] [--out DIR]"""
+"""Where one step's GPU time goes: torch.profiler over prefills, a few batch-1 decode steps,
+decode steps at --batch rows of --batch-prompt-len context, and (--mixed) the eager mixed
+steps after new prompts arrive among decoding requests; top kernels by total CUDA time.
+Usage (GPU machine):
+    python3 benchmarks/profile_step.py ENGINE_DIR [--prefill 512 8192] [--batch 1024
+        --batch-prompt-len 192] [--mixed 900 111] [--max-num-seqs 1024
+        --max-num-batched-tokens 16384] [--out DIR]"""
 
 from __future__ import annotations
 
@@ -40,6 +44,12 @@ def profile_decode_steps(engine: LLMEngine, prompt_len: int, batch: int, steps: 
         engine.add_request(None, prompt, params)
     for _ in range(prefill_steps):
         engine.step()
+    return profile_then_drain(engine, steps)[0]
+
+
+def profile_then_drain(engine: LLMEngine, steps: int):
+    """Profile the next `steps` steps, run the rest to completion; (kernel rows with
+    us_per_step, the profile)."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -50,11 +60,11 @@ def profile_decode_steps(engine: LLMEngine, prompt_len: int, batch: int, steps: 
     rows = top_kernels(prof, 40)
     for row in rows:
         row["us_per_step"] = row["total_us"] / steps
-    return rows
+    return rows, prof
 
 
 def profile_mixed_step(engine: LLMEngine, decode_rows: int, new_prompts: int, prompt_len: int,
-                       steps: int = 2) -> list[dict]:
+                       steps: int = 2) -> tuple[list[dict], list[dict]]:
     """Kernels of the steps right after `new_prompts` prompts arrive while `decode_rows`
     requests decode: the eager mixed steps of an offline run between decode waves."""
     budget = engine.config.max_num_batched_tokens
@@ -72,16 +82,7 @@ def profile_mixed_step(engine: LLMEngine, decode_rows: int, new_prompts: int, pr
     for _ in range(prefill_steps):
         engine.step()
     add(new_prompts, 4)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-    while engine.has_unfinished_requests():
-        engine.step()
-    rows = top_kernels(prof, 40)
-    for row in rows:
-        row["us_per_step"] = row["total_us"] / steps
+    rows, prof = profile_then_drain(engine, steps)
     return rows, top_host_ops(prof, 15)
 
 

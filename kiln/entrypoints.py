@@ -84,7 +84,8 @@ def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = 
 
 # Offline runs hand the engine every request at once, and no one waits on a single step: on a
 # GPU, larger steps than a server's (vLLM's offline defaults for 80 GB cards). On the H100 at
-# 128/128 they measured 16.4 k against 15.6 k output tok/s at 512 / 8192 (BENCHMARKS.md).
+# 128/128 they measured 16.1 k against 15.6 k output tok/s at 512 / 8192 in one run
+# (BENCHMARKS.md).
 OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}
 
 
