@@ -384,6 +384,10 @@ class Sampler:
             or metadata.repetition_penalties is not None
             or metadata.banned_flat_indices is not None
         )
+        if not in_place and metadata.max_num_logprobs is None:
+            # Argmax in the logits' own dtype (the graphs' bf16): widening to float32 is
+            # exact, so the token is the same without a (R, V) float32 copy.
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         logits = logits.to(torch.float32, copy=in_place)  # (R, V)
         self._apply_penalties(logits, metadata)
         if metadata.banned_flat_indices is not None:

@@ -482,3 +482,16 @@ def test_all_greedy_batch_reads_the_logits_without_changing_them() -> None:
     assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
     # Greedy logprobs are the log_softmax of the logits as they came (no temperature).
     assert torch.equal(out.logprobs.top_logprobs, torch.log_softmax(logits, -1).topk(2).values)
+
+
+def test_all_greedy_batch_takes_the_argmax_in_the_logits_dtype() -> None:
+    """The graphs hand over bf16 logits: an all-greedy batch without logprobs takes their
+    argmax as they are (widening to float32 is exact, so the token cannot differ), ties to
+    the lowest index as on float32."""
+    torch.manual_seed(5)
+    logits = torch.randn(4, 50).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 30] = logits[2].max() + 1  # a tie: the lower index wins
+    out, _ = sample(logits, [row(SamplingParams(temperature=0.0))] * 4)
+    assert out.logprobs is None
+    assert torch.equal(out.sampled_token_ids, logits.float().argmax(-1))
+    assert out.sampled_token_ids[2] == 7
