@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, GPU tests, build a random Llama-3.1-8B engine,
 # latency (with the transformers peer) and throughput benchmarks. Results land in $OUT.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [tests|chain|profile|gemm|build|latency|throughput|sharegpt|serve]...
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [tests|chain|profile|gemm|sweep|build|latency|throughput|sharegpt|serve]...
 # (sharegpt/serve replay .bench-data/sharegpt-smollm2-1000.jsonl: carry it; make it here with
 #  kiln bench throughput smollm2 --num-prompts 1000 --save-dataset ... or the serve bench's twin.)
 set -uo pipefail
@@ -24,6 +24,8 @@ for step in "${steps[@]}"; do
       timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/profile_step.py $engine ${PROFILE_ARGS:-} --out "$OUT" 2>&1 | tail -60 ;;
     gemm)
       timeout ${GEMM_TIMEOUT:-120} python3 benchmarks/gemm_shapes.py --out "$OUT" 2>&1 | tail -12 ;;
+    sweep)
+      timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/attention_sweep.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
     build)
       [ -f $engine/engine.json ] || /usr/bin/time -f "build %e s, %M KB" python3 -m kiln.cli build llama-3.1-8b --random-weights -o $engine --max-model-len 16384 2>&1 | tail -2 ;;
     latency)
