@@ -134,9 +134,15 @@ class LLM:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         # Only the finished outputs are returned, so only those are built (as vLLM's LLM).
-        sampling_params = [
-            dataclasses.replace(params, output_kind="final_only") for params in sampling_params
-        ]
+        # One replaced copy per distinct object: usually one shared by every prompt.
+        final_only: dict[int, SamplingParams] = {}
+        for index, params in enumerate(sampling_params):
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling_params[{index}] is a {type(params).__name__}, "
+                                 f"not a SamplingParams")
+            if id(params) not in final_only:
+                final_only[id(params)] = dataclasses.replace(params, output_kind="final_only")
+        sampling_params = [final_only[id(params)] for params in sampling_params]
         if len(sampling_params) != len(prompts):
             raise ValueError(
                 f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "

@@ -1,12 +1,14 @@
-"""The offline entry point's step sizes: larger on a GPU, EngineConfig's on the CPU, and
-never over what the user set."""
+"""The offline entry point: its step sizes (larger on a GPU, EngineConfig's on the CPU, never
+over what the user set) and its final-outputs-only generate."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kiln.config import EngineConfig
-from kiln.entrypoints import OFFLINE_GPU_DEFAULTS, offline_defaults
+from kiln.entrypoints import LLM, OFFLINE_GPU_DEFAULTS, offline_defaults
+from kiln.runtime.sampling_params import SamplingParams
 
 
 def test_cpu_keeps_the_engine_config_defaults():
@@ -24,3 +26,45 @@ def test_gpu_fills_in_the_offline_step_sizes_unless_set(monkeypatch):
     # Larger than a server's: that is the point of them.
     assert OFFLINE_GPU_DEFAULTS["max_num_seqs"] > EngineConfig().max_num_seqs
     assert OFFLINE_GPU_DEFAULTS["max_num_batched_tokens"] > EngineConfig().max_num_batched_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_dir(tmp_path_factory):
+    import transformers
+
+    from kiln.build.builder import build_engine
+    from kiln.config import BuildConfig
+    from tests.helpers import save_tiny_hf_model
+
+    directory = tmp_path_factory.mktemp("tiny-llm")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+    )
+    save_tiny_hf_model(config, directory / "hf")
+    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
+    return directory / "engine"
+
+
+def test_generate_returns_final_outputs_in_prompt_order(tiny_engine_dir):
+    """LLM.generate asks the engine for final outputs only: one finished output per prompt,
+    in prompt order, with every token; the caller's SamplingParams are left as they were."""
+    llm = LLM(model=str(tiny_engine_dir), device="cpu", num_kv_blocks=64, block_size=4)
+    shared = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [9]},
+               {"prompt_token_ids": [1, 2, 3, 4, 5, 6]}]
+    outputs = llm.generate(prompts, shared, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs] == [p["prompt_token_ids"] for p in prompts]
+    assert all(o.finished and len(o.outputs[0].token_ids) == 5 for o in outputs)
+    assert shared.output_kind == "cumulative"
+    # The same greedy tokens one prompt at a time.
+    alone = llm.generate(prompts[2], shared, use_tqdm=False)[0]
+    assert alone.outputs[0].token_ids == outputs[2].outputs[0].token_ids
+
+
+def test_generate_rejects_what_is_not_sampling_params(tiny_engine_dir):
+    llm = LLM(model=str(tiny_engine_dir), device="cpu", num_kv_blocks=64, block_size=4)
+    with pytest.raises(ValueError, match=r"sampling_params\[1\] is a dict, not a SamplingParams"):
+        llm.generate([[1, 2], [3]], [SamplingParams(max_tokens=2), {"max_tokens": 2}],
+                     use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
