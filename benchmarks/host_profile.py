@@ -8,7 +8,7 @@ part in production); the vocabulary is tiny (128) to keep that small.
 Two measurements, both with time.perf_counter (cProfile inflates Python-heavy code):
 
     loop    the engine loop over --num-requests requests of 128 prompt / 128 output tokens
-            at max_num_seqs 256; per-call times of InputBuffers.prepare,
+            at max_num_seqs --batch-size (256); per-call times of InputBuffers.prepare,
             SamplingMetadata.build, Sampler.__call__ and ModelRunner._sample (rows,
             metadata, sampler, outputs) over the steps that run a full decode batch, and
             ms per step over all steps
@@ -16,6 +16,7 @@ Two measurements, both with time.perf_counter (cProfile inflates Python-heavy co
             chunks and decode rows; several sampling mixes), median of --repeats calls
 
 Usage: python benchmarks/host_profile.py [loop|micro|all] [--cprofile] [--no-gc]
+           [--batch-size 1024 --max-num-batched-tokens 16384 --output-kind final_only]
 To time another checkout's kiln against this one's, put it first on the path:
 PYTHONPATH=/path/to/other/checkout python benchmarks/host_profile.py.
 
@@ -99,16 +100,20 @@ def timed(calls: list[tuple[int, float]], size_of, function):
     return wrapper
 
 
-def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: bool) -> None:
+def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: bool,
+             output_kind: str = "cumulative", max_num_batched_tokens: int = 8192) -> None:
     from kiln.build.engine import open_engine
     from kiln.config import EngineConfig
     from kiln.runtime.engine import LLMEngine
 
+    # Enough blocks that a full batch never waits for KV: the loop measures host work.
+    num_kv_blocks = max(4096, BATCH_SIZE * (PROMPT_LEN + OUTPUT_LEN) // BLOCK_SIZE + 64)
     engine = LLMEngine(
         open_engine(tiny_engine(work_dir)),
         EngineConfig(
             device="cpu", block_size=BLOCK_SIZE, max_num_seqs=BATCH_SIZE,
-            max_model_len=MAX_MODEL_LEN, num_kv_blocks=4096,
+            max_model_len=MAX_MODEL_LEN, num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=max_num_batched_tokens,
         ),
     )
     model = engine.runner.model
@@ -141,7 +146,8 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
         engine.add_request(
             None,
             {"prompt_token_ids": prompt},
-            SamplingParams(temperature=0.8, max_tokens=OUTPUT_LEN, ignore_eos=True),
+            SamplingParams(temperature=0.8, max_tokens=OUTPUT_LEN, ignore_eos=True,
+                           output_kind=output_kind),
         )
     profiler = cProfile.Profile() if profile else None
     steps = 0
@@ -255,6 +261,7 @@ def run_micro(repeats: int) -> None:
 
 
 def main() -> None:
+    global BATCH_SIZE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", choices=["loop", "micro", "all"], default="all")
     parser.add_argument("--num-requests", type=int, default=512)
@@ -262,13 +269,20 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="profile the loop with cProfile")
     parser.add_argument("--no-gc", action="store_true", help="no cyclic GC during the loop")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/kiln-host-profile"))
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="max_num_seqs of the loop, and the batch the per-call times are of")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--output-kind", choices=["cumulative", "final_only"], default="cumulative",
+                        help="final_only: as LLM.generate and the throughput bench")
     args = parser.parse_args()
+    BATCH_SIZE = args.batch_size
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.mode in ("micro", "all"):
         run_micro(args.repeats)
     if args.mode in ("loop", "all"):
-        run_loop(args.num_requests, args.work_dir, args.cprofile, collect_garbage=not args.no_gc)
+        run_loop(args.num_requests, args.work_dir, args.cprofile, collect_garbage=not args.no_gc,
+                 output_kind=args.output_kind, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 if __name__ == "__main__":
