@@ -23,7 +23,11 @@ Each op has a torch reference (loops over sequences; the oracle) and a Triton fa
   launch is CUDA-graph capturable.
 - `paged_prefill_attention` (any ragged mix of new-token counts, prefix reuse, chunked
   prefill): grid (query block, query head); each program finds its sequence by a binary search
-  over `query_start_loc` on the GPU, so it needs no host lists either.
+  over `query_start_loc` on the GPU, so it needs no host lists either. Its key tiles run in
+  three loops: the window's edge and the causal diagonal masked, the tiles between (every row
+  of the block sees them whole) without a mask.
+- `paged_mixed_attention` (a mixed step the runner ordered decode-first): the decode kernel
+  for the leading one-token rows, the prefill kernel for the rest, into one output.
 """
 
 from __future__ import annotations
