@@ -91,7 +91,7 @@ def main() -> None:
     # 5 % of the best at 8,192 and 4 x 2,048 on the H100.
     tilings = [PrefillTiling(*t) for t in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
                                            (128, 32, 4, 2), (64, 64, 4, 3)]]
-    report = {"default": attention.prefill_tiling(HEAD_DIM, torch.device("cuda"))._asdict(), "cases": {}}
+    report = {"default": attention.prefill_tiling(HEAD_DIM)._asdict(), "cases": {}}
     for name, (q_lens, contexts) in cases.items():
         query, kv, table, qsl, seq, flop = make_batch(q_lens, contexts)
         rows = []

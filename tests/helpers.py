@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny random Hugging Face models (no downloads) and a minimal
-single-sequence forward loop over the paged KV cache."""
+"""Shared test helpers: tiny random Hugging Face models (no downloads), a tiny engine built
+from one, and a minimal single-sequence forward loop over the paged KV cache."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ class SequenceRunner:
 
 
 @torch.no_grad()
+def build_tiny_engine(directory: Path, max_position_embeddings: int = 128, **config) -> Path:
+    """A float32 engine of a tiny random Llama (2 layers, hidden 32, GQA 2:1, vocab 64) built
+    under `directory`; keyword arguments override the LlamaConfig fields. Returns its dir."""
+    from kiln.build.builder import build_engine
+    from kiln.config import BuildConfig
+
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                  max_position_embeddings=max_position_embeddings)
+    save_tiny_hf_model(transformers.LlamaConfig(**{**fields, **config}), directory / "hf")
+    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
+    return directory / "engine"
+
+
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     """Plain argmax decoding with transformers' KV cache and no logits processors (generate()
     with min_new_tokens would ban EOS, which kiln's ignore_eos does not)."""

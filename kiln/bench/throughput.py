@@ -88,7 +88,6 @@ def run_sequential(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
-        "triton_compiles": _triton_cache_entries() - cache_entries_before,
         "output_tok_s": output_tokens / seconds,
         "requests_s": len(requests) / seconds,
         "output_tokens": output_tokens,

@@ -207,19 +207,11 @@ class PrefillTiling(NamedTuple):
     num_stages: int
 
 
-def prefill_tiling(head_dim: int, device: torch.device) -> PrefillTiling:
-    """The prefill kernel's tiles. The interpreter keeps the small tiles the CPU tests were
-    written for; on the GPU the figures come from benchmarks/attention_sweep.py."""
-    if device.type != "cuda":
-        return PrefillTiling(64, 64 if head_dim <= 128 else 32, 4, 2)
-    return PREFILL_TILING_CUDA.get(head_dim, PrefillTiling(64, 32, 4, 2))
-
-
-# head_dim → tiling on the GPU (H100 measurements in benchmarks/BENCHMARKS.md).
-PREFILL_TILING_CUDA = {
-    64: PrefillTiling(64, 64, 4, 2),
-    128: PrefillTiling(64, 64, 4, 2),
-}
+def prefill_tiling(head_dim: int) -> PrefillTiling:
+    """The prefill kernel's tiles: 64 query rows x 64 keys (32 past head_dim 128), 4 warps,
+    2 stages. On the H100 benchmarks/attention_sweep.py found no tiling >= 5 % faster at 8 k
+    or 4 x 2 k tokens (BENCHMARKS.md)."""
+    return PrefillTiling(64, 64 if head_dim <= 128 else 32, 4, 2)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -593,7 +585,7 @@ def paged_prefill_attention(
     out = _output_like(query, out)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m, block_n, num_warps, num_stages = tiling or prefill_tiling(head_dim, query.device)
+    block_m, block_n, num_warps, num_stages = tiling or prefill_tiling(head_dim)
     grid = (num_tokens // block_m + num_seqs, num_heads)
     launchable(_paged_prefill_kernel, query)[grid](
         query, query.stride(0), query.stride(1),

@@ -171,7 +171,7 @@ class ModelRunner:
         started = self._record_event()
         self._fill_placeholders(scheduled, inputs)
         if graph_size is not None:
-            logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (R, V) float32
+            logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (R, V) model dtype
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
             if not inputs.sampled_request_ids:

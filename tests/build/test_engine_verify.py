@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 import kiln.build.engine as engine_module
-from kiln.build.builder import build_engine
 from kiln.build.engine import (
     HASH_CHUNK_BYTES,
     LoadTimings,
@@ -27,23 +25,15 @@ from kiln.build.engine import (
     verify_files,
 )
 from kiln.cli import main
-from kiln.config import BuildConfig
 from kiln.errors import EngineFormatError
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import build_tiny_engine
 
 SMALL_CHUNK = 4096
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("verify")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=64,
-    )
-    save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
-    return directory / "engine"
+    return build_tiny_engine(tmp_path_factory.mktemp("verify"), max_position_embeddings=64)
 
 
 @pytest.fixture

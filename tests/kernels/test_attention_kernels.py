@@ -138,6 +138,20 @@ def test_mixed_step_rejects_a_split_that_does_not_match_the_batch(device):
                                         batch.seq_lens, 1, batch.query_start_loc, 1.0)
 
 
+def test_attention_rejects_an_output_that_does_not_match_the_query(device):
+    batch = make_paged_batch([1, 1], [4, 9], 2, 2, 64, 16, torch.float32, device)
+    wrong_shape = torch.empty(3, 2, 64, device=device)
+    with pytest.raises(ValueError, match=r"out \(3, 2, 64\) torch.float32 .* does not match the "
+                                         r"query \(2, 2, 64\)"):
+        attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                         batch.seq_lens, 1.0, out=wrong_shape)
+    wrong_dtype = torch.empty(2, 2, 64, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="torch.float16 .* does not match"):
+        attention.paged_prefill_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                          batch.query_start_loc, batch.seq_lens, 1.0,
+                                          out=wrong_dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_cache_matches_reference(dtype, device):
     batch = make_paged_batch([3, 1, 4], [0, 5, 2], 4, 2, 64, 8, dtype, device, num_padding_rows=2)

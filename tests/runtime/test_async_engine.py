@@ -5,27 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import transformers
 
-from kiln.build.builder import build_engine
 from kiln.build.engine import open_engine
-from kiln.config import BuildConfig, EngineConfig
+from kiln.config import EngineConfig
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import build_tiny_engine
 
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("async")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=128,
-    )
-    save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
-    return directory / "engine"
+    return build_tiny_engine(tmp_path_factory.mktemp("async"))
 
 
 def new_engine(engine_dir) -> LLMEngine:

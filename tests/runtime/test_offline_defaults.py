@@ -9,6 +9,7 @@ import torch
 from kiln.config import EngineConfig
 from kiln.entrypoints import LLM, OFFLINE_GPU_DEFAULTS, offline_defaults
 from kiln.runtime.sampling_params import SamplingParams
+from tests.helpers import build_tiny_engine
 
 
 def test_cpu_keeps_the_engine_config_defaults():
@@ -30,20 +31,7 @@ def test_gpu_fills_in_the_offline_step_sizes_unless_set(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_engine_dir(tmp_path_factory):
-    import transformers
-
-    from kiln.build.builder import build_engine
-    from kiln.config import BuildConfig
-    from tests.helpers import save_tiny_hf_model
-
-    directory = tmp_path_factory.mktemp("tiny-llm")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
-    )
-    save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
-    return directory / "engine"
+    return build_tiny_engine(tmp_path_factory.mktemp("tiny-llm"))
 
 
 def test_generate_returns_final_outputs_in_prompt_order(tiny_engine_dir):
