@@ -72,7 +72,7 @@ def format_times(name: str, seconds: list[float]) -> str:
 def tiny_engine(directory: Path) -> Path:
     import transformers
 
-    from kiln.build.builder import build_engine
+    from kiln.compiler.builder import build_engine
     from kiln.config import BuildConfig
     from tests.helpers import save_tiny_hf_model
 
@@ -102,7 +102,7 @@ def timed(calls: list[tuple[int, float]], size_of, function):
 
 def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: bool,
              output_kind: str = "cumulative", max_num_batched_tokens: int = 8192) -> None:
-    from kiln.build.engine import open_engine
+    from kiln.compiler.manifest import open_engine
     from kiln.config import EngineConfig
     from kiln.runtime.engine import LLMEngine
 

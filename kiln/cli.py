@@ -19,8 +19,8 @@ EXIT_USER_ERROR = 1
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from kiln.build.builder import build_engine
-    from kiln.build.presets import PRESETS, get_preset
+    from kiln.compiler.builder import build_engine
+    from kiln.compiler.presets import PRESETS, get_preset
     from kiln.config import BuildConfig, validated
 
     config = validated(
@@ -37,7 +37,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from kiln.build.engine import open_engine
+    from kiln.compiler.manifest import open_engine
 
     engine = open_engine(args.engine, verify_hashes=True)
     m, c = engine.manifest, engine.model_config

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from kiln.build.engine import load_engine_model, open_engine
+from kiln.compiler.loader import load_engine_model
+from kiln.compiler.manifest import open_engine
 from kiln.runtime.input_batch import prepare_inputs
 from kiln.runtime.kv_tensors import allocate_kv_caches
 from kiln.runtime.outputs import ScheduledRequest
@@ -62,7 +63,7 @@ class SequenceRunner:
 def build_tiny_engine(directory: Path, max_position_embeddings: int = 128, **config) -> Path:
     """A float32 engine of a tiny random Llama (2 layers, hidden 32, GQA 2:1, vocab 64) built
     under `directory`; keyword arguments override the LlamaConfig fields. Returns its dir."""
-    from kiln.build.builder import build_engine
+    from kiln.compiler.builder import build_engine
     from kiln.config import BuildConfig
 
     fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

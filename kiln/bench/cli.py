@@ -65,8 +65,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     if args.hf_peer:
         # First, so its memory is free again before kiln sizes its KV cache.
         from kiln.bench.peers import hf_static_cache_decode
-        from kiln.build.engine import open_engine
-        from kiln.entrypoints import resolve_engine
+        from kiln.compiler.manifest import open_engine
+        from kiln.compiler.engine_cache import resolve_engine
 
         info = open_engine(resolve_engine(args.model), verify_hashes=False)
         metrics.update(hf_static_cache_decode(

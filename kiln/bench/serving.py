@@ -203,9 +203,9 @@ def _local_tokenizer(model: str):
     """The tokenizer of another model (an engine dir, HF dir, .gguf or 'smollm2'), for
     servers whose engine has none (random-weight benchmark engines): ShareGPT prompts are
     then sent as that tokenizer's ids, which any vocabulary at least as large accepts."""
-    from kiln.build.engine import open_engine
+    from kiln.compiler.manifest import open_engine
     from kiln.checkpoint.tokenizer import load_tokenizer
-    from kiln.entrypoints import resolve_engine
+    from kiln.compiler.engine_cache import resolve_engine
 
     info = open_engine(resolve_engine(model), verify_hashes=False)
     if info.tokenizer_dir is None:

@@ -48,8 +48,3 @@ class ModelConfig:
         data["sliding_windows"] = tuple(data.get("sliding_windows", ()))
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         return cls(**data)
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token across all layers, at 2 bytes per element."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2

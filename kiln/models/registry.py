@@ -16,11 +16,6 @@ def register_model(*architectures: str):
     return wrap
 
 
-def supported_architectures() -> list[str]:
-    _import_all()
-    return sorted(_MODELS)
-
-
 def get_model_class(architecture: str) -> type:
     _import_all()
     if architecture not in _MODELS:

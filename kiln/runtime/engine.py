@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.build.engine import EngineInfo, open_engine
+from kiln.compiler.manifest import EngineInfo, open_engine
 from kiln.checkpoint.tokenizer import load_tokenizer
 from kiln.config import EngineConfig
 from kiln.errors import KilnError
@@ -123,14 +123,6 @@ class EngineStats:
     @property
     def host_seconds(self) -> float:
         return self.step_seconds - self.wait_seconds
-
-    def per_step_ms(self) -> dict[str, float]:
-        steps = max(self.num_steps, 1)
-        return {
-            "step_ms": 1000 * self.step_seconds / steps,
-            "cpu_ms_per_step": 1000 * self.host_seconds / steps,
-            "gpu_ms_per_step": 1000 * self.gpu_seconds / steps,
-        }
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.build.engine import EngineInfo, load_engine_model
+from kiln.compiler.loader import load_engine_model
+from kiln.compiler.manifest import EngineInfo
 from kiln.kernels.ops import use_reference_kernels
 from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes

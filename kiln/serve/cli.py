@@ -15,7 +15,7 @@ API_KEY_ENV = "KILN_API_KEY"
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.config import EngineConfig, validated
-    from kiln.entrypoints import resolve_engine
+    from kiln.compiler.engine_cache import resolve_engine
     from kiln.runtime.engine import LLMEngine
     from kiln.serve.app import create_app
     from kiln.serve.server import make_server

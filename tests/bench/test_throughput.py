@@ -7,7 +7,7 @@ import pytest
 
 from kiln.bench.datasets import synthetic_requests
 from kiln.bench.throughput import run_batched, run_sequential
-from kiln.build.engine import open_engine
+from kiln.compiler.manifest import open_engine
 from kiln.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
 from tests.helpers import build_tiny_engine

@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-from kiln.build.builder import build_engine
-from kiln.build.engine import open_engine
+from kiln.compiler.builder import build_engine
+from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig, EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams

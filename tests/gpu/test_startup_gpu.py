@@ -14,8 +14,9 @@ import pytest
 import torch
 import transformers
 
-from kiln.build.builder import build_engine
-from kiln.build.engine import _stage_to_device, open_engine
+from kiln.compiler.builder import build_engine
+from kiln.compiler.loader import _stage_to_device
+from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig, EngineConfig
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine

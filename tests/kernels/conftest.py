@@ -3,7 +3,7 @@
 The interpreter is chosen by TRITON_INTERPRET=1, and only if it is set before triton is first
 imported (triton decorates its own tl.sum, tl.max, ... at import time). Setting it here covers
 `pytest tests/kernels` (pytest loads the conftests of the paths it is given first). A whole-
-suite run imports kiln, and with it triton, while collecting tests/build and tests/checkpoint,
+suite run imports kiln, and with it triton, while collecting tests/compiler and tests/checkpoint,
 before this file loads: tests/conftest.py must set it too. On a CUDA machine neither sets it
 and these same tests run on the GPU.
 """

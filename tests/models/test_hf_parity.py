@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from kiln.build.builder import build_engine
+from kiln.compiler.builder import build_engine
 from kiln.config import BuildConfig
 from tests.helpers import SequenceRunner, hf_greedy, save_tiny_hf_model
 

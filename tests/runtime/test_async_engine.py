@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from kiln.build.engine import open_engine
+from kiln.compiler.manifest import open_engine
 from kiln.config import EngineConfig
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from kiln.build.builder import build_engine
-from kiln.build.engine import open_engine
+from kiln.compiler.builder import build_engine
+from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig, EngineConfig
 from kiln.models.config import ModelConfig
 from kiln.runtime.engine import LLMEngine

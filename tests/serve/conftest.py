@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from kiln.config import EngineConfig
-from kiln.entrypoints import resolve_engine
+from kiln.compiler.engine_cache import resolve_engine
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.serve.app import create_app

@@ -12,7 +12,7 @@ import pytest
 import transformers
 from safetensors.torch import load_file, save_file
 
-from kiln.build.engine import FORMAT_VERSION
+from kiln.compiler.manifest import FORMAT_VERSION
 from kiln.cli import main
 from tests.helpers import save_tiny_hf_model
 

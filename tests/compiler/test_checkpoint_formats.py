@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from kiln.build.builder import build_engine
+from kiln.compiler.builder import build_engine
 from kiln.config import BuildConfig
 from kiln.errors import CheckpointError
 from tests.helpers import SequenceRunner, save_tiny_hf_model

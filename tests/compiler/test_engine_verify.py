@@ -13,17 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import kiln.build.engine as engine_module
-from kiln.build.engine import (
-    HASH_CHUNK_BYTES,
-    LoadTimings,
-    _stage_to_device,
-    hash_file,
-    load_engine_model,
-    open_engine,
-    sha256_file,
-    verify_files,
-)
+import kiln.compiler.verify as verify_module
+from kiln.compiler.loader import _stage_to_device, load_engine_model
+from kiln.compiler.manifest import LoadTimings, open_engine
+from kiln.compiler.verify import HASH_CHUNK_BYTES, hash_file, sha256_file, verify_files
 from kiln.cli import main
 from kiln.errors import EngineFormatError
 from tests.helpers import build_tiny_engine
@@ -93,7 +86,7 @@ def test_build_records_whole_file_and_chunk_hashes(built):
 @pytest.mark.parametrize("read_bytes", [3, 7, 10, 1 << 20])
 def test_hash_file_one_pass_matches_separate_hashes(tmp_path, monkeypatch, size, read_bytes):
     # Reads that straddle chunk boundaries, end on them, or hold whole chunks.
-    monkeypatch.setattr(engine_module, "_READ_BYTES", read_bytes)
+    monkeypatch.setattr(verify_module, "_READ_BYTES", read_bytes)
     data = (bytes(range(256)) * (size // 256 + 1))[:size]
     path = tmp_path / "f"
     path.write_bytes(data)
@@ -161,8 +154,8 @@ def test_hash_range_reports_a_file_that_shrank(engine):
     buffer = memoryview(bytearray(64))
     path = engine / "rank0.safetensors"
     size = path.stat().st_size
-    assert engine_module._hash_range(path, size - 10, 20, buffer) is None
-    assert engine_module._hash_range(path, 0, 100, buffer) == hashlib.sha256(path.read_bytes()[:100]).hexdigest()
+    assert verify_module._hash_range(path, size - 10, 20, buffer) is None
+    assert verify_module._hash_range(path, 0, 100, buffer) == hashlib.sha256(path.read_bytes()[:100]).hexdigest()
 
 
 def test_engine_without_chunk_hashes_still_verifies(engine):

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kiln.build.engine import sha256_file, write_engine
+from kiln.compiler.manifest import write_engine
+from kiln.compiler.verify import sha256_file
 from kiln.checkpoint.base import Checkpoint
 from kiln.config import BuildConfig
 from kiln.errors import CheckpointError, KilnError

@@ -1,0 +1,70 @@
+"""The build cache: a model source that is not an engine yet (a Hugging Face directory, a
+.gguf file, "smollm2") is built once into a directory keyed by the sha256 of its files, the
+build settings and the kiln version, and reused from there."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from kiln.compiler.manifest import MANIFEST
+from kiln.compiler.verify import sha256_file
+from kiln.config import BuildConfig
+from kiln.errors import KilnError
+from kiln.version import __version__
+
+DEFAULT_MODEL_ALIAS = "smollm2"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln"
+    return Path(base) / "engines"
+
+
+def _source_digest(source: Path) -> str:
+    """sha256 over the source's files. Content hashes of large files are remembered in a
+    small index keyed by (path, size, mtime), so a warm start does not re-read gigabytes."""
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    index_path = cache_root() / "source-hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in index:
+            index[key] = sha256_file(path)
+        digest.update(f"{path.name}:{index[key]}\n".encode())
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    index_path.write_text(json.dumps(index))
+    return digest.hexdigest()
+
+
+def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = None) -> Path:
+    """An engine directory for `model`, building (once) into the cache if needed."""
+    from kiln.compiler.builder import build_engine
+
+    if str(model) == DEFAULT_MODEL_ALIAS:
+        from kiln.checkpoint.gguf import default_model_path
+
+        model = default_model_path()
+    source = Path(model)
+    if not source.exists():
+        raise KilnError(f"model {str(model)!r} not found (an engine dir, HF dir or .gguf file)")
+    if (source / MANIFEST).is_file():
+        return source
+    build_config = build_config or BuildConfig()
+    key = hashlib.sha256(
+        f"{_source_digest(source)}|{build_config.model_dump_json()}|{__version__}".encode()
+    ).hexdigest()[:24]
+    engine_dir = cache_root() / f"{source.stem}-{key}"
+    if not (engine_dir / MANIFEST).is_file():
+        print(f"kiln: building {source} into {engine_dir} (once)", file=sys.stderr)
+        summary = build_engine(source, engine_dir, build_config, force=True)
+        print(f"kiln: {summary.describe()}", file=sys.stderr)
+    return engine_dir

@@ -1,0 +1,198 @@
+"""The engine format: a directory of plain safetensors, a JSON manifest and the tokenizer.
+
+    <engine>/engine.json          manifest (docs/DESIGN.md, "Engine format")
+    <engine>/rank{r}.safetensors  rank r's weights: fused, cast, quantised, sharded
+    <engine>/tokenizer/           tokenizer.json, tokenizer_config.json, generation_config.json
+
+`write_engine` writes one atomically; `open_engine` reads the manifest, checks the format
+version, the architecture and every file's size and sha256 (verify.py), and says which file
+is wrong and how. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from kiln.compiler.verify import HASH_CHUNK_BYTES, hash_file, verify_files
+from kiln.errors import EngineFormatError
+from kiln.models.config import ModelConfig
+from kiln.version import __version__
+
+FORMAT = "kiln-engine"
+FORMAT_VERSION = 1
+MANIFEST = "engine.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class LoadTimings:
+    """Where an engine's start-up time went before KV allocation and graph capture: filled in
+    by open_engine (verify_*) and load_engine_model (construct_*, weights_*)."""
+
+    # open_engine: every file's size, and with verify_hashes its sha256 (chunks in parallel).
+    verify_seconds: float = 0.0
+    verified_bytes: int = 0  # bytes hashed; 0 when hashes were not checked
+    verify_threads: int = 0
+    # load_engine_model: the model on the meta device, its derived buffers (RoPE tables,
+    # computed on the CPU) built and moved to the device.
+    construct_seconds: float = 0.0
+    # load_engine_model: rank0.safetensors read and copied to the device (synchronised).
+    weights_seconds: float = 0.0
+    weight_bytes: int = 0
+
+    @property
+    def load_seconds(self) -> float:
+        return self.construct_seconds + self.weights_seconds
+
+    def describe(self) -> str:
+        if self.verified_bytes:
+            verify = (
+                f"verified {self.verified_bytes / 1e9:.1f} GB in {self.verify_seconds:.1f} s "
+                f"({_rate(self.verified_bytes, self.verify_seconds)}, "
+                f"{self.verify_threads} threads)"
+            )
+        else:
+            verify = f"checked file sizes in {self.verify_seconds:.2f} s (hashes skipped)"
+        return (
+            f"{verify}; built the model in {self.construct_seconds:.1f} s; loaded "
+            f"{self.weight_bytes / 1e9:.1f} GB of weights in {self.weights_seconds:.1f} s "
+            f"({_rate(self.weight_bytes, self.weights_seconds)})"
+        )
+
+
+def _rate(num_bytes: int, seconds: float) -> str:
+    return f"{num_bytes / seconds / 1e9:.1f} GB/s" if seconds > 0 else "- GB/s"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    path: Path
+    manifest: dict
+    model_config: ModelConfig
+    # Recorded by open_engine and load_engine_model for the start-up report.
+    timings: LoadTimings = field(default_factory=LoadTimings, compare=False, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["build"]["dtype"])
+
+    @property
+    def max_model_len(self) -> int:
+        return self.manifest["build"]["max_model_len"]
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        path = self.path / TOKENIZER_DIR
+        return path if path.is_dir() else None
+
+    @property
+    def generation_config(self) -> dict:
+        return self.manifest.get("generation_config", {})
+
+
+def write_engine(
+    output: Path,
+    *,
+    weights: dict[str, torch.Tensor],
+    model_config: ModelConfig,
+    build: dict,
+    source: dict,
+    generation_config: dict,
+    save_tokenizer: Callable[[Path], None] | None,
+    force: bool = False,
+    chunk_bytes: int = HASH_CHUNK_BYTES,
+) -> Path:
+    """Write into a temporary sibling directory, then rename: a failed build leaves nothing."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise EngineFormatError(f"{output} already exists; pass --force to replace it")
+    staging = output.parent / f".{output.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(weights, staging / "rank0.safetensors", metadata={"format": "pt"})
+        if save_tokenizer is not None:
+            save_tokenizer(staging / TOKENIZER_DIR)
+        files = {}
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                whole, chunks = hash_file(path, chunk_bytes)
+                files[path.relative_to(staging).as_posix()] = {
+                    "sha256": whole,
+                    "bytes": path.stat().st_size,
+                    "chunks": {"bytes": chunk_bytes, "sha256": chunks},
+                }
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "architecture": model_config.architecture,
+            "model": model_config.to_dict(),
+            "build": build,
+            "quant": {"scheme": "none"},
+            "parallel": {"tp": 1, "pp": 1},
+            "generation_config": generation_config,
+            "files": files,
+            "source": source,
+            "tuning": {},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def read_manifest(engine_dir: Path) -> dict:
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise EngineFormatError(f"{engine_dir}: not a kiln engine (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EngineFormatError(f"{path}: corrupt manifest: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise EngineFormatError(f"{path}: not a kiln engine manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise EngineFormatError(f"{path}: format_version is missing")
+    if version > FORMAT_VERSION:
+        raise EngineFormatError(
+            f"{engine_dir}: engine format version {version} is newer than this kiln "
+            f"{__version__} reads (up to {FORMAT_VERSION}); upgrade kiln or rebuild the engine"
+        )
+    return manifest
+
+
+# ---- verification ---------------------------------------------------------------------------
+
+def open_engine(engine_dir: str | Path, *, verify_hashes: bool = True) -> EngineInfo:
+    engine_dir = Path(engine_dir)
+    started = time.perf_counter()
+    manifest = read_manifest(engine_dir)
+    verified_bytes, threads = verify_files(engine_dir, manifest, hashes=verify_hashes)
+    timings = LoadTimings(
+        verify_seconds=time.perf_counter() - started,
+        verified_bytes=verified_bytes,
+        verify_threads=threads,
+    )
+    try:
+        model_config = ModelConfig.from_dict(manifest["model"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise EngineFormatError(f"{engine_dir}: manifest 'model' section is invalid: {error}")
+    if manifest.get("architecture") != model_config.architecture:
+        raise EngineFormatError(f"{engine_dir}: manifest architecture disagrees with its model")
+    return EngineInfo(engine_dir, manifest, model_config, timings)
+
