@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.config import OFFLINE_GPU_DEFAULTS, EngineConfig
+
+# Flags left unset stay out of engine_kwargs, so EngineConfig's own defaults (shown in the
+# help) apply: the CLI never restates a default.
+_DEFAULTS = EngineConfig()
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
-    group.add_argument("--max-num-seqs", type=int, default=None, help="most requests per step")
-    group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
-    group.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
-    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size, overrides memory sizing")
+    group.add_argument("--block-size", type=int, default=None,
+                       help=f"KV cache block size in tokens (default {_DEFAULTS.block_size})")
+    group.add_argument("--max-num-seqs", type=int, default=None,
+                       help=f"most requests per step (default {_DEFAULTS.max_num_seqs}; offline "
+                       f"runs on a GPU {OFFLINE_GPU_DEFAULTS['max_num_seqs']})")
+    group.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help=f"token budget per step (default {_DEFAULTS.max_num_batched_tokens}; "
+                       f"offline runs on a GPU {OFFLINE_GPU_DEFAULTS['max_num_batched_tokens']})")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + output (default: the engine's)")
+    group.add_argument("--num-kv-blocks", type=int, default=None,
+                       help="KV pool size, overrides memory sizing")
+    group.add_argument("--kv-cache-dtype", default=None,
+                       help=f"KV cache dtype (default {_DEFAULTS.kv_cache_dtype}: the compute dtype)")
     group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                       help="disable reuse of cached prompt prefixes")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.90,
-                       help="fraction of GPU memory for weights + KV cache")
+                       default=None, help="disable reuse of cached prompt prefixes")
+    group.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help=f"fraction of GPU memory for weights + KV cache "
+                       f"(default {_DEFAULTS.gpu_memory_utilization})")
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-             "num_kv_blocks", "enable_prefix_caching", "gpu_memory_utilization", "device")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+             "num_kv_blocks", "kv_cache_dtype", "enable_prefix_caching",
+             "gpu_memory_utilization", "device")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

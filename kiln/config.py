@@ -10,6 +10,18 @@ from kiln.errors import KilnError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
+# Step sizes: the one place they are set. A server (`kiln serve`, LLMEngine) bounds a step's
+# latency with 512 sequences / 8,192 tokens: on the H100, 128/128 offline throughput rose
+# from 13.1 k to 15.5 k output tok/s going from 256 to 512 sequences (BENCHMARKS.md), and
+# decode at 256 rows is still weight-bound. SchedulerConfig takes the same defaults.
+DEFAULT_MAX_NUM_SEQS = 512
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+DEFAULT_BLOCK_SIZE = 16
+# Offline runs (`LLM` on a GPU) hand the engine every request at once and no one waits on a
+# single step: larger steps, as vLLM's offline defaults for 80 GB cards. On the H100 at
+# 128/128 they measured 16.1 k against 15.6 k output tok/s at 512 / 8192 in one run.
+OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}
+
 
 class BuildConfig(BaseModel):
     """How `kiln build` turns a checkpoint into an engine."""
@@ -47,12 +59,15 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
-    # 512: on the H100, 128/128 offline throughput rose from 13.1 k to 15.5 k output tok/s
-    # going from 256 (benchmarks/BENCHMARKS.md); decode at 256 rows is still weight-bound.
-    max_num_seqs: int = Field(512, ge=1, le=65536, description="most requests in one step")
+    block_size: int = Field(
+        DEFAULT_BLOCK_SIZE, ge=1, le=1024, description="tokens per KV cache block"
+    )
+    max_num_seqs: int = Field(
+        DEFAULT_MAX_NUM_SEQS, ge=1, le=65536, description="most requests in one step"
+    )
     max_num_batched_tokens: int = Field(
-        8192, ge=1, le=1 << 20, description="token budget of one step (prefill chunks + decodes)"
+        DEFAULT_MAX_NUM_BATCHED_TOKENS, ge=1, le=1 << 20,
+        description="token budget of one step (prefill chunks + decodes)",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="longest prompt + output; defaults to the engine's"
@@ -68,6 +83,9 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="compute dtype; auto = the engine's on a GPU, float32 on the CPU "
         "(CPU bfloat16 matmuls are several times slower than float32 ones)"
+    )
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the paged KV cache; auto = the compute dtype"
     )
     enable_cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs")
     overlap_scheduling: bool | None = Field(

@@ -17,18 +17,11 @@ from tqdm import tqdm
 
 from kiln.compiler.engine_cache import DEFAULT_MODEL_ALIAS, resolve_engine
 from kiln.checkpoint.tokenizer import chat_template_of, render_chat_template, special_tokens_of
-from kiln.config import BuildConfig, EngineConfig, validated
+from kiln.config import OFFLINE_GPU_DEFAULTS, BuildConfig, EngineConfig, validated
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, PromptType
 from kiln.runtime.request_output import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
-
-# Offline runs hand the engine every request at once, and no one waits on a single step: on a
-# GPU, larger steps than a server's (vLLM's offline defaults for 80 GB cards). On the H100 at
-# 128/128 they measured 16.1 k against 15.6 k output tok/s at 512 / 8192 in one run
-# (BENCHMARKS.md).
-OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}
-
 
 def offline_defaults(engine_knobs: dict) -> dict:
     """The knobs with the offline step sizes filled in where unset, on a GPU only (the CPU

@@ -1,35 +1,133 @@
-"""Tensor-parallel rank and world size as the layers see them.
+"""Which slice of the model this process holds, and the process groups that join the slices.
 
-Only world size 1 runs today; layers already slice their weights by (rank, size) so adding
-tensor parallelism changes this module and the runner, never a model file.
+A `ParallelState` is plain, immutable data created by whoever owns the processes (the engine:
+`ParallelState.initialize` in each worker, `close` when it shuts down) and handed to the model
+at construction; every layer keeps the one it was built with. There is no module global, so
+two engines in one process (a notebook, a test suite, a sweep) each have their own.
+
+    global rank = pp_rank * tp_size + tp_rank          rank r loads rank{r}.safetensors
+    tp group    = the tp_size ranks of one pipeline stage
+
+World size 1 (the default, `SINGLE_PROCESS`) needs no torch.distributed at all: `all_reduce`
+and `all_gather` return their input, so a single-GPU step runs exactly the ops it always did.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
 class ParallelState:
     tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    # torch.distributed process group of this rank's tensor-parallel peers (None at tp 1).
+    tp_group: Any = field(default=None, compare=False, repr=False)
+    # True when initialize() started torch.distributed for this state, so close() ends it.
+    owns_process_group: bool = field(default=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tp_size", "pp_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} is outside [0, tp_size {self.tp_size})")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank {self.pp_rank} is outside [0, pp_size {self.pp_size})")
+        if self.tp_size > 1 and self.tp_group is None:
+            raise ValueError(f"tp_size {self.tp_size} needs a tp_group (ParallelState.initialize)")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def rank(self) -> int:
+        """The global rank: which rank{r}.safetensors this process loads."""
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @classmethod
+    def initialize(
+        cls, tp_size: int, pp_size: int, rank: int, *, backend: str, init_method: str
+    ) -> "ParallelState":
+        """Join the torch.distributed world of tp_size * pp_size processes as `rank` and
+        create this rank's tensor-parallel group. Every rank must call it (collective)."""
+        import torch.distributed as dist
+
+        world_size = tp_size * pp_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world size {world_size})")
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group(backend, init_method=init_method, rank=rank,
+                                    world_size=world_size)
+        tp_group = None
+        pp_rank, tp_rank = divmod(rank, tp_size)
+        for stage in range(pp_size):
+            # new_group is collective over the whole world: every rank creates every group.
+            group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
+            if stage == pp_rank:
+                tp_group = group
+        return cls(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
+                   tp_group=tp_group if tp_size > 1 else None, owns_process_group=owns)
+
+    def close(self) -> None:
+        """End the torch.distributed world this state started (a no-op at world size 1)."""
+        if self.owns_process_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ---- collectives over the tensor-parallel group -------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the tensor-parallel group, in place (identity at tp 1)."""
+        if self.tp_size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The tensor-parallel group's pieces of x, concatenated along `dim` in rank order
+        (identity at tp 1)."""
+        if self.tp_size == 1:
+            return x
+        import torch.distributed as dist
+
+        pieces = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(pieces, x.contiguous(), group=self.tp_group)
+        return torch.cat(pieces, dim=dim)
 
 
-_state = ParallelState()
+# One process holding the whole model: what every engine uses until it asks for more.
+SINGLE_PROCESS = ParallelState()
 
 
+# Transitional (removed when the layers take a ParallelState at construction, this session).
 def get_tp_rank() -> int:
-    return _state.tp_rank
+    return SINGLE_PROCESS.tp_rank
 
 
 def get_tp_size() -> int:
-    return _state.tp_size
+    return SINGLE_PROCESS.tp_size
 
 
 def all_reduce(x):
-    """Sum over the tensor-parallel group (identity at world size 1)."""
-    if _state.tp_size == 1:
-        return x
-    # Unreachable today: nothing sets tp_size > 1 until the TP runner exists (issue to come);
-    # failing loudly beats silently returning a partial sum.
-    raise NotImplementedError("tensor parallelism > 1 is not implemented yet")
+    return SINGLE_PROCESS.all_reduce(x)

@@ -46,6 +46,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from kiln.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from kiln.runtime.kv_cache import KVCacheManager, token_ids_between
 from kiln.runtime.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kiln.runtime.request import Request, RequestStatus
@@ -61,11 +62,11 @@ class SchedulerConfig:
     # KV blocks the runner allocated, including the reserved null block 0.
     num_kv_blocks: int
     # Token slots per KV block.
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     # Requests running at once (the largest batch of sequences).
-    max_num_seqs: int = 256
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     # Tokens computed in one step, over all requests (the step's token budget).
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     # Longest sequence, prompt plus output, that a request may reach.
     max_model_len: int = 4096
     # Share the KV of equal full-block prefixes between requests.
