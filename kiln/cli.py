@@ -25,7 +25,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     config = validated(
         BuildConfig, dtype=args.dtype, max_model_len=args.max_model_len,
-        random_weights=args.random_weights, seed=args.seed,
+        random_weights=args.random_weights, seed=args.seed, quant=args.quant,
     )
     hf_config = None
     if args.random_weights and args.source in PRESETS:
@@ -103,6 +103,8 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--random-weights", action="store_true",
                        help="random weights at the source's shapes (benchmark engines)")
     build.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    build.add_argument("--quant", default="none", metavar="SCHEME",
+                       help="quantisation scheme of the weights (none: the --dtype weights)")
     build.add_argument("--force", action="store_true", help="replace an existing output")
     build.set_defaults(func=cmd_build)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kiln.errors import KilnError
 
@@ -39,6 +39,23 @@ class BuildConfig(BaseModel):
         False, description="fill weights with random values (benchmark engines; no checkpoint)"
     )
     seed: int = Field(0, description="seed for --random-weights")
+    quant: str = Field(
+        "none", description="quantisation scheme of the linear layers' weights (none: the "
+        "engine dtype); one of kiln.quant.config.known_quant_schemes()"
+    )
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant_scheme(cls, scheme: str) -> str:
+        # Imported here: kiln.quant brings torch, and this module is read before any build.
+        from kiln.quant.config import known_quant_schemes
+
+        known = known_quant_schemes()
+        if scheme not in known:
+            raise ValueError(
+                f"unknown quantisation scheme {scheme!r}; this kiln knows: {', '.join(known)}"
+            )
+        return scheme
 
 
 def validated(cls: type[BaseModel], **values) -> BaseModel:

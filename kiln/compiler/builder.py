@@ -1,8 +1,11 @@
-"""The build pipeline: checkpoint → model parameters (fused, cast) → engine directory.
+"""The build pipeline: checkpoint → model parameters (fused, quantised, cast) → engine dir.
 
-    read (checkpoint/)  →  config_from_hf  →  load_checkpoint_weights (fuse q|k|v, gate|up)
-      →  cast to the build dtype  →  write_engine (temp dir, sha256 per file and per
-         256 MiB chunk, rename)
+    read (checkpoint/)  →  config_from_hf  →  load_checkpoint_weights (fuse q|k|v, gate|up;
+      each linear layer's quantisation method takes its tensors, then quantises them)
+      →  cast the compute-dtype tensors to the build dtype (quantised tensors and scales
+         keep theirs)  →  write_engine (temp dir, sha256 per file and per 256 MiB chunk, rename)
+
+Builds are one process (tp 1, pp 1); the engine format already holds one file per rank.
 
 Every transformation that does not depend on the requests happens here, once.
 """
@@ -21,8 +24,14 @@ from kiln.compiler.verify import sha256_file
 from kiln.checkpoint.base import Checkpoint
 from kiln.config import BuildConfig
 from kiln.errors import CheckpointError, KilnError
+from kiln.layers.linear import LinearBase
+from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.registry import get_model_class
+from kiln.parallel.layout import EngineLayout
+from kiln.parallel.state import SINGLE_PROCESS
+from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
+from kiln.quant.config import quant_config_for_build
 
 
 @dataclass(frozen=True)
@@ -76,20 +85,47 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _random_init(model: torch.nn.Module, seed: int) -> None:
-    """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases."""
+def _random_init(model: CausalLM, seed: int) -> None:
+    """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
+    A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
+    method, as a checkpoint's would arrive, and quantises it after loading."""
     # Drawn on the GPU when there is one: an 8B model's 8 G normal samples take minutes on a CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(shape) -> torch.Tensor:
+        noise = torch.empty(shape, dtype=torch.float32, device=device)
+        return noise.normal_(0, 0.02, generator=generator)
+
     for name, param in model.named_parameters():
+        if has_fixed_dtype(param):
+            continue  # a quantised layer's own tensors: made by its method below
         if name.endswith("bias"):
             param.data.zero_()
         elif param.dim() == 1:
             param.data.fill_(1.0)
         else:
-            noise = torch.empty(param.shape, dtype=torch.float32, device=device)
-            noise.normal_(0, 0.02, generator=generator)
-            param.data.copy_(noise.to(param.dtype))
+            param.data.copy_(normal(param.shape).to(param.dtype))
+    for layer in model.modules():
+        if isinstance(layer, LinearBase) and not isinstance(
+            layer.quant_method, UnquantizedLinearMethod
+        ):
+            _random_init_quantized(layer, normal)
+    model.process_weights_after_loading()
+
+
+def _random_init_quantized(layer: LinearBase, normal) -> None:
+    if "weight" not in layer.quant_method.checkpoint_tensor_names():
+        raise KilnError(
+            f"{layer.prefix}: its quantisation method loads pre-quantised checkpoints only, "
+            f"so it cannot build random weights"
+        )
+    for part_id in layer.part_ids:
+        placement = layer.placement(part_id)
+        shape = (placement.checkpoint_output_size, placement.checkpoint_input_size)
+        layer.load_checkpoint_tensor(
+            "weight", normal(shape).cpu(), part_id=part_id, source_name=f"{layer.prefix}.weight"
+        )
 
 
 def build_engine(
@@ -115,12 +151,15 @@ def build_engine(
     model_config = model_config_from_hf(hf_config)
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
+    quant_config = quant_config_for_build(build_config.quant)
 
     # Construct directly in the build dtype: an 8B model never exists in float32.
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = get_model_class(model_config.architecture)(model_config)
+        model = get_model_class(model_config.architecture)(
+            model_config, quant_config=quant_config, parallel=SINGLE_PROCESS
+        )
     finally:
         torch.set_default_dtype(previous_dtype)
     if build_config.random_weights:
@@ -130,7 +169,11 @@ def build_engine(
         tensors = ((name, checkpoint.tensors.get(name)) for name in names)
         bar = tqdm(tensors, total=len(names), desc="converting", unit="tensor", disable=not progress)
         model.load_checkpoint_weights(bar)
-    weights = {name: t.to(dtype).contiguous() for name, t in model.engine_state_dict().items()}
+    compute_names = model.compute_dtype_names()
+    weights = {
+        name: (t.to(dtype) if name in compute_names else t).contiguous()
+        for name, t in model.engine_state_dict().items()
+    }
 
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
     generation_config = dict(checkpoint.generation_config) if checkpoint else {}
@@ -142,7 +185,9 @@ def build_engine(
         source_info["files"] = {p.name: sha256_file(p) for p in checkpoint.source_files}
     write_engine(
         output,
-        weights=weights,
+        rank_weights=[weights],
+        layout=EngineLayout(),
+        quant_config=quant_config,
         model_config=model_config,
         build=build,
         source=source_info,

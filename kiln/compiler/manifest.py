@@ -4,9 +4,13 @@
     <engine>/rank{r}.safetensors  rank r's weights: fused, cast, quantised, sharded
     <engine>/tokenizer/           tokenizer.json, tokenizer_config.json, generation_config.json
 
+The manifest's "quant" section is the scheme and its parameters (kiln/quant/config.py:
+{"scheme": "none"} for plain weights); "parallel" is how the weights are split over ranks
+(kiln/parallel/layout.py: {"tp": 1, "pp": 1, "rank_files": ["rank0.safetensors"]}).
+
 `write_engine` writes one atomically; `open_engine` reads the manifest, checks the format
-version, the architecture and every file's size and sha256 (verify.py), and says which file
-is wrong and how. Nothing here unpickles anything.
+version, the architecture, the quant and parallel sections and every file's size and sha256
+(verify.py), and says which file or field is wrong and how. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from safetensors.torch import save_file
 from kiln.compiler.verify import HASH_CHUNK_BYTES, hash_file, verify_files
 from kiln.errors import EngineFormatError
 from kiln.models.config import ModelConfig
+from kiln.parallel.layout import EngineLayout
+from kiln.quant.config import QuantConfig, quant_config_from_manifest
 from kiln.version import __version__
 
 FORMAT = "kiln-engine"
@@ -45,7 +51,7 @@ class LoadTimings:
     # load_engine_model: the model on the meta device, its derived buffers (RoPE tables,
     # computed on the CPU) built and moved to the device.
     construct_seconds: float = 0.0
-    # load_engine_model: rank0.safetensors read and copied to the device (synchronised).
+    # load_engine_model: this rank's weights file read and copied to the device (synchronised).
     weights_seconds: float = 0.0
     weight_bytes: int = 0
 
@@ -98,11 +104,52 @@ class EngineInfo:
     def generation_config(self) -> dict:
         return self.manifest.get("generation_config", {})
 
+    @property
+    def quant_config(self) -> QuantConfig:
+        """The quantisation scheme the engine's weights are stored in."""
+        return _quant_section(self.path, self.manifest)
+
+    @property
+    def layout(self) -> EngineLayout:
+        """How the weights are split over ranks (tp, pp, one file per rank)."""
+        return _parallel_section(self.path, self.manifest)
+
+    def rank_file(self, rank: int) -> Path:
+        """The weights file global rank `rank` loads."""
+        layout = self.layout
+        if not 0 <= rank < layout.world_size:
+            raise EngineFormatError(
+                f"{self.path}: no weights for rank {rank}; the engine has {layout.world_size} "
+                f"(tp {layout.tp} × pp {layout.pp})"
+            )
+        return self.path / layout.rank_files[rank]
+
+
+def _quant_section(engine_dir: Path, manifest: dict) -> QuantConfig:
+    try:
+        return quant_config_from_manifest(manifest.get("quant"))
+    except ValueError as error:
+        raise EngineFormatError(
+            f"{engine_dir}: manifest 'quant' section is invalid: {error}"
+        ) from None
+
+
+def _parallel_section(engine_dir: Path, manifest: dict) -> EngineLayout:
+    files = manifest.get("files")
+    try:
+        return EngineLayout.from_manifest(manifest.get("parallel"), set(files or ()))
+    except ValueError as error:
+        raise EngineFormatError(
+            f"{engine_dir}: manifest 'parallel' section is invalid: {error}"
+        ) from None
+
 
 def write_engine(
     output: Path,
     *,
-    weights: dict[str, torch.Tensor],
+    rank_weights: list[dict[str, torch.Tensor]],
+    layout: EngineLayout,
+    quant_config: QuantConfig,
     model_config: ModelConfig,
     build: dict,
     source: dict,
@@ -111,15 +158,21 @@ def write_engine(
     force: bool = False,
     chunk_bytes: int = HASH_CHUNK_BYTES,
 ) -> Path:
-    """Write into a temporary sibling directory, then rename: a failed build leaves nothing."""
+    """Write into a temporary sibling directory, then rename: a failed build leaves nothing.
+    rank_weights[r] is global rank r's tensors, written to layout.rank_files[r]."""
     output = Path(output)
+    if len(rank_weights) != layout.world_size:
+        raise ValueError(
+            f"{len(rank_weights)} ranks of weights for a tp {layout.tp} × pp {layout.pp} layout"
+        )
     if output.exists() and not force:
         raise EngineFormatError(f"{output} already exists; pass --force to replace it")
     staging = output.parent / f".{output.name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        save_file(weights, staging / "rank0.safetensors", metadata={"format": "pt"})
+        for weights, file_name in zip(rank_weights, layout.rank_files):
+            save_file(weights, staging / file_name, metadata={"format": "pt"})
         if save_tokenizer is not None:
             save_tokenizer(staging / TOKENIZER_DIR)
         files = {}
@@ -138,8 +191,8 @@ def write_engine(
             "architecture": model_config.architecture,
             "model": model_config.to_dict(),
             "build": build,
-            "quant": {"scheme": "none"},
-            "parallel": {"tp": 1, "pp": 1},
+            "quant": quant_config.to_manifest(),
+            "parallel": layout.to_manifest(),
             "generation_config": generation_config,
             "files": files,
             "source": source,
@@ -194,5 +247,8 @@ def open_engine(engine_dir: str | Path, *, verify_hashes: bool = True) -> Engine
         raise EngineFormatError(f"{engine_dir}: manifest 'model' section is invalid: {error}")
     if manifest.get("architecture") != model_config.architecture:
         raise EngineFormatError(f"{engine_dir}: manifest architecture disagrees with its model")
+    # Checked now, so a bad section is reported at open, not halfway through loading.
+    _quant_section(engine_dir, manifest)
+    _parallel_section(engine_dir, manifest)
     return EngineInfo(engine_dir, manifest, model_config, timings)
 

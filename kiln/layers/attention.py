@@ -67,6 +67,13 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        # The KV cache's quantisation scales (float32 scalars; 1.0 until calibrated): the
+        # FP8 KV-cache issue reads them from the engine and hands them to the cache kernels.
+        # Non-persistent and made on the CPU, like the RoPE tables: they survive
+        # construction on the meta device, and engines without them load unchanged.
+        for name in ("k_scale", "v_scale"):
+            one = torch.ones((), dtype=torch.float32, device="cpu")
+            self.register_buffer(name, one, persistent=False)
 
     def forward(
         self,

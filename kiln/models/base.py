@@ -1,10 +1,12 @@
-"""What every model declaration shares: loading checkpoint tensors into (fused) parameters,
-the forward signature, and the helpers that read a Hugging Face config.
+"""What every model declaration shares: loading checkpoint tensors into (fused, sharded,
+quantised) parameters, the forward signature, and the helpers that read a Hugging Face config.
 
 A model declares, as class attributes:
-  packed_modules_mapping   fused parameter → [(checkpoint module, shard id), ...]
+  packed_modules_mapping   fused layer → [(checkpoint module, part id), ...]
   ignored_checkpoint_suffixes   checkpoint tensors that are derived, not learned
-and implements `config_from_hf`, `forward` and `compute_logits`.
+and implements `config_from_hf`, `backbone` and its layers. It is constructed as
+`Model(config, quant_config=..., parallel=...)` and hands both, with each layer's name
+(`prefix`), to every layer that slices or quantises: the model file itself never does.
 """
 
 from __future__ import annotations
@@ -16,17 +18,33 @@ import torch
 from torch import nn
 
 from kiln.errors import CheckpointError
-from kiln.layers.linear import default_weight_loader
+from kiln.layers.loading import CheckpointLoadable, default_weight_loader
 from kiln.models.config import ModelConfig
+from kiln.parallel.state import SINGLE_PROCESS, ParallelState
+from kiln.quant.base import has_fixed_dtype
+from kiln.quant.config import NO_QUANTIZATION, QuantConfig
 
 
 class CausalLM(nn.Module, abc.ABC):
     packed_modules_mapping: dict[str, list[tuple[str, int | str]]] = {}
     ignored_checkpoint_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        quant_config: QuantConfig | None = None,
+        parallel: ParallelState | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.quant_config = quant_config or NO_QUANTIZATION
+        self.parallel = parallel or SINGLE_PROCESS
+        if self.parallel.pp_size > 1:
+            raise ValueError(
+                f"pipeline parallelism (pp {self.parallel.pp_size}) is not supported yet; "
+                f"use pp 1"
+            )
 
     @classmethod
     @abc.abstractmethod
@@ -65,21 +83,42 @@ class CausalLM(nn.Module, abc.ABC):
         """Hook for layout changes (GPT-2's Conv1D stores weights transposed)."""
         return tensor
 
+    def _fused_name(self, name: str) -> tuple[str, int | str | None]:
+        """A checkpoint tensor name (this model's naming) → (the fused layer's tensor name,
+        the part it is), e.g. ...self_attn.k_proj.weight → (...self_attn.qkv_proj.weight, "k")."""
+        for fused, parts in self.packed_modules_mapping.items():
+            for source, part_id in parts:
+                if f".{source}." in name:
+                    return name.replace(source, fused), part_id
+        return name, None
+
+    def _unfused_names(self, name: str) -> list[str]:
+        """The inverse of _fused_name: the checkpoint names one fused tensor is loaded from."""
+        for fused, parts in self.packed_modules_mapping.items():
+            if f".{fused}." in name:
+                return [name.replace(fused, source) for source, _ in parts]
+        return [name]
+
     def expected_checkpoint_names(self) -> set[str]:
         """Every tensor name (this model's naming, before fusion) the checkpoint must hold."""
-        names = set()
+        names: set[str] = set()
+        owned: set[str] = set()  # parameters of layers that say what they load
+        for module_name, module in self.named_modules():
+            if isinstance(module, CheckpointLoadable):
+                for tensor_name in module.checkpoint_tensor_names():
+                    names.update(self._unfused_names(f"{module_name}.{tensor_name}"))
+                own = module.named_parameters(recurse=False)
+                owned.update(f"{module_name}.{param_name}" for param_name, _ in own)
         for param_name, _ in self.named_parameters():
-            for fused, shards in self.packed_modules_mapping.items():
-                if f".{fused}." in param_name:
-                    names.update(param_name.replace(fused, source) for source, _ in shards)
-                    break
-            else:
-                names.add(param_name)
+            if param_name not in owned:
+                names.update(self._unfused_names(param_name))
         return names
 
     def load_checkpoint_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into this model's parameters, fusing as declared.
+        """Copy checkpoint tensors into this model's parameters, fusing, slicing and
+        quantising as its layers declare, then run every layer's after-loading step.
         Raises CheckpointError naming any unexpected, mis-shaped or missing tensor."""
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for checkpoint_name, tensor in tensors:
@@ -89,32 +128,47 @@ class CausalLM(nn.Module, abc.ABC):
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue  # tied: the embedding is the head
             tensor = self.transform_checkpoint_tensor(name, tensor)
-            for fused, shards in self.packed_modules_mapping.items():
-                shard = next((s for s in shards if f".{s[0]}." in name), None)
-                if shard is not None:
-                    target = params.get(name.replace(shard[0], fused))
-                    if target is not None:
-                        target.weight_loader(target, tensor, checkpoint_name, shard[1])
-                    break
-            else:
-                target = params.get(name)
-                if target is not None:
-                    loader = getattr(target, "weight_loader", default_weight_loader)
-                    loader(target, tensor, checkpoint_name)
-            if target is None:
-                raise CheckpointError(
-                    f"checkpoint tensor {checkpoint_name!r} does not belong to "
-                    f"{self.config.architecture} with this config"
+            fused_name, part_id = self._fused_name(name)
+            module_name, _, tensor_name = fused_name.rpartition(".")
+            module = modules.get(module_name)
+            if isinstance(module, CheckpointLoadable):
+                if tensor_name not in module.checkpoint_tensor_names():
+                    raise self._does_not_belong(checkpoint_name)
+                module.load_checkpoint_tensor(
+                    tensor_name, tensor, part_id=part_id, source_name=checkpoint_name
                 )
+            elif part_id is None and fused_name in params:
+                default_weight_loader(params[fused_name], tensor, checkpoint_name)
+            else:
+                raise self._does_not_belong(checkpoint_name)
             loaded.add(name)
         missing = sorted(self.expected_checkpoint_names() - loaded)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+        self.process_weights_after_loading()
+
+    def _does_not_belong(self, checkpoint_name: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint tensor {checkpoint_name!r} does not belong to "
+            f"{self.config.architecture} with this config"
+        )
+
+    def process_weights_after_loading(self) -> None:
+        """Every layer's build-time step after its tensors are in (quantisation)."""
+        for module in self.modules():
+            if isinstance(module, CheckpointLoadable):
+                module.process_weights_after_loading()
 
     def engine_state_dict(self) -> dict[str, torch.Tensor]:
         """The fused parameters as stored in an engine file (tied weights stored once)."""
         return {name: p.detach() for name, p in self.named_parameters()}
+
+    def compute_dtype_names(self) -> set[str]:
+        """The engine tensors in the model's compute dtype (plain weights, norms, biases,
+        embeddings): the build casts them to the engine dtype and the loader to the
+        runtime's. The rest (packed ints, FP8, scales) keep their own dtype bit-exactly."""
+        return {name for name, p in self.named_parameters() if not has_fixed_dtype(p)}
 
 
 # ---- reading Hugging Face configs ---------------------------------------------------------

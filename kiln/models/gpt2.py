@@ -13,23 +13,35 @@ from torch import nn
 from kiln.errors import CheckpointError
 from kiln.layers.activation import get_activation
 from kiln.layers.attention import Attention
-from kiln.layers.embedding import LMHead, VocabEmbedding
+from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from kiln.layers.norm import LayerNorm
 from kiln.models.base import CausalLM, hf_eos_ids, hf_get
 from kiln.models.config import ModelConfig
 from kiln.models.registry import register_model
+from kiln.parallel.state import ParallelState
+from kiln.quant.config import QuantConfig
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
+        prefix: str,
+    ) -> None:
         super().__init__()
         hidden = config.hidden_size
-        # q|k|v fused in the checkpoint already; kept whole until TP > 1 needs head slicing.
-        self.c_attn = ReplicatedLinear(hidden, 3 * hidden, bias=True)
-        self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
+        # q|k|v fused in the checkpoint already; kept whole until TP > 1 needs head slicing
+        # (GPT2LMHeadModel refuses tp > 1 until then).
+        self.c_attn = ReplicatedLinear(
+            hidden, 3 * hidden, bias=True,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.c_attn",
+        )
+        self.c_proj = RowParallelLinear(
+            hidden, hidden, bias=True,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.c_proj",
+        )
         self.attn = Attention(
             config.num_heads, config.head_dim, config.num_heads, scale=config.head_dim**-0.5
         )
@@ -40,10 +52,19 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
+        prefix: str,
+    ) -> None:
         super().__init__()
-        self.c_fc = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=True)
-        self.c_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=True)
+        self.c_fc = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, bias=True,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.c_fc",
+        )
+        self.c_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=True,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.c_proj",
+        )
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,12 +72,19 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
+        prefix: str,
+    ) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.hidden_size, config.norm_eps)
-        self.attn = GPT2Attention(config)
+        self.attn = GPT2Attention(
+            config, quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.attn"
+        )
         self.ln_2 = LayerNorm(config.hidden_size, config.norm_eps)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(
+            config, quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.mlp"
+        )
 
     def forward(self, hidden, kv_cache, metadata):
         hidden = hidden + self.attn(self.ln_1(hidden), kv_cache, metadata)
@@ -64,11 +92,24 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
+        prefix: str,
+    ) -> None:
         super().__init__()
-        self.wte = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.wpe = VocabEmbedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.num_layers))
+        self.wte = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, parallel=parallel, prefix=f"{prefix}.wte"
+        )
+        self.wpe = VocabParallelEmbedding(
+            config.max_position_embeddings, config.hidden_size, parallel=parallel,
+            prefix=f"{prefix}.wpe",
+        )
+        self.h = nn.ModuleList(
+            GPT2Block(
+                config, quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.h.{i}"
+            )
+            for i in range(config.num_layers)
+        )
         self.ln_f = LayerNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, metadata):
@@ -83,11 +124,22 @@ class GPT2LMHeadModel(CausalLM):
     # Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
     ignored_checkpoint_suffixes = (".attn.bias", ".attn.masked_bias")
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.transformer = GPT2Model(config)
+    def __init__(self, config: ModelConfig, *, quant_config: QuantConfig | None = None,
+                 parallel: ParallelState | None = None) -> None:
+        super().__init__(config, quant_config=quant_config, parallel=parallel)
+        if self.parallel.tp_size > 1:
+            raise ValueError(
+                f"GPT-2 does not support tensor parallelism yet (tp {self.parallel.tp_size}): "
+                f"its fused c_attn is not split by heads; use tp 1"
+            )
+        self.transformer = GPT2Model(
+            config, quant_config=self.quant_config, parallel=self.parallel, prefix="transformer"
+        )
         tied = self.transformer.wte if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied)
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, tied_to=tied, parallel=self.parallel,
+            prefix="lm_head",
+        )
 
     @property
     def backbone(self) -> nn.Module:

@@ -9,23 +9,32 @@ from torch import nn
 from kiln.errors import CheckpointError
 from kiln.layers.activation import SiluAndMul
 from kiln.layers.attention import Attention
-from kiln.layers.embedding import LMHead, VocabEmbedding
+from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
 from kiln.models.base import CausalLM, hf_eos_ids, hf_get, hf_rope
 from kiln.models.config import ModelConfig
 from kiln.models.registry import register_model
+from kiln.parallel.state import ParallelState
+from kiln.quant.config import QuantConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding, *,
+        quant_config: QuantConfig, parallel: ParallelState, prefix: str,
+    ) -> None:
         super().__init__()
         c = config
         self.qkv_proj = QKVParallelLinear(
-            c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, bias=c.qkv_bias
+            c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, bias=c.qkv_bias,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.o_proj = RowParallelLinear(
+            c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.o_proj",
+        )
         self.q_size = self.qkv_proj.num_heads * c.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * c.head_dim
         self.head_dim = c.head_dim
@@ -58,7 +67,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
+        prefix: str,
+    ) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise CheckpointError(
@@ -67,9 +79,13 @@ class LlamaMLP(nn.Module):
             )
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [size, size], bias=config.mlp_bias
+            config.hidden_size, [size, size], bias=config.mlp_bias,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.gate_up_proj",
         )
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, bias=config.mlp_bias,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.down_proj",
+        )
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +93,18 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding, *,
+        quant_config: QuantConfig, parallel: ParallelState, prefix: str,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index, rotary_emb)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(
+            config, layer_index, rotary_emb,
+            quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.self_attn",
+        )
+        self.mlp = LlamaMLP(
+            config, quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.mlp"
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
@@ -97,14 +121,24 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
+        prefix: str,
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, parallel=parallel,
+            prefix=f"{prefix}.embed_tokens",
+        )
         rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_layers)
+            LlamaDecoderLayer(
+                config, i, rotary_emb,
+                quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.layers.{i}",
+            )
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
@@ -125,11 +159,17 @@ class LlamaForCausalLM(CausalLM):
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.model = LlamaModel(config)
+    def __init__(self, config: ModelConfig, *, quant_config: QuantConfig | None = None,
+                 parallel: ParallelState | None = None) -> None:
+        super().__init__(config, quant_config=quant_config, parallel=parallel)
+        self.model = LlamaModel(
+            config, quant_config=self.quant_config, parallel=self.parallel, prefix="model"
+        )
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied)
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, tied_to=tied, parallel=self.parallel,
+            prefix="lm_head",
+        )
 
     @property
     def backbone(self) -> nn.Module:

@@ -119,15 +119,3 @@ class ParallelState:
 # One process holding the whole model: what every engine uses until it asks for more.
 SINGLE_PROCESS = ParallelState()
 
-
-# Transitional (removed when the layers take a ParallelState at construction, this session).
-def get_tp_rank() -> int:
-    return SINGLE_PROCESS.tp_rank
-
-
-def get_tp_size() -> int:
-    return SINGLE_PROCESS.tp_size
-
-
-def all_reduce(x):
-    return SINGLE_PROCESS.all_reduce(x)

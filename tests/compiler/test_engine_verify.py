@@ -6,7 +6,6 @@ copying anything, and both record their timings."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from kiln.compiler.manifest import LoadTimings, open_engine
 from kiln.compiler.verify import HASH_CHUNK_BYTES, hash_file, sha256_file, verify_files
 from kiln.cli import main
 from kiln.errors import EngineFormatError
+from tests.compiler.engine_files import manifest_of, rehash, write_manifest
 from tests.helpers import build_tiny_engine
 
 SMALL_CHUNK = 4096
@@ -41,24 +41,6 @@ def engine(built, tmp_path) -> Path:
             target.write_bytes(path.read_bytes())
     rehash(copy, SMALL_CHUNK)
     return copy
-
-
-def manifest_of(engine_dir: Path) -> dict:
-    return json.loads((engine_dir / "engine.json").read_text())
-
-
-def write_manifest(engine_dir: Path, manifest: dict) -> None:
-    (engine_dir / "engine.json").write_text(json.dumps(manifest))
-
-
-def rehash(engine_dir: Path, chunk_bytes: int) -> None:
-    """Record every file's current bytes in the manifest, as a build with this chunk size would."""
-    manifest = manifest_of(engine_dir)
-    for name, entry in manifest["files"].items():
-        whole, chunks = hash_file(engine_dir / name, chunk_bytes)
-        entry.update(sha256=whole, bytes=(engine_dir / name).stat().st_size,
-                     chunks={"bytes": chunk_bytes, "sha256": chunks})
-    write_manifest(engine_dir, manifest)
 
 
 def flip_byte(path: Path, offset: int) -> None:
