@@ -45,7 +45,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.helpers builds the model
 
 from kiln.runtime.input_batch import InputBuffers
-from kiln.runtime.outputs import ScheduledRequest
+from kiln.runtime.messages import ScheduledRequest
 from kiln.runtime.sampler import Sampler, SamplingMetadata, SamplingRow
 from kiln.runtime.sampling_params import SamplingParams
 

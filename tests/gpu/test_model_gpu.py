@@ -73,7 +73,7 @@ def test_fast_logits_match_reference(engine_dir, monkeypatch):
     engine = make_engine(engine_dir, enable_cuda_graphs=False)
     runner = engine.runner
     prompt = prompts_for(1, 512)[0]
-    from kiln.runtime.outputs import ScheduledRequest
+    from kiln.runtime.messages import ScheduledRequest
 
     request = ScheduledRequest("r", prompt, 0, list(range(1, 1 + -(-len(prompt) // 16))), True)
     inputs = runner.buffers.prepare([request], 16)
@@ -95,7 +95,7 @@ def reference_logits(engine_dir, sequence: list[int], monkeypatch) -> torch.Tens
     try:
         engine = make_engine(engine_dir, enable_cuda_graphs=False)
         runner = engine.runner
-        from kiln.runtime.outputs import ScheduledRequest
+        from kiln.runtime.messages import ScheduledRequest
 
         blocks = list(range(1, 1 + -(-len(sequence) // 16)))
         inputs = runner.buffers.prepare([ScheduledRequest("r", sequence, 0, blocks, True)], 16)

@@ -21,7 +21,7 @@ from kiln.config import BuildConfig, EngineConfig
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.kv_tensors import NULL_BLOCK
-from kiln.runtime.outputs import ScheduledRequest
+from kiln.runtime.messages import ScheduledRequest
 from kiln.runtime.sampling_params import SamplingParams
 from tests.helpers import save_tiny_hf_model
 
@@ -71,7 +71,7 @@ def test_load_lands_on_the_gpu_in_the_engine_dtype(engine, engine_dir):
     params = list(engine.runner.model.parameters())
     assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in params)
     assert all(b.is_cuda for b in engine.runner.model.buffers())
-    timings = engine.engine.timings
+    timings = engine.engine_info.timings
     assert timings.verified_bytes > 0 and timings.verify_seconds > 0
     assert timings.weight_bytes == (engine_dir / "rank0.safetensors").stat().st_size
     assert timings.construct_seconds > 0 and timings.weights_seconds > 0

@@ -58,7 +58,7 @@ def test_concurrent_streams_match_offline(engine_dir):
 def test_cancelled_streams_abort_and_free_blocks(engine_dir):
     async def main():
         engine = AsyncLLMEngine(new_engine(engine_dir))
-        manager = engine.engine.scheduler.kv_cache_manager
+        manager = engine.llm_engine.scheduler.kv_cache_manager
         idle = manager.num_free_blocks
 
         async def consume(prompt, stop_after):
@@ -71,10 +71,10 @@ def test_cancelled_streams_abort_and_free_blocks(engine_dir):
         await asyncio.gather(*(consume([1, 2, 3, i % 60 + 1], 1 + i % 5) for i in range(20)))
         # Aborts are applied by the loop before its next step; give it a moment.
         for _ in range(100):
-            if not engine.engine.has_unfinished_requests() and not engine._commands:
+            if not engine.llm_engine.has_unfinished_requests() and not engine._commands:
                 break
             await asyncio.sleep(0.01)
-        assert engine.engine.scheduler.num_running == 0
+        assert engine.llm_engine.scheduler.num_running == 0
         assert manager.num_free_blocks == idle
         await engine.shutdown()
 

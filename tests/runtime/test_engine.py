@@ -197,3 +197,5 @@ def test_abort_frees_blocks(tiny):
         assert engine.abort_request(request_id)
     assert not engine.has_unfinished_requests()
     assert manager.num_free_blocks == idle
+    # Idle now: the runner was told at once and holds nothing of them.
+    assert len(engine.runner.requests) == 0

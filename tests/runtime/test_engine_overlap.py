@@ -82,4 +82,4 @@ def test_overlap_abort_while_a_step_is_in_flight(tiny):  # noqa: F811
     [alone] = run_all(make_engine(engine_dir, overlap_scheduling=False), [[3, 1, 4, 1, 5]], [params])
     assert finished[keep].outputs[0].token_ids == alone.outputs[0].token_ids
     assert manager.num_free_blocks == idle
-    assert engine.runner._requests == {}
+    assert len(engine.runner.requests) == 0 and len(engine.runner.generators) == 0
