@@ -25,7 +25,7 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.token_history import token_ids_between
 
 
-@dataclass
+@dataclass(slots=True)
 class RunnerRequest:
     request_id: str
     prompt_token_ids: list[int]
@@ -65,9 +65,9 @@ class RunnerRequests:
         for new in scheduler_output.new_requests:
             if new.request_id in self._requests:
                 raise RuntimeError(f"request {new.request_id!r} is already known to the runner")
+            # The message's prompt list is the runner's from here on: nothing mutates it.
             self._requests[new.request_id] = RunnerRequest(
-                new.request_id, list(new.prompt_token_ids), new.sampling_params,
-                new.eos_token_id,
+                new.request_id, new.prompt_token_ids, new.sampling_params, new.eos_token_id,
             )
         return [self._row(scheduled) for scheduled in scheduler_output.scheduled]
 

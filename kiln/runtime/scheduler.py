@@ -63,6 +63,9 @@ from kiln.runtime.messages import (
 )
 from kiln.runtime.request import Request, RequestStatus
 
+# A decode row's logits: at its one token. Shared, not built per row per step.
+_DECODE_LOGITS_OFFSETS = (0,)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
@@ -377,24 +380,30 @@ class Scheduler:
         request.num_computed_tokens = end
         if samples:
             request.num_pending_tokens += 1
+        # Empty diffs are the shared () (see ScheduledRequest on allocations).
+        outputs = request.output_token_ids
         num_synced = request.num_synced_output_tokens
-        new_token_ids = (
-            request.output_token_ids[num_synced:] if num_synced < request.num_output_tokens else []
-        )
-        request.num_synced_output_tokens = request.num_output_tokens
+        new_token_ids = outputs[num_synced:] if num_synced < len(outputs) else ()
+        request.num_synced_output_tokens = len(outputs)
+        block_ids = request.block_ids
         blocks_start = request.num_synced_blocks
-        request.num_synced_blocks = len(request.block_ids)
-        spec_token_ids = request.spec_token_ids[:num_spec_tokens]
-        request.spec_token_ids = []
+        new_block_ids = block_ids[blocks_start:] if blocks_start < len(block_ids) else ()
+        request.num_synced_blocks = len(block_ids)
+        spec_token_ids = ()
+        if request.spec_token_ids:
+            spec_token_ids = request.spec_token_ids[:num_spec_tokens]
+            request.spec_token_ids = []
         if not samples:
             logits_offsets = ()
         elif num_spec_tokens:
             logits_offsets = tuple(range(num_new_tokens - 1 - num_spec_tokens, num_new_tokens))
+        elif num_new_tokens == 1:
+            logits_offsets = _DECODE_LOGITS_OFFSETS
         else:
             logits_offsets = (num_new_tokens - 1,)
         return ScheduledRequest(
             request.request_id, start, num_new_tokens, new_token_ids,
-            blocks_start, request.block_ids[blocks_start:], spec_token_ids, logits_offsets,
+            blocks_start, new_block_ids, spec_token_ids, logits_offsets,
         )
 
     def _num_spec_tokens_to_verify(

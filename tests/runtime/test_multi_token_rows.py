@@ -94,7 +94,7 @@ def test_a_prefill_chunk_drops_proposals():
     scheduler.add_request(request)
     request.spec_token_ids = [1, 2]  # proposals for a request still in its prompt: stale
     (chunk,) = scheduler.schedule().scheduled
-    assert chunk.spec_token_ids == [] and chunk.logits_offsets == ()
+    assert not chunk.spec_token_ids and chunk.logits_offsets == ()
     assert request.spec_token_ids == []
 
 
