@@ -6,12 +6,10 @@ import asyncio
 
 import pytest
 
-from kiln.compiler.manifest import open_engine
-from kiln.config import EngineConfig
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import build_tiny_engine
+from tests.helpers import build_tiny_engine, make_cpu_engine, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +18,15 @@ def engine_dir(tmp_path_factory):
 
 
 def new_engine(engine_dir) -> LLMEngine:
-    return LLMEngine(open_engine(engine_dir), EngineConfig(device="cpu", block_size=4, num_kv_blocks=64))
+    return make_cpu_engine(engine_dir, num_kv_blocks=64)
 
 
 def test_concurrent_streams_match_offline(engine_dir):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts = [[i + 1, i + 2, i + 3] for i in range(16)]
 
-    offline = new_engine(engine_dir)
-    expected = {}
-    for prompt in prompts:
-        request_id = offline.add_request(None, prompt, params)
-        while offline.has_unfinished_requests():
-            for output in offline.step():
-                if output.finished:
-                    expected[tuple(prompt)] = output.outputs[0].token_ids
+    outputs = run_to_completion(new_engine(engine_dir), prompts, [params] * len(prompts))
+    expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, outputs)}
 
     async def main():
         engine = AsyncLLMEngine(new_engine(engine_dir))
