@@ -50,6 +50,16 @@ class LLM:
     def tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def close(self) -> None:
+        """Free the engine's device memory (LLMEngine.close); idempotent."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -83,15 +93,16 @@ class LLM:
                 f"pass one, or one per prompt"
             )
         engine = self.llm_engine
+        prepared = []
         for index, prompt in enumerate(prompts):
-            _, token_ids = engine.tokenize_prompt(prompt)
             try:
-                engine._validate_prompt(token_ids)
+                text, token_ids = engine.prepare_prompt(prompt)
             except ValueError as error:
                 raise ValueError(f"prompt {index}: {error}") from None
+            prepared.append({"prompt": text, "prompt_token_ids": token_ids})
         request_ids = []
         try:
-            for prompt, params in zip(prompts, sampling_params):
+            for prompt, params in zip(prepared, sampling_params):
                 request_ids.append(engine.add_request(None, prompt, params))
         except ValueError:
             for request_id in request_ids:
@@ -111,7 +122,7 @@ class LLM:
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise KilnError("this engine has no tokenizer, so it has no chat template")
-        template = chat_template_of(tokenizer, self.llm_engine.engine.tokenizer_dir)
+        template = chat_template_of(tokenizer, self.llm_engine.engine_info.tokenizer_dir)
         if template is None:
             raise KilnError("this engine's tokenizer has no chat template")
         return render_chat_template(template, messages, special_tokens=special_tokens_of(tokenizer))

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random Hugging Face models (no downloads), a tiny engine built
-from one, and a minimal single-sequence forward loop over the paged KV cache."""
+from one, a CPU engine over it run to completion, and a minimal single-sequence forward
+loop over the paged KV cache."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import transformers
 
 from kiln.compiler.loader import load_engine_model
 from kiln.compiler.manifest import open_engine
-from kiln.runtime.input_batch import prepare_inputs
+from kiln.runtime.input_batch import BatchRow, prepare_inputs
 from kiln.runtime.kv_tensors import allocate_kv_caches
-from kiln.runtime.outputs import ScheduledRequest
 
 
 def save_tiny_hf_model(config: transformers.PretrainedConfig, directory: Path, seed: int = 0):
@@ -46,12 +46,12 @@ class SequenceRunner:
     @torch.no_grad()
     def step(self, token_ids: list[int]) -> torch.Tensor:
         """Logits (len(token_ids), V) for the given new tokens."""
-        request = ScheduledRequest(
+        request = BatchRow(
             request_id="r",
             token_ids=token_ids,
             num_computed_tokens=self.num_computed,
             block_ids=self.block_ids,
-            sample=True,
+            logits_offsets=tuple(range(len(token_ids))),
         )
         inputs = prepare_inputs([request], self.block_size)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
@@ -59,19 +59,52 @@ class SequenceRunner:
         return self.model.compute_logits(hidden)
 
 
+def tiny_llama_config(**overrides) -> transformers.LlamaConfig:
+    """A tiny Llama (2 layers, hidden 32, GQA 2:1, vocab 64, 128 positions); keyword
+    arguments override any LlamaConfig field."""
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                  max_position_embeddings=128)
+    return transformers.LlamaConfig(**{**fields, **overrides})
+
+
 @torch.no_grad()
-def build_tiny_engine(directory: Path, max_position_embeddings: int = 128, **config) -> Path:
-    """A float32 engine of a tiny random Llama (2 layers, hidden 32, GQA 2:1, vocab 64) built
-    under `directory`; keyword arguments override the LlamaConfig fields. Returns its dir."""
+def build_tiny_engine(directory: Path, **config) -> Path:
+    """A float32 engine of tiny_llama_config(**config) built under `directory`; returns its
+    directory (the HF model is saved beside it, in directory / "hf")."""
     from kiln.compiler.builder import build_engine
     from kiln.config import BuildConfig
 
-    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
-                  max_position_embeddings=max_position_embeddings)
-    save_tiny_hf_model(transformers.LlamaConfig(**{**fields, **config}), directory / "hf")
+    save_tiny_hf_model(tiny_llama_config(**config), directory / "hf")
     build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
     return directory / "engine"
+
+
+def make_cpu_engine(engine_dir: Path, **knobs):
+    """An LLMEngine on the CPU (block size 4 unless given) over an engine directory."""
+    from kiln.config import EngineConfig
+    from kiln.runtime.engine import LLMEngine
+
+    knobs = {"device": "cpu", "block_size": 4, **knobs}
+    return LLMEngine(open_engine(engine_dir), EngineConfig(**knobs))
+
+
+def run_to_completion(engine, prompts: list, params: list, before_step=None) -> list:
+    """Add every prompt (token id lists or prompt dicts) with its SamplingParams, step until
+    the engine is idle, and return the final RequestOutputs in prompt order.
+    `before_step(engine)`, if given, runs before each step."""
+    request_ids = [
+        engine.add_request(None, {"prompt_token_ids": p} if isinstance(p, list) else p, sp)
+        for p, sp in zip(prompts, params)
+    ]
+    finished = {}
+    while engine.has_unfinished_requests():
+        if before_step is not None:
+            before_step(engine)
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    return [finished[request_id] for request_id in request_ids]
 
 
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:

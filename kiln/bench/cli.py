@@ -46,7 +46,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     }
     path = write_result(
         "throughput", device=engine.device, model=str(args.model),
-        dtype=engine.engine.manifest["build"]["dtype"], config=config, metrics=metrics,
+        dtype=engine.engine_info.manifest["build"]["dtype"], config=config, metrics=metrics,
         output_dir=args.output_dir,
     )
     for name, value in metrics.items():

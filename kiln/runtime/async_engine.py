@@ -24,8 +24,8 @@ from kiln.runtime.sampling_params import SamplingParams
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, llm_engine: LLMEngine) -> None:
+        self.llm_engine = llm_engine
         self._commands: deque[tuple] = deque()
         self._streams: dict[str, asyncio.Queue] = {}
         self._wakeup: asyncio.Event | None = None
@@ -61,8 +61,7 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         # Validate here, in the caller, so bad input never reaches the loop.
-        _, token_ids = self.engine.tokenize_prompt(prompt)
-        self.engine._validate_prompt(token_ids)
+        _, token_ids = self.llm_engine.prepare_prompt(prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._commands.append(("add", request_id, {"prompt_token_ids": token_ids}, sampling_params))
@@ -91,14 +90,14 @@ class AsyncLLMEngine:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "abort":
-                self.engine.abort_request(command[1])
+                self.llm_engine.abort_request(command[1])
                 continue
             _, request_id, prompt, params = command
             stream = self._streams.get(request_id)
             if stream is None:
                 continue  # the caller went away before its request was added
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.llm_engine.add_request(request_id, prompt, params)
             except ValueError as error:
                 stream.put_nowait(error)
 
@@ -106,12 +105,12 @@ class AsyncLLMEngine:
         try:
             while not self._stopping:
                 self._apply_commands()
-                if not self.engine.has_unfinished_requests():
+                if not self.llm_engine.has_unfinished_requests():
                     self._wakeup.clear()
                     if not self._commands and not self._stopping:
                         await self._wakeup.wait()
                     continue
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await asyncio.to_thread(self.llm_engine.step)
                 for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
@@ -136,6 +135,6 @@ class AsyncLLMEngine:
         with contextlib.suppress(asyncio.CancelledError):
             await self._loop_task
         self._loop_task = None
-        self.engine.abort_all()
+        self.llm_engine.abort_all()
         for stream in self._streams.values():
             stream.put_nowait(RuntimeError("the engine was shut down"))

@@ -38,8 +38,7 @@ from kiln.errors import KilnError
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_tensors import kv_cache_bytes_per_block
 from kiln.runtime.model_runner import LaunchedStep, ModelRunner
-from kiln.runtime.outputs import SchedulerOutput
-from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.messages import SchedulerOutput, TokenLogprobs
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
@@ -135,35 +134,42 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, engine: EngineInfo, config: EngineConfig | None = None) -> None:
+    """One engine loop over one engine directory. Closing it (`close()`, or leaving a `with`
+    block) frees its device memory, so a process may build engines one after another."""
+
+    def __init__(self, engine_info: EngineInfo, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.engine = engine
-        self.model_config = engine.model_config
-        self.max_model_len = config.max_model_len or engine.max_model_len
-        if self.max_model_len > engine.max_model_len:
+        self.engine_info = engine_info
+        self.model_config = engine_info.model_config
+        self.max_model_len = config.max_model_len or engine_info.max_model_len
+        if self.max_model_len > engine_info.max_model_len:
             raise KilnError(
-                f"max_model_len {self.max_model_len} exceeds the engine's {engine.max_model_len} "
-                f"(rebuild with a larger --max-model-len)"
+                f"max_model_len {self.max_model_len} exceeds the engine's "
+                f"{engine_info.max_model_len} (rebuild with a larger --max-model-len)"
             )
         self.device = resolve_device(config.device)
         if config.dtype != "auto":
             self.dtype = getattr(torch, config.dtype)
         else:
-            self.dtype = engine.dtype if self.device.type == "cuda" else torch.float32
-        self.tokenizer = load_tokenizer(engine.tokenizer_dir) if engine.tokenizer_dir else None
-        eos = engine.generation_config.get("eos_token_id")
+            self.dtype = engine_info.dtype if self.device.type == "cuda" else torch.float32
+        kv_dtype = config.kv_cache_dtype
+        self.kv_cache_dtype = self.dtype if kv_dtype == "auto" else getattr(torch, kv_dtype)
+        tokenizer_dir = engine_info.tokenizer_dir
+        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        eos = engine_info.generation_config.get("eos_token_id")
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
         num_blocks = config.num_kv_blocks
         if num_blocks is None and self.device.type != "cuda":
             num_blocks = self._cpu_kv_blocks()
         # On CUDA with num_blocks None the runner sizes the cache with a profiling forward.
         self.runner = ModelRunner(
-            engine, self.device, self.dtype, config.block_size, num_blocks,
+            engine_info, self.device, self.dtype, config.block_size, num_blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_cuda_graphs=config.enable_cuda_graphs,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
@@ -183,7 +189,7 @@ class LLMEngine:
             kv_allocation_seconds=runner.kv_allocation_seconds,
             num_kv_blocks=num_blocks,
             kv_cache_bytes=num_blocks * kv_cache_bytes_per_block(
-                self.model_config, config.block_size, self.dtype
+                self.model_config, config.block_size, self.kv_cache_dtype
             ),
             kv_profile_seconds=runner.memory_profile.seconds if runner.memory_profile else 0.0,
             graph_capture_seconds=capture.seconds if capture else 0.0,
@@ -202,6 +208,7 @@ class LLMEngine:
         # Host seconds spent in step() (minus what the runner reports as waiting) and steps
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
         self.stats = EngineStats()
+        self._closed = False
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
@@ -214,11 +221,42 @@ class LLMEngine:
         logger.info("%s", engine.startup.describe())
         if engine.device.type == "cuda":
             # The model, tokenizer and caches are long-lived: move them out of the collector's
-            # sight so its full passes stop walking them (~1 ms a step at batch 256). Not on
-            # the CPU, where tests build many short-lived engines whose cycles must be freed.
+            # sight so its full passes stop walking them (~1 ms a step at batch 256); close()
+            # gives them back. Not on the CPU, where tests build many short-lived engines.
             gc.collect()
             gc.freeze()
         return engine
+
+    # ---- lifetime -----------------------------------------------------------------------
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Abort every request and free the engine's device memory: KV cache, CUDA graphs
+        and their pool, weights, buffers. Idempotent; the engine cannot step afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._in_flight is not None:
+            self.runner.collect(self._in_flight[1])  # its kernels still use the caches
+            self._in_flight = None
+        self.abort_all()
+        self.runner.close()
+        # Objects frozen at start-up (from_engine_dir) are invisible to the collector; the
+        # model's reference cycles (parameters holding bound weight loaders) need it.
+        gc.unfreeze()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def _cpu_kv_blocks(self) -> int:
         per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
@@ -235,7 +273,7 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -251,7 +289,14 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def _validate_prompt(self, token_ids: list[int]) -> None:
+    def prepare_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt, validated: raises ValueError naming the problem
+        (empty, a token id outside the vocabulary) before anything is queued."""
+        prompt_text, token_ids = self._tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        return prompt_text, token_ids
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.model_config.vocab_size
@@ -268,8 +313,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text, token_ids = self.tokenize_prompt(prompt)
-        self._validate_prompt(token_ids)
+        if self._closed:
+            raise KilnError("the engine is closed")
+        prompt_text, token_ids = self.prepare_prompt(prompt)
         room = self.max_model_len - len(token_ids)
         if params.max_tokens is None:
             if room < 1:
@@ -307,7 +353,6 @@ class LLMEngine:
                 self.scheduler.abort_request(request.request_id)
             raise
         for sequence in user_request.sequences:
-            self.runner.register(sequence.request)
             self._sequence_owner[sequence.request.request_id] = user_request
         if params.uses_penalties:
             self._num_penalised_sequences += len(user_request.sequences)
@@ -321,6 +366,7 @@ class LLMEngine:
         for sequence in user_request.sequences:
             self.scheduler.abort_request(sequence.request.request_id)
         self._forget(user_request)
+        self._tell_runner_if_idle()
         return True
 
     def abort_all(self) -> int:
@@ -333,23 +379,36 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
+    def _tell_runner_if_idle(self) -> None:
+        """Once nothing is left to run, send the runner the finished requests' ids now (an
+        empty step message) rather than with the next request's first step: an idle engine
+        holds nothing of past requests."""
+        if (
+            self._in_flight is None
+            and not self.scheduler.has_unfinished_requests()
+            and self.scheduler.has_finished_requests()
+        ):
+            self.runner.collect(self.runner.execute_async(self.scheduler.schedule()))
+
     def _forget(self, user_request: _UserRequest) -> None:
-        """Drop every trace of a finished or aborted request now (the scheduler also tells
-        the runner at its next schedule(); doing it here leaves nothing behind when idle)."""
+        """Drop the engine's own trace of a finished or aborted request now (the scheduler
+        tells the runner in its next step message)."""
         if self._requests.pop(user_request.request_id, None) is None:
             return
         if user_request.sequences[0].request.sampling_params.uses_penalties:
             self._num_penalised_sequences -= len(user_request.sequences)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)
-            self.runner.forget(sequence.request.request_id)
 
     # ---- the loop ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._closed:
+            raise KilnError("the engine is closed")
         started = time.perf_counter()
         waited, gpu = self.runner.wait_seconds, self.runner.gpu_seconds
         outputs = self._step()
+        self._tell_runner_if_idle()
         self.stats.num_steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self.stats.wait_seconds += self.runner.wait_seconds - waited

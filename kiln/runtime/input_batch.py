@@ -1,11 +1,15 @@
-"""SchedulerOutput → the flat ragged tensors one forward pass takes.
+"""A step's batch rows → the flat ragged tensors one forward pass takes.
 
     request A: 5 prompt tokens, 0 cached      request B: 1 decode token, 7 cached
     input_ids       [a0 a1 a2 a3 a4 | b7]
     positions       [ 0  1  2  3  4 |  7]
     query_start_loc [0, 5, 6]         seq_lens [5, 8]
     slot_mapping    [slot(A,0..4)   | slot(B,7)]   slot = block_table[pos // bs] * bs + pos % bs
-    logits_indices  [4, 5]            (last token of each request that samples)
+    logits_indices  [4, 5]            (each row's logits_offsets, here its last token)
+
+A row asks for logits at any of its tokens (`logits_offsets`): a decode row and the last
+chunk of a prompt at their last token, a row verifying k speculative tokens at its last
+k + 1; the sampler gets one logits row per offset, in row order.
 
 `InputBuffers` keeps these tensors allocated for the engine's lifetime: host staging copies
 (pinned on CUDA) are filled with numpy, then copied to the device without blocking the host.
@@ -18,12 +22,28 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from kiln.layers.attention import AttentionMetadata
-from kiln.runtime.outputs import ScheduledRequest
+
+
+class BatchRow(NamedTuple):
+    """One request's row of a step's flat batch (the runner builds it from the step message
+    and its own copy of the request). A NamedTuple: one is built per row per step."""
+
+    request_id: str
+    # The row's tokens; PLACEHOLDER_TOKEN_ID (-1) for tokens still being sampled.
+    token_ids: list[int]
+    # Position of token_ids[0]: tokens of the request already in the KV cache.
+    num_computed_tokens: int
+    # The request's whole block table (physical block ids), covering at least
+    # num_computed_tokens + len(token_ids) tokens.
+    block_ids: list[int]
+    # Offsets into token_ids whose logits are sampled, ascending.
+    logits_offsets: tuple[int, ...] = ()
 
 
 @dataclass
@@ -31,9 +51,10 @@ class ModelInputs:
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
     metadata: AttentionMetadata
-    # (num_sampled,) int64: flat index of the last token of each request that samples.
+    # (L,) int64: flat index of each logits row's token (every row's logits_offsets).
     logits_indices: torch.Tensor
-    sampled_request_ids: list[str]
+    # (L,) the request of each logits row.
+    logits_request_ids: list[str]
     num_tokens: int  # real (unpadded) tokens
     num_seqs: int  # real (unpadded) sequences
 
@@ -58,7 +79,8 @@ class InputBuffers:
         self._query_start_loc = pair(max_num_seqs + 1, torch.int32)
         self._prefill_query_start_loc = pair(max_num_seqs + 1, torch.int32)
         self._seq_lens = pair(max_num_seqs, torch.int32)
-        self._logits_indices = pair(max_num_seqs, torch.int64)
+        # A row verifying speculative tokens has several logits rows: up to one per token.
+        self._logits_indices = pair(max(max_num_tokens, max_num_seqs), torch.int64)
         self._block_tables = torch.zeros(
             (max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=self.device
         )
@@ -94,7 +116,7 @@ class InputBuffers:
         return self._block_tables[:num_seqs]
 
     def prepare(
-        self, scheduled: list[ScheduledRequest], block_size: int, pad_to: int | None = None
+        self, scheduled: list[BatchRow], block_size: int, pad_to: int | None = None
     ) -> ModelInputs:
         """Fill the buffers for this batch. With pad_to, the batch must be decode-only (one
         token per request) and is padded to pad_to sequences for a captured graph.
@@ -111,17 +133,24 @@ class InputBuffers:
         num_scheduled: list[int] = []
         num_computed: list[int] = []
         num_blocks: list[int] = []
-        sampled_rows: list[int] = []
-        sampled_ids: list[str] = []
+        logits_rows: list[int] = []  # per logits row: its batch row
+        logits_offsets: list[int] = []  # and its offset in that row
+        logits_ids: list[str] = []
         for row, request in enumerate(scheduled):
             token_ids += request.token_ids
             block_ids += request.block_ids
             num_scheduled.append(len(request.token_ids))
             num_computed.append(request.num_computed_tokens)
             num_blocks.append(len(request.block_ids))
-            if request.sample:
-                sampled_rows.append(row)
-                sampled_ids.append(request.request_id)
+            offsets = request.logits_offsets
+            if len(offsets) == 1:
+                logits_rows.append(row)
+                logits_offsets.append(offsets[0])
+                logits_ids.append(request.request_id)
+            elif offsets:
+                logits_rows += [row] * len(offsets)
+                logits_offsets += offsets
+                logits_ids += [request.request_id] * len(offsets)
         num_seqs = len(scheduled)
         num_tokens = len(token_ids)
         padded_seqs = pad_to or num_seqs
@@ -155,11 +184,16 @@ class InputBuffers:
         self._positions[1][:num_tokens] = positions
         self._slot_mapping[1][:num_tokens] = slot_blocks * block_size + positions % block_size
         self._seq_lens[1][:num_seqs] = seq_lens
-        # The last token of each sampling request: the token before the next row starts.
-        num_sampled = len(sampled_rows)
-        self._logits_indices[1][:num_sampled] = (
-            query_start_loc[int64_array(sampled_rows) + 1] - 1
-        )
+        num_sampled = len(logits_rows)
+        rows, offsets = int64_array(logits_rows), int64_array(logits_offsets)  # (L,) each
+        outside = (offsets < 0) | (offsets >= query_lens[rows])  # (L,)
+        if outside.any():
+            bad = int(np.flatnonzero(outside)[0])
+            raise ValueError(
+                f"request {logits_ids[bad]}: logits offset {offsets[bad]} is outside its row of "
+                f"{query_lens[rows[bad]]} tokens"
+            )
+        self._logits_indices[1][:num_sampled] = query_start_loc[rows] + offsets
 
         widest = max(1, max(num_blocks, default=1))
         block_table = self._block_tables_host[1][: padded_seqs * widest].reshape(
@@ -205,7 +239,7 @@ class InputBuffers:
             positions=self._copy(self._positions, padded_tokens),
             metadata=metadata,
             logits_indices=self._copy(self._logits_indices, num_sampled),
-            sampled_request_ids=sampled_ids,
+            logits_request_ids=logits_ids,
             num_tokens=num_tokens,
             num_seqs=num_seqs,
         )
@@ -215,7 +249,7 @@ class InputBuffers:
 
     def _check_blocks(
         self,
-        scheduled: list[ScheduledRequest],
+        scheduled: list[BatchRow],
         seq_lens: np.ndarray,
         block_counts: np.ndarray,
         block_size: int,
@@ -255,10 +289,10 @@ class InputBuffers:
 
 
 def prepare_inputs(
-    scheduled: list[ScheduledRequest], block_size: int, device: torch.device | str = "cpu"
+    scheduled: list[BatchRow], block_size: int, device: torch.device | str = "cpu"
 ) -> ModelInputs:
     """One-off buffers sized for exactly this batch (tests and tools)."""
-    num_tokens = max(1, sum(r.num_scheduled_tokens for r in scheduled))
+    num_tokens = max(1, sum(len(r.token_ids) for r in scheduled))
     max_blocks = max((len(r.block_ids) for r in scheduled), default=1)
     buffers = InputBuffers(num_tokens, max(1, len(scheduled)), max(1, max_blocks), device)
     return buffers.prepare(scheduled, block_size)

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kiln.runtime.request import Request
+from kiln.runtime.token_history import token_ids_between
 
 NULL_BLOCK_ID = 0
 # Parent digest of a request's first block.
@@ -53,17 +54,6 @@ def hash_block_tokens(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
     # Fixed width and byte order: the same tokens give the same bytes on every machine.
     digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return digest.digest()
-
-
-def token_ids_between(request: Request, start: int, end: int) -> list[int]:
-    """request.all_token_ids[start:end] without building the whole concatenation (which
-    would cost O(sequence length) per request per decode step)."""
-    num_prompt = request.num_prompt_tokens
-    if start >= num_prompt:
-        return request.output_token_ids[start - num_prompt : end - num_prompt]
-    if end <= num_prompt:
-        return request.prompt_token_ids[start:end]
-    return request.prompt_token_ids[start:] + request.output_token_ids[: end - num_prompt]
 
 
 @dataclass
@@ -194,7 +184,9 @@ class KVCacheManager:
         parent = hashes[-1] if hashes else _ROOT_HASH
         for index in range(len(hashes), num_blocks):
             start = index * self.block_size
-            block_tokens = token_ids_between(request, start, start + self.block_size)
+            block_tokens = token_ids_between(
+                request.prompt_token_ids, request.output_token_ids, start, start + self.block_size
+            )
             parent = hash_block_tokens(parent, block_tokens)
             hashes.append(parent)
         return hashes
@@ -258,9 +250,25 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Release the request's blocks and per-request hashes; safe to call twice."""
+        self._release(request, request.block_ids)
+        request.block_ids = []
+        self._block_hashes.pop(request.request_id, None)
+        self._num_registered_blocks.pop(request.request_id, None)
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past those that hold its first `num_tokens` tokens
+        (the KV of rejected speculative tokens). Only uncomputed, so unhashed, slots are
+        dropped: registered blocks hold computed tokens only."""
+        num_kept = self.num_blocks_for(num_tokens)
+        if num_kept >= len(request.block_ids):
+            return
+        self._release(request, request.block_ids[num_kept:])
+        del request.block_ids[num_kept:]
+
+    def _release(self, request: Request, block_ids: list[int]) -> None:
         # Tail blocks first: they are the least likely to be shared by another prompt, so
         # they should be the first cached blocks to be evicted.
-        for block_id in reversed(request.block_ids):
+        for block_id in reversed(block_ids):
             block = self._blocks[block_id]
             if block.ref_count <= 0:
                 raise RuntimeError(
@@ -273,9 +281,6 @@ class KVCacheManager:
                     self._free_block_ids.append(block_id)
                 else:
                     self._evictable_block_ids[block_id] = None
-        request.block_ids = []
-        self._block_hashes.pop(request.request_id, None)
-        self._num_registered_blocks.pop(request.request_id, None)
 
     def _claim(self, block_id: int) -> None:
         block = self._blocks[block_id]

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from kiln.errors import KilnError
-from kiln.runtime.input_batch import prepare_inputs
+from kiln.runtime.input_batch import BatchRow, prepare_inputs
 from kiln.runtime.kv_tensors import allocate_kv_caches
-from kiln.runtime.outputs import ScheduledRequest
 from kiln.runtime.sampler import Sampler, SamplingMetadata, SamplingRow
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -42,7 +41,7 @@ class MemoryProfile:
 def profile_kv_blocks(
     model: torch.nn.Module,
     device: torch.device,
-    dtype: torch.dtype,
+    kv_cache_dtype: torch.dtype,
     block_size: int,
     bytes_per_block: int,
     max_num_batched_tokens: int,
@@ -59,12 +58,10 @@ def profile_kv_blocks(
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     allocated_before = torch.cuda.memory_allocated(device)
-    scratch_kv = allocate_kv_caches(config, scratch_blocks, block_size, dtype, device)
-    request = ScheduledRequest(
-        request_id="memory-profile", token_ids=[0] * num_tokens, num_computed_tokens=0,
-        block_ids=list(range(1, scratch_blocks)), sample=True,
-    )
-    inputs = prepare_inputs([request], block_size, device)
+    scratch_kv = allocate_kv_caches(config, scratch_blocks, block_size, kv_cache_dtype, device)
+    row = BatchRow(request_id="memory-profile", token_ids=[0] * num_tokens, num_computed_tokens=0,
+                   block_ids=list(range(1, scratch_blocks)), logits_offsets=(num_tokens - 1,))
+    inputs = prepare_inputs([row], block_size, device)
     torch.cuda.reset_peak_memory_stats(device)
     hidden = model(inputs.input_ids, inputs.positions, scratch_kv, inputs.metadata)
     logits = model.compute_logits(hidden[:num_rows])  # (rows, V): a full decode batch

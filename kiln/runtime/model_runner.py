@@ -1,7 +1,8 @@
 """Runs one SchedulerOutput through the model and the sampler.
 
-    SchedulerOutput ─InputBuffers→ flat ragged tensors ─model→ hidden (T, H)
-      ─hidden[logits_indices]→ logits (R, V) ─Sampler→ token ids ─one host copy→ ModelRunnerOutput
+    SchedulerOutput ─RunnerRequests→ batch rows ─InputBuffers→ flat ragged tensors
+      ─model→ hidden (T, H) ─hidden[logits_indices]→ logits (L, V) ─Sampler→ token ids
+      ─one host copy→ ModelRunnerOutput
 
 Decode-only steps on CUDA replay a captured graph (cuda_graphs.py); everything else runs
 eagerly. The step's only device→host synchronisation is copying the sampled ids back.
@@ -12,16 +13,23 @@ step's inputs may then hold placeholders (-1) for tokens the previous step is st
 sampling, which `execute_async` fills on the device from the previous step's sampled ids
 before the forward, so the host never waits for them. `execute` is the two back to back.
 
-The runner owns the model, the paged KV tensors, the persistent input buffers and the
-per-request generators of seeded requests. It sees requests (sampling parameters, token
-history) through `register`, which the engine calls when a request is added; `forget` drops
-them (the engine calls it when a request ends; ids in a SchedulerOutput's finished list too).
+The runner owns the model, the paged KV tensors, the persistent input buffers, the
+per-request generators of seeded requests and its own copy of every request
+(runner_requests.py). It knows requests only through the step messages: it imports nothing
+from the scheduler, so it could run in another process that gets the messages as bytes.
+
+A row verifying k speculative tokens gets k + 1 logits rows; the runner accepts the proposed
+tokens up to the first one the model's own sample disagrees with and returns the accepted
+ones plus that sample (1..k+1 tokens). Sampling each position from the target distribution
+and accepting only exact matches keeps the output distribution the non-speculative one
+(greedy rows: identical tokens); rejection sampling against a drafter's distribution, which
+accepts more, comes with the speculative-decoding issue.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,11 +38,16 @@ from kiln.compiler.manifest import EngineInfo
 from kiln.kernels.ops import use_reference_kernels
 from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
-from kiln.runtime.input_batch import InputBuffers
+from kiln.runtime.input_batch import BatchRow, InputBuffers
 from kiln.runtime.kv_tensors import allocate_kv_caches, kv_cache_bytes_per_block
 from kiln.runtime.memory_profile import MemoryProfile, profile_kv_blocks
-from kiln.runtime.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from kiln.runtime.request import Request
+from kiln.runtime.messages import (
+    PLACEHOLDER_TOKEN_ID,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from kiln.runtime.runner_requests import RunnerRequests
 from kiln.runtime.sampler import (
     LogprobsTensors,
     RequestGenerators,
@@ -43,7 +56,6 @@ from kiln.runtime.sampler import (
     SamplingRow,
     to_token_logprobs,
 )
-from kiln.runtime.scheduler import PLACEHOLDER_TOKEN_ID
 
 
 @dataclass
@@ -51,19 +63,21 @@ class LaunchedStep:
     """A step whose work is queued on the device; `ModelRunner.collect` turns it into a
     ModelRunnerOutput."""
 
-    request_ids: list[str]  # the sampled rows, in order
-    token_ids: torch.Tensor | None  # (R,) int64 on the host (pinned on CUDA), filled async
+    request_ids: list[str]  # the request of each sampled (logits) row, in order
+    token_ids: torch.Tensor | None  # (L,) int64 on the host (pinned on CUDA), filled async
     logprobs: LogprobsTensors | None  # host copies, filled async
     num_logprobs: list[int | None]
     done: torch.cuda.Event | None  # recorded after the copies; None on the CPU
     started: torch.cuda.Event | None  # recorded before the step's first device work
     graphed: bool = False  # a decode step replayed from a CUDA graph
+    # Requests whose rows verify speculative tokens: request id → the proposed tokens.
+    verified: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
     def __init__(
         self,
-        engine: EngineInfo,
+        engine_info: EngineInfo,
         device: torch.device,
         dtype: torch.dtype,
         block_size: int,
@@ -73,14 +87,17 @@ class ModelRunner:
         max_model_len: int,
         enable_cuda_graphs: bool = True,
         gpu_memory_utilization: float = 0.9,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         """num_kv_blocks None (CUDA only): size the KV cache with a profiling forward
-        (memory_profile.py) to fill gpu_memory_utilization of the device."""
-        self.engine = engine
+        (memory_profile.py) to fill gpu_memory_utilization of the device. kv_cache_dtype
+        None: the compute dtype."""
+        self.engine_info = engine_info
         self.device = device
         self.block_size = block_size
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         started = time.perf_counter()
-        self.model = load_engine_model(engine, device, dtype)
+        self.model = load_engine_model(engine_info, device, dtype)
         _sync(device)
         self.load_seconds = time.perf_counter() - started
         max_blocks_per_seq = -(-max_model_len // block_size)
@@ -95,8 +112,8 @@ class ModelRunner:
             if device.type != "cuda":
                 raise ValueError("num_kv_blocks must be given on the CPU (no memory profiling there)")
             self.memory_profile = profile_kv_blocks(
-                self.model, device, dtype, block_size,
-                kv_cache_bytes_per_block(engine.model_config, block_size, dtype),
+                self.model, device, self.kv_cache_dtype, block_size,
+                kv_cache_bytes_per_block(engine_info.model_config, block_size, self.kv_cache_dtype),
                 max_num_batched_tokens, max_num_seqs, gpu_memory_utilization,
                 # Never more than every sequence at full length needs (+1: the null block).
                 max_blocks=max_num_seqs * max_blocks_per_seq + 1,
@@ -105,13 +122,13 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks
         started = time.perf_counter()
         self.kv_caches = allocate_kv_caches(
-            engine.model_config, num_kv_blocks, block_size, dtype, device
+            engine_info.model_config, num_kv_blocks, block_size, self.kv_cache_dtype, device
         )
         _sync(device)
         self.kv_allocation_seconds = time.perf_counter() - started
         self.sampler = Sampler()
         self.generators = RequestGenerators(device)
-        self._requests: dict[str, Request] = {}
+        self.requests = RunnerRequests()
         # The last launched step's sampled ids, still on the device, and each request's row
         # in them: the source of the next step's placeholder tokens.
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=device)
@@ -140,45 +157,52 @@ class ModelRunner:
                               torch.ones(1, device=device),
                               torch.zeros(1, dtype=torch.bool, device=device), seed=0)
 
-    def register(self, request: Request) -> None:
-        self._requests[request.request_id] = request
+    def close(self) -> None:
+        """Drop everything that holds device memory (graphs and their pool, KV cache,
+        weights, buffers); the owner then releases the allocator's cache. Idempotent."""
+        self.graphs = None
+        self.kv_caches = []
+        self.model = None
+        self.buffers = None
+        self._last_sampled = None
+        self._last_sampled_rows = {}
+        self.requests.clear()
+        self.generators.clear()
 
-    def forget(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
-        self.generators.drop(request_id)
-
-    def _graph_size(self, scheduler_output: SchedulerOutput) -> int | None:
+    def _graph_size(self, rows: list[BatchRow]) -> int | None:
         if self.graphs is None:
             return None
-        scheduled = scheduler_output.scheduled
-        if not all(r.num_scheduled_tokens == 1 and r.sample for r in scheduled):
+        if not all(len(row.token_ids) == 1 and row.logits_offsets for row in rows):
             return None
-        return self.graphs.size_for(len(scheduled))
+        return self.graphs.size_for(len(rows))
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.execute_async(scheduler_output))
 
     @torch.inference_mode()
     def execute_async(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        if self.model is None:
+            raise RuntimeError("the model runner is closed")
         for request_id in scheduler_output.finished_request_ids:
-            self.forget(request_id)
-        if scheduler_output.is_empty:
+            self.generators.drop(request_id)
+        rows = self.requests.apply(scheduler_output)
+        if not rows:
             return LaunchedStep([], None, None, [], None, None)
-        graph_size = self._graph_size(scheduler_output)
-        scheduled = _decode_rows_first(scheduler_output.scheduled)
-        inputs = self.buffers.prepare(scheduled, self.block_size, pad_to=graph_size)
+        graph_size = self._graph_size(rows)
+        rows = _decode_rows_first(rows)
+        inputs = self.buffers.prepare(rows, self.block_size, pad_to=graph_size)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
-        self._fill_placeholders(scheduled, inputs)
+        self._fill_placeholders(rows, inputs)
         if graph_size is not None:
-            logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (R, V) model dtype
+            logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
-            if not inputs.sampled_request_ids:
+            if not inputs.logits_request_ids:
                 return LaunchedStep([], None, None, [], self._record_event(), started)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (R, V) float32
-        launched = self._sample(logits, inputs.sampled_request_ids, started)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (L, V) float32
+        launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
         return launched
 
@@ -198,12 +222,25 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={})
         token_ids = step.token_ids.tolist()
         logprobs = to_token_logprobs(token_ids, step.logprobs, step.num_logprobs)
-        return ModelRunnerOutput(
-            sampled_token_ids={rid: [t] for rid, t in zip(step.request_ids, token_ids)},
-            logprobs={
-                rid: [record] for rid, record in zip(step.request_ids, logprobs) if record is not None
-            },
-        )
+        if not step.verified:  # one logits row per request
+            return ModelRunnerOutput(
+                sampled_token_ids={rid: [t] for rid, t in zip(step.request_ids, token_ids)},
+                logprobs={
+                    rid: [record] for rid, record in zip(step.request_ids, logprobs)
+                    if record is not None
+                },
+            )
+        sampled: dict[str, list[int]] = {}
+        records: dict[str, list[TokenLogprobs]] = {}
+        for rid, token_id, record in zip(step.request_ids, token_ids, logprobs):
+            sampled.setdefault(rid, []).append(token_id)
+            if record is not None:
+                records.setdefault(rid, []).append(record)
+        for rid, proposed in step.verified.items():
+            sampled[rid] = accept_matching(proposed, sampled[rid])
+            if rid in records:
+                del records[rid][len(sampled[rid]):]
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=records)
 
     def _record_event(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":
@@ -212,7 +249,7 @@ class ModelRunner:
         event.record()
         return event
 
-    def _fill_placeholders(self, scheduled: list[ScheduledRequest], inputs) -> None:
+    def _fill_placeholders(self, scheduled: list[BatchRow], inputs) -> None:
         """Write the previous step's sampled ids (still on the device) into the input
         positions the scheduler left as placeholders."""
         positions: list[int] = []
@@ -237,26 +274,44 @@ class ModelRunner:
         inputs.input_ids.index_copy_(0, rows_and_positions[1], source)
 
     def _sample(
-        self, logits: torch.Tensor, request_ids: list[str], started: torch.cuda.Event | None
+        self,
+        logits: torch.Tensor,  # (L, V): one row per logits offset of `rows`, in order
+        rows: list[BatchRow],
+        request_ids: list[str],  # (L,)
+        started: torch.cuda.Event | None,
     ) -> LaunchedStep:
-        rows = []
-        for request_id in request_ids:
-            request = self._requests[request_id]
-            rows.append(
-                SamplingRow(
-                    params=request.sampling_params,
-                    prompt_token_ids=request.prompt_token_ids,
-                    output_token_ids=request.output_token_ids,
-                    eos_token_id=request.eos_token_id,
-                    generator=self.generators.get(request_id, request.sampling_params),
-                    # Sampled by earlier steps still in flight (this step's own is the last).
-                    num_pending_output_tokens=max(0, request.num_pending_tokens - 1),
-                )
-            )
-        metadata = SamplingMetadata.build(rows, logits.shape[-1], self.device)
+        sampling_rows = []
+        verified: dict[str, list[int]] = {}
+        for row in rows:
+            if not row.logits_offsets:
+                continue
+            request = self.requests[row.request_id]
+            generator = self.generators.get(row.request_id, request.sampling_params)
+            if len(row.logits_offsets) == 1:
+                # Tokens sampled by earlier steps still in flight: this row's placeholders.
+                # (This step's own sample is the one the row's logits give.)
+                num_pending = row.num_computed_tokens + len(row.token_ids) - request.num_tokens
+                sampling_rows.append(SamplingRow(
+                    request.sampling_params, request.prompt_token_ids,
+                    request.output_token_ids, request.eos_token_id, generator, num_pending,
+                ))
+                continue
+            # A verify row: after the i-th proposed token, the outputs include the first i.
+            proposed = row.token_ids[len(row.token_ids) - len(row.logits_offsets) + 1 :]
+            verified[row.request_id] = proposed
+            for index in range(len(row.logits_offsets)):
+                outputs = request.output_token_ids + proposed[:index]
+                sampling_rows.append(SamplingRow(
+                    request.sampling_params, request.prompt_token_ids, outputs,
+                    request.eos_token_id, generator,
+                ))
+        metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
         sampled = self.sampler(logits, metadata)
         self._last_sampled = sampled.sampled_token_ids
-        self._last_sampled_rows = {rid: row for row, rid in enumerate(request_ids)}
+        # Overlapped steps fill a request's placeholder from its row here; verify rows are
+        # never followed by one (the scheduler waits for their outcome).
+        self._last_sampled_rows = {rid: row for row, rid in enumerate(request_ids)
+                                   if rid not in verified}
         return LaunchedStep(
             request_ids=request_ids,
             token_ids=_to_host(sampled.sampled_token_ids),
@@ -271,17 +326,28 @@ class ModelRunner:
             num_logprobs=metadata.num_logprobs,
             done=self._record_event(),
             started=started,
+            verified=verified,
         )
 
 
-def _decode_rows_first(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+def accept_matching(proposed: list[int], sampled: list[int]) -> list[int]:
+    """Verification by exact match: sampled[i] is the model's token after the first i
+    proposed ones; keep proposals while the model agrees, then the model's own token (the
+    bonus token when all agree). len(sampled) == len(proposed) + 1."""
+    for index, token_id in enumerate(proposed):
+        if sampled[index] != token_id:
+            return sampled[: index + 1]
+    return sampled
+
+
+def _decode_rows_first(rows: list[BatchRow]) -> list[BatchRow]:
     """A mixed step's one-token (decode) rows first, each group in scheduler order, so
     attention can hand them to the decode kernel as one leading slice (input_batch.py marks
     it). Rows are matched to outputs by request id, so the order is the runner's own."""
-    decode = [request for request in scheduled if request.num_scheduled_tokens == 1]
-    if len(decode) in (0, len(scheduled)):
-        return scheduled
-    return decode + [request for request in scheduled if request.num_scheduled_tokens != 1]
+    decode = [row for row in rows if len(row.token_ids) == 1]
+    if len(decode) in (0, len(rows)):
+        return rows
+    return decode + [row for row in rows if len(row.token_ids) != 1]
 
 
 def _sync(device: torch.device) -> None:

@@ -70,6 +70,13 @@ class Request:
     num_pending_tokens: int = 0
     # Physical KV block ids, in order: block i holds tokens [i*block_size, (i+1)*block_size).
     block_ids: list[int] = field(default_factory=list)
+    # Proposed continuation tokens (a drafter's guess) to verify in the next step that
+    # decodes this request; consumed when scheduled.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # What the model runner already knows of this request (it keeps its own copy, built
+    # from the step messages): how many output tokens and leading block ids were sent.
+    num_synced_output_tokens: int = 0
+    num_synced_blocks: int = 0
     # Stop reason detail: the stop token id or stop string that ended the request.
     stop_reason: int | str | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)

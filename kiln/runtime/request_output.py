@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.request import RequestMetrics
 
 

@@ -55,7 +55,7 @@ import torch
 from kiln.kernels import sampling
 from kiln.kernels.ops import use_reference_kernels
 from kiln.runtime.input_batch import int64_array
-from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.sampling_params import SamplingParams
 
 # Random rows with a tiny temperature would overflow logits / T; below this they are
@@ -99,6 +99,9 @@ class RequestGenerators:
 
     def drop(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+
+    def clear(self) -> None:
+        self._generators.clear()
 
     def __len__(self) -> int:
         return len(self._generators)

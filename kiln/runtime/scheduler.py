@@ -30,8 +30,15 @@ the next step scheduled before the previous one's results are in:
 
 `schedule()` advances `num_computed_tokens` as it hands out a chunk and counts the token
 that chunk will sample in `num_pending_tokens`; a request whose last token is still pending
-is scheduled again with a placeholder (-1) the runner fills on the device from the previous
-step's sampled ids. A request that stops on that pending token has then computed one token
+is scheduled again, and the runner puts a placeholder there that it fills on the device
+from the previous step's sampled ids. The runner knows requests only through the step
+messages (messages.py): `schedule()` sends each one's prompt once and then diffs (output
+tokens committed, blocks added) in its rows.
+
+Multi-token rows: a request in decode whose `spec_token_ids` a drafter has filled is
+scheduled as [last token, *spec_token_ids] (as many as the budget, max_tokens and
+max_model_len leave room for) with logits after each; `update` takes the 1..k+1 tokens the
+runner accepted and rolls back `num_computed_tokens` and the blocks of the rejected ones. A request that stops on that pending token has then computed one token
 too many: `update` drops it. A request whose pending tokens already reach max_tokens or
 max_model_len is not scheduled again.
 
@@ -47,12 +54,17 @@ from collections import deque
 from dataclasses import dataclass
 
 from kiln.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
-from kiln.runtime.kv_cache import KVCacheManager, token_ids_between
-from kiln.runtime.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.messages import (
+    ModelRunnerOutput,
+    NewRequest,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from kiln.runtime.request import Request, RequestStatus
 
-# Stands in a ScheduledRequest's token_ids for a token sampled by a step still in flight.
-PLACEHOLDER_TOKEN_ID = -1
+# A decode row's logits: at its one token. Shared, not built per row per step.
+_DECODE_LOGITS_OFFSETS = (0,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,6 +241,7 @@ class Scheduler:
         now = time.monotonic()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
+        new_requests: list[NewRequest] = []
         preempted: list[Request] = []
 
         index = 0
@@ -241,6 +254,8 @@ class Scheduler:
             if num_new_tokens <= 0 or self._reaches_limit_when_pending_arrive(request):
                 index += 1  # only waiting for its pending token (overlapped steps)
                 continue
+            num_spec_tokens = self._num_spec_tokens_to_verify(request, num_new_tokens, budget)
+            num_new_tokens += num_spec_tokens
             while not self.kv_cache_manager.allocate_slots(request, num_new_tokens):
                 # Out of blocks: the newest running request gives its blocks back.
                 victim = self._running.pop()
@@ -249,7 +264,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(self._schedule_chunk(request, num_new_tokens))
+                scheduled.append(self._schedule_chunk(request, num_new_tokens, num_spec_tokens))
                 budget -= num_new_tokens
                 index += 1
 
@@ -276,6 +291,11 @@ class Scheduler:
             if not self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks):
                 break
             self._waiting.popleft()
+            if request.status is RequestStatus.WAITING:  # not a preempted one: the runner
+                new_requests.append(                    # has never seen it
+                    NewRequest(request.request_id, request.prompt_token_ids,
+                               request.sampling_params, request.eos_token_id)
+                )
             request.num_computed_tokens = num_cached_tokens
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
@@ -293,6 +313,7 @@ class Scheduler:
             del self._requests[request_id]
         return SchedulerOutput(
             scheduled=scheduled,
+            new_requests=new_requests,
             preempted_request_ids=[r.request_id for r in preempted],
             finished_request_ids=finished_request_ids,
         )
@@ -313,7 +334,7 @@ class Scheduler:
             if request is None or request.is_finished:
                 # Aborted, or stopped on the token before this one (overlapped steps).
                 continue
-            if chunk.sample:
+            if chunk.logits_offsets:
                 sampled = model_runner_output.sampled_token_ids.get(chunk.request_id)
                 if not sampled:
                     raise ValueError(
@@ -321,6 +342,8 @@ class Scheduler:
                         f"returned no sampled token for it"
                     )
                 request.num_pending_tokens -= 1
+                if chunk.spec_token_ids:
+                    self._roll_back_rejected(request, chunk, len(sampled))
                 for token_id in sampled:
                     request.output_token_ids.append(token_id)
                     if self._check_stop(request):
@@ -344,24 +367,83 @@ class Scheduler:
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def _schedule_chunk(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+    def _schedule_chunk(
+        self, request: Request, num_new_tokens: int, num_spec_tokens: int = 0
+    ) -> ScheduledRequest:
+        """The step message for one request: its row, and what the runner has not heard of
+        it yet (output tokens committed, blocks added since its last row)."""
         start = request.num_computed_tokens
         end = start + num_new_tokens
-        known_end = request.num_tokens
-        token_ids = token_ids_between(request, start, min(end, known_end))
-        if end > known_end:
-            token_ids += [PLACEHOLDER_TOKEN_ID] * (end - known_end)
-        sample = end == known_end + request.num_pending_tokens
+        # The row samples when it reaches the end of the tokens known or in flight; the
+        # speculative tokens after that end are verified by sampling after each of them.
+        samples = end - num_spec_tokens == request.num_tokens + request.num_pending_tokens
         request.num_computed_tokens = end
-        if sample:
+        if samples:
             request.num_pending_tokens += 1
+        # Empty diffs are the shared () (see ScheduledRequest on allocations).
+        outputs = request.output_token_ids
+        num_synced = request.num_synced_output_tokens
+        new_token_ids = outputs[num_synced:] if num_synced < len(outputs) else ()
+        request.num_synced_output_tokens = len(outputs)
+        block_ids = request.block_ids
+        blocks_start = request.num_synced_blocks
+        new_block_ids = block_ids[blocks_start:] if blocks_start < len(block_ids) else ()
+        request.num_synced_blocks = len(block_ids)
+        spec_token_ids = ()
+        if request.spec_token_ids:
+            spec_token_ids = request.spec_token_ids[:num_spec_tokens]
+            request.spec_token_ids = []
+        if not samples:
+            logits_offsets = ()
+        elif num_spec_tokens:
+            logits_offsets = tuple(range(num_new_tokens - 1 - num_spec_tokens, num_new_tokens))
+        elif num_new_tokens == 1:
+            logits_offsets = _DECODE_LOGITS_OFFSETS
+        else:
+            logits_offsets = (num_new_tokens - 1,)
         return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=token_ids,
-            num_computed_tokens=start,
-            block_ids=list(request.block_ids),  # a snapshot: the table grows later
-            sample=sample,
+            request.request_id, start, num_new_tokens, new_token_ids,
+            blocks_start, new_block_ids, spec_token_ids, logits_offsets,
         )
+
+    def _num_spec_tokens_to_verify(
+        self, request: Request, num_new_tokens: int, budget: int
+    ) -> int:
+        """How many of the request's proposed tokens its next row verifies: only a decode
+        row (its last known token uncomputed, nothing in flight) takes them, and no more
+        than the token budget, max_tokens and max_model_len leave room for (verifying k
+        tokens can add k + 1)."""
+        proposed = request.spec_token_ids
+        if not proposed:
+            return 0
+        if num_new_tokens != 1 or request.num_pending_tokens:
+            request.spec_token_ids = []  # stale: they continue tokens not known yet
+            return 0
+        room = min(len(proposed), budget - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        return max(0, room)
+
+    def _roll_back_rejected(
+        self, request: Request, chunk: ScheduledRequest, num_sampled: int
+    ) -> None:
+        """A verify row computed KV for 1 + k tokens; the runner accepted num_sampled - 1
+        of the k. The rejected ones' KV is not the request's: num_computed_tokens steps back
+        over them and blocks that held only them are freed (the runner hears of the shorter
+        table in the request's next row)."""
+        num_rejected = len(chunk.spec_token_ids) + 1 - num_sampled
+        if not 0 <= num_rejected <= len(chunk.spec_token_ids):
+            raise ValueError(
+                f"request {chunk.request_id!r} verified {len(chunk.spec_token_ids)} "
+                f"speculative tokens, but the runner returned {num_sampled} tokens "
+                f"(1 to {len(chunk.spec_token_ids) + 1} expected)"
+            )
+        if num_rejected:
+            request.num_computed_tokens -= num_rejected
+            self.kv_cache_manager.trim(request, request.num_computed_tokens)
+            request.num_synced_blocks = min(request.num_synced_blocks, len(request.block_ids))
 
     def _admission_watermark(self) -> int:
         """Free blocks a new request must leave behind while others run: one per running
@@ -408,6 +490,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = 0
+        request.num_synced_blocks = 0  # it resumes with a whole new table
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         # Front of the queue: it was admitted before anything still waiting.

@@ -76,9 +76,9 @@ async def shutdown_engine(state: ServerState) -> None:
         if async_engine.is_running:
             async_engine.abort(request_id)
         else:
-            async_engine.engine.abort_request(request_id)
+            async_engine.llm_engine.abort_request(request_id)
     deadline = time.monotonic() + _ABORT_WAIT_S
-    while async_engine.is_running and async_engine.engine.has_unfinished_requests() \
+    while async_engine.is_running and async_engine.llm_engine.has_unfinished_requests() \
             and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await async_engine.shutdown()

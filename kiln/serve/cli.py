@@ -42,13 +42,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine_dir = resolve_engine(args.model)
     model_name = args.served_model_name or args.model
 
+    loaded: list[LLMEngine] = []
+
     def load() -> LLMEngine:
-        return LLMEngine.from_engine_dir(engine_dir, engine_config)
+        loaded.append(LLMEngine.from_engine_dir(engine_dir, engine_config))
+        return loaded[-1]
 
     app = create_app(None, model_name, api_key=api_key, settings=settings, engine_loader=load)
     server = make_server(app, host=args.host, port=args.port,
                          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
-    server.run()
+    try:
+        server.run()
+    finally:
+        for engine in loaded:  # its loop is stopped: free the GPU before the process ends
+            engine.close()
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:

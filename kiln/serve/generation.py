@@ -143,7 +143,7 @@ async def stream_outputs(state: ServerState, engine: AsyncLLMEngine,
             if not engine.is_running and engine.error is not None:
                 # A dead loop applies no more aborts: take the request out here, so the
                 # engine holds nothing for it (no step can be running any more).
-                engine.engine.abort_request(request_id)
+                engine.llm_engine.abort_request(request_id)
             queue.put_nowait((index, error))
         finally:
             state.active_request_ids.discard(request_id)

@@ -78,7 +78,7 @@ async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[Cha
                            "(start it with --trust-request-chat-template)", param="chat_template")
         template = request_template
     else:
-        template = chat_template_of(engine.tokenizer, engine.engine.tokenizer_dir)
+        template = chat_template_of(engine.tokenizer, engine.engine_info.tokenizer_dir)
         if template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions")
     settings = state.settings
@@ -99,7 +99,7 @@ async def _generate(request: Request, state: ServerState, body, chat: bool,
                     prompts: list[list[int]], max_tokens_requested: int | None,
                     default_max_tokens: int | None, logprobs: int | None) -> Response:
     async_engine = state.require_ready()
-    engine = async_engine.engine
+    engine = async_engine.llm_engine
     max_tokens = resolve_max_tokens(state, max_tokens_requested, default_max_tokens, [len(p) for p in prompts])
     params = sampling_params(body, state, max_tokens, logprobs)
     submission = Submission.new("chatcmpl" if chat else "cmpl", prompts, params)
@@ -151,7 +151,7 @@ async def _events(state: ServerState, async_engine, submission: Submission,
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = server_state(request)
     state.check_model(body.model)
-    engine = state.require_ready().engine
+    engine = state.require_ready().llm_engine
     if body.echo:
         raise APIError(400, "echo is not supported", param="echo")
     if body.suffix:
@@ -166,7 +166,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = server_state(request)
     state.check_model(body.model)
-    engine = state.require_ready().engine
+    engine = state.require_ready().llm_engine
     if body.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
@@ -197,7 +197,7 @@ async def list_models(request: Request) -> dict:
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     state = server_state(request)
     state.check_model(body.model)
-    engine = state.require_ready().engine
+    engine = state.require_ready().llm_engine
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
@@ -212,7 +212,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     state = server_state(request)
     state.check_model(body.model)
-    engine = state.require_ready().engine
+    engine = state.require_ready().llm_engine
     if engine.tokenizer is None:
         raise APIError(400, "this engine has no tokenizer")
     vocab = engine.model_config.vocab_size

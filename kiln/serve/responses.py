@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
 
 

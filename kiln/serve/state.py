@@ -74,7 +74,7 @@ class ServerState:
     def engine(self) -> LLMEngine:
         if self.async_engine is None:
             raise APIError(503, "the model is still loading", headers=self._retry_after())
-        return self.async_engine.engine
+        return self.async_engine.llm_engine
 
     def not_ready_reason(self) -> str | None:
         """Why the server cannot take requests now, or None when it can."""

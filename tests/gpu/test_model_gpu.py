@@ -17,8 +17,9 @@ from kiln.compiler.builder import build_engine
 from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig, EngineConfig
 from kiln.runtime.engine import LLMEngine
+from kiln.runtime.input_batch import BatchRow
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import run_to_completion, save_tiny_hf_model
 
 CONFIGS = {
     "llama-gqa": transformers.LlamaConfig(
@@ -52,13 +53,8 @@ def make_engine(engine_dir, **knobs) -> LLMEngine:
 
 def greedy_run(engine: LLMEngine, prompts: list[list[int]], steps: int) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                done[output.request_id] = output.outputs[0].token_ids
-    return [done[i] for i in ids]
+    outputs = run_to_completion(engine, prompts, [params] * len(prompts))
+    return [output.outputs[0].token_ids for output in outputs]
 
 
 def prompts_for(batch: int, vocab: int) -> list[list[int]]:
@@ -73,10 +69,8 @@ def test_fast_logits_match_reference(engine_dir, monkeypatch):
     engine = make_engine(engine_dir, enable_cuda_graphs=False)
     runner = engine.runner
     prompt = prompts_for(1, 512)[0]
-    from kiln.runtime.outputs import ScheduledRequest
-
-    request = ScheduledRequest("r", prompt, 0, list(range(1, 1 + -(-len(prompt) // 16))), True)
-    inputs = runner.buffers.prepare([request], 16)
+    row = BatchRow("r", prompt, 0, list(range(1, 1 + -(-len(prompt) // 16))), (len(prompt) - 1,))
+    inputs = runner.buffers.prepare([row], 16)
     with torch.inference_mode():
         fast = runner.model.compute_logits(
             runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.metadata)
@@ -86,6 +80,7 @@ def test_fast_logits_match_reference(engine_dir, monkeypatch):
             runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.metadata)
         )
     error = ((fast - reference).norm() / reference.norm()).item()
+    engine.close()
     assert error < 2e-2, error
 
 
@@ -93,15 +88,15 @@ def reference_logits(engine_dir, sequence: list[int], monkeypatch) -> torch.Tens
     """Reference-path logits at every position of `sequence`, one eager prefill."""
     monkeypatch.setenv("KILN_REFERENCE_KERNELS", "1")
     try:
-        engine = make_engine(engine_dir, enable_cuda_graphs=False)
-        runner = engine.runner
-        from kiln.runtime.outputs import ScheduledRequest
-
-        blocks = list(range(1, 1 + -(-len(sequence) // 16)))
-        inputs = runner.buffers.prepare([ScheduledRequest("r", sequence, 0, blocks, True)], 16)
-        with torch.inference_mode():
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.metadata)
-            return runner.model.compute_logits(hidden).float().cpu()
+        with make_engine(engine_dir, enable_cuda_graphs=False) as engine:
+            runner = engine.runner
+            blocks = list(range(1, 1 + -(-len(sequence) // 16)))
+            row = BatchRow("r", sequence, 0, blocks, (len(sequence) - 1,))
+            inputs = runner.buffers.prepare([row], 16)
+            with torch.inference_mode():
+                hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                      inputs.metadata)
+                return runner.model.compute_logits(hidden).float().cpu()
     finally:
         monkeypatch.delenv("KILN_REFERENCE_KERNELS")
 
@@ -113,7 +108,8 @@ def test_greedy_tokens_fast_graphs_equal_reference(engine_dir, batch, monkeypatc
     bf16 rounding in either path may pick the other token; every fast token must be the
     reference argmax or within 1% of the logit range of it, and ≥ 95% exactly the argmax."""
     prompts = prompts_for(batch, 512)
-    fast = greedy_run(make_engine(engine_dir), prompts, 64)
+    with make_engine(engine_dir) as engine:
+        fast = greedy_run(engine, prompts, 64)
     assert_reference_argmax(engine_dir, prompts, fast, monkeypatch)
 
 
@@ -142,6 +138,7 @@ def test_mixed_steps_split_decode_and_prefill_rows_equal_reference(engine_dir, m
             if output.finished:
                 done[output.request_id] = output.outputs[0].token_ids
         step += 1
+    engine.close()
     assert mixed_steps >= 5, mixed_steps
     assert_reference_argmax(engine_dir, prompts, [done[i] for i in ids], monkeypatch)
 
@@ -162,10 +159,11 @@ def assert_reference_argmax(engine_dir, prompts, fast, monkeypatch) -> None:
 
 def test_cuda_graph_replay_equals_eager_twice(engine_dir):
     prompts = prompts_for(8, 512)
-    eager = greedy_run(make_engine(engine_dir, enable_cuda_graphs=False), prompts, 48)
-    graphed_engine = make_engine(engine_dir)
-    assert graphed_engine.runner.graphs is not None
-    first = greedy_run(graphed_engine, prompts, 48)
-    second = greedy_run(graphed_engine, prompts, 48)  # replayed again: same graphs, same tokens
+    with make_engine(engine_dir, enable_cuda_graphs=False) as eager_engine:
+        eager = greedy_run(eager_engine, prompts, 48)
+    with make_engine(engine_dir) as graphed_engine:
+        assert graphed_engine.runner.graphs is not None
+        first = greedy_run(graphed_engine, prompts, 48)
+        second = greedy_run(graphed_engine, prompts, 48)  # replayed again: same graphs and tokens
     assert first == eager
     assert second == eager

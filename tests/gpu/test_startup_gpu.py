@@ -21,9 +21,9 @@ from kiln.config import BuildConfig, EngineConfig
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.kv_tensors import NULL_BLOCK
-from kiln.runtime.outputs import ScheduledRequest
+from kiln.runtime.input_batch import BatchRow
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import run_to_completion, save_tiny_hf_model
 
 VOCAB = 131072
 MAX_NUM_SEQS = 256
@@ -47,7 +47,8 @@ def engine_dir(tmp_path_factory):
 def engine(engine_dir) -> LLMEngine:
     config = EngineConfig(device="cuda", block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
                           num_kv_blocks=NUM_KV_BLOCKS)
-    return LLMEngine(open_engine(engine_dir), config)
+    with LLMEngine(open_engine(engine_dir), config) as engine:
+        yield engine
 
 
 def test_staged_copy_to_the_gpu_is_exact():
@@ -71,14 +72,14 @@ def test_load_lands_on_the_gpu_in_the_engine_dtype(engine, engine_dir):
     params = list(engine.runner.model.parameters())
     assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in params)
     assert all(b.is_cuda for b in engine.runner.model.buffers())
-    timings = engine.engine.timings
+    timings = engine.engine_info.timings
     assert timings.verified_bytes > 0 and timings.verify_seconds > 0
     assert timings.weight_bytes == (engine_dir / "rank0.safetensors").stat().st_size
     assert timings.construct_seconds > 0 and timings.weights_seconds > 0
     print(timings.describe())
 
 
-def decode_batch(num_seqs: int, generator: torch.Generator) -> list[ScheduledRequest]:
+def decode_batch(num_seqs: int, generator: torch.Generator) -> list[BatchRow]:
     """num_seqs decode requests over random cached context. Each writes its new token into a
     block of its own (1 + i); earlier positions read shared blocks, which nobody writes."""
     batch = []
@@ -87,7 +88,7 @@ def decode_batch(num_seqs: int, generator: torch.Generator) -> list[ScheduledReq
         shared = torch.randint(1 + MAX_NUM_SEQS, NUM_KV_BLOCKS, (context // BLOCK_SIZE,),
                                generator=generator).tolist()
         token = int(torch.randint(0, VOCAB, (), generator=generator))
-        batch.append(ScheduledRequest(f"r{i}", [token], context, shared + [1 + i], True))
+        batch.append(BatchRow(f"r{i}", [token], context, shared + [1 + i], (0,)))
     return batch
 
 
@@ -144,16 +145,9 @@ def test_capture_keeps_about_one_graph(engine):
 
 
 def greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
-    ids = [
-        engine.add_request(None, p, SamplingParams(temperature=0, max_tokens=4 + i % 9, ignore_eos=True))
-        for i, p in enumerate(prompts)
-    ]
-    done = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                done[output.request_id] = output.outputs[0].token_ids
-    return [done[i] for i in ids]
+    params = [SamplingParams(temperature=0, max_tokens=4 + i % 9, ignore_eos=True)
+              for i in range(len(prompts))]
+    return [output.outputs[0].token_ids for output in run_to_completion(engine, prompts, params)]
 
 
 def test_uninitialised_kv_is_never_read(engine_dir):
@@ -169,7 +163,7 @@ def test_uninitialised_kv_is_never_read(engine_dir):
     for cache in clean.runner.kv_caches:
         cache.zero_()
     expected = greedy(clean, prompts)
-    del clean
+    clean.close()
     poisoned = LLMEngine(open_engine(engine_dir, verify_hashes=False), config)
     runner = poisoned.runner
     for cache in runner.kv_caches:
@@ -179,6 +173,7 @@ def test_uninitialised_kv_is_never_read(engine_dir):
             runner.buffers.prepare([], BLOCK_SIZE, pad_to=size)
             assert runner.graphs.replay(size).isfinite().all(), size
     assert greedy(poisoned, prompts) == expected
+    poisoned.close()
 
 
 def test_kv_cache_sized_by_a_profiling_forward(engine_dir):
@@ -193,6 +188,6 @@ def test_kv_cache_sized_by_a_profiling_forward(engine_dir):
     cap = 64 * -(-engine.max_model_len // BLOCK_SIZE) + 1
     assert engine.runner.num_kv_blocks == engine.scheduler.config.num_kv_blocks == cap
     assert "sized in" in engine.startup.describe()
-    del engine
+    engine.close()
     with pytest.raises(KilnError, match="not enough GPU memory for the KV cache"):
         LLMEngine(open_engine(engine_dir), EngineConfig(device="cuda", gpu_memory_utilization=0.01))

@@ -6,12 +6,10 @@ import asyncio
 
 import pytest
 
-from kiln.compiler.manifest import open_engine
-from kiln.config import EngineConfig
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import build_tiny_engine
+from tests.helpers import build_tiny_engine, make_cpu_engine, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +18,15 @@ def engine_dir(tmp_path_factory):
 
 
 def new_engine(engine_dir) -> LLMEngine:
-    return LLMEngine(open_engine(engine_dir), EngineConfig(device="cpu", block_size=4, num_kv_blocks=64))
+    return make_cpu_engine(engine_dir, num_kv_blocks=64)
 
 
 def test_concurrent_streams_match_offline(engine_dir):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts = [[i + 1, i + 2, i + 3] for i in range(16)]
 
-    offline = new_engine(engine_dir)
-    expected = {}
-    for prompt in prompts:
-        request_id = offline.add_request(None, prompt, params)
-        while offline.has_unfinished_requests():
-            for output in offline.step():
-                if output.finished:
-                    expected[tuple(prompt)] = output.outputs[0].token_ids
+    outputs = run_to_completion(new_engine(engine_dir), prompts, [params] * len(prompts))
+    expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, outputs)}
 
     async def main():
         engine = AsyncLLMEngine(new_engine(engine_dir))
@@ -58,7 +50,7 @@ def test_concurrent_streams_match_offline(engine_dir):
 def test_cancelled_streams_abort_and_free_blocks(engine_dir):
     async def main():
         engine = AsyncLLMEngine(new_engine(engine_dir))
-        manager = engine.engine.scheduler.kv_cache_manager
+        manager = engine.llm_engine.scheduler.kv_cache_manager
         idle = manager.num_free_blocks
 
         async def consume(prompt, stop_after):
@@ -71,10 +63,10 @@ def test_cancelled_streams_abort_and_free_blocks(engine_dir):
         await asyncio.gather(*(consume([1, 2, 3, i % 60 + 1], 1 + i % 5) for i in range(20)))
         # Aborts are applied by the loop before its next step; give it a moment.
         for _ in range(100):
-            if not engine.engine.has_unfinished_requests() and not engine._commands:
+            if not engine.llm_engine.has_unfinished_requests() and not engine._commands:
                 break
             await asyncio.sleep(0.01)
-        assert engine.engine.scheduler.num_running == 0
+        assert engine.llm_engine.scheduler.num_running == 0
         assert manager.num_free_blocks == idle
         await engine.shutdown()
 

@@ -77,10 +77,10 @@ def test_report_describes_itself():
 def test_padding_rows_read_only_the_null_block():
     """The contract the graphs and the uninitialised KV cache rely on (kv_tensors.py): a
     padding row writes nowhere and attends over one token of the zeroed null block 0."""
-    from kiln.runtime.outputs import ScheduledRequest
+    from kiln.runtime.input_batch import BatchRow
 
     buffers = InputBuffers(max_num_tokens=64, max_num_seqs=8, max_blocks_per_seq=4, device="cpu")
-    batch = [ScheduledRequest(f"r{i}", [5], 5 + i, [3 + i, 9 - i], True) for i in range(3)]
+    batch = [BatchRow(f"r{i}", [5], 5 + i, [3 + i, 9 - i], (0,)) for i in range(3)]
     inputs = buffers.prepare(batch, 4, pad_to=8)
     metadata = inputs.metadata
     assert metadata.block_tables.shape[0] == 8

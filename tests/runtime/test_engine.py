@@ -12,12 +12,8 @@ import pytest
 import torch
 import transformers
 
-from kiln.compiler.builder import build_engine
-from kiln.compiler.manifest import open_engine
-from kiln.config import BuildConfig, EngineConfig
-from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import hf_greedy, save_tiny_hf_model
+from tests.helpers import build_tiny_engine, hf_greedy, make_cpu_engine, run_to_completion
 
 VOCAB = 128
 
@@ -25,28 +21,11 @@ VOCAB = 128
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-    )
-    hf_model = save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
-    return hf_model, directory / "engine"
-
-
-def make_engine(engine_dir, **knobs) -> LLMEngine:
-    knobs = {"device": "cpu", "block_size": 4, **knobs}
-    return LLMEngine(open_engine(engine_dir), EngineConfig(**knobs))
-
-
-def run_all(engine: LLMEngine, prompts, params) -> dict[str, object]:
-    ids = [engine.add_request(None, {"prompt_token_ids": p}, sp) for p, sp in zip(prompts, params)]
-    done = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                done[output.request_id] = output
-    return [done[i] for i in ids]
+    engine_dir = build_tiny_engine(directory, hidden_size=64, intermediate_size=96,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=VOCAB)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory / "hf").eval()
+    return hf_model, engine_dir
 
 
 def random_prompts(count: int, seed: int) -> list[list[int]]:
@@ -62,14 +41,14 @@ def test_batching_chunking_and_preemption_are_invisible(tiny):
 
     # Small token budget (chunked prefill) and a pool of 19 usable blocks of 4 tokens for
     # 64 requests needing up to 14 blocks each: preemption is certain.
-    batched_engine = make_engine(engine_dir, max_num_batched_tokens=24, num_kv_blocks=20, max_num_seqs=32)
-    batched = run_all(batched_engine, prompts, params)
+    batched_engine = make_cpu_engine(engine_dir, max_num_batched_tokens=24, num_kv_blocks=20, max_num_seqs=32)
+    batched = run_to_completion(batched_engine, prompts, params)
     assert sum(m.num_preemptions for out in batched for m in out.metrics) > 0
     assert batched_engine.scheduler.kv_cache_manager.num_free_blocks == 19
 
-    alone_engine = make_engine(engine_dir, enable_prefix_caching=False)
+    alone_engine = make_cpu_engine(engine_dir, enable_prefix_caching=False)
     for prompt, param, output in zip(prompts, params, batched):
-        [single] = run_all(alone_engine, [prompt], [param])
+        [single] = run_to_completion(alone_engine, [prompt], [param])
         assert output.outputs[0].token_ids == single.outputs[0].token_ids
         assert len(output.outputs[0].token_ids) == param.max_tokens
         assert output.outputs[0].finish_reason == "length"
@@ -80,36 +59,36 @@ def test_batching_chunking_and_preemption_are_invisible(tiny):
 
 def test_prefix_reuse_computes_only_the_rest(tiny):
     _, engine_dir = tiny
-    engine = make_engine(engine_dir)
+    engine = make_cpu_engine(engine_dir)
     shared = list(range(10, 26))  # 16 tokens = 4 full blocks
     first = shared + [1, 2, 3]
     second = shared + [7, 8, 9, 10, 11]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    run_all(engine, [first], [params])
-    [reused] = run_all(engine, [second], [params])
+    run_to_completion(engine, [first], [params])
+    [reused] = run_to_completion(engine, [second], [params])
     assert reused.metrics[0].num_cached_prompt_tokens == 16  # 4 full blocks, ≥ 3 required
 
-    cold = make_engine(engine_dir, enable_prefix_caching=False)
-    [fresh] = run_all(cold, [second], [params])
+    cold = make_cpu_engine(engine_dir, enable_prefix_caching=False)
+    [fresh] = run_to_completion(cold, [second], [params])
     assert fresh.metrics[0].num_cached_prompt_tokens == 0
     assert reused.outputs[0].token_ids == fresh.outputs[0].token_ids
 
 
 def test_n_samples_seeded_reproducible_and_distinct(tiny):
     _, engine_dir = tiny
-    engine = make_engine(engine_dir)
+    engine = make_cpu_engine(engine_dir)
     params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
-    [a] = run_all(engine, [[1, 2, 3, 4, 5]], [params])
+    [a] = run_to_completion(engine, [[1, 2, 3, 4, 5]], [params])
     noise = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
     # Same seeded request again, now in a batch with unrelated requests around it.
-    b = run_all(engine, [[9, 9, 9], [1, 2, 3, 4, 5], [4, 4]], [noise, params, noise])[1]
+    b = run_to_completion(engine, [[9, 9, 9], [1, 2, 3, 4, 5], [4, 4]], [noise, params, noise])[1]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # n samples differ from each other
 
 
 def test_logprobs_and_deltas(tiny):
     _, engine_dir = tiny
-    engine = make_engine(engine_dir)
+    engine = make_cpu_engine(engine_dir)
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)
     request_id = engine.add_request(None, [5, 6, 7], params)
     deltas = []
@@ -132,7 +111,7 @@ def test_final_only_requests_report_once_with_everything_cumulative_ones_have(ti
     """output_kind "final_only" (LLM.generate, the throughput bench) returns one output per
     request, when it finishes, equal to the last output of the same request streamed."""
     _, engine_dir = tiny
-    engine = make_engine(engine_dir)
+    engine = make_cpu_engine(engine_dir)
     prompts = random_prompts(6, seed=3)
     streamed = SamplingParams(temperature=0, max_tokens=7, logprobs=2, ignore_eos=True)
     final_only = dataclasses.replace(streamed, output_kind="final_only")
@@ -152,9 +131,9 @@ def test_final_only_requests_report_once_with_everything_cumulative_ones_have(ti
             assert len(outputs) > 1 and not outputs[0].finished
     # Same prompt, same greedy tokens and logprobs either way (run alone this time).
     by_index = {index: reports[request_id][-1] for request_id, index in ids.items()}
-    again = make_engine(engine_dir)
+    again = make_cpu_engine(engine_dir)
     for index, final in by_index.items():
-        (rerun,) = run_all(again, [prompts[index]], [streamed if index % 2 else final_only])
+        (rerun,) = run_to_completion(again, [prompts[index]], [streamed if index % 2 else final_only])
         assert rerun.outputs[0].token_ids == final.outputs[0].token_ids
         # Batched with other rows, the fp32 matmuls sum in another order: ulps apart.
         for ours, theirs in zip(rerun.outputs[0].logprobs, final.outputs[0].logprobs, strict=True):
@@ -174,7 +153,7 @@ def test_final_only_requests_report_once_with_everything_cumulative_ones_have(ti
 )
 def test_bad_requests_rejected_and_engine_keeps_working(tiny, prompt, params, message):
     _, engine_dir = tiny
-    engine = make_engine(engine_dir)
+    engine = make_cpu_engine(engine_dir)
     good = engine.add_request(None, [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
     with pytest.raises(ValueError, match=message):
         engine.add_request(None, {"prompt_token_ids": prompt}, params)
@@ -187,7 +166,7 @@ def test_bad_requests_rejected_and_engine_keeps_working(tiny, prompt, params, me
 
 def test_abort_frees_blocks(tiny):
     _, engine_dir = tiny
-    engine = make_engine(engine_dir, num_kv_blocks=40)
+    engine = make_cpu_engine(engine_dir, num_kv_blocks=40)
     manager = engine.scheduler.kv_cache_manager
     idle = manager.num_free_blocks
     ids = [engine.add_request(None, list(range(1, 30)), SamplingParams(max_tokens=20)) for _ in range(3)]
@@ -197,3 +176,5 @@ def test_abort_frees_blocks(tiny):
         assert engine.abort_request(request_id)
     assert not engine.has_unfinished_requests()
     assert manager.num_free_blocks == idle
+    # Idle now: the runner was told at once and holds nothing of them.
+    assert len(engine.runner.requests) == 0

@@ -2,9 +2,9 @@
 
 prepare builds every tensor for the whole batch at once (numpy over flat arrays); the
 reference below walks the requests one token at a time, the way the module docstring
-describes the layout. Random mixes of prefill chunks, decode rows, placeholder tokens and
-graph padding go through one set of buffers in a row, so data a bigger earlier batch left
-behind cannot hide either.
+describes the layout. Random mixes of prefill chunks, decode rows, multi-token rows with
+logits at any of their tokens, placeholder tokens and graph padding go through one set of
+buffers in a row, so data a bigger earlier batch left behind cannot hide either.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.runtime.input_batch import InputBuffers, prepare_inputs
-from kiln.runtime.outputs import ScheduledRequest
+from kiln.runtime.input_batch import BatchRow, InputBuffers, prepare_inputs
 
 BLOCK_SIZE = 4
 MAX_NUM_TOKENS = 96
@@ -35,10 +34,17 @@ class Expected:
     seq_lens: list[int]
     block_rows: list[list[int]]  # the block ids each row of the block table must start with
     logits_indices: list[int]
-    sampled_request_ids: list[str]
+    logits_request_ids: list[str]
 
 
-def reference(scheduled: list[ScheduledRequest], block_size: int, pad_to: int | None) -> Expected:
+def make_row(request_id: str, token_ids: list[int], num_computed_tokens: int,
+             block_ids: list[int], sample: bool) -> BatchRow:
+    """A row that samples at its last token (or not at all)."""
+    offsets = (len(token_ids) - 1,) if sample else ()
+    return BatchRow(request_id, token_ids, num_computed_tokens, block_ids, offsets)
+
+
+def reference(scheduled: list[BatchRow], block_size: int, pad_to: int | None) -> Expected:
     """One request and one token at a time."""
     expected = Expected([], [], [], [0], [], [], [], [])
     for request in scheduled:
@@ -51,9 +57,10 @@ def reference(scheduled: list[ScheduledRequest], block_size: int, pad_to: int | 
         expected.query_start_loc.append(len(expected.input_ids))
         expected.seq_lens.append(request.num_computed_tokens + len(request.token_ids))
         expected.block_rows.append(list(request.block_ids))
-        if request.sample:
-            expected.logits_indices.append(len(expected.input_ids) - 1)
-            expected.sampled_request_ids.append(request.request_id)
+        row_start = len(expected.input_ids) - len(request.token_ids)
+        for offset in request.logits_offsets:
+            expected.logits_indices.append(row_start + offset)
+            expected.logits_request_ids.append(request.request_id)
     # Graph padding: one token that writes nowhere, attending over the null block 0.
     for _ in range(len(scheduled), pad_to or len(scheduled)):
         expected.input_ids.append(0)
@@ -100,12 +107,12 @@ def check(inputs, expected: Expected, num_seqs: int, num_tokens: int) -> None:
     assert block_tables.shape[0] == len(expected.block_rows)
     for row, block_ids in enumerate(expected.block_rows):
         assert block_tables[row, : len(block_ids)].tolist() == block_ids
-    assert inputs.sampled_request_ids == expected.sampled_request_ids
+    assert inputs.logits_request_ids == expected.logits_request_ids
     assert (inputs.num_seqs, inputs.num_tokens) == (num_seqs, num_tokens)
 
 
 @st.composite
-def batches(draw, block_size: int) -> tuple[list[ScheduledRequest], int | None]:
+def batches(draw, block_size: int) -> tuple[list[BatchRow], int | None]:
     """A batch that fits the buffers: decode-only (maybe padded for a graph) or a mix of
     prefill chunks and decode rows."""
     decode_only = draw(st.booleans())
@@ -132,8 +139,14 @@ def batches(draw, block_size: int) -> tuple[list[ScheduledRequest], int | None]:
                 max_size=num_tokens,
             )
         )
-        sample = True if decode_only else draw(st.booleans())
-        scheduled.append(ScheduledRequest(f"r{index}", token_ids, num_computed, block_ids, sample))
+        if decode_only:
+            offsets = (0,)
+        else:  # none, the last token (a prompt's end), or any subset (verify rows)
+            offsets = draw(st.one_of(
+                st.just(()), st.just((num_tokens - 1,)),
+                st.sets(st.integers(0, num_tokens - 1)).map(lambda o: tuple(sorted(o))),
+            ))
+        scheduled.append(BatchRow(f"r{index}", token_ids, num_computed, block_ids, offsets))
     pad_to = None
     if decode_only and draw(st.booleans()):
         pad_to = draw(st.integers(max(num_seqs, 1), MAX_NUM_SEQS))
@@ -164,8 +177,8 @@ def test_prepare_matches_per_row_reference(block_size_and_steps) -> None:
 def test_placeholder_tokens_pass_through() -> None:
     """-1 is copied as given; positions and slots come from num_computed_tokens."""
     scheduled = [
-        ScheduledRequest("decode", [PLACEHOLDER], 5, [7, 3], True),
-        ScheduledRequest("chunk", [11, 12, PLACEHOLDER], 0, [9], True),
+        make_row("decode", [PLACEHOLDER], 5, [7, 3], True),
+        make_row("chunk", [11, 12, PLACEHOLDER], 0, [9], True),
     ]
     inputs = prepare_inputs(scheduled, BLOCK_SIZE)
     assert inputs.input_ids.tolist() == [PLACEHOLDER, 11, 12, PLACEHOLDER]
@@ -176,11 +189,11 @@ def test_placeholder_tokens_pass_through() -> None:
 def test_padding_rows_write_nowhere_and_read_the_null_block() -> None:
     buffers = InputBuffers(MAX_NUM_TOKENS, MAX_NUM_SEQS, MAX_BLOCKS_PER_SEQ, "cpu")
     wide = [
-        ScheduledRequest(f"w{i}", [1, 2, 3], 40, list(range(20 + i * 11, 31 + i * 11)), True)
+        make_row(f"w{i}", [1, 2, 3], 40, list(range(20 + i * 11, 31 + i * 11)), True)
         for i in range(4)
     ]
     buffers.prepare(wide, BLOCK_SIZE)  # leaves non-zero data in every staging buffer
-    inputs = buffers.prepare([ScheduledRequest("d", [5], 2, [8], True)], BLOCK_SIZE, pad_to=3)
+    inputs = buffers.prepare([make_row("d", [5], 2, [8], True)], BLOCK_SIZE, pad_to=3)
     assert inputs.input_ids.tolist() == [5, 0, 0]
     assert inputs.metadata.slot_mapping.tolist() == [8 * 4 + 2, -1, -1]
     assert inputs.metadata.seq_lens_host == [3, 1, 1]
@@ -195,7 +208,7 @@ def test_empty_batch_padded_for_graph_capture() -> None:
     assert inputs.metadata.query_start_loc_host == [0, 1, 2, 3, 4]
     assert inputs.metadata.block_tables.tolist() == [[0]] * 4
     assert (inputs.metadata.max_query_len, inputs.metadata.max_seq_len) == (1, 1)
-    assert inputs.sampled_request_ids == []
+    assert inputs.logits_request_ids == []
 
 
 @pytest.mark.parametrize(
@@ -203,32 +216,37 @@ def test_empty_batch_padded_for_graph_capture() -> None:
     [
         (
             [
-                ScheduledRequest("ok", [1], 0, [1], True),
-                ScheduledRequest("short", [1, 2, 3], 6, [1, 2], True),
+                make_row("ok", [1], 0, [1], True),
+                make_row("short", [1, 2, 3], 6, [1, 2], True),
             ],
             None,
             "request short: 2 blocks cannot hold 9 tokens at block size 4",
         ),
         (
-            [ScheduledRequest("long", [1], 0, list(range(1, MAX_BLOCKS_PER_SEQ + 2)), True)],
+            [make_row("long", [1], 0, list(range(1, MAX_BLOCKS_PER_SEQ + 2)), True)],
             None,
             f"request long has {MAX_BLOCKS_PER_SEQ + 1} blocks, more than the "
             f"{MAX_BLOCKS_PER_SEQ} a sequence may have",
         ),
         (
-            [ScheduledRequest("big", list(range(MAX_NUM_TOKENS + 1)), 0, list(range(1, 30)), True)],
+            [make_row("big", list(range(MAX_NUM_TOKENS + 1)), 0, list(range(1, 30)), True)],
             None,
             f"batch of 1 sequences / {MAX_NUM_TOKENS + 1} tokens exceeds the input buffers",
         ),
         (
-            [ScheduledRequest("chunk", [1, 2], 0, [1], True)],
+            [make_row("chunk", [1, 2], 0, [1], True)],
             4,
             "only decode-only batches",
         ),
         (
-            [ScheduledRequest("unsampled", [1], 0, [1], False)],
+            [make_row("unsampled", [1], 0, [1], False)],
             4,
             "only decode-only batches",
+        ),
+        (
+            [BatchRow("verify", [1, 2], 0, [1], (0, 2))],
+            None,
+            "request verify: logits offset 2 is outside its row of 2 tokens",
         ),
     ],
 )
@@ -243,16 +261,16 @@ def test_runner_orders_a_mixed_step_decode_rows_first() -> None:
     order; decode-only and prefill-only steps keep their order."""
     from kiln.runtime.model_runner import _decode_rows_first
 
-    chunk = ScheduledRequest("chunk", [1, 2, 3], 0, [1], False)
-    decode_a = ScheduledRequest("a", [PLACEHOLDER], 4, [2, 6], True)
-    prompt = ScheduledRequest("prompt", [5, 6], 0, [3], True)
-    decode_b = ScheduledRequest("b", [7], 9, [4, 5, 8], True)
+    chunk = make_row("chunk", [1, 2, 3], 0, [1], False)
+    decode_a = make_row("a", [PLACEHOLDER], 4, [2, 6], True)
+    prompt = make_row("prompt", [5, 6], 0, [3], True)
+    decode_b = make_row("b", [7], 9, [4, 5, 8], True)
     ordered = _decode_rows_first([chunk, decode_a, prompt, decode_b])
     assert [r.request_id for r in ordered] == ["a", "b", "chunk", "prompt"]
     inputs = prepare_inputs(ordered, BLOCK_SIZE)
     assert inputs.metadata.num_decode_seqs == 2
     assert inputs.metadata.prefill_query_start_loc.tolist() == [0, 3, 5]
-    assert inputs.sampled_request_ids == ["a", "b", "prompt"]
+    assert inputs.logits_request_ids == ["a", "b", "prompt"]
     decode_only = [decode_b, decode_a]
     assert _decode_rows_first(decode_only) is decode_only
     prefill_only = [prompt, chunk]

@@ -9,14 +9,10 @@ import pytest
 from hypothesis import event, given, settings, target
 from hypothesis import strategies as st
 
-from kiln.runtime.kv_cache import (
-    NULL_BLOCK_ID,
-    KVCacheManager,
-    hash_block_tokens,
-    token_ids_between,
-)
+from kiln.runtime.kv_cache import NULL_BLOCK_ID, KVCacheManager, hash_block_tokens
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.token_history import token_ids_between
 
 BLOCK_SIZE = 4
 
@@ -50,7 +46,7 @@ def test_token_ids_between_is_a_slice_of_all_token_ids(prompt, output, data):
     request.output_token_ids = list(output)
     end = data.draw(st.integers(0, request.num_tokens))
     start = data.draw(st.integers(0, end))
-    assert token_ids_between(request, start, end) == request.all_token_ids[start:end]
+    assert token_ids_between(request.prompt_token_ids, request.output_token_ids, start, end) == request.all_token_ids[start:end]
 
 
 # ---- hashing ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The KV tensors are allocated uninitialised (50+ GB is never memset at start): only the null
 block is zeroed. Poisoning every other block with NaN must change nothing, whatever the mix of
-prefill chunks, prefix reuse and preemption: no position is read before it is written."""
+prefill chunks, prefix reuse and preemption: no position is read before it is written.
+
+Their dtype is a setting of its own (kv_cache_dtype), by default the compute dtype."""
 
 from __future__ import annotations
 
@@ -8,16 +10,13 @@ import math
 
 import pytest
 import torch
-import transformers
 
-from kiln.compiler.builder import build_engine
-from kiln.compiler.manifest import open_engine
-from kiln.config import BuildConfig, EngineConfig
+from kiln.config import EngineConfig, validated
+from kiln.errors import KilnError
 from kiln.models.config import ModelConfig
-from kiln.runtime.engine import LLMEngine
 from kiln.runtime.kv_tensors import NULL_BLOCK, allocate_kv_caches, kv_cache_bytes_per_block
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import build_tiny_engine, make_cpu_engine, run_to_completion
 
 VOCAB = 128
 
@@ -48,27 +47,12 @@ def test_allocation_shapes_and_null_block(monkeypatch):
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("kv")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-    )
-    save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"), progress=False)
-    return directory / "engine"
+    return build_tiny_engine(tmp_path_factory.mktemp("kv"), hidden_size=64,
+                             intermediate_size=96, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB)
 
 
-def run(engine: LLMEngine, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-    """Greedy tokens of every prompt, and how many preemptions the run had."""
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    ids = [engine.add_request(None, {"prompt_token_ids": p}, params) for p in prompts]
-    done, preemptions = {}, 0
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                done[output.request_id] = output.outputs[0].token_ids
-                preemptions += sum(m.num_preemptions for m in output.metrics)
-    return [done[i] for i in ids], preemptions
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 def test_unwritten_kv_is_never_read(engine_dir):
@@ -80,14 +64,38 @@ def test_unwritten_kv_is_never_read(engine_dir):
     ]
     # A small token budget (chunked prefill) and 24 usable blocks for 24 requests of up to
     # 10 blocks each: preemption and recomputation.
-    knobs = dict(device="cpu", block_size=4, max_num_batched_tokens=32, num_kv_blocks=25,
-                 max_num_seqs=16)
-    clean = LLMEngine(open_engine(engine_dir), EngineConfig(**knobs))
+    knobs = dict(max_num_batched_tokens=32, num_kv_blocks=25, max_num_seqs=16)
+    clean = make_cpu_engine(engine_dir, **knobs)
     for cache in clean.runner.kv_caches:
         cache.zero_()
-    poisoned = LLMEngine(open_engine(engine_dir), EngineConfig(**knobs))
+    poisoned = make_cpu_engine(engine_dir, **knobs)
     for cache in poisoned.runner.kv_caches:
         cache[:, NULL_BLOCK + 1 :].fill_(math.nan)
-    poisoned_tokens, preemptions = run(poisoned, prompts)
-    assert preemptions > 0
-    assert poisoned_tokens == run(clean, prompts)[0]
+    poisoned_outputs = run_to_completion(poisoned, prompts, [GREEDY] * len(prompts))
+    assert sum(m.num_preemptions for o in poisoned_outputs for m in o.metrics) > 0
+    clean_outputs = run_to_completion(clean, prompts, [GREEDY] * len(prompts))
+    assert [o.outputs[0].token_ids for o in poisoned_outputs] == [
+        o.outputs[0].token_ids for o in clean_outputs
+    ]
+
+
+def test_kv_cache_dtype_is_its_own_setting(engine_dir):
+    """bfloat16 KV under float32 compute: half the bytes a block, the same model within
+    bf16 rounding of K and V (8 mantissa bits: logprobs agree to ~1e-2)."""
+    default = make_cpu_engine(engine_dir, num_kv_blocks=40)
+    assert default.kv_cache_dtype == default.dtype == torch.float32  # auto: the compute dtype
+    half = make_cpu_engine(engine_dir, num_kv_blocks=40, kv_cache_dtype="bfloat16")
+    assert half.dtype == torch.float32
+    assert all(cache.dtype == torch.bfloat16 for cache in half.runner.kv_caches)
+    assert 2 * half.startup.kv_cache_bytes == default.startup.kv_cache_bytes
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], list(range(1, 20))]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)] * 2
+    for got, want in zip(run_to_completion(half, prompts, params),
+                         run_to_completion(default, prompts, params)):
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+            assert a.top[0][1] == pytest.approx(b.top[0][1], abs=2e-2)
+
+
+def test_a_bad_kv_cache_dtype_names_the_field():
+    with pytest.raises(KilnError, match="kv_cache_dtype"):
+        validated(EngineConfig, kv_cache_dtype="int3")

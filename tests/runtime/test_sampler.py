@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.runtime.outputs import TokenLogprobs
+from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.sampler import (
     MIN_TEMPERATURE,
     RequestGenerators,

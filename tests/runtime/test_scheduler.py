@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 import pytest
@@ -10,50 +9,17 @@ from hypothesis import event, given, settings, target
 from hypothesis import strategies as st
 
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.outputs import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.messages import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, SchedulerOutput
 from kiln.runtime.request import Request, RequestStatus
-from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler, SchedulerConfig
-
-EOS = 2
-BLOCK_SIZE = 4
-
-
-def make_scheduler(**overrides: object) -> Scheduler:
-    settings_ = dict(
-        num_kv_blocks=65,
-        block_size=BLOCK_SIZE,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        max_model_len=128,
-    )
-    settings_.update(overrides)
-    return Scheduler(SchedulerConfig(**settings_))
-
-
-def make_request(request_id: str, prompt: list[int], **params: object) -> Request:
-    params.setdefault("max_tokens", 4)
-    return Request(request_id, list(prompt), SamplingParams(**params), eos_token_id=EOS)
-
-
-def token_for(request_id: str, position: int) -> int:
-    """The fabricated model: the token sampled at `position` depends only on the request and
-    the position, so a recomputed request must produce the same output. Never EOS."""
-    digest = hashlib.sha256(f"{request_id}/{position}".encode()).digest()
-    return 10 + digest[0]
-
-
-def step(
-    scheduler: Scheduler, sample: Callable[[str, int], int] = token_for
-) -> tuple[SchedulerOutput, list[Request]]:
-    out = scheduler.schedule()
-    sampled = {}
-    for chunk in out.scheduled:
-        if chunk.sample:
-            position = chunk.num_computed_tokens + chunk.num_scheduled_tokens
-            sampled[chunk.request_id] = [sample(chunk.request_id, position)]
-    changed = scheduler.update(out, ModelRunnerOutput(sampled_token_ids=sampled))
-    return out, changed
+from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+from tests.runtime.scheduler_helpers import (
+    BLOCK_SIZE,
+    EOS,
+    make_request,
+    make_scheduler,
+    step,
+    token_for,
+)
 
 
 def run_to_completion(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
@@ -154,11 +120,11 @@ def test_chunked_prefill_then_decode():
     for _ in range(3):
         out, changed = step(scheduler)
         (chunk,) = out.scheduled
-        chunks.append((chunk.num_computed_tokens, chunk.num_scheduled_tokens, chunk.sample))
-        assert chunk.token_ids == request.all_token_ids[
+        chunks.append((chunk.num_computed_tokens, chunk.num_scheduled_tokens, chunk.samples))
+        assert scheduler.rows["r"].token_ids == request.all_token_ids[
             chunk.num_computed_tokens : chunk.num_computed_tokens + chunk.num_scheduled_tokens
         ]
-        assert len(chunk.block_ids) * BLOCK_SIZE >= (
+        assert len(scheduler.rows["r"].block_ids) * BLOCK_SIZE >= (
             chunk.num_computed_tokens + chunk.num_scheduled_tokens
         )
     # Only the chunk that reaches the prompt's end samples.
@@ -167,7 +133,7 @@ def test_chunked_prefill_then_decode():
 
     out, _ = step(scheduler)
     (chunk,) = out.scheduled
-    assert (chunk.num_computed_tokens, chunk.token_ids, chunk.sample) == (
+    assert (chunk.num_computed_tokens, scheduler.rows["r"].token_ids, chunk.samples) == (
         20,
         [request.output_token_ids[0]],
         True,
@@ -205,7 +171,7 @@ def test_running_requests_come_first_then_waiting_ones_fill_the_budget():
         ("b", 9),
     ]
     out, _ = step(scheduler)
-    assert [(r.request_id, r.num_scheduled_tokens, r.sample) for r in out.scheduled] == [
+    assert [(r.request_id, r.num_scheduled_tokens, r.samples) for r in out.scheduled] == [
         ("a", 1, True),
         ("b", 2, True),
         ("c", 3, True),
@@ -236,12 +202,10 @@ def test_preemption_recomputes_the_newest_and_keeps_its_tokens(prefix_caching):
     scheduler.add_request(new)
 
     preempted_at = None
-    outputs = []
     for n in range(200):
         if not scheduler.has_unfinished_requests():
             break
         out, _ = step(scheduler)
-        outputs.append(out)
         check_invariants(scheduler)
         if out.preempted_request_ids and preempted_at is None:
             preempted_at = n
@@ -254,8 +218,10 @@ def test_preemption_recomputes_the_newest_and_keeps_its_tokens(prefix_caching):
             assert all(r.request_id != "new" for r in out.scheduled)
     assert preempted_at is not None
     # The recompute step runs prompt + kept outputs in one go and samples on.
+    # (The runner kept its outputs while it was preempted: the recompute row is rebuilt from
+    # them and the whole new block table the message brings.)
     recompute = next(
-        r for o in outputs[preempted_at + 1 :] for r in o.scheduled if r.request_id == "new"
+        rows["new"] for rows in scheduler.row_history[preempted_at + 1 :] if "new" in rows
     )
     # From 0, or from the end of its own blocks still in the prefix cache.
     start = recompute.num_computed_tokens
@@ -459,7 +425,7 @@ def test_prefix_reuse_after_a_finished_request():
     scheduler.add_request(second)
     out, _ = step(scheduler)
     (chunk,) = out.scheduled
-    assert chunk.num_computed_tokens == 12 and chunk.token_ids == [3, 4, 5]
+    assert chunk.num_computed_tokens == 12 and scheduler.rows["second"].token_ids == [3, 4, 5]
     assert second.metrics.num_cached_prompt_tokens == 12
     run_to_completion(scheduler)
     assert second.output_token_ids == expected_output(second)
@@ -544,8 +510,9 @@ def test_random_add_step_abort_keeps_every_invariant(ops, budget, num_kv_blocks,
             request = scheduler.get_request(chunk.request_id)
             end = chunk.num_computed_tokens + chunk.num_scheduled_tokens
             assert chunk.num_scheduled_tokens >= 1
-            assert len(chunk.block_ids) * BLOCK_SIZE >= end
-            assert request.all_token_ids[chunk.num_computed_tokens : end] == chunk.token_ids
+            row = scheduler.rows[chunk.request_id]
+            assert len(row.block_ids) * BLOCK_SIZE >= end
+            assert request.all_token_ids[chunk.num_computed_tokens : end] == row.token_ids
         for request in changed:
             assert request.is_finished or request.status is RequestStatus.RUNNING
         # Coverage of the interesting paths (pytest --hypothesis-show-statistics).
@@ -617,12 +584,7 @@ class OverlappedDriver:
         out = self.scheduler.schedule()
         sampled = {}
         for chunk in out.scheduled:
-            known = [t for t in chunk.token_ids if t != PLACEHOLDER_TOKEN_ID]
-            # Placeholders only ever stand for the tokens at the end of a chunk.
-            assert chunk.token_ids[: len(known)] == known
-            request = self.scheduler.get_request(chunk.request_id)
-            assert request.all_token_ids[chunk.num_computed_tokens :][: len(known)] == known
-            if chunk.sample:
+            if chunk.samples:
                 position = chunk.num_computed_tokens + chunk.num_scheduled_tokens
                 sampled[chunk.request_id] = [self.sample(chunk.request_id, position)]
         previous, self.in_flight = self.in_flight, None
@@ -641,13 +603,13 @@ def test_overlapped_decode_feeds_placeholders_and_stops_at_max_tokens():
     request = make_request("r", [5, 6, 7], max_tokens=3)
     scheduler.add_request(request)
     driver = OverlappedDriver(scheduler)
-    first = driver.step()  # the prompt; samples output 0
-    assert first.scheduled[0].token_ids == [5, 6, 7] and request.num_pending_tokens == 1
-    second = driver.step()  # output 0 is still in flight: a placeholder
-    assert second.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    driver.step()  # the prompt; samples output 0
+    assert scheduler.rows["r"].token_ids == [5, 6, 7] and request.num_pending_tokens == 1
+    driver.step()  # output 0 is still in flight: a placeholder
+    assert scheduler.rows["r"].token_ids == [PLACEHOLDER_TOKEN_ID]
     assert request.output_token_ids == [token_for("r", 3)] and request.num_pending_tokens == 1
-    third = driver.step()  # outputs 1 (known now) and 2 (in flight) reach max_tokens = 3
-    assert third.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    driver.step()  # outputs 1 (known now) and 2 (in flight) reach max_tokens = 3
+    assert scheduler.rows["r"].token_ids == [PLACEHOLDER_TOKEN_ID]
     fourth = driver.step()  # nothing left to compute: the last token is only awaited
     assert fourth.scheduled == []
     while driver.busy():
