@@ -12,7 +12,7 @@ import transformers
 from kiln.compiler.loader import load_engine_model
 from kiln.compiler.manifest import open_engine
 from kiln.runtime.input_batch import BatchRow, prepare_inputs
-from kiln.runtime.kv_tensors import allocate_kv_caches
+from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
 
 
 def save_tiny_hf_model(config: transformers.PretrainedConfig, directory: Path, seed: int = 0):
@@ -37,7 +37,7 @@ class SequenceRunner:
         self.model = load_engine_model(self.engine)
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(
-            self.engine.model_config, num_blocks, block_size, self.engine.dtype
+            KVCacheSpec.of_model(self.model, self.engine.dtype), num_blocks, block_size
         )
         # Deliberately non-contiguous, shuffled blocks: the block table must be honoured.
         self.block_ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()

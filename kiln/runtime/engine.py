@@ -35,8 +35,8 @@ from kiln.compiler.manifest import EngineInfo, open_engine
 from kiln.checkpoint.tokenizer import load_tokenizer
 from kiln.config import EngineConfig
 from kiln.errors import KilnError
+from kiln.parallel.state import SINGLE_PROCESS
 from kiln.runtime.detokenizer import IncrementalDetokenizer
-from kiln.runtime.kv_tensors import kv_cache_bytes_per_block
 from kiln.runtime.model_runner import LaunchedStep, ModelRunner
 from kiln.runtime.messages import SchedulerOutput, TokenLogprobs
 from kiln.runtime.request import Request, RequestStatus
@@ -158,18 +158,19 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         eos = engine_info.generation_config.get("eos_token_id")
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None and self.device.type != "cuda":
-            num_blocks = self._cpu_kv_blocks()
-        # On CUDA with num_blocks None the runner sizes the cache with a profiling forward.
+        # The processes holding slices of the model, and their groups: one process holding
+        # all of it for now (tensor/pipeline parallelism creates more here; close() ends them).
+        self.parallel = SINGLE_PROCESS
         self.runner = ModelRunner(
-            engine_info, self.device, self.dtype, config.block_size, num_blocks,
+            engine_info, self.device, self.dtype, config.block_size, config.num_kv_blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_cuda_graphs=config.enable_cuda_graphs,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
             kv_cache_dtype=self.kv_cache_dtype,
+            parallel=self.parallel,
         )
         num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
@@ -188,9 +189,7 @@ class LLMEngine:
             load_seconds=runner.load_seconds,
             kv_allocation_seconds=runner.kv_allocation_seconds,
             num_kv_blocks=num_blocks,
-            kv_cache_bytes=num_blocks * kv_cache_bytes_per_block(
-                self.model_config, config.block_size, self.kv_cache_dtype
-            ),
+            kv_cache_bytes=num_blocks * runner.kv_cache_spec.bytes_per_block(config.block_size),
             kv_profile_seconds=runner.memory_profile.seconds if runner.memory_profile else 0.0,
             graph_capture_seconds=capture.seconds if capture else 0.0,
             graph_memory_bytes=capture.memory_bytes if capture else 0,
@@ -250,6 +249,7 @@ class LLMEngine:
             self._in_flight = None
         self.abort_all()
         self.runner.close()
+        self.parallel.close()
         # Objects frozen at start-up (from_engine_dir) are invisible to the collector; the
         # model's reference cycles (parameters holding bound weight loaders) need it.
         gc.unfreeze()
@@ -257,19 +257,6 @@ class LLMEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-
-    def _cpu_kv_blocks(self) -> int:
-        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
-        # Never more than every sequence at full length needs (+1: the reserved null block).
-        blocks_needed = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
-        budget = self.config.cpu_kv_cache_bytes
-        blocks = min(int(budget // per_block), blocks_needed)
-        if blocks < 2:
-            raise KilnError(
-                f"cpu_kv_cache_bytes {budget} holds fewer than 2 KV blocks of "
-                f"{per_block / 2**20:.2f} MiB; raise cpu_kv_cache_bytes or lower block_size"
-            )
-        return blocks
 
     # ---- requests ---------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """Allocation of the per-layer paged KV tensors (layout: see kiln/kernels/attention.py).
 
+The shape comes from the loaded model, not the config: with tensor parallelism a rank holds
+only its KV heads (`KVCacheSpec.of_model` reads every attention layer).
+
 The tensors are allocated uninitialised: a GPU's 50+ GB of KV cache is never memset at start.
 That is safe because attention reads only positions below a sequence's length, and every such
 position was written (this step or an earlier one) before it is read; masked loads never see
@@ -9,29 +12,46 @@ attend over its first slot, so it is zeroed to keep their (discarded) outputs fi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kiln.models.config import ModelConfig
+from kiln.layers.attention import Attention
 
 NULL_BLOCK = 0
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """One rank's paged KV cache: a (2, blocks, block_size, num_kv_heads, head_dim) tensor
+    per attention layer, in `dtype` (EngineConfig.kv_cache_dtype)."""
+
+    num_layers: int
+    num_kv_heads: int  # this rank's
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module, dtype: torch.dtype) -> "KVCacheSpec":
+        layers = [module for module in model.modules() if isinstance(module, Attention)]
+        shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
+        if len(shapes) != 1:
+            raise ValueError(f"attention layers disagree on (KV heads, head dim): {sorted(shapes)}")
+        (num_kv_heads, head_dim), = shapes
+        return cls(len(layers), num_kv_heads, head_dim, dtype)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
+
+
 def allocate_kv_caches(
-    config: ModelConfig,
-    num_blocks: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
+    spec: KVCacheSpec, num_blocks: int, block_size: int, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:
-    shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
     caches = []
-    for _ in range(config.num_layers):
-        cache = torch.empty(shape, dtype=dtype, device=device)  # (2, blocks, bs, Hkv, D)
+    for _ in range(spec.num_layers):
+        cache = torch.empty(shape, dtype=spec.dtype, device=device)  # (2, blocks, bs, Hkv, D)
         cache[:, NULL_BLOCK].zero_()
         caches.append(cache)
     return caches
-
-
-def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element

@@ -23,7 +23,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.runtime.input_batch import BatchRow, prepare_inputs
-from kiln.runtime.kv_tensors import allocate_kv_caches
+from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
 from kiln.runtime.sampler import Sampler, SamplingMetadata, SamplingRow
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -41,16 +41,15 @@ class MemoryProfile:
 def profile_kv_blocks(
     model: torch.nn.Module,
     device: torch.device,
-    kv_cache_dtype: torch.dtype,
+    kv_cache_spec: KVCacheSpec,
     block_size: int,
-    bytes_per_block: int,
     max_num_batched_tokens: int,
     max_num_seqs: int,
     gpu_memory_utilization: float,
     max_blocks: int,
 ) -> MemoryProfile:
     started = time.perf_counter()
-    config = model.config
+    bytes_per_block = kv_cache_spec.bytes_per_block(block_size)
     num_tokens = max_num_batched_tokens
     num_rows = min(max_num_seqs, num_tokens)
     # A scratch cache just large enough for the profiling sequence (+ the null block).
@@ -58,7 +57,7 @@ def profile_kv_blocks(
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     allocated_before = torch.cuda.memory_allocated(device)
-    scratch_kv = allocate_kv_caches(config, scratch_blocks, block_size, kv_cache_dtype, device)
+    scratch_kv = allocate_kv_caches(kv_cache_spec, scratch_blocks, block_size, device)
     row = BatchRow(request_id="memory-profile", token_ids=[0] * num_tokens, num_computed_tokens=0,
                    block_ids=list(range(1, scratch_blocks)), logits_offsets=(num_tokens - 1,))
     inputs = prepare_inputs([row], block_size, device)
@@ -87,3 +86,15 @@ def profile_kv_blocks(
             f"or lower max_num_batched_tokens / max_num_seqs"
         )
     return MemoryProfile(num_blocks, activation_peak, in_use, total, time.perf_counter() - started)
+
+
+def cpu_kv_blocks(budget_bytes: int, bytes_per_block: int, max_blocks: int) -> int:
+    """KV blocks on the CPU: as many as EngineConfig.cpu_kv_cache_bytes holds (no profiling
+    there), at most max_blocks."""
+    num_blocks = min(budget_bytes // bytes_per_block, max_blocks)
+    if num_blocks < 2:
+        raise KilnError(
+            f"cpu_kv_cache_bytes {budget_bytes} holds fewer than 2 KV blocks of "
+            f"{bytes_per_block / 2**20:.2f} MiB; raise cpu_kv_cache_bytes or lower block_size"
+        )
+    return num_blocks

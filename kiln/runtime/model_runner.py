@@ -39,8 +39,9 @@ from kiln.kernels.ops import use_reference_kernels
 from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import BatchRow, InputBuffers
-from kiln.runtime.kv_tensors import allocate_kv_caches, kv_cache_bytes_per_block
-from kiln.runtime.memory_profile import MemoryProfile, profile_kv_blocks
+from kiln.parallel.state import SINGLE_PROCESS, ParallelState
+from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
+from kiln.runtime.memory_profile import MemoryProfile, cpu_kv_blocks, profile_kv_blocks
 from kiln.runtime.messages import (
     PLACEHOLDER_TOKEN_ID,
     ModelRunnerOutput,
@@ -87,17 +88,22 @@ class ModelRunner:
         max_model_len: int,
         enable_cuda_graphs: bool = True,
         gpu_memory_utilization: float = 0.9,
+        cpu_kv_cache_bytes: int = 1 << 30,
         kv_cache_dtype: torch.dtype | None = None,
+        parallel: ParallelState = SINGLE_PROCESS,
     ) -> None:
-        """num_kv_blocks None (CUDA only): size the KV cache with a profiling forward
-        (memory_profile.py) to fill gpu_memory_utilization of the device. kv_cache_dtype
-        None: the compute dtype."""
+        """num_kv_blocks None: on CUDA, size the KV cache with a profiling forward
+        (memory_profile.py) to fill gpu_memory_utilization of the device; on the CPU, fill
+        cpu_kv_cache_bytes. kv_cache_dtype None: the compute dtype. `parallel`: which slice
+        of the model this process holds (its rank file, its KV heads)."""
         self.engine_info = engine_info
         self.device = device
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
         started = time.perf_counter()
-        self.model = load_engine_model(engine_info, device, dtype)
+        self.model = load_engine_model(engine_info, device, dtype, parallel=parallel)
+        self.kv_cache_spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
+        bytes_per_block = self.kv_cache_spec.bytes_per_block(block_size)
         _sync(device)
         self.load_seconds = time.perf_counter() - started
         max_blocks_per_seq = -(-max_model_len // block_size)
@@ -108,22 +114,19 @@ class ModelRunner:
             device=device,
         )
         self.memory_profile: MemoryProfile | None = None
-        if num_kv_blocks is None:
-            if device.type != "cuda":
-                raise ValueError("num_kv_blocks must be given on the CPU (no memory profiling there)")
+        # Never more than every sequence at full length needs (+1: the null block).
+        max_blocks = max_num_seqs * max_blocks_per_seq + 1
+        if num_kv_blocks is None and device.type == "cuda":
             self.memory_profile = profile_kv_blocks(
-                self.model, device, self.kv_cache_dtype, block_size,
-                kv_cache_bytes_per_block(engine_info.model_config, block_size, self.kv_cache_dtype),
-                max_num_batched_tokens, max_num_seqs, gpu_memory_utilization,
-                # Never more than every sequence at full length needs (+1: the null block).
-                max_blocks=max_num_seqs * max_blocks_per_seq + 1,
+                self.model, device, self.kv_cache_spec, block_size, max_num_batched_tokens,
+                max_num_seqs, gpu_memory_utilization, max_blocks,
             )
             num_kv_blocks = self.memory_profile.num_kv_blocks
+        elif num_kv_blocks is None:
+            num_kv_blocks = cpu_kv_blocks(cpu_kv_cache_bytes, bytes_per_block, max_blocks)
         self.num_kv_blocks = num_kv_blocks
         started = time.perf_counter()
-        self.kv_caches = allocate_kv_caches(
-            engine_info.model_config, num_kv_blocks, block_size, self.kv_cache_dtype, device
-        )
+        self.kv_caches = allocate_kv_caches(self.kv_cache_spec, num_kv_blocks, block_size, device)
         _sync(device)
         self.kv_allocation_seconds = time.perf_counter() - started
         self.sampler = Sampler()

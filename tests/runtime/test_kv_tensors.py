@@ -13,8 +13,8 @@ import torch
 
 from kiln.config import EngineConfig, validated
 from kiln.errors import KilnError
-from kiln.models.config import ModelConfig
-from kiln.runtime.kv_tensors import NULL_BLOCK, allocate_kv_caches, kv_cache_bytes_per_block
+from kiln.runtime.kv_tensors import NULL_BLOCK, KVCacheSpec, allocate_kv_caches
+from kiln.runtime.memory_profile import cpu_kv_blocks
 from kiln.runtime.sampling_params import SamplingParams
 from tests.helpers import build_tiny_engine, make_cpu_engine, run_to_completion
 
@@ -22,11 +22,7 @@ VOCAB = 128
 
 
 def test_allocation_shapes_and_null_block(monkeypatch):
-    config = ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-        num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
-        norm_eps=1e-5,
-    )
+    spec = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype=torch.float32)
     # Hand out NaN-filled memory, as a reused GPU allocation may hold anything.
     real_empty = torch.empty
 
@@ -34,15 +30,14 @@ def test_allocation_shapes_and_null_block(monkeypatch):
         return real_empty(*args, **kwargs).fill_(math.nan)
 
     monkeypatch.setattr(torch, "empty", dirty_empty)
-    caches = allocate_kv_caches(config, num_blocks=6, block_size=4, dtype=torch.float32)
+    caches = allocate_kv_caches(spec, num_blocks=6, block_size=4)
     monkeypatch.undo()
     assert len(caches) == 3
     for cache in caches:
         assert cache.shape == (2, 6, 4, 2, 16)
         assert torch.equal(cache[:, NULL_BLOCK], torch.zeros(2, 4, 2, 16))
         assert cache[:, 1:].isnan().all()  # not memset: left as allocated
-    per_block = kv_cache_bytes_per_block(config, 4, torch.float32)
-    assert per_block == caches[0][:, 0].numel() * 4 * 3
+    assert spec.bytes_per_block(4) == caches[0][:, 0].numel() * 4 * 3
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +82,8 @@ def test_kv_cache_dtype_is_its_own_setting(engine_dir):
     half = make_cpu_engine(engine_dir, num_kv_blocks=40, kv_cache_dtype="bfloat16")
     assert half.dtype == torch.float32
     assert all(cache.dtype == torch.bfloat16 for cache in half.runner.kv_caches)
+    # The shape comes from the loaded model's attention layers (a rank's own KV heads).
+    assert half.runner.kv_cache_spec == KVCacheSpec(2, 2, 16, torch.bfloat16)
     assert 2 * half.startup.kv_cache_bytes == default.startup.kv_cache_bytes
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], list(range(1, 20))]
     params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)] * 2
@@ -99,3 +96,10 @@ def test_kv_cache_dtype_is_its_own_setting(engine_dir):
 def test_a_bad_kv_cache_dtype_names_the_field():
     with pytest.raises(KilnError, match="kv_cache_dtype"):
         validated(EngineConfig, kv_cache_dtype="int3")
+
+
+def test_cpu_kv_cache_sizing():
+    assert cpu_kv_blocks(budget_bytes=10_000, bytes_per_block=1_000, max_blocks=100) == 10
+    assert cpu_kv_blocks(budget_bytes=10_000, bytes_per_block=1_000, max_blocks=4) == 4
+    with pytest.raises(KilnError, match="cpu_kv_cache_bytes 1500 holds fewer than 2 KV blocks"):
+        cpu_kv_blocks(budget_bytes=1_500, bytes_per_block=1_000, max_blocks=100)
