@@ -47,20 +47,30 @@ def profile_kv_blocks(
     max_num_seqs: int,
     gpu_memory_utilization: float,
     max_blocks: int,
+    max_model_len: int,
 ) -> MemoryProfile:
     started = time.perf_counter()
     bytes_per_block = kv_cache_spec.bytes_per_block(block_size)
     num_tokens = max_num_batched_tokens
     num_rows = min(max_num_seqs, num_tokens)
-    # A scratch cache just large enough for the profiling sequence (+ the null block).
-    scratch_blocks = -(-num_tokens // block_size) + 1
+    # The step's tokens as sequences of at most max_model_len: no position past what the
+    # model serves (a longer one would read past the RoPE table: an illegal access on CUDA).
+    lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+    # A scratch cache just large enough for them (+ the null block).
+    blocks_per_row = [-(-length // block_size) for length in lengths]
+    scratch_blocks = sum(blocks_per_row) + 1
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     allocated_before = torch.cuda.memory_allocated(device)
     scratch_kv = allocate_kv_caches(kv_cache_spec, scratch_blocks, block_size, device)
-    row = BatchRow(request_id="memory-profile", token_ids=[0] * num_tokens, num_computed_tokens=0,
-                   block_ids=list(range(1, scratch_blocks)), logits_offsets=(num_tokens - 1,))
-    inputs = prepare_inputs([row], block_size, device)
+    batch, first_block = [], 1
+    for index, (length, num_blocks) in enumerate(zip(lengths, blocks_per_row)):
+        batch.append(BatchRow(
+            f"memory-profile-{index}", [0] * length, 0,
+            list(range(first_block, first_block + num_blocks)), (length - 1,),
+        ))
+        first_block += num_blocks
+    inputs = prepare_inputs(batch, block_size, device)
     torch.cuda.reset_peak_memory_stats(device)
     hidden = model(inputs.input_ids, inputs.positions, scratch_kv, inputs.metadata)
     logits = model.compute_logits(hidden[:num_rows])  # (rows, V): a full decode batch

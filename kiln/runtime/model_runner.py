@@ -119,7 +119,7 @@ class ModelRunner:
         if num_kv_blocks is None and device.type == "cuda":
             self.memory_profile = profile_kv_blocks(
                 self.model, device, self.kv_cache_spec, block_size, max_num_batched_tokens,
-                max_num_seqs, gpu_memory_utilization, max_blocks,
+                max_num_seqs, gpu_memory_utilization, max_blocks, max_model_len,
             )
             num_kv_blocks = self.memory_profile.num_kv_blocks
         elif num_kv_blocks is None:
