@@ -137,12 +137,13 @@ class LLM:
         """One conversation (a list of {role, content}) or a list of conversations."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [
-            {"prompt_token_ids": self._chat_token_ids(conversation)}
+            {"prompt_token_ids": self.chat_token_ids(conversation)}
             for conversation in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _chat_token_ids(self, conversation: list[dict]) -> list[int]:
+    def chat_token_ids(self, conversation: list[dict]) -> list[int]:
+        """The prompt token ids of a conversation through the engine's chat template."""
         # The template already writes any BOS it wants: do not add special tokens again.
         text = self.apply_chat_template(conversation)
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -160,7 +161,7 @@ def interactive_chat(llm: LLM, params: SamplingParams, stdin=None, stdout=None) 
         if not line or not line.strip():
             break
         history.append({"role": "user", "content": line.rstrip("\n")})
-        request_id = engine.add_request(None, {"prompt_token_ids": llm._chat_token_ids(history)}, params)
+        request_id = engine.add_request(None, {"prompt_token_ids": llm.chat_token_ids(history)}, params)
         stdout.write("kiln> ")
         answer = ""
         while engine.has_unfinished_requests():

@@ -11,7 +11,7 @@ from kiln.errors import KilnError
 
 def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from kiln.bench.datasets import load_requests, sample_sharegpt, save_requests, synthetic_requests
-    from kiln.bench.serving import _local_tokenizer
+    from kiln.bench.serving import local_tokenizer
     from kiln.bench.results import write_result
     from kiln.bench.throughput import length_stats, run_batched, run_sequential
     from kiln.entrypoints import LLM
@@ -21,7 +21,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     if args.dataset == "file":
         requests = load_requests(args.dataset_path, engine.model_config.vocab_size)[: args.num_prompts]
     elif args.dataset == "sharegpt":
-        tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else llm.tokenizer
+        tokenizer = local_tokenizer(args.tokenizer) if args.tokenizer else llm.tokenizer
         if tokenizer is None:
             raise KilnError("--dataset sharegpt needs an engine with a tokenizer (or --tokenizer); "
                             "use --dataset random")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-import kiln
+from kiln.version import __version__
 
 
 def device_name(device: torch.device) -> str:
@@ -32,7 +32,7 @@ def write_result(
         "gpu": device_name(device),
         "model": model,
         "dtype": dtype,
-        "kiln_version": kiln.__version__,
+        "kiln_version": __version__,
         "torch_version": torch.__version__,
         "config": config,
         "metrics": metrics,

@@ -199,7 +199,7 @@ def _server_info(client: httpx.Client) -> dict:
     return response.json()["data"][0]
 
 
-def _local_tokenizer(model: str):
+def local_tokenizer(model: str):
     """The tokenizer of another model (an engine dir, HF dir, .gguf or 'smollm2'), for
     servers whose engine has none (random-weight benchmark engines): ShareGPT prompts are
     then sent as that tokenizer's ids, which any vocabulary at least as large accepts."""
@@ -228,7 +228,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         if args.dataset == "file":
             requests = load_requests(args.dataset_path)[: args.num_prompts]
         elif args.dataset == "sharegpt":
-            tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else RemoteTokenizer(client)
+            tokenizer = local_tokenizer(args.tokenizer) if args.tokenizer else RemoteTokenizer(client)
             requests = sample_sharegpt(tokenizer, args.num_prompts, max_model_len, args.seed)
         else:
             requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,

@@ -19,7 +19,7 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.request_output import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.serve.errors import APIError
-from kiln.serve.protocol import _SamplingFields
+from kiln.serve.protocol import SamplingFields
 from kiln.serve.state import ServerState
 
 # One tokenizer call at a time, off the event loop: a multi-megabyte prompt must not stall
@@ -77,7 +77,7 @@ def resolve_max_tokens(state: ServerState, requested: int | None, default: int |
     return max_tokens
 
 
-def sampling_params(body: _SamplingFields, state: ServerState, max_tokens: int,
+def sampling_params(body: SamplingFields, state: ServerState, max_tokens: int,
                     logprobs: int | None) -> SamplingParams:
     settings = state.settings
     if body.n > settings.max_n:

@@ -46,7 +46,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(_Strict):
+class SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's)."""
 
     model: ShortString | None = Field(None, description="the served model name; optional")
@@ -77,7 +77,7 @@ class _SamplingFields(_Strict):
     return_token_ids: bool = False
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: (
         Annotated[str, StringConstraints(max_length=1 << 24)]
         | Annotated[list[TOKEN_ID], Field(max_length=MAX_PROMPT_IDS)]
@@ -111,7 +111,7 @@ class ResponseFormat(_Strict):
     type: Literal["text"] = Field("text", description="only plain text is supported")
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False

@@ -9,22 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers
 from safetensors.torch import load_file, save_file
 
 from kiln.compiler.manifest import FORMAT_VERSION
 from kiln.cli import main
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import save_tiny_hf_model, tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("hf") / "model"
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=64,
-    )
-    save_tiny_hf_model(config, directory)
+    save_tiny_hf_model(tiny_llama_config(max_position_embeddings=64), directory)
     return directory
 
 

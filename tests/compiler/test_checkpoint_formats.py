@@ -15,12 +15,10 @@ import transformers
 from kiln.compiler.builder import build_engine
 from kiln.config import BuildConfig
 from kiln.errors import CheckpointError
-from tests.helpers import SequenceRunner, save_tiny_hf_model
+from tests.helpers import SequenceRunner, save_tiny_hf_model, tiny_llama_config
 
-CONFIG = transformers.LlamaConfig(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-)
+CONFIG = tiny_llama_config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
 
 
 def logits_error(hf_model, engine_dir: Path) -> float:

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from kiln.compiler.builder import build_engine
 from kiln.compiler.loader import _stage_to_device
@@ -23,16 +22,14 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.kv_tensors import NULL_BLOCK
 from kiln.runtime.input_batch import BatchRow
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import run_to_completion, save_tiny_hf_model
+from tests.helpers import run_to_completion, save_tiny_hf_model, tiny_llama_config
 
 VOCAB = 131072
 MAX_NUM_SEQS = 256
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 2048
-CONFIG = transformers.LlamaConfig(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
-)
+CONFIG = tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")
