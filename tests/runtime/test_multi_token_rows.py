@@ -9,13 +9,22 @@ tokens equal a run without them; what changes is how many steps it takes.
 from __future__ import annotations
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from kiln.runtime.messages import ModelRunnerOutput
 from kiln.runtime.model_runner import accept_matching
 from kiln.runtime.request import RequestStatus
 from kiln.runtime.sampling_params import SamplingParams
 from tests.helpers import build_tiny_engine, make_cpu_engine, run_to_completion
-from tests.runtime.scheduler_helpers import make_request, make_scheduler, step
+from tests.runtime.scheduler_helpers import make_request, make_scheduler, step, token_for
+from tests.runtime.test_scheduler import (
+    MAX_MODEL_LEN,
+    add_from_op,
+    check_invariants,
+    operations,
+    property_scheduler,
+)
 
 VOCAB = 64
 
@@ -198,3 +207,75 @@ def test_seeded_sampling_with_proposals_is_reproducible(engine_dir):
     assert runs[0] == runs[1] and len(runs[0]) == 10
     assert all(0 <= t < VOCAB for t in runs[0])
 
+
+
+# ---- the random add / step / abort property, with proposals -------------------------------
+
+
+def verify_step(scheduler, proposals: dict[str, list[int]]) -> None:
+    """One step with the fabricated model (token_for) verifying proposals exactly: the
+    i-th logits row of a verify row is the model's token after the first i proposals."""
+    for request_id, proposed in proposals.items():
+        scheduler.get_request(request_id).spec_token_ids = list(proposed)
+    out = scheduler.schedule()
+    sampled = {}
+    for chunk in out.scheduled:
+        positions = [chunk.num_computed_tokens + offset + 1 for offset in chunk.logits_offsets]
+        tokens = [token_for(chunk.request_id, position) for position in positions]
+        if chunk.spec_token_ids:
+            tokens = accept_matching(list(chunk.spec_token_ids), tokens)
+        if tokens:
+            sampled[chunk.request_id] = tokens
+    scheduler.update(out, ModelRunnerOutput(sampled_token_ids=sampled))
+
+
+@settings(max_examples=100, deadline=None)
+@given(operations, st.integers(3, 16), st.sampled_from([5, 6, 8, 16]), st.booleans(),
+       st.randoms(use_true_random=False))
+def test_random_workloads_with_proposals_keep_every_invariant(
+    ops, budget, num_kv_blocks, prefix_caching, rng
+):
+    """Right, wrong and partly right proposals on random add / step / abort mixes: outputs
+    are exactly the model's tokens, limits hold, rollbacks leak no block, and (through
+    MirroredScheduler) the runner's view of every row matches the scheduler's."""
+    scheduler = property_scheduler(budget, num_kv_blocks, prefix_caching)
+    kv = scheduler.kv_cache_manager
+    added = []
+
+    def proposals() -> dict[str, list[int]]:
+        chosen = {}
+        for request in scheduler._running:
+            if request.num_computed_tokens != request.num_tokens - 1 or rng.random() < 0.3:
+                continue
+            k = rng.randint(1, 5)
+            start = request.num_tokens  # the first proposed token's position
+            right = [token_for(request.request_id, start + i) for i in range(k)]
+            cut = rng.randint(0, k)  # right up to here, wrong after
+            chosen[request.request_id] = right[:cut] + [t + 1 for t in right[cut:]]
+            event(f"proposals right {cut} of {k}")
+        return chosen
+
+    for op in ops:
+        if op[0] == "add":
+            add_from_op(scheduler, added, op)
+        elif op[0] == "step":
+            verify_step(scheduler, proposals())
+        elif added:
+            scheduler.abort_request(added[op[1] % len(added)].request_id)
+        check_invariants(scheduler)
+    for _ in range(500):
+        if not scheduler.has_unfinished_requests():
+            break
+        verify_step(scheduler, proposals())
+        check_invariants(scheduler)
+    assert not scheduler.has_unfinished_requests()
+    scheduler.schedule()
+    assert kv.num_free_blocks == kv.num_usable_blocks
+    for request in added:
+        assert request.num_output_tokens <= request.sampling_params.max_tokens
+        assert request.num_tokens <= MAX_MODEL_LEN
+        if request.status is not RequestStatus.FINISHED_ABORTED:
+            start = request.num_prompt_tokens
+            assert request.output_token_ids == [
+                token_for(request.request_id, start + i) for i in range(request.num_output_tokens)
+            ]
