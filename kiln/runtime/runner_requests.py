@@ -39,9 +39,6 @@ class RunnerRequest:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def token_ids_between(self, start: int, end: int) -> list[int]:
-        return token_ids_between(self.prompt_token_ids, self.output_token_ids, start, end)
-
 
 class RunnerRequests:
     def __init__(self) -> None:
@@ -91,11 +88,10 @@ class RunnerRequests:
         first = scheduled.num_computed_tokens
         spec = scheduled.spec_token_ids
         end = first + scheduled.num_scheduled_tokens - len(spec)  # known + in-flight tokens
-        known_end = request.num_tokens
-        if end <= known_end:
-            token_ids = request.token_ids_between(first, end)
-        else:  # tokens sampled by steps still in flight (at most the row's last one)
-            token_ids = request.token_ids_between(first, known_end)
+        prompt, outputs = request.prompt_token_ids, request.output_token_ids
+        known_end = len(prompt) + len(outputs)
+        token_ids = token_ids_between(prompt, outputs, first, min(end, known_end))
+        if end > known_end:  # tokens sampled by steps still in flight (the row's last one)
             token_ids += [PLACEHOLDER_TOKEN_ID] * (end - max(first, known_end))
         if spec:
             token_ids = token_ids + spec

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from kiln.runtime import wire
+from kiln.runtime.messages import NewRequest, ScheduledRequest, SchedulerOutput
+from kiln.runtime.runner_requests import RunnerRequests
 from kiln.runtime.sampling_params import SamplingParams
 from tests.helpers import build_tiny_engine, make_cpu_engine, run_to_completion
 
@@ -107,3 +109,29 @@ def test_a_serialised_boundary_gives_identical_tokens(engine_dir, overlap):
     assert sum(m.num_preemptions for o in outputs for m in o.metrics) > 0
     assert sum(o.num_cached_tokens for o in outputs) > 0
     assert len(engine.runner.requests) == 0 and len(engine.runner.generators) == 0
+
+
+@pytest.mark.parametrize(
+    ("messages", "error"),
+    [
+        ([SchedulerOutput([ScheduledRequest("ghost", 0, 3)])],
+         "request 'ghost' was scheduled before the runner was told of it"),
+        ([SchedulerOutput([ScheduledRequest("a", 0, 3, new_block_ids=[1])],
+                          new_requests=[NewRequest("a", [1, 2, 3], SamplingParams(), None)]),
+          SchedulerOutput([ScheduledRequest("a", 3, 1, new_block_ids_start=4,
+                                            new_block_ids=[7])])],
+         "request 'a': new blocks start at 4, but the runner holds 1"),
+        ([SchedulerOutput([], new_requests=[NewRequest("a", [1], SamplingParams(), None)]),
+          SchedulerOutput([], new_requests=[NewRequest("a", [1], SamplingParams(), None)])],
+         "request 'a' is already known to the runner"),
+    ],
+)
+def test_a_message_that_does_not_follow_the_last_is_refused(messages, error):
+    """A lost or reordered message must stop the runner with the request named, not feed
+    the model wrong tokens or blocks."""
+    requests = RunnerRequests()
+    *earlier, last = messages
+    for message in earlier:
+        requests.apply(message)
+    with pytest.raises(RuntimeError, match=error):
+        requests.apply(last)
