@@ -136,9 +136,12 @@ def build_engine(
     hf_config: dict | None = None,
     force: bool = False,
     progress: bool = True,
+    tp: int = 1,
+    pp: int = 1,
 ) -> BuildSummary:
     """Build `source` (HF dir, config.json, .gguf) into an engine directory at `output`.
-    `hf_config` overrides the source's config (presets for --random-weights)."""
+    `hf_config` overrides the source's config (presets for --random-weights). tp, pp > 1:
+    one file per rank, each sliced (compiler/sharding.py)."""
     build_config = build_config or BuildConfig()
     output = Path(output)
     if output.exists() and not force:
@@ -152,6 +155,13 @@ def build_engine(
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
     quant_config = quant_config_for_build(build_config.quant)
+    if tp * pp > 1:
+        from kiln.compiler.sharding import build_sharded_engine
+
+        return build_sharded_engine(
+            source, output, build_config, checkpoint, model_config, max_model_len, quant_config,
+            EngineLayout.for_sizes(tp, pp), force=force, progress=progress, started=started,
+        )
 
     # Construct directly in the build dtype: an 8B model never exists in float32.
     previous_dtype = torch.get_default_dtype()

@@ -20,6 +20,8 @@ from torch import nn
 from kiln.errors import CheckpointError
 from kiln.layers.loading import CheckpointLoadable, default_weight_loader
 from kiln.models.config import ModelConfig
+from kiln.layers.embedding import ParallelLMHead
+from kiln.parallel.pipeline import OtherStage, is_on_other_stage
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
 from kiln.quant.base import has_fixed_dtype
 from kiln.quant.config import NO_QUANTIZATION, QuantConfig
@@ -40,11 +42,25 @@ class CausalLM(nn.Module, abc.ABC):
         self.config = config
         self.quant_config = quant_config or NO_QUANTIZATION
         self.parallel = parallel or SINGLE_PROCESS
-        if self.parallel.pp_size > 1:
-            raise ValueError(
-                f"pipeline parallelism (pp {self.parallel.pp_size}) is not supported yet; "
-                f"use pp 1"
-            )
+
+    # The token embedding's module name (a tied LM head reads its weight).
+    embedding_name: str = ""
+
+    def make_lm_head(self, embedding: nn.Module) -> nn.Module:
+        """The LM head of the last pipeline stage (OtherStage elsewhere). Tied to `embedding`
+        when both live on this stage; a last stage without the embedding (pp > 1) holds its
+        own copy of the tied matrix, loaded from the embedding's checkpoint tensor."""
+        if not self.parallel.is_last_stage:
+            return OtherStage()
+        tied = self.config.tie_word_embeddings and self.parallel.is_first_stage
+        return ParallelLMHead(
+            self.config.vocab_size, self.config.hidden_size,
+            tied_to=embedding if tied else None, parallel=self.parallel, prefix="lm_head",
+        )
+
+    def _holds_tied_head_copy(self) -> bool:
+        return (self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead)
+                and self.lm_head.tied_to is None)
 
     @classmethod
     @abc.abstractmethod
@@ -83,6 +99,14 @@ class CausalLM(nn.Module, abc.ABC):
         """Hook for layout changes (GPT-2's Conv1D stores weights transposed)."""
         return tensor
 
+    def split_checkpoint_tensor(
+        self, name: str, tensor: torch.Tensor
+    ) -> list[tuple[int | str | None, torch.Tensor]] | None:
+        """Hook for a checkpoint tensor that already holds several parts of a fused layer
+        (GPT-2's c_attn is q|k|v): its (part id, part) pairs, so each rank takes its heads
+        of every part. None: the tensor is one part (or unfused)."""
+        return None
+
     def _fused_name(self, name: str) -> tuple[str, int | str | None]:
         """A checkpoint tensor name (this model's naming) → (the fused layer's tensor name,
         the part it is), e.g. ...self_attn.k_proj.weight → (...self_attn.qkv_proj.weight, "k")."""
@@ -114,29 +138,41 @@ class CausalLM(nn.Module, abc.ABC):
                 names.update(self._unfused_names(param_name))
         return names
 
-    def load_checkpoint_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_checkpoint_weights(
+        self, tensors: Iterable[tuple[str, torch.Tensor]], *, model_naming: bool = False
+    ) -> None:
         """Copy checkpoint tensors into this model's parameters, fusing, slicing and
         quantising as its layers declare, then run every layer's after-loading step.
-        Raises CheckpointError naming any unexpected, mis-shaped or missing tensor."""
+        Raises CheckpointError naming any unexpected, mis-shaped or missing tensor.
+        `model_naming`: the tensors are already in this model's names and layout (a sharded
+        build re-slicing a whole model's tensors): no renaming, no transposing."""
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for checkpoint_name, tensor in tensors:
-            name = self.map_checkpoint_name(checkpoint_name)
+            name = checkpoint_name if model_naming else self.map_checkpoint_name(checkpoint_name)
             if name is None:
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue  # tied: the embedding is the head
-            tensor = self.transform_checkpoint_tensor(name, tensor)
+            if not model_naming:
+                tensor = self.transform_checkpoint_tensor(name, tensor)
+            if name == f"{self.embedding_name}.weight" and self._holds_tied_head_copy():
+                # A last pipeline stage without the embedding: its head is the tied matrix.
+                self.lm_head.load_checkpoint_tensor("weight", tensor, source_name=checkpoint_name)
+                loaded.add("lm_head.weight")
             fused_name, part_id = self._fused_name(name)
             module_name, _, tensor_name = fused_name.rpartition(".")
+            if is_on_other_stage(module_name, modules):
+                continue  # another pipeline stage's tensor
             module = modules.get(module_name)
             if isinstance(module, CheckpointLoadable):
                 if tensor_name not in module.checkpoint_tensor_names():
                     raise self._does_not_belong(checkpoint_name)
-                module.load_checkpoint_tensor(
-                    tensor_name, tensor, part_id=part_id, source_name=checkpoint_name
-                )
+                for part_id, part in self.split_checkpoint_tensor(name, tensor) or [(part_id, tensor)]:
+                    module.load_checkpoint_tensor(
+                        tensor_name, part, part_id=part_id, source_name=checkpoint_name
+                    )
             elif part_id is None and fused_name in params:
                 default_weight_loader(params[fused_name], tensor, checkpoint_name)
             else:

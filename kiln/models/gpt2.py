@@ -13,12 +13,13 @@ from torch import nn
 from kiln.errors import CheckpointError
 from kiln.layers.activation import get_activation
 from kiln.layers.attention import Attention
-from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from kiln.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from kiln.layers.embedding import VocabParallelEmbedding
+from kiln.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kiln.layers.norm import LayerNorm
 from kiln.models.base import CausalLM, hf_eos_ids, hf_get
 from kiln.models.config import ModelConfig
 from kiln.models.registry import register_model
+from kiln.parallel.pipeline import OtherStage, stage_modules
 from kiln.parallel.state import ParallelState
 from kiln.quant.config import QuantConfig
 
@@ -32,22 +33,24 @@ class GPT2Attention(nn.Module):
     ) -> None:
         super().__init__()
         hidden = config.hidden_size
-        # q|k|v fused in the checkpoint already; kept whole until TP > 1 needs head slicing
-        # (GPT2LMHeadModel refuses tp > 1 until then).
-        self.c_attn = ReplicatedLinear(
-            hidden, 3 * hidden, bias=True,
+        # q|k|v fused in the checkpoint already: split into its parts at loading
+        # (GPT2LMHeadModel.split_checkpoint_tensor) so each rank takes its heads of each.
+        self.c_attn = QKVParallelLinear(
+            hidden, config.head_dim, config.num_heads, config.num_heads, bias=True,
             quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.c_attn",
         )
+        self.q_size = self.c_attn.num_heads * config.head_dim
         self.c_proj = RowParallelLinear(
             hidden, hidden, bias=True,
             quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.c_proj",
         )
         self.attn = Attention(
-            config.num_heads, config.head_dim, config.num_heads, scale=config.head_dim**-0.5
+            self.c_attn.num_heads, config.head_dim, self.c_attn.num_heads,
+            scale=config.head_dim**-0.5,
         )
 
     def forward(self, hidden, kv_cache, metadata):
-        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)  # 3 × (T, H)
+        q, k, v = self.c_attn(hidden).split(self.q_size, dim=-1)  # 3 × (T, H / tp)
         return self.c_proj(self.attn(q, k, v, kv_cache, metadata))
 
 
@@ -92,30 +95,43 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
+    """The decoder stack, or one pipeline stage of it (kiln/parallel/pipeline.py)."""
+
     def __init__(
         self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
         prefix: str,
     ) -> None:
         super().__init__()
+        self.parallel = parallel
+        self.hidden_size = config.hidden_size
+        first, last = parallel.is_first_stage, parallel.is_last_stage
         self.wte = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, parallel=parallel, prefix=f"{prefix}.wte"
-        )
+        ) if first else OtherStage()
         self.wpe = VocabParallelEmbedding(
             config.max_position_embeddings, config.hidden_size, parallel=parallel,
             prefix=f"{prefix}.wpe",
-        )
-        self.h = nn.ModuleList(
-            GPT2Block(
+        ) if first else OtherStage()
+        self.h, self.stage_layers = stage_modules(
+            parallel, config.num_layers,
+            lambda i: GPT2Block(
                 config, quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.h.{i}"
-            )
-            for i in range(config.num_layers)
+            ),
         )
-        self.ln_f = LayerNorm(config.hidden_size, config.norm_eps)
+        self.ln_f = LayerNorm(config.hidden_size, config.norm_eps) if last else OtherStage()
 
     def forward(self, input_ids, positions, kv_caches, metadata):
-        hidden = self.wte(input_ids) + self.wpe(positions)  # (T, H)
-        for block, kv_cache in zip(self.h, kv_caches):
+        if self.parallel.is_first_stage:
+            hidden = self.wte(input_ids) + self.wpe(positions)  # (T, H)
+        else:  # the previous stage's output
+            weight = self.stage_layers[0].ln_1.weight
+            (hidden,) = self.parallel.recv_activations(
+                [(input_ids.shape[0], self.hidden_size)], weight.dtype, weight.device)
+        for block, kv_cache in zip(self.stage_layers, kv_caches):
             hidden = block(hidden, kv_cache, metadata)
+        if not self.parallel.is_last_stage:
+            self.parallel.send_activations([hidden])
+            return hidden
         return self.ln_f(hidden)
 
 
@@ -127,19 +143,12 @@ class GPT2LMHeadModel(CausalLM):
     def __init__(self, config: ModelConfig, *, quant_config: QuantConfig | None = None,
                  parallel: ParallelState | None = None) -> None:
         super().__init__(config, quant_config=quant_config, parallel=parallel)
-        if self.parallel.tp_size > 1:
-            raise ValueError(
-                f"GPT-2 does not support tensor parallelism yet (tp {self.parallel.tp_size}): "
-                f"its fused c_attn is not split by heads; use tp 1"
-            )
         self.transformer = GPT2Model(
             config, quant_config=self.quant_config, parallel=self.parallel, prefix="transformer"
         )
-        tied = self.transformer.wte if config.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, tied_to=tied, parallel=self.parallel,
-            prefix="lm_head",
-        )
+        self.lm_head = self.make_lm_head(self.transformer.wte)
+
+    embedding_name = "transformer.wte"
 
     @property
     def backbone(self) -> nn.Module:
@@ -152,6 +161,11 @@ class GPT2LMHeadModel(CausalLM):
         if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
             return "transformer." + name
         return name
+
+    def split_checkpoint_tensor(self, name: str, tensor: torch.Tensor):
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            return list(zip(("q", "k", "v"), tensor.chunk(3, dim=0)))  # (out, in) after transform
+        return None
 
     def transform_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t().contiguous() if name.endswith(_CONV1D_WEIGHTS) else tensor

@@ -9,13 +9,14 @@ from torch import nn
 from kiln.errors import CheckpointError
 from kiln.layers.activation import SiluAndMul
 from kiln.layers.attention import Attention
-from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kiln.layers.embedding import VocabParallelEmbedding
 from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
 from kiln.models.base import CausalLM, hf_eos_ids, hf_get, hf_rope
 from kiln.models.config import ModelConfig
 from kiln.models.registry import register_model
+from kiln.parallel.pipeline import OtherStage, stage_modules
 from kiln.parallel.state import ParallelState
 from kiln.quant.config import QuantConfig
 
@@ -121,31 +122,45 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack, or one pipeline stage of it (kiln/parallel/pipeline.py)."""
+
     def __init__(
         self, config: ModelConfig, *, quant_config: QuantConfig, parallel: ParallelState,
         prefix: str,
     ) -> None:
         super().__init__()
+        self.parallel = parallel
+        self.hidden_size = config.hidden_size
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, parallel=parallel,
             prefix=f"{prefix}.embed_tokens",
-        )
+        ) if parallel.is_first_stage else OtherStage()
         rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(
+        self.layers, self.stage_layers = stage_modules(
+            parallel, config.num_layers,
+            lambda i: LlamaDecoderLayer(
                 config, i, rotary_emb,
                 quant_config=quant_config, parallel=parallel, prefix=f"{prefix}.layers.{i}",
-            )
-            for i in range(config.num_layers)
+            ),
         )
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = (RMSNorm(config.hidden_size, config.norm_eps) if parallel.is_last_stage
+                     else OtherStage())
 
     def forward(self, input_ids, positions, kv_caches, metadata):
-        hidden, residual = self.embed_tokens(input_ids), None  # (T, H)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        if self.parallel.is_first_stage:
+            hidden, residual = self.embed_tokens(input_ids), None  # (T, H)
+        else:  # the previous stage's hidden and residual streams
+            weight = self.stage_layers[0].input_layernorm.weight
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden, residual = self.parallel.recv_activations(
+                [shape, shape], weight.dtype, weight.device)
+        for layer, kv_cache in zip(self.stage_layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        if not self.parallel.is_last_stage:
+            self.parallel.send_activations([hidden, residual])
+            return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -165,11 +180,9 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(
             config, quant_config=self.quant_config, parallel=self.parallel, prefix="model"
         )
-        tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, tied_to=tied, parallel=self.parallel,
-            prefix="lm_head",
-        )
+        self.lm_head = self.make_lm_head(self.model.embed_tokens)
+
+    embedding_name = "model.embed_tokens"
 
     @property
     def backbone(self) -> nn.Module:

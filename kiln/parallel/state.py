@@ -10,11 +10,20 @@ two engines in one process (a notebook, a test suite, a sweep) each have their o
 
 World size 1 (the default, `SINGLE_PROCESS`) needs no torch.distributed at all: `all_reduce`
 and `all_gather` return their input, so a single-GPU step runs exactly the ops it always did.
+
+Pipeline stages hold contiguous layer ranges (`stage_layers`): the first stage also the
+embedding, the last the final norm and the LM head. A stage that is not the first receives
+its input activations from the previous stage (`recv_activations`), one that is not the last
+sends its output to the next (`send_activations`), inside the model's forward.
+
+`ParallelState.for_slicing` describes a rank's geometry without any process group: the
+builder constructs each rank's model with it to slice the weights (never to run them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -30,6 +39,8 @@ class ParallelState:
     tp_group: Any = field(default=None, compare=False, repr=False)
     # True when initialize() started torch.distributed for this state, so close() ends it.
     owns_process_group: bool = field(default=False, compare=False, repr=False)
+    # Group over which pipeline stages pass activations (None at pp 1); global ranks.
+    pp_group: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("tp_size", "pp_size"):
@@ -60,12 +71,39 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
+    @property
+    def is_driver(self) -> bool:
+        """The rank that samples: tp rank 0 of the last stage."""
+        return self.is_last_stage and self.tp_rank == 0
+
+    @property
+    def last_stage_driver_rank(self) -> int:
+        """Global rank of the sampling rank (tp rank 0 of the last stage)."""
+        return (self.pp_size - 1) * self.tp_size
+
+    def stage_layers(self, num_layers: int) -> range:
+        """This stage's contiguous range of decoder layers: num_layers split as evenly as
+        possible, the first (num_layers % pp) stages one layer more."""
+        return stage_layer_range(num_layers, self.pp_size, self.pp_rank)
+
+    @classmethod
+    def for_slicing(cls, tp_size: int, pp_size: int, rank: int) -> "ParallelState":
+        """Rank `rank`'s geometry with no process group: for building (slicing weights) only;
+        its collectives raise."""
+        pp_rank, tp_rank = divmod(rank, tp_size)
+        return cls(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
+                   tp_group=_NO_GROUP if tp_size > 1 else None,
+                   pp_group=_NO_GROUP if pp_size > 1 else None)
+
     @classmethod
     def initialize(
-        cls, tp_size: int, pp_size: int, rank: int, *, backend: str, init_method: str
+        cls, tp_size: int, pp_size: int, rank: int, *, backend: str, init_method: str,
+        timeout: timedelta | None = None,
     ) -> "ParallelState":
         """Join the torch.distributed world of tp_size * pp_size processes as `rank` and
-        create this rank's tensor-parallel group. Every rank must call it (collective)."""
+        create this rank's tensor-parallel group (and, at pp > 1, the pipeline group). Every
+        rank must call it (collective). `timeout`: how long a collective of these groups
+        waits for a peer before it raises (a dead or hung rank)."""
         import torch.distributed as dist
 
         world_size = tp_size * pp_size
@@ -75,15 +113,18 @@ class ParallelState:
         if owns:
             dist.init_process_group(backend, init_method=init_method, rank=rank,
                                     world_size=world_size)
+        options = {} if timeout is None else {"timeout": timeout}
         tp_group = None
         pp_rank, tp_rank = divmod(rank, tp_size)
         for stage in range(pp_size):
             # new_group is collective over the whole world: every rank creates every group.
-            group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
+            group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)), **options)
             if stage == pp_rank:
                 tp_group = group
+        pp_group = dist.new_group(list(range(world_size)), **options) if pp_size > 1 else None
         return cls(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
-                   tp_group=tp_group if tp_size > 1 else None, owns_process_group=owns)
+                   tp_group=tp_group if tp_size > 1 else None, owns_process_group=owns,
+                   pp_group=pp_group)
 
     def close(self) -> None:
         """End the torch.distributed world this state started (a no-op at world size 1)."""
@@ -92,6 +133,31 @@ class ParallelState:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    # ---- pipeline: activations between stages ---------------------------------------------
+
+    def send_activations(self, tensors: list[torch.Tensor]) -> None:
+        """This stage's output (hidden, and the residual where the model carries one) to
+        the same tp rank of the next stage."""
+        import torch.distributed as dist
+
+        peer = (self.pp_rank + 1) * self.tp_size + self.tp_rank
+        for tensor in tensors:
+            dist.send(tensor.contiguous(), peer, group=self.pp_group)
+
+    def recv_activations(self, shapes: list[tuple[int, ...]], dtype: torch.dtype,
+                         device: torch.device) -> list[torch.Tensor]:
+        """The previous stage's output, as sent by send_activations (shapes agree: every
+        stage builds the same flat batch from the same step message)."""
+        import torch.distributed as dist
+
+        peer = (self.pp_rank - 1) * self.tp_size + self.tp_rank
+        out = []
+        for shape in shapes:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(tensor, peer, group=self.pp_group)
+            out.append(tensor)
+        return out
 
     # ---- collectives over the tensor-parallel group -------------------------------------
 
@@ -114,6 +180,24 @@ class ParallelState:
         pieces = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(pieces, x.contiguous(), group=self.tp_group)
         return torch.cat(pieces, dim=dim)
+
+
+def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    if num_layers < pp_size:
+        raise ValueError(f"{num_layers} layers cannot be split over {pp_size} pipeline stages")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+class _NoProcessGroup:
+    """The group of a build-time state: there is nobody to talk to."""
+
+    def __repr__(self) -> str:
+        return "<no process group: build-time slicing only>"
+
+
+_NO_GROUP = _NoProcessGroup()
 
 
 # One process holding the whole model: what every engine uses until it asks for more.
