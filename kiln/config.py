@@ -113,3 +113,11 @@ class EngineConfig(BaseModel):
     cpu_kv_cache_bytes: int = Field(
         1 << 30, ge=1 << 20, description="KV pool size on the CPU when num_kv_blocks is unset"
     )
+    # Tensor / pipeline parallelism (kiln/parallel/): None = the engine's layout; an engine
+    # runs only with the layout it was built for (`kiln build --tp N --pp M`).
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, le=64, description="tensor-parallel ranks (default: the engine's)"
+    )
+    pipeline_parallel_size: int | None = Field(
+        None, ge=1, le=64, description="pipeline stages (default: the engine's)"
+    )

@@ -124,6 +124,18 @@ class EngineStats:
         return self.step_seconds - self.wait_seconds
 
 
+def _world_size(engine_info: EngineInfo, config: EngineConfig) -> int:
+    """Ranks the engine runs on: its layout's, refused (one line) if the config asks for
+    another (tensor_parallel_size / pipeline_parallel_size None: the engine's)."""
+    layout = engine_info.layout
+    wanted = (config.tensor_parallel_size or layout.tp, config.pipeline_parallel_size or layout.pp)
+    if wanted != (layout.tp, layout.pp):
+        from kiln.parallel.executor import check_layout
+
+        check_layout(engine_info, *wanted)  # raises, naming both layouts
+    return layout.tp * layout.pp
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,10 +170,12 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         eos = engine_info.generation_config.get("eos_token_id")
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
-        # The processes holding slices of the model, and their groups: one process holding
-        # all of it for now (tensor/pipeline parallelism creates more here; close() ends them).
+        # The processes holding slices of the model, and their groups: this one process at
+        # tp × pp = 1; otherwise an executor runs the other ranks (kiln/parallel/executor.py)
+        # and stands where the runner stands. close() ends them.
         self.parallel = SINGLE_PROCESS
-        self.runner = ModelRunner(
+        self.runner = self._start_parallel(engine_info, config) if _world_size(
+            engine_info, config) > 1 else ModelRunner(
             engine_info, self.device, self.dtype, config.block_size, config.num_kv_blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -200,6 +214,8 @@ class LLMEngine:
         self._ids = itertools.count()
         overlap = config.overlap_scheduling
         self.overlap_scheduling = self.device.type == "cuda" if overlap is None else overlap
+        if not getattr(self.runner, "supports_overlap", True):
+            self.overlap_scheduling = False  # parallel steps run synchronously (executor.py)
         # The launched step whose results the next step() collects (overlap scheduling).
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # Live sequences with penalties: while any exists, steps run synchronously.
@@ -208,6 +224,14 @@ class LLMEngine:
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
         self.stats = EngineStats()
         self._closed = False
+
+    def _start_parallel(self, engine_info: EngineInfo, config: EngineConfig):
+        from kiln.parallel.executor import ParallelExecutor
+
+        executor = ParallelExecutor.start(engine_info, config, self.device, self.dtype,
+                                          self.kv_cache_dtype, self.max_model_len)
+        self.parallel = executor.parallel
+        return executor
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":

@@ -73,10 +73,13 @@ def profile_kv_blocks(
     inputs = prepare_inputs(batch, block_size, device)
     torch.cuda.reset_peak_memory_stats(device)
     hidden = model(inputs.input_ids, inputs.positions, scratch_kv, inputs.metadata)
-    logits = model.compute_logits(hidden[:num_rows])  # (rows, V): a full decode batch
-    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
-    rows = [SamplingRow(params=params, prompt_token_ids=(), output_token_ids=()) for _ in range(num_rows)]
-    Sampler()(logits, SamplingMetadata.build(rows, logits.shape[-1], device))
+    logits = None
+    if model.parallel.is_last_stage:  # earlier pipeline stages have no LM head
+        logits = model.compute_logits(hidden[:num_rows])  # (rows, V): a full decode batch
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
+        rows = [SamplingRow(params=params, prompt_token_ids=(), output_token_ids=())
+                for _ in range(num_rows)]
+        Sampler()(logits, SamplingMetadata.build(rows, logits.shape[-1], device))
     torch.cuda.synchronize(device)
     # What the step allocated beyond the scratch cache and its inputs (both freed below).
     scratch_bytes = sum(t.numel() * t.element_size() for t in scratch_kv)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -91,15 +92,19 @@ class ModelRunner:
         cpu_kv_cache_bytes: int = 1 << 30,
         kv_cache_dtype: torch.dtype | None = None,
         parallel: ParallelState = SINGLE_PROCESS,
+        agree_num_kv_blocks: Callable[[int], int] | None = None,
     ) -> None:
         """num_kv_blocks None: on CUDA, size the KV cache with a profiling forward
         (memory_profile.py) to fill gpu_memory_utilization of the device; on the CPU, fill
         cpu_kv_cache_bytes. kv_cache_dtype None: the compute dtype. `parallel`: which slice
-        of the model this process holds (its rank file, its KV heads)."""
+        of the model this process holds (its rank file, its KV heads). `agree_num_kv_blocks`:
+        with several ranks, turns this rank's fit into the one every rank uses (the smallest;
+        kiln/parallel/executor.py)."""
         self.engine_info = engine_info
         self.device = device
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
+        self.parallel = parallel
         started = time.perf_counter()
         self.model = load_engine_model(engine_info, device, dtype, parallel=parallel)
         self.kv_cache_spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
@@ -124,6 +129,8 @@ class ModelRunner:
             num_kv_blocks = self.memory_profile.num_kv_blocks
         elif num_kv_blocks is None:
             num_kv_blocks = cpu_kv_blocks(cpu_kv_cache_bytes, bytes_per_block, max_blocks)
+        if agree_num_kv_blocks is not None:
+            num_kv_blocks = agree_num_kv_blocks(num_kv_blocks)
         self.num_kv_blocks = num_kv_blocks
         started = time.perf_counter()
         self.kv_caches = allocate_kv_caches(self.kv_cache_spec, num_kv_blocks, block_size, device)
@@ -150,7 +157,7 @@ class ModelRunner:
                 self.model, self.kv_caches, self.buffers, block_size, capture_sizes(max_num_seqs)
             )
             self.capture_report = self.graphs.capture()
-        if device.type == "cuda" and not use_reference_kernels():
+        if device.type == "cuda" and not use_reference_kernels() and parallel.is_driver:
             # Compile the temperature-only sampling kernels now rather than in the first
             # step that needs them (a second or two, inside someone's latency): for the
             # eager steps' float32 logits and the graphs' logits in the model dtype.
@@ -202,9 +209,11 @@ class ModelRunner:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
-            if not inputs.logits_request_ids:
+            if not inputs.logits_request_ids or not self.parallel.is_last_stage:
                 return LaunchedStep([], None, None, [], self._record_event(), started)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (L, V) float32
+        if not self.parallel.is_driver:  # a tp peer: it joined the logits' all-gather
+            return LaunchedStep([], None, None, [], self._record_event(), started)
         launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
         return launched

@@ -1,0 +1,149 @@
+"""A rank other than 0: builds its runner, then runs each step rank 0 broadcasts.
+
+    python -m kiln.parallel.worker RANK      spawned by the engine (executor.py); the spec
+                                              comes in KILN_WORKER_SPEC (JSON)
+    run_torchrun_worker(spec, rank, ...)      a torchrun rank > 0 (kiln serve/generate/bench,
+                                              LLM: the same command on every rank)
+
+The loop: receive a message; STEP → decode the SchedulerOutput (msgpack, wire.py), run it;
+the sampling rank (tp rank 0 of the last stage), when it is not rank 0 itself (pp > 1),
+sends the encoded ModelRunnerOutput back to rank 0. SHUTDOWN → leave.
+
+A spawned worker never outlives the engine: the kernel kills it when its parent dies
+(PR_SET_PDEATHSIG, set before exec) and a thread checks the parent too. It ignores Ctrl-C
+(the terminal sends SIGINT to the whole process group; the engine shuts its workers down in
+order) and exits on SIGTERM. Any error — a peer that died or hung past the step timeout, a
+bad message — is printed as one line naming the rank and the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+SPEC_ENV = "KILN_WORKER_SPEC"
+PARENT_ENV = "KILN_WORKER_PARENT_PID"
+# Test hook for the failure tests: "RANK:hang@STEP" makes that rank sleep forever when the
+# given step (1-based) arrives; "RANK:exit@STEP" makes it exit at once (code 3).
+FAULT_ENV = "KILN_TEST_WORKER_FAULT"
+
+
+def serve_steps(world, runner) -> None:
+    """The worker loop, until SHUTDOWN."""
+    from kiln.parallel.launch import SHUTDOWN, STEP, receive_message, send_bytes
+    from kiln.runtime import wire
+
+    parallel = world.parallel
+    sends_results = parallel.is_driver and parallel.rank != 0
+    fault = _fault_for(parallel.rank)
+    steps = 0
+    while True:
+        kind, payload = receive_message(world.control_group)
+        if kind == SHUTDOWN:
+            return
+        if kind != STEP:
+            raise RuntimeError(f"unknown control message kind {kind}")
+        steps += 1
+        if fault is not None and steps == fault[1]:
+            _inject(fault[0])
+        output = runner.execute(wire.decode(payload))
+        if sends_results:
+            send_bytes(wire.encode(output), 0, parallel.pp_group)
+
+
+def run_worker(spec, rank: int, local_rank: int) -> None:
+    from kiln.parallel.launch import device_for, join_world, make_runner
+
+    world = join_world(spec, rank)
+    runner = None
+    try:
+        runner = make_runner(spec, world, device_for(spec, local_rank))
+        serve_steps(world, runner)
+    finally:
+        if runner is not None:
+            runner.close()
+        world.parallel.close()
+
+
+def run_torchrun_worker(spec, rank: int, local_rank: int) -> None:
+    """A torchrun rank > 0: the worker loop, then exit (the process has nothing else to do)."""
+    try:
+        run_worker(spec, rank, local_rank)
+    except Exception as error:  # noqa: BLE001 - one line, then a non-zero exit
+        print(f"kiln worker rank {rank}: {_describe(error)}", file=sys.stderr, flush=True)
+        os._exit(1)
+    sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kiln.parallel.launch import WorkerSpec
+
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(argv[0])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    _exit_with_parent()
+    spec = WorkerSpec.from_json(os.environ[SPEC_ENV])
+    try:
+        run_worker(spec, rank, rank)
+    except BaseException as error:  # noqa: BLE001 - one line, then a non-zero exit
+        print(f"kiln worker rank {rank}: {_describe(error)}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)
+
+
+def set_parent_death_signal() -> None:
+    """Linux: SIGKILL this process when its parent dies (a preexec_fn: runs in the child)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the watcher thread below still ends the worker
+
+
+def _exit_with_parent() -> None:
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != int(parent):
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _fault_for(rank: int) -> tuple[str, int] | None:
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    target, _, action = value.partition(":")
+    kind, _, step = action.partition("@")
+    if int(target) != rank:
+        return None
+    return kind, int(step)
+
+
+def _inject(kind: str) -> None:
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    if kind == "exit":
+        os._exit(3)
+    raise RuntimeError(f"unknown test fault {kind!r}")
+
+
+if __name__ == "__main__":
+    main()
