@@ -32,7 +32,8 @@ def cmd_build(args: argparse.Namespace) -> None:
         hf_config = get_preset(args.source)
     elif args.random_weights and not Path(args.source).exists():
         get_preset(args.source)  # raises with the list of presets
-    summary = build_engine(args.source, args.output, config, hf_config=hf_config, force=args.force)
+    summary = build_engine(args.source, args.output, config, hf_config=hf_config, force=args.force,
+                           tp=args.tp, pp=args.pp)
     print(summary.describe())
 
 
@@ -47,6 +48,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
           f"{c.num_heads} heads / {c.num_kv_heads} KV heads, vocab {c.vocab_size}")
     print(f"build       dtype {m['build']['dtype']}, max_model_len {m['build']['max_model_len']}, "
           f"quant {m['quant']['scheme']}, tp {m['parallel']['tp']} pp {m['parallel']['pp']}")
+    layout = engine.layout
+    if layout.world_size > 1:  # which rank holds what (kiln/parallel/layout.py)
+        from kiln.parallel.state import stage_layer_range
+
+        for rank, file_name in enumerate(layout.rank_files):
+            pp_rank, tp_rank = divmod(rank, layout.tp)
+            layers = stage_layer_range(c.num_layers, layout.pp, pp_rank)
+            print(f"rank {rank:<6d} {file_name}: tp rank {tp_rank}, stage {pp_rank} "
+                  f"(layers {layers.start}-{layers.stop - 1}), "
+                  f"{m['files'][file_name]['bytes'] / 2**20:.1f} MiB")
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"files       {len(m['files'])} files, {total / 2**20:.1f} MiB, all sha256 verified")
     print(f"source      {m['source']['path']}")
@@ -105,6 +116,10 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     build.add_argument("--quant", default="none", metavar="SCHEME",
                        help="quantisation scheme of the weights (none: the --dtype weights)")
+    build.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks: one sliced file per rank (default 1)")
+    build.add_argument("--pp", type=int, default=1,
+                       help="pipeline stages, contiguous layer ranges (default 1)")
     build.add_argument("--force", action="store_true", help="replace an existing output")
     build.set_defaults(func=cmd_build)
 

@@ -33,10 +33,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help=f"fraction of GPU memory for weights + KV cache "
                        f"(default {_DEFAULTS.gpu_memory_utilization})")
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    group.add_argument("--tp", dest="tensor_parallel_size", type=int, default=None,
+                       help="tensor-parallel ranks (default: the engine's; a checkpoint is "
+                       "built for it)")
+    group.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=None,
+                       help="pipeline stages (default: the engine's; a checkpoint is built for it)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "num_kv_blocks", "kv_cache_dtype", "enable_prefix_caching",
-             "gpu_memory_utilization", "device")
+             "gpu_memory_utilization", "device", "tensor_parallel_size", "pipeline_parallel_size")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -43,7 +43,9 @@ class LLM:
         dtype_knob = {"dtype": dtype} if dtype else {}
         build_config = validated(BuildConfig, **dtype_knob)
         engine_config = validated(EngineConfig, **offline_defaults(engine_knobs), **dtype_knob)
-        self.engine_dir = resolve_engine(model, build_config)
+        self.engine_dir = resolve_engine(model, build_config,
+                                         tp=engine_config.tensor_parallel_size,
+                                         pp=engine_config.pipeline_parallel_size)
         self.llm_engine = LLMEngine.from_engine_dir(self.engine_dir, engine_config)
 
     @property

@@ -155,6 +155,8 @@ def build_engine(
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
     quant_config = quant_config_for_build(build_config.quant)
+    if tp < 1 or pp < 1:
+        raise KilnError(f"--tp {tp} --pp {pp}: both must be at least 1")
     if tp * pp > 1:
         from kiln.compiler.sharding import build_sharded_engine
 

@@ -45,8 +45,10 @@ def _source_digest(source: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = None) -> Path:
-    """An engine directory for `model`, building (once) into the cache if needed."""
+def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = None, *,
+                   tp: int | None = None, pp: int | None = None) -> Path:
+    """An engine directory for `model`, building (once) into the cache if needed (split for
+    tp × pp ranks when asked: `kiln build --tp --pp`)."""
     from kiln.compiler.builder import build_engine
 
     if str(model) == DEFAULT_MODEL_ALIAS:
@@ -59,12 +61,14 @@ def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = 
     if (source / MANIFEST).is_file():
         return source
     build_config = build_config or BuildConfig()
+    tp, pp = tp or 1, pp or 1
+    layout = f"|tp{tp}pp{pp}" if tp * pp > 1 else ""  # tp 1 keys stay what they were
     key = hashlib.sha256(
-        f"{_source_digest(source)}|{build_config.model_dump_json()}|{__version__}".encode()
+        f"{_source_digest(source)}|{build_config.model_dump_json()}|{__version__}{layout}".encode()
     ).hexdigest()[:24]
     engine_dir = cache_root() / f"{source.stem}-{key}"
     if not (engine_dir / MANIFEST).is_file():
         print(f"kiln: building {source} into {engine_dir} (once)", file=sys.stderr)
-        summary = build_engine(source, engine_dir, build_config, force=True)
+        summary = build_engine(source, engine_dir, build_config, force=True, tp=tp, pp=pp)
         print(f"kiln: {summary.describe()}", file=sys.stderr)
     return engine_dir

@@ -156,6 +156,9 @@ def device_for(spec: WorkerSpec, local_rank: int) -> torch.device:
     if spec.device_type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    # CPU ranks share the machine's cores: one rank's intra-op threads must not starve the
+    # others at every collective.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
     return torch.device("cpu")
 
 

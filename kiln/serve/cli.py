@@ -39,7 +39,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine_config = validated(EngineConfig, **engine_kwargs(args))
     # Resolve (and build, once) before listening: a missing model fails at once, with the
     # CLI's one-line error, instead of as a server that never gets ready.
-    engine_dir = resolve_engine(args.model)
+    engine_dir = resolve_engine(args.model, tp=engine_config.tensor_parallel_size,
+                                pp=engine_config.pipeline_parallel_size)
+    from kiln.parallel.launch import torchrun_rank
+
+    torchrun = torchrun_rank()
+    if torchrun is not None and torchrun.rank != 0:
+        # Several nodes under torchrun: rank 0 serves HTTP, the others only run their slice.
+        LLMEngine.from_engine_dir(engine_dir, engine_config)  # runs the worker loop; exits
+        return
     model_name = args.served_model_name or args.model
 
     loaded: list[LLMEngine] = []

@@ -1,0 +1,132 @@
+"""The whole engine at tp 2 (and, with -m slow_parallel, pp 2 and tp 2 × pp 2) on gloo gives
+the same tokens as tp 1: chunked prefill, preemption, prefix reuse, abort and n > 1 in one
+run, through the real executor (worker processes spawned by the engine, step messages as
+msgpack bytes). Also: the engine refuses a layout it was not built for, the KV cache is the
+smallest fit of all ranks, and closing the engine leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kiln.compiler.builder import build_engine
+from kiln.config import BuildConfig, EngineConfig
+from kiln.errors import KilnError
+from kiln.runtime.sampling_params import SamplingParams
+from tests.helpers import make_cpu_engine, save_tiny_hf_model, tiny_llama_config
+
+VOCAB = 128
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("parallel-engine")
+    config = tiny_llama_config(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                               tie_word_embeddings=True)
+    save_tiny_hf_model(config, root / "hf")
+    built = {}
+    for tp, pp in [(1, 1), *LAYOUTS]:
+        built[(tp, pp)] = root / f"tp{tp}-pp{pp}"
+        build_engine(root / "hf", built[(tp, pp)], BuildConfig(dtype="float32"), progress=False,
+                     tp=tp, pp=pp)
+    return built
+
+
+def _prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    lengths = [37, 5, 22, 13, 29, 9]
+    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def run_matrix(engine_dir) -> dict:
+    """One engine, every feature: a 24-token budget (prompts of up to 37 tokens are chunked),
+    a 24-block pool (preemption), a prefix shared by two requests run one after the other
+    (reuse), n = 2 seeded sampling, and a request aborted mid-run."""
+    results: dict = {"preemptions": 0}
+    with make_cpu_engine(engine_dir, max_num_batched_tokens=24, num_kv_blocks=24,
+                         max_num_seqs=8) as engine:
+        prompts = _prompts()
+        greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+        for index, prompt in enumerate(prompts):
+            engine.add_request(f"greedy-{index}", {"prompt_token_ids": prompt}, greedy)
+        engine.add_request("sampled", {"prompt_token_ids": prompts[1]},
+                           SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=10,
+                                          ignore_eos=True))
+        engine.add_request("aborted", {"prompt_token_ids": prompts[3]}, greedy)
+        steps = 0
+        while engine.has_unfinished_requests():
+            if steps == 3:
+                assert engine.abort_request("aborted")
+            for output in engine.step():
+                if output.finished:
+                    results[output.request_id] = [c.token_ids for c in output.outputs]
+                    results["preemptions"] += sum(m.num_preemptions for m in output.metrics)
+            steps += 1
+        # Prefix reuse: two prompts sharing 16 tokens (4 blocks), one after the other.
+        for name, tail in (("first", [1, 2, 3]), ("reused", [4, 5, 6, 7])):
+            engine.add_request(name, {"prompt_token_ids": prompts[0][:16] + tail}, greedy)
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[name] = [c.token_ids for c in output.outputs]
+                        results[f"{name}-cached"] = output.metrics[0].num_cached_prompt_tokens
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(engines) -> dict:
+    results = run_matrix(engines[(1, 1)])
+    assert results["preemptions"] > 0 and results["reused-cached"] == 16  # the matrix is exercised
+    assert "aborted" not in results
+    return results
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param(layout, id=f"tp{layout[0]}-pp{layout[1]}",
+                 marks=[] if layout == (2, 1) else [pytest.mark.slow_parallel])
+    for layout in LAYOUTS
+])
+def test_engine_matrix_matches_tp1(engines, reference, layout):
+    assert run_matrix(engines[layout]) == reference
+
+
+def test_layout_mismatch_is_refused_with_the_fix(engines):
+    with pytest.raises(KilnError) as error:
+        make_cpu_engine(engines[(2, 1)], tensor_parallel_size=1)
+    message = str(error.value)
+    assert "is built for tp 2 × pp 1, not tp 1 × pp 1" in message
+    assert "--tp 2 --pp 1" in message
+    with pytest.raises(KilnError, match="built for tp 1 × pp 1, not tp 2 × pp 1"):
+        make_cpu_engine(engines[(1, 1)], tensor_parallel_size=2)
+
+
+def test_kv_cache_is_the_smallest_fit_and_close_leaves_no_worker(engines):
+    # pp 2 over 3 layers: stage 0 holds 2 layers, stage 1 one; the same byte budget fits
+    # twice the blocks on stage 1, and both must use stage 0's count.
+    engine = make_cpu_engine(engines[(1, 2)], cpu_kv_cache_bytes=1 << 20)
+    try:
+        runner = engine.runner
+        spec = runner.kv_cache_spec
+        assert spec.num_layers == 2
+        assert runner.num_kv_blocks == (1 << 20) // spec.bytes_per_block(4)
+        assert engine.scheduler.kv_cache_manager.num_free_blocks == runner.num_kv_blocks - 1
+        pids = [process.pid for process in runner.processes]
+        assert len(pids) == 1
+        assert engine.overlap_scheduling is False
+    finally:
+        engine.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_engine_config_fields():
+    config = EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert (config.tensor_parallel_size, config.pipeline_parallel_size) == (2, 2)
+    with pytest.raises(ValueError):
+        EngineConfig(tensor_parallel_size=0)
