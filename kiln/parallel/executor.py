@@ -20,6 +20,7 @@ broken: close() (the engine's) kills every worker left, so nothing outlives the 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
@@ -160,21 +161,23 @@ class ParallelExecutor:
         self._check_usable()
         deadline = time.monotonic() + self.spec.step_timeout_s
         try:
-            launch.broadcast_message(launch.STEP, wire.encode(scheduler_output),
-                                     self.world.control_group, self._waiter(deadline))
-            return ParallelLaunchedStep(self.runner.execute_async(scheduler_output))
+            with _interrupts_deferred():
+                launch.broadcast_message(launch.STEP, wire.encode(scheduler_output),
+                                         self.world.control_group, self._waiter(deadline))
+                return ParallelLaunchedStep(self.runner.execute_async(scheduler_output))
         except Exception as error:  # noqa: BLE001 - turned into one clear failure
             raise self._fail(error) from None
 
     def collect(self, launched: ParallelLaunchedStep) -> ModelRunnerOutput:
         self._check_usable()
         try:
-            local = self.runner.collect(launched.local)
-            if self._driver == 0:
-                return local
-            deadline = time.monotonic() + self.spec.step_timeout_s
-            payload = launch.receive_bytes(self._driver, self.parallel.pp_group, deadline)
-            return wire.decode(payload)
+            with _interrupts_deferred():
+                local = self.runner.collect(launched.local)
+                if self._driver == 0:
+                    return local
+                deadline = time.monotonic() + self.spec.step_timeout_s
+                payload = launch.receive_bytes(self._driver, self.parallel.pp_group, deadline)
+                return wire.decode(payload)
         except Exception as error:  # noqa: BLE001
             raise self._fail(error) from None
 
@@ -248,6 +251,27 @@ class ParallelExecutor:
         logger.error("parallel engine failed: %s", reason)
         _stop(self.processes, grace=0.0)
         return WorkerFailure(f"tensor/pipeline-parallel engine stopped: {reason}")
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C lands between the ranks' exchanges, not inside one: half a step message on
+    the wire would leave the workers out of step with rank 0 (they would read the shutdown
+    as the rest of the step). Only the main thread can install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: pending.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # default_int_handler raises KeyboardInterrupt
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 def _check_world_size(spec: WorkerSpec, world_size: int) -> None:

@@ -1,0 +1,122 @@
+"""A tp 2 engine whose worker dies (SIGKILL mid-run) or hangs (sleeps forever) stops with one
+clear error within 30 s, and no process is left behind; SIGTERM, SIGKILL or Ctrl-C of the
+engine process take its workers down too.
+
+The engine runs in a child process (tests/parallel/engine_script.py), so the test can signal
+it and watch every process of the group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln.compiler.builder import build_engine
+from kiln.config import BuildConfig
+from tests.helpers import save_tiny_hf_model, tiny_llama_config
+
+SCRIPT = Path(__file__).with_name("engine_script.py")
+DEADLINE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("failing-engine")
+    save_tiny_hf_model(tiny_llama_config(num_attention_heads=4, num_key_value_heads=2), root / "hf")
+    build_engine(root / "hf", root / "tp2", BuildConfig(dtype="float32"), progress=False, tp=2)
+    return root / "tp2"
+
+
+class EngineProcess:
+    """engine_script.py running a long generation; its worker pids once it steps."""
+
+    def __init__(self, engine_dir: Path, **environment: str) -> None:
+        env = {**os.environ, **environment}
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(engine_dir)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.process.stdout.readline()
+        assert line.startswith("WORKERS "), line + self.process.stderr.read()
+        self.worker_pids = [int(pid) for pid in line.split()[1:]]
+        assert self.process.stdout.readline().startswith("STEPPING")
+
+    def wait(self) -> tuple[int, str, float]:
+        """(exit code, stderr, seconds until exit)."""
+        started = time.monotonic()
+        try:
+            _, stderr = self.process.communicate(timeout=DEADLINE_S + 30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.kill_workers()
+            pytest.fail("the engine process did not exit")
+        return self.process.returncode, stderr, time.monotonic() - started
+
+    def kill_workers(self) -> None:
+        for pid in self.worker_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def assert_no_worker_left(self, within_s: float = 10.0) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if not any(_alive(pid) for pid in self.worker_pids):
+                return
+            time.sleep(0.1)
+        self.kill_workers()
+        pytest.fail(f"workers still running: {[p for p in self.worker_pids if _alive(p)]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by a dead parent's successor) holds no memory.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killed_worker_stops_the_engine_with_a_clear_error(engine_dir):
+    engine = EngineProcess(engine_dir)
+    os.kill(engine.worker_pids[0], signal.SIGKILL)
+    code, stderr, seconds = engine.wait()
+    assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
+    assert f"worker rank 1 (pid {engine.worker_pids[0]}) killed by SIGKILL" in stderr, stderr
+    assert "Traceback" not in stderr
+    engine.assert_no_worker_left()
+
+
+def test_hung_worker_stops_the_engine_within_the_step_timeout(engine_dir):
+    engine = EngineProcess(engine_dir, KILN_TEST_WORKER_FAULT="1:hang@4",
+                           KILN_PARALLEL_STEP_TIMEOUT_S="5")
+    code, stderr, seconds = engine.wait()
+    assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
+    assert "a rank did not answer within 5 s" in stderr, stderr
+    engine.assert_no_worker_left()
+
+
+@pytest.mark.parametrize("signal_number", [
+    signal.SIGTERM,
+    pytest.param(signal.SIGKILL, marks=pytest.mark.slow_parallel),
+    pytest.param(signal.SIGINT, marks=pytest.mark.slow_parallel),
+], ids=["sigterm", "sigkill", "ctrl-c"])
+def test_signalled_engine_takes_its_workers_down(engine_dir, signal_number):
+    engine = EngineProcess(engine_dir)
+    engine.process.send_signal(signal_number)
+    code, stderr, seconds = engine.wait()
+    assert seconds < DEADLINE_S
+    if signal_number == signal.SIGINT:  # Ctrl-C: the engine closes its workers in order
+        assert code == 130 and "interrupted" in stderr, stderr
+    engine.assert_no_worker_left()
