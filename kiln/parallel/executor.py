@@ -54,7 +54,7 @@ class WorkerFailure(KilnError):
 
 @dataclass
 class ParallelLaunchedStep:
-    local: object  # rank 0's own LaunchedStep
+    local: object  # rank 0's own LaunchedStep; None: nothing was run (after a failure)
 
 
 def make_spec(engine_info, config, device: torch.device, dtype: torch.dtype,
@@ -158,6 +158,9 @@ class ParallelExecutor:
         return self.collect(self.execute_async(scheduler_output))
 
     def execute_async(self, scheduler_output: SchedulerOutput) -> ParallelLaunchedStep:
+        if self._broken is not None and scheduler_output.is_empty:
+            # Bookkeeping after a failure (aborts, close): nothing to compute, nobody to tell.
+            return ParallelLaunchedStep(None)
         self._check_usable()
         deadline = time.monotonic() + self.spec.step_timeout_s
         try:
@@ -169,6 +172,8 @@ class ParallelExecutor:
             raise self._fail(error) from None
 
     def collect(self, launched: ParallelLaunchedStep) -> ModelRunnerOutput:
+        if launched.local is None:
+            return ModelRunnerOutput(sampled_token_ids={})
         self._check_usable()
         try:
             with _interrupts_deferred():

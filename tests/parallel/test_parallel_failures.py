@@ -120,3 +120,27 @@ def test_signalled_engine_takes_its_workers_down(engine_dir, signal_number):
     if signal_number == signal.SIGINT:  # Ctrl-C: the engine closes its workers in order
         assert code == 130 and "interrupted" in stderr, stderr
     engine.assert_no_worker_left()
+
+
+def test_server_reports_not_ready_after_a_worker_dies(engine_dir):
+    import httpx
+
+    from tests.helpers import make_cpu_engine
+    from tests.serve.conftest import MODEL, serving
+
+    engine = make_cpu_engine(engine_dir)
+    try:
+        with serving(engine) as server, server.client() as http:
+            body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True}
+            assert http.post("/v1/completions", json=body).status_code == 200
+            assert http.get("/ready").status_code == 200
+            os.kill(engine.runner.processes[0].pid, signal.SIGKILL)
+            failed = http.post("/v1/completions", json={**body, "max_tokens": 50})
+            assert failed.status_code >= 500
+            ready = http.get("/ready")
+            assert ready.status_code == 503
+            assert "worker rank 1" in ready.json()["error"]["message"]
+            assert isinstance(ready, httpx.Response)
+    finally:
+        engine.close()
+    assert engine.runner.processes[0].poll() is not None
