@@ -134,6 +134,10 @@ class ParallelState:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
+    def _check_group(self) -> None:
+        if self.tp_group is _NO_GROUP:
+            raise RuntimeError("a build-time ParallelState (for_slicing) cannot run collectives")
+
     # ---- pipeline: activations between stages ---------------------------------------------
 
     def send_activations(self, tensors: list[torch.Tensor]) -> None:
@@ -165,6 +169,7 @@ class ParallelState:
         """Sum over the tensor-parallel group, in place (identity at tp 1)."""
         if self.tp_size == 1:
             return x
+        self._check_group()
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.tp_group)
@@ -175,6 +180,7 @@ class ParallelState:
         (identity at tp 1)."""
         if self.tp_size == 1:
             return x
+        self._check_group()
         import torch.distributed as dist
 
         pieces = [torch.empty_like(x) for _ in range(self.tp_size)]

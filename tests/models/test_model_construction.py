@@ -54,9 +54,29 @@ def test_two_models_keep_their_own_parallel_state():
 
 
 def test_unsupported_splits_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"GPT-2 does not support tensor parallelism yet"):
-        build(GPT2, TP2_RANK1)
-    with pytest.raises(ValueError, match=r"pipeline parallelism \(pp 2\) is not supported yet"):
-        build(LLAMA, ParallelState(pp_rank=0, pp_size=2))
     with pytest.raises(ValueError, match=r"num_attention_heads 4 is not divisible by tp 3"):
         build(LLAMA, ParallelState(tp_rank=0, tp_size=3, tp_group=object()))
+    with pytest.raises(ValueError, match=r"cannot be split over 8 pipeline stages"):
+        build(LLAMA, ParallelState.for_slicing(1, 8, 0))
+
+
+def test_gpt2_splits_its_fused_c_attn_by_heads():
+    sharded = build(GPT2, TP2_RANK1)
+    attention = sharded.transformer.h[0].attn
+    head_dim = GPT2.hidden_size // GPT2.num_heads
+    assert attention.c_attn.weight.shape == (3 * GPT2.num_heads // 2 * head_dim, GPT2.hidden_size)
+    assert attention.attn.num_heads == attention.attn.num_kv_heads == GPT2.num_heads // 2
+
+
+def test_pipeline_stages_hold_contiguous_layers_and_their_ends():
+    from kiln.parallel.pipeline import OtherStage
+
+    first, last = (build(LLAMA, ParallelState.for_slicing(1, 2, rank)) for rank in (0, 1))
+    first_layers = [i for i, m in enumerate(first.model.layers) if not isinstance(m, OtherStage)]
+    last_layers = [i for i, m in enumerate(last.model.layers) if not isinstance(m, OtherStage)]
+    assert first_layers + last_layers == list(range(LLAMA.num_layers))
+    assert isinstance(first.lm_head, OtherStage) and isinstance(first.model.norm, OtherStage)
+    assert isinstance(last.model.embed_tokens, OtherStage)
+    assert isinstance(last.lm_head, ParallelLMHead)
+    # Stage files hold only their own tensors: no name of one stage's is in the other's.
+    assert not set(first.engine_state_dict()) & set(last.engine_state_dict())
