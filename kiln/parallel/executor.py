@@ -293,9 +293,14 @@ def _spawn(spec: WorkerSpec, rank: int) -> subprocess.Popen:
     environment = launch.apply_multicast_off(dict(os.environ))
     environment[SPEC_ENV] = spec.to_json()
     environment[PARENT_ENV] = str(os.getpid())
+    # The kernel's parent-death signal fires when the *thread* that forked exits, so it is
+    # set only from the main thread (kiln serve loads the engine in a pool thread); the
+    # worker's own watcher of its parent process covers every case.
+    main_thread = threading.current_thread() is threading.main_thread()
     return subprocess.Popen(
         [sys.executable, "-m", "kiln.parallel.worker", str(rank)],
-        env=environment, stdin=subprocess.DEVNULL, preexec_fn=set_parent_death_signal,
+        env=environment, stdin=subprocess.DEVNULL,
+        preexec_fn=set_parent_death_signal if main_thread else None,
     )
 
 
