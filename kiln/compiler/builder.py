@@ -5,7 +5,7 @@
       →  cast the compute-dtype tensors to the build dtype (quantised tensors and scales
          keep theirs)  →  write_engine (temp dir, sha256 per file and per 256 MiB chunk, rename)
 
-Builds are one process (tp 1, pp 1); the engine format already holds one file per rank.
+Builds are one process; `--tp`/`--pp` builds write one sliced file per rank (sharding.py).
 
 Every transformation that does not depend on the requests happens here, once.
 """
