@@ -179,7 +179,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
 
-    bench = commands.add_parser("bench", help="benchmarks (JSON to benchmarks/results/)")
+    bench = commands.add_parser("bench", help="benchmarks: throughput, latency, serve (JSON results; "
+                                "--output-dir, $KILN_BENCH_DIR)")
     add_bench_parsers(bench.add_subparsers(dest="bench", required=True), add_engine_args)
     add_serve_parser(commands)
     _use_help_formatter(parser)

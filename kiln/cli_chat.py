@@ -127,8 +127,8 @@ def answer(session: ChatSession, out: TextIO, interactive: bool) -> None:
         out.write(f"[{fitted}]\n")
         return
     if fitted.dropped_turns:
-        turns = "turn" if fitted.dropped_turns == 1 else "turns"
-        out.write(f"[dropped the oldest {fitted.dropped_turns} {turns} to fit the "
+        turns = "turn" if fitted.dropped_turns == 1 else f"{fitted.dropped_turns} turns"
+        out.write(f"[dropped the oldest {turns} to fit the "
                   f"{session.llm.llm_engine.max_model_len}-token context]\n")
     engine = session.llm.llm_engine
     params = dataclasses.replace(session.params, max_tokens=fitted.max_tokens, n=1,
