@@ -124,6 +124,9 @@ def run_generate(llm, prompts: list[Prompt], params, stdout: TextIO, stderr: Tex
     short (by --max-tokens or the context)."""
     engine = llm.llm_engine
     token_ids_only = engine.tokenizer is None
+    if token_ids_only and any(not isinstance(p.engine_prompt, dict) for p in prompts):
+        raise KilnError("this engine has no tokenizer (a --random-weights build?): give the "
+                        "prompt as token ids, e.g. --prompt-token-ids 1,504,3575")
     prepared = []
     for number, prompt in enumerate(prompts, 1):
         engine_prompt = prompt.engine_prompt
