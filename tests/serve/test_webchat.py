@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -243,3 +244,17 @@ def test_page_works_opened_with_credentials_in_the_url(browser, server, tmp_path
     assert errors == 0 and "Paris" in answer
     assert not watch.problems, watch.problems
     server.wait_idle()
+
+
+def test_without_chromium_these_tests_skip_naming_the_command_and_ci_fails(monkeypatch):
+    """The README's test command on a machine without Chromium skips (saying how to get it);
+    .ci/run, which installs it, sets KILN_REQUIRE_BROWSER=1 and so fails on that skip."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("KILN_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        chromium_or_skip()
+    monkeypatch.setenv("KILN_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install chromium.*KILN_REQUIRE_BROWSER=1"):
+        chromium_or_skip()
+    ci_run = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert 'KILN_REQUIRE_BROWSER=1 bash -c "$test_command"' in ci_run
