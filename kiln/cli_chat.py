@@ -136,7 +136,7 @@ def answer(session: ChatSession, out: TextIO, interactive: bool) -> None:
     request_id = engine.add_request(None, {"prompt_token_ids": fitted.token_ids}, params)
     out.write("kiln> ")
     out.flush()
-    text, finish_reason, num_tokens = "", None, 0
+    text, finish_reason = "", None
     with _Interrupt() as interrupt:
         while engine.has_unfinished_requests():
             if interrupt.hit and finish_reason is None:
@@ -149,8 +149,7 @@ def answer(session: ChatSession, out: TextIO, interactive: bool) -> None:
                 out.write(completion.delta_text)
                 if interactive:
                     out.flush()
-                text, finish_reason, num_tokens = (completion.text, completion.finish_reason,
-                                                   len(completion.token_ids))
+                text, finish_reason = completion.text, completion.finish_reason
     out.write("\n")
     if finish_reason == "abort":
         out.write("[stopped]\n")
