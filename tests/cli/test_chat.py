@@ -144,3 +144,40 @@ def test_no_tokenizer_is_one_line(tiny_engine):
         assert "--prompt-token-ids" in str(error)
     else:
         raise AssertionError("a chat on an engine without a tokenizer must be refused")
+
+
+def test_ctrl_c_keeps_the_conversation(smollm2_engine, shared_llms, monkeypatch):
+    """In-process, with Ctrl-C simulated after a few engine steps: the answer stops where it
+    got to, stays in the conversation, the engine is idle, and the next turn is answered."""
+    from kiln import cli_chat
+    from kiln.entrypoints import LLM
+
+    class CtrlCAfterFourSteps(cli_chat._Interrupt):
+        checks = 0
+
+        @property
+        def hit(self) -> bool:
+            CtrlCAfterFourSteps.checks += 1
+            return CtrlCAfterFourSteps.checks > 4
+
+        @hit.setter
+        def hit(self, value) -> None:
+            pass
+
+    llm = LLM(smollm2_engine, device="cpu", max_model_len=512)
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=200))
+    session.turns.append({"role": "user", "content": "Write a long story about a dragon."})
+    real_interrupt = cli_chat._Interrupt
+    monkeypatch.setattr(cli_chat, "_Interrupt", CtrlCAfterFourSteps)
+    out = io.StringIO()
+    cli_chat.answer(session, out, interactive=False)
+    assert "[stopped]" in out.getvalue()
+    assert not llm.llm_engine.has_unfinished_requests()
+    stopped = session.turns[-1]
+    assert stopped["role"] == "assistant" and 0 < len(stopped["content"]) < 100
+    monkeypatch.setattr(cli_chat, "_Interrupt", real_interrupt)
+    session.turns.append({"role": "user", "content": "What is the capital of France?"})
+    out = io.StringIO()
+    cli_chat.answer(session, out, interactive=False)
+    assert "Paris" in out.getvalue() and "[stopped]" not in out.getvalue()
+    assert [t["role"] for t in session.turns] == ["user", "assistant", "user", "assistant"]
