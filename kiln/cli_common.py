@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from kiln.config import OFFLINE_GPU_DEFAULTS, EngineConfig
+from kiln.errors import KilnError
 
 # Flags left unset stay out of engine_kwargs, so EngineConfig's own defaults (shown in the
 # help) apply: the CLI never restates a default.
@@ -32,15 +34,35 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help=f"fraction of GPU memory for weights + KV cache "
                        f"(default {_DEFAULTS.gpu_memory_utilization})")
+<<<<<<< HEAD
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     group.add_argument("--tp", dest="tensor_parallel_size", type=int, default=None,
                        help="tensor-parallel ranks (default: the engine's; a checkpoint is "
                        "built for it)")
     group.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=None,
                        help="pipeline stages (default: the engine's; a checkpoint is built for it)")
+=======
+    group.add_argument("--device", default=None,
+                       help="cuda, cuda:N or cpu (default: cuda if available)")
+
+
+# The devices kiln runs on; anything else (tpu, mps, a typo) is refused with one line here,
+# before torch.device() would raise its own list of every device type torch knows.
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    if not _DEVICE.fullmatch(device):
+        raise KilnError(f"--device {device!r} is not a device kiln runs on: use cuda, cuda:N "
+                        f"(a GPU index) or cpu")
+    return device
+>>>>>>> main
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine flags the user set, checked where the CLI can do better than the engine."""
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
     names = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "num_kv_blocks", "kv_cache_dtype", "enable_prefix_caching",
              "gpu_memory_utilization", "device", "tensor_parallel_size", "pipeline_parallel_size")

@@ -47,6 +47,11 @@ class LLM:
                                          tp=engine_config.tensor_parallel_size,
                                          pp=engine_config.pipeline_parallel_size)
         self.llm_engine = LLMEngine.from_engine_dir(self.engine_dir, engine_config)
+        if self.llm_engine.tokenizer is not None:
+            # kiln checks prompt lengths against max_model_len itself, with its own message:
+            # transformers' "Token indices sequence length is longer than..." warning would
+            # come first and contradict it (it knows only the model's trained length).
+            self.llm_engine.tokenizer.model_max_length = sys.maxsize
 
     @property
     def tokenizer(self):
@@ -151,26 +156,10 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
-def interactive_chat(llm: LLM, params: SamplingParams, stdin=None, stdout=None) -> None:
-    """A terminal chat that streams each answer as it is generated. Empty line or EOF ends."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    history: list[dict] = []
-    engine = llm.llm_engine
-    while True:
-        stdout.write("you> ")
-        stdout.flush()
-        line = stdin.readline()
-        if not line or not line.strip():
-            break
-        history.append({"role": "user", "content": line.rstrip("\n")})
-        request_id = engine.add_request(None, {"prompt_token_ids": llm.chat_token_ids(history)}, params)
-        stdout.write("kiln> ")
-        answer = ""
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.request_id == request_id:
-                    stdout.write(output.outputs[0].delta_text)
-                    stdout.flush()
-                    answer = output.outputs[0].text
-        stdout.write("\n")
-        history.append({"role": "assistant", "content": answer})
+def interactive_chat(llm: LLM, params: SamplingParams, stdin=None, stdout=None,
+                     model_name: str = "") -> None:
+    """`kiln chat`: a terminal chat that streams each answer (kiln/cli_chat.py has the
+    commands, Ctrl-C/Ctrl-D handling and fitting the history to the context). EOF ends."""
+    from kiln.cli_chat import run_chat
+
+    run_chat(llm, params, stdin=stdin, stdout=stdout, model_name=model_name)

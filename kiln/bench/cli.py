@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from kiln.bench.results import DEFAULT_DIR_HELP
 from kiln.cli_common import engine_kwargs
 from kiln.errors import KilnError
 
 
+def positive_int(text: str) -> int:
+    """An argparse type refusing counts below 1 up front (argparse names the flag): a
+    benchmark of zero prompts would otherwise load the model and fail at the end."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from kiln.bench.datasets import load_requests, sample_sharegpt, save_requests, synthetic_requests
+    from kiln.bench.progress import Progress
     from kiln.bench.serving import local_tokenizer
     from kiln.bench.results import write_result
     from kiln.bench.throughput import length_stats, run_batched, run_sequential
@@ -32,11 +46,18 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
         )
     if args.save_dataset:
         print(f"saved {len(requests)} requests to {save_requests(requests, args.save_dataset)}")
-    metrics = {f"batched_{k}": v for k, v in run_batched(engine, requests).items()}
+    if not requests:
+        raise KilnError(f"no requests to run: the {args.dataset} dataset gave none")
+    total_output = sum(r.output_len for r in requests)
+    with Progress(total_output, "throughput, batched", "tok") as progress:
+        batched = run_batched(engine, requests, progress)
+    metrics = {f"batched_{k}": v for k, v in batched.items()}
     metrics["output_tok_s"] = metrics["batched_output_tok_s"]
     metrics["requests_s"] = metrics["batched_requests_s"]
     if args.sequential_baseline:
-        metrics.update({f"sequential_{k}": v for k, v in run_sequential(engine, requests).items()})
+        with Progress(len(requests), "throughput, one at a time", "req") as progress:
+            sequential = run_sequential(engine, requests, progress)
+        metrics.update({f"sequential_{k}": v for k, v in sequential.items()})
         metrics["batched_over_sequential"] = metrics["output_tok_s"] / metrics["sequential_output_tok_s"]
     config = {
         "dataset": args.dataset, **length_stats(requests), "seed": args.seed,
@@ -58,6 +79,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     import torch
 
     from kiln.bench import latency
+    from kiln.bench.progress import Progress
     from kiln.bench.results import write_result
     from kiln.entrypoints import LLM
 
@@ -93,8 +115,12 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     if cuda:
         metrics["copy_bandwidth_gb_s"] = latency.measure_copy_bandwidth(engine.device) / 1e9
         metrics["bf16_matmul_tflop_s"] = latency.measure_matmul_peak(engine.device, torch.bfloat16) / 1e12
+    ttft_lens = [n for n in args.ttft_lens if n + 1 <= engine.max_model_len]
+    batch_sizes = [b for b in args.batch_sizes if b <= engine.config.max_num_seqs]
+    progress = Progress(1 + len(ttft_lens) + len(batch_sizes), "latency", "measurement")
     latency.decode_speed(engine, 1, args.prompt_len, 16)  # warm-up
     bs1 = latency.decode_speed(engine, 1, args.prompt_len, args.new_tokens)
+    progress.update()
     metrics["bs1_decode_tok_s"] = bs1["decode_tok_s"]
     for name in ("step_ms_mean", "cpu_ms_per_step", "gpu_ms_per_step"):
         metrics[f"bs1_{name}"] = bs1[name]
@@ -104,21 +130,20 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         bytes_per_s = weight_bytes * bs1["decode_tok_s"]
         metrics["bs1_pct_of_copy_bandwidth"] = 100 * bytes_per_s / (metrics["copy_bandwidth_gb_s"] * 1e9)
         metrics["bs1_roofline_tok_s"] = metrics["copy_bandwidth_gb_s"] * 1e9 / weight_bytes
-    for prompt_len in args.ttft_lens:
-        if prompt_len + 1 > engine.max_model_len:
-            continue
+    for prompt_len in ttft_lens:
         seconds = latency.time_to_first_token(engine, prompt_len)
+        progress.update()
         metrics[f"ttft_ms_{prompt_len}"] = seconds * 1e3
         metrics[f"prefill_tflop_s_{prompt_len}"] = latency.prefill_flops(engine, prompt_len) / seconds / 1e12
     curve = []
-    for batch_size in args.batch_sizes:
-        if batch_size > engine.config.max_num_seqs:
-            continue
+    for batch_size in batch_sizes:
         point = latency.decode_speed(engine, batch_size, args.prompt_len, args.batch_new_tokens)
+        progress.update()
         curve.append(point)
         metrics[f"decode_tok_s_bs{batch_size}"] = point["decode_tok_s"]
         metrics[f"cpu_ms_per_step_bs{batch_size}"] = point["cpu_ms_per_step"]
         metrics[f"gpu_ms_per_step_bs{batch_size}"] = point["gpu_ms_per_step"]
+    progress.close()
     path = write_result(
         "latency", device=engine.device, model=str(args.model),
         dtype=str(engine.dtype).removeprefix("torch."), config=config, metrics=metrics,
@@ -151,27 +176,29 @@ def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParse
     throughput.add_argument("model", nargs="?", default="smollm2")
     throughput.add_argument("--dataset", choices=("sharegpt", "random", "file"), default="sharegpt")
     add_dataset_file_args(throughput)
-    throughput.add_argument("--num-prompts", type=int, default=64)
-    throughput.add_argument("--input-len", type=int, default=128, help="random dataset only")
-    throughput.add_argument("--output-len", type=int, default=128, help="random dataset only")
+    throughput.add_argument("--num-prompts", type=positive_int, default=64)
+    throughput.add_argument("--input-len", type=positive_int, default=128,
+                            help="random dataset only")
+    throughput.add_argument("--output-len", type=positive_int, default=128,
+                            help="random dataset only")
     throughput.add_argument("--seed", type=int, default=0)
     throughput.add_argument("--sequential-baseline", action="store_true",
                             help="also run the requests one at a time and report the ratio")
-    throughput.add_argument("--output-dir", default="benchmarks/results")
+    throughput.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)
     add_engine_args(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
 
     latency = benches.add_parser("latency", help="batch-1 decode, TTFT, decode vs batch size")
     latency.add_argument("model", nargs="?", default="smollm2")
-    latency.add_argument("--prompt-len", type=int, default=5)
-    latency.add_argument("--new-tokens", type=int, default=200)
+    latency.add_argument("--prompt-len", type=positive_int, default=5)
+    latency.add_argument("--new-tokens", type=positive_int, default=200)
     latency.add_argument("--ttft-lens", type=int, nargs="*", default=[128, 512, 2048, 8192])
     latency.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    latency.add_argument("--batch-new-tokens", type=int, default=64)
+    latency.add_argument("--batch-new-tokens", type=positive_int, default=64)
     latency.add_argument("--plot", action="store_true", help="write a PNG of decode tok/s vs batch")
     latency.add_argument("--hf-peer", action="store_true",
                          help="also measure transformers (static cache) at batch 1, same run")
-    latency.add_argument("--output-dir", default="benchmarks/results")
+    latency.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)
     add_engine_args(latency)
     latency.set_defaults(func=cmd_bench_latency)
 

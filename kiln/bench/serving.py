@@ -34,6 +34,7 @@ from kiln.bench.datasets import (
     save_requests,
     synthetic_requests,
 )
+from kiln.bench.progress import Progress
 from kiln.errors import KilnError
 
 PERCENTILES = (50, 90, 99)
@@ -102,9 +103,10 @@ async def send_one(client: httpx.AsyncClient, model: str, request: BenchRequest)
 
 
 async def run_point(base_url: str, headers: dict, model: str, requests: list[BenchRequest],
-                    request_rate: float | None, concurrency: int | None, seed: int) -> tuple[list[RequestResult], float]:
+                    request_rate: float | None, concurrency: int | None, seed: int,
+                    progress: Progress | None = None) -> tuple[list[RequestResult], float]:
     """One load point: Poisson arrivals at `request_rate` (inf = all at once), or
-    `concurrency` requests in flight at all times."""
+    `concurrency` requests in flight at all times. `progress` advances per answered request."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(3600, connect=30)) as client:
@@ -117,13 +119,18 @@ async def run_point(base_url: str, headers: dict, model: str, requests: list[Ben
             async def worker() -> None:
                 while queue:
                     results.append(await send_one(client, model, queue.pop()))
+                    if progress is not None:
+                        progress.update()
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
             rng = random.Random(seed)
             tasks = []
             for request in requests:
-                tasks.append(asyncio.create_task(send_one(client, model, request)))
+                task = asyncio.create_task(send_one(client, model, request))
+                if progress is not None:
+                    task.add_done_callback(lambda _: progress.update())
+                tasks.append(task)
                 if request_rate is not None and math.isfinite(request_rate):
                     await asyncio.sleep(rng.expovariate(request_rate))
             results = list(await asyncio.gather(*tasks))
@@ -241,8 +248,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         loads = [("rate", float("inf"), None)]
     points = []
     for kind, rate, concurrency in loads:
-        results, duration = asyncio.run(run_point(args.base_url, headers, model, requests, rate,
-                                                  concurrency, args.seed))
+        with Progress(len(requests), f"serve bench, {kind} {rate if kind == 'rate' else concurrency}",
+                      "req") as progress:
+            results, duration = asyncio.run(run_point(args.base_url, headers, model, requests, rate,
+                                                      concurrency, args.seed, progress))
         metrics = summarise(results, duration)
         label = f"rate_{rate:g}" if kind == "rate" else f"concurrency_{concurrency}"
         points.append({"label": label, "request_rate": rate, "concurrency": concurrency, "metrics": metrics})
@@ -274,7 +283,10 @@ def add_bench_serve_parser(benches: argparse._SubParsersAction) -> argparse.Argu
     serve.add_argument("--api-key", default=None, help="or set KILN_API_KEY")
     serve.add_argument("--model", default=None, help="model id to send (default: the server's)")
     serve.add_argument("--dataset", choices=("sharegpt", "random", "file"), default="sharegpt")
-    serve.add_argument("--num-prompts", type=int, default=200)
+    from kiln.bench.cli import add_dataset_file_args, positive_int
+    from kiln.bench.results import DEFAULT_DIR_HELP
+
+    serve.add_argument("--num-prompts", type=positive_int, default=200)
     serve.add_argument("--request-rate", type=float, nargs="*", default=None,
                        help="Poisson arrival rates in req/s to sweep (inf = all at once)")
     serve.add_argument("--concurrency", type=int, nargs="*", default=None,
@@ -284,11 +296,10 @@ def add_bench_serve_parser(benches: argparse._SubParsersAction) -> argparse.Argu
     serve.add_argument("--vocab-size", type=int, default=32000, help="random dataset only")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="ShareGPT length filter (default: the server's max_model_len)")
-    from kiln.bench.cli import add_dataset_file_args
 
     add_dataset_file_args(serve)
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--plot", action="store_true", help="write a latency-vs-rate PNG beside the JSON")
-    serve.add_argument("--output-dir", default="benchmarks/results")
+    serve.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)
     serve.set_defaults(func=cmd_bench_serve)
     return serve

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from kiln.bench.datasets import BenchRequest
+from kiln.bench.progress import Progress
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -33,7 +34,8 @@ def _triton_cache_entries() -> int:
     return sum(1 for _ in directory.iterdir()) if directory.is_dir() else 0
 
 
-def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
+def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progress | None = None) -> dict:
+    """All requests at once; `progress` (if any) advances by each finished request's tokens."""
     stats_before = dataclasses.replace(engine.stats)
     cache_entries_before = _triton_cache_entries()
     runner = engine.runner
@@ -49,6 +51,8 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
             if output.finished:
                 output_tokens += len(output.outputs[0].token_ids)
                 preemptions += sum(m.num_preemptions for m in output.metrics)
+                if progress is not None:
+                    progress.update(len(output.outputs[0].token_ids))
         steps += 1
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
@@ -76,7 +80,8 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
     }
 
 
-def run_sequential(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
+def run_sequential(engine: LLMEngine, requests: list[BenchRequest], progress: Progress | None = None) -> dict:
+    """One request at a time; `progress` (if any) advances by one per finished request."""
     started = time.perf_counter()
     output_tokens = 0
     for request in requests:
@@ -85,6 +90,8 @@ def run_sequential(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
             for output in engine.step():
                 if output.finished:
                     output_tokens += len(output.outputs[0].token_ids)
+        if progress is not None:
+            progress.update(1)
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,

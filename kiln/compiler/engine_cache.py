@@ -45,6 +45,16 @@ def _source_digest(source: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_is_model(source: Path) -> None:
+    """Refuse, before "building … (once)" is printed, a path that cannot be a model."""
+    if source.is_dir() and not (source / "config.json").is_file():
+        raise KilnError(f"{source} is not a model: a kiln engine has {MANIFEST}, a Hugging "
+                        f"Face model directory has config.json; this directory has neither")
+    if source.is_file() and source.suffix.lower() != ".gguf":
+        raise KilnError(f"{source} is not a model: pass an engine directory, a Hugging Face "
+                        f"model directory or a .gguf file")
+
+
 def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = None, *,
                    tp: int | None = None, pp: int | None = None) -> Path:
     """An engine directory for `model`, building (once) into the cache if needed (split for
@@ -60,6 +70,7 @@ def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = 
         raise KilnError(f"model {str(model)!r} not found (an engine dir, HF dir or .gguf file)")
     if (source / MANIFEST).is_file():
         return source
+    _check_is_model(source)
     build_config = build_config or BuildConfig()
     tp, pp = tp or 1, pp or 1
     layout = f"|tp{tp}pp{pp}" if tp * pp > 1 else ""  # tp 1 keys stay what they were

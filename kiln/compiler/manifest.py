@@ -173,6 +173,9 @@ def write_engine(
     try:
         for weights, file_name in zip(rank_weights, layout.rank_files):
             save_file(weights, staging / file_name, metadata={"format": "pt"})
+            # safetensors writes through a private temp file (0600): give the weights the
+            # mode every other engine file gets from the umask.
+            os.chmod(staging / file_name, _umask_file_mode())
         if save_tokenizer is not None:
             save_tokenizer(staging / TOKENIZER_DIR)
         files = {}
@@ -206,6 +209,12 @@ def write_engine(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _umask_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def read_manifest(engine_dir: Path) -> dict:
