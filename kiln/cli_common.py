@@ -34,16 +34,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help=f"fraction of GPU memory for weights + KV cache "
                        f"(default {_DEFAULTS.gpu_memory_utilization})")
-<<<<<<< HEAD
-    group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    group.add_argument("--device", default=None,
+                       help="cuda, cuda:N or cpu (default: cuda if available)")
     group.add_argument("--tp", dest="tensor_parallel_size", type=int, default=None,
                        help="tensor-parallel ranks (default: the engine's; a checkpoint is "
                        "built for it)")
     group.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=None,
                        help="pipeline stages (default: the engine's; a checkpoint is built for it)")
-=======
-    group.add_argument("--device", default=None,
-                       help="cuda, cuda:N or cpu (default: cuda if available)")
+
 
 
 # The devices kiln runs on; anything else (tpu, mps, a typo) is refused with one line here,
@@ -56,7 +54,6 @@ def check_device(device: str) -> str:
         raise KilnError(f"--device {device!r} is not a device kiln runs on: use cuda, cuda:N "
                         f"(a GPU index) or cpu")
     return device
->>>>>>> main
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
