@@ -43,7 +43,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="pipeline stages (default: the engine's; a checkpoint is built for it)")
 
 
-
 # The devices kiln runs on; anything else (tpu, mps, a typo) is refused with one line here,
 # before torch.device() would raise its own list of every device type torch knows.
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
