@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kiln.compiler.builder import build_engine
 from kiln.config import BuildConfig
 from tests.helpers import save_tiny_hf_model, tiny_llama_config
@@ -67,3 +69,53 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
     printed = [stdout for _, stdout, _ in results if "TOKENS " in stdout]
     assert len(printed) == 1  # only rank 0 is the engine
     assert _tokens(printed[0]) == expected
+
+
+@pytest.mark.slow_parallel
+def test_kiln_serve_under_torchrun(tmp_path):
+    """Rank 0 serves HTTP, rank 1 runs its slice; SIGTERM ends both launches."""
+    import signal
+    import time
+
+    import httpx
+
+    save_tiny_hf_model(tiny_llama_config(num_attention_heads=4, num_key_value_heads=2),
+                       tmp_path / "hf")
+    build_engine(tmp_path / "hf", tmp_path / "tp2", BuildConfig(dtype="float32"),
+                 progress=False, tp=2)
+    port, endpoint = _free_port(), f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+             "--rdzv-id", "kiln-serve-test", "--max-restarts", "0", "-m", "kiln.cli", "serve",
+             str(tmp_path / "tp2"), "--device", "cpu", "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for _ in range(2)
+    ]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        body = {"model": str(tmp_path / "tp2"), "prompt": [1, 2, 3, 4], "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True}
+        response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 8
+        # SIGTERM to both launches (their agents pass it on): every process ends.
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        for node in nodes:
+            node.wait(timeout=60)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
