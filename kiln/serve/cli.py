@@ -45,8 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     torchrun = torchrun_rank()
     if torchrun is not None and torchrun.rank != 0:
-        # Several nodes under torchrun: rank 0 serves HTTP, the others only run their slice.
-        LLMEngine.from_engine_dir(engine_dir, engine_config)  # runs the worker loop; exits
+        # A sharded engine under torchrun: rank 0 serves HTTP, the others only run their
+        # slice (the engine's constructor runs the worker loop, then exits the process).
+        LLMEngine.from_engine_dir(engine_dir, engine_config)
         return
     model_name = args.served_model_name or args.model
 
