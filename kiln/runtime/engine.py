@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,9 @@ from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from kiln.spec.config import SpeculativeConfig
 
 PromptType = str | list[int] | dict
 
@@ -137,7 +141,17 @@ class LLMEngine:
     """One engine loop over one engine directory. Closing it (`close()`, or leaving a `with`
     block) frees its device memory, so a process may build engines one after another."""
 
-    def __init__(self, engine_info: EngineInfo, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        engine_info: EngineInfo,
+        config: EngineConfig | None = None,
+        speculative_config: "SpeculativeConfig | dict | None" = None,
+    ) -> None:
+        """speculative_config: vLLM's dict shape or a kiln.spec SpeculativeConfig (None:
+        no speculative decoding); validated before anything is loaded."""
+        from kiln.spec.config import SpeculativeConfig
+
+        speculative_config = SpeculativeConfig.from_dict(speculative_config)
         self.config = config = config or EngineConfig()
         self.engine_info = engine_info
         self.model_config = engine_info.model_config
@@ -161,6 +175,16 @@ class LLMEngine:
         # The processes holding slices of the model, and their groups: one process holding
         # all of it for now (tensor/pipeline parallelism creates more here; close() ends them).
         self.parallel = SINGLE_PROCESS
+        # Speculative decoding's proposer: a draft engine is loaded (and its KV cache sized)
+        # before the target's runner, whose memory profile then counts it as in use.
+        self.speculator = None
+        if speculative_config is not None:
+            from kiln.spec.factory import build_speculator
+
+            self.speculator = build_speculator(
+                speculative_config, engine_info, engine_config=config, device=self.device,
+                dtype=self.dtype, max_model_len=self.max_model_len,
+            )
         self.runner = ModelRunner(
             engine_info, self.device, self.dtype, config.block_size, config.num_kv_blocks,
             max_num_seqs=config.max_num_seqs,
@@ -210,12 +234,14 @@ class LLMEngine:
         self._closed = False
 
     @classmethod
-    def from_engine_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+    def from_engine_dir(
+        cls, path: str | Path, config: EngineConfig | None = None, speculative_config=None
+    ) -> "LLMEngine":
         config = config or EngineConfig()
         started = time.perf_counter()
         info = open_engine(path, verify_hashes=config.verify_hashes)
         opened = time.perf_counter() - started
-        engine = cls(info, config)
+        engine = cls(info, config, speculative_config)
         engine.startup.open_seconds = opened
         logger.info("%s", engine.startup.describe())
         if engine.device.type == "cuda":
@@ -249,6 +275,8 @@ class LLMEngine:
             self._in_flight = None
         self.abort_all()
         self.runner.close()
+        if self.speculator is not None:
+            self.speculator.close()
         self.parallel.close()
         # Objects frozen at start-up (from_engine_dir) are invisible to the collector; the
         # model's reference cycles (parameters holding bound weight loaders) need it.
@@ -386,6 +414,8 @@ class LLMEngine:
             self._num_penalised_sequences -= len(user_request.sequences)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.drop([s.request.request_id for s in user_request.sequences])
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -404,11 +434,21 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         previous, self._in_flight = self._in_flight, None
-        overlap = self.overlap_scheduling and self._num_penalised_sequences == 0
+        speculator = self.speculator
+        running = self.scheduler.running_requests if speculator is not None else ()
+        # Proposals continue a request's last token, which the host must know: a step with
+        # any runs synchronously (see DESIGN.md, "Speculative decoding").
+        speculate = bool(running) and speculator.wants_to_speculate(running)
+        overlap = (self.overlap_scheduling and self._num_penalised_sequences == 0
+                   and not speculate)
         if previous is not None and not overlap:
-            # Penalties arrived: finish the step in flight before scheduling the next.
+            # Penalties or proposals: finish the step in flight before scheduling the next.
             return self._finish_step(*previous)
+        if speculate:
+            speculator.propose(running)
         scheduler_output = self.scheduler.schedule()
+        if speculator is not None:
+            speculator.step_launched()
         launched = self.runner.execute_async(scheduler_output)
         if not overlap:
             return self._finish_step(scheduler_output, launched)
@@ -421,6 +461,8 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         runner_output = self.runner.collect(launched)
         changed = self.scheduler.update(scheduler_output, runner_output)
+        if self.speculator is not None:
+            self.speculator.record(scheduler_output, runner_output)
         touched: dict[str, _UserRequest] = {}
         for request in changed:
             user_request = self._sequence_owner.get(request.request_id)

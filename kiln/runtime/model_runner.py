@@ -55,8 +55,10 @@ from kiln.runtime.sampler import (
     Sampler,
     SamplingMetadata,
     SamplingRow,
+    VerifyRows,
     to_token_logprobs,
 )
+from kiln.spec.rejection import emitted_tokens
 
 
 @dataclass
@@ -73,6 +75,9 @@ class LaunchedStep:
     graphed: bool = False  # a decode step replayed from a CUDA graph
     # Requests whose rows verify speculative tokens: request id → the proposed tokens.
     verified: dict[str, list[int]] = field(default_factory=dict)
+    # Of those, the random (not greedy) ones, verified by rejection sampling: their logits
+    # rows hold the emitted tokens, then NO_TOKEN.
+    rejection_sampled: set[str] = field(default_factory=set)
 
 
 class ModelRunner:
@@ -179,6 +184,27 @@ class ModelRunner:
             return None
         return self.graphs.size_for(len(rows))
 
+    @torch.inference_mode()
+    def forward_rows(
+        self, rows: list[BatchRow], feed_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The logits (L, V) of rows built by the caller, not a step message: the draft
+        model's forwards (kiln/spec/draft.py), which keep their own block tables.
+        feed_token_ids (len(rows),) on the device replaces the ids of one-token rows (the
+        previous draft step's argmax, never copied to the host). A decode-only batch replays
+        a CUDA graph; its logits are a view the next replay overwrites. None when no row
+        asks for logits."""
+        graph_size = self._graph_size(rows)
+        inputs = self.buffers.prepare(rows, self.block_size, pad_to=graph_size)
+        if feed_token_ids is not None:
+            inputs.input_ids[: len(rows)].copy_(feed_token_ids)
+        if graph_size is not None:
+            return self.graphs.replay(graph_size)[: inputs.num_seqs]
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        if not inputs.logits_request_ids:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.execute_async(scheduler_output))
 
@@ -240,7 +266,10 @@ class ModelRunner:
             if record is not None:
                 records.setdefault(rid, []).append(record)
         for rid, proposed in step.verified.items():
-            sampled[rid] = accept_matching(proposed, sampled[rid])
+            if rid in step.rejection_sampled:
+                sampled[rid] = emitted_tokens(sampled[rid])
+            else:
+                sampled[rid] = accept_matching(proposed, sampled[rid])
             if rid in records:
                 del records[rid][len(sampled[rid]):]
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=records)
@@ -285,6 +314,9 @@ class ModelRunner:
     ) -> LaunchedStep:
         sampling_rows = []
         verified: dict[str, list[int]] = {}
+        # Random verify rows: (first logits row, proposals, generator) for rejection sampling.
+        rejection: list[tuple[int, list[int], torch.Generator | None]] = []
+        rejection_ids: set[str] = set()
         for row in rows:
             if not row.logits_offsets:
                 continue
@@ -302,6 +334,9 @@ class ModelRunner:
             # A verify row: after the i-th proposed token, the outputs include the first i.
             proposed = row.token_ids[len(row.token_ids) - len(row.logits_offsets) + 1 :]
             verified[row.request_id] = proposed
+            if not request.sampling_params.is_greedy:
+                rejection.append((len(sampling_rows), proposed, generator))
+                rejection_ids.add(row.request_id)
             for index in range(len(row.logits_offsets)):
                 outputs = request.output_token_ids + proposed[:index]
                 sampling_rows.append(SamplingRow(
@@ -309,7 +344,8 @@ class ModelRunner:
                     request.eos_token_id, generator,
                 ))
         metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
-        sampled = self.sampler(logits, metadata)
+        verify = VerifyRows.build(rejection, self.device) if rejection else None
+        sampled = self.sampler(logits, metadata, verify)
         self._last_sampled = sampled.sampled_token_ids
         # Overlapped steps fill a request's placeholder from its row here; verify rows are
         # never followed by one (the scheduler waits for their outcome).
@@ -330,6 +366,7 @@ class ModelRunner:
             done=self._record_event(),
             started=started,
             verified=verified,
+            rejection_sampled=rejection_ids,
         )
 
 

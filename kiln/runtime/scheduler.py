@@ -143,6 +143,12 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def running_requests(self) -> list[Request]:
+        """The running requests, oldest first (the speculator proposes for them). The
+        scheduler's own list: read it, do not change it."""
+        return self._running
+
+    @property
     def num_waiting(self) -> int:
         """Waiting requests, preempted ones included."""
         return len(self._waiting)
