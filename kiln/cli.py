@@ -14,6 +14,7 @@ from kiln.bench.cli import add_bench_parsers
 from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
 from kiln.serve.cli import add_serve_parser
+from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
 
 EXIT_USER_ERROR = 1
 
@@ -64,7 +65,7 @@ def _sampling_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     from kiln.entrypoints import LLM
 
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     params = _sampling_params(args)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params,
@@ -78,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from kiln.entrypoints import LLM, interactive_chat
 
-    interactive_chat(LLM(model=args.model, **engine_kwargs(args)), _sampling_params(args))
+    interactive_chat(LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args)),
+                     _sampling_params(args))
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +124,7 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--chat", action="store_true", help="apply the chat template")
         _add_sampling_args(sub)
         add_engine_args(sub)
+        add_speculative_arguments(sub)
         sub.set_defaults(func=func)
     bench = commands.add_parser("bench", help="benchmarks (JSON to benchmarks/results/)")
     add_bench_parsers(bench.add_subparsers(dest="bench", required=True), add_engine_args)

@@ -207,6 +207,8 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
+        if self.speculator is not None:
+            self.scheduler.speculation_stats = self.speculator.stats
         runner = self.runner
         capture = runner.capture_report
         self.startup = StartupReport(

@@ -135,6 +135,8 @@ class Scheduler:
         self._running: list[Request] = []
         # Finished or aborted since the last schedule(); reported to the runner there.
         self._finished_request_ids: list[str] = []
+        # The engine's speculative-decoding counts when it speculates (read by /metrics).
+        self.speculation_stats = None
 
     # ---- queries ----------------------------------------------------------------------
 

@@ -112,10 +112,10 @@ class DraftProposer(Proposer):
         verify_hashes: bool = True,
         num_kv_blocks: int | None = None,
     ) -> None:
-        if not Path(draft_path).is_dir():
-            raise KilnError(f"draft engine {draft_path} is not a directory: pass an engine "
-                            f"built with `kiln build`")
-        info = open_engine(draft_path, verify_hashes=verify_hashes)
+        from kiln.compiler.engine_cache import resolve_engine
+
+        # An engine directory, or anything `kiln build` takes (built once into the cache).
+        info = open_engine(resolve_engine(draft_path), verify_hashes=verify_hashes)
         check_draft_compatible(target, info, draft_path, max_model_len)
         self.engine_info = info
         gpu_share = None
