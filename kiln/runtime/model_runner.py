@@ -177,6 +177,31 @@ class ModelRunner:
         self.requests.clear()
         self.generators.clear()
 
+    def _as_decode_rows(self, rows: list[BatchRow]) -> list[BatchRow]:
+        """A step of decode rows and verify rows ([last token, *proposals], logits at every
+        token) as one-token rows: token i of a verify row becomes a decode row at position
+        num_computed_tokens + i over the same block table. Every layer writes the whole
+        step's K/V into the cache before its attention, so row i attends to the tokens
+        before it exactly as the multi-token row would (the decode kernel reads the cache),
+        and the step can replay a decode CUDA graph of batch × (1 + k) rows. Any other step
+        (prefill chunks), or one past the input buffers' rows, is returned as it is."""
+        if all(len(row.token_ids) == 1 for row in rows):
+            return rows
+        expanded: list[BatchRow] = []
+        for row in rows:
+            count = len(row.token_ids)
+            if count == 1:
+                expanded.append(row)
+            elif len(row.logits_offsets) == count:  # a verify row: logits at every token
+                first = row.num_computed_tokens
+                expanded += [BatchRow(row.request_id, [token], first + index, row.block_ids,
+                                      _ONE_TOKEN_LOGITS) for index, token in enumerate(row.token_ids)]
+            else:
+                return rows
+        if len(expanded) > self.buffers.max_num_seqs:
+            return rows
+        return expanded
+
     def _graph_size(self, rows: list[BatchRow]) -> int | None:
         if self.graphs is None:
             return None
@@ -217,13 +242,16 @@ class ModelRunner:
         rows = self.requests.apply(scheduler_output)
         if not rows:
             return LaunchedStep([], None, None, [], None, None)
-        graph_size = self._graph_size(rows)
         rows = _decode_rows_first(rows)
-        inputs = self.buffers.prepare(rows, self.block_size, pad_to=graph_size)
+        # Verify rows as one-token rows (same logits rows, in the same order): a step of
+        # decode and verify rows then replays a decode graph.
+        forward_rows = self._as_decode_rows(rows)
+        graph_size = self._graph_size(forward_rows)
+        inputs = self.buffers.prepare(forward_rows, self.block_size, pad_to=graph_size)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
-        self._fill_placeholders(rows, inputs)
+        self._fill_placeholders(forward_rows, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
         else:
@@ -368,6 +396,10 @@ class ModelRunner:
             verified=verified,
             rejection_sampled=rejection_ids,
         )
+
+
+# A one-token row's logits: at its token. Shared, not built per row.
+_ONE_TOKEN_LOGITS = (0,)
 
 
 def accept_matching(proposed: list[int], sampled: list[int]) -> list[int]:

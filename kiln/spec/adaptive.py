@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Pseudo-counts of the prior: a request starts as if 2 trials had accepted `prior` of them.
-_PRIOR_TRIALS = 2.0
+_PRIOR_TRIALS = 1.0
 # Weight of the past per observation (~10 recent verify rows dominate).
 _DECAY = 0.9
 

@@ -37,6 +37,7 @@ from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.token_history import token_ids_between
 from kiln.spec.proposer import ProposalRequest, Proposer
 
+_ONE_TOKEN_LOGITS = (0,)
 # The draft's share of GPU memory for its KV cache, of what the engine may use.
 DRAFT_KV_MEMORY_SHARE = 0.1
 
@@ -218,8 +219,13 @@ class DraftProposer(Proposer):
     def _run(self, batch: list[tuple[_DraftSequence, list[int], int]]) -> dict[str, list[int]]:
         runner = self.runner
         capacity = runner.buffers.max_num_tokens
-        # 2. Catch up: every fed token but each request's last, in chunks within capacity.
-        while any(len(to_feed) > 1 for _, to_feed, _ in batch):
+        # 2. Catch up. A few tokens each (the usual: the last token, or a rejected
+        # proposal's replacement, or the bonus token after the last proposal) go in the
+        # first propose forward as one-token rows, which a decode graph replays; longer
+        # runs (a new request's prompt) go first, eagerly, without logits, in chunks
+        # within the input buffers, until one token each is left.
+        few = sum(len(to_feed) for _, to_feed, _ in batch) <= runner.buffers.max_num_seqs
+        while not few and any(len(to_feed) > 1 for _, to_feed, _ in batch):
             budget = capacity
             rows = []
             for sequence, to_feed, _ in batch:
@@ -240,14 +246,24 @@ class DraftProposer(Proposer):
         # request with a smaller k returns fewer proposals).
         max_k = max(k for _, _, k in batch)
         proposals = []
-        feed = None
-        for step in range(max_k):
-            rows = []
-            for sequence, to_feed, _ in batch:
-                token = to_feed[0] if step == 0 else PLACEHOLDER_TOKEN_ID
+        rows, last_rows = [], []
+        for sequence, to_feed, _ in batch:
+            for index, token in enumerate(to_feed):
                 rows.append(BatchRow(sequence.request_id, [token],
-                                     sequence.num_computed_tokens + step,
-                                     sequence.block_ids, (0,)))
+                                     sequence.num_computed_tokens + index, sequence.block_ids,
+                                     _ONE_TOKEN_LOGITS))
+            last_rows.append(len(rows) - 1)
+        logits = runner.forward_rows(rows)
+        if len(rows) != len(batch):  # each request's proposal comes from its last token
+            logits = logits[torch.tensor(last_rows, device=logits.device)]
+        feed = logits.argmax(dim=-1)  # (B,) on the device
+        proposals.append(feed)
+        self.num_forwards += 1
+        for step in range(1, max_k):
+            rows = [BatchRow(sequence.request_id, [PLACEHOLDER_TOKEN_ID],
+                             sequence.num_computed_tokens + len(to_feed) - 1 + step,
+                             sequence.block_ids, _ONE_TOKEN_LOGITS)
+                    for sequence, to_feed, _ in batch]
             logits = runner.forward_rows(rows, feed)
             self.num_forwards += 1
             feed = logits.argmax(dim=-1)  # (B,) on the device
