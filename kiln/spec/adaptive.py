@@ -8,12 +8,14 @@ With k proposals a step emits on average
 
     E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)    tokens
 
-and costs about 1 + (c + d) k plain steps, where c = batch_size / ridge_tokens (the verify
+and costs about 1 + f + (c + d) k plain steps (k > 0), where f is the fixed price of a
+step with proposals (it runs synchronously, without overlap scheduling: ~14 % of a batch-1
+Llama-3.1-8B step on an H200, BENCHMARKS.md; and it samples k + 1 rows), c = batch_size / ridge_tokens (the verify
 tokens' share once decode leaves the weight-bound regime: at batch 1 a verify of 1 + 4
 tokens reads the same weights as 1 token; at batch 256 the step is compute-bound and every
 extra token costs its full share) and d is the proposer's own cost per token (a draft
 model's step relative to the target's; 0 for n-gram lookup). k is the argmax of
-E(k) / cost(k) over 0..max_k: low acceptance or a large batch gives k = 0, and speculation
+E(k) / cost(k) over 0..max_k (k = 0 costs 1): low acceptance or a large batch gives k = 0, and speculation
 stops for that request. A request at k = 0 is re-probed with k = 1 on one step in
 `probe_interval` (the same step for all, so an overlapped engine drains once, not once per
 request), so a request whose text turns repetitive gets speculation back.
@@ -39,14 +41,15 @@ class _Acceptance:
         return self.successes / self.trials
 
 
-def best_k(rate: float, max_k: int, cost_per_token: float) -> int:
-    """argmax over k in 0..max_k of E(k) / (1 + cost_per_token * k); ties to the smaller k."""
+def best_k(rate: float, max_k: int, cost_per_token: float, step_overhead: float = 0.0) -> int:
+    """argmax over k in 0..max_k of E(k) / (1 + step_overhead + cost_per_token * k), k = 0
+    costing 1; ties to the smaller k."""
     best, best_value = 0, 1.0
     expected, power = 1.0, 1.0
     for k in range(1, max_k + 1):
         power *= rate
         expected += power
-        value = expected / (1.0 + cost_per_token * k)
+        value = expected / (1.0 + step_overhead + cost_per_token * k)
         if value > best_value * (1 + 1e-9):
             best, best_value = k, value
     return best
@@ -61,6 +64,7 @@ class AdaptiveK:
         ridge_tokens: int = 256,
         proposer_cost: float = 0.0,
         prior: float = 0.7,
+        step_overhead: float = 0.1,
         probe_interval: int = 64,
         disable_by_batch_size: int | None = None,
     ) -> None:
@@ -69,6 +73,7 @@ class AdaptiveK:
         self.ridge_tokens = ridge_tokens
         self.proposer_cost = proposer_cost
         self.prior = prior
+        self.step_overhead = step_overhead
         self.probe_interval = probe_interval
         self.disable_by_batch_size = disable_by_batch_size
         self._acceptance: dict[str, _Acceptance] = {}
@@ -93,8 +98,8 @@ class AdaptiveK:
             return self.max_k
         cost = self._cost(batch_size)
         rate = self.acceptance_rate(request_id)
-        # E(k) <= 1 + k a, so with a <= cost no k beats k = 0 (and k = 1 does when a > cost).
-        k = best_k(rate, self.max_k, cost) if rate > cost else 0
+        # E(k) <= 1 + k a <= 1 + f + c k when a <= f + c: then no k beats k = 0.
+        k = best_k(rate, self.max_k, cost, self.step_overhead) if rate > cost + self.step_overhead else 0
         if k == 0 and self.probing:
             return 1
         return k
@@ -105,12 +110,15 @@ class AdaptiveK:
             return False
         if not self.enabled or self.probing:
             return bool(request_ids)
-        cost = self._cost(batch_size)
+        threshold = self._cost(batch_size) + self.step_overhead
         acceptance = self._acceptance
-        prior_speculates = self.prior > cost
         for request_id in request_ids:
             record = acceptance.get(request_id)
-            if (prior_speculates if record is None else record.rate > cost):
+            rate = self.prior if record is None else record.rate
+            # k > 0 needs E(k) > 1 + f + c k: a > f + c is necessary (E(k) <= 1 + k a); it is
+            # also sufficient for some k when f is small, and choose() has the last word.
+            if rate > threshold and best_k(rate, self.max_k, threshold - self.step_overhead,
+                                           self.step_overhead):
                 return True
         return False
 
