@@ -35,8 +35,9 @@ def run(engine, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request(None, {"prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_len)]},
+    for index in range(batch):
+        engine.add_request(f"bench-{index:04d}",
+                           {"prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_len)]},
                            params)
     # Prefill first, so the timing below is decode only.
     while any(r.num_output_tokens == 0 for r in engine.scheduler.running_requests) or \
@@ -49,15 +50,19 @@ def run(engine, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> 
     produced_before = sum(r.num_output_tokens for r in engine.scheduler.running_requests)
     _sync()
     started = time.perf_counter()
+    outputs = {}
     while engine.has_unfinished_requests():
-        engine.step()
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = output.outputs[0].token_ids
     _sync()
     seconds = time.perf_counter() - started
     num_steps = engine.stats.num_steps - steps
     tokens = batch * new_tokens - produced_before
     result = {"batch": batch, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
               "steps": num_steps, "ms_per_step": 1e3 * seconds / max(num_steps, 1),
-              "gpu_ms_per_step": 1e3 * (engine.stats.gpu_seconds - gpu) / max(num_steps, 1)}
+              "gpu_ms_per_step": 1e3 * (engine.stats.gpu_seconds - gpu) / max(num_steps, 1),
+              "_tokens": [outputs[key] for key in sorted(outputs)]}
     if spec is not None:
         p = spec.stats.num_proposed_tokens - proposed
         a = spec.stats.num_accepted_tokens - accepted
@@ -111,18 +116,21 @@ def main() -> None:
     aligned["off"] = run(engine, 1, 32, args.new_tokens)
     set_mode(engine, speculator, None, overlap=False)
     aligned["off_synchronous"] = run(engine, 1, 32, args.new_tokens)
+    aligned["off_synchronous"].pop("_tokens")
     print(f"bs1 off {aligned['off']['tok_s']:.1f} tok/s (gpu {aligned['off']['gpu_ms_per_step']:.2f} "
           f"ms/step); synchronous {aligned['off_synchronous']['tok_s']:.1f}", flush=True)
     for k in args.ks:
         set_mode(engine, speculator, k)
         point = run(engine, 1, 32, args.new_tokens)
         point["speedup"] = point["tok_s"] / aligned["off"]["tok_s"]
+        point["tokens_identical_to_off"] = point.pop("_tokens") == aligned["off"]["_tokens"]
         point["verify_gpu_over_plain"] = point["gpu_ms_per_step"] / max(
             aligned["off"]["gpu_ms_per_step"], 1e-9)
         aligned[f"k{k}"] = point
         print(f"k={k}: {point['tok_s']:.1f} tok/s = {point['speedup']:.2f}x, acceptance "
               f"{point['acceptance_rate']:.2f}, target gpu {point['gpu_ms_per_step']:.2f} ms/step "
-              f"({point['verify_gpu_over_plain']:.2f}x plain), {point['ms_per_step']:.2f} ms/step",
+              f"({point['verify_gpu_over_plain']:.2f}x plain), {point['ms_per_step']:.2f} ms/step, "
+              f"identical {point['tokens_identical_to_off']}",
               flush=True)
         save()
 
@@ -137,10 +145,13 @@ def main() -> None:
         set_mode(engine, speculator, 4, adaptive=adaptive)
         point = run(engine, 64, 32, args.batch_tokens)
         point["ratio_to_off"] = point["tok_s"] / batch64["off"]["tok_s"]
+        point["tokens_identical_to_off"] = point.pop("_tokens") == batch64["off"]["_tokens"]
         batch64[name] = point
         print(f"bs64 {name}: {point['tok_s']:.0f} tok/s = {point['ratio_to_off']:.2f}x of off "
               f"({batch64['off']['tok_s']:.0f})", flush=True)
         save()
+    aligned["off"].pop("_tokens")
+    batch64["off"].pop("_tokens")
     speculator.proposer = draft_proposer
     engine.speculator = speculator
     engine.close()

@@ -15,4 +15,5 @@ target=/tmp/spec-target8b
 draft=/tmp/spec-draft8b
 [ -f $target/engine.json ] || python3 -P -m kiln.cli build llama-3.1-8b --random-weights -o $target --max-model-len 4096 2>&1 | tail -1
 python3 -P benchmarks/spec_aligned_engines.py $target $draft --draft-layers 2 || exit 1
+[ -n "${SPEC_GPU_TESTS:-}" ] && timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py 2>&1 | tail -5
 timeout ${SPEC_TIMEOUT:-400} python3 -P benchmarks/spec_bench.py $target $draft --out "$OUT" ${SPEC_ARGS:-} 2>&1 | grep -v Warn | tail -30
