@@ -18,12 +18,12 @@ per-request generators of seeded requests and its own copy of every request
 (runner_requests.py). It knows requests only through the step messages: it imports nothing
 from the scheduler, so it could run in another process that gets the messages as bytes.
 
-A row verifying k speculative tokens gets k + 1 logits rows; the runner accepts the proposed
-tokens up to the first one the model's own sample disagrees with and returns the accepted
-ones plus that sample (1..k+1 tokens). Sampling each position from the target distribution
-and accepting only exact matches keeps the output distribution the non-speculative one
-(greedy rows: identical tokens); rejection sampling against a drafter's distribution, which
-accepts more, comes with the speculative-decoding issue.
+A row verifying k speculative tokens gets k + 1 logits rows and returns 1..k+1 tokens: a
+greedy row accepts proposals while the argmax agrees, then that argmax (identical tokens to
+a run without them); a random row goes through rejection sampling against the filtered
+target distribution (the Sampler's VerifyRows, kiln/spec/rejection.py). A step of decode
+and verify rows runs as one-token rows, so it replays a decode CUDA graph
+(`_as_decode_rows`).
 """
 
 from __future__ import annotations
