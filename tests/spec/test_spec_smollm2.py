@@ -12,7 +12,7 @@ from kiln.checkpoint.gguf import default_model_path
 
 PASSAGE = ("The river rises in the northern hills, runs through three market towns and "
            "reaches the sea at a wide estuary where fishing boats shelter in winter.")
-PROMPTS = [f"Repeat this sentence exactly: {PASSAGE}", "List the days of the week: Monday,"]
+PROMPTS = [f"Repeat this sentence exactly: {PASSAGE}"]
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,14 @@ def plain(tmp_path_factory, monkeypatch_module):
         yield llm
 
 
-def greedy(max_tokens=24, **extra):
+def greedy(max_tokens=16, **extra):
     return SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_greedy_output_and_stop_strings_are_unchanged(plain, method):
     expected = plain.generate(PROMPTS, greedy(), use_tqdm=False)
-    stop_word = expected[0].outputs[0].text.split()[6]  # a word of the answer
+    stop_word = expected[0].outputs[0].text.split()[4]  # a word of the answer
     expected_stop = plain.generate(PROMPTS[:1], greedy(stop=[stop_word]), use_tqdm=False)
     config = {"method": method, "num_speculative_tokens": 4, "adaptive": False}
     if method == "draft":
@@ -60,7 +60,7 @@ def test_streamed_deltas_of_several_tokens_add_up(plain):
     with LLM(model=plain.engine_dir, dtype="float32", device="cpu",
              speculative_config=config) as llm:
         engine = llm.llm_engine
-        engine.add_request("s", PROMPTS[1], greedy(max_tokens=20))
+        engine.add_request("s", PROMPTS[0], greedy(max_tokens=12))
         text, widest, final = "", 0, None
         while engine.has_unfinished_requests():
             for output in engine.step():
