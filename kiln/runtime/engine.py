@@ -485,22 +485,37 @@ class LLMEngine:
     def _advance_sequence(self, sequence: _Sequence, logprobs: list[TokenLogprobs]) -> None:
         request = sequence.request
         new_ids = request.output_token_ids[sequence.num_reported_tokens:]
+        detokenizer = sequence.detokenizer
+        delta = ""
+        if detokenizer is not None:
+            # Before the detokenizer runs, a STOPPED status can only come from a token (EOS
+            # or a stop token id): stop strings are found below.
+            stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
+            if len(new_ids) == 1:
+                delta = detokenizer.update(new_ids, stop_terminated=stopped_by_token)
+            else:
+                # Several tokens (speculative decoding): one at a time, so a stop string
+                # ends the output at the token that completed it, as without speculation.
+                for index, token_id in enumerate(new_ids):
+                    last = index == len(new_ids) - 1
+                    delta += detokenizer.update([token_id], stop_terminated=stopped_by_token and last)
+                    if detokenizer.stop_hit is not None and not last:
+                        del request.output_token_ids[sequence.num_reported_tokens + index + 1:]
+                        request.metrics.num_output_tokens = request.num_output_tokens
+                        new_ids = new_ids[: index + 1]
+                        break
+            if detokenizer.stop_hit is not None:
+                self.scheduler.finish_request(
+                    request.request_id, RequestStatus.FINISHED_STOPPED, detokenizer.stop_hit
+                )
         sequence.num_reported_tokens = request.num_output_tokens
         sequence.delta_token_ids = new_ids
         if sequence.logprobs is not None:
-            sequence.logprobs.extend(logprobs)
-        detokenizer = sequence.detokenizer
+            # Never more than the tokens kept (a stop ends a verify row's tokens early).
+            sequence.logprobs.extend(logprobs[: len(new_ids)])
         if detokenizer is None:
             sequence.delta_text = ""
             return
-        # Before the detokenizer runs, a STOPPED status can only come from a token (EOS or a
-        # stop token id): stop strings are found below.
-        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
-        delta = detokenizer.update(new_ids, stop_terminated=stopped_by_token)
-        if detokenizer.stop_hit is not None:
-            self.scheduler.finish_request(
-                request.request_id, RequestStatus.FINISHED_STOPPED, detokenizer.stop_hit
-            )
         if request.is_finished:
             delta += detokenizer.finish()
         sequence.delta_text = delta
