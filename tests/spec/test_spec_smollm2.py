@@ -28,7 +28,7 @@ def plain(tmp_path_factory, monkeypatch_module):
         yield llm
 
 
-def greedy(max_tokens=16, **extra):
+def greedy(max_tokens=14, **extra):
     return SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
 
 
@@ -45,6 +45,8 @@ def test_greedy_output_and_stop_strings_are_unchanged(plain, method):
         got = llm.generate(PROMPTS, greedy(), use_tqdm=False)
         got_stop = llm.generate(PROMPTS[:1], greedy(stop=[stop_word]), use_tqdm=False)
         stats = llm.llm_engine.speculator.stats
+        if method == "draft":
+            check_streamed_deltas(llm.llm_engine)
     for a, b in zip(got + got_stop, expected + expected_stop):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].text == b.outputs[0].text
@@ -55,17 +57,14 @@ def test_greedy_output_and_stop_strings_are_unchanged(plain, method):
         assert stats.acceptance_rate == 1.0
 
 
-def test_streamed_deltas_of_several_tokens_add_up(plain):
-    config = {"method": "draft", "model": str(plain.engine_dir), "num_speculative_tokens": 4}
-    with LLM(model=plain.engine_dir, dtype="float32", device="cpu",
-             speculative_config=config) as llm:
-        engine = llm.llm_engine
-        engine.add_request("s", PROMPTS[0], greedy(max_tokens=12))
-        text, widest, final = "", 0, None
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                text += output.outputs[0].delta_text
-                widest = max(widest, len(output.outputs[0].delta_token_ids))
-                final = output
+def check_streamed_deltas(engine):
+    """Streamed text deltas of several tokens add up to the final text."""
+    engine.add_request("s", PROMPTS[0], greedy(max_tokens=10))
+    text, widest, final = "", 0, None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            text += output.outputs[0].delta_text
+            widest = max(widest, len(output.outputs[0].delta_token_ids))
+            final = output
     assert final.finished and text == final.outputs[0].text
     assert widest > 1
