@@ -395,8 +395,10 @@ class VerifyRows:
             if generator is not None:
                 generators[index] = generator
         tensors = _to_device({
-            "logits_rows": int64_array(sum(logits_rows, [])).reshape(len(requests), width),
-            "draft_token_ids": int64_array(sum(drafts, [])).reshape(len(requests), width - 1),
+            "logits_rows": int64_array(list(chain.from_iterable(logits_rows))).reshape(
+                len(requests), width),
+            "draft_token_ids": int64_array(list(chain.from_iterable(drafts))).reshape(
+                len(requests), width - 1),
             "num_draft": int64_array(num_draft),
             "flat_valid": int64_array(flat_valid),
             "flat_rows": int64_array(flat_rows),
