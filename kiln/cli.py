@@ -15,6 +15,7 @@ from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
 from kiln.version import __version__
 from kiln.serve.cli import add_serve_parser
+from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
 
 EXIT_USER_ERROR = 1
 
@@ -60,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # Everything the flags and stdin can get wrong is checked before the model loads.
     prompts = collect_prompts(args, sys.stdin)
     params = sampling_params(args)
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     run_generate(llm, prompts, params, sys.stdout, sys.stderr)
 
 
@@ -69,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from kiln.entrypoints import LLM, interactive_chat
 
     params = sampling_params(args)
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     interactive_chat(llm, params, model_name=_model_name(args.model))
 
 
@@ -167,6 +168,7 @@ def make_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
                           help="stop before this text; repeatable")
     add_engine_args(generate)
+    add_speculative_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser(
@@ -177,6 +179,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_model_arg(chat)
     _add_sampling_args(chat, max_tokens=1024)
     add_engine_args(chat)
+    add_speculative_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = commands.add_parser("bench", help="benchmarks: throughput, latency, serve (JSON results; "

@@ -9,6 +9,7 @@ import os
 
 from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
+from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
 
 API_KEY_ENV = "KILN_API_KEY"
 
@@ -37,6 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise KilnError(f"invalid serve setting: {error}") from None
     engine_config = validated(EngineConfig, **engine_kwargs(args))
+    speculative = speculative_kwargs(args)  # validated before listening, as the rest
     # Resolve (and build, once) before listening: a missing model fails at once, with the
     # CLI's one-line error, instead of as a server that never gets ready.
     engine_dir = resolve_engine(args.model)
@@ -45,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     loaded: list[LLMEngine] = []
 
     def load() -> LLMEngine:
-        loaded.append(LLMEngine.from_engine_dir(engine_dir, engine_config))
+        loaded.append(LLMEngine.from_engine_dir(engine_dir, engine_config, **speculative))
         return loaded[-1]
 
     app = create_app(None, model_name, api_key=api_key, settings=settings, engine_loader=load)
@@ -84,5 +86,6 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
     add_engine_args(serve)
+    add_speculative_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
