@@ -181,3 +181,18 @@ def test_served_model_name_is_never_a_path():
     assert name("/home/me/.cache/kiln/engines/SmolLM2-135M-Instruct-abc123/") == "SmolLM2-135M-Instruct-abc123"
     assert name("/models/llama.Q4_K_M.gguf") == "llama.Q4_K_M"
     assert name("/models/x", "my-model") == "my-model"
+
+
+def test_hostile_request_templates_get_a_fast_400(llm_engine):
+    from tests.serve.test_chat_template_limits import HOSTILE
+
+    settings = ServeSettings(trust_request_chat_template=True, chat_template_timeout_s=0.5)
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with serving(llm_engine, settings=settings) as server, server.client() as http:
+        for name, template in HOSTILE:
+            started = time.monotonic()
+            response = http.post("/v1/chat/completions", json={**base, "chat_template": template})
+            assert response.status_code == 400, (name, response.text)
+            assert time.monotonic() - started < 2, name
+        assert http.post("/v1/completions", json=COMPLETION).status_code == 200
+        server.wait_idle()
