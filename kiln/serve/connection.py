@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import resource
 from dataclasses import dataclass
@@ -28,17 +29,29 @@ from kiln.serve.errors import error_bytes
 logger = logging.getLogger("kiln.serve")
 # The blank line that ends a request head (h11 also takes a bare "\n\n").
 _HEAD_END = re.compile(rb"\n\r?\n")
-# File descriptors kept free below the process limit for the listening socket, the engine's
-# files and the log, so the cap on connections is hit before `accept` fails with EMFILE.
-_SPARE_FDS = 64
+# Connections the event loop accepts in one go (and the kernel's listen queue): asyncio
+# accepts up to this many before any of them reaches the protocol, which then closes those
+# over the cap, and a connection reaches the protocol two loop turns after its accept. So
+# for a moment the open files can reach max_connections + _ACCEPT_BURSTS × ACCEPT_BACKLOG.
+ACCEPT_BACKLOG = 64
+_ACCEPT_BURSTS = 3
+# Files kept free besides the ones open now and the accept burst: the engine's files while it
+# loads, the log, a worker thread's.
+_SPARE_FDS = 32
 
 
 def default_max_connections(wanted: int = 1024) -> int:
-    """`wanted`, lowered to fit under the process's open-file limit (ulimit -n)."""
+    """`wanted`, lowered so that the connections, one accept burst and the files open now
+    fit under the process's open-file limit (ulimit -n): past the cap a client gets a 503,
+    and `accept` never fails with EMFILE (which would stall every new client)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(1, min(wanted, soft - _SPARE_FDS))
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux
+        in_use = 64
+    return max(1, min(wanted, soft - in_use - _ACCEPT_BURSTS * ACCEPT_BACKLOG - _SPARE_FDS))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +66,8 @@ class ConnectionLimits:
     body_timeout_s: float = 30.0
     # Between a response's end and the next request's first byte.
     keep_alive_timeout_s: float = 5.0
-    # Open connections; past it a new one is answered 503 and closed.
+    # Open connections; past it a new one is answered 503 and closed (the CLI's default is
+    # default_max_connections(): 1024, lowered to fit ulimit -n).
     max_connections: int = 1024
 
     def __post_init__(self) -> None:

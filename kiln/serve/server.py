@@ -22,7 +22,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from kiln.serve.connection import ConnectionLimits, limited_protocol
+from kiln.serve.connection import ACCEPT_BACKLOG, ConnectionLimits, limited_protocol
 from kiln.serve.state import ServerState
 
 logger = logging.getLogger("kiln.serve")
@@ -89,5 +89,7 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
         h11_max_incomplete_event_size=limits.max_header_bytes + 4,
         # Idle keep-alive connections are closed after this; streams are not idle.
         timeout_keep_alive=limits.keep_alive_timeout_s,
+        # Bounds each accept burst, so max_connections holds before the open-file limit does.
+        backlog=ACCEPT_BACKLOG,
     )
     return DrainingServer(config, state, shutdown_timeout, exit_on_load_error)

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from kiln.serve.connection import ConnectionLimits
+from kiln.serve.connection import ACCEPT_BACKLOG, ConnectionLimits
 from tests.serve.conftest import MODEL, free_port, serving
 
 COMPLETION = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 2}
@@ -123,7 +123,7 @@ def test_300_idle_sockets_under_ulimit_256_do_not_lock_out_a_canary(tmp_path):
     sockets = []
     try:
         cap = int(process.stdout.readline())
-        assert cap == 256 - 64
+        assert 8 <= cap <= 256 - 3 * ACCEPT_BACKLOG
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -144,8 +144,9 @@ def test_300_idle_sockets_under_ulimit_256_do_not_lock_out_a_canary(tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        print(f"\n300 idle sockets, ulimit -n 256: canary answered after {answered:.2f} s")
-        assert answered is not None and answered < 3, "the idle sockets locked the canary out"
+        assert answered is not None, "the idle sockets locked the canary out"
+        print(f"\n300 idle sockets, ulimit -n 256 (cap {cap}): canary answered after {answered:.2f} s")
+        assert answered < 3
         assert process.poll() is None
     finally:
         for sock in sockets:
