@@ -72,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             max_queued_requests=args.max_queued_requests, max_n=args.max_n,
             max_tokens_cap=args.max_tokens_cap, chat_template_timeout_s=args.chat_template_timeout,
             trust_request_chat_template=args.trust_request_chat_template,
-            max_prompt_chars=args.max_prompt_chars, max_pending_tokenizations=args.max_pending_tokenizations,
+            max_prompt_chars=args.max_prompt_chars,
+            max_pending_tokenizer_chars=args.max_pending_tokenizer_chars,
         )
         limits = ConnectionLimits(
             max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
@@ -148,8 +149,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     serve.add_argument("--max-prompt-chars", type=int, default=None,
                        help="longest prompt text, checked before tokenizing (default: "
                        "max_model_len x the vocabulary's longest token)")
-    serve.add_argument("--max-pending-tokenizations", type=int, default=16,
-                       help="prompts waiting for the tokenizer before new ones get 503")
+    serve.add_argument("--max-pending-tokenizer-chars", type=int, default=None,
+                       help="characters waiting for the tokenizer before new requests get 503 "
+                       "(default: 4 x --max-prompt-chars)")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
     add_engine_args(serve)

@@ -33,7 +33,7 @@ async def encode(state: ServerState, engine: LLMEngine, text: str, add_special_t
     if engine.tokenizer is None:
         raise APIError(400, "this engine has no tokenizer: send token ids instead of text")
     check_prompt_chars(len(text), state.max_prompt_chars(), what)
-    return await state.tokenizer_pool.run(_encode, engine, text, add_special_tokens)
+    return await state.tokenizer_pool.run(len(text), _encode, engine, text, add_special_tokens)
 
 
 def check_token_ids(engine: LLMEngine, token_ids: list[int], what: str = "prompt") -> None:

@@ -67,8 +67,8 @@ async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[Cha
     conversation = message_dicts(messages)
     # The rendered prompt holds every message's text: too much of it is refused before the
     # template runs, as a long prompt is before the tokenizer does.
-    check_prompt_chars(sum(len(m["content"]) for m in conversation), state.max_prompt_chars(),
-                       "the conversation")
+    conversation_chars = sum(len(m["content"]) for m in conversation)
+    check_prompt_chars(conversation_chars, state.max_prompt_chars(), "the conversation")
     if engine.tokenizer is None:
         raise APIError(400, "this engine has no tokenizer, so it has no chat template")
     if request_template is not None:
@@ -83,7 +83,7 @@ async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[Cha
     settings = state.settings
     try:
         text = await state.tokenizer_pool.run(
-            render_chat, template, conversation, special_tokens=special_tokens_of(engine.tokenizer),
+            conversation_chars, render_chat, template, conversation, special_tokens=special_tokens_of(engine.tokenizer),
             add_generation_prompt=add_generation_prompt,
             time_budget_s=settings.chat_template_timeout_s, max_chars=settings.chat_template_max_chars,
         )
@@ -245,5 +245,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     for token_id in body.tokens:
         if token_id >= vocab:
             raise APIError(400, f"token id {token_id} is outside the vocabulary [0, {vocab})", param="tokens")
-    text = await state.tokenizer_pool.run(engine.tokenizer.decode, body.tokens)
+    text = await state.tokenizer_pool.run(len(body.tokens), engine.tokenizer.decode, body.tokens)
     return {"prompt": text}

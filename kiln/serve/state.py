@@ -13,7 +13,7 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import MAX_N
 from kiln.serve.errors import APIError
 from kiln.serve.metrics import ServerMetrics
-from kiln.serve.tokenization import TokenizerPool, max_prompt_chars_for
+from kiln.serve.tokenization import PENDING_PROMPTS_OF_WORK, TokenizerPool, max_prompt_chars_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,8 +37,9 @@ class ServeSettings:
     # Longest prompt text (characters), checked before the tokenizer sees it; None: derived
     # from the model (tokenization.max_prompt_chars_for).
     max_prompt_chars: int | None = None
-    # Prompts waiting for or in the tokenizer; past it, new requests get 503.
-    max_pending_tokenizations: int = 16
+    # Characters waiting for or in the tokenizer; past it, new requests get 503. None:
+    # tokenization.PENDING_PROMPTS_OF_WORK whole-context prompts.
+    max_pending_tokenizer_chars: int | None = None
     # A template sent in the request runs code the operator did not choose: off by default.
     trust_request_chat_template: bool = False
     # /ready fails when requests are in flight but no engine step has produced output for
@@ -47,15 +48,17 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_body_bytes", "max_header_bytes", "max_queued_requests", "max_n",
-                    "max_prompts", "chat_template_max_chars", "max_pending_tokenizations")
+                    "max_prompts", "chat_template_max_chars")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.max_n > MAX_N:
             raise ValueError(f"max_n must be <= {MAX_N}, got {self.max_n}")
-        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
-            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        for name in ("max_prompt_chars", "max_pending_tokenizer_chars"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
         for name in ("chat_template_timeout_s", "stall_timeout_s"):
@@ -80,7 +83,7 @@ class ServerState:
         # The queues stream_outputs reads, one per request in flight: shutdown puts an error
         # in each to end its stream cleanly (cut_streams).
         self.output_queues: set[asyncio.Queue] = set()
-        self.tokenizer_pool = TokenizerPool(settings.max_pending_tokenizations)
+        self.tokenizer_pool = TokenizerPool(settings.max_pending_tokenizer_chars)
         self._max_prompt_chars: int | None = settings.max_prompt_chars
         self.metrics = ServerMetrics(model_name, lambda: self.engine.scheduler if self.async_engine else None)
 
@@ -95,6 +98,8 @@ class ServerState:
         if self._max_prompt_chars is None:
             engine = self.engine
             self._max_prompt_chars = max_prompt_chars_for(engine.tokenizer, engine.max_model_len)
+        if self.tokenizer_pool.max_pending_chars is None:
+            self.tokenizer_pool.max_pending_chars = PENDING_PROMPTS_OF_WORK * self._max_prompt_chars
         return self._max_prompt_chars
 
     def not_ready_reason(self) -> str | None:

@@ -13,8 +13,10 @@ past it, and only by that small factor; the token count is checked after tokeniz
 
 What passes runs on the server's own tokenizer thread (`TokenizerPool`): one worker, so a
 fast tokenizer is never used by two threads at once (no lock), never the default executor
-that the engine loop's steps use, and at most `max_pending` prompts wait for it; past that
-new requests get 503. The tokenizer releases the GIL while it works, so the engine keeps
+that the engine loop's steps use, and the characters waiting for it are bounded
+(`max_pending_chars`, by default a few whole-context prompts' worth): past that new requests
+get 503, so the tokenizer's backlog is always a few seconds of work at most. Many short
+prompts at once are never refused by it; the request queue bounds those. The tokenizer releases the GIL while it works, so the engine keeps
 stepping. Chat templates render on the same thread.
 """
 
@@ -45,25 +47,32 @@ def max_prompt_chars_for(tokenizer, max_model_len: int) -> int:
     return max_model_len * longest_token_chars(tokenizer)
 
 
-class TokenizerPool:
-    """One tokenizer thread, with a bounded number of prompts waiting for it."""
+# The tokenizer backlog allowed, in whole-context prompts (max_prompt_chars each).
+PENDING_PROMPTS_OF_WORK = 4
 
-    def __init__(self, max_pending: int) -> None:
-        self.max_pending = max_pending
-        self.pending = 0
+
+class TokenizerPool:
+    """One tokenizer thread, with a bounded amount of text waiting for it."""
+
+    def __init__(self, max_pending_chars: int | None = None) -> None:
+        self.max_pending_chars = max_pending_chars  # None: set from the model by the server
+        self.pending_chars = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenizer")
 
-    async def run(self, function: Callable[..., T], *args, **kwargs) -> T:
-        if self.pending >= self.max_pending:
-            raise APIError(503, f"the tokenizer is busy ({self.pending} prompts waiting, limit "
-                           f"{self.max_pending}); retry later", code="overloaded",
+    async def run(self, size: int, function: Callable[..., T], *args, **kwargs) -> T:
+        """`function(*args, **kwargs)` on the tokenizer thread; `size` is its text's length.
+        A job always runs when nothing waits, so one prompt within the cap is never refused."""
+        limit = self.max_pending_chars
+        if limit is not None and self.pending_chars and self.pending_chars + size > limit:
+            raise APIError(503, f"the tokenizer is busy ({self.pending_chars} characters waiting, "
+                           f"limit {limit}); retry later", code="overloaded",
                            headers={"Retry-After": "1"})
-        self.pending += 1
+        self.pending_chars += size
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
         finally:
-            self.pending -= 1
+            self.pending_chars -= size
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
