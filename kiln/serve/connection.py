@@ -162,12 +162,14 @@ class LimitedH11Protocol(H11Protocol):
         state = self.conn.their_state
         if waiting_for_head and state is not h11.IDLE:  # the head is complete
             self._head_bytes, self._head_tail = 0, b""
-            if state is h11.SEND_BODY:
+        if state is h11.SEND_BODY:
+            # The body's deadline runs from the end of the head, and is armed again if an early
+            # answer (a 401 or 413 before the body was read) disarmed it: a body trickling in
+            # after its answer does not hold the connection either.
+            if waiting_for_head or self._deadline is None:
                 self._arm(self.limits.body_timeout_s, "request body")
-            else:
-                self._disarm()
-        elif state is not h11.SEND_BODY and state is not h11.IDLE and not waiting_for_head:
-            self._disarm()  # the body is complete: the answer may take as long as it takes
+        elif state is not h11.IDLE:
+            self._disarm()  # the request is complete: the answer may take as long as it takes
 
     def on_response_complete(self) -> None:
         self._disarm()  # uvicorn arms its keep-alive timer; the next byte re-arms the head's

@@ -70,6 +70,16 @@ def test_idle_slow_and_short_connections_are_closed(short_server):
                       b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
         seconds, reply = closed_after(short, 5)
         assert seconds < 2, seconds
+    with socket.create_connection((host, port)) as early:  # a body trickling after a 401
+        early.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 5:
+                early.sendall(b"a")
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert time.monotonic() - started < 2.5, "a trickled body held the connection"
     with socket.create_connection((host, port)) as kept:  # keep-alive after an answer
         kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         seconds, reply = closed_after(kept, 5)
