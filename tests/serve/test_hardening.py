@@ -39,6 +39,11 @@ def test_a_huge_prompt_gets_its_400_at_once(server):
         assert tokens.status_code == 400
 
 
+def max_gap_between(arrivals: list[float], start: float, end: float) -> float:
+    """The longest wait for a token that arrived in [start, end] (from the one before it)."""
+    return max((b - a for a, b in zip(arrivals, arrivals[1:]) if start <= b <= end), default=0.0)
+
+
 def test_big_prompts_neither_stall_a_stream_nor_grow_memory(server):
     """Eight concurrent 7.5 MB prompts (the probe: 400 after up to 69 s, a 31 s stall between
     a running stream's tokens, RSS 1.0 → 5.1 GB)."""
@@ -58,7 +63,11 @@ def test_big_prompts_neither_stall_a_stream_nor_grow_memory(server):
     streamer.start()
     while len(arrivals) < 12:
         time.sleep(0.01)
-    baseline_gap = max(b - a for a, b in zip(arrivals[1:], arrivals[2:]))
+    # The same stream with no attack, for as long as the attack takes: the machine's own
+    # stalls (this 2-core box is shared), which the attack's must not exceed by 1 s.
+    control_started = time.monotonic()
+    time.sleep(1.5)
+    control_gap = max_gap_between(arrivals, control_started, time.monotonic())
     statuses, seconds = [], []
     # Encoded once: the clients share this process with the server, and eight json.dumps of
     # 7.5 MB would hold its GIL (the probe's clients were other processes).
@@ -81,19 +90,17 @@ def test_big_prompts_neither_stall_a_stream_nor_grow_memory(server):
     attack_ended = time.monotonic()
     rss_after = process.memory_info().rss
     streamer.join()
-    during = [t for t in arrivals if attack_started - 1 <= t <= attack_ended + 1]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if attack_started <= b <= attack_ended + 1]
-    max_gap = max(gaps, default=0.0)
+    during = [t for t in arrivals if attack_started <= t <= attack_ended]
+    max_gap = max_gap_between(arrivals, attack_started, attack_ended + 1)
     growth_mb = (rss_after - rss_idle) / 2**20
     print(f"\neight 7.5 MB prompts: statuses {sorted(set(statuses))}, slowest 400 after "
           f"{max(seconds):.2f} s; stream's longest gap during the attack {max_gap * 1000:.0f} ms "
-          f"({len(during)} tokens; {baseline_gap * 1000:.0f} ms before it); RSS "
+          f"({len(during)} tokens; {control_gap * 1000:.0f} ms without it); RSS "
           f"{rss_idle / 2**20:.0f} → {rss_after / 2**20:.0f} MB (+{growth_mb:.0f} MB)")
     assert statuses == [400] * 8
     assert max(seconds) < 5
-    # Under 1 s, as the issue asks; on a machine so loaded that the stream already stalls
-    # for a third of that without any attack, the attack may add no more than 2x.
-    assert max_gap < max(1.0, 3 * baseline_gap)
+    # The attack adds less than 1 s to the stream's longest gap (the probe: 31 s).
+    assert max_gap < 1.0 + control_gap
     assert growth_mb < 300
     server.wait_idle()
 
