@@ -29,8 +29,8 @@ from kiln.serve.protocol import (
 )
 from kiln.serve.responses import StreamFormatter, TokenText, full_response
 from kiln.serve.state import ServerState
-from kiln.serve.tokenization import check_prompt_chars
 from kiln.serve.streaming import DONE_EVENT, ClientDisconnected, SSEResponse, sse, until_disconnected
+from kiln.serve.tokenization import check_prompt_chars
 
 logger = logging.getLogger("kiln.serve")
 router = APIRouter()
@@ -83,8 +83,8 @@ async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[Cha
     settings = state.settings
     try:
         text = await state.tokenizer_pool.run(
-            conversation_chars, render_chat, template, conversation, special_tokens=special_tokens_of(engine.tokenizer),
-            add_generation_prompt=add_generation_prompt,
+            conversation_chars, render_chat, template, conversation,
+            special_tokens=special_tokens_of(engine.tokenizer), add_generation_prompt=add_generation_prompt,
             time_budget_s=settings.chat_template_timeout_s, max_chars=settings.chat_template_max_chars,
         )
     except TemplateError as error:

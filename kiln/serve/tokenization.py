@@ -16,8 +16,9 @@ fast tokenizer is never used by two threads at once (no lock), never the default
 that the engine loop's steps use, and the characters waiting for it are bounded
 (`max_pending_chars`, by default a few whole-context prompts' worth): past that new requests
 get 503, so the tokenizer's backlog is always a few seconds of work at most. Many short
-prompts at once are never refused by it; the request queue bounds those. The tokenizer releases the GIL while it works, so the engine keeps
-stepping. Chat templates render on the same thread.
+prompts at once are never refused by it; the request queue bounds those. The tokenizer
+releases the GIL while it works, so the engine keeps stepping. Chat templates render on the
+same thread.
 """
 
 from __future__ import annotations
