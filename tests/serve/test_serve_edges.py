@@ -124,7 +124,6 @@ def test_no_key_off_loopback_and_an_empty_key_are_refused():
         (["--host", "0.0.0.0"], "--allow-unauthenticated"),
         (["--host", "192.0.2.1"], "without an API key"),
         (["--api-key", ""], "--api-key is empty"),
-        (["--api-key", "  ", "--host", "0.0.0.0"], "--api-key is empty"),
     ):
         started = time.monotonic()
         result = run_serve("/nonexistent/engine", "--port", str(free_port()), *args, timeout=60)
