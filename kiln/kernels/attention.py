@@ -51,9 +51,14 @@ from kiln.kernels.triton_utils import (
     dot_precision,
     launchable,
     next_power_of_2,
+    interpreter_active,
 )
+from kiln.kernels.quant_linear import to_e4m3
 
 LOG2_E = math.log2(math.e)  # kernels use exp2: scores are pre-multiplied by log2(e)
+# Whether fp8 casts are emulated (Triton's interpreter; see quant_linear.to_e4m3): fixed for
+# the process, since the interpreter is chosen before triton is imported.
+EMULATE_FP8_CAST = tl.constexpr(interpreter_active())
 # An FP8 KV cache (`--kv-cache-dtype fp8`): E4M3 of k / k_scale and v / v_scale, per layer.
 # The kernels load E4M3 straight into the dot operands (exact in bf16), fold k_scale into
 # the softmax scale and multiply the output by v_scale: no extra pass, half the KV bytes.
@@ -194,7 +199,8 @@ def quantize_for_cache(x, scale_ptr, cache_ptr, FP8: tl.constexpr):
     """x in the cache's dtype: E4M3 of x / scale, saturating, for an FP8 cache."""
     if FP8:
         x = tl.div_rn(x.to(tl.float32), tl.load(scale_ptr))
-        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        # On the CPU interpreter (its pointers are numpy-backed) round in fp32 first.
+        return to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0), EMULATE_FP8_CAST)
     return x.to(cache_ptr.dtype.element_ty)
 
 

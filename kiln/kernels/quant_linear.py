@@ -113,6 +113,23 @@ def weight_only_linear_reference(
 # Triton
 
 
+@triton.jit
+def to_e4m3(x, EMULATE: tl.constexpr):
+    """fp32 x (already within ±448) as E4M3, rounded to nearest. EMULATE (Triton's CPU
+    interpreter): round in fp32 first so the cast is exact, because the interpreter's own
+    fp32 → fp8 cast loses the carry when rounding up crosses a power of 2 (1.953 → 1.0,
+    not 2.0). On the GPU the hardware cast rounds correctly and EMULATE is False."""
+    if EMULATE:
+        magnitude = tl.abs(x)
+        # E4M3 has 3 mantissa bits: a step of 2^(e - 3) in binade e; subnormals (below
+        # 2^-6) share the 2^-9 step of the lowest binade.
+        exponent = tl.floor(tl.log2(tl.maximum(magnitude, 0.015625)))
+        step = tl.exp2(exponent - 3.0)
+        rounded = tl.floor(magnitude / step + 0.5) * step
+        x = tl.where(x < 0, -rounded, rounded)
+    return x.to(tl.float8e4nv)
+
+
 @dataclass(frozen=True)
 class QuantGemmConfig:
     block_m: int
@@ -148,6 +165,7 @@ def _tile_product(
     acc, x_ptr, stride_xm, m_offs, m_mask, k, w, scale_ptr, zero_ptr, stride_sn, rows, x_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    EMULATE_FP8: tl.constexpr,
 ):
     """acc += x[:, k:k+BLOCK_K] · dequantised w^T (FP8 and per-channel int: unscaled;
     the epilogue applies those scales)."""
@@ -177,7 +195,7 @@ def _tile_product(
         if KIND == 0:
             # E4M3 of x / x_scale, as the reference: exact division, saturating.
             x = tl.div_rn(x, x_scale[:, None])
-            x = tl.minimum(tl.maximum(x, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32)
+            x = to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0), EMULATE_FP8).to(tl.float32)
         elif not PER_CHANNEL:
             wf = wf * tl.load(scale_ptr + rows * stride_sn + k // GROUP).to(tl.float32)[:, None]
         if DOT:
@@ -200,7 +218,7 @@ def _quant_gemm_kernel(
     KIND: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, USE_PDL: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     DOT: tl.constexpr = BLOCK_M > 1
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,11 +258,11 @@ def _quant_gemm_kernel(
         w_next = _load_weight_tile(w_ptr, rows, k + BLOCK_K, offs_w, K_W, KIND)
         acc = _tile_product(acc, x_ptr, stride_xm, m_offs, m_mask, k, w, scale_ptr, zero_ptr,
                             stride_sn, rows, x_scale, KIND, ACT, GROUP, PER_CHANNEL, BLOCK_K,
-                            DOT, DOT_DTYPE)
+                            DOT, DOT_DTYPE, EMULATE_FP8)
         w = w_next
     acc = _tile_product(acc, x_ptr, stride_xm, m_offs, m_mask, K - BLOCK_K, w, scale_ptr,
                         zero_ptr, stride_sn, rows, x_scale, KIND, ACT, GROUP, PER_CHANNEL,
-                        BLOCK_K, DOT, DOT_DTYPE)
+                        BLOCK_K, DOT, DOT_DTYPE, EMULATE_FP8)
     if DOT:
         out = acc
     else:
@@ -308,7 +326,8 @@ def quant_linear(
         KIND=kind, ACT=act, GROUP=group, PER_CHANNEL=group == k, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
         DOT_DTYPE=dot_dtype(x),
-        USE_PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        USE_PDL=pdl, EMULATE_FP8=interpreter_active(),
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return y
 
@@ -317,6 +336,7 @@ def quant_linear(
 def _per_token_fp8_kernel(
     x_ptr, stride_xm, q_ptr, stride_qm, scale_ptr, input_scale_ptr, K,
     STATIC: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    EMULATE_FP8: tl.constexpr,
 ):
     if USE_PDL:
         gdc_wait()
@@ -335,7 +355,7 @@ def _per_token_fp8_kernel(
         mask = k + offs < K
         x = tl.load(x_ptr + row * stride_xm + k + offs, mask=mask, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
-        tl.store(q_ptr + row * stride_qm + k + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(q_ptr + row * stride_qm + k + offs, to_e4m3(q, EMULATE_FP8), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -355,7 +375,7 @@ def quantize_fp8_per_token(
         x, x.stride(0), q, q.stride(0), scale,
         static_scale if static_scale is not None else scale, k,
         STATIC=static_scale is not None, BLOCK_K=min(2048, triton.next_power_of_2(k)),
-        USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+        USE_PDL=pdl, EMULATE_FP8=interpreter_active(), num_warps=4, launch_pdl=pdl,
     )
     return q, scale
 
