@@ -157,9 +157,6 @@ def _calibrate(model: CausalLM, build_config: BuildConfig,
     """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
     attention layers' KV scales and AWQ-scaled weights in place. Returns the quant config to
     record (the calibration's, when it reports one, e.g. with the sample count it used)."""
-    if importlib.util.find_spec("kiln.quant.calibration") is None:
-        raise KilnError("calibration is not available in this build of kiln; "
-                        "drop --calibration")
     from kiln.quant.calibration import calibrate
 
     result = calibrate(model, build_config)
@@ -190,6 +187,8 @@ def build_engine(
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
     quant_config = _quant_config(build_config, checkpoint, source)
+    if build_config.calibration and importlib.util.find_spec("kiln.quant.calibration") is None:
+        raise KilnError("calibration is not available in this build of kiln; drop --calibration")
     if build_config.kv_cache_dtype == "fp8" or quant_config.scheme == "fp8":
         check_fp8_device()
 
@@ -222,7 +221,7 @@ def build_engine(
 
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
     if build_config.kv_cache_dtype == "fp8":
-        build["kv_scales"] = kv_scales_of(model, calibrated=bool(build_config.calibration))
+        build["kv_scales"] = kv_scales_of(model, bool(build_config.calibration))
     generation_config = dict(checkpoint.generation_config) if checkpoint else {}
     eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
     if eos is not None:
