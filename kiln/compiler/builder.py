@@ -88,7 +88,7 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _random_init(model: CausalLM, seed: int) -> None:
+def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -> None:
     """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
     A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
     method, as a checkpoint's would arrive; the builder then quantises it
@@ -115,6 +115,11 @@ def _random_init(model: CausalLM, seed: int) -> None:
             layer.quant_method, UnquantizedLinearMethod
         ):
             _random_init_quantized(layer, normal)
+            if quantize_each_layer:
+                # Quantised now, so only one layer's full-precision weight exists at a time
+                # (an 8B model's would be 16 GB of host memory); the builder's later
+                # process_weights_after_loading finds nothing left to do for it.
+                layer.process_weights_after_loading()
 
 
 def _random_init_quantized(layer: LinearBase, normal) -> None:
@@ -202,7 +207,8 @@ def build_engine(
     finally:
         torch.set_default_dtype(previous_dtype)
     if build_config.random_weights:
-        _random_init(model, build_config.seed)
+        _random_init(model, build_config.seed,
+                     quantize_each_layer=not build_config.calibration)
     else:
         names = checkpoint.tensors.names()
         tensors = ((name, checkpoint.tensors.get(name)) for name in names)
