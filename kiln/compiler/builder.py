@@ -26,6 +26,7 @@ from kiln.checkpoint.base import Checkpoint
 from kiln.config import KEEP_QUANTIZATION, BuildConfig
 from kiln.errors import CheckpointError, KilnError
 from kiln.layers.linear import LinearBase
+from kiln.layers.loading import CheckpointLoadable
 from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.registry import get_model_class
@@ -88,7 +89,7 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -> None:
+def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -> set[int]:
     """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
     A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
     method, as a checkpoint's would arrive; the builder then quantises it
@@ -110,6 +111,7 @@ def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -
             param.data.fill_(1.0)
         else:
             param.data.copy_(normal(param.shape).to(param.dtype))
+    processed = set()
     for layer in model.modules():
         if isinstance(layer, LinearBase) and not isinstance(
             layer.quant_method, UnquantizedLinearMethod
@@ -117,9 +119,11 @@ def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -
             _random_init_quantized(layer, normal)
             if quantize_each_layer:
                 # Quantised now, so only one layer's full-precision weight exists at a time
-                # (an 8B model's would be 16 GB of host memory); the builder's later
-                # process_weights_after_loading finds nothing left to do for it.
+                # (an 8B model's would be 16 GB of host memory); returned so the builder's
+                # after-loading pass skips it (that step runs once per layer).
                 layer.process_weights_after_loading()
+                processed.add(id(layer))
+    return processed
 
 
 def _random_init_quantized(layer: LinearBase, normal) -> None:
@@ -206,9 +210,10 @@ def build_engine(
         )
     finally:
         torch.set_default_dtype(previous_dtype)
+    processed: set[int] = set()
     if build_config.random_weights:
-        _random_init(model, build_config.seed,
-                     quantize_each_layer=not build_config.calibration)
+        processed = _random_init(model, build_config.seed,
+                                 quantize_each_layer=not build_config.calibration)
     else:
         names = checkpoint.tensors.names()
         tensors = ((name, checkpoint.tensors.get(name)) for name in names)
@@ -218,7 +223,9 @@ def build_engine(
     # calibration measures activations (static and KV scales, AWQ) on that model.
     if build_config.calibration:
         quant_config = _calibrate(model, build_config, quant_config)
-    model.process_weights_after_loading()  # quantisation (round-to-nearest)
+    for module in model.modules():  # quantisation (round-to-nearest), once per layer
+        if isinstance(module, CheckpointLoadable) and id(module) not in processed:
+            module.process_weights_after_loading()
     compute_names = model.compute_dtype_names()
     weights = {
         name: (t.to(dtype) if name in compute_names else t).contiguous()
