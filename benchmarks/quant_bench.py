@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from kiln.quant.quantize import quantize_fp8_per_channel, quantize_int4, quantiz
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
-ROWS = (1, 4, 16, 512, 4096)
+ROWS = tuple(int(m) for m in os.environ.get("QUANT_BENCH_ROWS", "1 4 16 512 4096").split())
 COPIES = 4
 
 
