@@ -87,6 +87,8 @@ def main() -> None:
                 runs["fp8_triton"] = lambda: quant_linear.quant_linear(x, KIND_FP8, *pick("fp8"))
                 runs["int8_triton"] = lambda: quant_linear.quant_linear(x, KIND_INT8, *pick("int8"))
                 runs["int4_triton"] = lambda: quant_linear.quant_linear(x, KIND_INT4, *pick("int4"))
+                runs["int4_dequant_cublas"] = lambda: torch.nn.functional.linear(
+                    x, quant_linear.dequantize(KIND_INT4, *pick("int4"), torch.bfloat16))
             for label, fn in runs.items():
                 fmt = label.split("_")[0]
                 try:

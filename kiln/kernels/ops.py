@@ -9,17 +9,14 @@ oracle the kernel tests compare against.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
-import triton
 
 from kiln.kernels import (
     activation,
     attention,
     gemv,
     norm,
-    quant_gemv,
     quant_linear,
     rope as rope_kernels,
 )
@@ -173,21 +170,11 @@ def fp8_linear(
     input_scale: torch.Tensor | None,  # (1,) float32 static scale; None: per token
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # (T, N)
-    """W8A8 FP8. On CUDA x is quantised per token (Triton), then up to 16 rows take the
-    tensor-core GEMV (kernels/quant_gemv.py) and more rows torch._scaled_mm with row-wise
-    scales."""
+    """W8A8 FP8. On CUDA: up to 16 rows the Triton GEMM quantises x in registers (one
+    kernel); more rows quantise x per token (Triton) and multiply with torch._scaled_mm."""
     if _fast(x) and x.dim() == 2 and x.dtype == torch.bfloat16:
         x = x.contiguous()
-        if not _scaled_mm_shapes(x, weight):
-            return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
-                                             None, input_scale, bias)
-        if x.shape[0] <= quant_gemv.GEMV_ROWS and quant_gemv.KIND_FP8 not in _GEMV_FAILED:
-            x_q, x_scale = quant_linear.quantize_fp8_per_token(x, input_scale)
-            out = _guarded_gemv(quant_gemv.KIND_FP8, x_q, weight, weight_scale, None, x_scale,
-                                bias, x.dtype)
-            if out is not None:
-                return out
-        if x.shape[0] <= quant_gemv.GEMV_ROWS:
+        if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
             return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
                                              None, input_scale, bias)
         x_q, x_scale = quant_linear.quantize_fp8_per_token(x, input_scale)
@@ -203,40 +190,19 @@ def _scaled_mm_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 # Rows up to which the int8 Triton GEMM beats dequantise → cuBLAS (H200, 8B shapes: at 512
 # rows 148–694 µs against 171–1,010; at 4,096 the other way round). int4's Triton GEMM loses
-# from 17 rows on, so int4 dequantises for every M > 16.
+# from 17 rows on (8k-token TTFT 2,743 ms → 315 ms by dequantising), so int4 dequantises
+# for every M > 16.
 INT8_TRITON_MAX_ROWS = 512
-
-
-# Kinds whose tensor-core GEMV failed to compile on this GPU (see _guarded_gemv).
-_GEMV_FAILED: set[int] = set()
-
-
-def _guarded_gemv(kind, x, weight, scale, zero, x_scale, bias, out_dtype):
-    """The tensor-core GEMV, or None (after one warning) if it does not compile here: the
-    caller then takes the CUDA-core quant_linear path, which every GPU runs."""
-    try:
-        return quant_gemv.quant_gemv(x, kind, weight, scale, zero, x_scale, bias,
-                                     out_dtype=out_dtype)
-    except (triton.TritonError, RuntimeError) as error:
-        if torch.cuda.is_current_stream_capturing():
-            raise
-        _GEMV_FAILED.add(kind)
-        warnings.warn(f"quantised GEMV (kind {kind}) unavailable on this GPU, using the "
-                      f"CUDA-core kernel: {str(error).splitlines()[0][:200]}", stacklevel=3)
-        return None
 
 
 def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     x = x.contiguous()
     rows = x.shape[0]
-    if rows <= quant_gemv.GEMV_ROWS and kind not in _GEMV_FAILED:
-        out = _guarded_gemv(kind, x, weight, scale, zero, None, bias, x.dtype)
-        if out is not None:
-            return out
-    if kind == quant_gemv.KIND_INT8 and rows <= INT8_TRITON_MAX_ROWS or rows <= 16:
+    triton_rows = INT8_TRITON_MAX_ROWS if kind == quant_linear.KIND_INT8 else quant_linear.MAX_GEMV_ROWS
+    if rows <= triton_rows:
         return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
-    dense = quant_gemv.dequantize(kind, weight, scale, zero, x.dtype)
+    dense = quant_linear.dequantize(kind, weight, scale, zero, x.dtype)
     return torch.nn.functional.linear(x, dense, bias)
 
 
@@ -247,7 +213,7 @@ def int8_weight_only_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # (T, N)
     if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-        return _weight_only(x, quant_gemv.KIND_INT8, weight, scale, None, bias)
+        return _weight_only(x, quant_linear.KIND_INT8, weight, scale, None, bias)
     w = quant_linear.dequantize_int8(weight, scale)
     return quant_linear.weight_only_linear_reference(x, w, bias)
 
@@ -260,6 +226,6 @@ def int4_weight_only_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # (T, N)
     if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-        return _weight_only(x, quant_gemv.KIND_INT4, qweight, scale, zero, bias)
+        return _weight_only(x, quant_linear.KIND_INT4, qweight, scale, zero, bias)
     w = quant_linear.dequantize_int4(qweight, scale, zero)
     return quant_linear.weight_only_linear_reference(x, w, bias)

@@ -25,8 +25,18 @@ pads M to 16 and uses tl.dot; the first weight tile is loaded before the PDL wai
 not depend on the previous kernel), and one tile is always in flight. For FP8 with dynamic
 scales each program first reads its rows of x once for their amax (a few KB from L2), so no
 separate quantisation kernel runs at decode. Large M (prefill, big batches) uses the same
-kernel with 64×128 tiles for the int formats, and `torch._scaled_mm` (row-wise scales) after
-`quantize_fp8_per_token` for FP8: the ops dispatcher picks (kiln/kernels/ops.py).
+kernel with 64×128 tiles for int8 up to 512 rows; beyond that (and for int4 above 16 rows)
+`dequantize` writes the weight in bf16 once and cuBLAS multiplies; FP8 above 16 rows uses
+`torch._scaled_mm` (row-wise scales) after `quantize_fp8_per_token`. The ops dispatcher
+picks by these measured crossovers (kiln/kernels/ops.py, BENCHMARKS.md "Quantization").
+
+Measured on the H200: the decode path converts every weight to fp32 on the CUDA cores, and
+conversions issue at 16 per SM per clock against ~17 weight bytes per SM per clock of
+bandwidth, so 1-byte weights stream at about half the copy rate (int8 246 tok/s, fp8 177
+and int4 154 at batch 1, bf16 230). A tensor-core variant (M padded to 16, E4M3 operands
+straight into tl.dot, int4 nibbles OR-ed into bf16 0x4300) measured slower still (fp8 116,
+int8 110) with the tiles tried and was removed; a faster decode path needs packed
+(two-per-instruction) dequantisation, see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -330,6 +340,54 @@ def quant_linear(
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return y
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, scale_ptr, stride_sn, zero_ptr, out_ptr, N, K, K_W,
+                       KIND: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K
+    row_mask = rows < N
+    s = tl.load(scale_ptr + rows * stride_sn + k // GROUP, mask=row_mask, other=0.0)
+    s = s.to(tl.float32)[:, None]
+    if KIND == 2:
+        offs = tl.arange(0, BLOCK_K // 2)
+        w = tl.load(w_ptr + rows[:, None] * K_W + k // 2 + offs[None, :], mask=row_mask[:, None],
+                    other=0)
+        z = tl.load(zero_ptr + rows * stride_sn + k // GROUP, mask=row_mask, other=0.0)
+        z = z.to(tl.float32)[:, None]
+        low = ((w & 0xF).to(tl.float32) - z) * s
+        high = ((w >> 4).to(tl.float32) - z) * s
+        dst = out_ptr + rows[:, None] * K + k + 2 * offs[None, :]
+        tl.store(dst, low.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(dst + 1, high.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        offs = tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K_W + k + offs[None, :], mask=row_mask[:, None],
+                    other=0)
+        tl.store(out_ptr + rows[:, None] * K + k + offs[None, :],
+                 (w.to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def dequantize(kind: int, weight: torch.Tensor, scale: torch.Tensor,
+               zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """int8 / int4 weights → (N, K) in `dtype`, one pass (twin of dequantize_int8/int4)."""
+    n = weight.shape[0]
+    k = weight.shape[1] * (2 if kind == KIND_INT4 else 1)
+    group = k // scale.shape[1]
+    block_k = min(128, k & -k, group & -group)
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    pdl = use_pdl(weight)
+    _dequantize_kernel[(triton.cdiv(n, 32), k // block_k)](
+        weight, scale, scale.stride(0), zero if zero is not None else scale, out, n, k,
+        weight.shape[1], KIND=kind, GROUP=group, BLOCK_N=32, BLOCK_K=block_k, USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
+    )
+    return out
 
 
 @triton.jit
