@@ -15,6 +15,7 @@ from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
 from kiln.version import __version__
 from kiln.serve.cli import add_serve_parser
+from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
 
 EXIT_USER_ERROR = 1
 
@@ -27,6 +28,9 @@ def cmd_build(args: argparse.Namespace) -> None:
     config = validated(
         BuildConfig, dtype=args.dtype, max_model_len=args.max_model_len,
         random_weights=args.random_weights, seed=args.seed, quant=args.quant,
+        group_size=args.group_size, act_scales=args.act_scales, quant_lm_head=args.quant_lm_head,
+        kv_cache_dtype=args.kv_cache_dtype, calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
     )
     hf_config = None
     if args.random_weights and args.source in PRESETS:
@@ -49,6 +53,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
           f"{c.num_heads} heads / {c.num_kv_heads} KV heads, vocab {c.vocab_size}")
     print(f"build       dtype {m['build']['dtype']}, max_model_len {m['build']['max_model_len']}, "
           f"quant {m['quant']['scheme']}, tp {m['parallel']['tp']} pp {m['parallel']['pp']}")
+    quant = {k: v for k, v in m["quant"].items() if k != "scheme" and v not in (None, [], False)}
+    if quant or m["build"].get("kv_cache_dtype", "auto") != "auto":
+        details = ", ".join(f"{k} {v}" for k, v in quant.items())
+        kv = m["build"].get("kv_cache_dtype", "auto")
+        scales = m["build"].get("kv_scales")
+        kv_note = f"KV cache {kv}" + (
+            "" if kv == "auto" else (" (calibrated scales)" if scales and scales.get("calibrated")
+                                     else " (scales 1.0, uncalibrated)"))
+        print(f"quant       {m['quant']['scheme']}: {details or 'defaults'}; {kv_note}")
     layout = engine.layout
     if layout.world_size > 1:  # which rank holds what (kiln/parallel/layout.py)
         from kiln.parallel.state import stage_layer_range
@@ -71,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # Everything the flags and stdin can get wrong is checked before the model loads.
     prompts = collect_prompts(args, sys.stdin)
     params = sampling_params(args)
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     run_generate(llm, prompts, params, sys.stdout, sys.stderr)
 
 
@@ -80,7 +93,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from kiln.entrypoints import LLM, interactive_chat
 
     params = sampling_params(args)
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     interactive_chat(llm, params, model_name=_model_name(args.model))
 
 
@@ -147,7 +160,19 @@ def make_parser() -> argparse.ArgumentParser:
                        help="random weights at the source's shapes (benchmark engines)")
     build.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     build.add_argument("--quant", default="none", metavar="SCHEME",
-                       help="quantisation scheme of the weights (none: the --dtype weights)")
+                       help="quantisation scheme of the weights: none (the --dtype weights), "
+                       "fp8, int8-wo, int4-wo, keep (a quantised checkpoint's own)")
+    # Quantisation options (kiln/quant/; README "Quantization").
+    build.add_argument("--group-size", type=int, default=None,
+                       help="int8-wo/int4-wo inputs per scale (-1: per channel; int4 default 128)")
+    build.add_argument("--act-scales", choices=("dynamic", "static"), default=None,
+                       help="fp8 activation scales: per token (dynamic) or calibrated (static)")
+    build.add_argument("--quant-lm-head", action="store_true", help="quantise the LM head too")
+    build.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                       help="engine's default KV cache dtype (fp8: E4M3, per-layer scales)")
+    build.add_argument("--calibration", default=None, metavar="sharegpt|FILE",
+                       help="calibration data for static/KV/AWQ scales")
+    build.add_argument("--calibration-samples", type=int, default=None, metavar="N")
     build.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks: one sliced file per rank (default 1)")
     build.add_argument("--pp", type=int, default=1,
@@ -182,6 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
                           help="stop before this text; repeatable")
     add_engine_args(generate)
+    add_speculative_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser(
@@ -192,6 +218,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_model_arg(chat)
     _add_sampling_args(chat, max_tokens=1024)
     add_engine_args(chat)
+    add_speculative_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = commands.add_parser("bench", help="benchmarks: throughput, latency, serve (JSON results; "

@@ -22,6 +22,7 @@ from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, PromptType
 from kiln.runtime.request_output import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.spec.config import SpeculativeConfig
 
 def offline_defaults(engine_knobs: dict) -> dict:
     """The knobs with the offline step sizes filled in where unset, on a GPU only (the CPU
@@ -37,16 +38,18 @@ class LLM:
     """Offline inference over one engine: every prompt batched through the engine loop. On a
     GPU its step sizes default to OFFLINE_GPU_DEFAULTS."""
 
-    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL_ALIAS, *, dtype: str | None = None, **engine_knobs):
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL_ALIAS, *, dtype: str | None = None,
+                 speculative_config: dict | None = None, **engine_knobs):
         # dtype is both the build dtype (for a source that is not an engine yet) and the
         # compute dtype; unset, engines are built in bfloat16 and run in EngineConfig's "auto".
         dtype_knob = {"dtype": dtype} if dtype else {}
+        speculative_config = SpeculativeConfig.from_dict(speculative_config)  # before a build
         build_config = validated(BuildConfig, **dtype_knob)
         engine_config = validated(EngineConfig, **offline_defaults(engine_knobs), **dtype_knob)
         self.engine_dir = resolve_engine(model, build_config,
                                          tp=engine_config.tensor_parallel_size,
                                          pp=engine_config.pipeline_parallel_size)
-        self.llm_engine = LLMEngine.from_engine_dir(self.engine_dir, engine_config)
+        self.llm_engine = LLMEngine.from_engine_dir(self.engine_dir, engine_config, speculative_config)
         if self.llm_engine.tokenizer is not None:
             # kiln checks prompt lengths against max_model_len itself, with its own message:
             # transformers' "Token indices sequence length is longer than..." warning would

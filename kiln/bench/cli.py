@@ -8,6 +8,7 @@ from typing import Callable
 from kiln.bench.results import DEFAULT_DIR_HELP
 from kiln.cli_common import engine_kwargs
 from kiln.errors import KilnError
+from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
 
 
 def positive_int(text: str) -> int:
@@ -30,7 +31,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from kiln.bench.throughput import length_stats, run_batched, run_sequential
     from kiln.entrypoints import LLM
 
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     engine = llm.llm_engine
     if args.dataset == "file":
         requests = load_requests(args.dataset_path, engine.model_config.vocab_size)[: args.num_prompts]
@@ -59,6 +60,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
             sequential = run_sequential(engine, requests, progress)
         metrics.update({f"sequential_{k}": v for k, v in sequential.items()})
         metrics["batched_over_sequential"] = metrics["output_tok_s"] / metrics["sequential_output_tok_s"]
+    metrics.update(speculation_metrics(engine))
     config = {
         "dataset": args.dataset, **length_stats(requests), "seed": args.seed,
         "input_len": args.input_len if args.dataset == "random" else None,
@@ -94,7 +96,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         metrics.update(hf_static_cache_decode(
             info.model_config, torch.device("cuda"), info.dtype, args.prompt_len, args.new_tokens
         ))
-    llm = LLM(model=args.model, **engine_kwargs(args))
+    llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
     engine = llm.llm_engine
     cuda = engine.device.type == "cuda"
     config = {
@@ -143,6 +145,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         metrics[f"decode_tok_s_bs{batch_size}"] = point["decode_tok_s"]
         metrics[f"cpu_ms_per_step_bs{batch_size}"] = point["cpu_ms_per_step"]
         metrics[f"gpu_ms_per_step_bs{batch_size}"] = point["gpu_ms_per_step"]
+    metrics.update(speculation_metrics(engine))
     progress.close()
     path = write_result(
         "latency", device=engine.device, model=str(args.model),
@@ -159,6 +162,16 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     for name, value in metrics.items():
         print(f"{name:36s} {value:12.2f}")
     print(f"wrote {path}")
+
+
+def speculation_metrics(engine) -> dict:
+    """Acceptance rate and mean accepted length of a speculating engine (else nothing)."""
+    if engine.speculator is None:
+        return {}
+    stats = engine.speculator.stats
+    return {"spec_acceptance_rate": stats.acceptance_rate,
+            "spec_mean_accepted_length": stats.mean_accepted_length,
+            "spec_num_proposed_tokens": stats.num_proposed_tokens}
 
 
 def add_dataset_file_args(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +199,7 @@ def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParse
                             help="also run the requests one at a time and report the ratio")
     throughput.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)
     add_engine_args(throughput)
+    add_speculative_arguments(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
 
     latency = benches.add_parser("latency", help="batch-1 decode, TTFT, decode vs batch size")
@@ -200,6 +214,7 @@ def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParse
                          help="also measure transformers (static cache) at batch 1, same run")
     latency.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)
     add_engine_args(latency)
+    add_speculative_arguments(latency)
     latency.set_defaults(func=cmd_bench_latency)
 
     from kiln.bench.serving import add_bench_serve_parser

@@ -225,6 +225,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
     from kiln.bench.results import write_result
     from kiln.bench.throughput import length_stats
+    from kiln.spec.metrics import scrape_speculation_counters, speculation_delta
 
     api_key = args.api_key or os.environ.get("KILN_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -248,11 +249,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         loads = [("rate", float("inf"), None)]
     points = []
     for kind, rate, concurrency in loads:
+        spec_before = scrape_speculation_counters(args.base_url, headers)
         with Progress(len(requests), f"serve bench, {kind} {rate if kind == 'rate' else concurrency}",
                       "req") as progress:
             results, duration = asyncio.run(run_point(args.base_url, headers, model, requests, rate,
                                                       concurrency, args.seed, progress))
         metrics = summarise(results, duration)
+        metrics.update(speculation_delta(spec_before, scrape_speculation_counters(args.base_url, headers)))
         label = f"rate_{rate:g}" if kind == "rate" else f"concurrency_{concurrency}"
         points.append({"label": label, "request_rate": rate, "concurrency": concurrency, "metrics": metrics})
         print(f"{label:18s} " + "  ".join(f"{k} {metrics[k]:.1f}" for k in (

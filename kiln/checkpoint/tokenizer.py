@@ -3,28 +3,78 @@
 Chat templates are Jinja code that came with a checkpoint: they are rendered by
 chat_template.py in Jinja's immutable sandbox with a time and size budget, never in a plain
 Environment, so a template can neither reach Python internals (`__class__.__mro__`) nor hang.
+
+An engine's tokenizer is loaded only from the files its manifest lists (and open_engine
+hashed): a `chat_template.jinja` or `special_tokens_map.json` dropped into
+`<engine>/tokenizer/` later would otherwise change the template or the EOS token of a
+verified engine. Unlisted files are ignored, with a warning naming them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
 from pathlib import Path
 
 from kiln.checkpoint.chat_template import TemplateError, render_chat
 from kiln.errors import KilnError
 
 MAX_RENDERED_CHARS = 4 * 1024 * 1024
+# The engine manifest beside an engine's tokenizer/ directory (kiln/compiler/manifest.py).
+_MANIFEST = "engine.json"
+logger = logging.getLogger("kiln")
+
+
+def engine_tokenizer_files(directory: Path) -> set[str] | None:
+    """The files under `directory` that its engine's manifest lists (names relative to it),
+    or None when `directory` is not an engine's tokenizer directory."""
+    directory = Path(directory)
+    manifest_path = directory.parent / _MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        raise KilnError(f"{manifest_path}: unreadable manifest") from None
+    if not isinstance(files, dict):
+        raise KilnError(f"{manifest_path}: manifest has no 'files' section")
+    prefix = directory.name + "/"
+    return {name[len(prefix):] for name in files if isinstance(name, str) and name.startswith(prefix)}
+
+
+def _unlisted(directory: Path, listed: set[str]) -> list[str]:
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    return sorted(present - listed)
 
 
 def load_tokenizer(directory: Path):
-    """A transformers fast tokenizer from local files only (no hub, no remote code)."""
+    """A transformers fast tokenizer from local files only (no hub, no remote code). Inside
+    an engine, only from the files its manifest lists: they are linked into a private
+    directory and loaded from there, so an unlisted file cannot take part."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
-        )
-    except (OSError, ValueError) as error:
-        raise KilnError(f"{directory}: cannot load the tokenizer: {error}") from None
+    directory = Path(directory)
+    listed = engine_tokenizer_files(directory)
+
+    def load(path: Path):
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            raise KilnError(f"{directory}: cannot load the tokenizer: {error}") from None
+
+    if listed is None:
+        return load(directory)
+    unlisted = _unlisted(directory, listed)
+    if unlisted:
+        logger.warning("%s: ignoring %s: not in the engine manifest (rebuild the engine to "
+                       "include them)", directory, ", ".join(unlisted))
+    with tempfile.TemporaryDirectory(prefix="kiln-tokenizer-") as staging:
+        for name in sorted(listed):
+            target = Path(staging) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((directory / name).resolve())
+        return load(Path(staging))
 
 
 def chat_template_of(tokenizer, directory: Path | None = None) -> str | None:
@@ -32,7 +82,9 @@ def chat_template_of(tokenizer, directory: Path | None = None) -> str | None:
     if template:
         return template if isinstance(template, str) else template.get("default")
     if directory is not None and (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        listed = engine_tokenizer_files(directory)
+        if listed is None or "chat_template.jinja" in listed:
+            return (directory / "chat_template.jinja").read_text(encoding="utf-8")
     return None
 
 

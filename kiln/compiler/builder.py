@@ -12,6 +12,7 @@ Every transformation that does not depend on the requests happens here, once.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +23,19 @@ from tqdm import tqdm
 from kiln.compiler.manifest import write_engine
 from kiln.compiler.verify import sha256_file
 from kiln.checkpoint.base import Checkpoint
-from kiln.config import BuildConfig
+from kiln.config import KEEP_QUANTIZATION, BuildConfig
 from kiln.errors import CheckpointError, KilnError
 from kiln.layers.linear import LinearBase
+from kiln.layers.loading import CheckpointLoadable
 from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.registry import get_model_class
 from kiln.parallel.layout import EngineLayout
 from kiln.parallel.state import SINGLE_PROCESS
 from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
-from kiln.quant.config import quant_config_for_build
+from kiln.quant.config import QuantConfig, quant_config_for_build
+from kiln.quant.fp8 import check_fp8_device
+from kiln.runtime.kv_tensors import kv_scales_of
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,11 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _random_init(model: CausalLM, seed: int) -> None:
+def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -> set[int]:
     """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
     A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
-    method, as a checkpoint's would arrive, and quantises it after loading."""
+    method, as a checkpoint's would arrive; the builder then quantises it
+    (process_weights_after_loading), as after a checkpoint's weights."""
     # Drawn on the GPU when there is one: an 8B model's 8 G normal samples take minutes on a CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -106,12 +111,19 @@ def _random_init(model: CausalLM, seed: int) -> None:
             param.data.fill_(1.0)
         else:
             param.data.copy_(normal(param.shape).to(param.dtype))
+    processed = set()
     for layer in model.modules():
         if isinstance(layer, LinearBase) and not isinstance(
             layer.quant_method, UnquantizedLinearMethod
         ):
             _random_init_quantized(layer, normal)
-    model.process_weights_after_loading()
+            if quantize_each_layer:
+                # Quantised now, so only one layer's full-precision weight exists at a time
+                # (an 8B model's would be 16 GB of host memory); returned so the builder's
+                # after-loading pass skips it (that step runs once per layer).
+                layer.process_weights_after_loading()
+                processed.add(id(layer))
+    return processed
 
 
 def _random_init_quantized(layer: LinearBase, normal) -> None:
@@ -126,6 +138,38 @@ def _random_init_quantized(layer: LinearBase, normal) -> None:
         layer.load_checkpoint_tensor(
             "weight", normal(shape).cpu(), part_id=part_id, source_name=f"{layer.prefix}.weight"
         )
+
+
+def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
+                  source: str | Path) -> QuantConfig:
+    """The scheme and parameters the build flags ask for (ValueError naming a bad flag)."""
+    if build_config.quant == KEEP_QUANTIZATION:
+        # A pre-quantised checkpoint's reader says what it holds (kiln/checkpoint/).
+        kept = getattr(checkpoint, "quant_config", None) if checkpoint is not None else None
+        if kept is None:
+            raise KilnError(f"--quant keep: {source} is not a quantised checkpoint this kiln "
+                            f"reads; pick a scheme (fp8, int8-wo, int4-wo) to quantise it")
+        return kept
+    if build_config.quant_lm_head:
+        raise KilnError("--quant-lm-head is not supported yet: the LM head has no quantised "
+                        "path and stays in the compute dtype; drop the flag")
+    options = {"group_size": build_config.group_size,
+               "activation_scales": build_config.act_scales}
+    if build_config.quant != "none" and build_config.calibration:
+        options.update(calibration=build_config.calibration,
+                       calibration_samples=build_config.calibration_samples)
+    return quant_config_for_build(build_config.quant, options)
+
+
+def _calibrate(model: CausalLM, build_config: BuildConfig,
+               quant_config: QuantConfig) -> QuantConfig:
+    """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
+    attention layers' KV scales and AWQ-scaled weights in place. Returns the quant config to
+    record (the calibration's, when it reports one, e.g. with the sample count it used)."""
+    from kiln.quant.calibration import calibrate
+
+    result = calibrate(model, build_config)
+    return getattr(result, "quant_config", None) or quant_config
 
 
 def build_engine(
@@ -154,7 +198,11 @@ def build_engine(
     model_config = model_config_from_hf(hf_config)
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
-    quant_config = quant_config_for_build(build_config.quant)
+    quant_config = _quant_config(build_config, checkpoint, source)
+    if build_config.calibration and importlib.util.find_spec("kiln.quant.calibration") is None:
+        raise KilnError("calibration is not available in this build of kiln; drop --calibration")
+    if build_config.kv_cache_dtype == "fp8" or quant_config.scheme == "fp8":
+        check_fp8_device()
     if tp < 1 or pp < 1:
         raise KilnError(f"--tp {tp} --pp {pp}: both must be at least 1")
     if tp * pp > 1:
@@ -174,13 +222,22 @@ def build_engine(
         )
     finally:
         torch.set_default_dtype(previous_dtype)
+    processed: set[int] = set()
     if build_config.random_weights:
-        _random_init(model, build_config.seed)
+        processed = _random_init(model, build_config.seed,
+                                 quantize_each_layer=not build_config.calibration)
     else:
         names = checkpoint.tensors.names()
         tensors = ((name, checkpoint.tensors.get(name)) for name in names)
         bar = tqdm(tensors, total=len(names), desc="converting", unit="tensor", disable=not progress)
-        model.load_checkpoint_weights(bar)
+        model.load_checkpoint_weights(bar, process=False)
+    # Quantised layers still hold their full-precision weights here and run unquantised:
+    # calibration measures activations (static and KV scales, AWQ) on that model.
+    if build_config.calibration:
+        quant_config = _calibrate(model, build_config, quant_config)
+    for module in model.modules():  # quantisation (round-to-nearest), once per layer
+        if isinstance(module, CheckpointLoadable) and id(module) not in processed:
+            module.process_weights_after_loading()
     compute_names = model.compute_dtype_names()
     weights = {
         name: (t.to(dtype) if name in compute_names else t).contiguous()
@@ -188,6 +245,8 @@ def build_engine(
     }
 
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
+    if build_config.kv_cache_dtype == "fp8":
+        build["kv_scales"] = kv_scales_of(model, bool(build_config.calibration))
     generation_config = dict(checkpoint.generation_config) if checkpoint else {}
     eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
     if eos is not None:

@@ -8,8 +8,9 @@ The manifest's "quant" section is the scheme and its parameters (kiln/quant/conf
 {"scheme": "none"} for plain weights); "parallel" is how the weights are split over ranks
 (kiln/parallel/layout.py: {"tp": 1, "pp": 1, "rank_files": ["rank0.safetensors"]}).
 
-`write_engine` writes one atomically; `open_engine` reads the manifest, checks the format
-version, the architecture, the quant and parallel sections and every file's size and sha256
+`write_engine` writes one atomically; `open_engine` reads the manifest (bounded in size and
+nesting, then checked against manifest_schema.py: one line naming the wrong field), checks the
+format version, the architecture, the quant and parallel sections and every file's size and sha256
 (verify.py), and says which file or field is wrong and how. Nothing here unpickles anything.
 """
 
@@ -24,8 +25,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
+from kiln.compiler.manifest_schema import (
+    MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, ManifestSchema, first_problem, json_depth,
+)
 from kiln.compiler.verify import HASH_CHUNK_BYTES, hash_file, verify_files
 from kiln.errors import EngineFormatError
 from kiln.models.config import ModelConfig
@@ -218,23 +223,36 @@ def _umask_file_mode() -> int:
 
 
 def read_manifest(engine_dir: Path) -> dict:
+    """engine.json, bounded in size and nesting before it is parsed and checked against the
+    schema (manifest_schema.py) after: EngineFormatError names the first wrong field."""
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
         raise EngineFormatError(f"{engine_dir}: not a kiln engine (no {MANIFEST})")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise EngineFormatError(f"{path}: {size} bytes is too large for a manifest "
+                                f"(limit {MAX_MANIFEST_BYTES})")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+        if json_depth(text) > MAX_JSON_DEPTH:
+            raise EngineFormatError(f"{path}: corrupt manifest: nested deeper than {MAX_JSON_DEPTH}")
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise EngineFormatError(f"{path}: corrupt manifest: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EngineFormatError(f"{path}: not a kiln engine manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise EngineFormatError(f"{path}: format_version is missing")
     if version > FORMAT_VERSION:
         raise EngineFormatError(
             f"{engine_dir}: engine format version {version} is newer than this kiln "
             f"{__version__} reads (up to {FORMAT_VERSION}); upgrade kiln or rebuild the engine"
         )
+    try:
+        ManifestSchema.model_validate(manifest)
+    except ValidationError as error:
+        raise EngineFormatError(f"{path}: invalid manifest: {first_problem(error)}") from None
     return manifest
 
 

@@ -127,6 +127,9 @@ def build_sharded_engine(source, output, build_config, checkpoint, model_config:
     from kiln.compiler.manifest import write_engine
     from kiln.compiler.verify import sha256_file
 
+    if build_config.calibration or build_config.kv_cache_dtype != "auto":
+        raise KilnError("--calibration and --kv-cache-dtype fp8 are not supported with --tp/--pp "
+                        "yet: build the sharded engine without them")
     dtype = getattr(torch, build_config.dtype)
 
     def checkpoint_tensors(rank: int) -> TensorStream:

@@ -139,10 +139,12 @@ class CausalLM(nn.Module, abc.ABC):
         return names
 
     def load_checkpoint_weights(
-        self, tensors: Iterable[tuple[str, torch.Tensor]], *, model_naming: bool = False
+        self, tensors: Iterable[tuple[str, torch.Tensor]], *, process: bool = True,
+        model_naming: bool = False,
     ) -> None:
         """Copy checkpoint tensors into this model's parameters, fusing, slicing and
-        quantising as its layers declare, then run every layer's after-loading step.
+        quantising as its layers declare, then (`process`) run every layer's after-loading
+        step; the builder defers that step when calibration runs in between.
         Raises CheckpointError naming any unexpected, mis-shaped or missing tensor.
         `model_naming`: the tensors are already in this model's names and layout (a sharded
         build re-slicing a whole model's tensors): no renaming, no transposing."""
@@ -182,7 +184,8 @@ class CausalLM(nn.Module, abc.ABC):
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
-        self.process_weights_after_loading()
+        if process:
+            self.process_weights_after_loading()
 
     def _does_not_belong(self, checkpoint_name: str) -> CheckpointError:
         return CheckpointError(

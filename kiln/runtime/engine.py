@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,11 @@ from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+from kiln.quant.fp8 import check_fp8_device
+from kiln.runtime.kv_tensors import FP8_KV_DTYPE, kv_cache_torch_dtype
+
+if TYPE_CHECKING:
+    from kiln.spec.config import SpeculativeConfig
 
 PromptType = str | list[int] | dict
 
@@ -149,7 +155,17 @@ class LLMEngine:
     """One engine loop over one engine directory. Closing it (`close()`, or leaving a `with`
     block) frees its device memory, so a process may build engines one after another."""
 
-    def __init__(self, engine_info: EngineInfo, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        engine_info: EngineInfo,
+        config: EngineConfig | None = None,
+        speculative_config: "SpeculativeConfig | dict | None" = None,
+    ) -> None:
+        """speculative_config: vLLM's dict shape or a kiln.spec SpeculativeConfig (None:
+        no speculative decoding); validated before anything is loaded."""
+        from kiln.spec.config import SpeculativeConfig
+
+        speculative_config = SpeculativeConfig.from_dict(speculative_config)
         self.config = config = config or EngineConfig()
         self.engine_info = engine_info
         self.model_config = engine_info.model_config
@@ -164,8 +180,11 @@ class LLMEngine:
             self.dtype = getattr(torch, config.dtype)
         else:
             self.dtype = engine_info.dtype if self.device.type == "cuda" else torch.float32
-        kv_dtype = config.kv_cache_dtype
-        self.kv_cache_dtype = self.dtype if kv_dtype == "auto" else getattr(torch, kv_dtype)
+        # KV cache dtype ("fp8": E4M3) and the FP8 device check (quantisation, issue 11).
+        self.kv_cache_dtype = kv_cache_torch_dtype(
+            config.kv_cache_dtype, self.dtype, engine_info.manifest.get("build", {}))
+        if self.kv_cache_dtype == FP8_KV_DTYPE or engine_info.quant_config.scheme == "fp8":
+            check_fp8_device(self.device)
         tokenizer_dir = engine_info.tokenizer_dir
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         eos = engine_info.generation_config.get("eos_token_id")
@@ -174,6 +193,16 @@ class LLMEngine:
         # tp × pp = 1; otherwise an executor runs the other ranks (kiln/parallel/executor.py)
         # and stands where the runner stands. close() ends them.
         self.parallel = SINGLE_PROCESS
+        # Speculative decoding's proposer: a draft engine is loaded (and its KV cache sized)
+        # before the target's runner, whose memory profile then counts it as in use.
+        self.speculator = None
+        if speculative_config is not None:
+            from kiln.spec.factory import build_speculator
+
+            self.speculator = build_speculator(
+                speculative_config, engine_info, engine_config=config, device=self.device,
+                dtype=self.dtype, max_model_len=self.max_model_len,
+            )
         self.runner = self._start_parallel(engine_info, config) if _world_size(
             engine_info, config) > 1 else ModelRunner(
             engine_info, self.device, self.dtype, config.block_size, config.num_kv_blocks,
@@ -197,6 +226,8 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
+        if self.speculator is not None:
+            self.scheduler.speculation_stats = self.speculator.stats
         runner = self.runner
         capture = runner.capture_report
         self.startup = StartupReport(
@@ -234,12 +265,14 @@ class LLMEngine:
         return executor
 
     @classmethod
-    def from_engine_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+    def from_engine_dir(
+        cls, path: str | Path, config: EngineConfig | None = None, speculative_config=None
+    ) -> "LLMEngine":
         config = config or EngineConfig()
         started = time.perf_counter()
         info = open_engine(path, verify_hashes=config.verify_hashes)
         opened = time.perf_counter() - started
-        engine = cls(info, config)
+        engine = cls(info, config, speculative_config)
         engine.startup.open_seconds = opened
         logger.info("%s", engine.startup.describe())
         if engine.device.type == "cuda":
@@ -273,6 +306,8 @@ class LLMEngine:
             self._in_flight = None
         self.abort_all()
         self.runner.close()
+        if self.speculator is not None:
+            self.speculator.close()
         self.parallel.close()
         # Objects frozen at start-up (from_engine_dir) are invisible to the collector; the
         # model's reference cycles (parameters holding bound weight loaders) need it.
@@ -410,6 +445,8 @@ class LLMEngine:
             self._num_penalised_sequences -= len(user_request.sequences)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.drop([s.request.request_id for s in user_request.sequences])
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -428,11 +465,21 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         previous, self._in_flight = self._in_flight, None
-        overlap = self.overlap_scheduling and self._num_penalised_sequences == 0
+        speculator = self.speculator
+        running = self.scheduler.running_requests if speculator is not None else ()
+        # Proposals continue a request's last token, which the host must know: a step with
+        # any runs synchronously (see DESIGN.md, "Speculative decoding").
+        speculate = bool(running) and speculator.wants_to_speculate(running)
+        overlap = (self.overlap_scheduling and self._num_penalised_sequences == 0
+                   and not speculate)
         if previous is not None and not overlap:
-            # Penalties arrived: finish the step in flight before scheduling the next.
+            # Penalties or proposals: finish the step in flight before scheduling the next.
             return self._finish_step(*previous)
+        if speculate:
+            speculator.propose(running)
         scheduler_output = self.scheduler.schedule()
+        if speculator is not None:
+            speculator.step_launched()
         launched = self.runner.execute_async(scheduler_output)
         if not overlap:
             return self._finish_step(scheduler_output, launched)
@@ -445,6 +492,8 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         runner_output = self.runner.collect(launched)
         changed = self.scheduler.update(scheduler_output, runner_output)
+        if self.speculator is not None:
+            self.speculator.record(scheduler_output, runner_output)
         touched: dict[str, _UserRequest] = {}
         for request in changed:
             user_request = self._sequence_owner.get(request.request_id)
@@ -465,22 +514,37 @@ class LLMEngine:
     def _advance_sequence(self, sequence: _Sequence, logprobs: list[TokenLogprobs]) -> None:
         request = sequence.request
         new_ids = request.output_token_ids[sequence.num_reported_tokens:]
+        detokenizer = sequence.detokenizer
+        delta = ""
+        if detokenizer is not None:
+            # Before the detokenizer runs, a STOPPED status can only come from a token (EOS
+            # or a stop token id): stop strings are found below.
+            stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
+            if len(new_ids) == 1:
+                delta = detokenizer.update(new_ids, stop_terminated=stopped_by_token)
+            else:
+                # Several tokens (speculative decoding): one at a time, so a stop string
+                # ends the output at the token that completed it, as without speculation.
+                for index, token_id in enumerate(new_ids):
+                    last = index == len(new_ids) - 1
+                    delta += detokenizer.update([token_id], stop_terminated=stopped_by_token and last)
+                    if detokenizer.stop_hit is not None and not last:
+                        del request.output_token_ids[sequence.num_reported_tokens + index + 1:]
+                        request.metrics.num_output_tokens = request.num_output_tokens
+                        new_ids = new_ids[: index + 1]
+                        break
+            if detokenizer.stop_hit is not None:
+                self.scheduler.finish_request(
+                    request.request_id, RequestStatus.FINISHED_STOPPED, detokenizer.stop_hit
+                )
         sequence.num_reported_tokens = request.num_output_tokens
         sequence.delta_token_ids = new_ids
         if sequence.logprobs is not None:
-            sequence.logprobs.extend(logprobs)
-        detokenizer = sequence.detokenizer
+            # Never more than the tokens kept (a stop ends a verify row's tokens early).
+            sequence.logprobs.extend(logprobs[: len(new_ids)])
         if detokenizer is None:
             sequence.delta_text = ""
             return
-        # Before the detokenizer runs, a STOPPED status can only come from a token (EOS or a
-        # stop token id): stop strings are found below.
-        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
-        delta = detokenizer.update(new_ids, stop_terminated=stopped_by_token)
-        if detokenizer.stop_hit is not None:
-            self.scheduler.finish_request(
-                request.request_id, RequestStatus.FINISHED_STOPPED, detokenizer.stop_hit
-            )
         if request.is_finished:
             delta += detokenizer.finish()
         sequence.delta_text = delta

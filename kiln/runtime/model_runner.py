@@ -18,12 +18,12 @@ per-request generators of seeded requests and its own copy of every request
 (runner_requests.py). It knows requests only through the step messages: it imports nothing
 from the scheduler, so it could run in another process that gets the messages as bytes.
 
-A row verifying k speculative tokens gets k + 1 logits rows; the runner accepts the proposed
-tokens up to the first one the model's own sample disagrees with and returns the accepted
-ones plus that sample (1..k+1 tokens). Sampling each position from the target distribution
-and accepting only exact matches keeps the output distribution the non-speculative one
-(greedy rows: identical tokens); rejection sampling against a drafter's distribution, which
-accepts more, comes with the speculative-decoding issue.
+A row verifying k speculative tokens gets k + 1 logits rows and returns 1..k+1 tokens: a
+greedy row accepts proposals while the argmax agrees, then that argmax (identical tokens to
+a run without them); a random row goes through rejection sampling against the filtered
+target distribution (the Sampler's VerifyRows, kiln/spec/rejection.py). A step of decode
+and verify rows runs as one-token rows, so it replays a decode CUDA graph
+(`_as_decode_rows`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import BatchRow, InputBuffers
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
-from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
+from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches, apply_kv_scales
 from kiln.runtime.memory_profile import MemoryProfile, cpu_kv_blocks, profile_kv_blocks
 from kiln.runtime.messages import (
     PLACEHOLDER_TOKEN_ID,
@@ -56,8 +56,10 @@ from kiln.runtime.sampler import (
     Sampler,
     SamplingMetadata,
     SamplingRow,
+    VerifyRows,
     to_token_logprobs,
 )
+from kiln.spec.rejection import emitted_tokens
 
 
 @dataclass
@@ -74,6 +76,9 @@ class LaunchedStep:
     graphed: bool = False  # a decode step replayed from a CUDA graph
     # Requests whose rows verify speculative tokens: request id → the proposed tokens.
     verified: dict[str, list[int]] = field(default_factory=dict)
+    # Of those, the random (not greedy) ones, verified by rejection sampling: their logits
+    # rows hold the emitted tokens, then NO_TOKEN.
+    rejection_sampled: set[str] = field(default_factory=set)
 
 
 class ModelRunner:
@@ -108,6 +113,7 @@ class ModelRunner:
         started = time.perf_counter()
         self.model = load_engine_model(engine_info, device, dtype, parallel=parallel)
         self.kv_cache_spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
+        apply_kv_scales(self.model, engine_info.manifest.get("build", {}), self.kv_cache_dtype)
         bytes_per_block = self.kv_cache_spec.bytes_per_block(block_size)
         _sync(device)
         self.load_seconds = time.perf_counter() - started
@@ -179,12 +185,58 @@ class ModelRunner:
         self.requests.clear()
         self.generators.clear()
 
+    def _as_decode_rows(self, rows: list[BatchRow]) -> list[BatchRow]:
+        """A step of decode rows and verify rows ([last token, *proposals], logits at every
+        token) as one-token rows: token i of a verify row becomes a decode row at position
+        num_computed_tokens + i over the same block table. Every layer writes the whole
+        step's K/V into the cache before its attention, so row i attends to the tokens
+        before it exactly as the multi-token row would (the decode kernel reads the cache),
+        and the step can replay a decode CUDA graph of batch × (1 + k) rows. Any other step
+        (prefill chunks), or one past the input buffers' rows, is returned as it is."""
+        if all(len(row.token_ids) == 1 for row in rows):
+            return rows
+        expanded: list[BatchRow] = []
+        for row in rows:
+            count = len(row.token_ids)
+            if count == 1:
+                expanded.append(row)
+            elif len(row.logits_offsets) == count:  # a verify row: logits at every token
+                first = row.num_computed_tokens
+                expanded += [BatchRow(row.request_id, [token], first + index, row.block_ids,
+                                      _ONE_TOKEN_LOGITS) for index, token in enumerate(row.token_ids)]
+            else:
+                return rows
+        if len(expanded) > self.buffers.max_num_seqs:
+            return rows
+        return expanded
+
     def _graph_size(self, rows: list[BatchRow]) -> int | None:
         if self.graphs is None:
             return None
         if not all(len(row.token_ids) == 1 and row.logits_offsets for row in rows):
             return None
         return self.graphs.size_for(len(rows))
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, rows: list[BatchRow], feed_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The logits (L, V) of rows built by the caller, not a step message: the draft
+        model's forwards (kiln/spec/draft.py), which keep their own block tables.
+        feed_token_ids (len(rows),) on the device replaces the ids of one-token rows (the
+        previous draft step's argmax, never copied to the host). A decode-only batch replays
+        a CUDA graph; its logits are a view the next replay overwrites. None when no row
+        asks for logits."""
+        graph_size = self._graph_size(rows)
+        inputs = self.buffers.prepare(rows, self.block_size, pad_to=graph_size)
+        if feed_token_ids is not None:
+            inputs.input_ids[: len(rows)].copy_(feed_token_ids)
+        if graph_size is not None:
+            return self.graphs.replay(graph_size)[: inputs.num_seqs]
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        if not inputs.logits_request_ids:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.execute_async(scheduler_output))
@@ -198,13 +250,16 @@ class ModelRunner:
         rows = self.requests.apply(scheduler_output)
         if not rows:
             return LaunchedStep([], None, None, [], None, None)
-        graph_size = self._graph_size(rows)
         rows = _decode_rows_first(rows)
-        inputs = self.buffers.prepare(rows, self.block_size, pad_to=graph_size)
+        # Verify rows as one-token rows (same logits rows, in the same order): a step of
+        # decode and verify rows then replays a decode graph.
+        forward_rows = self._as_decode_rows(rows)
+        graph_size = self._graph_size(forward_rows)
+        inputs = self.buffers.prepare(forward_rows, self.block_size, pad_to=graph_size)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
-        self._fill_placeholders(rows, inputs)
+        self._fill_placeholders(forward_rows, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
         else:
@@ -249,7 +304,10 @@ class ModelRunner:
             if record is not None:
                 records.setdefault(rid, []).append(record)
         for rid, proposed in step.verified.items():
-            sampled[rid] = accept_matching(proposed, sampled[rid])
+            if rid in step.rejection_sampled:
+                sampled[rid] = emitted_tokens(sampled[rid])
+            else:
+                sampled[rid] = accept_matching(proposed, sampled[rid])
             if rid in records:
                 del records[rid][len(sampled[rid]):]
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=records)
@@ -294,6 +352,9 @@ class ModelRunner:
     ) -> LaunchedStep:
         sampling_rows = []
         verified: dict[str, list[int]] = {}
+        # Random verify rows: (first logits row, proposals, generator) for rejection sampling.
+        rejection: list[tuple[int, list[int], torch.Generator | None]] = []
+        rejection_ids: set[str] = set()
         for row in rows:
             if not row.logits_offsets:
                 continue
@@ -311,6 +372,9 @@ class ModelRunner:
             # A verify row: after the i-th proposed token, the outputs include the first i.
             proposed = row.token_ids[len(row.token_ids) - len(row.logits_offsets) + 1 :]
             verified[row.request_id] = proposed
+            if not request.sampling_params.is_greedy:
+                rejection.append((len(sampling_rows), proposed, generator))
+                rejection_ids.add(row.request_id)
             for index in range(len(row.logits_offsets)):
                 outputs = request.output_token_ids + proposed[:index]
                 sampling_rows.append(SamplingRow(
@@ -318,7 +382,8 @@ class ModelRunner:
                     request.eos_token_id, generator,
                 ))
         metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
-        sampled = self.sampler(logits, metadata)
+        verify = VerifyRows.build(rejection, self.device) if rejection else None
+        sampled = self.sampler(logits, metadata, verify)
         self._last_sampled = sampled.sampled_token_ids
         # Overlapped steps fill a request's placeholder from its row here; verify rows are
         # never followed by one (the scheduler waits for their outcome).
@@ -339,7 +404,12 @@ class ModelRunner:
             done=self._record_event(),
             started=started,
             verified=verified,
+            rejection_sampled=rejection_ids,
         )
+
+
+# A one-token row's logits: at its token. Shared, not built per row.
+_ONE_TOKEN_LOGITS = (0,)
 
 
 def accept_matching(proposed: list[int], sampled: list[int]) -> list[int]:

@@ -57,6 +57,7 @@ from kiln.kernels.ops import use_reference_kernels
 from kiln.runtime.input_batch import int64_array
 from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.spec.rejection import rejection_sample
 
 # Random rows with a tiny temperature would overflow logits / T; below this they are
 # sampled at this temperature, which is already argmax in all but name.
@@ -354,6 +355,58 @@ _TORCH_DTYPES = {np.float32: torch.float32, np.int64: torch.int64, np.bool_: tor
 
 
 @dataclass(frozen=True)
+class VerifyRows:
+    """Random (not greedy) requests whose rows verify proposed tokens this step: their
+    tokens come from rejection sampling (kiln/spec/rejection.py) against the filtered
+    target distribution at each of their logits rows, not from the per-row race."""
+
+    # (B, K + 1) int64: each request's logits rows, padded by repeating its last one.
+    logits_rows: torch.Tensor
+    # (B, K) int64 proposals (padded with 0) and (B,) how many each request has.
+    draft_token_ids: torch.Tensor
+    num_draft: torch.Tensor
+    # Flat indices into the (B * (K + 1)) output that are real rows, and the logits row each
+    # one lands in.
+    flat_valid: torch.Tensor
+    flat_rows: torch.Tensor
+    # Batch index b → request b's own generator (seeded requests).
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # (B, K, V) the proposer's distributions, or None: point masses at the proposals.
+    draft_probs: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        requests: Sequence[tuple[int, Sequence[int], torch.Generator | None]],
+        device: torch.device,
+    ) -> VerifyRows:
+        """requests: per request (its first logits row, its proposals, its generator)."""
+        width = max(len(proposed) for _, proposed, _ in requests) + 1
+        logits_rows, drafts, num_draft, flat_valid, flat_rows = [], [], [], [], []
+        generators = {}
+        for index, (first, proposed, generator) in enumerate(requests):
+            count = len(proposed)
+            rows = [first + min(i, count) for i in range(width)]
+            logits_rows.append(rows)
+            drafts.append(list(proposed) + [0] * (width - 1 - count))
+            num_draft.append(count)
+            flat_valid += [index * width + i for i in range(count + 1)]
+            flat_rows += rows[: count + 1]
+            if generator is not None:
+                generators[index] = generator
+        tensors = _to_device({
+            "logits_rows": int64_array(list(chain.from_iterable(logits_rows))).reshape(
+                len(requests), width),
+            "draft_token_ids": int64_array(list(chain.from_iterable(drafts))).reshape(
+                len(requests), width - 1),
+            "num_draft": int64_array(num_draft),
+            "flat_valid": int64_array(flat_valid),
+            "flat_rows": int64_array(flat_rows),
+        }, device)
+        return cls(generators=generators, **tensors)
+
+
+@dataclass(frozen=True)
 class LogprobsTensors:
     """Logprobs of one step, still on the device (see the module docstring for which)."""
 
@@ -371,8 +424,10 @@ class SamplerOutput:
 class Sampler:
     """Stateless: everything per request comes in through SamplingMetadata."""
 
-    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        if _fast_path_eligible(logits, metadata):
+    def __call__(
+        self, logits: torch.Tensor, metadata: SamplingMetadata, verify: VerifyRows | None = None
+    ) -> SamplerOutput:
+        if verify is None and _fast_path_eligible(logits, metadata):
             # From the CPU generator: reading it back costs no device sync.
             seed = int(torch.randint(0, 2**62, (1,)).item())
             sampled = sampling.sample_gumbel(
@@ -410,14 +465,18 @@ class Sampler:
         if metadata.all_greedy:
             sampled = greedy_token_ids
         else:
-            sampled = self._sample_random(logits, metadata)  # (R,)
+            probs = self._filtered_probs(logits, metadata)  # (R, V)
+            sampled = self._race(probs, metadata)  # (R,)
             if metadata.any_greedy:
                 sampled = torch.where(metadata.greedy_mask, greedy_token_ids, sampled)
+            if verify is not None:
+                sampled = self._verify(probs, sampled, verify)
 
         if logprobs is None:
             return SamplerOutput(sampled_token_ids=sampled, logprobs=None)
         top_logprobs, top_token_ids = logprobs.topk(metadata.max_num_logprobs, dim=-1)
-        sampled_logprobs = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)  # (R,)
+        # clamp: a verify row past its request's last token holds NO_TOKEN (dropped later).
+        sampled_logprobs = logprobs.gather(1, sampled.clamp(min=0).unsqueeze(1)).squeeze(1)
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs=LogprobsTensors(sampled_logprobs, top_token_ids, top_logprobs),
@@ -442,9 +501,10 @@ class Sampler:
         logits.sub_(metadata.presence_penalties.unsqueeze(1) * (output_counts > 0))
 
     @staticmethod
-    def _sample_random(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        """Filter (top-k, top-p, min-p) then sample every row; the caller keeps greedy rows'
-        argmax instead. Modifies logits in place."""
+    def _filtered_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """(R, V) the distribution each random row samples from: top-k, top-p, min-p, then
+        softmax (min-p's cut is not renormalised: the race below does not need it).
+        Modifies logits in place."""
         if metadata.top_k is not None or metadata.top_p is not None:
             _apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
         probs = torch.softmax(logits, dim=-1)  # (R, V)
@@ -452,7 +512,23 @@ class Sampler:
             max_probs = probs.amax(dim=-1, keepdim=True)  # (R, 1)
             too_small = probs < metadata.min_p.unsqueeze(1) * max_probs  # (R, V)
             probs = probs.masked_fill(too_small, 0.0)  # no renormalisation needed: see below
+        return probs
 
+    @staticmethod
+    def _verify(probs: torch.Tensor, sampled: torch.Tensor, verify: VerifyRows) -> torch.Tensor:
+        """The verify requests' logits rows get rejection sampling's tokens: accepted
+        proposals, then the recovered or bonus token, then NO_TOKEN (-1)."""
+        target = probs[verify.logits_rows]  # (B, K + 1, V)
+        target = target / target.sum(dim=-1, keepdim=True)  # min-p leaves it unnormalised
+        emitted = rejection_sample(target, verify.draft_token_ids, verify.num_draft,
+                                   verify.draft_probs, verify.generators)  # (B, K + 1)
+        sampled = sampled.clone()
+        sampled[verify.flat_rows] = emitted.view(-1)[verify.flat_valid]
+        return sampled
+
+    @staticmethod
+    def _race(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Sample every row of (R, V) probabilities; the caller keeps greedy rows' argmax."""
         # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
         # p_i / sum(p), so unnormalised probabilities are fine, and it needs no cumsum or
         # host sync (unlike torch.multinomial).

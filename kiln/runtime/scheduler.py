@@ -135,12 +135,20 @@ class Scheduler:
         self._running: list[Request] = []
         # Finished or aborted since the last schedule(); reported to the runner there.
         self._finished_request_ids: list[str] = []
+        # The engine's speculative-decoding counts when it speculates (read by /metrics).
+        self.speculation_stats = None
 
     # ---- queries ----------------------------------------------------------------------
 
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def running_requests(self) -> list[Request]:
+        """The running requests, oldest first (the speculator proposes for them). The
+        scheduler's own list: read it, do not change it."""
+        return self._running
 
     @property
     def num_waiting(self) -> int:

@@ -23,6 +23,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from kiln.errors import KilnError
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.serve.auth import APIKeyMiddleware
@@ -58,7 +59,11 @@ async def _load(state: ServerState, loader: Callable[[], LLMEngine]) -> None:
     started = time.monotonic()
     try:
         engine = await asyncio.to_thread(loader)
-    except Exception as error:
+    except (KilnError, ValueError) as error:  # bad input: its one line says it all
+        state.load_error = str(error)
+        logger.error("loading the model failed: %s", error)
+        return
+    except Exception as error:  # a kiln bug: the traceback is for whoever fixes it
         state.load_error = f"{type(error).__name__}: {error}"
         logger.exception("loading the model failed")
         return
@@ -108,6 +113,7 @@ def create_app(
             if loading is not None and not loading.done():
                 loading.cancel()
             await shutdown_engine(state)
+            state.tokenizer_pool.shutdown()
 
     # No /docs or /redoc: their pages load scripts from a CDN. The schema stays.
     app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -73,6 +73,9 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     problems = []
     first_param = None
     for item in error.errors()[:8]:
+        if item.get("type") == "json_invalid":  # not a field's fault: the body is not JSON
+            detail = (item.get("ctx") or {}).get("error", "not valid JSON")
+            return f"invalid JSON in the request body: {detail}", None
         # loc starts with "body"/"query"; the rest names the field. The input itself is
         # never echoed: it may be megabytes, or bytes a terminal should not print.
         location = [str(part) for part in item.get("loc", ())[1:]]

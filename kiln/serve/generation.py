@@ -8,7 +8,6 @@ numbers in the message, so a bad request costs no engine step and never reaches 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,21 +20,20 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.serve.errors import APIError
 from kiln.serve.protocol import SamplingFields
 from kiln.serve.state import ServerState
-
-# One tokenizer call at a time, off the event loop: a multi-megabyte prompt must not stall
-# every other stream, and the tokenizer's settings are not meant to be changed concurrently.
-_tokenizer_lock = threading.Lock()
-
+from kiln.serve.tokenization import check_prompt_chars
 
 def _encode(engine: LLMEngine, text: str, add_special_tokens: bool) -> list[int]:
-    with _tokenizer_lock:
-        return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-async def encode(engine: LLMEngine, text: str, add_special_tokens: bool) -> list[int]:
+async def encode(state: ServerState, engine: LLMEngine, text: str, add_special_tokens: bool,
+                 what: str = "prompt") -> list[int]:
+    """Token ids of `text`: its length checked first, then tokenized on the server's bounded
+    tokenizer thread (tokenization.py), never on the engine loop's."""
     if engine.tokenizer is None:
         raise APIError(400, "this engine has no tokenizer: send token ids instead of text")
-    return await asyncio.to_thread(_encode, engine, text, add_special_tokens)
+    check_prompt_chars(len(text), state.max_prompt_chars(), what)
+    return await state.tokenizer_pool.run(len(text), _encode, engine, text, add_special_tokens)
 
 
 def check_token_ids(engine: LLMEngine, token_ids: list[int], what: str = "prompt") -> None:
@@ -129,6 +127,7 @@ async def stream_outputs(state: ServerState, engine: AsyncLLMEngine,
     `engine.generate` iterators then abort their requests before the next engine step.
     """
     queue: asyncio.Queue = asyncio.Queue()
+    state.output_queues.add(queue)
 
     async def pump(index: int, request_id: str) -> None:
         state.active_request_ids.add(request_id)
@@ -163,6 +162,7 @@ async def stream_outputs(state: ServerState, engine: AsyncLLMEngine,
             _observe(state, index, item, last_token_time)
             yield index, item
     finally:
+        state.output_queues.discard(queue)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,8 +1,5 @@
-"""Request size limits: headers → 431, bodies → 413, before anything is buffered.
-
-Headers are parsed by uvicorn's h11 protocol, which stops buffering at
-`h11_max_incomplete_event_size`; h11 marks that failure with status hint 431, which
-`HeaderLimitH11Protocol` passes on instead of uvicorn's generic 400.
+"""Request body limit: bodies → 413, before anything is buffered. (Request heads → 431, and
+the connection deadlines, are enforced by the protocol: connection.py.)
 
 Bodies are counted by `BodyLimitMiddleware` as they arrive, declared (Content-Length) or not
 (chunked). An oversized body is read on and thrown away (up to a bound) before the 413 is
@@ -15,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kiln.serve.errors import error_bytes
 
@@ -25,38 +20,6 @@ from kiln.serve.errors import error_bytes
 # is dropped: the 413 is a courtesy to honest clients, not an obligation to read forever.
 MAX_DRAIN_BYTES = 256 * 1024 * 1024
 MAX_DRAIN_SECONDS = 10.0
-
-
-class HeaderLimitH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, answering over-long request heads with 431."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._error_status = 400
-        next_event = self.conn.next_event
-
-        def next_event_remembering_status():
-            try:
-                return next_event()
-            except h11.RemoteProtocolError as error:
-                self._error_status = error.error_status_hint
-                raise
-
-        self.conn.next_event = next_event_remembering_status
-
-    def send_400_response(self, msg: str) -> None:
-        if self._error_status != 431:
-            super().send_400_response(msg)
-            return
-        body = error_bytes(431, "request headers too large")
-        event = h11.Response(status_code=431, reason=b"Request Header Fields Too Large", headers=[
-            (b"content-type", b"application/json"), (b"connection", b"close"),
-            (b"content-length", str(len(body)).encode()),
-        ])
-        self.transport.write(self.conn.send(event))
-        self.transport.write(self.conn.send(h11.Data(data=body)))
-        self.transport.write(self.conn.send(h11.EndOfMessage()))
-        self.transport.close()
 
 
 class BodyLimitMiddleware:

@@ -64,6 +64,8 @@ class ServerMetrics:
         self.e2e = Histogram("kiln_e2e_request_latency_seconds", "Arrival to finish",
                              labels, buckets=_LATENCY_BUCKETS, registry=registry).labels(model_name)
         self._model_name = model_name
+        from kiln.spec.metrics import SpeculationCollector  # speculative decoding's counts
+        registry.register(SpeculationCollector(lambda: getattr(scheduler(), "speculation_stats", None)))
         # Plain totals for the hit-rate gauge (prometheus counters are write-only).
         self._prompt_total = 0
         self._cached_total = 0

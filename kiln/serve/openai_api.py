@@ -9,9 +9,8 @@ aborting the engine requests if the client leaves.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 from fastapi import APIRouter, Request
@@ -31,6 +30,7 @@ from kiln.serve.protocol import (
 from kiln.serve.responses import StreamFormatter, TokenText, full_response
 from kiln.serve.state import ServerState
 from kiln.serve.streaming import DONE_EVENT, ClientDisconnected, SSEResponse, sse, until_disconnected
+from kiln.serve.tokenization import check_prompt_chars
 
 logger = logging.getLogger("kiln.serve")
 router = APIRouter()
@@ -40,14 +40,7 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.kiln
 
 
-def _reject_nul(text: str, param: str) -> None:
-    # U+0000 is valid JSON but no honest prompt has one, and C code downstream (logs,
-    # tokenizer normalisers) may cut the string at it.
-    if "\x00" in text:
-        raise APIError(400, f"{param} contains a NUL character (U+0000)", param=param)
-
-
-async def _completion_prompts(engine: LLMEngine, body: CompletionRequest, max_prompts: int) -> list[list[int]]:
+def _prompt_list(body: CompletionRequest, max_prompts: int) -> list[str | list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) or not prompt:
         prompts = [prompt]
@@ -55,11 +48,15 @@ async def _completion_prompts(engine: LLMEngine, body: CompletionRequest, max_pr
         prompts = list(prompt)
     if len(prompts) > max_prompts:
         raise APIError(400, f"at most {max_prompts} prompts per request, got {len(prompts)}", param="prompt")
+    return prompts
+
+
+async def _completion_prompts(state: ServerState, engine: LLMEngine,
+                              prompts: list[str | list[int]]) -> list[list[int]]:
     token_lists = []
     for item in prompts:
         if isinstance(item, str):
-            _reject_nul(item, "prompt")
-            item = await encode(engine, item, add_special_tokens=True)
+            item = await encode(state, engine, item, add_special_tokens=True)
         check_token_ids(engine, list(item))
         token_lists.append(list(item))
     return token_lists
@@ -68,8 +65,10 @@ async def _completion_prompts(engine: LLMEngine, body: CompletionRequest, max_pr
 async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[ChatMessage],
                        add_generation_prompt: bool, request_template: str | None) -> list[int]:
     conversation = message_dicts(messages)
-    for index, message in enumerate(conversation):
-        _reject_nul(message["content"], f"messages[{index}].content")
+    # The rendered prompt holds every message's text: too much of it is refused before the
+    # template runs, as a long prompt is before the tokenizer does.
+    conversation_chars = sum(len(m["content"]) for m in conversation)
+    check_prompt_chars(conversation_chars, state.max_prompt_chars(), "the conversation")
     if engine.tokenizer is None:
         raise APIError(400, "this engine has no tokenizer, so it has no chat template")
     if request_template is not None:
@@ -83,27 +82,37 @@ async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[Cha
             raise APIError(400, "this model has no chat template: use /v1/completions")
     settings = state.settings
     try:
-        text = await asyncio.to_thread(
-            render_chat, template, conversation, special_tokens=special_tokens_of(engine.tokenizer),
-            add_generation_prompt=add_generation_prompt,
+        text = await state.tokenizer_pool.run(
+            conversation_chars, render_chat, template, conversation,
+            special_tokens=special_tokens_of(engine.tokenizer), add_generation_prompt=add_generation_prompt,
             time_budget_s=settings.chat_template_timeout_s, max_chars=settings.chat_template_max_chars,
         )
     except TemplateError as error:
         raise APIError(400, str(error), param="chat_template") from None
-    token_ids = await encode(engine, text, add_special_tokens=False)
+    token_ids = await encode(state, engine, text, add_special_tokens=False, what="the rendered chat")
     check_token_ids(engine, token_ids, "rendered chat")
     return token_ids
 
 
+def _admit(state: ServerState, num_prompts: int, n: int) -> Callable[[], None]:
+    """Places in the bounded queue, taken before any tokenizer or template work: a request
+    the server has no room for costs nothing."""
+    if n > state.settings.max_n:
+        raise APIError(400, f"n must be <= {state.settings.max_n} on this server, got {n}", param="n")
+    return state.admit(num_prompts * n)
+
+
 async def _generate(request: Request, state: ServerState, body, chat: bool,
                     prompts: list[list[int]], max_tokens_requested: int | None,
-                    default_max_tokens: int | None, logprobs: int | None) -> Response:
+                    default_max_tokens: int | None, logprobs: int | None,
+                    release: Callable[[], None]) -> Response:
+    """Answer with the engine's output; `release` (the request's admission) is given back
+    when the answer is complete, the client left, or this raises."""
     async_engine = state.require_ready()
     engine = async_engine.llm_engine
     max_tokens = resolve_max_tokens(state, max_tokens_requested, default_max_tokens, [len(p) for p in prompts])
     params = sampling_params(body, state, max_tokens, logprobs)
     submission = Submission.new("chatcmpl" if chat else "cmpl", prompts, params)
-    release = state.admit(len(prompts) * params.n)
     token_text = TokenText(engine.tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -158,8 +167,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of must equal n (beam search is not supported)", param="best_of")
-    prompts = await _completion_prompts(engine, body, state.settings.max_prompts)
-    return await _generate(request, state, body, False, prompts, body.max_tokens, 16, body.logprobs)
+    prompt_list = _prompt_list(body, state.settings.max_prompts)
+    release = _admit(state, len(prompt_list), body.n)
+    try:
+        prompts = await _completion_prompts(state, engine, prompt_list)
+        return await _generate(request, state, body, False, prompts, body.max_tokens, 16,
+                               body.logprobs, release)
+    except BaseException:
+        release()
+        raise
 
 
 @router.post("/v1/chat/completions")
@@ -174,10 +190,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree", param="max_tokens")
-    prompt = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt, body.chat_template)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _generate(request, state, body, True, [prompt], max_tokens, None, logprobs)
+    release = _admit(state, 1, body.n)
+    try:
+        prompt = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt,
+                                    body.chat_template)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await _generate(request, state, body, True, [prompt], max_tokens, None, logprobs,
+                               release)
+    except BaseException:
+        release()
+        raise
 
 
 @router.get("/v1/models")
@@ -200,11 +223,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     engine = state.require_ready().llm_engine
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-    if body.messages is not None:
-        tokens = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt, None)
-    else:
-        _reject_nul(body.prompt, "prompt")
-        tokens = await encode(engine, body.prompt, body.add_special_tokens)
+    release = _admit(state, 1, 1)
+    try:
+        if body.messages is not None:
+            tokens = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt, None)
+        else:
+            tokens = await encode(state, engine, body.prompt, body.add_special_tokens)
+    finally:
+        release()
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
 
@@ -219,5 +245,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     for token_id in body.tokens:
         if token_id >= vocab:
             raise APIError(400, f"token id {token_id} is outside the vocabulary [0, {vocab})", param="tokens")
-    text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens)
+    text = await state.tokenizer_pool.run(len(body.tokens), engine.tokenizer.decode, body.tokens)
     return {"prompt": text}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kiln.runtime.sampling_params import (
     MAX_LOGPROBS,
@@ -38,8 +38,38 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 ShortString = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
 
 
+def _nul_field(value: object, path: str) -> str | None:
+    """The path of the first string holding U+0000 in `value`, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], int):
+            return None  # token ids: nothing to look at
+        for index, item in enumerate(value):
+            found = _nul_field(item, f"{path}.{index}")
+            if found:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _nul_field(key, f"{path} key") or _nul_field(item, f"{path}.{key}")
+            if found:
+                return found
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    @model_validator(mode="after")
+    def _no_nul_characters(self):
+        # U+0000 is valid JSON but no honest field has one, and C code downstream (logs,
+        # tokenizer normalisers, templates) may cut the string at it: refused in every
+        # string field, not only the prompt.
+        for name in type(self).model_fields:
+            found = _nul_field(getattr(self, name), name)
+            if found:
+                raise ValueError(f"{found} contains a NUL character (U+0000)")
+        return self
 
 
 class StreamOptions(_Strict):

@@ -3,6 +3,7 @@ and the admission count that bounds the queue."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -12,6 +13,7 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import MAX_N
 from kiln.serve.errors import APIError
 from kiln.serve.metrics import ServerMetrics
+from kiln.serve.tokenization import PENDING_PROMPTS_OF_WORK, TokenizerPool, max_prompt_chars_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +34,12 @@ class ServeSettings:
     # Chat template budget: wall time per render and characters of output.
     chat_template_timeout_s: float = 1.0
     chat_template_max_chars: int = 1 << 20
+    # Longest prompt text (characters), checked before the tokenizer sees it; None: derived
+    # from the model (tokenization.max_prompt_chars_for).
+    max_prompt_chars: int | None = None
+    # Characters waiting for or in the tokenizer; past it, new requests get 503. None:
+    # tokenization.PENDING_PROMPTS_OF_WORK whole-context prompts.
+    max_pending_tokenizer_chars: int | None = None
     # A template sent in the request runs code the operator did not choose: off by default.
     trust_request_chat_template: bool = False
     # /ready fails when requests are in flight but no engine step has produced output for
@@ -47,6 +55,10 @@ class ServeSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.max_n > MAX_N:
             raise ValueError(f"max_n must be <= {MAX_N}, got {self.max_n}")
+        for name in ("max_prompt_chars", "max_pending_tokenizer_chars"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
         for name in ("chat_template_timeout_s", "stall_timeout_s"):
@@ -68,6 +80,11 @@ class ServerState:
         # Engine request ids submitted and not yet finished (aborted at shutdown).
         self.active_request_ids: set[str] = set()
         self.last_progress = time.monotonic()
+        # The queues stream_outputs reads, one per request in flight: shutdown puts an error
+        # in each to end its stream cleanly (cut_streams).
+        self.output_queues: set[asyncio.Queue] = set()
+        self.tokenizer_pool = TokenizerPool(settings.max_pending_tokenizer_chars)
+        self._max_prompt_chars: int | None = settings.max_prompt_chars
         self.metrics = ServerMetrics(model_name, lambda: self.engine.scheduler if self.async_engine else None)
 
     @property
@@ -76,10 +93,19 @@ class ServerState:
             raise APIError(503, "the model is still loading", headers=self._retry_after())
         return self.async_engine.llm_engine
 
+    def max_prompt_chars(self) -> int:
+        """The longest prompt text this server tokenizes (derived once from the model)."""
+        if self._max_prompt_chars is None:
+            engine = self.engine
+            self._max_prompt_chars = max_prompt_chars_for(engine.tokenizer, engine.max_model_len)
+        if self.tokenizer_pool.max_pending_chars is None:
+            self.tokenizer_pool.max_pending_chars = PENDING_PROMPTS_OF_WORK * self._max_prompt_chars
+        return self._max_prompt_chars
+
     def not_ready_reason(self) -> str | None:
         """Why the server cannot take requests now, or None when it can."""
-        if self.load_error is not None:
-            return f"the model failed to load: {self.load_error}"
+        if self.load_error is not None:  # the details (paths) are in the server log only
+            return "the model failed to load (the server log says why)"
         if self.async_engine is None:
             return "the model is still loading"
         if self.draining:
@@ -110,6 +136,10 @@ class ServerState:
         """Take `num_sequences` places in the bounded queue, or raise 503 when it is full.
         Returns the release function (safe to call more than once)."""
         limit = self.settings.max_queued_requests
+        if num_sequences > limit:  # can never succeed: not a reason to retry
+            raise APIError(400, f"this request needs {num_sequences} sequences (prompts x n) but "
+                           f"this server holds at most {limit} at once (--max-queued-requests)",
+                           param="n", code="request_too_large")
         if self.in_flight + num_sequences > limit:
             self.metrics.rejected.inc()
             raise APIError(503, f"the server is at capacity ({self.in_flight} sequences in "
@@ -127,6 +157,13 @@ class ServerState:
                 self.in_flight -= num_sequences
 
         return release
+
+    def cut_streams(self, message: str) -> int:
+        """End every request in flight with a 503 error (an error event and [DONE] for a
+        stream); returns how many were cut."""
+        for queue in self.output_queues:
+            queue.put_nowait((-1, APIError(503, message, code="server_shutdown")))
+        return len(self.output_queues)
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()

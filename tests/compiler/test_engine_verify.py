@@ -223,7 +223,7 @@ def test_missing_files_section(engine, files):
     manifest = manifest_of(engine)
     manifest["files"] = files
     write_manifest(engine, manifest)
-    with pytest.raises(EngineFormatError, match="manifest has no 'files' section"):
+    with pytest.raises(EngineFormatError, match="invalid manifest: field 'files'"):
         open_engine(engine)
 
 

@@ -24,6 +24,7 @@ from kiln.compiler.engine_cache import resolve_engine
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.serve.app import create_app
+from kiln.serve.connection import ConnectionLimits
 from kiln.serve.server import DrainingServer, make_server
 from kiln.serve.state import ServerState, ServeSettings
 
@@ -91,15 +92,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(engine: LLMEngine | None, api_key: str | None = API_KEY,
             settings: ServeSettings | None = None, engine_loader=None,
-            shutdown_timeout: float = 10.0) -> Iterator[Server]:
+            shutdown_timeout: float = 10.0, limits: ConnectionLimits | None = None,
+            model_name: str = MODEL) -> Iterator[Server]:
     if not _serving_lock.acquire(blocking=False):
         raise RuntimeError("one server at a time: they share one LLMEngine")
     try:
         async_engine = AsyncLLMEngine(engine) if engine is not None else None
-        app = create_app(async_engine, MODEL, api_key=api_key, settings=settings,
+        app = create_app(async_engine, model_name, api_key=api_key, settings=settings,
                          engine_loader=engine_loader)
         port = free_port()
-        server = make_server(app, port=port, shutdown_timeout=shutdown_timeout, log_level="warning")
+        server = make_server(app, port=port, shutdown_timeout=shutdown_timeout, log_level="warning",
+                             limits=limits)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
