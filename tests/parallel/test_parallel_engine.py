@@ -16,7 +16,7 @@ from kiln.compiler.builder import build_engine
 from kiln.config import BuildConfig, EngineConfig
 from kiln.errors import KilnError
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import make_cpu_engine, save_tiny_hf_model, tiny_llama_config
+from tests.helpers import make_cpu_engine, run_to_completion, save_tiny_hf_model, tiny_llama_config
 
 VOCAB = 128
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]
@@ -130,3 +130,20 @@ def test_engine_config_fields():
     assert (config.tensor_parallel_size, config.pipeline_parallel_size) == (2, 2)
     with pytest.raises(ValueError):
         EngineConfig(tensor_parallel_size=0)
+
+
+@pytest.mark.slow_parallel
+def test_quantized_sharded_engine_matches_tp1(tmp_path):
+    """int8 weight-only, quantised per rank after slicing: the same greedy tokens as tp 1."""
+    save_tiny_hf_model(tiny_llama_config(num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=VOCAB), tmp_path / "hf")
+    tokens = {}
+    for tp in (1, 2):
+        build_engine(tmp_path / "hf", tmp_path / f"tp{tp}",
+                     BuildConfig(dtype="float32", quant="int8-wo"), progress=False, tp=tp)
+        with make_cpu_engine(tmp_path / f"tp{tp}") as engine:
+            outputs = run_to_completion(
+                engine, _prompts()[:3],
+                [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3)
+        tokens[tp] = [o.outputs[0].token_ids for o in outputs]
+    assert tokens[2] == tokens[1]
