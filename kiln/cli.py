@@ -13,6 +13,7 @@ from pathlib import Path
 from kiln.bench.cli import add_bench_parsers
 from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
+from kiln.evaluate.cli import add_eval_parsers
 from kiln.serve.cli import add_serve_parser
 
 EXIT_USER_ERROR = 1
@@ -126,6 +127,7 @@ def make_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks (JSON to benchmarks/results/)")
     add_bench_parsers(bench.add_subparsers(dest="bench", required=True), add_engine_args)
     add_serve_parser(commands)
+    add_eval_parsers(commands)
     return parser
 
 
