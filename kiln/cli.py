@@ -27,6 +27,9 @@ def cmd_build(args: argparse.Namespace) -> None:
     config = validated(
         BuildConfig, dtype=args.dtype, max_model_len=args.max_model_len,
         random_weights=args.random_weights, seed=args.seed, quant=args.quant,
+        group_size=args.group_size, act_scales=args.act_scales, quant_lm_head=args.quant_lm_head,
+        kv_cache_dtype=args.kv_cache_dtype, calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
     )
     hf_config = None
     if args.random_weights and args.source in PRESETS:
@@ -48,6 +51,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
           f"{c.num_heads} heads / {c.num_kv_heads} KV heads, vocab {c.vocab_size}")
     print(f"build       dtype {m['build']['dtype']}, max_model_len {m['build']['max_model_len']}, "
           f"quant {m['quant']['scheme']}, tp {m['parallel']['tp']} pp {m['parallel']['pp']}")
+    quant = {k: v for k, v in m["quant"].items() if k != "scheme" and v not in (None, [], False)}
+    if quant or m["build"].get("kv_cache_dtype", "auto") != "auto":
+        details = ", ".join(f"{k} {v}" for k, v in quant.items())
+        kv = m["build"].get("kv_cache_dtype", "auto")
+        scales = m["build"].get("kv_scales")
+        kv_note = f"KV cache {kv}" + (
+            "" if kv == "auto" else (" (calibrated scales)" if scales and scales.get("calibrated")
+                                     else " (scales 1.0, uncalibrated)"))
+        print(f"quant       {m['quant']['scheme']}: {details or 'defaults'}; {kv_note}")
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"files       {len(m['files'])} files, {total / 2**20:.1f} MiB, all sha256 verified")
     print(f"source      {m['source']['path']}")
@@ -105,7 +117,19 @@ def make_parser() -> argparse.ArgumentParser:
                        help="random weights at the source's shapes (benchmark engines)")
     build.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     build.add_argument("--quant", default="none", metavar="SCHEME",
-                       help="quantisation scheme of the weights (none: the --dtype weights)")
+                       help="quantisation scheme of the weights: none (the --dtype weights), "
+                       "fp8, int8-wo, int4-wo, keep (a quantised checkpoint's own)")
+    # Quantisation options (kiln/quant/; README "Quantization").
+    build.add_argument("--group-size", type=int, default=None,
+                       help="int8-wo/int4-wo inputs per scale (-1: per channel; int4 default 128)")
+    build.add_argument("--act-scales", choices=("dynamic", "static"), default=None,
+                       help="fp8 activation scales: per token (dynamic) or calibrated (static)")
+    build.add_argument("--quant-lm-head", action="store_true", help="quantise the LM head too")
+    build.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                       help="engine's default KV cache dtype (fp8: E4M3, per-layer scales)")
+    build.add_argument("--calibration", default=None, metavar="sharegpt|FILE",
+                       help="calibration data for static/KV/AWQ scales")
+    build.add_argument("--calibration-samples", type=int, default=None, metavar="N")
     build.add_argument("--force", action="store_true", help="replace an existing output")
     build.set_defaults(func=cmd_build)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kiln.errors import KilnError
 
 DTYPES = ("bfloat16", "float16", "float32")
+
+# `kiln build --quant keep`: the checkpoint's own quantisation (a pre-quantised checkpoint).
+KEEP_QUANTIZATION = "keep"
 
 # Step sizes: the one place they are set. A server (`kiln serve`, LLMEngine) bounds a step's
 # latency with 512 sequences / 8,192 tokens: on the H100, 128/128 offline throughput rose
@@ -44,18 +47,50 @@ class BuildConfig(BaseModel):
         "engine dtype); one of kiln.quant.config.known_quant_schemes()"
     )
 
+    group_size: int | None = Field(
+        None, description="inputs per quantisation group (int8-wo: -1 = per channel, the "
+        "default; int4-wo: default 128)"
+    )
+    act_scales: Literal["dynamic", "static"] | None = Field(
+        None, description="fp8 activation scales: per token at run time (dynamic, the default) "
+        "or one per tensor from --calibration (static)"
+    )
+    quant_lm_head: bool = Field(False, description="quantise the LM head too")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="the engine's default KV cache dtype (fp8: E4M3 with per-layer "
+        "scales, calibrated with --calibration, else 1.0)"
+    )
+    calibration: str | None = Field(
+        None, description="calibration data: 'sharegpt' or a file (activation, KV and AWQ scales)"
+    )
+    calibration_samples: int | None = Field(
+        None, ge=1, description="calibration samples (default: the calibration's own)"
+    )
+
     @field_validator("quant")
     @classmethod
     def _known_quant_scheme(cls, scheme: str) -> str:
         # Imported here: kiln.quant brings torch, and this module is read before any build.
         from kiln.quant.config import known_quant_schemes
 
-        known = known_quant_schemes()
+        known = known_quant_schemes() + [KEEP_QUANTIZATION]
         if scheme not in known:
             raise ValueError(
                 f"unknown quantisation scheme {scheme!r}; this kiln knows: {', '.join(known)}"
             )
         return scheme
+
+    @model_validator(mode="after")
+    def _consistent_quantisation(self) -> "BuildConfig":
+        if self.act_scales == "static" and not self.calibration:
+            raise ValueError("--act-scales static needs --calibration: static activation "
+                             "scales are measured by running calibration data")
+        if self.calibration_samples is not None and not self.calibration:
+            raise ValueError("--calibration-samples needs --calibration")
+        if self.calibration and self.quant == "none" and self.kv_cache_dtype == "auto":
+            raise ValueError("--calibration has nothing to calibrate without --quant or "
+                             "--kv-cache-dtype fp8")
+        return self
 
 
 def validated(cls: type[BaseModel], **values) -> BaseModel:
@@ -101,8 +136,9 @@ class EngineConfig(BaseModel):
         "auto", description="compute dtype; auto = the engine's on a GPU, float32 on the CPU "
         "(CPU bfloat16 matmuls are several times slower than float32 ones)"
     )
-    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype of the paged KV cache; auto = the compute dtype"
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8"] = Field(
+        "auto", description="dtype of the paged KV cache; auto = the engine's build choice "
+        "(--kv-cache-dtype at build), else the compute dtype; fp8 = E4M3 with per-layer scales"
     )
     enable_cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs")
     overlap_scheduling: bool | None = Field(

@@ -12,6 +12,7 @@ Every transformation that does not depend on the requests happens here, once.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from kiln.compiler.manifest import write_engine
 from kiln.compiler.verify import sha256_file
 from kiln.checkpoint.base import Checkpoint
-from kiln.config import BuildConfig
+from kiln.config import KEEP_QUANTIZATION, BuildConfig
 from kiln.errors import CheckpointError, KilnError
 from kiln.layers.linear import LinearBase
 from kiln.models.base import CausalLM
@@ -31,7 +32,9 @@ from kiln.models.registry import get_model_class
 from kiln.parallel.layout import EngineLayout
 from kiln.parallel.state import SINGLE_PROCESS
 from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
-from kiln.quant.config import quant_config_for_build
+from kiln.quant.config import QuantConfig, quant_config_for_build
+from kiln.quant.fp8 import check_fp8_device
+from kiln.runtime.kv_tensors import kv_scales_of
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
 def _random_init(model: CausalLM, seed: int) -> None:
     """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
     A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
-    method, as a checkpoint's would arrive, and quantises it after loading."""
+    method, as a checkpoint's would arrive; the builder then quantises it
+    (process_weights_after_loading), as after a checkpoint's weights."""
     # Drawn on the GPU when there is one: an 8B model's 8 G normal samples take minutes on a CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -111,7 +115,6 @@ def _random_init(model: CausalLM, seed: int) -> None:
             layer.quant_method, UnquantizedLinearMethod
         ):
             _random_init_quantized(layer, normal)
-    model.process_weights_after_loading()
 
 
 def _random_init_quantized(layer: LinearBase, normal) -> None:
@@ -126,6 +129,41 @@ def _random_init_quantized(layer: LinearBase, normal) -> None:
         layer.load_checkpoint_tensor(
             "weight", normal(shape).cpu(), part_id=part_id, source_name=f"{layer.prefix}.weight"
         )
+
+
+def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
+                  source: str | Path) -> QuantConfig:
+    """The scheme and parameters the build flags ask for (ValueError naming a bad flag)."""
+    if build_config.quant == KEEP_QUANTIZATION:
+        # A pre-quantised checkpoint's reader says what it holds (kiln/checkpoint/).
+        kept = getattr(checkpoint, "quant_config", None) if checkpoint is not None else None
+        if kept is None:
+            raise KilnError(f"--quant keep: {source} is not a quantised checkpoint this kiln "
+                            f"reads; pick a scheme (fp8, int8-wo, int4-wo) to quantise it")
+        return kept
+    if build_config.quant_lm_head:
+        raise KilnError("--quant-lm-head is not supported yet: the LM head has no quantised "
+                        "path and stays in the compute dtype; drop the flag")
+    options = {"group_size": build_config.group_size,
+               "activation_scales": build_config.act_scales}
+    if build_config.quant != "none" and build_config.calibration:
+        options.update(calibration=build_config.calibration,
+                       calibration_samples=build_config.calibration_samples)
+    return quant_config_for_build(build_config.quant, options)
+
+
+def _calibrate(model: CausalLM, build_config: BuildConfig,
+               quant_config: QuantConfig) -> QuantConfig:
+    """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
+    attention layers' KV scales and AWQ-scaled weights in place. Returns the quant config to
+    record (the calibration's, when it reports one, e.g. with the sample count it used)."""
+    if importlib.util.find_spec("kiln.quant.calibration") is None:
+        raise KilnError("calibration is not available in this build of kiln; "
+                        "drop --calibration")
+    from kiln.quant.calibration import calibrate
+
+    result = calibrate(model, build_config)
+    return getattr(result, "quant_config", None) or quant_config
 
 
 def build_engine(
@@ -151,7 +189,9 @@ def build_engine(
     model_config = model_config_from_hf(hf_config)
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
-    quant_config = quant_config_for_build(build_config.quant)
+    quant_config = _quant_config(build_config, checkpoint, source)
+    if build_config.kv_cache_dtype == "fp8" or quant_config.scheme == "fp8":
+        check_fp8_device()
 
     # Construct directly in the build dtype: an 8B model never exists in float32.
     previous_dtype = torch.get_default_dtype()
@@ -168,7 +208,12 @@ def build_engine(
         names = checkpoint.tensors.names()
         tensors = ((name, checkpoint.tensors.get(name)) for name in names)
         bar = tqdm(tensors, total=len(names), desc="converting", unit="tensor", disable=not progress)
-        model.load_checkpoint_weights(bar)
+        model.load_checkpoint_weights(bar, process=False)
+    # Quantised layers still hold their full-precision weights here and run unquantised:
+    # calibration measures activations (static and KV scales, AWQ) on that model.
+    if build_config.calibration:
+        quant_config = _calibrate(model, build_config, quant_config)
+    model.process_weights_after_loading()  # quantisation (round-to-nearest)
     compute_names = model.compute_dtype_names()
     weights = {
         name: (t.to(dtype) if name in compute_names else t).contiguous()
@@ -176,6 +221,8 @@ def build_engine(
     }
 
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
+    if build_config.kv_cache_dtype == "fp8":
+        build["kv_scales"] = kv_scales_of(model, calibrated=bool(build_config.calibration))
     generation_config = dict(checkpoint.generation_config) if checkpoint else {}
     eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
     if eos is not None:

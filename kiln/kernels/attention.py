@@ -51,9 +51,19 @@ from kiln.kernels.triton_utils import (
     dot_precision,
     launchable,
     next_power_of_2,
+    interpreter_active,
 )
+from kiln.kernels.quant_linear import to_e4m3
 
 LOG2_E = math.log2(math.e)  # kernels use exp2: scores are pre-multiplied by log2(e)
+# Whether fp8 casts are emulated (Triton's interpreter; see quant_linear.to_e4m3): fixed for
+# the process, since the interpreter is chosen before triton is imported.
+EMULATE_FP8_CAST = tl.constexpr(interpreter_active())
+# An FP8 KV cache (`--kv-cache-dtype fp8`): E4M3 of k / k_scale and v / v_scale, per layer.
+# The kernels load E4M3 straight into the dot operands (exact in bf16), fold k_scale into
+# the softmax scale and multiply the output by v_scale: no extra pass, half the KV bytes.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
 
 
 class PagedAttentionMetadata(Protocol):
@@ -78,13 +88,35 @@ def write_kv_cache_reference(
     value: torch.Tensor,  # (T, Hkv, D)
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])  # (2, slots, Hkv, D)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    flat[0, slots] = key[valid].to(kv_cache.dtype)
-    flat[1, slots] = value[valid].to(kv_cache.dtype)
+    flat[0, slots] = to_cache(key[valid], kv_cache.dtype, k_scale)
+    flat[1, slots] = to_cache(value[valid], kv_cache.dtype, v_scale)
+
+
+def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == FP8_KV_DTYPE
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """x as the cache stores it: E4M3 of x / scale (saturating) for an FP8 cache; a plain
+    cast otherwise (scales apply to FP8 only). Rounded to x's dtype first, as the kernels."""
+    if dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    scale = scale.float() if scale is not None else 1.0
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def from_cache(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A cache slice back in float32: times its scale for an FP8 cache."""
+    if x.dtype != FP8_KV_DTYPE or scale is None:
+        return x.float()
+    return x.float() * scale.float()
 
 
 def paged_attention_reference(
@@ -95,6 +127,8 @@ def paged_attention_reference(
     seq_lens: list[int],  # S: tokens with KV (cached + this step's) per sequence
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache holds key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
     """Causal attention of each sequence's new tokens over its whole cached context.
 
@@ -114,8 +148,8 @@ def paged_attention_reference(
         num_seq_blocks = -(-seq_len // block_size)
         blocks = block_tables[seq, :num_seq_blocks].long()
         kv = kv_cache[:, blocks].reshape(2, num_seq_blocks * block_size, num_kv_heads, head_dim)
-        k = kv[0, :seq_len].float().repeat_interleave(group, dim=1)  # (L, Hq, D)
-        v = kv[1, :seq_len].float().repeat_interleave(group, dim=1)  # (L, Hq, D)
+        k = from_cache(kv[0, :seq_len], k_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
+        v = from_cache(kv[1, :seq_len], v_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
         q = query[start:end].float()  # (q_len, Hq, D)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (Hq, q_len, L)
         device = query.device
@@ -140,8 +174,9 @@ def _write_kv_cache_kernel(
     value_ptr, stride_vt, stride_vh,  # (T, Hkv, D)
     cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
     slot_mapping_ptr,  # (T,) int64
+    k_scale_ptr, v_scale_ptr,  # () float32, read when FP8
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -154,8 +189,19 @@ def _write_kv_cache_kernel(
     value = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
     dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot
            + heads * stride_c_head + dims)
-    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_c_kind, value.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, quantize_for_cache(key, k_scale_ptr, cache_ptr, FP8), mask=mask)
+    tl.store(dst + stride_c_kind, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8),
+             mask=mask)
+
+
+@triton.jit
+def quantize_for_cache(x, scale_ptr, cache_ptr, FP8: tl.constexpr):
+    """x in the cache's dtype: E4M3 of x / scale, saturating, for an FP8 cache."""
+    if FP8:
+        x = tl.div_rn(x.to(tl.float32), tl.load(scale_ptr))
+        # On the CPU interpreter (its pointers are numpy-backed) round in fp32 first.
+        return to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0), EMULATE_FP8_CAST)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 def write_kv_cache(
@@ -163,6 +209,8 @@ def write_kv_cache(
     value: torch.Tensor,  # (T, Hkv, D)
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
+    k_scale: torch.Tensor | None = None,  # () float32 on the cache's device; FP8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     for name, tensor in (("key", key), ("value", value), ("kv_cache", kv_cache)):
@@ -173,11 +221,22 @@ def write_kv_cache(
         key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1),
         kv_cache, *kv_cache.stride()[:4],
-        slot_mapping,
+        slot_mapping, *kv_scale_args(kv_cache, k_scale, v_scale),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         HEADS_PAD=next_power_of_2(num_kv_heads), DIM_PAD=next_power_of_2(head_dim),
+        FP8=is_fp8_cache(kv_cache),
         num_warps=1 if num_kv_heads * head_dim <= 1024 else 4,
     )
+
+
+def kv_scale_args(kv_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale pointers a kernel reads for an FP8 cache (any tensor when it reads none)."""
+    if not is_fp8_cache(kv_cache):
+        return kv_cache, kv_cache
+    if k_scale is None or v_scale is None:
+        raise ValueError("an FP8 KV cache needs k_scale and v_scale")
+    return k_scale, v_scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +367,12 @@ def _paged_decode_kernel(
     part_out_ptr,  # (S, Hq, NUM_SPLITS, D) float32: each split's normalised output
     part_lse_ptr,  # (S, Hq, NUM_SPLITS) float32: each split's log2-sum-exp2 of scores
     qk_scale, window,
+    k_scale_ptr, v_scale_ptr,  # () float32, read when FP8
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
@@ -336,6 +397,8 @@ def _paged_decode_kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table = block_tables_ptr + seq * stride_bt
+    if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     for tile in range(kv_lo, kv_hi, BLOCK_N):
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < kv_hi
@@ -345,6 +408,8 @@ def _paged_decode_kernel(
                                          DOT_DTYPE, PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # no key (seq_len 0): zeros, like the reference
+    if FP8:
+        out = out * tl.load(v_scale_ptr)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
@@ -387,7 +452,8 @@ def _paged_decode_reduce_kernel(
 
 def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None:
     check_float("query", query)
-    check_float("kv_cache", kv_cache)
+    if not is_fp8_cache(kv_cache):
+        check_float("kv_cache", kv_cache)
     check_last_dim_contiguous("query", query)
     check_last_dim_contiguous("kv_cache", kv_cache)
     check_head_dim(query.shape[2])
@@ -407,6 +473,8 @@ def paged_decode_attention(
     num_splits: int | None = None,  # splits per sequence; default: decode_num_splits
     out: torch.Tensor | None = None,  # (S, Hq, D) to write into (a view of a larger output)
     tiling: DecodeTiling | None = None,  # default: DecodeTiling for the head_dim
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache holds key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (S, Hq, D)
     _check_attention_inputs(query, kv_cache)
     num_seqs, num_heads, head_dim = query.shape
@@ -436,12 +504,13 @@ def paged_decode_attention(
         seq_lens,
         out, out.stride(0), out.stride(1),
         part_out, part_lse,
-        scale * LOG2_E, window,
+        scale * LOG2_E, window, *kv_scale_args(kv_cache, k_scale, v_scale),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
         DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
+        FP8=is_fp8_cache(kv_cache),
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
@@ -496,9 +565,10 @@ def _paged_prefill_kernel(
     seq_lens_ptr,  # (S,) int32
     out_ptr, stride_ot, stride_oh,  # (T, Hq, D)
     qk_scale, window, num_seqs,
+    k_scale_ptr, v_scale_ptr,  # () float32, read when FP8
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     # Sequence s owns programs [first(s), first(s+1)) with first(s) = query_start_loc[s] //
     # BLOCK_M + s: strictly increasing, and at least cdiv(q_len, BLOCK_M) programs apart, so a
@@ -547,6 +617,8 @@ def _paged_prefill_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     block_table = block_tables_ptr + seq * stride_bt
+    if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     for tile in range(tile_lo, tl.minimum(full_lo, kv_hi), BLOCK_N):  # window edge: masked
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
@@ -564,6 +636,8 @@ def _paged_prefill_kernel(
                                   BLOCK_N, DOT_DTYPE, PRECISION, True)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr)
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -578,6 +652,8 @@ def paged_prefill_attention(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # (T, Hq, D) to write into (a view of a larger output)
     tiling: PrefillTiling | None = None,  # default: prefill_tiling(head_dim)
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache holds key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
     _check_attention_inputs(query, kv_cache)
     num_tokens, num_heads, head_dim = query.shape
@@ -594,9 +670,10 @@ def paged_prefill_attention(
         query_start_loc, seq_lens,
         out, out.stride(0), out.stride(1),
         scale * LOG2_E, sliding_window or NO_WINDOW, num_seqs,
+        *kv_scale_args(kv_cache, k_scale, v_scale),
         GROUP=num_heads // kv_cache.shape[3], HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
+        DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query), FP8=is_fp8_cache(kv_cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -615,6 +692,8 @@ def paged_mixed_attention(
     prefill_query_start_loc: torch.Tensor,  # (S - D + 1,) int32: query_start_loc[D:] - D
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache holds key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
     """A step that mixes decode tokens with prefill chunks, ordered decode-first by the
     runner. The prefill kernel would give each decode token a whole query block per query
@@ -635,11 +714,12 @@ def paged_mixed_attention(
     if num_decode:
         paged_decode_attention(query[:num_decode], kv_cache, block_tables[:num_decode],
                                seq_lens[:num_decode], scale, sliding_window,
-                               out=out[:num_decode])
+                               out=out[:num_decode], k_scale=k_scale, v_scale=v_scale)
     if num_decode < seq_lens.shape[0]:
         paged_prefill_attention(query[num_decode:], kv_cache, block_tables[num_decode:],
                                 prefill_query_start_loc, seq_lens[num_decode:], scale,
-                                sliding_window, out=out[num_decode:])
+                                sliding_window, out=out[num_decode:], k_scale=k_scale,
+                                v_scale=v_scale)
     return out
 
 

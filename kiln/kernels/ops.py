@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kiln.kernels import activation, attention, gemv, norm, rope as rope_kernels
+from kiln.kernels import activation, attention, gemv, norm, quant_linear, rope as rope_kernels
 from kiln.kernels.activation import gelu_tanh_reference, silu_and_mul_reference
 from kiln.kernels.attention import (
     PagedAttentionMetadata,
@@ -82,11 +82,13 @@ def write_kv_cache(
     value: torch.Tensor,  # (T, Hkv, D)
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     if _fast(key):
-        attention.write_kv_cache(key, value, kv_cache, slot_mapping)
+        attention.write_kv_cache(key, value, kv_cache, slot_mapping, k_scale, v_scale)
     else:
-        write_kv_cache_reference(key, value, kv_cache, slot_mapping)
+        write_kv_cache_reference(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
 
 def rope_and_write_kv_cache(
@@ -97,13 +99,15 @@ def rope_and_write_kv_cache(
     cos_sin_cache: torch.Tensor,  # (max_positions, rotary_dim) float32
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D) rotated query; rotated key and value are now in the cache
     if _fast(query):
         return rope_kernels.rope_and_write_kv_cache(
-            positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping
+            positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale
         )
     return rope_and_write_kv_cache_reference(
-        positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping
+        positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale
     )
 
 
@@ -113,6 +117,8 @@ def paged_attention(
     metadata: PagedAttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache holds key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
     """Causal attention of every new token over its sequence's cached context.
 
@@ -124,21 +130,23 @@ def paged_attention(
     if not _fast(query):
         return paged_attention_reference(
             query, kv_cache, metadata.block_tables, metadata.query_start_loc_host,
-            metadata.seq_lens_host, scale, sliding_window,
+            metadata.seq_lens_host, scale, sliding_window, k_scale, v_scale,
         )
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _all_single_token(query, metadata):
         return attention.paged_decode_attention(
-            query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, sliding_window
+            query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, sliding_window,
+            **scales,
         )
     num_decode = metadata.num_decode_seqs
     if num_decode and metadata.prefill_query_start_loc is not None:
         return attention.paged_mixed_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, num_decode,
-            metadata.prefill_query_start_loc, scale, sliding_window,
+            metadata.prefill_query_start_loc, scale, sliding_window, **scales,
         )
     return attention.paged_prefill_attention(
         query, kv_cache, metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
-        scale, sliding_window,
+        scale, sliding_window, **scales,
     )
 
 
@@ -146,3 +154,54 @@ def _all_single_token(query: torch.Tensor, metadata: PagedAttentionMetadata) -> 
     # As many tokens as sequences (tensor shapes, padded rows included) and no sequence with
     # more than one: then every sequence has exactly one.
     return query.shape[0] == metadata.seq_lens.shape[0] and metadata.max_query_len <= 1
+
+
+def fp8_linear(
+    x: torch.Tensor,  # (T, K)
+    weight: torch.Tensor,  # (N, K) E4M3
+    weight_scale: torch.Tensor,  # (N,) float32
+    input_scale: torch.Tensor | None,  # (1,) float32 static scale; None: per token
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # (T, N)
+    """W8A8 FP8. On CUDA: up to 16 rows the Triton GEMM quantises x in registers (one
+    kernel); more rows quantise x per token (Triton) and multiply with torch._scaled_mm."""
+    if _fast(x) and x.dim() == 2 and x.dtype == torch.bfloat16:
+        if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
+            return quant_linear.quant_linear(x.contiguous(), quant_linear.KIND_FP8, weight,
+                                             weight_scale, None, input_scale, bias)
+        x_q, x_scale = quant_linear.quantize_fp8_per_token(x.contiguous(), input_scale)
+        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale,
+                             scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
+        return y if bias is None else y + bias
+    return quant_linear.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
+
+
+def _scaled_mm_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
+
+
+def int8_weight_only_linear(
+    x: torch.Tensor,  # (T, K)
+    weight: torch.Tensor,  # (N, K) int8
+    scale: torch.Tensor,  # (N, K / G) float16
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # (T, N)
+    if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
+        return quant_linear.quant_linear(x.contiguous(), quant_linear.KIND_INT8, weight, scale,
+                                         bias=bias)
+    w = quant_linear.dequantize_int8(weight, scale)
+    return quant_linear.weight_only_linear_reference(x, w, bias)
+
+
+def int4_weight_only_linear(
+    x: torch.Tensor,  # (T, K)
+    qweight: torch.Tensor,  # (N, K / 2) uint8
+    scale: torch.Tensor,  # (N, K / G) float16
+    zero: torch.Tensor,  # (N, K / G) float16
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # (T, N)
+    if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
+        return quant_linear.quant_linear(x.contiguous(), quant_linear.KIND_INT4, qweight, scale,
+                                         zero, bias=bias)
+    w = quant_linear.dequantize_int4(qweight, scale, zero)
+    return quant_linear.weight_only_linear_reference(x, w, bias)

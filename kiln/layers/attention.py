@@ -67,8 +67,9 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
-        # The KV cache's quantisation scales (float32 scalars; 1.0 until calibrated): the
-        # FP8 KV-cache issue reads them from the engine and hands them to the cache kernels.
+        # The KV cache's quantisation scales (float32 scalars; 1.0 until calibrated): an FP8
+        # cache stores k / k_scale and v / v_scale; the engine's manifest holds them
+        # (kiln/runtime/kv_tensors.py apply_kv_scales) and the cache kernels read them.
         # Non-persistent and made on the CPU, like the RoPE tables: they survive
         # construction on the meta device, and engines without them load unchanged.
         for name in ("k_scale", "v_scale"):
@@ -94,9 +95,11 @@ class Attention(nn.Module):
             # decode step is ~350 small kernels, and each one saved is a few µs.
             query = ops.rope_and_write_kv_cache(
                 positions, query, key, value, rotary_emb.cos_sin_cache, kv_cache,
-                metadata.slot_mapping,
+                metadata.slot_mapping, self.k_scale, self.v_scale,
             )
         else:
-            ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
+            ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping, self.k_scale,
+                               self.v_scale)
+        out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
+                                  self.k_scale, self.v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

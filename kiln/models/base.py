@@ -114,9 +114,12 @@ class CausalLM(nn.Module, abc.ABC):
                 names.update(self._unfused_names(param_name))
         return names
 
-    def load_checkpoint_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_checkpoint_weights(
+        self, tensors: Iterable[tuple[str, torch.Tensor]], *, process: bool = True
+    ) -> None:
         """Copy checkpoint tensors into this model's parameters, fusing, slicing and
-        quantising as its layers declare, then run every layer's after-loading step.
+        quantising as its layers declare, then (`process`) run every layer's after-loading
+        step; the builder defers that step when calibration runs in between.
         Raises CheckpointError naming any unexpected, mis-shaped or missing tensor."""
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
@@ -146,7 +149,8 @@ class CausalLM(nn.Module, abc.ABC):
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
-        self.process_weights_after_loading()
+        if process:
+            self.process_weights_after_loading()
 
     def _does_not_belong(self, checkpoint_name: str) -> CheckpointError:
         return CheckpointError(

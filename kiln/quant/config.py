@@ -83,11 +83,35 @@ def _unknown_scheme(name: object) -> ValueError:
     )
 
 
-def quant_config_for_build(scheme: str) -> QuantConfig:
-    """The scheme `kiln build --quant SCHEME` asks for, with its default parameters."""
+def quant_config_for_build(scheme: str, options: dict | None = None) -> QuantConfig:
+    """The scheme `kiln build --quant SCHEME` asks for: its defaults, overridden by the
+    build flags in `options` (parameter name → value; None = not given). Raises ValueError
+    naming a flag the scheme has no use for, or a value it refuses."""
     if scheme not in _SCHEMES:
         raise _unknown_scheme(scheme)
-    return _SCHEMES[scheme]()
+    config_class = _SCHEMES[scheme]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    given = {name: value for name, value in (options or {}).items() if value is not None}
+    for name in given:
+        if name not in fields:
+            raise ValueError(
+                f"quantisation scheme {scheme!r} takes no {_FLAG_NAMES.get(name, name)}; "
+                f"drop the flag or pick a scheme that has it"
+            )
+    try:
+        return config_class(**given)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"scheme {scheme!r}: {error}") from None
+
+
+# Build flags by the scheme parameter they set (for messages).
+_FLAG_NAMES = {
+    "group_size": "--group-size",
+    "activation_scales": "--act-scales",
+    "quantize_lm_head": "--quant-lm-head",
+    "calibration": "--calibration",
+    "calibration_samples": "--calibration-samples",
+}
 
 
 def quant_config_from_manifest(section: object) -> QuantConfig:
@@ -119,3 +143,7 @@ class NoQuantization(QuantConfig):
 
 
 NO_QUANTIZATION = NoQuantization()
+
+
+# The schemes in their own files register themselves on import (they import this module).
+from kiln.quant import fp8, int4, int8  # noqa: E402,F401

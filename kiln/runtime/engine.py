@@ -43,6 +43,8 @@ from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+from kiln.quant.fp8 import check_fp8_device
+from kiln.runtime.kv_tensors import FP8_KV_DTYPE, kv_cache_torch_dtype
 
 PromptType = str | list[int] | dict
 
@@ -152,8 +154,11 @@ class LLMEngine:
             self.dtype = getattr(torch, config.dtype)
         else:
             self.dtype = engine_info.dtype if self.device.type == "cuda" else torch.float32
-        kv_dtype = config.kv_cache_dtype
-        self.kv_cache_dtype = self.dtype if kv_dtype == "auto" else getattr(torch, kv_dtype)
+        # KV cache dtype ("fp8": E4M3) and the FP8 device check (quantisation, issue 11).
+        self.kv_cache_dtype = kv_cache_torch_dtype(
+            config.kv_cache_dtype, self.dtype, engine_info.manifest.get("build", {}))
+        if self.kv_cache_dtype == FP8_KV_DTYPE or engine_info.quant_config.scheme == "fp8":
+            check_fp8_device(self.device)
         tokenizer_dir = engine_info.tokenizer_dir
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         eos = engine_info.generation_config.get("eos_token_id")

@@ -12,6 +12,7 @@ attend over its first slot, so it is zeroed to keep their (discarded) outputs fi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +56,44 @@ def allocate_kv_caches(
         cache[:, NULL_BLOCK].zero_()
         caches.append(cache)
     return caches
+
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def kv_cache_torch_dtype(name: str, compute_dtype: torch.dtype, build: dict) -> torch.dtype:
+    """EngineConfig.kv_cache_dtype → the cache tensors' dtype. "auto": the engine's build
+    choice (`kiln build --kv-cache-dtype fp8`), else the compute dtype; "fp8": E4M3."""
+    if name == "auto":
+        name = "fp8" if build.get("kv_cache_dtype") == "fp8" else "auto"
+    if name == "fp8":
+        return FP8_KV_DTYPE
+    return compute_dtype if name == "auto" else getattr(torch, name)
+
+
+def kv_scales_of(model: torch.nn.Module, calibrated: bool) -> dict:
+    """The attention layers' KV scales, for the manifest's build section."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    return {
+        "k": [float(layer.k_scale) for layer in layers],
+        "v": [float(layer.v_scale) for layer in layers],
+        "calibrated": calibrated,
+    }
+
+
+def apply_kv_scales(model: torch.nn.Module, build: dict, dtype: torch.dtype) -> None:
+    """Give each attention layer the KV scales its engine recorded. An FP8 cache without
+    calibrated scales runs with 1.0 (E4M3 then holds |k|, |v| up to 448, and loses precision
+    on small values): warned about once."""
+    if dtype != FP8_KV_DTYPE:
+        return
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    scales = build.get("kv_scales") or {}
+    k, v = scales.get("k"), scales.get("v")
+    if isinstance(k, list) and isinstance(v, list) and len(k) == len(v) == len(layers):
+        for layer, k_scale, v_scale in zip(layers, k, v):
+            layer.k_scale.fill_(float(k_scale))
+            layer.v_scale.fill_(float(v_scale))
+    if not scales.get("calibrated"):
+        warnings.warn("FP8 KV cache with uncalibrated scales (1.0): build with --calibration "
+                      "to measure them", stacklevel=2)

@@ -40,7 +40,7 @@ from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import BatchRow, InputBuffers
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
-from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
+from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches, apply_kv_scales
 from kiln.runtime.memory_profile import MemoryProfile, cpu_kv_blocks, profile_kv_blocks
 from kiln.runtime.messages import (
     PLACEHOLDER_TOKEN_ID,
@@ -103,6 +103,7 @@ class ModelRunner:
         started = time.perf_counter()
         self.model = load_engine_model(engine_info, device, dtype, parallel=parallel)
         self.kv_cache_spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
+        apply_kv_scales(self.model, engine_info.manifest.get("build", {}), self.kv_cache_dtype)
         bytes_per_block = self.kv_cache_spec.bytes_per_block(block_size)
         _sync(device)
         self.load_seconds = time.perf_counter() - started

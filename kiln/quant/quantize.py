@@ -1,0 +1,121 @@
+"""Build-time quantisation math (round-to-nearest), shared by the schemes, and the staging of a
+full-precision weight between loading and `process_weights_after_loading`.
+
+    fp8       w ≈ q · s          q E4M3 (max 448), s = amax(|w_row|) / 448 per output row
+    int8-wo   w ≈ q · s          q int8 in [-127, 127], s = amax(|w_group|) / 127
+    int4-wo   w ≈ (q − z) · s    q in [0, 15]; asymmetric: s = (max − min) / 15,
+                                 z = round(−min / s); symmetric: s = amax / 8, z = 8
+
+Scales are computed in float32 and stored in the contract's dtype (kiln/quant/*.py). The
+functions take the weight on any device: the builder quantises on the GPU when there is one
+(an 8B model's 8 G weights take minutes of CPU time otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.quant.placement import WEIGHT_LAYOUT, ShardPlacement, copy_into_place
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# A row or group of zeros gets this scale instead of 0 (no division by zero; q stays 0).
+_MIN_SCALE = 1e-12
+
+# The attribute a quantised layer keeps its full-precision weight in between loading and
+# process_weights_after_loading. While it is there, `apply` multiplies by it unquantised:
+# calibration (kiln/quant/calibration.py) runs the model in that state.
+FULL_PRECISION = "full_precision_weight"
+
+
+def stage_full_precision_weight(
+    layer: nn.Module, loaded: torch.Tensor, placement: ShardPlacement, source_name: str
+) -> None:
+    """Copy this rank's slice of a full-precision checkpoint weight into the layer's staging
+    buffer ((output_size, input_size), made on first use in the loaded tensor's dtype, at least
+    the build's compute dtype)."""
+    staged = getattr(layer, FULL_PRECISION, None)
+    if staged is None:
+        dtype = loaded.dtype if loaded.is_floating_point() else torch.float32
+        if dtype.itemsize < torch.get_default_dtype().itemsize:
+            dtype = torch.get_default_dtype()
+        staged = torch.zeros(layer.output_size, layer.input_size, dtype=dtype)
+        setattr(layer, FULL_PRECISION, staged)
+    copy_into_place(staged, loaded, placement, source_name, layout=WEIGHT_LAYOUT)
+
+
+def take_full_precision_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The staged weight (removed from the layer), float32, on the GPU when there is one."""
+    staged = getattr(layer, FULL_PRECISION, None)
+    if staged is None:
+        return None
+    delattr(layer, FULL_PRECISION)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return staged.to(device=device, dtype=torch.float32)
+
+
+def check_group_size(group_size: int, input_size: int, prefix: str) -> int:
+    """The group size in input features (-1: the whole row). Raises ValueError naming the
+    layer when it does not divide the layer's inputs."""
+    if group_size == -1:
+        return input_size
+    if input_size % group_size:
+        raise ValueError(
+            f"group size {group_size} does not divide {prefix}'s {input_size} input features; "
+            f"choose a group size that divides every layer's input size (e.g. 32, 64, 128)"
+        )
+    return group_size
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float → (E4M3 (out, in), float32 scales (out,))."""
+    weight = weight.float()
+    scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    q = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float → (int8 (out, in), float16 scales (out, in // group_size)), symmetric."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scale = (groups.abs().amax(dim=2) / 127.0).clamp(min=_MIN_SCALE)
+    scale = scale.to(torch.float16).float().clamp(min=6e-8)  # the stored scale is what divides
+    q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(out_features, in_features), scale.to(torch.float16)
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, zero_point: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, in) float → (packed uint8 (out, in // 2), float16 scales and zero points
+    (out, in // group_size)). Asymmetric (zero_point): the group's [min, max] (widened to
+    hold 0) maps onto [0, 15]; symmetric: z = 8 and s = amax / 8 (q − 8 in [−8, 7])."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    if zero_point:
+        low = groups.amin(dim=2).clamp(max=0.0)
+        high = groups.amax(dim=2).clamp(min=0.0)
+        scale = ((high - low) / 15.0).clamp(min=_MIN_SCALE)
+        scale = scale.to(torch.float16).float().clamp(min=6e-8)
+        zero = torch.round(-low / scale).clamp(0, 15)
+    else:
+        scale = (groups.abs().amax(dim=2) / 8.0).clamp(min=_MIN_SCALE)
+        scale = scale.to(torch.float16).float().clamp(min=6e-8)
+        zero = torch.full_like(scale, 8.0)
+    q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.reshape(out_features, in_features)
+    return pack_int4(q), scale.to(torch.float16), zero.to(torch.float16)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) values 0..15 → (out, in // 2) uint8: column 2j in the low nibble, 2j+1 high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (out, in // 2) uint8 → (out, in) uint8 in 0..15."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)

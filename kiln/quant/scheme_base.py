@@ -1,0 +1,107 @@
+"""What the quantising schemes (fp8, int8-wo, int4-wo) share: their common config fields
+(kiln/quant/README of the contract: lm-head choice, pre-quantised checkpoints, calibration
+provenance, layers kept unquantised) and the build life of a layer quantised by kiln itself:
+
+    load_checkpoint_tensor("weight")  → staged full precision (kiln/quant/quantize.py)
+    (calibration may run the model here: `apply` multiplies by the staged weight)
+    process_weights_after_loading     → round-to-nearest into the scheme's parameters
+
+A pre-quantised checkpoint (prequantized=True) hands the scheme's own tensors instead, already
+in its layout; they are copied in place and never re-quantised.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln.quant.base import QuantMethod, UnquantizedLinearMethod
+from kiln.quant.config import QuantConfig
+from kiln.quant.placement import ShardPlacement, copy_into_place
+from kiln.quant.quantize import (
+    FULL_PRECISION,
+    stage_full_precision_weight,
+    take_full_precision_weight,
+)
+
+_UNQUANTIZED = UnquantizedLinearMethod()
+LM_HEAD_PREFIX = "lm_head"
+
+
+@dataclass(frozen=True)
+class QuantizedSchemeConfig(QuantConfig):
+    """Fields every quantising scheme has (the contract's manifest "quant" section)."""
+
+    quantize_lm_head: bool = False
+    prequantized: bool = False
+    calibration: str | None = None  # the calibration source (name or file), if any
+    calibration_samples: int = 0
+    unquantized_layers: tuple[str, ...] = ()  # layer-name prefixes kept in the compute dtype
+    source_format: str | None = None  # a pre-quantised checkpoint's format
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unquantized_layers, tuple):
+            object.__setattr__(self, "unquantized_layers", tuple(self.unquantized_layers))
+        if self.calibration_samples < 0:
+            raise ValueError(f"calibration_samples must be ≥ 0, got {self.calibration_samples}")
+
+    def linear_method(self, prefix: str) -> QuantMethod:
+        if prefix == LM_HEAD_PREFIX and not self.quantize_lm_head:
+            return _UNQUANTIZED
+        if any(prefix == p or prefix.startswith(p + ".") for p in self.unquantized_layers):
+            return _UNQUANTIZED
+        return self.quantized_method()
+
+    @abc.abstractmethod
+    def quantized_method(self) -> QuantMethod:
+        """The method of a layer this scheme quantises."""
+
+
+class BuildQuantizedLinearMethod(QuantMethod):
+    """A scheme's method: quantises a staged full-precision weight at build, or takes a
+    pre-quantised checkpoint's tensors."""
+
+    # The tensors of a pre-quantised checkpoint (the scheme's parameters).
+    prequantized_names: tuple[str, ...] = ()
+
+    def __init__(self, config: QuantizedSchemeConfig) -> None:
+        self.config = config
+
+    def checkpoint_tensor_names(self) -> tuple[str, ...]:
+        return self.prequantized_names if self.config.prequantized else ("weight",)
+
+    def load_checkpoint_tensor(self, layer: nn.Module, name: str, loaded: torch.Tensor,
+                               placement: ShardPlacement, source_name: str) -> None:
+        if not self.config.prequantized and name == "weight":
+            stage_full_precision_weight(layer, loaded, placement, source_name)
+        else:
+            copy_into_place(getattr(layer, name), loaded, placement, source_name)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = take_full_precision_weight(layer)
+        if weight is not None:
+            self.quantize(layer, weight)
+
+    @abc.abstractmethod
+    def quantize(self, layer: nn.Module, weight: torch.Tensor) -> None:
+        """Fill the layer's parameters from its full-precision (out, in) float32 weight."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        staged = getattr(layer, FULL_PRECISION, None)
+        if staged is not None:  # before quantisation (calibration at build)
+            staged = staged.to(device=x.device, dtype=x.dtype)
+            return nn.functional.linear(x, staged, bias)
+        return self.apply_quantized(layer, x, bias)
+
+    @abc.abstractmethod
+    def apply_quantized(self, layer: nn.Module, x: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ dequantised weight^T (+ bias)."""
+
+
+def store(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a quantised result (maybe on the GPU) into a layer's parameter."""
+    param.data.copy_(value.to(device=param.device, dtype=param.dtype))
