@@ -47,6 +47,16 @@ class Checkpoint:
     # precision (or dequantised on reading, as GGUF without --quant keep).
     quantization: "CheckpointQuantization | None" = None
 
+    @property
+    def quant_config(self):
+        """The QuantConfig that keeps this checkpoint's quantisation (prequantized=True),
+        or None for a full-precision checkpoint (`kiln build --quant keep`)."""
+        if self.quantization is None:
+            return None
+        from kiln.quant.config import quant_config_from_manifest
+
+        return quant_config_from_manifest(self.quantization.quant_section())
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors.names():
             yield name, self.tensors.get(name)

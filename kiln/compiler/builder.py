@@ -53,13 +53,15 @@ class BuildSummary:
         )
 
 
-def read_checkpoint(source: str | Path, *, weights: bool = True) -> Checkpoint:
-    """An HF directory, an HF config.json alone (random weights), or a .gguf file."""
+def read_checkpoint(source: str | Path, *, weights: bool = True,
+                    keep_quantized: bool = False) -> Checkpoint:
+    """An HF directory, an HF config.json alone (random weights), or a .gguf file
+    (keep_quantized: its Q8_0/Q4_0/Q4_1 linears stay quantised, `--quant keep`)."""
     path = Path(source)
     if path.suffix == ".gguf":
         from kiln.checkpoint.gguf import read_gguf
 
-        return read_gguf(path)
+        return read_gguf(path, keep_quantized=keep_quantized)
     from kiln.checkpoint.hf import read_hf_directory
 
     if path.is_file() and path.name.endswith(".json"):
@@ -184,8 +186,13 @@ def build_engine(
     started = time.perf_counter()
     checkpoint = None
     if hf_config is None:
-        checkpoint = read_checkpoint(source, weights=not build_config.random_weights)
+        keep = build_config.quant == KEEP_QUANTIZATION
+        checkpoint = read_checkpoint(source, weights=not build_config.random_weights,
+                                     keep_quantized=keep)
         hf_config = checkpoint.config
+        if checkpoint.quantization is not None and not keep:
+            raise KilnError(f"{source} is a quantised checkpoint "
+                            f"({checkpoint.quantization.describe()}); build it with --quant keep")
     model_config = model_config_from_hf(hf_config)
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)

@@ -16,12 +16,16 @@ from kiln.compiler.manifest import EngineInfo, open_engine
 from kiln.errors import KilnError
 from kiln.runtime.engine import resolve_device
 from kiln.runtime.input_batch import BatchRow, prepare_inputs
-from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
+from kiln.runtime.kv_tensors import (
+    KVCacheSpec,
+    allocate_kv_caches,
+    apply_kv_scales,
+    kv_cache_torch_dtype,
+)
 
 BLOCK_SIZE = 16
 
-_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-              "fp8": torch.float8_e4m3fn}
+_KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
 
 
 def compute_dtype_for(engine: EngineInfo, device: torch.device, dtype: str = "auto") -> torch.dtype:
@@ -47,13 +51,16 @@ class TeacherForcedModel:
         self.engine = open_engine(engine_dir)
         self.device = resolve_device(device)
         self.dtype = compute_dtype_for(self.engine, self.device, dtype)
-        if kv_cache_dtype not in ("auto", *_KV_DTYPES):
+        if kv_cache_dtype not in _KV_DTYPES:
             raise KilnError(
-                f"--kv-cache-dtype {kv_cache_dtype!r}: expected auto, {', '.join(_KV_DTYPES)}"
+                f"--kv-cache-dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}"
             )
-        self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else _KV_DTYPES[kv_cache_dtype]
+        build = self.engine.manifest.get("build", {})
+        # The runtime's rules: "auto" is the engine's build choice, else the compute dtype.
+        self.kv_cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, self.dtype, build)
         self.max_window = min(max_window or self.engine.max_model_len, self.engine.max_model_len)
         self.model = load_engine_model(self.engine, self.device, self.dtype)
+        apply_kv_scales(self.model, build, self.kv_cache_dtype)
         num_blocks = -(-self.max_window // BLOCK_SIZE) + 1  # + the null block
         spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
         self.kv_caches = allocate_kv_caches(spec, num_blocks, BLOCK_SIZE, self.device)
