@@ -154,8 +154,8 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
     return quant_config_for_build(build_config.quant, options)
 
 
-def _calibrate(model: CausalLM, build_config: BuildConfig,
-               quant_config: QuantConfig) -> QuantConfig:
+def _calibrate(model: CausalLM, build_config: BuildConfig, quant_config: QuantConfig,
+               checkpoint: Checkpoint | None, progress: bool) -> QuantConfig:
     """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
     attention layers' KV scales and AWQ-scaled weights in place. Returns the quant config to
     record (the calibration's, when it reports one, e.g. with the sample count it used)."""
@@ -164,7 +164,8 @@ def _calibrate(model: CausalLM, build_config: BuildConfig,
                         "drop --calibration")
     from kiln.quant.calibration import calibrate
 
-    result = calibrate(model, build_config)
+    # The checkpoint's tokenizer reads the calibration text (none: random token ids).
+    result = calibrate(model, build_config, checkpoint=checkpoint, progress=progress)
     return getattr(result, "quant_config", None) or quant_config
 
 
@@ -219,7 +220,7 @@ def build_engine(
     # Quantised layers still hold their full-precision weights here and run unquantised:
     # calibration measures activations (static and KV scales, AWQ) on that model.
     if build_config.calibration:
-        quant_config = _calibrate(model, build_config, quant_config)
+        quant_config = _calibrate(model, build_config, quant_config, checkpoint, progress)
     model.process_weights_after_loading()  # quantisation (round-to-nearest)
     compute_names = model.compute_dtype_names()
     weights = {

@@ -84,7 +84,10 @@ def token_stream(tokenizer, texts: Iterator[str], num_tokens: int) -> list[int]:
     DOCUMENT_SEPARATOR, tokenised document by document (no special tokens)."""
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer.encode(text + DOCUMENT_SEPARATOR, add_special_tokens=False))
+        # verbose=False: a document longer than the model context is fine here (it is cut
+        # into windows), so no "sequence length is longer" warning.
+        ids.extend(tokenizer.encode(text + DOCUMENT_SEPARATOR, add_special_tokens=False,
+                                    verbose=False))
         if len(ids) >= num_tokens:
             break
     return ids

@@ -95,7 +95,7 @@ def test_text_files_jsonl_and_paragraphs(tmp_path):
     assert list(file_documents(plain)) == ["first para", "second"]
 
     class Chars:
-        def encode(self, text, add_special_tokens=False):
+        def encode(self, text, add_special_tokens=False, verbose=True):
             return [ord(c) for c in text]
 
     assert len(token_stream(Chars(), iter(["abc", "defg"]), 3)) == 5  # stops after enough
