@@ -169,3 +169,30 @@ def write_compressed_tensors(directory: Path, kind: str, seed: int = 0) -> dict[
     return {f"{name}.weight": module.weight.detach().float().clone()
             for name, module in model.named_modules()
             if any(name.endswith(l) for l in LINEARS)}
+
+
+def write_modelopt_fp8(directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A ModelOpt FP8 export: E4M3 weights with one float32 scale per tensor, static input
+    scales, KV-cache scales, and hf_quant_config.json naming the algorithm."""
+    model = save_tiny_hf_model(tiny_llama_config(), directory, seed=seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    expected = {}
+    for name in list(state):
+        if not any(name.endswith(f"{l}.weight") for l in LINEARS):
+            continue
+        module = name.removesuffix(".weight")
+        weight = state[name]
+        scale = weight.abs().max() / 448.0
+        q = (weight / scale).to(torch.float8_e4m3fn)
+        expected[name] = q.float() * scale
+        state[name] = q
+        state[f"{module}.weight_scale"] = scale.reshape(())
+        state[f"{module}.input_scale"] = torch.tensor(0.03)
+        if module.endswith(("k_proj", "v_proj")):
+            state[f"{module}.{module[-6]}_scale"] = torch.tensor(0.01)  # k_scale / v_scale
+    _rewrite(directory, state, {"quant_method": "modelopt", "quant_algo": "FP8"})
+    (directory / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.29.0"},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
+                         "exclude_modules": ["lm_head"]}}))
+    return expected

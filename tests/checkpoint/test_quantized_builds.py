@@ -14,7 +14,9 @@ from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.evaluate.forward import TeacherForcedModel
-from tests.checkpoint.quantized_writers import write_awq, write_compressed_tensors, write_gptq
+from tests.checkpoint.quantized_writers import (
+    write_awq, write_compressed_tensors, write_gptq, write_modelopt_fp8,
+)
 from tests.checkpoint.test_gguf import write_tiny_gguf
 from tests.helpers import save_tiny_hf_model, tiny_llama_config
 
@@ -43,6 +45,7 @@ def _engine_logits(engine_dir) -> torch.Tensor:
     ("ct-int8", "int8-wo", 1e-3),
     # Activations quantised to E4M3 (3 mantissa bits) at run time: the weights alone match.
     ("ct-fp8", "fp8", 0.1),
+    ("modelopt", "fp8", 0.1),
 ])
 def test_keep_builds_run_the_dequantised_weights(tmp_path, fmt, scheme, tolerance):
     source = tmp_path / "source"
@@ -50,6 +53,8 @@ def test_keep_builds_run_the_dequantised_weights(tmp_path, fmt, scheme, toleranc
         expected = write_awq(source)
     elif fmt == "gptq":
         expected = write_gptq(source)
+    elif fmt == "modelopt":
+        expected = write_modelopt_fp8(source)
     else:
         expected = write_compressed_tensors(source, fmt.removeprefix("ct-"))
     build_engine(source, tmp_path / "engine", KEEP, progress=False)

@@ -13,7 +13,7 @@ from kiln.checkpoint.hf import read_hf_directory
 from kiln.checkpoint.packing import dequantize_int4
 from kiln.errors import CheckpointError
 from tests.checkpoint.quantized_writers import (
-    set_quantization_config, write_awq, write_compressed_tensors, write_gptq,
+    set_quantization_config, write_awq, write_compressed_tensors, write_gptq, write_modelopt_fp8,
 )
 from tests.checkpoint.test_gguf import write_tiny_gguf
 
@@ -98,6 +98,23 @@ def test_unsupported_configs_name_the_field(tmp_path, writer, change, message):
     writer(tmp_path)
     set_quantization_config(tmp_path, **change)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
+        read_hf_directory(tmp_path)
+
+
+def test_modelopt_fp8(tmp_path):
+    import json
+
+    expected = write_modelopt_fp8(tmp_path)
+    checkpoint = read_hf_directory(tmp_path)
+    assert checkpoint.quantization.quant_section()["source_format"] == "modelopt"
+    _check(checkpoint, expected, "fp8", atol=1e-6)
+    names = checkpoint.tensors.names()
+    assert not any(n.endswith(("k_scale", "v_scale")) for n in names)
+    assert checkpoint.tensors.get("model.layers.1.mlp.up_proj.input_scale").shape == (1,)
+    config = json.loads((tmp_path / "hf_quant_config.json").read_text())
+    config["quantization"]["quant_algo"] = "NVFP4"
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantization.quant_algo = 'NVFP4'"):
         read_hf_directory(tmp_path)
 
 
