@@ -118,3 +118,28 @@ def test_eval_refuses_a_bad_token_count(tiny, capsys):
     _, engine = tiny
     assert main(["eval", str(engine), "--num-tokens", "0"]) == 1
     assert "--num-tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_eval_compare_and_verify_on_a_tiny_gguf(tmp_path, capsys):
+    """The whole command: a tiny GGUF (with a tokenizer) built plain and int8-wo, evaluated on
+    a text file, the JSON in the documented shape; verify names no layer against itself."""
+    from tests.checkpoint.test_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "t.gguf", hidden=64, inter=128, heads=4, kv_heads=2, layers=2)
+    assert main(["build", str(tmp_path / "t.gguf"), "-o", str(tmp_path / "plain"),
+                 "--dtype", "float32"]) == 0
+    assert main(["build", str(tmp_path / "t.gguf"), "-o", str(tmp_path / "int8"),
+                 "--dtype", "float32", "--quant", "int8-wo"]) == 0
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "hello world " * 30}) for _ in range(10)))
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path / "int8"), "--compare", str(tmp_path / "plain"),
+                 "--dataset-path", str(text), "--num-tokens", "200", "--window", "64",
+                 "--output-json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["num_tokens"] == 200
+    assert set(payload["compare"]) == {"perplexity", "ppl_delta_pct", "top1_agreement", "mean_kl"}
+    assert "top-1 agreement" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "plain"), "--against", str(tmp_path / "plain"),
+                 "--device", "cpu"]) == 0
+    assert "no layer crosses the threshold" in capsys.readouterr().out
