@@ -26,6 +26,7 @@ from kiln.checkpoint.base import Checkpoint
 from kiln.config import KEEP_QUANTIZATION, BuildConfig
 from kiln.errors import CheckpointError, KilnError
 from kiln.layers.linear import LinearBase
+from kiln.layers.loading import CheckpointLoadable
 from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.registry import get_model_class
@@ -90,7 +91,7 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _random_init(model: CausalLM, seed: int) -> None:
+def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -> set[int]:
     """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
     A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
     method, as a checkpoint's would arrive; the builder then quantises it
@@ -112,11 +113,19 @@ def _random_init(model: CausalLM, seed: int) -> None:
             param.data.fill_(1.0)
         else:
             param.data.copy_(normal(param.shape).to(param.dtype))
+    processed = set()
     for layer in model.modules():
         if isinstance(layer, LinearBase) and not isinstance(
             layer.quant_method, UnquantizedLinearMethod
         ):
             _random_init_quantized(layer, normal)
+            if quantize_each_layer:
+                # Quantised now, so only one layer's full-precision weight exists at a time
+                # (an 8B model's would be 16 GB of host memory); returned so the builder's
+                # after-loading pass skips it (that step runs once per layer).
+                layer.process_weights_after_loading()
+                processed.add(id(layer))
+    return processed
 
 
 def _random_init_quantized(layer: LinearBase, normal) -> None:
@@ -159,9 +168,6 @@ def _calibrate(model: CausalLM, build_config: BuildConfig, quant_config: QuantCo
     """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
     attention layers' KV scales and AWQ-scaled weights in place. Returns the quant config to
     record (the calibration's, when it reports one, e.g. with the sample count it used)."""
-    if importlib.util.find_spec("kiln.quant.calibration") is None:
-        raise KilnError("calibration is not available in this build of kiln; "
-                        "drop --calibration")
     from kiln.quant.calibration import calibrate
 
     # The checkpoint's tokenizer reads the calibration text (none: random token ids).
@@ -198,6 +204,8 @@ def build_engine(
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
     quant_config = _quant_config(build_config, checkpoint, source)
+    if build_config.calibration and importlib.util.find_spec("kiln.quant.calibration") is None:
+        raise KilnError("calibration is not available in this build of kiln; drop --calibration")
     if build_config.kv_cache_dtype == "fp8" or quant_config.scheme == "fp8":
         check_fp8_device()
 
@@ -210,8 +218,10 @@ def build_engine(
         )
     finally:
         torch.set_default_dtype(previous_dtype)
+    processed: set[int] = set()
     if build_config.random_weights:
-        _random_init(model, build_config.seed)
+        processed = _random_init(model, build_config.seed,
+                                 quantize_each_layer=not build_config.calibration)
     else:
         names = checkpoint.tensors.names()
         tensors = ((name, checkpoint.tensors.get(name)) for name in names)
@@ -221,7 +231,9 @@ def build_engine(
     # calibration measures activations (static and KV scales, AWQ) on that model.
     if build_config.calibration:
         quant_config = _calibrate(model, build_config, quant_config, checkpoint, progress)
-    model.process_weights_after_loading()  # quantisation (round-to-nearest)
+    for module in model.modules():  # quantisation (round-to-nearest), once per layer
+        if isinstance(module, CheckpointLoadable) and id(module) not in processed:
+            module.process_weights_after_loading()
     compute_names = model.compute_dtype_names()
     weights = {
         name: (t.to(dtype) if name in compute_names else t).contiguous()
@@ -230,7 +242,7 @@ def build_engine(
 
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
     if build_config.kv_cache_dtype == "fp8":
-        build["kv_scales"] = kv_scales_of(model, calibrated=bool(build_config.calibration))
+        build["kv_scales"] = kv_scales_of(model, bool(build_config.calibration))
     generation_config = dict(checkpoint.generation_config) if checkpoint else {}
     eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
     if eos is not None:

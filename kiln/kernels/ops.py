@@ -9,10 +9,20 @@ oracle the kernel tests compare against.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+import triton
 
-from kiln.kernels import activation, attention, gemv, norm, quant_linear, rope as rope_kernels
+from kiln.kernels import (
+    activation,
+    attention,
+    gemv,
+    norm,
+    quant_gemv,
+    quant_linear,
+    rope as rope_kernels,
+)
 from kiln.kernels.activation import gelu_tanh_reference, silu_and_mul_reference
 from kiln.kernels.attention import (
     PagedAttentionMetadata,
@@ -163,13 +173,24 @@ def fp8_linear(
     input_scale: torch.Tensor | None,  # (1,) float32 static scale; None: per token
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # (T, N)
-    """W8A8 FP8. On CUDA: up to 16 rows the Triton GEMM quantises x in registers (one
-    kernel); more rows quantise x per token (Triton) and multiply with torch._scaled_mm."""
+    """W8A8 FP8. On CUDA x is quantised per token (Triton), then up to 16 rows take the
+    tensor-core GEMV (kernels/quant_gemv.py) and more rows torch._scaled_mm with row-wise
+    scales."""
     if _fast(x) and x.dim() == 2 and x.dtype == torch.bfloat16:
-        if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
-            return quant_linear.quant_linear(x.contiguous(), quant_linear.KIND_FP8, weight,
-                                             weight_scale, None, input_scale, bias)
-        x_q, x_scale = quant_linear.quantize_fp8_per_token(x.contiguous(), input_scale)
+        x = x.contiguous()
+        if not _scaled_mm_shapes(x, weight):
+            return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
+                                             None, input_scale, bias)
+        if x.shape[0] <= quant_gemv.GEMV_ROWS and quant_gemv.KIND_FP8 not in _GEMV_FAILED:
+            x_q, x_scale = quant_linear.quantize_fp8_per_token(x, input_scale)
+            out = _guarded_gemv(quant_gemv.KIND_FP8, x_q, weight, weight_scale, None, x_scale,
+                                bias, x.dtype)
+            if out is not None:
+                return out
+        if x.shape[0] <= quant_gemv.GEMV_ROWS:
+            return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
+                                             None, input_scale, bias)
+        x_q, x_scale = quant_linear.quantize_fp8_per_token(x, input_scale)
         y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale,
                              scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
         return y if bias is None else y + bias
@@ -180,6 +201,45 @@ def _scaled_mm_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
 
 
+# Rows up to which the int8 Triton GEMM beats dequantise → cuBLAS (H200, 8B shapes: at 512
+# rows 148–694 µs against 171–1,010; at 4,096 the other way round). int4's Triton GEMM loses
+# from 17 rows on, so int4 dequantises for every M > 16.
+INT8_TRITON_MAX_ROWS = 512
+
+
+# Kinds whose tensor-core GEMV failed to compile on this GPU (see _guarded_gemv).
+_GEMV_FAILED: set[int] = set()
+
+
+def _guarded_gemv(kind, x, weight, scale, zero, x_scale, bias, out_dtype):
+    """The tensor-core GEMV, or None (after one warning) if it does not compile here: the
+    caller then takes the CUDA-core quant_linear path, which every GPU runs."""
+    try:
+        return quant_gemv.quant_gemv(x, kind, weight, scale, zero, x_scale, bias,
+                                     out_dtype=out_dtype)
+    except (triton.TritonError, RuntimeError) as error:
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        _GEMV_FAILED.add(kind)
+        warnings.warn(f"quantised GEMV (kind {kind}) unavailable on this GPU, using the "
+                      f"CUDA-core kernel: {str(error).splitlines()[0][:200]}", stacklevel=3)
+        return None
+
+
+def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    x = x.contiguous()
+    rows = x.shape[0]
+    if rows <= quant_gemv.GEMV_ROWS and kind not in _GEMV_FAILED:
+        out = _guarded_gemv(kind, x, weight, scale, zero, None, bias, x.dtype)
+        if out is not None:
+            return out
+    if kind == quant_gemv.KIND_INT8 and rows <= INT8_TRITON_MAX_ROWS or rows <= 16:
+        return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
+    dense = quant_gemv.dequantize(kind, weight, scale, zero, x.dtype)
+    return torch.nn.functional.linear(x, dense, bias)
+
+
 def int8_weight_only_linear(
     x: torch.Tensor,  # (T, K)
     weight: torch.Tensor,  # (N, K) int8
@@ -187,8 +247,7 @@ def int8_weight_only_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # (T, N)
     if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-        return quant_linear.quant_linear(x.contiguous(), quant_linear.KIND_INT8, weight, scale,
-                                         bias=bias)
+        return _weight_only(x, quant_gemv.KIND_INT8, weight, scale, None, bias)
     w = quant_linear.dequantize_int8(weight, scale)
     return quant_linear.weight_only_linear_reference(x, w, bias)
 
@@ -201,7 +260,6 @@ def int4_weight_only_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # (T, N)
     if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-        return quant_linear.quant_linear(x.contiguous(), quant_linear.KIND_INT4, qweight, scale,
-                                         zero, bias=bias)
+        return _weight_only(x, quant_gemv.KIND_INT4, qweight, scale, zero, bias)
     w = quant_linear.dequantize_int4(qweight, scale, zero)
     return quant_linear.weight_only_linear_reference(x, w, bias)

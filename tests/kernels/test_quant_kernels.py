@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.kernels import attention, ops, quant_linear, rope as rope_kernels
+from kiln.kernels import attention, ops, quant_gemv, quant_linear, rope as rope_kernels
 from kiln.kernels.quant_linear import (
     KIND_FP8,
     KIND_INT4,
@@ -213,3 +213,55 @@ def test_fp8_cache_needs_its_scales(device):
     batch, _, _ = _fp8_batch([1], [4], device)
     with pytest.raises(ValueError, match="k_scale and v_scale"):
         attention.write_kv_cache(batch.key, batch.value, batch.kv_cache, batch.slot_mapping)
+
+
+# ---- the tensor-core decode GEMV and the dequantise kernel ----------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8-g64", "int4-g64", "int4-sym-g128",
+                                    "int4-per-channel"])
+def test_decode_gemv_matches_reference(m, scheme, device, poison_outputs):
+    x, weight, bias = _inputs(m, device=device, seed=6)
+    if scheme == "fp8":
+        q, scale = (t.to(device) for t in quantize_fp8_per_channel(weight))
+        x_q, x_scale = quantize_fp8_per_token_reference(x)
+        out = quant_gemv.quant_gemv(x_q.to(device), KIND_FP8, q, scale, None, x_scale.to(device),
+                                    bias, out_dtype=x.dtype, block_k=64)
+        expected = fp8_linear_reference(x, q, scale, None, bias)
+    elif scheme.startswith("int8"):
+        group = 64 if scheme.endswith("g64") else 256
+        q, scale = (t.to(device) for t in quantize_int8(weight, group))
+        out = quant_gemv.quant_gemv(x, KIND_INT8, q, scale, bias=bias, block_k=64)
+        expected = weight_only_linear_reference(x, dequantize_int8(q, scale), bias)
+    else:
+        group = {"int4-g64": 64, "int4-sym-g128": 128, "int4-per-channel": 256}[scheme]
+        packed, scale, zero = (t.to(device) for t in quantize_int4(weight, group,
+                                                                   "sym" not in scheme))
+        out = quant_gemv.quant_gemv(x, KIND_INT4, packed, scale, zero, bias=bias, block_k=64)
+        expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero), bias)
+    _assert_close_to(out, expected, 2**-7)
+
+
+def test_decode_gemv_takes_fractional_zero_points(device):
+    """GGUF Q4_1 imports carry z = -m/d, not an integer: Σx·(q − z) must still be exact."""
+    x, weight, _ = _inputs(2, device=device, seed=7)
+    packed, scale, zero = quantize_int4(weight, 64)
+    zero = zero + 0.37
+    packed, scale, zero = packed.to(device), scale.to(device), zero.to(device)
+    out = quant_gemv.quant_gemv(x, KIND_INT4, packed, scale, zero, block_k=64)
+    expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero))
+    _assert_close_to(out, expected, 2**-7)
+
+
+@pytest.mark.parametrize("kind", [KIND_INT8, KIND_INT4])
+def test_dequantize_kernel_matches_reference(kind, device):
+    _, weight, _ = _inputs(1, n=40, seed=8)
+    if kind == KIND_INT8:
+        tensors = [t.to(device) for t in quantize_int8(weight, 64)] + [None]
+        expected = dequantize_int8(*tensors[:2])
+    else:
+        tensors = [t.to(device) for t in quantize_int4(weight, 64)]
+        expected = dequantize_int4(*tensors)
+    out = quant_gemv.dequantize(kind, *tensors, torch.float32)
+    torch.testing.assert_close(out, expected)

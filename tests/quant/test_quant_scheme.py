@@ -236,7 +236,7 @@ def test_random_weights_go_through_the_method(tmp_path):
 
 def test_build_config_names_unknown_scheme():
     with pytest.raises(ValidationError, match=r"unknown quantisation scheme 'fp9'; this kiln "
-                                              rf"knows: none, {SCHEME}"):
+                                              rf"knows: fp8, int4-wo, int8-wo, none, {SCHEME}, keep"):
         BuildConfig(quant="fp9")
 
 
@@ -245,11 +245,11 @@ def test_cli_names_unknown_scheme(built, tmp_path, capsys):
     assert main(["build", str(hf_dir), "-o", str(tmp_path / "e"), "--quant", "fp9"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kiln: error: invalid BuildConfig: quant:") and "'fp9'" in err
-    assert "this kiln knows: none" in err and not (tmp_path / "e").exists()
+    assert "this kiln knows: fp8, int4-wo, int8-wo, none" in err and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("section, needle", [
-    ({"scheme": "fp9"}, rf"unknown quantisation scheme 'fp9'; this kiln knows: none, {SCHEME}"),
+    ({"scheme": "fp9"}, rf"unknown quantisation scheme 'fp9'; this kiln knows: fp8, int4-wo, int8-wo, none, {SCHEME}"),
     ("none", r"expected an object with a 'scheme', got 'none'"),
     ({"group_size": 16}, r"'scheme' must be a scheme name, got None"),
     ({"scheme": SCHEME, "bits": 4},

@@ -1,0 +1,113 @@
+"""Quantised linear kernels on the GPU at Llama-3.1-8B shapes: µs per call and weight GB/s
+(bytes of the quantised weight and its scales over the time) for M = 1, 4, 16 against the
+bf16 GEMV/cuBLAS path, and the large-M choice for fp8 (Triton vs torch._scaled_mm) and the
+int formats (Triton vs dequantise → cuBLAS). Weights rotate through several copies so L2
+(50 MB) holds none of them. Writes quant_bench.json to --out.
+
+Usage: python benchmarks/quant_bench.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kiln.kernels import ops, quant_linear
+from kiln.kernels.quant_linear import KIND_FP8, KIND_INT4, KIND_INT8
+from kiln.quant.quantize import quantize_fp8_per_channel, quantize_int4, quantize_int8
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
+ROWS = tuple(int(m) for m in os.environ.get("QUANT_BENCH_ROWS", "1 4 16 512 4096").split())
+COPIES = 4
+
+
+def timed(fn, iterations: int = 20) -> float:
+    """µs per call: `iterations` calls captured in one CUDA graph, replayed, timed by CUDA
+    events (the host's launch overhead, ~20-60 µs per Python call, would otherwise hide a
+    20 µs kernel)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iterations):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / iterations)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    results = []
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(COPIES)]
+        formats = {
+            "bf16": [(w.to(torch.bfloat16),) for w in weights],
+            "fp8": [quantize_fp8_per_channel(w) for w in weights],
+            "int8": [quantize_int8(w, k) for w in weights],
+            "int4": [quantize_int4(w, 128) for w in weights],
+        }
+        del weights
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            turn = [0]
+
+            def pick(fmt):
+                turn[0] = (turn[0] + 1) % COPIES
+                return formats[fmt][turn[0]]
+
+            runs = {
+                "bf16": lambda: ops.linear(x, *pick("bf16"), None),
+                "fp8": lambda: ops.fp8_linear(x, *pick("fp8"), None, None),
+                "int8": lambda: ops.int8_weight_only_linear(x, *pick("int8"), None),
+                "int4": lambda: ops.int4_weight_only_linear(x, *pick("int4"), None),
+            }
+            if m > 16:
+                runs["fp8_triton"] = lambda: quant_linear.quant_linear(x, KIND_FP8, *pick("fp8"))
+                runs["int8_triton"] = lambda: quant_linear.quant_linear(x, KIND_INT8, *pick("int8"))
+                runs["int4_triton"] = lambda: quant_linear.quant_linear(x, KIND_INT4, *pick("int4"))
+            for label, fn in runs.items():
+                fmt = label.split("_")[0]
+                try:
+                    us = timed(fn, 5 if m > 16 else 20)
+                except Exception as error:  # a failing path is reported, not fatal
+                    results.append({"shape": name, "m": m, "path": label, "error": str(error)[:200]})
+                    print(f"{name:8} M={m:5} {label:22} ERROR {str(error)[:120]}")
+                    continue
+                weight_bytes = nbytes(*formats[fmt][0])
+                row = {"shape": name, "n": n, "k": k, "m": m, "path": label, "us": round(us, 2),
+                       "weight_gb_s": round(weight_bytes / us / 1e3, 1),
+                       "tflop_s": round(2 * m * n * k / us / 1e6, 1)}
+                results.append(row)
+                print(f"{name:8} M={m:5} {label:22} {us:9.1f} us {row['weight_gb_s']:8.1f} GB/s "
+                      f"{row['tflop_s']:7.1f} TFLOP/s")
+        del formats
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quant_bench.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

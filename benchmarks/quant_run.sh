@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Quantisation A/B on one GPU machine (issue 11): GPU tests, kernel microbenchmark, random
+# Llama-3.1-8B engines in bf16 / fp8 / int8-wo / int4-wo, batch-1 decode and 8k TTFT of
+# each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
+# Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
+# Usage on the GPU machine (carry .whl):
+#   bash benchmarks/quant_run.sh [tests|micro|build|latency|t128|t2048]...
+# Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
+#   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
+#   QUANT_BENCH_ROWS ("1 4 16 512 4096").
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
+kiln() { python3 -P -m kiln.cli "$@"; }
+ENGINES=${ENGINES:-"bf16 fp8 int8-wo int4-wo"}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a "$OUT/quant.txt"
+engine_dir() { echo "/tmp/llama8b-$1"; }
+bench() {  # bench STEP ENGINE ARGS...: its JSON becomes $OUT/STEP-ENGINE.json
+  local step=$1 name=$2 dir="/tmp/results-$1-$2"
+  shift 2
+  rm -rf "$dir"
+  timeout ${BENCH_TIMEOUT:-240} python3 -P -m kiln.cli bench "$@" --output-dir "$dir" > "$OUT/$step-$name.log" 2>&1
+  cp "$dir"/*.json "$OUT/$step-$name.json" 2>/dev/null
+  echo "== $step $name" | tee -a "$OUT/quant.txt"
+  grep -E "^(output_tok_s|bs1_decode_tok_s|bs1_pct_of_copy|ttft|startup_s|bs1_gpu_ms_per_step|bs1_cpu_ms_per_step|batched_gpu_ms_per_step|batched_cpu_ms_per_step|num_kv_blocks)|Error|error" \
+    "$OUT/$step-$name.log" | head -20 | tee -a "$OUT/quant.txt"
+}
+for step in "$@"; do
+  case $step in
+    tests)
+      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py \
+        > "$OUT/gpu_tests.log" 2>&1
+      tail -8 "$OUT/gpu_tests.log" | tee -a "$OUT/quant.txt" ;;
+    micro)
+      timeout ${MICRO_TIMEOUT:-90} python3 benchmarks/quant_bench.py --out "$OUT" > "$OUT/micro.log" 2>&1
+      grep -E "M=    1|M=   16|M=  512|M= 4096" "$OUT/micro.log" | tee -a "$OUT/quant.txt" ;;
+    build)
+      # All at once (each needs ~10-16 GB of host memory: quantised builds quantise layer
+      # by layer); the times printed are each build's own wall time under that sharing.
+      for name in $ENGINES; do
+        scheme=$name; [ "$name" = bf16 ] && scheme=none
+        ( /usr/bin/time -f "build $name %e s, %M KB" timeout 240 python3 -P -m kiln.cli build \
+            llama-3.1-8b --random-weights --quant $scheme -o "$(engine_dir $name)" \
+            --max-model-len 16384 > "$OUT/build-$name.log" 2>&1
+          tail -2 "$OUT/build-$name.log" | tee -a "$OUT/quant.txt" ) &
+      done
+      wait
+      df -h /tmp | tail -1 ;;
+    latency)
+      for name in $ENGINES; do
+        bench latency "$name" latency "$(engine_dir $name)" --batch-sizes 1 \
+          --ttft-lens ${LATENCY_TTFT:-128 8192} --new-tokens 200
+      done ;;
+    t128)
+      for name in ${T128_ENGINES:-fp8 bf16}; do
+        bench t128 "$name" throughput "$(engine_dir $name)" --dataset random \
+          --num-prompts ${T128_PROMPTS:-3000} --input-len 128 --output-len 128
+      done ;;
+    t2048)
+      bench t2048 fp8-fp8kv throughput "$(engine_dir fp8)" --dataset random \
+        --num-prompts ${T2048_PROMPTS:-300} --input-len 2048 --output-len 2048 --kv-cache-dtype fp8 ;;
+  esac
+done
+# Everything but the summary in one archive (the device tool returns a few files only).
+( cd "$OUT" && tar czf results.tgz --exclude=quant.txt --exclude=results.tgz . && \
+  find . -type f ! -name quant.txt ! -name results.tgz -delete )

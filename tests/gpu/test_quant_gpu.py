@@ -1,0 +1,141 @@
+"""Quantised linear kernels at Llama-3.1-8B shapes on the GPU against their torch references
+(fp8 W8A8 through the Triton GEMV and torch._scaled_mm, int8/int4 weight-only through the
+Triton kernel), CUDA-graph replay of each, and the FP8 KV cache in decode attention.
+Importable everywhere; tests/gpu/conftest.py skips it where CUDA is absent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels import attention, ops, quant_linear
+from kiln.kernels.quant_linear import (
+    dequantize_int4,
+    dequantize_int8,
+    fp8_linear_reference,
+    weight_only_linear_reference,
+)
+from kiln.quant.quantize import quantize_fp8_per_channel, quantize_int4, quantize_int8
+
+# (N, K): o, gate|up halves, down, q|k|v.
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]
+ROWS = [1, 4, 16, 64, 512, 4096]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_reference(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.fixture(scope="module")
+def quantised():
+    cache = {}
+
+    def get(scheme: str, n: int, k: int):
+        key = (scheme, n, k)
+        if key not in cache:
+            generator = torch.Generator(device="cuda").manual_seed(n + k)
+            weight = torch.randn(n, k, device="cuda", generator=generator) * 0.02
+            if scheme == "fp8":
+                cache[key] = quantize_fp8_per_channel(weight)
+            elif scheme == "int8":
+                cache[key] = quantize_int8(weight, k)
+            else:
+                cache[key] = quantize_int4(weight, 128)
+        return cache[key]
+
+    return get
+
+
+def _x(m: int, k: int) -> torch.Tensor:
+    generator = torch.Generator(device="cuda").manual_seed(m)
+    return torch.randn(m, k, device="cuda", generator=generator).to(torch.bfloat16)
+
+
+def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_fp8_linear_matches_reference(quantised, n, k, m):
+    weight, scale = quantised("fp8", n, k)
+    x = _x(m, k)
+    out = ops.fp8_linear(x, weight, scale, None, None)
+    expected = fp8_linear_reference(x, weight, scale)
+    # bf16 output rounding (and, at M > 16, _scaled_mm's own accumulation order).
+    assert _relative(out, expected) < 5e-3
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_weight_only_linear_matches_reference(quantised, scheme, n, k, m):
+    x = _x(m, k)
+    if scheme == "int8":
+        weight, scale = quantised("int8", n, k)
+        out = ops.int8_weight_only_linear(x, weight, scale, None)
+        dequantised = dequantize_int8(weight, scale)
+    else:
+        packed, scale, zero = quantised("int4", n, k)
+        out = ops.int4_weight_only_linear(x, packed, scale, zero, None)
+        dequantised = dequantize_int4(packed, scale, zero)
+    expected = weight_only_linear_reference(x, dequantised)
+    # M > 1 rounds the dequantised weight to bf16 for tl.dot: a bf16 ulp per weight.
+    assert _relative(out, expected) < 5e-3
+
+
+def test_static_fp8_and_per_token_quantiser(quantised):
+    weight, scale = quantised("fp8", 4096, 4096)
+    for m in (1, 64):
+        x = _x(m, 4096)
+        static = torch.tensor([0.02], device="cuda")
+        assert _relative(ops.fp8_linear(x, weight, scale, static, None),
+                         fp8_linear_reference(x, weight, scale, static)) < 5e-3
+    q, x_scale = quant_linear.quantize_fp8_per_token(x)
+    q_ref, scale_ref = quant_linear.quantize_fp8_per_token_reference(x)
+    torch.testing.assert_close(x_scale, scale_ref)
+    assert (q.float() == q_ref.float()).float().mean() > 0.999  # rounding ties aside
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme):
+    tensors = quantised(scheme, 4096, 4096)
+    x = torch.zeros(4, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        if scheme == "fp8":
+            return ops.fp8_linear(x, *tensors, None, None)
+        if scheme == "int8":
+            return ops.int8_weight_only_linear(x, *tensors, None)
+        return ops.int4_weight_only_linear(x, *tensors, None)
+
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.copy_(_x(4, 4096))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, run())
+
+
+def test_fp8_kv_cache_decode_attention_at_8b_shapes():
+    from tests.kernels.kernel_helpers import make_paged_batch
+
+    batch = make_paged_batch([1] * 8, [300, 2000, 17, 900, 4000, 64, 1, 1500], 32, 8, 128, 16,
+                             torch.bfloat16, "cuda")
+    k_scale = torch.tensor(0.05, device="cuda")
+    v_scale = torch.tensor(0.04, device="cuda")
+    cache = batch.kv_cache.float()
+    cache[0] /= k_scale
+    cache[1] /= v_scale
+    cache = cache.to(torch.float8_e4m3fn)
+    out = attention.paged_decode_attention(batch.query, cache, batch.block_tables,
+                                           batch.seq_lens, 0.088, k_scale=k_scale,
+                                           v_scale=v_scale)
+    expected = attention.paged_attention_reference(
+        batch.query, cache, batch.block_tables, batch.query_start_loc_host, batch.seq_lens_host,
+        0.088, None, k_scale, v_scale)
+    assert _relative(out, expected) < 1e-2
