@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--engine", action="append", required=True, metavar="NAME=DIR")
     parser.add_argument("--num-tokens", type=int, default=50_000)
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--skip-tokens", type=int, default=0,
+                        help="start after this many tokens of the stream (to extend an earlier "
+                        "run: its windows used num_tokens + num_windows tokens)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--tag", default="smollm2")
     parser.add_argument("--output-dir", default="benchmarks/results")
@@ -43,7 +46,8 @@ def main() -> None:
         name, _, directory = item.partition("=")
         engines[name] = TeacherForcedModel(directory, device=args.device, max_window=args.window)
     tokenizer = load_tokenizer(reference.engine.tokenizer_dir)
-    token_ids = token_stream(tokenizer, documents(SHAREGPT, "evaluation"), args.num_tokens + 1)
+    wanted = args.skip_tokens + args.num_tokens + 1
+    token_ids = token_stream(tokenizer, documents(SHAREGPT, "evaluation"), wanted)[args.skip_tokens:]
     results = evaluate_many(reference, engines, token_ids, window=args.window,
                             num_tokens=args.num_tokens)
     output_dir = Path(args.output_dir)
@@ -53,7 +57,7 @@ def main() -> None:
         "what": "kiln eval --compare of quantised builds against the reference build",
         "reference": str(args.reference), "device": str(reference.device),
         "compute_dtype": str(reference.dtype), "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "window": args.window, "text": "ShareGPT held-out replies "
+        "torch": torch.__version__, "window": args.window, "skip_tokens": args.skip_tokens, "text": "ShareGPT held-out replies "
         "(odd-indexed conversations; calibration uses the even ones)",
         "seconds": round(time.time() - started, 1), "engines": {},
     }
