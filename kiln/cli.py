@@ -13,6 +13,7 @@ from pathlib import Path
 from kiln.bench.cli import add_bench_parsers
 from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
+from kiln.evaluate.cli import add_eval_parsers
 from kiln.version import __version__
 from kiln.serve.cli import add_serve_parser
 from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
@@ -225,6 +226,7 @@ def make_parser() -> argparse.ArgumentParser:
                                 "--output-dir, $KILN_BENCH_DIR)")
     add_bench_parsers(bench.add_subparsers(dest="bench", required=True), add_engine_args)
     add_serve_parser(commands)
+    add_eval_parsers(commands)
     _use_help_formatter(parser)
     return parser
 

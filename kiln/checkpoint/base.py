@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from kiln.checkpoint.quantized import CheckpointQuantization
 
 
 class TensorSource(Protocol):
@@ -39,6 +42,20 @@ class Checkpoint:
     source_files: list[Path] = field(default_factory=list)
     # generation_config.json-style dict (eos_token_id, bos_token_id, ...), possibly empty.
     generation_config: dict = field(default_factory=dict)
+    # A checkpoint whose linears stay quantised (kiln/checkpoint/quantized.py): its scheme,
+    # parameters and format; the tensors are then in that scheme's layout. None: full
+    # precision (or dequantised on reading, as GGUF without --quant keep).
+    quantization: "CheckpointQuantization | None" = None
+
+    @property
+    def quant_config(self):
+        """The QuantConfig that keeps this checkpoint's quantisation (prequantized=True),
+        or None for a full-precision checkpoint (`kiln build --quant keep`)."""
+        if self.quantization is None:
+            return None
+        from kiln.quant.config import quant_config_from_manifest
+
+        return quant_config_from_manifest(self.quantization.quant_section())
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors.names():

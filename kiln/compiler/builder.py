@@ -54,13 +54,15 @@ class BuildSummary:
         )
 
 
-def read_checkpoint(source: str | Path, *, weights: bool = True) -> Checkpoint:
-    """An HF directory, an HF config.json alone (random weights), or a .gguf file."""
+def read_checkpoint(source: str | Path, *, weights: bool = True,
+                    keep_quantized: bool = False) -> Checkpoint:
+    """An HF directory, an HF config.json alone (random weights), or a .gguf file
+    (keep_quantized: its Q8_0/Q4_0/Q4_1 linears stay quantised, `--quant keep`)."""
     path = Path(source)
     if path.suffix == ".gguf":
         from kiln.checkpoint.gguf import read_gguf
 
-        return read_gguf(path)
+        return read_gguf(path, keep_quantized=keep_quantized)
     from kiln.checkpoint.hf import read_hf_directory
 
     if path.is_file() and path.name.endswith(".json"):
@@ -161,14 +163,15 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
     return quant_config_for_build(build_config.quant, options)
 
 
-def _calibrate(model: CausalLM, build_config: BuildConfig,
-               quant_config: QuantConfig) -> QuantConfig:
+def _calibrate(model: CausalLM, build_config: BuildConfig, quant_config: QuantConfig,
+               checkpoint: Checkpoint | None, progress: bool) -> QuantConfig:
     """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
     attention layers' KV scales and AWQ-scaled weights in place. Returns the quant config to
     record (the calibration's, when it reports one, e.g. with the sample count it used)."""
     from kiln.quant.calibration import calibrate
 
-    result = calibrate(model, build_config)
+    # The checkpoint's tokenizer reads the calibration text (none: random token ids).
+    result = calibrate(model, build_config, checkpoint=checkpoint, progress=progress)
     return getattr(result, "quant_config", None) or quant_config
 
 
@@ -193,8 +196,13 @@ def build_engine(
     started = time.perf_counter()
     checkpoint = None
     if hf_config is None:
-        checkpoint = read_checkpoint(source, weights=not build_config.random_weights)
+        keep = build_config.quant == KEEP_QUANTIZATION
+        checkpoint = read_checkpoint(source, weights=not build_config.random_weights,
+                                     keep_quantized=keep)
         hf_config = checkpoint.config
+        if checkpoint.quantization is not None and not keep:
+            raise KilnError(f"{source} is a quantised checkpoint "
+                            f"({checkpoint.quantization.describe()}); build it with --quant keep")
     model_config = model_config_from_hf(hf_config)
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
@@ -234,7 +242,7 @@ def build_engine(
     # Quantised layers still hold their full-precision weights here and run unquantised:
     # calibration measures activations (static and KV scales, AWQ) on that model.
     if build_config.calibration:
-        quant_config = _calibrate(model, build_config, quant_config)
+        quant_config = _calibrate(model, build_config, quant_config, checkpoint, progress)
     for module in model.modules():  # quantisation (round-to-nearest), once per layer
         if isinstance(module, CheckpointLoadable) and id(module) not in processed:
             module.process_weights_after_loading()

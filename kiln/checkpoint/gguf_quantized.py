@@ -1,0 +1,66 @@
+"""GGUF linears kept quantised (`kiln build x.gguf --quant keep`): llama.cpp's Q8_0, Q4_0 and
+Q4_1 blocks converted to kiln's int8-wo / int4-wo layout, groups of 32, no re-quantising.
+
+A block covers 32 consecutive input columns of one row (ggml's block layouts):
+
+    Q8_0  34 bytes: d (float16), 32 × int8 q             w = q · d
+    Q4_0  18 bytes: d (float16), 16 bytes of nibbles     w = (q − 8) · d
+    Q4_1  20 bytes: d, m (float16), 16 bytes of nibbles  w = q · d + m = (q − (−m/d)) · d
+    nibbles: byte j holds column j (low nibble) and column j + 16 (high nibble)
+
+so Q8_0 → int8-wo, scale d; Q4_0 → int4-wo, scale d, zero 8; Q4_1 → int4-wo, scale d,
+zero −m/d (fractional; float16 keeps it to 2⁻¹⁰ relative, well inside one step). A Q4_1
+block with d = 0 holds one value m (all q are 0): zero −1 and scale m give it back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from kiln.checkpoint.packing import pack_int4_rows
+
+BLOCK = 32
+KEEPABLE = {
+    GGMLQuantizationType.Q8_0: ("int8-wo", 34),
+    GGMLQuantizationType.Q4_0: ("int4-wo", 18),
+    GGMLQuantizationType.Q4_1: ("int4-wo", 20),
+}
+# The tensor names each scheme's layer holds (the quantisation contract).
+OUTPUT_NAMES = {"int8-wo": ("weight", "weight_scale"),
+                "int4-wo": ("qweight", "weight_scale", "weight_zero")}
+
+
+def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> np.ndarray:  # (rows, nb, bytes)
+    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1, block_bytes)
+
+
+def _f16(blocks: np.ndarray, offset: int) -> torch.Tensor:  # (rows, nb) float16
+    return torch.from_numpy(blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0])
+
+
+def _nibble_columns(packed: np.ndarray) -> torch.Tensor:  # (rows, nb, 16) → (rows, nb·32)
+    low, high = packed & 0xF, packed >> 4
+    return torch.from_numpy(np.concatenate([low, high], axis=-1).reshape(packed.shape[0], -1))
+
+
+def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int) -> dict[str, torch.Tensor]:
+    """One GGUF tensor's raw blocks → its contract tensors by name (rows in file order)."""
+    scheme, block_bytes = KEEPABLE[ggml_type]
+    blocks = _blocks(raw, rows, block_bytes)
+    if ggml_type == GGMLQuantizationType.Q8_0:
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1))
+        return {"weight": q, "weight_scale": _f16(blocks, 0)}
+    d = _f16(blocks, 0)
+    q = _nibble_columns(blocks[..., 2 if ggml_type == GGMLQuantizationType.Q4_0 else 4 :])
+    if ggml_type == GGMLQuantizationType.Q4_0:
+        zero = torch.full_like(d, 8.0)
+        scale = d
+    else:
+        m = _f16(blocks, 2).float()
+        d32 = d.float()
+        empty = d32 == 0
+        zero = torch.where(empty, -1.0, -m / torch.where(empty, 1.0, d32)).to(torch.float16)
+        scale = torch.where(empty, m, d32).to(torch.float16)
+    return {"qweight": pack_int4_rows(q), "weight_scale": scale, "weight_zero": zero}

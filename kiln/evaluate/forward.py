@@ -1,0 +1,90 @@
+"""An engine's model run directly on whole token windows (teacher forcing), not through the
+generation engine: one full-sequence forward per window over a private paged KV cache just
+large enough for it, logits at every position.
+
+Used by `kiln eval` (perplexity, agreement, KL) and `kiln verify` (per-layer diffs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kiln.compiler.loader import load_engine_model
+from kiln.compiler.manifest import EngineInfo, open_engine
+from kiln.errors import KilnError
+from kiln.runtime.engine import resolve_device
+from kiln.runtime.input_batch import BatchRow, prepare_inputs
+from kiln.runtime.kv_tensors import (
+    KVCacheSpec,
+    allocate_kv_caches,
+    apply_kv_scales,
+    kv_cache_torch_dtype,
+)
+
+BLOCK_SIZE = 16
+
+_KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
+
+
+def compute_dtype_for(engine: EngineInfo, device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """EngineConfig's rule: the engine's dtype on a GPU, float32 on the CPU (where bf16
+    matmuls are several times slower), unless a dtype is given."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return engine.dtype if device.type == "cuda" else torch.float32
+
+
+class TeacherForcedModel:
+    """One engine's model on a device, giving the logits of every position of a window."""
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
+        max_window: int | None = None,
+    ) -> None:
+        self.engine = open_engine(engine_dir)
+        self.device = resolve_device(device)
+        self.dtype = compute_dtype_for(self.engine, self.device, dtype)
+        if kv_cache_dtype not in _KV_DTYPES:
+            raise KilnError(
+                f"--kv-cache-dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}"
+            )
+        build = self.engine.manifest.get("build", {})
+        # The runtime's rules: "auto" is the engine's build choice, else the compute dtype.
+        self.kv_cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, self.dtype, build)
+        self.max_window = min(max_window or self.engine.max_model_len, self.engine.max_model_len)
+        self.model = load_engine_model(self.engine, self.device, self.dtype)
+        apply_kv_scales(self.model, build, self.kv_cache_dtype)
+        num_blocks = -(-self.max_window // BLOCK_SIZE) + 1  # + the null block
+        spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
+        self.kv_caches = allocate_kv_caches(spec, num_blocks, BLOCK_SIZE, self.device)
+        self.block_ids = list(range(1, num_blocks))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @torch.no_grad()
+    def hidden_states(self, token_ids: list[int]) -> torch.Tensor:  # (T, H)
+        """The final hidden states of one window (len ≤ max_window), from an empty cache."""
+        if not 0 < len(token_ids) <= self.max_window:
+            raise KilnError(f"a window of {len(token_ids)} tokens; this model takes 1..{self.max_window}")
+        row = BatchRow(
+            request_id="eval",
+            token_ids=token_ids,
+            num_computed_tokens=0,
+            block_ids=self.block_ids[: -(-len(token_ids) // BLOCK_SIZE)],
+            logits_offsets=tuple(range(len(token_ids))),
+        )
+        inputs = prepare_inputs([row], BLOCK_SIZE, self.device)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:  # (T, V) float32
+        return self.model.compute_logits(self.hidden_states(token_ids)).float()

@@ -1,0 +1,167 @@
+"""`kiln eval`: perplexity of an engine on held-out text and, against a second engine,
+teacher-forced top-1 agreement, mean KL divergence and the perplexity delta.
+
+The token stream is cut into consecutive windows of `window` tokens; each window is one
+forward from an empty cache, and every position but the window's first predicts the next
+token. `num_tokens` counts predicted tokens. With a comparison engine both models see the
+same windows; per predicted position:
+
+    top-1 agreement   argmax of the engine's logits == argmax of the other's
+    KL                KL(P_other || P_engine) = Σ_v P_other(v) (log P_other(v) − log P_engine(v))
+                      (the other engine is the reference: a quantised engine is compared
+                      --compare against its full-precision build)
+    perplexity        exp(mean negative log-likelihood of the actual next tokens)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from kiln.evaluate.forward import TeacherForcedModel
+
+
+@dataclass
+class _Totals:
+    """Running sums of one engine over the predicted positions seen so far."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    agree: int = 0  # positions whose argmax equals the reference's
+    kl: float = 0.0  # Σ KL(P_reference || P_engine)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    perplexity: float  # the other (reference) engine's
+    ppl_delta_pct: float  # (engine − other) / other, in percent
+    top1_agreement: float  # fraction of predicted positions, 0..1
+    mean_kl: float  # nats per predicted position
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    num_tokens: int
+    compare: CompareResult | None
+
+    def to_json(self) -> dict:
+        compare = None
+        if self.compare is not None:
+            c = self.compare
+            compare = {"perplexity": c.perplexity, "ppl_delta_pct": c.ppl_delta_pct,
+                       "top1_agreement": c.top1_agreement, "mean_kl": c.mean_kl}
+        return {"perplexity": self.perplexity, "num_tokens": self.num_tokens, "compare": compare}
+
+
+def windows(token_ids: list[int], window: int, num_tokens: int) -> list[list[int]]:
+    """Consecutive windows (each ≥ 2 tokens) predicting at most `num_tokens` tokens."""
+    out, start, predicted = [], 0, 0
+    while predicted < num_tokens and len(token_ids) - start >= 2:
+        size = min(window, len(token_ids) - start, num_tokens - predicted + 1)
+        if size < 2:
+            break
+        out.append(token_ids[start : start + size])
+        predicted += size - 1
+        start += size
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: TeacherForcedModel,
+    token_ids: list[int],
+    *,
+    window: int,
+    num_tokens: int,
+    other: TeacherForcedModel | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity of `model` on `token_ids` (and the comparison with `other`)."""
+    if other is None:
+        return evaluate_many(model, {}, token_ids, window=window, num_tokens=num_tokens,
+                             progress=progress)["reference"]
+    return evaluate_many(other, {"engine": model}, token_ids, window=window,
+                         num_tokens=num_tokens, progress=progress)["engine"]
+
+
+@torch.no_grad()
+def evaluate_many(
+    reference: TeacherForcedModel,
+    engines: dict[str, TeacherForcedModel],
+    token_ids: list[int],
+    *,
+    window: int,
+    num_tokens: int,
+    progress: bool = True,
+) -> dict[str, EvalResult]:
+    """Each engine compared with one reference on the same windows, the reference's
+    forward run once per window (quality tables of several quantised builds). Returns
+    EvalResults by name, and the reference's own under "reference"."""
+    totals = {name: _Totals() for name in ("reference", *engines)}
+    chunks = windows(token_ids, window, num_tokens)
+    bar = tqdm(total=sum(len(c) - 1 for c in chunks), desc="evaluating", unit="tok",
+               disable=not progress)
+    for chunk in chunks:
+        targets = torch.tensor(chunk[1:], device=reference.device)  # (T-1,)
+        reference_log_probs = torch.log_softmax(reference.logits(chunk)[:-1], dim=-1)  # (T-1, V)
+        reference_probs = reference_log_probs.exp()
+        reference_top1 = reference_log_probs.argmax(-1)
+        _accumulate(totals["reference"], reference_log_probs, targets)
+        for name, model in engines.items():
+            log_probs = torch.log_softmax(model.logits(chunk)[:-1], dim=-1).to(reference.device)
+            total = totals[name]
+            _accumulate(total, log_probs, targets)
+            total.agree += int((log_probs.argmax(-1) == reference_top1).sum())
+            # 0 · log 0 is 0: a token the reference rules out costs nothing.
+            kl = torch.where(  # (T-1, V)
+                reference_probs > 0, reference_probs * (reference_log_probs - log_probs), 0.0
+            )
+            total.kl += float(kl.sum())
+            del log_probs, kl
+        bar.update(len(targets))
+    bar.close()
+    base = totals["reference"]
+    results = {"reference": EvalResult(base.perplexity, base.tokens, None)}
+    for name in engines:
+        total = totals[name]
+        compare = None
+        if total.tokens:
+            compare = CompareResult(
+                perplexity=base.perplexity,
+                ppl_delta_pct=100.0 * (total.perplexity - base.perplexity) / base.perplexity,
+                top1_agreement=total.agree / total.tokens,
+                mean_kl=total.kl / total.tokens,
+            )
+        results[name] = EvalResult(total.perplexity, total.tokens, compare)
+    return results
+
+
+def _accumulate(total: _Totals, log_probs: torch.Tensor, targets: torch.Tensor) -> None:
+    total.nll += float(-log_probs.gather(1, targets[:, None]).sum())  # (T-1, V), (T-1,)
+    total.tokens += len(targets)
+
+
+def format_table(result: EvalResult, engine_name: str, other_name: str | None) -> str:
+    """Side by side: the engine, the other engine, and the difference."""
+    rows = [f"tokens evaluated  {result.num_tokens:,}"]
+    if result.compare is None:
+        rows.append(f"perplexity        {result.perplexity:.4f}   ({engine_name})")
+        return "\n".join(rows)
+    c = result.compare
+    width = max(len(engine_name), len(other_name or ""), 10)
+    rows += [
+        f"{'':18}{engine_name:>{width}}  {other_name:>{width}}  {'delta':>10}",
+        f"{'perplexity':18}{result.perplexity:>{width}.4f}  {c.perplexity:>{width}.4f}  "
+        f"{c.ppl_delta_pct:>+9.3f}%",
+        f"{'top-1 agreement':18}{100 * c.top1_agreement:>{width - 1}.3f}%",
+        f"{'mean KL (nats)':18}{c.mean_kl:>{width}.5f}",
+    ]
+    return "\n".join(rows)

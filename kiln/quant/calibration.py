@@ -1,0 +1,271 @@
+"""Calibration at build (`kiln build --calibration sharegpt|FILE`): run real text through the
+model while its quantised layers still hold their full-precision weights (the builder calls
+`calibrate` between loading and quantising; kiln/quant/quantize.py), and measure
+
+    per linear layer   max |x| of its input over every token      → fp8 static input_scale
+                       (amax / 448, --act-scales static)
+                       mean |x| per input channel and a sample of   → AWQ (kiln/quant/awq.py)
+                       input rows                                       for int4-wo
+    per attention      max |k|, max |v| as written to the cache      → k_scale, v_scale
+                       (after RoPE)                                     (amax / 448, fp8 KV)
+
+Data: the calibration half of ShareGPT's assistant replies (even-indexed conversations; `kiln
+eval` uses the odd ones, see kiln/evaluate/corpus.py) or a text/JSONL file, cut into
+`--calibration-samples` samples of SAMPLE_TOKENS tokens. A random-weight build has no
+tokenizer: it calibrates on random token ids (for timing; its scales mean nothing).
+
+Runs on the GPU when there is one (the model moves there for the forward and back after),
+else on the CPU in float32 (bf16 matmuls are several times slower there; bf16 → float32 →
+bf16 is exact, so the weights come back unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kiln.errors import KilnError
+from kiln.layers.attention import Attention
+from kiln.layers.linear import LinearBase
+from kiln.quant.quantize import FP8_MAX, FULL_PRECISION
+
+DEFAULT_SAMPLES = 128
+SAMPLE_TOKENS = 512
+MIN_SAMPLES = 8
+# Input rows kept per linear layer for AWQ's error measurement (a random subset of tokens).
+AWQ_ROWS = 512
+_BLOCK_SIZE = 16
+_TOKENS_PER_FORWARD = {"cuda": 16384, "cpu": 2048}
+
+
+@dataclass
+class LinearStatistics:
+    """What calibration saw at one linear layer's input (on the calibration device)."""
+
+    amax: float = 0.0  # max |x| over every token
+    abs_sum: torch.Tensor | None = None  # (in,) Σ_tokens |x|, float32
+    tokens: int = 0
+    rows: list[torch.Tensor] = field(default_factory=list)  # sampled (n, in) float32 inputs
+
+    @property
+    def mean_abs(self) -> torch.Tensor:  # (in,)
+        return self.abs_sum / max(1, self.tokens)
+
+    def sample(self) -> torch.Tensor:  # (≤ AWQ_ROWS, in)
+        return torch.cat(self.rows)[:AWQ_ROWS]
+
+
+@dataclass
+class CalibrationResult:
+    """What `calibrate` measured and the quant config the manifest records (with the
+    calibration source and sample count, and awq=True when AWQ ran)."""
+
+    quant_config: object  # QuantConfig
+    num_samples: int
+    num_tokens: int
+    linears: dict[str, LinearStatistics]  # by layer prefix
+    kv_amax: list[tuple[float, float]]  # per attention layer (max |k|, max |v|)
+
+
+# ─── data ───────────────────────────────────────────────────────────────────────────────
+
+
+def calibration_samples(
+    source: str, tokenizer, num_samples: int, vocab_size: int, seed: int = 0,
+    sample_tokens: int = SAMPLE_TOKENS,
+) -> list[list[int]]:
+    """`num_samples` token-id lists of `sample_tokens` each, from `source` (the calibration
+    half of it), or random ids when there is no tokenizer (random-weight builds)."""
+    if num_samples < MIN_SAMPLES:
+        raise KilnError(f"--calibration-samples {num_samples} is too few to calibrate on; use at "
+                        f"least {MIN_SAMPLES} (default {DEFAULT_SAMPLES})")
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab_size, (num_samples, sample_tokens), generator=generator)
+        return ids.tolist()
+    from kiln.evaluate.corpus import documents, token_stream
+
+    wanted = num_samples * sample_tokens
+    ids = token_stream(tokenizer, documents(source, "calibration"), wanted)
+    if len(ids) < wanted:
+        raise KilnError(
+            f"--calibration {source}: {len(ids):,} tokens of text make only "
+            f"{len(ids) // sample_tokens} samples of {sample_tokens} tokens, {num_samples} asked "
+            f"for; give more text or fewer --calibration-samples"
+        )
+    return [ids[i * sample_tokens : (i + 1) * sample_tokens] for i in range(num_samples)]
+
+
+def tokenizer_of(checkpoint):
+    """The checkpoint's tokenizer (written to a temporary directory and loaded), or None."""
+    if checkpoint is None or checkpoint.save_tokenizer is None:
+        return None
+    from kiln.checkpoint.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint.save_tokenizer(Path(directory))
+        return load_tokenizer(Path(directory))
+
+
+# ─── running the model ──────────────────────────────────────────────────────────────────
+
+
+class _Capture:
+    """Forward hooks recording every quantised linear's input and nothing else."""
+
+    def __init__(self, model: nn.Module, keep_rows: bool, generator: torch.Generator):
+        self.linears: dict[str, LinearStatistics] = {}
+        self.keep_rows = keep_rows
+        self.generator = generator
+        self.rows_per_forward = 0
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(layer.prefix))
+            for layer in model.modules()
+            if isinstance(layer, LinearBase) and getattr(layer, FULL_PRECISION, None) is not None
+        ]
+
+    def _hook(self, prefix: str):
+        def record(module, inputs):
+            x = inputs[0].detach().float()  # (T, in)
+            stats = self.linears.setdefault(prefix, LinearStatistics())
+            stats.amax = max(stats.amax, float(x.abs().amax()))
+            column_sum = x.abs().sum(0)
+            stats.abs_sum = column_sum if stats.abs_sum is None else stats.abs_sum + column_sum
+            stats.tokens += x.shape[0]
+            if self.keep_rows and self.rows_per_forward:
+                pick = torch.randperm(x.shape[0], generator=self.generator)[: self.rows_per_forward]
+                stats.rows.append(x[pick.to(x.device)].clone())
+        return record
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _move_staged(model: nn.Module, device: torch.device) -> None:
+    for layer in model.modules():
+        staged = getattr(layer, FULL_PRECISION, None)
+        if staged is not None:
+            setattr(layer, FULL_PRECISION, staged.to(device))
+
+
+def _run(model: nn.Module, samples: list[list[int]], device: torch.device, dtype: torch.dtype,
+         capture: _Capture, progress: bool) -> list[tuple[float, float]]:
+    sample_tokens = len(samples[0])
+    """Forward every sample (several per forward) over a zeroed cache; returns per attention
+    layer (max |k|, max |v|) as written to the cache."""
+    from kiln.runtime.input_batch import BatchRow, prepare_inputs
+    from kiln.runtime.kv_tensors import KVCacheSpec
+
+    per_forward = max(1, _TOKENS_PER_FORWARD[device.type] // sample_tokens)
+    blocks_per_sample = -(-sample_tokens // _BLOCK_SIZE)
+    spec = KVCacheSpec.of_model(model, dtype)
+    num_blocks = 1 + per_forward * blocks_per_sample
+    shape = (2, num_blocks, _BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+    kv_amax = [(0.0, 0.0)] * spec.num_layers
+    # About AWQ_ROWS rows per layer in all, spread over the forwards.
+    capture.rows_per_forward = -(-AWQ_ROWS * per_forward // len(samples))
+    bar = tqdm(total=len(samples), desc="calibrating", unit="sample", disable=not progress,
+               file=sys.stderr)
+    for start in range(0, len(samples), per_forward):
+        batch = samples[start : start + per_forward]
+        rows = [
+            BatchRow(request_id=str(i), token_ids=ids, num_computed_tokens=0,
+                     block_ids=list(range(1 + i * blocks_per_sample, 1 + (i + 1) * blocks_per_sample)),
+                     logits_offsets=())
+            for i, ids in enumerate(batch)
+        ]
+        inputs = prepare_inputs(rows, _BLOCK_SIZE, device)
+        for cache in caches:
+            cache.zero_()
+        model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
+        kv_amax = [
+            (max(k, float(cache[0].abs().amax())), max(v, float(cache[1].abs().amax())))
+            for (k, v), cache in zip(kv_amax, caches)
+        ]
+        bar.update(len(batch))
+    bar.close()
+    return kv_amax
+
+
+def _compute_dtype_params(model: nn.Module) -> list[torch.Tensor]:
+    names = model.compute_dtype_names()
+    return [p for name, p in model.named_parameters() if name in names]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool = True
+              ) -> CalibrationResult:
+    """Measure the model on calibration data and write what the build asked for into it:
+    static FP8 input scales, attention KV scales, AWQ-scaled weights (int4-wo)."""
+    quant_config = model.quant_config
+    scheme = quant_config.scheme
+    awq = scheme == "int4-wo"
+    source = build_config.calibration
+    num_samples = build_config.calibration_samples or DEFAULT_SAMPLES
+    tokenizer = tokenizer_of(checkpoint)
+    if tokenizer is None and not build_config.random_weights:
+        raise KilnError("--calibration needs the checkpoint's tokenizer to read text, and this "
+                        "checkpoint has none")
+    # Samples fit the model's context (and --max-model-len).
+    sample_tokens = min(SAMPLE_TOKENS, model.config.max_position_embeddings,
+                        build_config.max_model_len or SAMPLE_TOKENS)
+    samples = calibration_samples(source, tokenizer, num_samples, model.config.vocab_size,
+                                  seed=build_config.seed, sample_tokens=sample_tokens)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    params = _compute_dtype_params(model)
+    build_dtype = params[0].dtype
+    run_dtype = build_dtype if device.type == "cuda" else torch.float32
+    originals = [(p, p.data) for p in params]
+    for p in params:
+        p.data = p.data.to(device=device, dtype=run_dtype)
+    buffers = [(b, b.data) for b in model.buffers()]
+    for b in model.buffers():
+        b.data = b.data.to(device)
+    _move_staged(model, device)
+    capture = _Capture(model, keep_rows=awq, generator=torch.Generator().manual_seed(build_config.seed))
+    try:
+        kv_amax = _run(model, samples, device, run_dtype, capture, progress)
+    finally:
+        capture.close()
+    if awq:
+        from kiln.quant.awq import apply_awq
+
+        # Searches and folds on `device` (weights and statistics are there).
+        apply_awq(model, capture.linears, progress=progress)
+    for p, original in originals:  # back to the build's device and dtype (AWQ folded norms)
+        p.data = p.data.to(device=original.device, dtype=original.dtype)
+    for b, original in buffers:
+        b.data = b.data.to(original.device)
+
+    _set_scales(model, capture.linears, kv_amax)
+    changes = {"calibration": str(source), "calibration_samples": len(samples)}
+    if awq:
+        changes["awq"] = True
+    result_config = dataclasses.replace(quant_config, **changes) if scheme != "none" else quant_config
+    return CalibrationResult(
+        quant_config=result_config, num_samples=len(samples),
+        num_tokens=len(samples) * sample_tokens, linears=capture.linears, kv_amax=kv_amax,
+    )
+
+
+def _set_scales(model: nn.Module, linears: dict[str, LinearStatistics],
+                kv_amax: list[tuple[float, float]]) -> None:
+    """Static FP8 input scales (amax / 448) and attention KV scales (amax / 448)."""
+    for layer in model.modules():
+        if isinstance(layer, LinearBase) and hasattr(layer, "input_scale") and layer.prefix in linears:
+            amax = linears[layer.prefix].amax
+            layer.input_scale.data.fill_(max(amax, 1e-12) / FP8_MAX)
+    attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for layer, (k, v) in zip(attention_layers, kv_amax):
+        layer.k_scale.fill_(max(k, 1e-12) / FP8_MAX)
+        layer.v_scale.fill_(max(v, 1e-12) / FP8_MAX)

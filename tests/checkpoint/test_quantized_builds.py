@@ -1,0 +1,92 @@
+"""`kiln build --quant keep` of quantised checkpoints: the engine's logits match a
+full-precision model holding the dequantised weights (transformers for the HF formats, the
+dequantising GGUF build for GGUF), and builds refuse a quantised checkpoint without keep and
+keep on a full-precision one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kiln.compiler.builder import build_engine
+from kiln.compiler.manifest import open_engine
+from kiln.config import BuildConfig
+from kiln.errors import KilnError
+from kiln.evaluate.forward import TeacherForcedModel
+from tests.checkpoint.quantized_writers import (
+    write_awq, write_compressed_tensors, write_gptq, write_modelopt_fp8,
+)
+from tests.checkpoint.test_gguf import write_tiny_gguf
+from tests.helpers import save_tiny_hf_model, tiny_llama_config
+
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 32]
+KEEP = BuildConfig(dtype="float32", quant="keep")
+
+
+def _reference_logits(tmp_path, expected: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' logits with the same seed-0 model and the dequantised linears."""
+    model = save_tiny_hf_model(tiny_llama_config(), tmp_path / "reference")
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, weight in expected.items():
+            state[name].copy_(weight)
+        return model(torch.tensor([PROMPT])).logits[0].float()
+
+
+def _engine_logits(engine_dir) -> torch.Tensor:
+    return TeacherForcedModel(engine_dir, device="cpu", max_window=32).logits(PROMPT)
+
+
+@pytest.mark.parametrize("fmt, scheme, tolerance", [
+    ("awq", "int4-wo", 1e-4),
+    ("gptq", "int4-wo", 1e-4),
+    ("ct-int4", "int4-wo", 1e-3),  # kiln keeps float16 scales, the package float32 ones
+    ("ct-int8", "int8-wo", 1e-3),
+    # Activations quantised to E4M3 (3 mantissa bits) at run time: the weights alone match.
+    ("ct-fp8", "fp8", 0.1),
+    ("modelopt", "fp8", 0.1),
+])
+def test_keep_builds_run_the_dequantised_weights(tmp_path, fmt, scheme, tolerance):
+    source = tmp_path / "source"
+    if fmt == "awq":
+        expected = write_awq(source)
+    elif fmt == "gptq":
+        expected = write_gptq(source)
+    elif fmt == "modelopt":
+        expected = write_modelopt_fp8(source)
+    else:
+        expected = write_compressed_tensors(source, fmt.removeprefix("ct-"))
+    build_engine(source, tmp_path / "engine", KEEP, progress=False)
+    quant = open_engine(tmp_path / "engine").manifest["quant"]
+    assert quant["scheme"] == scheme and quant["prequantized"] is True
+    logits = _engine_logits(tmp_path / "engine")
+    reference = _reference_logits(tmp_path, expected)
+    error = (logits - reference).norm() / reference.norm()
+    assert error < tolerance, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_gguf_keep_matches_the_dequantising_build(tmp_path, qtype):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, qtype=qtype, hidden=64, inter=128, heads=4, kv_heads=2, layers=2,
+                    vocab=48, tied=True, tokenizer=False)
+    build_engine(path, tmp_path / "kept", KEEP, progress=False)
+    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
+    quant = open_engine(tmp_path / "kept").manifest["quant"]
+    assert quant["source_format"] == "gguf" and quant["group_size"] == 32
+    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
+    # Q4_1's zero point −m/d is kept in float16 (weights 4e-4 off, relative; this writer's
+    # weights are large and two layers amplify it ~12x in the logits); Q8_0, Q4_0 exact.
+    error = (kept - dequantised).norm() / dequantised.norm()
+    assert error < (1e-2 if qtype == Q.Q4_1 else 1e-5), f"relative error {error:.2e}"
+
+
+def test_quantised_checkpoint_needs_keep_and_keep_needs_a_quantised_one(tmp_path):
+    write_awq(tmp_path / "awq")
+    with pytest.raises(KilnError, match="is a quantised checkpoint .*build it with --quant keep"):
+        build_engine(tmp_path / "awq", tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
+    save_tiny_hf_model(tiny_llama_config(), tmp_path / "plain")
+    with pytest.raises(KilnError, match="--quant keep: .* is not a quantised checkpoint"):
+        build_engine(tmp_path / "plain", tmp_path / "e", KEEP, progress=False)
+    assert not (tmp_path / "e").exists()

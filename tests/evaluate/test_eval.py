@@ -1,0 +1,145 @@
+"""`kiln eval`: perplexity against transformers' own logits on the same windows, an engine
+compared with itself and with a different one, the JSON shape, the text sources and their
+split, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+from kiln.cli import main
+from kiln.evaluate.corpus import file_documents, token_stream
+from kiln.evaluate.forward import TeacherForcedModel
+from kiln.evaluate.perplexity import evaluate, windows
+from tests.helpers import build_tiny_engine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("eval")
+    return directory, build_tiny_engine(directory)
+
+
+def _tokens(count: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 64, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_windows_cover_the_stream_and_stop_at_num_tokens():
+    ids = list(range(100))
+    chunks = windows(ids, 16, 1000)
+    assert [len(c) for c in chunks] == [16] * 6 + [4]
+    assert sum(len(c) - 1 for c in windows(ids, 16, 20)) == 20
+    assert windows([1], 16, 10) == []
+
+
+def test_perplexity_matches_transformers_on_the_same_windows(tiny):
+    directory, engine = tiny
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory / "hf").eval()
+    ids = _tokens(70)
+    model = TeacherForcedModel(engine, device="cpu", max_window=32)
+    result = evaluate(model, ids, window=32, num_tokens=60, progress=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in windows(ids, 32, 60):
+            logits = hf(torch.tensor([chunk])).logits[0, :-1].float()
+            nll -= float(torch.log_softmax(logits, -1).gather(1, torch.tensor(chunk[1:])[:, None]).sum())
+            count += len(chunk) - 1
+    assert result.num_tokens == count == 60
+    # float32 both sides; kiln's attention and norms sum in a different order.
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_an_engine_compared_with_itself_agrees_everywhere(tiny):
+    _, engine = tiny
+    model = TeacherForcedModel(engine, device="cpu", max_window=32)
+    result = evaluate(model, _tokens(50), window=32, num_tokens=40, other=model, progress=False)
+    assert result.compare.top1_agreement == 1.0
+    assert result.compare.ppl_delta_pct == 0.0
+    assert abs(result.compare.mean_kl) < 1e-6
+
+
+def test_compare_with_a_different_model_and_json_shape(tiny, tmp_path, capsys):
+    _, engine = tiny
+    from kiln.compiler.builder import build_engine
+    from kiln.config import BuildConfig
+    from tests.helpers import save_tiny_hf_model, tiny_llama_config
+
+    # Same shapes, another seed: a genuinely different model.
+    save_tiny_hf_model(tiny_llama_config(), tmp_path / "hf2", seed=5)
+    build_engine(tmp_path / "hf2", tmp_path / "e2", BuildConfig(dtype="float32"), progress=False)
+    text = tmp_path / "text.jsonl"
+    # A tiny engine has no tokenizer: evaluate directly, then check the CLI's refusal.
+    model = TeacherForcedModel(engine, device="cpu", max_window=32)
+    different = TeacherForcedModel(tmp_path / "e2", device="cpu", max_window=32)
+    result = evaluate(model, _tokens(50), window=32, num_tokens=40, other=different, progress=False)
+    assert 0.0 <= result.compare.top1_agreement < 1.0
+    assert result.compare.mean_kl > 0.01
+    payload = result.to_json()
+    assert set(payload) == {"perplexity", "num_tokens", "compare"}
+    assert set(payload["compare"]) == {"perplexity", "ppl_delta_pct", "top1_agreement", "mean_kl"}
+    text.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert main(["eval", str(engine), "--dataset-path", str(text), "--device", "cpu"]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_text_files_jsonl_and_paragraphs(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n"two"\n')
+    assert list(file_documents(jsonl)) == ["one", "two"]
+    plain = tmp_path / "a.txt"
+    plain.write_text("first para\n\nsecond\n\n\n")
+    assert list(file_documents(plain)) == ["first para", "second"]
+
+    class Chars:
+        def encode(self, text, add_special_tokens=False, verbose=True):
+            return [ord(c) for c in text]
+
+    assert len(token_stream(Chars(), iter(["abc", "defg"]), 3)) == 5  # stops after enough
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": 3}\n', "a.jsonl:1: expected a string"),
+    ("{oops\n", "a.jsonl:1: not valid JSON"),
+])
+def test_bad_text_files_name_the_line(tmp_path, content, message):
+    from kiln.errors import KilnError
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(content)
+    with pytest.raises(KilnError, match=message):
+        list(file_documents(path))
+
+
+def test_eval_refuses_a_bad_token_count(tiny, capsys):
+    _, engine = tiny
+    assert main(["eval", str(engine), "--num-tokens", "0"]) == 1
+    assert "--num-tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_eval_compare_and_verify_on_a_tiny_gguf(tmp_path, capsys):
+    """The whole command: a tiny GGUF (with a tokenizer) built plain and int8-wo, evaluated on
+    a text file, the JSON in the documented shape; verify names no layer against itself."""
+    from tests.checkpoint.test_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "t.gguf", hidden=64, inter=128, heads=4, kv_heads=2, layers=2)
+    assert main(["build", str(tmp_path / "t.gguf"), "-o", str(tmp_path / "plain"),
+                 "--dtype", "float32"]) == 0
+    assert main(["build", str(tmp_path / "t.gguf"), "-o", str(tmp_path / "int8"),
+                 "--dtype", "float32", "--quant", "int8-wo"]) == 0
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "hello world " * 30}) for _ in range(10)))
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path / "int8"), "--compare", str(tmp_path / "plain"),
+                 "--dataset-path", str(text), "--num-tokens", "200", "--window", "64",
+                 "--output-json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["num_tokens"] == 200
+    assert set(payload["compare"]) == {"perplexity", "ppl_delta_pct", "top1_agreement", "mean_kl"}
+    assert "top-1 agreement" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "plain"), "--against", str(tmp_path / "plain"),
+                 "--device", "cpu"]) == 0
+    assert "no layer crosses the threshold" in capsys.readouterr().out

@@ -1,0 +1,85 @@
+"""AWQ: the grid search never does worse than round-to-nearest on its own measure and beats
+it where a few input channels carry large activations; folding the scales leaves the
+full-precision model's function unchanged (norms, up rows, v rows with grouped KV heads)."""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.layers.linear import LinearBase
+from kiln.models.llama import LlamaForCausalLM
+from kiln.quant.awq import apply_awq, fake_quantize, search_scales
+from kiln.quant.calibration import LinearStatistics
+from kiln.quant.config import quant_config_for_build
+from kiln.quant.quantize import FULL_PRECISION
+from kiln.runtime.input_batch import BatchRow, prepare_inputs
+from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches
+from kiln.compiler.builder import model_config_from_hf
+from tests.helpers import save_tiny_hf_model, tiny_llama_config
+
+
+def test_search_beats_round_to_nearest_with_outlier_channels():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=generator) * 0.02
+    inputs = torch.randn(256, 128, generator=generator)
+    inputs[:, :4] *= 30.0  # a few salient channels, as in real activations
+    s, alpha, error, rtn_error = search_scales(weight, inputs, inputs.abs().mean(0), 32, True)
+    reference = inputs @ weight.T
+    rtn = float((inputs @ fake_quantize(weight, 32, True).T - reference).pow(2).mean())
+    assert rtn_error == rtn  # α = 0 is plain round-to-nearest
+    assert alpha > 0 and error < 0.8 * rtn_error
+    assert s.shape == (128,) and bool((s[:4] > s[4:].max()).all())
+
+
+def _tiny_model(tmp_path):
+    config = tiny_llama_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                               intermediate_size=128)
+    hf = save_tiny_hf_model(config, tmp_path / "hf")
+    import json
+
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    quant = quant_config_for_build("int4-wo", {"group_size": 32})
+    torch.set_default_dtype(torch.float32)
+    model = LlamaForCausalLM(model_config_from_hf(hf_config), quant_config=quant)
+    model.load_checkpoint_weights(hf.state_dict().items(), process=False)
+    return model
+
+
+def _forward(model, tokens):
+    spec = KVCacheSpec.of_model(model, torch.float32)
+    caches = allocate_kv_caches(spec, 8, 4)
+    row = BatchRow(request_id="r", token_ids=tokens, num_computed_tokens=0,
+                   block_ids=[1, 2, 3, 4, 5], logits_offsets=tuple(range(len(tokens))))
+    inputs = prepare_inputs([row], 4)
+    return model.compute_logits(model(inputs.input_ids, inputs.positions, caches, inputs.metadata))
+
+
+@torch.no_grad()
+def test_folding_keeps_the_full_precision_model(tmp_path):
+    model = _tiny_model(tmp_path)
+    tokens = [1, 5, 9, 13, 2, 7, 30, 11, 4, 6, 8, 12, 14, 3, 17, 19]
+    before = _forward(model, tokens)
+    # Statistics from a forward (as calibration gathers them), skewed so every α > 0 wins.
+    stats: dict[str, LinearStatistics] = {}
+
+    def hook(module, inputs):
+        x = inputs[0].float()
+        x = x * torch.linspace(0.2, 5.0, x.shape[1])
+        stats[module.prefix] = LinearStatistics(amax=float(x.abs().max()), abs_sum=x.abs().sum(0),
+                                                tokens=x.shape[0], rows=[x])
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, LinearBase)
+               and getattr(m, FULL_PRECISION, None) is not None]
+    _forward(model, tokens)
+    for handle in handles:
+        handle.remove()
+    norm_before = model.model.layers[0].input_layernorm.weight.clone()
+    v_before = getattr(model.model.layers[0].self_attn.qkv_proj, FULL_PRECISION)[-32:].clone()
+    chosen = apply_awq(model, stats, progress=False)
+    assert set(chosen) == set(stats)  # every quantised linear searched, o_proj included
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)
+    if chosen["model.layers.0.self_attn.o_proj"] > 0:
+        v_after = getattr(model.model.layers[0].self_attn.qkv_proj, FULL_PRECISION)[-32:]
+        assert not torch.equal(v_after, v_before)
+    after = _forward(model, tokens)
+    # Exact math in float32: only rounding of the scaled weights differs.
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)

