@@ -145,7 +145,12 @@ def _world_size(engine_info: EngineInfo, config: EngineConfig) -> int:
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:  # torch's message lists every device type
+        raise KilnError(f"device {name!r} is not a device name: use 'cuda', 'cuda:N' or 'cpu'") from error
+    if device.type not in ("cuda", "cpu"):
+        raise KilnError(f"device {name!r} is not supported: use 'cuda', 'cuda:N' or 'cpu'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KilnError(f"device {name!r} requested, but no CUDA GPU is available")
     return device

@@ -53,3 +53,13 @@ def test_every_engine_file_has_the_same_permissions(smollm2_engine, tiny_engine)
                  for path in engine.rglob("*") if path.is_file()}
         assert "rank0.safetensors" in modes and "engine.json" in modes
         assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:x", "mps", "meta"])
+def test_bad_device_from_the_python_api_is_a_kiln_error(device):
+    # LLM(..., device=...) reaches resolve_device without the CLI's check in front of it.
+    from kiln.errors import KilnError
+    from kiln.runtime.engine import resolve_device
+
+    with pytest.raises(KilnError, match=rf"device '{device}' .*use 'cuda', 'cuda:N' or 'cpu'"):
+        resolve_device(device)
