@@ -175,6 +175,20 @@ def _calibrate(model: CausalLM, build_config: BuildConfig, quant_config: QuantCo
     return getattr(result, "quant_config", None) or quant_config
 
 
+def engine_provenance(source, build_config: BuildConfig, checkpoint: Checkpoint | None,
+                      model_config: ModelConfig) -> tuple[dict, dict]:
+    """The manifest's generation config (the checkpoint's, EOS filled in from the model) and
+    source section (path; the source files' sha256, none for random weights)."""
+    generation_config = dict(checkpoint.generation_config) if checkpoint else {}
+    eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
+    if eos is not None:
+        generation_config["eos_token_id"] = eos
+    source_info = {"path": str(source), "files": {}}
+    if checkpoint is not None and not build_config.random_weights:
+        source_info["files"] = {p.name: sha256_file(p) for p in checkpoint.source_files}
+    return generation_config, source_info
+
+
 def build_engine(
     source: str | Path,
     output: str | Path,
@@ -255,13 +269,8 @@ def build_engine(
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
     if build_config.kv_cache_dtype == "fp8":
         build["kv_scales"] = kv_scales_of(model, bool(build_config.calibration))
-    generation_config = dict(checkpoint.generation_config) if checkpoint else {}
-    eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
-    if eos is not None:
-        generation_config["eos_token_id"] = eos
-    source_info = {"path": str(source), "files": {}}
-    if checkpoint is not None and not build_config.random_weights:
-        source_info["files"] = {p.name: sha256_file(p) for p in checkpoint.source_files}
+    generation_config, source_info = engine_provenance(source, build_config, checkpoint,
+                                                       model_config)
     write_engine(
         output,
         rank_weights=[weights],

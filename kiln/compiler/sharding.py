@@ -123,9 +123,8 @@ def build_sharded_engine(source, output, build_config, checkpoint, model_config:
 
     from tqdm import tqdm
 
-    from kiln.compiler.builder import BuildSummary
+    from kiln.compiler.builder import BuildSummary, engine_provenance
     from kiln.compiler.manifest import write_engine
-    from kiln.compiler.verify import sha256_file
 
     if build_config.calibration or build_config.kv_cache_dtype != "auto":
         raise KilnError("--calibration and --kv-cache-dtype fp8 are not supported with --tp/--pp "
@@ -142,13 +141,8 @@ def build_sharded_engine(source, output, build_config, checkpoint, model_config:
         None if build_config.random_weights else checkpoint_tensors, seed=build_config.seed,
     )
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
-    generation_config = dict(checkpoint.generation_config) if checkpoint else {}
-    eos = generation_config.get("eos_token_id", list(model_config.eos_token_ids) or None)
-    if eos is not None:
-        generation_config["eos_token_id"] = eos
-    source_info = {"path": str(source), "files": {}}
-    if checkpoint is not None and not build_config.random_weights:
-        source_info["files"] = {p.name: sha256_file(p) for p in checkpoint.source_files}
+    generation_config, source_info = engine_provenance(source, build_config, checkpoint,
+                                                       model_config)
     write_engine(
         output, rank_weights=rank_weights, layout=layout, quant_config=quant_config,
         model_config=model_config, build=build, source=source_info,
