@@ -208,7 +208,7 @@ def _setup_readline():
         return None
     try:
         readline.read_history_file(history_path())
-    except OSError:
+    except OSError:  # no history yet, or unreadable: start the session without it
         pass
     readline.set_history_length(1000)
 
@@ -270,5 +270,5 @@ def run_chat(llm, params, stdin: TextIO | None = None, stdout: TextIO | None = N
             try:
                 history_path().parent.mkdir(parents=True, exist_ok=True)
                 readline.write_history_file(history_path())
-            except OSError:
+            except OSError:  # history is a convenience: a read-only cache must not end the chat
                 pass

@@ -321,7 +321,7 @@ def _wait_exit(processes: list[subprocess.Popen], seconds: float) -> None:
     for process in processes:
         try:
             process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # still alive: killed below
             pass
 
 
@@ -338,7 +338,7 @@ def _stop(processes: list[subprocess.Popen], grace: float = _TERMINATE_GRACE_S) 
     for process in processes:
         try:
             process.wait(5)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # unkillable (D state): nothing more to do from here
             pass
 
 

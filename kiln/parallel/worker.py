@@ -68,13 +68,18 @@ def run_worker(spec, rank: int, local_rank: int) -> None:
         world.parallel.close()
 
 
-def run_torchrun_worker(spec, rank: int, local_rank: int) -> None:
-    """A torchrun rank > 0: the worker loop, then exit (the process has nothing else to do)."""
+def _run_or_exit(spec, rank: int, local_rank: int, *, catch: type[BaseException]) -> None:
+    """The worker loop; a failure is one line on stderr and exit status 1, no traceback."""
     try:
         run_worker(spec, rank, local_rank)
-    except Exception as error:  # noqa: BLE001 - one line, then a non-zero exit
+    except catch as error:  # noqa: BLE001 - one line, then a non-zero exit
         print(f"kiln worker rank {rank}: {_describe(error)}", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def run_torchrun_worker(spec, rank: int, local_rank: int) -> None:
+    """A torchrun rank > 0: the worker loop, then exit (the process has nothing else to do)."""
+    _run_or_exit(spec, rank, local_rank, catch=Exception)
     sys.exit(0)
 
 
@@ -87,11 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     _exit_with_parent()
     spec = WorkerSpec.from_json(os.environ[SPEC_ENV])
-    try:
-        run_worker(spec, rank, rank)
-    except BaseException as error:  # noqa: BLE001 - one line, then a non-zero exit
-        print(f"kiln worker rank {rank}: {_describe(error)}", file=sys.stderr, flush=True)
-        os._exit(1)
+    _run_or_exit(spec, rank, rank, catch=BaseException)
     os._exit(0)
 
 

@@ -51,14 +51,22 @@ def _reference(q, scale, zero, group):
     return ((q.unflatten(1, (-1, group)) - zero[..., None]) * scale[..., None]).flatten(1)
 
 
+def _tiny_llama_state(directory: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A tiny Llama saved as a plain HF checkpoint in `directory`; its tensors, contiguous."""
+    model = save_tiny_hf_model(tiny_llama_config(), directory, seed=seed)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _linear_weight_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The linear layers' weight names (a list: the writers replace entries as they go)."""
+    return [name for name in state if any(name.endswith(f"{l}.weight") for l in LINEARS)]
+
+
 def write_awq(directory: Path, group: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """An AWQ GEMM checkpoint of a tiny Llama; returns the dequantised weights by name."""
-    model = save_tiny_hf_model(tiny_llama_config(), directory, seed=seed)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = _tiny_llama_state(directory, seed)
     expected = {}
-    for name in list(state):
-        if not any(name.endswith(f"{l}.weight") for l in LINEARS):
-            continue
+    for name in _linear_weight_names(state):
         module = name.removesuffix(".weight")
         q, scale, zero = _quantize_groups(state.pop(name), group, 4, symmetric=False)
         expected[name] = _reference(q, scale, zero, group)
@@ -73,13 +81,10 @@ def write_awq(directory: Path, group: int = 16, seed: int = 0) -> dict[str, torc
 def write_gptq(directory: Path, group: int = 16, bits: int = 4, version: str = "gptq",
                seed: int = 0, with_g_idx: bool = True) -> dict[str, torch.Tensor]:
     """A GPTQ checkpoint (desc_act false); v1 stores zero − 1 (mod 2^bits)."""
-    model = save_tiny_hf_model(tiny_llama_config(), directory, seed=seed)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = _tiny_llama_state(directory, seed)
     expected = {}
     symmetric = bits == 8
-    for name in list(state):
-        if not any(name.endswith(f"{l}.weight") for l in LINEARS):
-            continue
+    for name in _linear_weight_names(state):
         module = name.removesuffix(".weight")
         weight = state.pop(name)
         q, scale, zero = _quantize_groups(weight, group, bits, symmetric=symmetric)
@@ -174,12 +179,9 @@ def write_compressed_tensors(directory: Path, kind: str, seed: int = 0) -> dict[
 def write_modelopt_fp8(directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """A ModelOpt FP8 export: E4M3 weights with one float32 scale per tensor, static input
     scales, KV-cache scales, and hf_quant_config.json naming the algorithm."""
-    model = save_tiny_hf_model(tiny_llama_config(), directory, seed=seed)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = _tiny_llama_state(directory, seed)
     expected = {}
-    for name in list(state):
-        if not any(name.endswith(f"{l}.weight") for l in LINEARS):
-            continue
+    for name in _linear_weight_names(state):
         module = name.removesuffix(".weight")
         weight = state[name]
         scale = weight.abs().max() / 448.0

@@ -102,10 +102,11 @@ def test_kiln_serve_under_torchrun(tmp_path):
             try:
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx.HTTPError:  # not listening yet: poll until the deadline
                 pass
             time.sleep(1)
-        body = {"model": str(tmp_path / "tp2"), "prompt": [1, 2, 3, 4], "max_tokens": 8,
+        # The server names a model by its directory's name, never its path (RELIABILITY.md).
+        body = {"model": "tp2", "prompt": [1, 2, 3, 4], "max_tokens": 8,
                 "temperature": 0, "ignore_eos": True}
         response = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
