@@ -236,9 +236,9 @@ class InputBuffers:
         seq_lens_host = self._seq_lens[1][:padded_seqs].tolist()
         # A mixed step whose leading rows are one-token (decode) rows: attention runs those
         # through the decode kernel and the rest, rebased to token 0, through the prefill one.
-        num_decode = int(np.argmax(query_lens != 1)) if max_query_len > 1 else 0
-        if prefill_bucket is not None:
-            num_decode = 0
+        num_decode = 0
+        if max_query_len > 1 and prefill_bucket is None:
+            num_decode = int(np.argmax(query_lens != 1))
         prefill_query_start_loc = None
         if num_decode:
             rebased = self._prefill_query_start_loc[1]

@@ -99,6 +99,15 @@ def test_padding_layout():
     assert inputs.logits_request_ids == ["d", "p"]
 
 
+def test_an_empty_step_pads_to_all_padding():
+    """What capture prepares: no real rows, every token and sequence padding."""
+    buffers = InputBuffers(64, 8, max_blocks_per_seq=64, device="cpu")
+    inputs = buffers.prepare([], BLOCK_SIZE, prefill_bucket=PrefillBucket(32, 8))
+    assert inputs.input_ids.shape == (32,) and inputs.metadata.slot_mapping.eq(-1).all()
+    assert inputs.metadata.query_start_loc.eq(0).all() and inputs.metadata.seq_lens.eq(0).all()
+    assert inputs.metadata.num_decode_seqs == 0 and inputs.logits_request_ids == []
+
+
 def _mixed_step_rows() -> list[BatchRow]:
     """A decode row over 9 cached tokens, a prompt chunk after 5 cached tokens (no logits:
     not its last chunk), and a fresh prompt of 7 tokens, on disjoint blocks."""
