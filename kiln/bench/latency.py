@@ -109,7 +109,7 @@ def long_context_decode(engine: LLMEngine, context_len: int, batch_sizes: list[i
     context_len = min(context_len, engine.max_model_len - new_tokens)
     vocab = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(context_len)
-    prompt = torch.randint(100, vocab, (context_len,), generator=generator).tolist()
+    prompt = torch.randint(min(100, vocab // 2), vocab, (context_len,), generator=generator).tolist()
     engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=1))
     while engine.has_unfinished_requests():  # prefill once: the prefix cache keeps it
         engine.step()
