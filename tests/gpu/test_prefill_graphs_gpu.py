@@ -76,7 +76,9 @@ def test_every_bucket_replays_the_eager_logits_twice(engine_dir):
                     count = len(padded.logits_request_ids)
                     first = graphs.replay(bucket)[:count].float().clone()
                     second = graphs.replay(bucket)[:count].float()
-                tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2
+                # bf16: the graph rounds logits to bf16 and attends one-token rows through
+                # the prefill kernel where eager splits them to the decode kernel.
+                tolerance = 1e-4 if hidden.dtype == torch.float32 else 3e-2
                 scale = float(eager.abs().max())
                 torch.testing.assert_close(first, eager, rtol=0, atol=tolerance * scale)
                 assert torch.equal(first, second)
