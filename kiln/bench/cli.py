@@ -117,7 +117,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     if cuda:
         metrics["copy_bandwidth_gb_s"] = latency.measure_copy_bandwidth(engine.device) / 1e9
         metrics["bf16_matmul_tflop_s"] = latency.measure_matmul_peak(engine.device, torch.bfloat16) / 1e12
-    ttft_lens = [n for n in args.ttft_lens if n + 1 <= engine.max_model_len]
+    # A length past the context is measured at the context's end (latency.ttft_prompt_len).
+    ttft_lens = [n for n in args.ttft_lens if n <= engine.max_model_len]
     batch_sizes = [b for b in args.batch_sizes if b <= engine.config.max_num_seqs]
     progress = Progress(1 + len(ttft_lens) + len(batch_sizes), "latency", "measurement")
     latency.decode_speed(engine, 1, args.prompt_len, 16)  # warm-up
@@ -132,11 +133,18 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         bytes_per_s = weight_bytes * bs1["decode_tok_s"]
         metrics["bs1_pct_of_copy_bandwidth"] = 100 * bytes_per_s / (metrics["copy_bandwidth_gb_s"] * 1e9)
         metrics["bs1_roofline_tok_s"] = metrics["copy_bandwidth_gb_s"] * 1e9 / weight_bytes
-    for prompt_len in ttft_lens:
+    for requested_len in ttft_lens:
+        prompt_len = latency.ttft_prompt_len(engine, requested_len)
         seconds = latency.time_to_first_token(engine, prompt_len)
         progress.update()
-        metrics[f"ttft_ms_{prompt_len}"] = seconds * 1e3
-        metrics[f"prefill_tflop_s_{prompt_len}"] = latency.prefill_flops(engine, prompt_len) / seconds / 1e12
+        metrics[f"ttft_ms_{requested_len}"] = seconds * 1e3
+        if prompt_len != requested_len:
+            metrics[f"ttft_prompt_tokens_{requested_len}"] = prompt_len
+        flops = latency.prefill_flops(engine, prompt_len)
+        metrics[f"prefill_tflop_s_{requested_len}"] = flops / seconds / 1e12
+        if cuda:  # the roofline it is held to: every FLOP at the measured GEMM peak
+            metrics[f"ttft_roofline_ms_{requested_len}"] = (
+                1e3 * flops / (metrics["bf16_matmul_tflop_s"] * 1e12))
     curve = []
     for batch_size in batch_sizes:
         point = latency.decode_speed(engine, batch_size, args.prompt_len, args.batch_new_tokens)
@@ -145,12 +153,20 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         metrics[f"decode_tok_s_bs{batch_size}"] = point["decode_tok_s"]
         metrics[f"cpu_ms_per_step_bs{batch_size}"] = point["cpu_ms_per_step"]
         metrics[f"gpu_ms_per_step_bs{batch_size}"] = point["gpu_ms_per_step"]
+    long_context = []
+    if args.long_context_decode:
+        long_context = latency.long_context_decode(engine, args.long_context_decode,
+                                                   [b for b in (1, 16) if b <= engine.config.max_num_seqs])
+        for point in long_context:
+            metrics[f"long_context_decode_tok_s_bs{point['batch_size']}"] = point["decode_tok_s"]
+            metrics[f"long_context_gpu_ms_per_step_bs{point['batch_size']}"] = point["gpu_ms_per_step"]
+        metrics["long_context_len"] = long_context[0]["context_len"]
     metrics.update(speculation_metrics(engine))
     progress.close()
     path = write_result(
         "latency", device=engine.device, model=str(args.model),
         dtype=str(engine.dtype).removeprefix("torch."), config=config, metrics=metrics,
-        output_dir=args.output_dir, extra={"decode_curve": curve},
+        output_dir=args.output_dir, extra={"decode_curve": curve, "long_context_decode": long_context},
     )
     if curve and args.plot:
         from kiln.bench.plots import plot_decode_curve
@@ -210,6 +226,9 @@ def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParse
     latency.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     latency.add_argument("--batch-new-tokens", type=positive_int, default=64)
     latency.add_argument("--plot", action="store_true", help="write a PNG of decode tok/s vs batch")
+    latency.add_argument("--long-context-decode", type=positive_int, default=None, metavar="LEN",
+                         help="also decode tok/s at batch 1 and 16 with LEN-token contexts (one "
+                         "shared prompt, prefilled once; use with --max-model-len)")
     latency.add_argument("--hf-peer", action="store_true",
                          help="also measure transformers (static cache) at batch 1, same run")
     latency.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)

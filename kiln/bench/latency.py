@@ -61,19 +61,22 @@ def _sync(engine: LLMEngine) -> None:
 
 
 def decode_speed(
-    engine: LLMEngine, batch_size: int, prompt_len: int, new_tokens: int, vocab_low: int = 100
+    engine: LLMEngine, batch_size: int, prompt_len: int, new_tokens: int, vocab_low: int = 100,
+    shared_prompt: list[int] | None = None,
 ) -> dict:
     """Decode tokens/s of `batch_size` concurrent greedy requests (prefill excluded).
 
     Timed from the moment every request has its first token to the moment all are done,
     without synchronising inside the loop (which would defeat overlap scheduling): that
-    window holds the batch's remaining new_tokens - 1 decode steps.
+    window holds the batch's remaining new_tokens - 1 decode steps. shared_prompt: every
+    request gets this prompt (long_context_decode), else each a random one of prompt_len.
     """
     generator = torch.Generator().manual_seed(batch_size)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for _ in range(batch_size):
-        prompt = torch.randint(vocab_low, vocab, (prompt_len,), generator=generator).tolist()
+        prompt = shared_prompt or torch.randint(
+            vocab_low, vocab, (prompt_len,), generator=generator).tolist()
         engine.add_request(None, prompt, params)
     first_token_seen: set[str] = set()
     decode_started = None
@@ -96,8 +99,40 @@ def decode_speed(
     }
 
 
-def time_to_first_token(engine: LLMEngine, prompt_len: int, repeats: int = 3) -> float:
-    """Seconds for a prompt of prompt_len to give its first token (median of repeats)."""
+def long_context_decode(engine: LLMEngine, context_len: int, batch_sizes: list[int],
+                        new_tokens: int = 32) -> list[dict]:
+    """Decode tokens/s at each batch size with context_len-token contexts. Every request
+    has the same prompt, prefilled once and then found in the prefix cache: 16 separate
+    131,072-token contexts of an 8B model would need 256 GiB of KV. The decode kernel still
+    reads each request's whole context (its own block table, the shared blocks), so the
+    bytes per step are batch × context KV, though L2 may serve repeats of shared blocks."""
+    context_len = min(context_len, engine.max_model_len - new_tokens)
+    vocab = engine.model_config.vocab_size
+    generator = torch.Generator().manual_seed(context_len)
+    prompt = torch.randint(min(100, vocab // 2), vocab, (context_len,), generator=generator).tolist()
+    engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=1))
+    while engine.has_unfinished_requests():  # prefill once: the prefix cache keeps it
+        engine.step()
+    points = []
+    for batch_size in batch_sizes:
+        point = decode_speed(engine, batch_size, context_len, new_tokens, shared_prompt=prompt)
+        point["context_len"] = context_len
+        points.append(point)
+    return points
+
+
+def ttft_prompt_len(engine: LLMEngine, prompt_len: int) -> int:
+    """The prompt length a TTFT of `prompt_len` is measured at: the engine's whole context
+    less the one token the request generates, at most (131,071 prompt tokens + the first
+    token fill Llama-3.1's 131,072)."""
+    return min(prompt_len, engine.max_model_len - 1)
+
+
+def time_to_first_token(engine: LLMEngine, prompt_len: int, repeats: int | None = None) -> float:
+    """Seconds for a prompt of prompt_len to give its first token (median of repeats; by
+    default 3, and 1 from 16,384 tokens, where one run takes seconds and varies little)."""
+    if repeats is None:
+        repeats = 3 if prompt_len < 16384 else 1
     vocab = engine.model_config.vocab_size
     times = []
     for index in range(repeats):

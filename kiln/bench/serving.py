@@ -7,6 +7,11 @@ and measures per request, from the client:
     TTFT  send → first streamed token          TPOT  (e2e - TTFT) / (output tokens - 1)
     ITL   gaps between streamed token chunks   E2E   send → last byte
 
+and per phase of TTFT from the server's /metrics histograms (deltas over each load point):
+queue (arrival → first scheduled), prefill (first scheduled → first token), and the rest of
+the client's mean TTFT (mean_first_token_delivery_ms: detokenizing and streaming it out);
+ITL is the decode phase.
+
 reported as mean / p50 / p90 / p99 in ms, with output tokens/s and requests/s. As in vLLM's
 benchmark, requests ignore EOS so each produces exactly its sampled output length. One JSON
 (kiln's result shape) per sweep, and a latency-vs-rate plot when matplotlib is installed.
@@ -165,6 +170,60 @@ def summarise(results: list[RequestResult], duration: float) -> dict[str, float]
     return metrics
 
 
+PHASES = {"queue": "kiln_request_queue_time_seconds",
+          "prefill": "kiln_request_prefill_time_seconds"}
+
+
+def scrape_phases(base_url: str, headers: dict) -> dict | None:
+    """The server's per-phase histograms from /metrics: {phase: {"sum", "count", "buckets":
+    {upper bound: cumulative count}}}; None when the server has none (an older server)."""
+    try:
+        text = httpx.get(f"{base_url.rstrip('/')}/metrics", headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    return parse_phases(text)
+
+
+def parse_phases(text: str) -> dict | None:
+    found: dict = {phase: {"sum": 0.0, "count": 0.0, "buckets": {}} for phase in PHASES}
+    seen = False
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        for phase, metric in PHASES.items():
+            if name.startswith(metric + "_sum"):
+                found[phase]["sum"] = float(value)
+                seen = True
+            elif name.startswith(metric + "_count"):
+                found[phase]["count"] = float(value)
+            elif name.startswith(metric + "_bucket") and 'le="' in name:
+                bound = name.split('le="', 1)[1].split('"', 1)[0]
+                found[phase]["buckets"][float(bound)] = float(value)
+    return found if seen else None
+
+
+def phase_metrics(before: dict | None, after: dict | None) -> dict[str, float]:
+    """Mean, p50 and p99 (upper bound of the histogram bucket holding it) of each phase
+    over the requests finished between two scrapes, in ms."""
+    if before is None or after is None:
+        return {}
+    metrics = {}
+    for phase in PHASES:
+        count = after[phase]["count"] - before[phase]["count"]
+        if count <= 0:
+            continue
+        metrics[f"mean_{phase}_ms"] = 1e3 * (after[phase]["sum"] - before[phase]["sum"]) / count
+        bounds = sorted(after[phase]["buckets"])
+        for q in (50, 99):
+            for bound in bounds:
+                done = after[phase]["buckets"][bound] - before[phase]["buckets"].get(bound, 0.0)
+                if done >= q / 100 * count:
+                    metrics[f"p{q}_{phase}_ms"] = 1e3 * bound
+                    break
+    return metrics
+
+
 def plot_latency_vs_rate(points: list[dict], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
@@ -250,16 +309,24 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     points = []
     for kind, rate, concurrency in loads:
         spec_before = scrape_speculation_counters(args.base_url, headers)
+        phases_before = scrape_phases(args.base_url, headers)
         with Progress(len(requests), f"serve bench, {kind} {rate if kind == 'rate' else concurrency}",
                       "req") as progress:
             results, duration = asyncio.run(run_point(args.base_url, headers, model, requests, rate,
                                                       concurrency, args.seed, progress))
         metrics = summarise(results, duration)
         metrics.update(speculation_delta(spec_before, scrape_speculation_counters(args.base_url, headers)))
+        # Per phase: the server's queue wait and prefill (means over the finished requests),
+        # the rest of the client's TTFT (first token out through the HTTP stream), decode ITL.
+        metrics.update(phase_metrics(phases_before, scrape_phases(args.base_url, headers)))
+        if "mean_queue_ms" in metrics and "mean_prefill_ms" in metrics:
+            metrics["mean_first_token_delivery_ms"] = (
+                metrics["mean_ttft_ms"] - metrics["mean_queue_ms"] - metrics["mean_prefill_ms"])
         label = f"rate_{rate:g}" if kind == "rate" else f"concurrency_{concurrency}"
         points.append({"label": label, "request_rate": rate, "concurrency": concurrency, "metrics": metrics})
         print(f"{label:18s} " + "  ".join(f"{k} {metrics[k]:.1f}" for k in (
-            "request_throughput", "output_tok_s", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms")
+            "request_throughput", "output_tok_s", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms",
+            "mean_queue_ms", "mean_prefill_ms", "mean_first_token_delivery_ms")
             if k in metrics))
         errors = [r.error for r in results if not r.ok]
         if errors:

@@ -15,6 +15,7 @@ import torch
 from kiln.kernels import (
     activation,
     attention,
+    dense_prefill,
     gemv,
     norm,
     quant_linear,
@@ -132,7 +133,10 @@ def paged_attention(
     On CUDA a batch where every sequence has exactly one new token takes the split-K decode
     kernel (it reads only device tensors: CUDA-graph capturable); a mixed batch ordered
     decode-first (metadata.num_decode_seqs > 0) takes the decode kernel for its decode rows
-    and the prefill kernel for the rest; any other mix takes the prefill kernel.
+    and the prefill kernel for the rest; a step of prompt chunks all at least
+    DENSE_PREFILL_MIN_TOKENS long takes cuDNN's dense attention over the gathered context
+    (dense_prefill.py: ~1.6x the paged kernel's TFLOP/s at 8k-32k on the H200); any other mix
+    takes the prefill kernel.
     """
     if not _fast(query):
         return paged_attention_reference(
@@ -146,6 +150,12 @@ def paged_attention(
             **scales,
         )
     num_decode = metadata.num_decode_seqs
+    if not num_decode and metadata.max_query_len >= dense_prefill.DENSE_PREFILL_MIN_TOKENS:
+        starts = metadata.query_start_loc_host
+        query_lens = [end - start for start, end in zip(starts, starts[1:])]
+        if dense_prefill.use_dense_prefill(query, kv_cache, query_lens, sliding_window):
+            return dense_prefill.dense_prefill_attention(
+                query, kv_cache, metadata.block_tables, starts, metadata.seq_lens_host, scale)
     if num_decode and metadata.prefill_query_start_loc is not None:
         return attention.paged_mixed_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, num_decode,

@@ -5,7 +5,8 @@ At start the runner captures `model(...) → compute_logits` once per padded bat
 and max_num_seqs), largest first, all in one memory pool. A decode step of B sequences replays
 the smallest captured size ≥ B after InputBuffers has written the step's inputs (padding rows
 write nowhere and read the null block), so the whole forward is one launch from the host's
-point of view. Prefill and mixed steps run eagerly.
+point of view. Prefill and mixed steps up to 1,024 tokens replay graphs of their own
+(prefill_graphs.py), captured after these into the same pool; larger ones run eagerly.
 
 Memory: every graph writes its logits into one shared buffer, so what capture keeps is
 
@@ -58,12 +59,36 @@ class CaptureReport:
     memory_bytes: int
     # Of `seconds`, the eager warm-up runs: Triton compiles (cold cache) and cuBLAS heuristics.
     warmup_seconds: float = 0.0
+    # Token counts of the prefill/mixed-step graphs (prefill_graphs.py), when captured: their
+    # seconds and memory are included in the fields above and also given on their own.
+    prefill_token_sizes: tuple[int, ...] = ()
+    prefill_seconds: float = 0.0
+    prefill_memory_bytes: int = 0
 
     def describe(self) -> str:
-        return (
+        text = (
             f"captured {len(self.sizes)} CUDA graphs (batch sizes {self.sizes[0]}…"
             f"{self.sizes[-1]}) in {self.seconds:.1f} s (warm-up {self.warmup_seconds:.1f} s) "
             f"using {self.memory_bytes / 2**20:.0f} MiB"
+        )
+        if self.prefill_token_sizes:
+            text += (
+                f", of which {len(self.prefill_token_sizes)} prefill graphs (tokens "
+                f"{self.prefill_token_sizes[0]}…{self.prefill_token_sizes[-1]}) in "
+                f"{self.prefill_seconds:.1f} s using {self.prefill_memory_bytes / 2**20:.0f} MiB"
+            )
+        return text
+
+    def with_prefill(self, prefill: "CaptureReport") -> "CaptureReport":
+        """This decode report with the prefill graphs' capture added in."""
+        return CaptureReport(
+            sizes=self.sizes,
+            seconds=self.seconds + prefill.seconds,
+            memory_bytes=self.memory_bytes + prefill.memory_bytes,
+            warmup_seconds=self.warmup_seconds + prefill.warmup_seconds,
+            prefill_token_sizes=tuple(prefill.sizes),
+            prefill_seconds=prefill.seconds,
+            prefill_memory_bytes=prefill.memory_bytes,
         )
 
 
@@ -88,6 +113,12 @@ class CudaGraphRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # (max size, V) float32: every graph writes its logits into the first `size` rows.
         self._logits: torch.Tensor | None = None
+        self.pool = None
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The shared (max size, V) logits buffer (after capture)."""
+        return self._logits
 
     def size_for(self, num_seqs: int) -> int | None:
         index = bisect.bisect_left(self.sizes, num_seqs)
@@ -109,6 +140,7 @@ class CudaGraphRunner:
         torch.cuda.empty_cache()
         reserved_before = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
+        self.pool = pool  # the prefill graphs capture into it too (prefill_graphs.py)
         warmup_seconds = 0.0
         # Largest first: the pool grows to the largest graph's needs once, and every smaller
         # capture reuses its blocks.

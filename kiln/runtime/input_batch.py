@@ -116,10 +116,15 @@ class InputBuffers:
         return self._block_tables[:num_seqs]
 
     def prepare(
-        self, scheduled: list[BatchRow], block_size: int, pad_to: int | None = None
+        self, scheduled: list[BatchRow], block_size: int, pad_to: int | None = None,
+        prefill_bucket: "PrefillBucket | None" = None,
     ) -> ModelInputs:
         """Fill the buffers for this batch. With pad_to, the batch must be decode-only (one
-        token per request) and is padded to pad_to sequences for a captured graph.
+        token per request) and is padded to pad_to sequences for a captured graph. With
+        prefill_bucket (any mix of rows, one logits row each at most per bucket sequence),
+        it is padded to the bucket's tokens, sequences and logits rows for a captured
+        prefill graph (prefill_graphs.py): padding tokens belong to no sequence, padding
+        sequences have no tokens, and every row goes through the prefill kernel.
 
         Token ids are copied as given, including the placeholder -1 that overlapped steps
         use for a token the previous step is still sampling: positions and slots come from
@@ -155,6 +160,16 @@ class InputBuffers:
         num_tokens = len(token_ids)
         padded_seqs = pad_to or num_seqs
         padded_tokens = num_tokens + (padded_seqs - num_seqs)
+        if prefill_bucket is not None:
+            if pad_to is not None:
+                raise ValueError("pad_to and prefill_bucket are exclusive")
+            if not prefill_bucket.fits(num_tokens, num_seqs, len(logits_rows)):
+                raise ValueError(
+                    f"batch of {num_tokens} tokens / {num_seqs} sequences / "
+                    f"{len(logits_rows)} logits rows does not fit the prefill bucket "
+                    f"{prefill_bucket}"
+                )
+            padded_seqs, padded_tokens = prefill_bucket.num_seqs, prefill_bucket.num_tokens
         if padded_seqs > self.max_num_seqs or padded_tokens > self.max_num_tokens:
             raise ValueError(
                 f"batch of {num_seqs} sequences / {num_tokens} tokens exceeds the input buffers "
@@ -205,7 +220,13 @@ class InputBuffers:
         block_table[:num_seqs][columns < block_counts[:, None]] = flat_block_ids
 
         max_query_len = max(num_scheduled, default=0)
-        if padded_seqs > num_seqs:
+        if prefill_bucket is not None:
+            self._pad_prefill(num_tokens, num_seqs, num_sampled, prefill_bucket)
+            num_sampled = prefill_bucket.num_seqs
+            # The graph's attention takes the prefill kernel for every row (also one-token
+            # rows): a decode split would bake this step's decode-row count into the graph.
+            max_query_len = max(max_query_len, 2)
+        elif padded_seqs > num_seqs:
             if num_tokens != num_seqs or num_sampled != num_seqs:
                 raise ValueError("only decode-only batches (one sampled token each) are padded")
             self._pad(num_seqs, padded_seqs)
@@ -215,7 +236,9 @@ class InputBuffers:
         seq_lens_host = self._seq_lens[1][:padded_seqs].tolist()
         # A mixed step whose leading rows are one-token (decode) rows: attention runs those
         # through the decode kernel and the rest, rebased to token 0, through the prefill one.
-        num_decode = int(np.argmax(query_lens != 1)) if max_query_len > 1 else 0
+        num_decode = 0
+        if max_query_len > 1 and prefill_bucket is None:
+            num_decode = int(np.argmax(query_lens != 1))
         prefill_query_start_loc = None
         if num_decode:
             rebased = self._prefill_query_start_loc[1]
@@ -286,6 +309,34 @@ class InputBuffers:
             num_tokens + 1, padded_tokens + 1
         )
         self._logits_indices[1][num_seqs:padded_seqs] = np.arange(num_tokens, padded_tokens)
+
+
+    def _pad_prefill(self, num_tokens: int, num_seqs: int, num_sampled: int,
+                     bucket: "PrefillBucket") -> None:
+        """Padding for a captured prefill graph. Tokens [num_tokens, bucket.num_tokens): id 0
+        at position 0, writing nowhere (slot -1), in no sequence (their attention rows are
+        left unwritten; every later op is row-wise and no logits row reads them). Sequences
+        [num_seqs, bucket.num_seqs): no tokens (query_start_loc stays at num_tokens, so the
+        prefill kernel's programs for them exit at once), no context, the null block.
+        Logits rows [num_sampled, bucket.num_seqs): token 0's row, ignored."""
+        self._input_ids[1][num_tokens : bucket.num_tokens] = 0
+        self._positions[1][num_tokens : bucket.num_tokens] = 0
+        self._slot_mapping[1][num_tokens : bucket.num_tokens] = -1
+        self._seq_lens[1][num_seqs : bucket.num_seqs] = 0
+        self._query_start_loc[1][num_seqs + 1 : bucket.num_seqs + 1] = num_tokens
+        self._logits_indices[1][num_sampled : bucket.num_seqs] = 0
+
+
+@dataclass(frozen=True)
+class PrefillBucket:
+    """The padded shape of a captured prefill graph: a step of at most num_tokens tokens in
+    at most num_seqs sequences, with at most num_seqs logits rows."""
+
+    num_tokens: int
+    num_seqs: int
+
+    def fits(self, num_tokens: int, num_seqs: int, num_logits: int) -> bool:
+        return num_tokens <= self.num_tokens and max(num_seqs, num_logits) <= self.num_seqs
 
 
 def prepare_inputs(

@@ -4,8 +4,9 @@
       ─model→ hidden (T, H) ─hidden[logits_indices]→ logits (L, V) ─Sampler→ token ids
       ─one host copy→ ModelRunnerOutput
 
-Decode-only steps on CUDA replay a captured graph (cuda_graphs.py); everything else runs
-eagerly. The step's only device→host synchronisation is copying the sampled ids back.
+Decode-only steps on CUDA replay a captured graph (cuda_graphs.py); prefill and mixed steps
+up to PREFILL_GRAPH_MAX_TOKENS replay a graph of their padded token count (prefill_graphs.py);
+larger steps run eagerly. The step's only device→host synchronisation is copying the sampled ids back.
 
 `execute_async` launches a step and returns at once; `collect` waits for its sampled ids.
 Between the two the host may schedule and launch the next step (overlap scheduling): that
@@ -39,7 +40,8 @@ from kiln.compiler.manifest import EngineInfo
 from kiln.kernels.ops import use_reference_kernels
 from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
-from kiln.runtime.input_batch import BatchRow, InputBuffers
+from kiln.runtime.input_batch import BatchRow, InputBuffers, PrefillBucket
+from kiln.runtime.prefill_graphs import PrefillGraphRunner, prefill_buckets
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
 from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches, apply_kv_scales
 from kiln.runtime.memory_profile import MemoryProfile, cpu_kv_blocks, profile_kv_blocks
@@ -157,12 +159,25 @@ class ModelRunner:
         self.graph_steps = 0
         self.graph_gpu_seconds = 0.0
         self.graphs: CudaGraphRunner | None = None
+        self.prefill_graphs: PrefillGraphRunner | None = None
+        # Steps replayed from prefill graphs (a subset of the eager-shaped ones).
+        self.prefill_graph_steps = 0
         self.capture_report: CaptureReport | None = None
         if enable_cuda_graphs and device.type == "cuda" and not use_reference_kernels():
             self.graphs = CudaGraphRunner(
                 self.model, self.kv_caches, self.buffers, block_size, capture_sizes(max_num_seqs)
             )
             self.capture_report = self.graphs.capture()
+            if parallel.world_size == 1:
+                # Prefill/mixed-step graphs, single-process only: a pipeline stage's forward
+                # returns hidden states, not logits, and its sends are host-driven.
+                self.prefill_graphs = PrefillGraphRunner(
+                    self.model, self.kv_caches, self.buffers, block_size,
+                    prefill_buckets(self.buffers.max_num_tokens, max_num_seqs),
+                )
+                self.capture_report = self.capture_report.with_prefill(
+                    self.prefill_graphs.capture(pool=self.graphs.pool, logits=self.graphs.logits)
+                )
         if device.type == "cuda" and not use_reference_kernels() and parallel.is_driver:
             # Compile the temperature-only sampling kernels now rather than in the first
             # step that needs them (a second or two, inside someone's latency): for the
@@ -177,6 +192,7 @@ class ModelRunner:
         """Drop everything that holds device memory (graphs and their pool, KV cache,
         weights, buffers); the owner then releases the allocator's cache. Idempotent."""
         self.graphs = None
+        self.prefill_graphs = None
         self.kv_caches = []
         self.model = None
         self.buffers = None
@@ -217,6 +233,11 @@ class ModelRunner:
             return None
         return self.graphs.size_for(len(rows))
 
+    def _prefill_bucket(self, rows: list[BatchRow]) -> PrefillBucket | None:
+        if self.prefill_graphs is None:
+            return None
+        return self.prefill_graphs.bucket_for(rows)
+
     @torch.inference_mode()
     def forward_rows(
         self, rows: list[BatchRow], feed_token_ids: torch.Tensor | None = None
@@ -255,13 +276,20 @@ class ModelRunner:
         # decode and verify rows then replays a decode graph.
         forward_rows = self._as_decode_rows(rows)
         graph_size = self._graph_size(forward_rows)
-        inputs = self.buffers.prepare(forward_rows, self.block_size, pad_to=graph_size)
+        bucket = self._prefill_bucket(forward_rows) if graph_size is None else None
+        inputs = self.buffers.prepare(forward_rows, self.block_size, pad_to=graph_size,
+                                      prefill_bucket=bucket)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
         self._fill_placeholders(forward_rows, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
+        elif bucket is not None:
+            self.prefill_graph_steps += 1
+            logits = self.prefill_graphs.replay(bucket)[: len(inputs.logits_request_ids)]
+            if not inputs.logits_request_ids:
+                return LaunchedStep([], None, None, [], self._record_event(), started)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
             if not inputs.logits_request_ids or not self.parallel.is_last_stage:

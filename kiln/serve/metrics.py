@@ -17,6 +17,8 @@ from kiln.runtime.scheduler import Scheduler
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
+PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1,
+                 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -63,6 +65,14 @@ class ServerMetrics:
                              labels, buckets=_ITL_BUCKETS, registry=registry).labels(model_name)
         self.e2e = Histogram("kiln_e2e_request_latency_seconds", "Arrival to finish",
                              labels, buckets=_LATENCY_BUCKETS, registry=registry).labels(model_name)
+        # The server side of TTFT, per phase (`kiln bench serve` reports their deltas).
+        self.queue_time = Histogram("kiln_request_queue_time_seconds",
+                                    "Arrival to first scheduled (waiting for a step)", labels,
+                                    buckets=PHASE_BUCKETS, registry=registry).labels(model_name)
+        self.prefill_time = Histogram("kiln_request_prefill_time_seconds",
+                                      "First scheduled to first token (the prefill, all its "
+                                      "chunks)", labels, buckets=PHASE_BUCKETS,
+                                      registry=registry).labels(model_name)
         self._model_name = model_name
         from kiln.spec.metrics import SpeculationCollector  # speculative decoding's counts
         registry.register(SpeculationCollector(lambda: getattr(scheduler(), "speculation_stats", None)))
@@ -87,6 +97,11 @@ class ServerMetrics:
             self.request_success.labels(self._model_name, completion.finish_reason or "abort").inc()
             if metrics.first_token_time is not None:
                 self.ttft.observe(max(0.0, metrics.first_token_time - metrics.arrival_time))
+                if metrics.first_scheduled_time is not None:
+                    self.queue_time.observe(
+                        max(0.0, metrics.first_scheduled_time - metrics.arrival_time))
+                    self.prefill_time.observe(
+                        max(0.0, metrics.first_token_time - metrics.first_scheduled_time))
             if metrics.finished_time is not None:
                 self.e2e.observe(max(0.0, metrics.finished_time - metrics.arrival_time))
 

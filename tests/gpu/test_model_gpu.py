@@ -119,6 +119,9 @@ def test_mixed_steps_split_decode_and_prefill_rows_equal_reference(engine_dir, m
     tokens are checked against the reference as above."""
     prompts = prompts_for(12, 512)
     engine = make_engine(engine_dir, max_num_batched_tokens=256)
+    # The eager split is what this test checks: mixed steps this small would otherwise
+    # replay prefill graphs (tests/gpu/test_prefill_graphs_gpu.py checks those).
+    engine.runner.prefill_graphs = None
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ids, done, step = [], {}, 0
     mixed_steps = 0

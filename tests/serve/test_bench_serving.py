@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from kiln.bench.serving import add_bench_serve_parser
 from tests.serve.conftest import API_KEY
 
@@ -33,6 +35,10 @@ def test_bench_serve_random_prompts(server, tmp_path, capsys):
         for name in ("ttft", "tpot", "itl", "e2e"):
             assert 0 < metrics[f"p50_{name}_ms"] <= metrics[f"p99_{name}_ms"]
         assert metrics["output_tok_s"] > 0 and metrics["request_throughput"] > 0
+        # Per phase, from the server's histograms: queue and prefill of these 4 requests.
+        assert 0 <= metrics["mean_queue_ms"] and 0 < metrics["mean_prefill_ms"]
+        assert metrics["p50_prefill_ms"] <= metrics["p99_prefill_ms"]
+        assert "mean_first_token_delivery_ms" in metrics
     assert result["metrics"]["rate_8.completed"] == 4
     assert result_path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "rate_inf" in capsys.readouterr().out
@@ -57,3 +63,27 @@ def test_bench_serve_sharegpt_saved_and_replayed(server, tmp_path):
         assert replay["config"][key] == result["config"][key]
     assert replay["points"][0]["metrics"]["completed"] == 3
     server.wait_idle()
+
+
+def test_phase_metrics_from_histogram_deltas():
+    from kiln.bench.serving import parse_phases, phase_metrics
+
+    def text(queue_sum, queue_counts, prefill_sum, prefill_counts):
+        lines = ["# HELP kiln_request_queue_time_seconds x"]
+        for metric, total, counts in (("kiln_request_queue_time_seconds", queue_sum, queue_counts),
+                                      ("kiln_request_prefill_time_seconds", prefill_sum, prefill_counts)):
+            for bound, count in zip(("0.01", "0.02", "+Inf"), counts):
+                lines.append(f'{metric}_bucket{{le="{bound}",model_name="m"}} {count}')
+            lines.append(f'{metric}_count{{model_name="m"}} {counts[-1]}')
+            lines.append(f'{metric}_sum{{model_name="m"}} {total}')
+        return "\n".join(lines)
+
+    before = parse_phases(text(0.01, (1, 1, 1), 0.02, (0, 1, 1)))
+    after = parse_phases(text(0.05, (4, 5, 5), 0.14, (1, 4, 5)))
+    metrics = phase_metrics(before, after)
+    assert metrics["mean_queue_ms"] == pytest.approx(10.0)
+    assert metrics["mean_prefill_ms"] == pytest.approx(30.0)
+    assert metrics["p50_queue_ms"] == 10.0 and metrics["p99_queue_ms"] == 20.0
+    assert metrics["p50_prefill_ms"] == 20.0
+    assert parse_phases("# nothing here") is None
+    assert phase_metrics(None, after) == {}
