@@ -35,6 +35,16 @@ def run_set(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[list[list[in
     return outputs, seconds
 
 
+def first_divergences(plain: list[list[int]], spec: list[list[int]]) -> list[tuple[int, int]]:
+    """(prompt index, first differing position) of each pair of outputs that differ."""
+    found = []
+    for index, (a, b) in enumerate(zip(plain, spec)):
+        if a != b:
+            position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            found.append((index, position))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -48,6 +58,7 @@ def main() -> None:
     parser.add_argument("--copy-tokens", type=int, default=256)
     parser.add_argument("--sharegpt-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    parser.add_argument("--dtype", default=None, help="compute dtype (default: the engine's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -58,10 +69,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"benchmark": "ngram", "gpu": device_name(device),
                      "torch_version": torch.__version__,
-                     "config": {**spec, **budgets, "model": str(args.model)}}
+                     "config": {**spec, **budgets, "model": str(args.model),
+                                "dtype": args.dtype or "engine"}}
     runs: dict = {}
+    dtype = {"dtype": args.dtype} if args.dtype else {}
     for mode, config in (("plain", None), ("ngram", spec)):
-        with LLM(model=args.model, speculative_config=config) as llm:
+        with LLM(model=args.model, speculative_config=config, **dtype) as llm:
             for name, prompts in sets.items():
                 prompts = prompts[: args.limit]
                 speculator = getattr(llm.llm_engine, "speculator", None)
@@ -76,6 +89,26 @@ def main() -> None:
                     delta["mean_accepted_length"] = 1 + (delta["num_accepted_tokens"]
                                                          / max(delta["num_verify_rows"], 1))
                     results.setdefault("acceptance", {})[name] = delta
+    divergences = {name: first_divergences(runs[("plain", name)][0], runs[("ngram", name)][0])
+                   for name in sets}
+    # The plain engine again (untimed): the top-2 log-probability gap where each differing
+    # output first differs. bf16 logits have ~3 significant digits; a gap within their
+    # rounding means a GEMV (plain step) and a 5-row GEMM (verify) may rank the two apart.
+    with LLM(model=args.model, **dtype) as llm:
+        for name, found in divergences.items():
+            prompts = sets[name][: args.limit]
+            gaps = []
+            for index, position in found:
+                params = SamplingParams(temperature=0, max_tokens=position + 1, logprobs=2)
+                result = llm.chat([{"role": "user", "content": prompts[index]}], params,
+                                  use_tqdm=False)[0]
+                top = result.outputs[0].logprobs[position].top
+                gaps.append(top[0][1] - top[1][1] if len(top) > 1 else None)
+            results.setdefault("divergence", {})[name] = {
+                "prompts": [index for index, _ in found],
+                "first_position": [position for _, position in found],
+                "top2_logprob_gap": gaps,
+            }
     for name in sets:
         (plain_out, plain_s), (spec_out, spec_s) = runs[("plain", name)], runs[("ngram", name)]
         tokens = sum(map(len, plain_out))
