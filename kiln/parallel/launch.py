@@ -102,6 +102,9 @@ class WorkerSpec:
     verify_hashes: bool
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    # tp > 1 at pp 1 with overlap scheduling: the sampling rank broadcasts its sampled ids
+    # to its tp peers (ModelRunner.share_sampled_ids).
+    share_sampled_ids: bool = False
 
     @property
     def world_size(self) -> int:
@@ -180,6 +183,7 @@ def make_runner(spec: WorkerSpec, world: World, device: torch.device, engine_inf
         kv_cache_dtype=getattr(torch, spec.kv_cache_dtype),
         parallel=world.parallel,
         agree_num_kv_blocks=lambda blocks: agree_min(blocks, world.control_group),
+        share_sampled_ids=spec.share_sampled_ids,
     )
 
 
@@ -221,12 +225,19 @@ def receive_message(group) -> tuple[int, bytes]:
     return kind, body.numpy().tobytes()
 
 
-def send_bytes(payload: bytes, destination: int, group) -> None:
+def send_bytes(payload: bytes, destination: int, group) -> list:
+    """Start sending `payload` (its length, then its bytes) and return the pending sends
+    (wait() each; keep them, and so their tensors, alive until then). Gloo's send completes
+    only once the receiver has posted its receive, so the sampling rank does not wait here:
+    rank 0 may be busy sending it the next micro-batch's activations."""
     import torch.distributed as dist
 
-    dist.send(torch.tensor([len(payload)], dtype=torch.int64), destination, group=group)
+    pending = [dist.isend(torch.tensor([len(payload)], dtype=torch.int64), destination,
+                          group=group)]
     if payload:
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), destination, group=group)
+        pending.append(dist.isend(torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+                                  destination, group=group))
+    return pending
 
 
 def receive_bytes(source: int, group, deadline: float) -> bytes:

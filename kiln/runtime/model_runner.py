@@ -98,14 +98,18 @@ class ModelRunner:
         kv_cache_dtype: torch.dtype | None = None,
         parallel: ParallelState = SINGLE_PROCESS,
         agree_num_kv_blocks: Callable[[int], int] | None = None,
+        share_sampled_ids: bool = False,
     ) -> None:
         """num_kv_blocks None: on CUDA, size the KV cache with a profiling forward
         (memory_profile.py) to fill gpu_memory_utilization of the device; on the CPU, fill
         cpu_kv_cache_bytes. kv_cache_dtype None: the compute dtype. `parallel`: which slice
         of the model this process holds (its rank file, its KV heads). `agree_num_kv_blocks`:
         with several ranks, turns this rank's fit into the one every rank uses (the smallest;
-        kiln/parallel/executor.py)."""
+        kiln/parallel/executor.py). `share_sampled_ids` (tp > 1, overlap scheduling): the
+        sampling rank broadcasts each step's sampled ids to its tp peers, which fill the next
+        step's placeholders from them as it does."""
         self.engine_info = engine_info
+        self.share_sampled_ids = share_sampled_ids
         self.device = device
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
@@ -268,6 +272,8 @@ class ModelRunner:
                 return LaunchedStep([], None, None, [], self._record_event(), started)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (L, V) float32
         if not self.parallel.is_driver:  # a tp peer: it joined the logits' all-gather
+            if self.share_sampled_ids:
+                self._receive_sampled_ids(rows, inputs.logits_request_ids)
             return LaunchedStep([], None, None, [], self._record_event(), started)
         launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
@@ -343,6 +349,15 @@ class ModelRunner:
         source = self._last_sampled.index_select(0, rows_and_positions[0])
         inputs.input_ids.index_copy_(0, rows_and_positions[1], source)
 
+    def _receive_sampled_ids(self, rows: list[BatchRow], request_ids: list[str]) -> None:
+        """A tp peer of the sampling rank: this step's sampled ids (its broadcast in _sample)
+        and each request's row in them, as the sampling rank keeps them."""
+        sampled = torch.empty(len(request_ids), dtype=torch.int64, device=self.device)
+        self._last_sampled = self.parallel.broadcast_from_driver(sampled)
+        verified = {row.request_id for row in rows if len(row.logits_offsets) > 1}
+        self._last_sampled_rows = {rid: row for row, rid in enumerate(request_ids)
+                                   if rid not in verified}
+
     def _sample(
         self,
         logits: torch.Tensor,  # (L, V): one row per logits offset of `rows`, in order
@@ -384,6 +399,8 @@ class ModelRunner:
         metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
         verify = VerifyRows.build(rejection, self.device) if rejection else None
         sampled = self.sampler(logits, metadata, verify)
+        if self.share_sampled_ids:
+            self.parallel.broadcast_from_driver(sampled.sampled_token_ids)
         self._last_sampled = sampled.sampled_token_ids
         # Overlapped steps fill a request's placeholder from its row here; verify rows are
         # never followed by one (the scheduler waits for their outcome).
