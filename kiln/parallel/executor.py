@@ -111,8 +111,9 @@ class ParallelExecutor:
                  processes: list[subprocess.Popen], rendezvous_dir: str | None) -> None:
         self.spec = spec
         # Overlapped steps need the sampled ids on every rank that fills placeholders: the
-        # tp peers get them at pp 1 (share_sampled_ids); pipelines run micro-batches instead.
-        self.supports_overlap = spec.share_sampled_ids
+        # tp peers get them at pp 1 (share_sampled_ids); at pp > 1 stage 0 gets those of
+        # the steps the engine's micro-batch loop marks (sampled_ids.py).
+        self.supports_overlap = spec.share_sampled_ids or spec.pp > 1
         self.max_in_flight = spec.pp
         self._launched = 0  # steps launched, and collected: collect() takes them in order
         self._collected = 0
@@ -208,7 +209,7 @@ class ParallelExecutor:
                 if self._driver == 0:
                     return local
                 deadline = time.monotonic() + self.spec.step_timeout_s
-                payload = launch.receive_bytes(self._driver, self.parallel.pp_group, deadline)
+                payload = launch.receive_bytes(self._driver, self.world.result_group, deadline)
                 return wire.decode(payload)
         except Exception as error:  # noqa: BLE001
             raise self._fail(error) from None

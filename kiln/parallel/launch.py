@@ -14,10 +14,13 @@ Every rank then joins the same groups in the same order (`join_world`):
     tp groups, pp group   the model's collectives (NCCL on CUDA, gloo on the CPU), with the
                           step timeout: a dead or hung peer turns into an error in seconds
     control group         gloo over all ranks, CPU tensors, no timeout to speak of: rank 0
-                          broadcasts each step message (msgpack bytes, never pickle) and the
-                          sampling rank sends the sampled ids back. Workers wait here while
-                          the engine is idle, so it must not time out; rank 0 never waits on
-                          it blindly (executor.py polls its operations and its children).
+                          broadcasts each step message (msgpack bytes, never pickle). Workers
+                          wait here while the engine is idle, so it must not time out; rank 0
+                          never waits on it blindly (executor.py polls its operations and its
+                          children).
+    result group          gloo over all ranks, CPU tensors, the step timeout: at pp > 1 the
+                          sampling rank sends each step's ModelRunnerOutput (msgpack bytes) to
+                          rank 0 here (the pp group is NCCL on CUDA: no CPU tensors there)
 
 Why a gloo broadcast of a byte tensor rather than a pipe or socket of our own: it runs over
 the rendezvous torchrun already made (no extra port, the same code for one machine and for
@@ -124,6 +127,7 @@ class World:
 
     parallel: ParallelState
     control_group: object
+    result_group: object = None
 
     @property
     def rank(self) -> int:
@@ -146,7 +150,9 @@ def join_world(spec: WorkerSpec, rank: int) -> World:
     # initialize() saw an initialised world and so does not own it; this state does.
     parallel = _owning(parallel)
     control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=_IDLE_TIMEOUT)
-    return World(parallel, control)
+    results = dist.new_group(list(range(spec.world_size)), backend="gloo",
+                             timeout=timedelta(seconds=spec.step_timeout_s))
+    return World(parallel, control, results)
 
 
 def _owning(parallel: ParallelState) -> ParallelState:

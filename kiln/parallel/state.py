@@ -174,6 +174,20 @@ class ParallelState:
             _test_stage_delay(self.pp_rank)
         return out
 
+    def send_to_first_stage(self, tensor: torch.Tensor) -> list:
+        """The sampling rank: start sending `tensor` (sampled ids) to every rank of stage 0;
+        returns the pending sends (wait() each before `tensor` may be dropped)."""
+        import torch.distributed as dist
+
+        return [dist.isend(tensor, rank, group=self.pp_group) for rank in range(self.tp_size)]
+
+    def receive_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A stage 0 rank: what send_to_first_stage sent, into `tensor` (in place)."""
+        import torch.distributed as dist
+
+        dist.recv(tensor, self.last_stage_driver_rank, group=self.pp_group)
+        return tensor
+
     def broadcast_from_driver(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` of tp rank 0 of this stage, in place on every tp rank of it (identity at
         tp 1): the sampled ids of the last stage's driver reach its tp peers, which fill the

@@ -67,7 +67,7 @@ def serve_steps(world, runner) -> None:
             if sends_results:
                 while len(pending) >= parallel.pp_size:
                     _wait_all(pending.popleft())
-                pending.append(send_bytes(wire.encode(output), 0, parallel.pp_group))
+                pending.append(send_bytes(wire.encode(output), 0, world.result_group))
         while pending:  # rank 0 collected every step before SHUTDOWN: these are done
             _wait_all(pending.popleft())
     finally:

@@ -256,8 +256,11 @@ class LLMEngine:
         self._ids = itertools.count()
         overlap = config.overlap_scheduling
         self.overlap_scheduling = self.device.type == "cuda" if overlap is None else overlap
-        if not getattr(self.runner, "supports_overlap", True):
-            self.overlap_scheduling = False  # parallel steps run synchronously (executor.py)
+        if not getattr(self.runner, "supports_overlap", True) or (
+                self.speculator is not None and getattr(self.runner, "max_in_flight", 1) > 1):
+            # Parallel steps that cannot overlap (executor.py); at pp > 1 overlapped steps
+            # exist only in the micro-batch loop, which speculation does not use.
+            self.overlap_scheduling = False
         # Launched steps whose results a later step() collects, oldest first: one with
         # overlap scheduling, up to pp pipeline micro-batches (kiln/parallel/executor.py;
         # speculative decoding's proposals need each step's outcome, so not with it).
@@ -317,6 +320,13 @@ class LLMEngine:
             return
         self._closed = True
         in_flight, self._in_flight = self._in_flight, deque()
+        if in_flight and in_flight[-1][0].share_sampled_ids:
+            # Stage 0 takes a marked step's sampled ids at the start of the next step.
+            follow = SchedulerOutput(scheduled=[])
+            try:
+                in_flight.append((follow, self.runner.execute_async(follow)))
+            except KilnError:
+                pass
         for _, launched in in_flight:  # their kernels still use the caches
             try:
                 self.runner.collect(launched)
@@ -511,15 +521,32 @@ class LLMEngine:
         """Pipeline parallelism: launch another micro-batch while fewer than pp are in
         flight and some request is free to run, else finish the oldest. A micro-batch takes
         at most its share of the live requests (ceil(live / pp)), so pp of them fill the
-        pipeline; each stage runs the steps in launch order."""
+        pipeline; each stage runs the steps in launch order.
+
+        With overlap scheduling and fewer live requests than stages (no disjoint micro-
+        batches to fill the pipeline with), steps are chained instead: one step takes every
+        free request and is marked (`share_sampled_ids`: the last stage sends its sampled
+        ids to stage 0), and the next step may schedule the marked step's requests again,
+        with placeholders that stage 0 fills from those ids. Stage 0 takes them at the
+        start of the step after a marked one, so one always follows (without rows if need
+        be)."""
         in_flight = self._in_flight
+        last = in_flight[-1][0] if in_flight else None
+        must_follow = last is not None and last.share_sampled_ids
         if len(in_flight) < self._max_in_flight:
             busy = {chunk.request_id for output, _ in in_flight for chunk in output.scheduled}
+            if must_follow:
+                busy -= {chunk.request_id for chunk in last.scheduled}
             scheduler = self.scheduler
             live = min(scheduler.num_running + scheduler.num_waiting, self.config.max_num_seqs)
-            share = max(1, -(-live // self._max_in_flight))
+            chained = (self.overlap_scheduling and self._num_penalised_sequences == 0
+                       and live < self._max_in_flight)
+            share = None if chained else max(1, -(-live // self._max_in_flight))
             scheduler_output = scheduler.schedule(skip_request_ids=busy, max_rows=share)
-            if (scheduler_output.scheduled or scheduler_output.finished_request_ids
+            if chained and any(chunk.logits_offsets for chunk in scheduler_output.scheduled):
+                scheduler_output = dataclasses.replace(scheduler_output, share_sampled_ids=True)
+            if (must_follow or scheduler_output.scheduled
+                    or scheduler_output.finished_request_ids
                     or scheduler_output.preempted_request_ids):
                 # Every launched step is collected, in order: the ranks answer each one.
                 in_flight.append((scheduler_output, self.runner.execute_async(scheduler_output)))

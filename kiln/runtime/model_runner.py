@@ -40,6 +40,7 @@ from kiln.kernels.ops import use_reference_kernels
 from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import BatchRow, InputBuffers
+from kiln.parallel.sampled_ids import PipelineSampledIds, sampled_rows
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
 from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches, apply_kv_scales
 from kiln.runtime.memory_profile import MemoryProfile, cpu_kv_blocks, profile_kv_blocks
@@ -110,6 +111,9 @@ class ModelRunner:
         step's placeholders from them as it does."""
         self.engine_info = engine_info
         self.share_sampled_ids = share_sampled_ids
+        # pp > 1: sampled ids of the steps the engine marks, last stage → stage 0.
+        self.pipeline_ids = (PipelineSampledIds(parallel, device) if parallel.pp_size > 1
+                             else None)
         self.device = device
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
@@ -186,6 +190,8 @@ class ModelRunner:
         self.buffers = None
         self._last_sampled = None
         self._last_sampled_rows = {}
+        if self.pipeline_ids is not None:
+            self.pipeline_ids.close()
         self.requests.clear()
         self.generators.clear()
 
@@ -252,6 +258,8 @@ class ModelRunner:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.drop(request_id)
         rows = self.requests.apply(scheduler_output)
+        if self.pipeline_ids is not None and (shared := self.pipeline_ids.take()) is not None:
+            self._last_sampled, self._last_sampled_rows = shared  # pp: the marked step's
         if not rows:
             return LaunchedStep([], None, None, [], None, None)
         rows = _decode_rows_first(rows)
@@ -260,10 +268,13 @@ class ModelRunner:
         forward_rows = self._as_decode_rows(rows)
         graph_size = self._graph_size(forward_rows)
         inputs = self.buffers.prepare(forward_rows, self.block_size, pad_to=graph_size)
+        if self.pipeline_ids is not None:
+            self.pipeline_ids.expect(scheduler_output, rows, inputs.logits_request_ids)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
-        self._fill_placeholders(forward_rows, inputs)
+        if self.parallel.is_first_stage:  # later stages take activations, not token ids
+            self._fill_placeholders(forward_rows, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
         else:
@@ -277,6 +288,8 @@ class ModelRunner:
             return LaunchedStep([], None, None, [], self._record_event(), started)
         launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
+        if self.pipeline_ids is not None:
+            self.pipeline_ids.send(scheduler_output, self._last_sampled)
         return launched
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
@@ -354,9 +367,7 @@ class ModelRunner:
         and each request's row in them, as the sampling rank keeps them."""
         sampled = torch.empty(len(request_ids), dtype=torch.int64, device=self.device)
         self._last_sampled = self.parallel.broadcast_from_driver(sampled)
-        verified = {row.request_id for row in rows if len(row.logits_offsets) > 1}
-        self._last_sampled_rows = {rid: row for row, rid in enumerate(request_ids)
-                                   if rid not in verified}
+        self._last_sampled_rows = sampled_rows(rows, request_ids)
 
     def _sample(
         self,

@@ -82,20 +82,22 @@ def run_matrix(engine_dir, **knobs) -> dict:
 def _count_steps_in_flight(engine, results: dict) -> None:
     """results["most_in_flight"]: the most steps with rows launched and not yet collected
     at once (the runner's launches and collects, counted)."""
-    results["most_in_flight"] = 0
+    results["most_in_flight"] = results["chained"] = 0
     runner = engine.runner
     launch, collect = runner.execute_async, runner.collect
-    uncollected: set[int] = set()
+    uncollected: dict[int, set[str]] = {}  # id(launched) → its requests
 
     def counting_launch(scheduler_output):
+        ids = {chunk.request_id for chunk in scheduler_output.scheduled}
+        results["chained"] += any(ids & other for other in uncollected.values())
         launched = launch(scheduler_output)
         if not scheduler_output.is_empty:
-            uncollected.add(id(launched))
+            uncollected[id(launched)] = ids
             results["most_in_flight"] = max(results["most_in_flight"], len(uncollected))
         return launched
 
     def counting_collect(launched):
-        uncollected.discard(id(launched))
+        uncollected.pop(id(launched), None)
         return collect(launched)
 
     runner.execute_async, runner.collect = counting_launch, counting_collect
@@ -120,7 +122,26 @@ def test_engine_matrix_matches_tp1(engines, reference, layout):
     # number of preemptions, but the same tokens.
     assert results.pop("preemptions") > 0
     assert results.pop("most_in_flight") == layout[1]
-    expected = {k: v for k, v in reference.items() if k not in ("preemptions", "most_in_flight")}
+    assert results.pop("chained") == 0  # a request is in one step at a time
+    expected = {k: v for k, v in reference.items()
+                if k not in ("preemptions", "most_in_flight", "chained")}
+    assert results == expected
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param((1, 2), id="tp1-pp2"),
+    pytest.param((2, 2), id="tp2-pp2", marks=pytest.mark.slow_parallel),
+])
+def test_engine_matrix_overlapped_pipeline_matches_tp1(engines, reference, layout):
+    """pp 2 with overlap scheduling: micro-batches while there are requests enough, then
+    (fewer live requests than stages, at the end of each part) chained steps whose
+    placeholders stage 0 fills from the ids the last stage sends it."""
+    results = run_matrix(engines[layout], overlap_scheduling=True)
+    assert results.pop("preemptions") > 0
+    assert results.pop("most_in_flight") == 2
+    assert results.pop("chained") > 0  # a request scheduled again while in flight
+    expected = {k: v for k, v in reference.items()
+                if k not in ("preemptions", "most_in_flight", "chained")}
     assert results == expected
 
 
@@ -129,7 +150,8 @@ def test_engine_matrix_overlapped_at_tp2_matches_tp1(engines, reference):
     placeholders filled on both ranks from the ids the sampling rank broadcasts."""
     results = run_matrix(engines[(2, 1)], overlap_scheduling=True)
     assert results.pop("most_in_flight") == 2  # step N + 1 launched before N was collected
-    assert results == {k: v for k, v in reference.items() if k != "most_in_flight"}
+    assert results.pop("chained") > 0
+    assert results == {k: v for k, v in reference.items() if k not in ("most_in_flight", "chained")}
 
 
 def test_layout_mismatch_is_refused_with_the_fix(engines):

@@ -33,12 +33,15 @@ def _micro_batched(engine, depth: int):
     return engine
 
 
-def test_micro_batches_give_the_tokens_of_single_steps(tiny):  # noqa: F811
+@pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "chained"])
+def test_micro_batches_give_the_tokens_of_single_steps(tiny, overlap):  # noqa: F811
     """Chunking, preemption, stops, seeded sampling, logprobs and penalties: micro-batches of
-    disjoint requests, three in flight, give exactly the tokens of one step at a time."""
+    disjoint requests, three in flight, give exactly the tokens of one step at a time; with
+    overlap scheduling, also once fewer requests than three are left and steps chain."""
     _, engine_dir = tiny
     prompts = random_prompts(24, seed=9)
     knobs = dict(max_num_batched_tokens=24, num_kv_blocks=20, max_num_seqs=12)
+    micro_knobs = dict(knobs, overlap_scheduling=overlap)
     params = [SamplingParams(temperature=0, max_tokens=3 + i % 11, ignore_eos=True)
               for i in range(24)]
     params[1] = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=9, ignore_eos=True)
@@ -46,14 +49,20 @@ def test_micro_batches_give_the_tokens_of_single_steps(tiny):  # noqa: F811
     params[3] = SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=7,
                                ignore_eos=True)
     expected = run_to_completion(make_cpu_engine(engine_dir, **knobs), prompts, params)
-    engine = _micro_batched(make_cpu_engine(engine_dir, **knobs), 3)
+    engine = _micro_batched(make_cpu_engine(engine_dir, **micro_knobs), 3)
     in_flight: list[int] = []
-    got = run_to_completion(engine, prompts, params,
-                            before_step=lambda e: in_flight.append(len(e._in_flight)))
+    marked: list[bool] = []
+
+    def watch(engine):
+        in_flight.append(len(engine._in_flight))
+        marked.extend(output.share_sampled_ids for output, _ in engine._in_flight)
+
+    got = run_to_completion(engine, prompts, params, before_step=watch)
     assert token_ids(got) == token_ids(expected)
     assert got[2].outputs[0].logprobs == expected[2].outputs[0].logprobs
     assert sum(m.num_preemptions for out in got for m in out.metrics) > 0
     assert max(in_flight) == 2  # between step() calls: depth - 1 (the next one launches)
+    assert any(marked) == overlap
     manager = engine.scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
     # Stops land while other micro-batches are in flight.
@@ -61,7 +70,7 @@ def test_micro_batches_give_the_tokens_of_single_steps(tiny):  # noqa: F811
                             stop_token_ids=[o.outputs[0].token_ids[min(2, len(o.outputs[0].token_ids) - 1)]])
              for i, o in enumerate(expected[4:], start=4)]
     reference = run_to_completion(make_cpu_engine(engine_dir, **knobs), prompts[4:], stops)
-    got = run_to_completion(_micro_batched(make_cpu_engine(engine_dir, **knobs), 3),
+    got = run_to_completion(_micro_batched(make_cpu_engine(engine_dir, **micro_knobs), 3),
                             prompts[4:], stops)
     assert token_ids(got) == token_ids(reference)
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in reference]
@@ -105,11 +114,32 @@ def pipeline_engines(tmp_path_factory) -> dict[int, Path]:
     return built
 
 
-def _generate(engine_dir: Path) -> list[list[list[int]]]:
-    prompts = random_prompts(4, seed=3)
-    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 4
-    with make_cpu_engine(engine_dir) as engine:
+def _generate(engine_dir: Path, count: int = 4, **knobs) -> list[list[list[int]]]:
+    prompts = random_prompts(count, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * count
+    with make_cpu_engine(engine_dir, **knobs) as engine:
         return token_ids(run_to_completion(engine, prompts, params))
+
+
+def test_one_request_chains_its_steps_through_the_pipeline(pipeline_engines):
+    """Fewer requests than stages, overlap on: step N + 1 of the same request is launched
+    while step N is in the pipeline; stage 0 fills its placeholder from the ids the last
+    stage sent. Same tokens; closing with a marked step in flight leaves nothing behind."""
+    expected = _generate(pipeline_engines[1], count=1)
+    assert _generate(pipeline_engines[2], count=1, overlap_scheduling=True) == expected
+    engine = make_cpu_engine(pipeline_engines[2], overlap_scheduling=True)
+    processes = engine.runner.processes
+    try:
+        engine.add_request("one", [5, 6, 7], SamplingParams(temperature=0, max_tokens=20))
+        engine.step()
+        engine.step()
+        assert len(engine._in_flight) == 1
+        assert engine._in_flight[0][0].share_sampled_ids
+        assert [chunk.request_id for chunk in engine._in_flight[0][0].scheduled] == ["one"]
+    finally:
+        engine.close()
+    for process in processes:
+        assert process.wait(timeout=10) == 0  # a clean shutdown, not a kill
 
 
 def test_pipeline_stages_compute_different_micro_batches_at_once(pipeline_engines, tmp_path,
