@@ -15,7 +15,9 @@ Several steps may be in flight; they are collected in the order they were launch
                    the sampled ids the sampling rank broadcasts (ModelRunner.share_sampled_ids)
     pp > 1         micro-batches (`max_in_flight` = pp): the engine keeps up to pp steps of
                    disjoint requests in flight, so stage 0 computes micro-batch b + 1 while
-                   stage 1 computes b; no placeholders (a request is in one step at a time)
+                   stage 1 computes b; with overlap scheduling and fewer live requests than
+                   stages, chained steps whose sampled ids the last stage sends to stage 0
+                   (sampled_ids.py)
 
 Failure: rank 0 never blocks blindly. Its control operations are polled, checking its
 children; its model collectives time out after the step timeout (launch.py). A dead or hung

@@ -134,7 +134,7 @@ def test_hung_pipeline_stage_stops_the_engine_within_the_step_timeout(pipeline_d
 
 @pytest.mark.slow_parallel
 def test_killed_pipeline_stage_stops_the_engine_with_a_clear_error(pipeline_dir):
-    engine = EngineProcess(pipeline_dir)
+    engine = EngineProcess(pipeline_dir, "overlap")
     os.kill(engine.worker_pids[0], signal.SIGKILL)
     code, stderr, seconds = engine.wait()
     assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
