@@ -21,7 +21,9 @@ need every previous token on the host.
 With pipeline parallelism (pp > 1) the engine keeps up to pp steps in flight instead, each
 a micro-batch of requests no other step in flight holds (vLLM's batch queue): stage 0
 computes micro-batch b + 1 while stage 1 computes b. step() launches a micro-batch while
-there is room and something to run, else collects the oldest and returns its outputs.
+there is room and something to run, else collects the oldest and returns its outputs. With
+overlap scheduling and fewer live requests than stages, steps of the same requests chain
+instead (placeholders; see _step_micro_batches).
 """
 
 from __future__ import annotations

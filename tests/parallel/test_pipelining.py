@@ -66,14 +66,17 @@ def test_micro_batches_give_the_tokens_of_single_steps(tiny, overlap):  # noqa: 
     manager = engine.scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
     # Stops land while other micro-batches are in flight.
-    stops = [SamplingParams(temperature=0, max_tokens=3 + i % 11,
-                            stop_token_ids=[o.outputs[0].token_ids[min(2, len(o.outputs[0].token_ids) - 1)]])
-             for i, o in enumerate(expected[4:], start=4)]
+    stops = []
+    for index, output in enumerate(expected[4:], start=4):
+        tokens = output.outputs[0].token_ids
+        stops.append(SamplingParams(temperature=0, max_tokens=3 + index % 11,
+                                    stop_token_ids=[tokens[min(2, len(tokens) - 1)]]))
     reference = run_to_completion(make_cpu_engine(engine_dir, **knobs), prompts[4:], stops)
     got = run_to_completion(_micro_batched(make_cpu_engine(engine_dir, **micro_knobs), 3),
                             prompts[4:], stops)
     assert token_ids(got) == token_ids(reference)
-    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in reference]
+    assert ([o.outputs[0].finish_reason for o in got]
+            == [o.outputs[0].finish_reason for o in reference])
 
 
 def test_a_micro_batch_holds_its_share_of_the_requests_and_none_twice(tiny):  # noqa: F811
