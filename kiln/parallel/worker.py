@@ -53,25 +53,25 @@ def serve_steps(world, runner) -> None:
     # by the time a step's result is sent, every one pp steps older has been received.
     pending: deque[list] = deque()
     steps = 0
-    try:
-        while True:
-            kind, payload = messages.next()
-            if kind == SHUTDOWN:
-                break
-            if kind != STEP:
-                raise RuntimeError(f"unknown control message kind {kind}")
-            steps += 1
-            if fault is not None and steps == fault[1]:
-                _inject(fault[0])
-            output = runner.execute(wire.decode(payload))
-            if sends_results:
-                while len(pending) >= parallel.pp_size:
-                    _wait_all(pending.popleft())
-                pending.append(send_bytes(wire.encode(output), 0, world.result_group))
-        while pending:  # rank 0 collected every step before SHUTDOWN: these are done
-            _wait_all(pending.popleft())
-    finally:
-        messages.stop()
+    while True:
+        kind, payload = messages.next()
+        if kind == SHUTDOWN:
+            break
+        if kind != STEP:
+            raise RuntimeError(f"unknown control message kind {kind}")
+        steps += 1
+        if fault is not None and steps == fault[1]:
+            _inject(fault[0])
+        output = runner.execute(wire.decode(payload))
+        if sends_results:
+            while len(pending) >= parallel.pp_size:
+                _wait_all(pending.popleft())
+            pending.append(send_bytes(wire.encode(output), 0, world.result_group))
+    while pending:  # rank 0 collected every step before SHUTDOWN: these are done
+        _wait_all(pending.popleft())
+    # The receiver returned after SHUTDOWN. (After an error the process exits, and the
+    # daemon thread, blocked in a receive, with it: nothing to wait for.)
+    messages.join()
 
 
 class _MessageReceiver:
@@ -107,11 +107,8 @@ class _MessageReceiver:
             raise item
         return item
 
-    def stop(self) -> None:
-        # After SHUTDOWN the thread has returned; after an error the process exits, and the
-        # daemon thread blocked in a receive goes with it.
-        if not self._thread.is_alive():
-            self._thread.join()
+    def join(self) -> None:
+        self._thread.join()
 
 
 def _wait_all(works: list) -> None:
