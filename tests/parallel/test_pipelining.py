@@ -33,6 +33,22 @@ def _micro_batched(engine, depth: int):
     return engine
 
 
+def _count_preemptions_in_flight(engine) -> list[str]:
+    """The requests the scheduler preempts while one of the engine's steps in flight holds
+    them (filled in as it runs)."""
+    victims: list[str] = []
+    preempt = engine.scheduler._preempt
+
+    def recording_preempt(request):
+        if any(chunk.request_id == request.request_id
+               for output, _ in engine._in_flight for chunk in output.scheduled):
+            victims.append(request.request_id)
+        preempt(request)
+
+    engine.scheduler._preempt = recording_preempt
+    return victims
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "chained"])
 def test_micro_batches_give_the_tokens_of_single_steps(tiny, overlap):  # noqa: F811
     """Chunking, preemption, stops, seeded sampling, logprobs and penalties: micro-batches of
@@ -52,6 +68,7 @@ def test_micro_batches_give_the_tokens_of_single_steps(tiny, overlap):  # noqa: 
     engine = _micro_batched(make_cpu_engine(engine_dir, **micro_knobs), 3)
     in_flight: list[int] = []
     marked: list[bool] = []
+    preempted_in_flight = _count_preemptions_in_flight(engine)
 
     def watch(engine):
         in_flight.append(len(engine._in_flight))
@@ -61,6 +78,7 @@ def test_micro_batches_give_the_tokens_of_single_steps(tiny, overlap):  # noqa: 
     assert token_ids(got) == token_ids(expected)
     assert got[2].outputs[0].logprobs == expected[2].outputs[0].logprobs
     assert sum(m.num_preemptions for out in got for m in out.metrics) > 0
+    assert preempted_in_flight  # a request preempted while a step of it was in flight
     assert max(in_flight) == 2  # between step() calls: depth - 1 (the next one launches)
     assert any(marked) == overlap
     manager = engine.scheduler.kv_cache_manager
