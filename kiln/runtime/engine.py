@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections import deque
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
