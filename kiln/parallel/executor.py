@@ -8,8 +8,16 @@ close and the runner's figures), so the scheduler and the engine loop do not cha
     collect(launched)    rank 0's own output when it samples (pp 1); else the sampling rank's
                          (tp rank 0 of the last stage) bytes, received and decoded
 
-Steps run synchronously (no overlap scheduling): overlapped steps fill placeholder tokens
-from the previous step's sampled ids on the device, which only the sampling rank has.
+Several steps may be in flight; they are collected in the order they were launched:
+
+    pp 1, tp > 1   overlap scheduling (`supports_overlap`): the engine launches step N + 1
+                   before collecting step N, its placeholders filled on every tp rank from
+                   the sampled ids the sampling rank broadcasts (ModelRunner.share_sampled_ids)
+    pp > 1         micro-batches (`max_in_flight` = pp): the engine keeps up to pp steps of
+                   disjoint requests in flight, so stage 0 computes micro-batch b + 1 while
+                   stage 1 computes b; with overlap scheduling and fewer live requests than
+                   stages, chained steps whose sampled ids the last stage sends to stage 0
+                   (sampled_ids.py)
 
 Failure: rank 0 never blocks blindly. Its control operations are polled, checking its
 children; its model collectives time out after the step timeout (launch.py). A dead or hung
@@ -55,6 +63,13 @@ class WorkerFailure(KilnError):
 @dataclass
 class ParallelLaunchedStep:
     local: object  # rank 0's own LaunchedStep; None: nothing was run (after a failure)
+    number: int = 0  # launch order: steps are collected in it
+
+
+def overlaps(config, device: torch.device) -> bool:
+    """Whether the engine will overlap steps (EngineConfig.overlap_scheduling; None: on CUDA)."""
+    overlap = config.overlap_scheduling
+    return device.type == "cuda" if overlap is None else bool(overlap)
 
 
 def make_spec(engine_info, config, device: torch.device, dtype: torch.dtype,
@@ -75,6 +90,7 @@ def make_spec(engine_info, config, device: torch.device, dtype: torch.dtype,
             launch.STEP_TIMEOUT_ENV, launch.DEFAULT_STEP_TIMEOUT_S),
         startup_timeout_s=launch.seconds_from_environment(
             launch.STARTUP_TIMEOUT_ENV, launch.DEFAULT_STARTUP_TIMEOUT_S),
+        share_sampled_ids=layout.tp > 1 and layout.pp == 1 and overlaps(config, device),
     )
 
 
@@ -93,11 +109,16 @@ def check_layout(engine_info, tp: int | None, pp: int | None) -> tuple[int, int]
 
 
 class ParallelExecutor:
-    supports_overlap = False
-
     def __init__(self, spec: WorkerSpec, engine_info, device: torch.device,
                  processes: list[subprocess.Popen], rendezvous_dir: str | None) -> None:
         self.spec = spec
+        # Overlapped steps need the sampled ids on every rank that fills placeholders: the
+        # tp peers get them at pp 1 (share_sampled_ids); at pp > 1 stage 0 gets those of
+        # the steps the engine's micro-batch loop marks (sampled_ids.py).
+        self.supports_overlap = spec.share_sampled_ids or spec.pp > 1
+        self.max_in_flight = spec.pp
+        self._launched = 0  # steps launched, and collected: collect() takes them in order
+        self._collected = 0
         self.processes = processes  # ranks 1..W-1 when spawned; empty under torchrun
         self._rendezvous_dir = rendezvous_dir
         self._broken: str | None = None
@@ -167,21 +188,30 @@ class ParallelExecutor:
             with _interrupts_deferred():
                 launch.broadcast_message(launch.STEP, wire.encode(scheduler_output),
                                          self.world.control_group, self._waiter(deadline))
-                return ParallelLaunchedStep(self.runner.execute_async(scheduler_output))
+                local = self.runner.execute_async(scheduler_output)
         except Exception as error:  # noqa: BLE001 - turned into one clear failure
             raise self._fail(error) from None
+        self._launched += 1
+        return ParallelLaunchedStep(local, self._launched)
 
     def collect(self, launched: ParallelLaunchedStep) -> ModelRunnerOutput:
         if launched.local is None:
             return ModelRunnerOutput(sampled_token_ids={})
         self._check_usable()
+        if self._driver != 0:
+            if launched.number != self._collected + 1:
+                # The sampling rank's results arrive in launch order; another order would
+                # hand one step's tokens to another step's requests.
+                raise RuntimeError(f"step {launched.number} collected before step "
+                                   f"{self._collected + 1}: collect steps in launch order")
+            self._collected += 1
         try:
             with _interrupts_deferred():
                 local = self.runner.collect(launched.local)
                 if self._driver == 0:
                     return local
                 deadline = time.monotonic() + self.spec.step_timeout_s
-                payload = launch.receive_bytes(self._driver, self.parallel.pp_group, deadline)
+                payload = launch.receive_bytes(self._driver, self.world.result_group, deadline)
                 return wire.decode(payload)
         except Exception as error:  # noqa: BLE001
             raise self._fail(error) from None

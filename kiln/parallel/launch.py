@@ -14,10 +14,13 @@ Every rank then joins the same groups in the same order (`join_world`):
     tp groups, pp group   the model's collectives (NCCL on CUDA, gloo on the CPU), with the
                           step timeout: a dead or hung peer turns into an error in seconds
     control group         gloo over all ranks, CPU tensors, no timeout to speak of: rank 0
-                          broadcasts each step message (msgpack bytes, never pickle) and the
-                          sampling rank sends the sampled ids back. Workers wait here while
-                          the engine is idle, so it must not time out; rank 0 never waits on
-                          it blindly (executor.py polls its operations and its children).
+                          broadcasts each step message (msgpack bytes, never pickle). Workers
+                          wait here while the engine is idle, so it must not time out; rank 0
+                          never waits on it blindly (executor.py polls its operations and its
+                          children).
+    result group          gloo over all ranks, CPU tensors, the step timeout: at pp > 1 the
+                          sampling rank sends each step's ModelRunnerOutput (msgpack bytes) to
+                          rank 0 here (the pp group is NCCL on CUDA: no CPU tensors there)
 
 Why a gloo broadcast of a byte tensor rather than a pipe or socket of our own: it runs over
 the rendezvous torchrun already made (no extra port, the same code for one machine and for
@@ -102,6 +105,9 @@ class WorkerSpec:
     verify_hashes: bool
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    # tp > 1 at pp 1 with overlap scheduling: the sampling rank broadcasts its sampled ids
+    # to its tp peers (ModelRunner.share_sampled_ids).
+    share_sampled_ids: bool = False
 
     @property
     def world_size(self) -> int:
@@ -121,6 +127,7 @@ class World:
 
     parallel: ParallelState
     control_group: object
+    result_group: object = None
 
     @property
     def rank(self) -> int:
@@ -143,7 +150,9 @@ def join_world(spec: WorkerSpec, rank: int) -> World:
     # initialize() saw an initialised world and so does not own it; this state does.
     parallel = _owning(parallel)
     control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=_IDLE_TIMEOUT)
-    return World(parallel, control)
+    results = dist.new_group(list(range(spec.world_size)), backend="gloo",
+                             timeout=timedelta(seconds=spec.step_timeout_s))
+    return World(parallel, control, results)
 
 
 def _owning(parallel: ParallelState) -> ParallelState:
@@ -180,6 +189,7 @@ def make_runner(spec: WorkerSpec, world: World, device: torch.device, engine_inf
         kv_cache_dtype=getattr(torch, spec.kv_cache_dtype),
         parallel=world.parallel,
         agree_num_kv_blocks=lambda blocks: agree_min(blocks, world.control_group),
+        share_sampled_ids=spec.share_sampled_ids,
     )
 
 
@@ -221,12 +231,19 @@ def receive_message(group) -> tuple[int, bytes]:
     return kind, body.numpy().tobytes()
 
 
-def send_bytes(payload: bytes, destination: int, group) -> None:
+def send_bytes(payload: bytes, destination: int, group) -> list:
+    """Start sending `payload` (its length, then its bytes) and return the pending sends
+    (wait() each; keep them, and so their tensors, alive until then). Gloo's send completes
+    only once the receiver has posted its receive, so the sampling rank does not wait here:
+    rank 0 may be busy sending it the next micro-batch's activations."""
     import torch.distributed as dist
 
-    dist.send(torch.tensor([len(payload)], dtype=torch.int64), destination, group=group)
+    pending = [dist.isend(torch.tensor([len(payload)], dtype=torch.int64), destination,
+                          group=group)]
     if payload:
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), destination, group=group)
+        pending.append(dist.isend(torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+                                  destination, group=group))
+    return pending
 
 
 def receive_bytes(source: int, group, deadline: float) -> bytes:

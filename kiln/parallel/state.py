@@ -22,11 +22,19 @@ builder constructs each rank's model with it to slice the weights (never to run 
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
+
+# Tests only: seconds a pipeline stage "computes" per step before it passes its activations
+# on, and a file where each stage appends when it did (tests/parallel/test_pipelining.py
+# shows with them that stages work on different micro-batches at the same time).
+STAGE_DELAY_ENV = "KILN_TEST_STAGE_DELAY_S"
+STAGE_TRACE_ENV = "KILN_TEST_STAGE_TRACE"
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,7 @@ class ParallelState:
         import torch.distributed as dist
 
         peer = (self.pp_rank + 1) * self.tp_size + self.tp_rank
+        _test_stage_delay(self.pp_rank)
         for tensor in tensors:
             dist.send(tensor.contiguous(), peer, group=self.pp_group)
 
@@ -161,7 +170,35 @@ class ParallelState:
             tensor = torch.empty(shape, dtype=dtype, device=device)
             dist.recv(tensor, peer, group=self.pp_group)
             out.append(tensor)
+        if self.is_last_stage:  # the last stage sends nothing on: its work starts here
+            _test_stage_delay(self.pp_rank)
         return out
+
+    def send_to_first_stage(self, tensor: torch.Tensor) -> list:
+        """The sampling rank: start sending `tensor` (sampled ids) to every rank of stage 0;
+        returns the pending sends (wait() each before `tensor` may be dropped)."""
+        import torch.distributed as dist
+
+        return [dist.isend(tensor, rank, group=self.pp_group) for rank in range(self.tp_size)]
+
+    def receive_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A stage 0 rank: what send_to_first_stage sent, into `tensor` (in place)."""
+        import torch.distributed as dist
+
+        dist.recv(tensor, self.last_stage_driver_rank, group=self.pp_group)
+        return tensor
+
+    def broadcast_from_driver(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` of tp rank 0 of this stage, in place on every tp rank of it (identity at
+        tp 1): the sampled ids of the last stage's driver reach its tp peers, which fill the
+        next step's placeholders from them (overlap scheduling at tp > 1)."""
+        if self.tp_size == 1:
+            return tensor
+        self._check_group()
+        import torch.distributed as dist
+
+        dist.broadcast(tensor, self.pp_rank * self.tp_size, group=self.tp_group)
+        return tensor
 
     # ---- collectives over the tensor-parallel group -------------------------------------
 
@@ -186,6 +223,20 @@ class ParallelState:
         pieces = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(pieces, x.contiguous(), group=self.tp_group)
         return torch.cat(pieces, dim=dim)
+
+
+def _test_stage_delay(pp_rank: int) -> None:
+    """Tests only (see STAGE_DELAY_ENV): sleep as if this stage computed for a while, and
+    note when. One environment lookup otherwise."""
+    delay = os.environ.get(STAGE_DELAY_ENV)
+    if not delay:
+        return
+    started = time.monotonic()  # CLOCK_MONOTONIC: comparable between processes
+    time.sleep(float(delay))
+    trace = os.environ.get(STAGE_TRACE_ENV)
+    if trace:
+        with open(trace, "a") as file:
+            file.write(f"{pp_rank} {started:.6f} {time.monotonic():.6f}\n")
 
 
 def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:

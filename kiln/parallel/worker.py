@@ -9,6 +9,13 @@ The loop: receive a message; STEP → decode the SchedulerOutput (msgpack, wire.
 the sampling rank (tp rank 0 of the last stage), when it is not rank 0 itself (pp > 1),
 sends the encoded ModelRunnerOutput back to rank 0. SHUTDOWN → leave.
 
+Messages are received by a thread of their own, always ready, and queued for the loop: a
+gloo broadcast completes only when every rank has posted its receive, so at pp > 1 rank 0
+would otherwise wait, before it can start micro-batch b + 1 on stage 0, for the last stage
+to finish micro-batch b. For the same reason the results go out as pending sends, not
+waited for: rank 0 may be sending this rank the next micro-batch's activations (through
+the stages between) while the result of the last one is on its way back.
+
 A spawned worker never outlives the engine: the kernel kills it when its parent dies
 (PR_SET_PDEATHSIG, set before exec) and a thread checks the parent too. It ignores Ctrl-C
 (the terminal sends SIGINT to the whole process group; the engine shuts its workers down in
@@ -33,17 +40,23 @@ FAULT_ENV = "KILN_TEST_WORKER_FAULT"
 
 def serve_steps(world, runner) -> None:
     """The worker loop, until SHUTDOWN."""
-    from kiln.parallel.launch import SHUTDOWN, STEP, receive_message, send_bytes
+    from collections import deque
+
+    from kiln.parallel.launch import SHUTDOWN, STEP, send_bytes
     from kiln.runtime import wire
 
     parallel = world.parallel
     sends_results = parallel.is_driver and parallel.rank != 0
     fault = _fault_for(parallel.rank)
+    messages = _MessageReceiver(world.control_group)
+    # Result sends still pending, oldest first. Rank 0 keeps at most pp steps in flight, so
+    # by the time a step's result is sent, every one pp steps older has been received.
+    pending: deque[list] = deque()
     steps = 0
     while True:
-        kind, payload = receive_message(world.control_group)
+        kind, payload = messages.next()
         if kind == SHUTDOWN:
-            return
+            break
         if kind != STEP:
             raise RuntimeError(f"unknown control message kind {kind}")
         steps += 1
@@ -51,7 +64,56 @@ def serve_steps(world, runner) -> None:
             _inject(fault[0])
         output = runner.execute(wire.decode(payload))
         if sends_results:
-            send_bytes(wire.encode(output), 0, parallel.pp_group)
+            while len(pending) >= parallel.pp_size:
+                _wait_all(pending.popleft())
+            pending.append(send_bytes(wire.encode(output), 0, world.result_group))
+    while pending:  # rank 0 collected every step before SHUTDOWN: these are done
+        _wait_all(pending.popleft())
+    # The receiver returned after SHUTDOWN. (After an error the process exits, and the
+    # daemon thread, blocked in a receive, with it: nothing to wait for.)
+    messages.join()
+
+
+class _MessageReceiver:
+    """Receives rank 0's control messages on a thread of its own and queues them, so rank 0's
+    broadcasts never wait for this rank's step to end. An error there (rank 0 gone) is
+    raised by next()."""
+
+    def __init__(self, control_group) -> None:
+        import queue
+
+        self._group = control_group
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._receive, name="kiln-control-receiver",
+                                        daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        from kiln.parallel.launch import STEP, receive_message
+
+        while True:
+            try:
+                kind, payload = receive_message(self._group)
+            except BaseException as error:  # noqa: BLE001 - handed to the loop to raise
+                self._queue.put(error)
+                return
+            self._queue.put((kind, payload))
+            if kind != STEP:  # SHUTDOWN (or garbage the loop refuses): nothing follows
+                return
+
+    def next(self) -> tuple[int, bytes]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+def _wait_all(works: list) -> None:
+    for work in works:
+        work.wait()
 
 
 def run_worker(spec, rank: int, local_rank: int) -> None:

@@ -17,6 +17,13 @@ and step() returns the outputs of the step before. A request that stops on a tok
 been scheduled once more than needed; the scheduler drops that extra token. Steps run
 synchronously while any live request uses repetition/frequency/presence penalties, which
 need every previous token on the host.
+
+With pipeline parallelism (pp > 1) the engine keeps up to pp steps in flight instead, each
+a micro-batch of requests no other step in flight holds (vLLM's batch queue): stage 0
+computes micro-batch b + 1 while stage 1 computes b. step() launches a micro-batch while
+there is room and something to run, else collects the oldest and returns its outputs. With
+overlap scheduling and fewer live requests than stages, steps of the same requests chain
+instead (placeholders; see _step_micro_batches).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import gc
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -250,10 +258,17 @@ class LLMEngine:
         self._ids = itertools.count()
         overlap = config.overlap_scheduling
         self.overlap_scheduling = self.device.type == "cuda" if overlap is None else overlap
-        if not getattr(self.runner, "supports_overlap", True):
-            self.overlap_scheduling = False  # parallel steps run synchronously (executor.py)
-        # The launched step whose results the next step() collects (overlap scheduling).
-        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        if not getattr(self.runner, "supports_overlap", True) or (
+                self.speculator is not None and getattr(self.runner, "max_in_flight", 1) > 1):
+            # Parallel steps that cannot overlap (executor.py); at pp > 1 overlapped steps
+            # exist only in the micro-batch loop, which speculation does not use.
+            self.overlap_scheduling = False
+        # Launched steps whose results a later step() collects, oldest first: one with
+        # overlap scheduling, up to pp pipeline micro-batches (kiln/parallel/executor.py;
+        # speculative decoding's proposals need each step's outcome, so not with it).
+        self._in_flight: deque[tuple[SchedulerOutput, LaunchedStep]] = deque()
+        self._max_in_flight = (getattr(self.runner, "max_in_flight", 1)
+                               if self.speculator is None else 1)
         # Live sequences with penalties: while any exists, steps run synchronously.
         self._num_penalised_sequences = 0
         # Host seconds spent in step() (minus what the runner reports as waiting) and steps
@@ -306,9 +321,19 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
-        if self._in_flight is not None:
-            self.runner.collect(self._in_flight[1])  # its kernels still use the caches
-            self._in_flight = None
+        in_flight, self._in_flight = self._in_flight, deque()
+        if in_flight and in_flight[-1][0].share_sampled_ids:
+            # Stage 0 takes a marked step's sampled ids at the start of the next step.
+            follow = SchedulerOutput(scheduled=[])
+            try:
+                in_flight.append((follow, self.runner.execute_async(follow)))
+            except KilnError:
+                pass
+        for _, launched in in_flight:  # their kernels still use the caches
+            try:
+                self.runner.collect(launched)
+            except KilnError:  # a failed parallel engine: there is nothing left to wait for
+                break
         self.abort_all()
         self.runner.close()
         if self.speculator is not None:
@@ -428,14 +453,14 @@ class LLMEngine:
         return len(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def _tell_runner_if_idle(self) -> None:
         """Once nothing is left to run, send the runner the finished requests' ids now (an
         empty step message) rather than with the next request's first step: an idle engine
         holds nothing of past requests."""
         if (
-            self._in_flight is None
+            not self._in_flight
             and not self.scheduler.has_unfinished_requests()
             and self.scheduler.has_finished_requests()
         ):
@@ -469,7 +494,9 @@ class LLMEngine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
-        previous, self._in_flight = self._in_flight, None
+        if self._max_in_flight > 1:
+            return self._step_micro_batches()
+        previous = self._in_flight.popleft() if self._in_flight else None
         speculator = self.speculator
         running = self.scheduler.running_requests if speculator is not None else ()
         # Proposals continue a request's last token, which the host must know: a step with
@@ -489,8 +516,45 @@ class LLMEngine:
         if not overlap:
             return self._finish_step(scheduler_output, launched)
         if not scheduler_output.is_empty:
-            self._in_flight = (scheduler_output, launched)
+            self._in_flight.append((scheduler_output, launched))
         return self._finish_step(*previous) if previous is not None else []
+
+    def _step_micro_batches(self) -> list[RequestOutput]:
+        """Pipeline parallelism: launch another micro-batch while fewer than pp are in
+        flight and some request is free to run, else finish the oldest. A micro-batch takes
+        at most its share of the live requests (ceil(live / pp)), so pp of them fill the
+        pipeline; each stage runs the steps in launch order.
+
+        With overlap scheduling and fewer live requests than stages (no disjoint micro-
+        batches to fill the pipeline with), steps are chained instead: one step takes every
+        free request and is marked (`share_sampled_ids`: the last stage sends its sampled
+        ids to stage 0), and the next step may schedule the marked step's requests again,
+        with placeholders that stage 0 fills from those ids. Stage 0 takes them at the
+        start of the step after a marked one, so one always follows (without rows if need
+        be)."""
+        in_flight = self._in_flight
+        last = in_flight[-1][0] if in_flight else None
+        must_follow = last is not None and last.share_sampled_ids
+        if len(in_flight) < self._max_in_flight:
+            busy = {chunk.request_id for output, _ in in_flight for chunk in output.scheduled}
+            if must_follow:
+                busy -= {chunk.request_id for chunk in last.scheduled}
+            scheduler = self.scheduler
+            live = min(scheduler.num_running + scheduler.num_waiting, self.config.max_num_seqs)
+            chained = (self.overlap_scheduling and self._num_penalised_sequences == 0
+                       and live < self._max_in_flight)
+            share = None if chained else max(1, -(-live // self._max_in_flight))
+            scheduler_output = scheduler.schedule(skip_request_ids=busy, max_rows=share)
+            if chained and any(chunk.logits_offsets for chunk in scheduler_output.scheduled):
+                scheduler_output = dataclasses.replace(scheduler_output, share_sampled_ids=True)
+            if (must_follow or scheduler_output.scheduled
+                    or scheduler_output.finished_request_ids
+                    or scheduler_output.preempted_request_ids):
+                # Every launched step is collected, in order: the ranks answer each one.
+                in_flight.append((scheduler_output, self.runner.execute_async(scheduler_output)))
+                if not scheduler_output.is_empty and len(in_flight) < self._max_in_flight:
+                    return []  # room for another micro-batch: the next step() tries
+        return self._finish_step(*in_flight.popleft()) if in_flight else []
 
     def _finish_step(
         self, scheduler_output: SchedulerOutput, launched: LaunchedStep

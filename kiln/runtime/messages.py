@@ -94,6 +94,10 @@ class SchedulerOutput:
     preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that finished or were aborted since the last step: the runner drops them.
     finished_request_ids: list[str] = field(default_factory=list)
+    # Pipeline parallelism with overlapped steps (set by the engine): the last stage sends
+    # this step's sampled ids to stage 0, which takes them at the start of the next step
+    # (whose placeholders they fill). Ignored at pp 1.
+    share_sampled_ids: bool = False
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -42,6 +42,7 @@ from kiln.kernels.sampling import sample_gumbel
 from kiln.runtime.cuda_graphs import CaptureReport, CudaGraphRunner, capture_sizes
 from kiln.runtime.input_batch import BatchRow, InputBuffers, PrefillBucket
 from kiln.runtime.prefill_graphs import PrefillGraphRunner, prefill_buckets
+from kiln.parallel.sampled_ids import PipelineSampledIds, sampled_rows
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
 from kiln.runtime.kv_tensors import KVCacheSpec, allocate_kv_caches, apply_kv_scales
 from kiln.runtime.memory_profile import MemoryProfile, cpu_kv_blocks, profile_kv_blocks
@@ -100,14 +101,21 @@ class ModelRunner:
         kv_cache_dtype: torch.dtype | None = None,
         parallel: ParallelState = SINGLE_PROCESS,
         agree_num_kv_blocks: Callable[[int], int] | None = None,
+        share_sampled_ids: bool = False,
     ) -> None:
         """num_kv_blocks None: on CUDA, size the KV cache with a profiling forward
         (memory_profile.py) to fill gpu_memory_utilization of the device; on the CPU, fill
         cpu_kv_cache_bytes. kv_cache_dtype None: the compute dtype. `parallel`: which slice
         of the model this process holds (its rank file, its KV heads). `agree_num_kv_blocks`:
         with several ranks, turns this rank's fit into the one every rank uses (the smallest;
-        kiln/parallel/executor.py)."""
+        kiln/parallel/executor.py). `share_sampled_ids` (tp > 1, overlap scheduling): the
+        sampling rank broadcasts each step's sampled ids to its tp peers, which fill the next
+        step's placeholders from them as it does."""
         self.engine_info = engine_info
+        self.share_sampled_ids = share_sampled_ids
+        # pp > 1: sampled ids of the steps the engine marks, last stage → stage 0.
+        self.pipeline_ids = (PipelineSampledIds(parallel, device) if parallel.pp_size > 1
+                             else None)
         self.device = device
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
@@ -198,6 +206,8 @@ class ModelRunner:
         self.buffers = None
         self._last_sampled = None
         self._last_sampled_rows = {}
+        if self.pipeline_ids is not None:
+            self.pipeline_ids.close()
         self.requests.clear()
         self.generators.clear()
 
@@ -269,6 +279,8 @@ class ModelRunner:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.drop(request_id)
         rows = self.requests.apply(scheduler_output)
+        if self.pipeline_ids is not None and (shared := self.pipeline_ids.take()) is not None:
+            self._last_sampled, self._last_sampled_rows = shared  # pp: the marked step's
         if not rows:
             return LaunchedStep([], None, None, [], None, None)
         rows = _decode_rows_first(rows)
@@ -279,10 +291,13 @@ class ModelRunner:
         bucket = self._prefill_bucket(forward_rows) if graph_size is None else None
         inputs = self.buffers.prepare(forward_rows, self.block_size, pad_to=graph_size,
                                       prefill_bucket=bucket)
+        if self.pipeline_ids is not None:
+            self.pipeline_ids.expect(scheduler_output, rows, inputs.logits_request_ids)
         # After the host work of prepare(): the GPU time of a step should not count the GPU
         # waiting for this host.
         started = self._record_event()
-        self._fill_placeholders(forward_rows, inputs)
+        if self.parallel.is_first_stage:  # later stages take activations, not token ids
+            self._fill_placeholders(forward_rows, inputs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)[: inputs.num_seqs]  # (L, V) model dtype
         elif bucket is not None:
@@ -296,9 +311,13 @@ class ModelRunner:
                 return LaunchedStep([], None, None, [], self._record_event(), started)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (L, V) float32
         if not self.parallel.is_driver:  # a tp peer: it joined the logits' all-gather
+            if self.share_sampled_ids:
+                self._receive_sampled_ids(rows, inputs.logits_request_ids)
             return LaunchedStep([], None, None, [], self._record_event(), started)
         launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
+        if self.pipeline_ids is not None:
+            self.pipeline_ids.send(scheduler_output, self._last_sampled)
         return launched
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
@@ -371,6 +390,13 @@ class ModelRunner:
         source = self._last_sampled.index_select(0, rows_and_positions[0])
         inputs.input_ids.index_copy_(0, rows_and_positions[1], source)
 
+    def _receive_sampled_ids(self, rows: list[BatchRow], request_ids: list[str]) -> None:
+        """A tp peer of the sampling rank: this step's sampled ids (its broadcast in _sample)
+        and each request's row in them, as the sampling rank keeps them."""
+        sampled = torch.empty(len(request_ids), dtype=torch.int64, device=self.device)
+        self._last_sampled = self.parallel.broadcast_from_driver(sampled)
+        self._last_sampled_rows = sampled_rows(rows, request_ids)
+
     def _sample(
         self,
         logits: torch.Tensor,  # (L, V): one row per logits offset of `rows`, in order
@@ -412,6 +438,8 @@ class ModelRunner:
         metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
         verify = VerifyRows.build(rejection, self.device) if rejection else None
         sampled = self.sampler(logits, metadata, verify)
+        if self.share_sampled_ids:
+            self.parallel.broadcast_from_driver(sampled.sampled_token_ids)
         self._last_sampled = sampled.sampled_token_ids
         # Overlapped steps fill a request's placeholder from its row here; verify rows are
         # never followed by one (the scheduler waits for their outcome).

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from kiln.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
@@ -257,18 +258,32 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's requests and token counts, allocating their KV blocks."""
+    def schedule(
+        self, *, skip_request_ids: Collection[str] = (), max_rows: int | None = None
+    ) -> SchedulerOutput:
+        """Pick this step's requests and token counts, allocating their KV blocks.
+
+        Pipeline micro-batches (the engine at pp > 1): `skip_request_ids`, the requests of
+        the steps still in flight, get no row (a request is in one micro-batch at a time),
+        and the step takes at most `max_rows` requests (the live ones spread over the
+        stages). Preemption may still take a skipped request's blocks: every stage runs
+        the steps in order, so the step in flight is done with them on each stage before a
+        later step's rows write there, and update() treats it as a request preempted while
+        its token was in flight."""
         now = time.monotonic()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         new_requests: list[NewRequest] = []
         preempted: list[Request] = []
         prefill_budget = self._prefill_budget(budget)
+        max_rows = self.config.max_num_seqs if max_rows is None else max_rows
 
         index = 0
-        while index < len(self._running) and budget > 0:
+        while index < len(self._running) and budget > 0 and len(scheduled) < max_rows:
             request = self._running[index]
+            if request.request_id in skip_request_ids:
+                index += 1
+                continue
             num_new_tokens = min(
                 request.num_tokens + request.num_pending_tokens - request.num_computed_tokens,
                 budget,
@@ -296,12 +311,12 @@ class Scheduler:
 
         # Admitting new work right after a preemption would only take the blocks back.
         while self._waiting and budget > 0 and not preempted:
-            if len(self._running) >= self.config.max_num_seqs:
+            if len(self._running) >= self.config.max_num_seqs or len(scheduled) >= max_rows:
                 break
             request = self._waiting[0]
-            if request.num_pending_tokens:
-                # Preempted while its last sampled token is in flight: its token history is
-                # incomplete until the next update().
+            if request.num_pending_tokens or request.request_id in skip_request_ids:
+                # Preempted while its last sampled token (or chunk) is in flight: its token
+                # history is incomplete until the next update().
                 break
             computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(
                 request

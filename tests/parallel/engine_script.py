@@ -1,8 +1,11 @@
-"""A tp 2 engine generating for a long time, for the failure tests (test_parallel_failures.py):
+"""A parallel engine generating for a long time, for the failure tests (test_parallel_failures.py):
 
-    python engine_script.py ENGINE_DIR     prints "WORKERS <pid>...", then "STEPPING" once it
+    python engine_script.py ENGINE_DIR [overlap]
+                                           prints "WORKERS <pid>...", then "STEPPING" once it
                                            has taken a step; exits 1 with "error: ..." on a
-                                           KilnError, 130 with "interrupted" on Ctrl-C
+                                           KilnError, 130 with "interrupted" on Ctrl-C.
+                                           The engine's own layout (tp 2, or pp 2: micro-
+                                           batches); `overlap`: overlap scheduling on.
 """
 
 import sys
@@ -16,7 +19,8 @@ from kiln.runtime.sampling_params import SamplingParams
 
 def main() -> int:
     engine_dir = sys.argv[1]
-    config = EngineConfig(device="cpu", block_size=4, tensor_parallel_size=2)
+    config = EngineConfig(device="cpu", block_size=4,
+                          overlap_scheduling=sys.argv[2:] == ["overlap"])
     try:
         with LLMEngine(open_engine(engine_dir), config) as engine:
             print("WORKERS", *(p.pid for p in engine.runner.processes), flush=True)

@@ -26,20 +26,33 @@ DEADLINE_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory) -> Path:
+def engine_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("failing-engine")
     save_tiny_hf_model(tiny_llama_config(num_attention_heads=4, num_key_value_heads=2), root / "hf")
-    build_engine(root / "hf", root / "tp2", BuildConfig(dtype="float32"), progress=False, tp=2)
-    return root / "tp2"
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine_dir(engine_root) -> Path:
+    build_engine(engine_root / "hf", engine_root / "tp2", BuildConfig(dtype="float32"),
+                 progress=False, tp=2)
+    return engine_root / "tp2"
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(engine_root) -> Path:
+    build_engine(engine_root / "hf", engine_root / "pp2", BuildConfig(dtype="float32"),
+                 progress=False, pp=2)
+    return engine_root / "pp2"
 
 
 class EngineProcess:
     """engine_script.py running a long generation; its worker pids once it steps."""
 
-    def __init__(self, engine_dir: Path, **environment: str) -> None:
+    def __init__(self, engine_dir: Path, *arguments: str, **environment: str) -> None:
         env = {**os.environ, **environment}
         self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(engine_dir)], env=env,
+            [sys.executable, str(SCRIPT), str(engine_dir), *arguments], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         line = self.process.stdout.readline()
@@ -100,6 +113,40 @@ def test_killed_worker_stops_the_engine_with_a_clear_error(engine_dir):
 
 def test_hung_worker_stops_the_engine_within_the_step_timeout(engine_dir):
     engine = EngineProcess(engine_dir, KILN_TEST_WORKER_FAULT="1:hang@4",
+                           KILN_PARALLEL_STEP_TIMEOUT_S="5")
+    code, stderr, seconds = engine.wait()
+    assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
+    assert "a rank did not answer within 5 s" in stderr, stderr
+    engine.assert_no_worker_left()
+
+
+def test_hung_pipeline_stage_stops_the_engine_within_the_step_timeout(pipeline_dir):
+    """pp 2, two micro-batches in flight: the last stage hangs; rank 0 (stage 0) waits on
+    it sending activations or receiving results, each bounded by the step timeout."""
+    engine = EngineProcess(pipeline_dir, KILN_TEST_WORKER_FAULT="1:hang@6",
+                           KILN_PARALLEL_STEP_TIMEOUT_S="5")
+    code, stderr, seconds = engine.wait()
+    assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
+    assert "a rank did not answer within 5 s" in stderr, stderr
+    assert "Traceback" not in stderr
+    engine.assert_no_worker_left()
+
+
+@pytest.mark.slow_parallel
+def test_killed_pipeline_stage_stops_the_engine_with_a_clear_error(pipeline_dir):
+    engine = EngineProcess(pipeline_dir, "overlap")
+    os.kill(engine.worker_pids[0], signal.SIGKILL)
+    code, stderr, seconds = engine.wait()
+    assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
+    assert f"worker rank 1 (pid {engine.worker_pids[0]}) killed by SIGKILL" in stderr, stderr
+    assert "Traceback" not in stderr
+    engine.assert_no_worker_left()
+
+
+@pytest.mark.slow_parallel
+def test_hung_worker_with_overlapped_steps_stops_the_engine(engine_dir):
+    """tp 2 with overlap scheduling (step N + 1 launched before N is collected)."""
+    engine = EngineProcess(engine_dir, "overlap", KILN_TEST_WORKER_FAULT="1:hang@4",
                            KILN_PARALLEL_STEP_TIMEOUT_S="5")
     code, stderr, seconds = engine.wait()
     assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
