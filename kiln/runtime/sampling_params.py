@@ -153,6 +153,10 @@ class SamplingParams:
                 "structured_outputs must be a kiln.structured.StructuredOutputsParams, "
                 f"got {type(self.structured_outputs).__name__}"
             )
+        if self.structured_outputs is not None and min_tokens > 0:
+            # min_tokens bans EOS, which a complete grammar allows alone: no token is left.
+            raise ValueError("min_tokens cannot be combined with structured_outputs: the "
+                             "grammar decides where the output ends")
 
         # Frozen dataclass: normalised values go in through object.__setattr__.
         object.__setattr__(self, "temperature", temperature)
