@@ -56,17 +56,33 @@ def import_xgrammar():
     return xgrammar
 
 
+# Keywords whose value maps names to subschemas (the names are not keywords), and keywords
+# whose value is data (never a schema).
+_NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions",
+                     "dependentSchemas")
+_DATA_KEYWORDS = ("enum", "const", "default", "examples", "required")
+
+
 def unenforced_keywords(schema: object) -> list[str]:
-    """The UNENFORCED_KEYWORDS used anywhere in a schema, sorted (iterative walk)."""
+    """The UNENFORCED_KEYWORDS used as keywords anywhere in a schema, sorted (an iterative
+    walk over subschemas: property names and enum values are not keywords)."""
     found: set[str] = set()
     stack = [schema]
     while stack:
         node = stack.pop()
-        if isinstance(node, dict):
-            found.update(key for key in node if key in UNENFORCED_KEYWORDS)
-            stack.extend(node.values())
-        elif isinstance(node, list):
+        if isinstance(node, list):
             stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            if key in UNENFORCED_KEYWORDS:
+                found.add(key)
+            if key in _NAMED_SUBSCHEMAS and isinstance(value, dict):
+                stack.extend(value.values())
+            else:
+                stack.append(value)
     return sorted(found)
 
 
