@@ -210,3 +210,19 @@ def test_speculative_engines_refuse_structured_outputs(structured_engine_dir):
             engine.add_request(None, {"prompt_token_ids": PROMPT}, _params(choice=["a"]))
     finally:
         engine.close()
+
+
+def test_llm_generate_checks_grammars_before_queueing(structured_engine_dir):
+    from kiln import LLM, StructuredOutputsParams as Constraint
+
+    with LLM(structured_engine_dir, device="cpu", block_size=16, num_kv_blocks=256) as llm:
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                  "required": ["city"], "additionalProperties": False}
+        good = SamplingParams(max_tokens=48, temperature=0.0,
+                              structured_outputs=Constraint(json=schema))
+        bad = SamplingParams(max_tokens=8, structured_outputs=Constraint(regex="[unclosed"))
+        with pytest.raises(ValueError, match="structured_outputs.regex does not compile"):
+            llm.generate(["one", "two"], [good, bad], use_tqdm=False)
+        assert not llm.llm_engine.has_unfinished_requests()  # nothing was queued
+        [output] = llm.generate("Where is the Louvre? JSON:", good, use_tqdm=False)
+        assert set(json.loads(output.outputs[0].text)) == {"city"}
