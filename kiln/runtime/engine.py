@@ -492,8 +492,9 @@ class LLMEngine:
 
     def _admit_compiled_grammars(self) -> list[RequestOutput]:
         """Requests whose grammar finished compiling go to the scheduler; those whose grammar
-        failed (only when nobody compiled it first) finish as aborted, the error as their
-        stop_reason. With nothing else to run, waits a moment for a compile."""
+        failed (only when nobody compiled it first) or that the scheduler refuses finish as
+        aborted, the error as their stop_reason (never raised: this runs inside step()).
+        With nothing else to run, waits a moment for a compile."""
         if self._in_flight is None and not self.scheduler.has_unfinished_requests():
             concurrent.futures.wait([future for _, future in self._awaiting_grammar.values()],
                                     timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -504,8 +505,11 @@ class LLMEngine:
             del self._awaiting_grammar[request_id]
             error = future.exception()
             if error is None:
-                self._schedule_sequences(user_request, future)
-                continue
+                try:
+                    self._schedule_sequences(user_request, future)
+                    continue
+                except ValueError as scheduling_error:  # say, larger than the whole cache
+                    error = scheduling_error
             logger.warning("request %s: %s", request_id, error)
             for sequence in user_request.sequences:
                 sequence.request.status = RequestStatus.FINISHED_ABORTED
