@@ -47,7 +47,7 @@ class _Matcher:
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids)
-        self._xgrammar = self.compiler._xgrammar
+        self._xgrammar = self.compiler.xgrammar
         self.vocab_size = vocab_size
         self._matchers: dict[str, _Matcher] = {}
         self._batch_matcher = self._xgrammar.BatchGrammarMatcher(max_threads=FILL_THREADS)
