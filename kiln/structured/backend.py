@@ -17,6 +17,7 @@ import concurrent.futures
 import enum
 import logging
 import os
+import time
 from concurrent.futures import Future
 
 import torch
@@ -55,6 +56,10 @@ class StructuredOutputManager:
         # Requests waiting for their grammar: request id → (the engine's request, its compile).
         self._waiting: dict[str, tuple[object, Future]] = {}
         self._batch_matcher = self._xgrammar.BatchGrammarMatcher(max_threads=FILL_THREADS)
+        # Host seconds building masks and advancing matchers, and masks built (benchmarks).
+        self.mask_seconds = 0.0
+        self.advance_seconds = 0.0
+        self.num_masks = 0
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         """The constraint's compile (cached); raises ValueError at once when it is already
@@ -117,21 +122,28 @@ class StructuredOutputManager:
 
     def advance(self, request_id: str, output_token_ids: list[int]) -> GrammarProgress:
         """Feed the sequence's committed tokens the matcher has not seen yet."""
+        started = time.perf_counter()
         state = self._matchers[request_id]
         matcher = state.matcher
+        progress = GrammarProgress.RUNNING
         for token_id in output_token_ids[state.num_accepted:]:
             if matcher.is_terminated():
                 break  # ended earlier in this batch of tokens; the engine finishes it
             if not matcher.accept_token(token_id):
                 logger.warning("request %s: token %d breaks its grammar", request_id, token_id)
-                return GrammarProgress.REJECTED
+                progress = GrammarProgress.REJECTED
+                break
             state.num_accepted += 1
-        return GrammarProgress.TERMINATED if matcher.is_terminated() else GrammarProgress.RUNNING
+        if progress is GrammarProgress.RUNNING and matcher.is_terminated():
+            progress = GrammarProgress.TERMINATED
+        self.advance_seconds += time.perf_counter() - started
+        return progress
 
     def token_bitmask(self, request_ids: list[str], pin_memory: bool) -> torch.Tensor | None:
         """(R, ceil(V / 32)) int32 host mask for a step's logits rows (one per request id, in
         order): constrained rows from their matchers, every other row all allowed. None when
         no row is constrained."""
+        started = time.perf_counter()
         rows = [(row, self._matchers.get(request_id)) for row, request_id in enumerate(request_ids)]
         rows = [(row, state) for row, state in rows
                 if state is not None and not state.matcher.is_terminated()]
@@ -145,4 +157,6 @@ class StructuredOutputManager:
             # In numpy: torch's indexed in-place AND costs ~30 ms at 64 rows; this, ~0.1 ms.
             words = bitmask.numpy()
             words[json_rows] &= self.compiler.control_token_ban.numpy()
+        self.mask_seconds += time.perf_counter() - started
+        self.num_masks += 1
         return bitmask

@@ -31,4 +31,5 @@ def test_throughput_structured_json(smollm2_tokenizer, tmp_path, monkeypatch, ca
     assert 4 <= metrics["structured_output_tokens"] <= 48
     assert metrics["structured_over_unconstrained_tok_s"] > 0
     assert 0 < metrics["grammar_compile_ms_50_fields"] < 10_000
+    assert metrics["structured_grammar_mask_ms_per_step"] > 0
     assert "grammar_compile_ms_50_fields" in captured.out
