@@ -12,6 +12,8 @@ Between the two the host may schedule and launch the next step (overlap scheduli
 step's inputs may then hold placeholders (-1) for tokens the previous step is still
 sampling, which `execute_async` fills on the device from the previous step's sampled ids
 before the forward, so the host never waits for them. `execute` is the two back to back.
+`execute_async(..., defer_sampling=True)` queues the forward only; `sample_deferred` then
+samples it with a token bitmask the engine built meanwhile (structured outputs).
 
 The runner owns the model, the paged KV tensors, the persistent input buffers, the
 per-request generators of seeded requests and its own copy of every request
