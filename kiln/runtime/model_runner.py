@@ -13,6 +13,8 @@ Between the two the host may schedule and launch the next step (overlap scheduli
 step's inputs may then hold placeholders (-1) for tokens the previous step is still
 sampling, which `execute_async` fills on the device from the previous step's sampled ids
 before the forward, so the host never waits for them. `execute` is the two back to back.
+`execute_async(..., defer_sampling=True)` queues the forward only; `sample_deferred` then
+samples it with a token bitmask the engine built meanwhile (structured outputs).
 
 The runner owns the model, the paged KV tensors, the persistent input buffers, the
 per-request generators of seeded requests and its own copy of every request
@@ -82,6 +84,16 @@ class LaunchedStep:
     # Of those, the random (not greedy) ones, verified by rejection sampling: their logits
     # rows hold the emitted tokens, then NO_TOKEN.
     rejection_sampled: set[str] = field(default_factory=set)
+    # Set by execute_async(defer_sampling=True): the forward is queued, sampling waits for
+    # `ModelRunner.sample_deferred` (structured outputs: the grammar mask is built meanwhile).
+    deferred: "_DeferredSample | None" = None
+
+
+@dataclass
+class _DeferredSample:
+    logits: torch.Tensor  # (L, V) on the device
+    rows: list[BatchRow]
+    graphed: bool
 
 
 class ModelRunner:
@@ -273,7 +285,11 @@ class ModelRunner:
         return self.collect(self.execute_async(scheduler_output))
 
     @torch.inference_mode()
-    def execute_async(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+    def execute_async(self, scheduler_output: SchedulerOutput,
+                      defer_sampling: bool = False) -> LaunchedStep:
+        """defer_sampling: queue the forward only and return; `sample_deferred` then samples
+        with a token bitmask the caller builds while the forward runs (structured outputs).
+        The returned step's request_ids are its logits rows, in order."""
         if self.model is None:
             raise RuntimeError("the model runner is closed")
         for request_id in scheduler_output.finished_request_ids:
@@ -314,10 +330,27 @@ class ModelRunner:
             if self.share_sampled_ids:
                 self._receive_sampled_ids(rows, inputs.logits_request_ids)
             return LaunchedStep([], None, None, [], self._record_event(), started)
+        if defer_sampling:
+            return LaunchedStep(inputs.logits_request_ids, None, None, [], None, started,
+                                deferred=_DeferredSample(logits, rows, graph_size is not None))
         launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
         if self.pipeline_ids is not None:
             self.pipeline_ids.send(scheduler_output, self._last_sampled)
+        return launched
+
+    @torch.inference_mode()
+    def sample_deferred(self, step: LaunchedStep,
+                        token_bitmask: torch.Tensor | None) -> LaunchedStep:
+        """Sample a step launched with defer_sampling, applying token_bitmask (host int32,
+        one row per logits row, pinned on CUDA; None: nothing constrained). A step without
+        logits rows is returned as it is."""
+        deferred = step.deferred
+        if deferred is None:
+            return step
+        launched = self._sample(deferred.logits, deferred.rows, step.request_ids, step.started,
+                                token_bitmask)
+        launched.graphed = deferred.graphed
         return launched
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
@@ -403,6 +436,7 @@ class ModelRunner:
         rows: list[BatchRow],
         request_ids: list[str],  # (L,)
         started: torch.cuda.Event | None,
+        token_bitmask: torch.Tensor | None = None,  # (L, ceil(V / 32)) int32 on the host
     ) -> LaunchedStep:
         sampling_rows = []
         verified: dict[str, list[int]] = {}
@@ -435,7 +469,8 @@ class ModelRunner:
                     request.sampling_params, request.prompt_token_ids, outputs,
                     request.eos_token_id, generator,
                 ))
-        metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
+        metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device,
+                                          token_bitmask)
         verify = VerifyRows.build(rejection, self.device) if rejection else None
         sampled = self.sampler(logits, metadata, verify)
         if self.share_sampled_ids:
