@@ -110,6 +110,10 @@ class LLM:
             except ValueError as error:
                 raise ValueError(f"prompt {index}: {error}") from None
             prepared.append({"prompt": text, "prompt_token_ids": token_ids})
+        # Grammars compile before anything is queued (each distinct one once), so a
+        # constraint that does not compile rejects the call with its reason.
+        for params in {id(params): params for params in sampling_params}.values():
+            engine.compile_structured_outputs(params)
         request_ids = []
         try:
             for prompt, params in zip(prepared, sampling_params):

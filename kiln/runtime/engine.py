@@ -17,10 +17,21 @@ and step() returns the outputs of the step before. A request that stops on a tok
 been scheduled once more than needed; the scheduler drops that extra token. Steps run
 synchronously while any live request uses repetition/frequency/presence penalties, which
 need every previous token on the host.
+
+Structured outputs (kiln/structured): a request's grammar compiles on a worker thread; until
+it is ready the request waits here, outside the scheduler. While any constrained sequence
+lives, a step's sampling is deferred: the forward of step k is queued, the tokens of step
+k-1 are committed and advance the grammar matchers (on the host, while the forward runs),
+then step k's token bitmask is built and its sampling queued:
+
+    launched_k = runner.execute_async(out_k, defer_sampling=True)   forward only
+    finish step k-1 (collect, update, matchers advance)
+    launched_k = runner.sample_deferred(launched_k, bitmask_k)
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gc
 import itertools
@@ -46,6 +57,7 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.quant.fp8 import check_fp8_device
 from kiln.runtime.kv_tensors import FP8_KV_DTYPE, kv_cache_torch_dtype
+from kiln.structured.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from kiln.spec.config import SpeculativeConfig
@@ -256,6 +268,11 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # Live sequences with penalties: while any exists, steps run synchronously.
         self._num_penalised_sequences = 0
+        # Structured outputs: the grammar compiler and matchers (made on first use, so an
+        # engine without xgrammar works until a request asks for a grammar), and the
+        # requests whose grammar is still compiling: request id → (request, its Future).
+        self._structured = None
+        self._awaiting_grammar: dict[str, tuple[_UserRequest, concurrent.futures.Future]] = {}
         # Host seconds spent in step() (minus what the runner reports as waiting) and steps
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
         self.stats = EngineStats()
@@ -310,6 +327,8 @@ class LLMEngine:
             self.runner.collect(self._in_flight[1])  # its kernels still use the caches
             self._in_flight = None
         self.abort_all()
+        if self._structured is not None:
+            self._structured.close()
         self.runner.close()
         if self.speculator is not None:
             self.speculator.close()
@@ -394,15 +413,13 @@ class LLMEngine:
             )
             logprobs = [] if child_params.logprobs is not None else None
             user_request.sequences.append(_Sequence(request, detokenizer, logprobs=logprobs))
-        added: list[Request] = []
-        try:
-            for sequence in user_request.sequences:
-                self.scheduler.add_request(sequence.request)
-                added.append(sequence.request)
-        except ValueError:
-            for request in added:
-                self.scheduler.abort_request(request.request_id)
-            raise
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self._grammar_future(params.structured_outputs)
+        if grammar is None or grammar.done():
+            self._schedule_sequences(user_request, grammar)
+        else:
+            self._awaiting_grammar[request_id] = (user_request, grammar)
         for sequence in user_request.sequences:
             self._sequence_owner[sequence.request.request_id] = user_request
         if params.uses_penalties:
@@ -410,10 +427,91 @@ class LLMEngine:
         self._requests[request_id] = user_request
         return request_id
 
+    def _schedule_sequences(self, user_request: _UserRequest,
+                            grammar: concurrent.futures.Future | None) -> None:
+        """Hand a request's sequences to the scheduler (all or none), each with its own
+        grammar matcher when it is constrained (grammar: its compile, done)."""
+        added: list[Request] = []
+        try:
+            for sequence in user_request.sequences:
+                if grammar is not None:
+                    self._structured.start(sequence.request.request_id, grammar.result())
+                self.scheduler.add_request(sequence.request)
+                added.append(sequence.request)
+        except ValueError:
+            for sequence in user_request.sequences:
+                if self._structured is not None:
+                    self._structured.drop(sequence.request.request_id)
+            for request in added:
+                self.scheduler.abort_request(request.request_id)
+            raise
+
+    def structured_outputs(self):
+        """The StructuredOutputManager (kiln/structured/backend.py), made on first use.
+        Raises ValueError when this engine cannot constrain outputs."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the engine's tokenizer, and this "
+                                 "engine has none")
+            if not hasattr(self.runner, "sample_deferred"):
+                raise ValueError("structured outputs are not supported on tensor- or "
+                                 "pipeline-parallel engines yet")
+            from kiln.structured.backend import StructuredOutputManager
+
+            self._structured = StructuredOutputManager(
+                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return self._structured
+
+    def _grammar_future(self, constraint: StructuredOutputsParams) -> concurrent.futures.Future:
+        if self.speculator is not None:
+            # Proposals would need the grammar too (rolled back on rejection): not built.
+            raise ValueError("structured outputs cannot be combined with speculative decoding "
+                             "on this engine: start it without a speculative config")
+        future = self.structured_outputs().submit(constraint)
+        if future.done() and future.exception() is not None:
+            raise ValueError(str(future.exception()))
+        return future
+
+    def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile params' grammar now (cached), raising ValueError naming the problem if it
+        does not compile. For callers off the step loop (LLM.generate, request handlers),
+        so a bad constraint is refused before the request is queued."""
+        if params.structured_outputs is None:
+            return
+        future = self._grammar_future(params.structured_outputs)
+        error = future.exception()  # waits for the worker thread
+        if error is not None:
+            raise ValueError(str(error))
+
+    def _admit_compiled_grammars(self) -> list[RequestOutput]:
+        """Requests whose grammar finished compiling go to the scheduler; those whose grammar
+        failed (only when nobody compiled it first) finish as aborted, the error as their
+        stop_reason. With nothing else to run, waits a moment for a compile."""
+        if self._in_flight is None and not self.scheduler.has_unfinished_requests():
+            concurrent.futures.wait([future for _, future in self._awaiting_grammar.values()],
+                                    timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+        outputs = []
+        for request_id, (user_request, future) in list(self._awaiting_grammar.items()):
+            if not future.done():
+                continue
+            del self._awaiting_grammar[request_id]
+            error = future.exception()
+            if error is None:
+                self._schedule_sequences(user_request, future)
+                continue
+            logger.warning("request %s: %s", request_id, error)
+            for sequence in user_request.sequences:
+                sequence.request.status = RequestStatus.FINISHED_ABORTED
+                sequence.request.stop_reason = str(error)
+            outputs.append(self._make_output(user_request))
+            self._forget(user_request)
+        return outputs
+
     def abort_request(self, request_id: str) -> bool:
         user_request = self._requests.get(request_id)
         if user_request is None:
             return False
+        self._awaiting_grammar.pop(request_id, None)
         for sequence in user_request.sequences:
             self.scheduler.abort_request(sequence.request.request_id)
         self._forget(user_request)
@@ -428,7 +526,8 @@ class LLMEngine:
         return len(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or bool(self._awaiting_grammar))
 
     def _tell_runner_if_idle(self) -> None:
         """Once nothing is left to run, send the runner the finished requests' ids now (an
@@ -450,6 +549,8 @@ class LLMEngine:
             self._num_penalised_sequences -= len(user_request.sequences)
         for sequence in user_request.sequences:
             self._sequence_owner.pop(sequence.request.request_id, None)
+            if self._structured is not None:
+                self._structured.drop(sequence.request.request_id)
         if self.speculator is not None:
             self.speculator.drop([s.request.request_id for s in user_request.sequences])
 
@@ -460,7 +561,10 @@ class LLMEngine:
             raise KilnError("the engine is closed")
         started = time.perf_counter()
         waited, gpu = self.runner.wait_seconds, self.runner.gpu_seconds
+        admitted = self._admit_compiled_grammars() if self._awaiting_grammar else []
         outputs = self._step()
+        if admitted:
+            outputs = admitted + outputs
         self._tell_runner_if_idle()
         self.stats.num_steps += 1
         self.stats.step_seconds += time.perf_counter() - started
@@ -485,12 +589,24 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if speculator is not None:
             speculator.step_launched()
-        launched = self.runner.execute_async(scheduler_output)
+        outputs: list[RequestOutput] = []
+        if self._structured is not None and self._structured.has_matchers:
+            # The forward first; the grammar masks need the previous step's tokens, which
+            # are committed while it runs (see the module docstring).
+            launched = self.runner.execute_async(scheduler_output, defer_sampling=True)
+            if previous is not None:
+                outputs = self._finish_step(*previous)
+                previous = None
+            bitmask = self._structured.token_bitmask(launched.request_ids,
+                                                     pin_memory=self.device.type == "cuda")
+            launched = self.runner.sample_deferred(launched, bitmask)
+        else:
+            launched = self.runner.execute_async(scheduler_output)
         if not overlap:
             return self._finish_step(scheduler_output, launched)
         if not scheduler_output.is_empty:
             self._in_flight = (scheduler_output, launched)
-        return self._finish_step(*previous) if previous is not None else []
+        return self._finish_step(*previous) if previous is not None else outputs
 
     def _finish_step(
         self, scheduler_output: SchedulerOutput, launched: LaunchedStep
@@ -504,6 +620,8 @@ class LLMEngine:
             user_request = self._sequence_owner.get(request.request_id)
             if user_request is None:
                 continue
+            if self._structured is not None and request.request_id in self._structured:
+                self._advance_grammar(request)
             sequence = next(s for s in user_request.sequences if s.request is request)
             self._advance_sequence(sequence, runner_output.logprobs.get(request.request_id, []))
             touched[user_request.request_id] = user_request
@@ -515,6 +633,19 @@ class LLMEngine:
             if finished:
                 self._forget(user_request)
         return outputs
+
+    def _advance_grammar(self, request: Request) -> None:
+        """Feed a constrained sequence's new tokens to its matcher; a complete grammar ends
+        the request ("stop", also under ignore_eos)."""
+        from kiln.structured.backend import GrammarProgress
+
+        progress = self._structured.advance(request.request_id, request.output_token_ids)
+        if progress is GrammarProgress.TERMINATED:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED,
+                                          request.stop_reason)
+        elif progress is GrammarProgress.REJECTED:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED,
+                                          "the output broke its grammar")
 
     def _advance_sequence(self, sequence: _Sequence, logprobs: list[TokenLogprobs]) -> None:
         request = sequence.request

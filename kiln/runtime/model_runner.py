@@ -79,6 +79,16 @@ class LaunchedStep:
     # Of those, the random (not greedy) ones, verified by rejection sampling: their logits
     # rows hold the emitted tokens, then NO_TOKEN.
     rejection_sampled: set[str] = field(default_factory=set)
+    # Set by execute_async(defer_sampling=True): the forward is queued, sampling waits for
+    # `ModelRunner.sample_deferred` (structured outputs: the grammar mask is built meanwhile).
+    deferred: "_DeferredSample | None" = None
+
+
+@dataclass
+class _DeferredSample:
+    logits: torch.Tensor  # (L, V) on the device
+    rows: list[BatchRow]
+    graphed: bool
 
 
 class ModelRunner:
@@ -242,7 +252,11 @@ class ModelRunner:
         return self.collect(self.execute_async(scheduler_output))
 
     @torch.inference_mode()
-    def execute_async(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+    def execute_async(self, scheduler_output: SchedulerOutput,
+                      defer_sampling: bool = False) -> LaunchedStep:
+        """defer_sampling: queue the forward only and return; `sample_deferred` then samples
+        with a token bitmask the caller builds while the forward runs (structured outputs).
+        The returned step's request_ids are its logits rows, in order."""
         if self.model is None:
             raise RuntimeError("the model runner is closed")
         for request_id in scheduler_output.finished_request_ids:
@@ -269,8 +283,25 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (L, V) float32
         if not self.parallel.is_driver:  # a tp peer: it joined the logits' all-gather
             return LaunchedStep([], None, None, [], self._record_event(), started)
+        if defer_sampling:
+            return LaunchedStep(inputs.logits_request_ids, None, None, [], None, started,
+                                deferred=_DeferredSample(logits, rows, graph_size is not None))
         launched = self._sample(logits, rows, inputs.logits_request_ids, started)
         launched.graphed = graph_size is not None
+        return launched
+
+    @torch.inference_mode()
+    def sample_deferred(self, step: LaunchedStep,
+                        token_bitmask: torch.Tensor | None) -> LaunchedStep:
+        """Sample a step launched with defer_sampling, applying token_bitmask (host int32,
+        one row per logits row, pinned on CUDA; None: nothing constrained). A step without
+        logits rows is returned as it is."""
+        deferred = step.deferred
+        if deferred is None:
+            return step
+        launched = self._sample(deferred.logits, deferred.rows, step.request_ids, step.started,
+                                token_bitmask)
+        launched.graphed = deferred.graphed
         return launched
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
@@ -349,6 +380,7 @@ class ModelRunner:
         rows: list[BatchRow],
         request_ids: list[str],  # (L,)
         started: torch.cuda.Event | None,
+        token_bitmask: torch.Tensor | None = None,  # (L, ceil(V / 32)) int32 on the host
     ) -> LaunchedStep:
         sampling_rows = []
         verified: dict[str, list[int]] = {}
@@ -381,7 +413,8 @@ class ModelRunner:
                     request.sampling_params, request.prompt_token_ids, outputs,
                     request.eos_token_id, generator,
                 ))
-        metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device)
+        metadata = SamplingMetadata.build(sampling_rows, logits.shape[-1], self.device,
+                                          token_bitmask)
         verify = VerifyRows.build(rejection, self.device) if rejection else None
         sampled = self.sampler(logits, metadata, verify)
         self._last_sampled = sampled.sampled_token_ids

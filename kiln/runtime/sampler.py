@@ -6,6 +6,8 @@
 Order of processing (as vLLM):
 
     logits (R, V) float32
+      0. token bitmask        structured outputs (kiln/structured): tokens the request's
+                              grammar does not allow → -inf, in the caller's tensor
       1. repetition penalty   on prompt + output tokens (HF/CTRL: divide positive logits,
                               multiply negative ones)
       2. frequency, presence  on output tokens only (OpenAI: subtract f * count + p * [count>0])
@@ -58,6 +60,7 @@ from kiln.runtime.input_batch import int64_array
 from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.spec.rejection import rejection_sample
+from kiln.structured.bitmask import apply_token_bitmask
 
 # Random rows with a tiny temperature would overflow logits / T; below this they are
 # sampled at this temperature, which is already argmax in all but name.
@@ -170,11 +173,16 @@ class SamplingMetadata:
     # largest n, or None when no row wants logprobs.
     num_logprobs: list[int | None] = field(default_factory=list)
     max_num_logprobs: int | None = None
+    # (R, ceil(V / 32)) int32: the tokens each row may sample (kiln/structured/bitmask.py),
+    # or None when no row is constrained by a grammar.
+    token_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
-        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplingMetadata:
+        """token_bitmask: the step's host mask (pinned on CUDA), copied to `device`."""
         # This runs every step over every row. Each setting is read once into a list (a
         # comprehension over one attribute is the cheapest per-row Python there is), "does
         # any row use it?" is list.count of its off value, a C loop (most batches use no
@@ -269,6 +277,8 @@ class SamplingMetadata:
             generators=generators,
             num_logprobs=num_logprobs,
             max_num_logprobs=max_num_logprobs,
+            token_bitmask=(None if token_bitmask is None
+                           else token_bitmask.to(device, non_blocking=True)),
         )
 
 
@@ -427,6 +437,10 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, metadata: SamplingMetadata, verify: VerifyRows | None = None
     ) -> SamplerOutput:
+        if metadata.token_bitmask is not None:
+            # In place: the runner's logits are dead after sampling (a graph's output buffer
+            # is rewritten by its next replay), and every path below then sees the mask.
+            apply_token_bitmask(logits, metadata.token_bitmask)
         if verify is None and _fast_path_eligible(logits, metadata):
             # From the CPU generator: reading it back costs no device sync.
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -434,9 +448,10 @@ class Sampler:
                 logits, metadata.temperatures, metadata.greedy_mask, seed
             )  # (R,)
             return SamplerOutput(sampled_token_ids=sampled, logprobs=None)
-        # The caller's logits stay untouched: processing below is in place on a copy. An
-        # all-greedy batch without penalties or min_tokens changes nothing in place (it
-        # skips the division by T = 1 too), so it reads the logits as they are.
+        # The caller's logits stay untouched (but for a token bitmask, above): processing below
+        # is in place on a copy. An all-greedy batch without penalties or min_tokens changes
+        # nothing in place (it skips the division by T = 1 too), so it reads the logits as
+        # they are.
         in_place = (
             not metadata.all_greedy
             or metadata.repetition_penalties is not None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from kiln.structured.params import StructuredOutputsParams
+
 # Amplification caps. A request past any of these is rejected, not truncated.
 MAX_N = 128  # parallel sequences per request
 MAX_LOGPROBS = 20  # top-n logprobs per position (the OpenAI API's own limit)
@@ -89,6 +91,9 @@ class SamplingParams:
     # batch generation wants only the last, and at 1,024 rows building a RequestOutput per
     # request per step was a fifth of the host's time.
     output_kind: str = "cumulative"
+    # Constrain the output to a JSON schema, regex, choice list or EBNF grammar (needs the
+    # `structured` extra: xgrammar). None generates freely.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         n = _check_int("n", self.n)
@@ -140,6 +145,18 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be a kiln.structured.StructuredOutputsParams, "
+                f"got {type(self.structured_outputs).__name__}"
+            )
+        if self.structured_outputs is not None and min_tokens > 0:
+            # min_tokens bans EOS, which a complete grammar allows alone: no token is left.
+            raise ValueError("min_tokens cannot be combined with structured_outputs: the "
+                             "grammar decides where the output ends")
 
         # Frozen dataclass: normalised values go in through object.__setattr__.
         object.__setattr__(self, "temperature", temperature)
