@@ -9,6 +9,7 @@ aborting the engine requests if the client leaves.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from kiln.checkpoint.tokenizer import chat_template_of, special_tokens_of
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.structured.params import StructuredOutputsParams
 from kiln.checkpoint.chat_template import TemplateError, render_chat
 from kiln.serve.errors import APIError, error_body
 from kiln.serve.generation import (
@@ -112,32 +114,28 @@ async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[Cha
     return token_ids
 
 
-def _with_tool_constraints(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
+async def _with_tool_constraints(engine: LLMEngine, params: SamplingParams,
+                                 plan: ToolPlan) -> SamplingParams:
     """The request's SamplingParams as its tools need them: special tokens kept for a parser
-    whose marker is one, and the output held to the plan's JSON schema by the
-    structured-output engine (tool_choice required or a named function)."""
+    whose marker is one, and the output held to the plan's JSON schema by the grammar engine
+    (tool_choice required or a named function), compiled here, off the step loop, so a
+    schema that does not compile is a 400 naming the problem."""
     changes: dict = {}
     if plan.keep_special_tokens:
         changes["skip_special_tokens"] = False
     if plan.schema is not None:
-        try:
-            from kiln.structured.params import StructuredOutputsParams
-        except ImportError:
-            StructuredOutputsParams = None
-        if StructuredOutputsParams is None or not hasattr(params, "structured_outputs"):
-            raise APIError(400, "tool_choice \"required\" and named functions need the "
-                           "structured-output engine, which this server lacks; use "
-                           "tool_choice \"auto\"", param="tool_choice")
-        if getattr(params, "structured_outputs", None) is not None:
+        if params.structured_outputs is not None:
             raise APIError(400, "tool_choice \"required\" or a named function cannot be combined "
                            "with response_format or structured_outputs", param="tool_choice")
         changes["structured_outputs"] = StructuredOutputsParams(json=plan.schema)
     if not changes:
         return params
     try:
-        return dataclasses.replace(params, **changes)
-    except ValueError as error:  # the schema failed to compile, or another field's check
-        raise APIError(400, str(error), param="tools") from None
+        params = dataclasses.replace(params, **changes)
+        await asyncio.to_thread(engine.compile_structured_outputs, params)
+    except ValueError as error:  # the schema is too big or failed to compile
+        raise APIError(400, f"the tools' schemas cannot be enforced: {error}", param="tools") from None
+    return params
 
 
 def _admit(state: ServerState, num_prompts: int, n: int) -> Callable[[], None]:
@@ -157,7 +155,8 @@ async def _generate(request: Request, state: ServerState, body, chat: bool,
     async_engine = state.require_ready()
     engine = async_engine.llm_engine
     max_tokens = resolve_max_tokens(state, max_tokens_requested, default_max_tokens, [len(p) for p in prompts])
-    params = _with_tool_constraints(sampling_params(body, state, max_tokens, logprobs), tool_plan)
+    params = await _with_tool_constraints(engine, sampling_params(body, state, max_tokens, logprobs),
+                                          tool_plan)
     submission = Submission.new("chatcmpl" if chat else "cmpl", prompts, params)
     token_text = TokenText(engine.tokenizer)
     if body.stream:
