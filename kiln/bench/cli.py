@@ -28,7 +28,9 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from kiln.bench.progress import Progress
     from kiln.bench.serving import local_tokenizer
     from kiln.bench.results import write_result
-    from kiln.bench.throughput import length_stats, run_batched, run_sequential
+    from kiln.bench.throughput import (
+        grammar_compile_figures, length_stats, run_batched, run_sequential, structured_constraint,
+    )
     from kiln.entrypoints import LLM
 
     llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
@@ -55,6 +57,17 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     metrics = {f"batched_{k}": v for k, v in batched.items()}
     metrics["output_tok_s"] = metrics["batched_output_tok_s"]
     metrics["requests_s"] = metrics["batched_requests_s"]
+    if args.structured:
+        # The same requests again, each constrained: the grammar's cost is the difference.
+        constraint = structured_constraint(args.structured)
+        metrics.update(grammar_compile_figures(engine))
+        with Progress(total_output, f"throughput, structured {args.structured}", "tok") as progress:
+            structured = run_batched(engine, requests, progress, constraint)
+        metrics.update({f"structured_{k}": v for k, v in structured.items()})
+        metrics["structured_over_unconstrained_tok_s"] = (
+            structured["output_tok_s"] / batched["output_tok_s"])
+        metrics["structured_over_unconstrained_step_ms"] = (
+            structured["step_ms_mean"] / batched["step_ms_mean"])
     if args.sequential_baseline:
         with Progress(len(requests), "throughput, one at a time", "req") as progress:
             sequential = run_sequential(engine, requests, progress)
@@ -63,6 +76,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     metrics.update(speculation_metrics(engine))
     config = {
         "dataset": args.dataset, **length_stats(requests), "seed": args.seed,
+        "structured": args.structured,
         "input_len": args.input_len if args.dataset == "random" else None,
         "output_len": args.output_len if args.dataset == "random" else None,
         "engine": engine.config.model_dump(), "num_kv_blocks": engine.scheduler.config.num_kv_blocks,
@@ -198,6 +212,11 @@ def add_bench_parsers(benches, add_engine_args: Callable[[argparse.ArgumentParse
     throughput.add_argument("--sequential-baseline", action="store_true",
                             help="also run the requests one at a time and report the ratio")
     throughput.add_argument("--output-dir", default=None, help=DEFAULT_DIR_HELP)
+    # choices: kiln.bench.throughput.STRUCTURED_CHOICES (not imported here: it loads torch).
+    throughput.add_argument("--structured", choices=("json",), default=None,
+                            help="also run every request constrained to a JSON schema "
+                                 "(needs kiln[structured]) and report both, with the grammar "
+                                 "compile time of a 50-field schema")
     add_engine_args(throughput)
     add_speculative_arguments(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)

@@ -15,14 +15,56 @@ from kiln.bench.datasets import BenchRequest
 from kiln.bench.progress import Progress
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.structured.params import StructuredOutputsParams
+
+# `--structured json`: records with free-length strings and an open array, so a noise model's
+# outputs mostly run to max_tokens as unconstrained ones do (a complete record ends early).
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "title": {"type": "string"},
+                   "tags": {"type": "array", "items": {"type": "string"}},
+                   "body": {"type": "string"}},
+    "required": ["id", "title", "tags", "body"],
+    "additionalProperties": False,
+}
+STRUCTURED_CHOICES = ("json",)
 
 
-def _params(request: BenchRequest) -> SamplingParams:
+def _params(request: BenchRequest, structured: StructuredOutputsParams | None = None) -> SamplingParams:
     # As vLLM's benchmark: sample at temperature 1 and ignore EOS, so every request produces
     # exactly its output length and runs are comparable; as its LLM.generate, report only the
-    # finished request.
+    # finished request. A structured request still ends when its grammar is complete.
     return SamplingParams(temperature=1.0, max_tokens=request.output_len, ignore_eos=True,
-                          output_kind="final_only")
+                          output_kind="final_only", structured_outputs=structured)
+
+
+def structured_constraint(kind: str) -> StructuredOutputsParams:
+    if kind == "json":
+        return StructuredOutputsParams(json=BENCH_SCHEMA)
+    raise ValueError(f"--structured must be one of {', '.join(STRUCTURED_CHOICES)}, got {kind!r}")
+
+
+def fifty_field_schema(salt: str) -> dict:
+    """A 50-field object schema of mixed types; `salt` in the names makes it a cache miss."""
+    kinds = ({"type": "integer", "minimum": 0, "maximum": 1000}, {"type": "string", "maxLength": 32},
+             {"type": "number"}, {"type": "boolean"}, {"enum": ["a", "b", "c"]},
+             {"type": "array", "items": {"type": "string"}, "maxItems": 4})
+    properties = {f"{salt}_field_{i}": kinds[i % len(kinds)] for i in range(50)}
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def grammar_compile_figures(engine: LLMEngine) -> dict:
+    """Milliseconds to set the grammar engine up (the tokenizer's vocabulary, once per
+    engine, with the first compile) and to compile a fresh 50-field schema afterwards."""
+    compiler = engine.structured_outputs().compiler
+    started = time.perf_counter()
+    compiler.compile_blocking(StructuredOutputsParams(json=fifty_field_schema(f"warm{time.time_ns()}")))
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    compiler.compile_blocking(StructuredOutputsParams(json=fifty_field_schema(f"s{time.time_ns()}")))
+    return {"grammar_first_compile_ms": 1e3 * first,
+            "grammar_compile_ms_50_fields": 1e3 * (time.perf_counter() - started)}
 
 
 def _triton_cache_entries() -> int:
@@ -34,22 +76,29 @@ def _triton_cache_entries() -> int:
     return sum(1 for _ in directory.iterdir()) if directory.is_dir() else 0
 
 
-def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progress | None = None) -> dict:
-    """All requests at once; `progress` (if any) advances by each finished request's tokens."""
+def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progress | None = None,
+                structured: StructuredOutputsParams | None = None) -> dict:
+    """All requests at once; `progress` (if any) advances by each finished request's tokens.
+    structured: every request constrained by it (compiled before the clock starts)."""
+    if structured is not None:
+        engine.compile_structured_outputs(_params(requests[0], structured))
     stats_before = dataclasses.replace(engine.stats)
     cache_entries_before = _triton_cache_entries()
     runner = engine.runner
     graph_before = (runner.graph_steps, runner.graph_gpu_seconds)
     started = time.perf_counter()
     for request in requests:
-        engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids}, _params(request))
+        engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids},
+                           _params(request, structured))
     steps = 0
     output_tokens = 0
     preemptions = 0
+    stopped = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
                 output_tokens += len(output.outputs[0].token_ids)
+                stopped += output.outputs[0].finish_reason == "stop"
                 preemptions += sum(m.num_preemptions for m in output.metrics)
                 if progress is not None:
                     progress.update(len(output.outputs[0].token_ids))
@@ -77,6 +126,8 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         "requests_s": len(requests) / seconds,
         "output_tokens": output_tokens,
         "prompt_tokens": prompt_tokens,
+        # Requests that ended before max_tokens (ignore_eos is on: only a complete grammar).
+        "stopped_early": stopped,
     }
 
 

@@ -36,6 +36,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,7 @@ class LLMEngine:
         # engine without xgrammar works until a request asks for a grammar), and the
         # requests whose grammar is still compiling: request id → (request, its Future).
         self._structured = None
+        self._structured_lock = threading.Lock()
         self._awaiting_grammar: dict[str, tuple[_UserRequest, concurrent.futures.Future]] = {}
         # Host seconds spent in step() (minus what the runner reports as waiting) and steps
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
@@ -435,7 +437,8 @@ class LLMEngine:
         try:
             for sequence in user_request.sequences:
                 if grammar is not None:
-                    self._structured.start(sequence.request.request_id, grammar.result())
+                    self._structured.start(sequence.request.request_id, grammar.result(),
+                                           sequence.request.sampling_params.structured_outputs)
                 self.scheduler.add_request(sequence.request)
                 added.append(sequence.request)
         except ValueError:
@@ -449,6 +452,10 @@ class LLMEngine:
     def structured_outputs(self):
         """The StructuredOutputManager (kiln/structured/backend.py), made on first use.
         Raises ValueError when this engine cannot constrain outputs."""
+        with self._structured_lock:  # request handlers' threads and the engine loop's
+            return self._structured_manager()
+
+    def _structured_manager(self):
         if self._structured is None:
             if self.tokenizer is None:
                 raise ValueError("structured outputs need the engine's tokenizer, and this "

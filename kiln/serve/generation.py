@@ -21,6 +21,8 @@ from kiln.serve.errors import APIError
 from kiln.serve.protocol import SamplingFields
 from kiln.serve.state import ServerState
 from kiln.serve.tokenization import check_prompt_chars
+from kiln.structured.compiler import unenforced_keywords
+from kiln.structured.params import StructuredOutputsParams
 
 def _encode(engine: LLMEngine, text: str, add_special_tokens: bool) -> list[int]:
     return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -89,8 +91,10 @@ def sampling_params(body: SamplingFields, state: ServerState, max_tokens: int,
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
         "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,
     }
+    structured, _ = structured_outputs_of(body)
     try:
         return SamplingParams(
+            structured_outputs=structured,
             n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop,
             stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens, logprobs=logprobs,
@@ -101,6 +105,53 @@ def sampling_params(body: SamplingFields, state: ServerState, max_tokens: int,
         )
     except ValueError as error:
         raise APIError(400, str(error)) from None
+
+
+def structured_outputs_of(body: SamplingFields) -> tuple[StructuredOutputsParams | None, str]:
+    """The request's output constraint (OpenAI's response_format or vLLM's
+    structured_outputs) and the name of the field it came from; 400 naming the problem."""
+    response_format = body.response_format
+    fmt = response_format.type if response_format is not None else "text"
+    if fmt != "text" and body.structured_outputs is not None:
+        raise APIError(400, "give response_format or structured_outputs, not both",
+                       param="structured_outputs")
+    try:
+        if fmt == "json_object":
+            return StructuredOutputsParams(json_object=True), "response_format"
+        if fmt == "json_schema":
+            json_schema = response_format.json_schema
+            if json_schema is None or json_schema.json_schema is None:
+                raise APIError(400, "response_format.json_schema.schema is required for type "
+                               "json_schema", param="response_format")
+            if json_schema.strict:
+                unenforced = unenforced_keywords(json_schema.json_schema)
+                if unenforced:
+                    raise APIError(400, "response_format.json_schema is strict but its schema "
+                                   f"uses keywords this server cannot enforce: "
+                                   f"{', '.join(unenforced)}", param="response_format")
+            return StructuredOutputsParams(json=json_schema.json_schema), "response_format"
+        field = body.structured_outputs
+        if field is None:
+            return None, ""
+        return StructuredOutputsParams(json=field.json_, json_object=field.json_object,
+                                       regex=field.regex, choice=field.choice,
+                                       grammar=field.grammar), "structured_outputs"
+    except ValueError as error:
+        param = "response_format" if fmt != "text" else "structured_outputs"
+        raise APIError(400, str(error), param=param) from None
+
+
+async def compile_structured_outputs(engine: LLMEngine, params: SamplingParams,
+                                     body: SamplingFields) -> None:
+    """Compile the request's grammar (cached) before it is queued, on a thread, never on
+    the event loop or the engine's step loop: one that does not compile is a 400 here."""
+    if params.structured_outputs is None:
+        return
+    try:
+        await asyncio.to_thread(engine.compile_structured_outputs, params)
+    except ValueError as error:
+        _, field = structured_outputs_of(body)
+        raise APIError(400, str(error), param=field or None) from None
 
 
 @dataclass

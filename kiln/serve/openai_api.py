@@ -26,7 +26,8 @@ from kiln.structured.params import StructuredOutputsParams
 from kiln.checkpoint.chat_template import TemplateError, render_chat
 from kiln.serve.errors import APIError, error_body
 from kiln.serve.generation import (
-    Submission, check_token_ids, encode, resolve_max_tokens, sampling_params, stream_outputs,
+    Submission, check_token_ids, compile_structured_outputs, encode, resolve_max_tokens,
+    sampling_params, stream_outputs,
 )
 from kiln.serve.protocol import (
     ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -155,8 +156,10 @@ async def _generate(request: Request, state: ServerState, body, chat: bool,
     async_engine = state.require_ready()
     engine = async_engine.llm_engine
     max_tokens = resolve_max_tokens(state, max_tokens_requested, default_max_tokens, [len(p) for p in prompts])
-    params = await _with_tool_constraints(engine, sampling_params(body, state, max_tokens, logprobs),
-                                          tool_plan)
+    params = sampling_params(body, state, max_tokens, logprobs)
+    if tool_plan.schema is None:  # otherwise the tools' schema is the constraint
+        await compile_structured_outputs(engine, params, body)
+    params = await _with_tool_constraints(engine, params, tool_plan)
     submission = Submission.new("chatcmpl" if chat else "cmpl", prompts, params)
     token_text = TokenText(engine.tokenizer)
     if body.stream:

@@ -25,6 +25,7 @@ from kiln.runtime.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     MIN_SEED,
 )
+from kiln.structured.params import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_CONSTRAINT_CHARS
 
 # Upper bounds that only keep requests finite; the server's own (smaller, configurable)
 # caps in ServeSettings are checked by the handlers.
@@ -82,6 +83,41 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+ConstraintText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema. The schema's size and depth are checked when
+    it becomes a StructuredOutputsParams (kiln/structured/params.py)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: ShortString
+    description: Annotated[str, StringConstraints(max_length=MAX_CONSTRAINT_CHARS)] | None = None
+    # `schema` would shadow a BaseModel attribute: aliased.
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's `structured_outputs`: exactly one constraint (checked when it becomes a
+    StructuredOutputsParams)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    json_: dict | ConstraintText | None = Field(None, alias="json")
+    json_object: bool = False
+    regex: ConstraintText | None = None
+    choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHOICE_CHARS)]],
+                      Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    grammar: ConstraintText | None = None
+
+
 class SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's)."""
 
@@ -111,6 +147,9 @@ class SamplingFields(_Strict):
     # kiln extension: put the generated token ids in every choice (and stream chunk), so a
     # client can check tokens, not only text.
     return_token_ids: bool = False
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -190,16 +229,11 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text"] = Field("text", description="only plain text is supported")
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
     # None: "auto" when there are tools, "none" otherwise (OpenAI's default).
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

@@ -32,11 +32,12 @@ class GrammarProgress(enum.Enum):
 
 
 class _Matcher:
-    __slots__ = ("matcher", "num_accepted")
+    __slots__ = ("matcher", "num_accepted", "is_json")
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, is_json: bool) -> None:
         self.matcher = matcher
         self.num_accepted = 0  # of the request's output tokens
+        self.is_json = is_json  # gets the control-character ban (compiler.py)
 
 
 class StructuredOutputManager:
@@ -49,9 +50,10 @@ class StructuredOutputManager:
     def submit(self, params: StructuredOutputsParams) -> Future:
         return self.compiler.submit(params)
 
-    def start(self, request_id: str, compiled_grammar) -> None:
+    def start(self, request_id: str, compiled_grammar, params: StructuredOutputsParams) -> None:
         """A fresh matcher for a sequence whose grammar is compiled (before its first step)."""
-        self._matchers[request_id] = _Matcher(self._xgrammar.GrammarMatcher(compiled_grammar))
+        self._matchers[request_id] = _Matcher(self._xgrammar.GrammarMatcher(compiled_grammar),
+                                              params.kind in ("json", "json_object"))
 
     def drop(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
@@ -90,6 +92,9 @@ class StructuredOutputManager:
         if not rows:
             return None
         bitmask = allocate_token_bitmask(len(request_ids), self.vocab_size, pin_memory)
+        ban = self.compiler.control_token_ban
         for row, state in rows:
             state.matcher.fill_next_token_bitmask(bitmask, row)
+            if state.is_json:
+                bitmask[row] &= ban
         return bitmask

@@ -34,6 +34,11 @@ UNENFORCED_KEYWORDS = ("not", "contains", "minContains", "maxContains")
 # whitespace anywhere can loop on newlines and spaces until max_tokens (vLLM added
 # --disable-any-whitespace for this), and compact JSON parses the same.
 ANY_WHITESPACE = False
+# JSON forbids raw control characters (U+0000-U+001F) in strings, but xgrammar 0.2.9's rule
+# for length-bounded strings (`maxLength`) lets them through, and a random model finds them.
+# With compact JSON no valid output holds such a byte anywhere, so JSON rows also ban every
+# token containing one (`control_token_ban`).
+_CONTROL_BYTE = re.compile(rb"[\x00-\x1f]")
 # xgrammar prefixes errors with "[hh:mm:ss] /path/file.cc:line: ": not the client's business.
 _XGRAMMAR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
@@ -51,17 +56,33 @@ def import_xgrammar():
     return xgrammar
 
 
+# Keywords whose value maps names to subschemas (the names are not keywords), and keywords
+# whose value is data (never a schema).
+_NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions",
+                     "dependentSchemas")
+_DATA_KEYWORDS = ("enum", "const", "default", "examples", "required")
+
+
 def unenforced_keywords(schema: object) -> list[str]:
-    """The UNENFORCED_KEYWORDS used anywhere in a schema, sorted (iterative walk)."""
+    """The UNENFORCED_KEYWORDS used as keywords anywhere in a schema, sorted (an iterative
+    walk over subschemas: property names and enum values are not keywords)."""
     found: set[str] = set()
     stack = [schema]
     while stack:
         node = stack.pop()
-        if isinstance(node, dict):
-            found.update(key for key in node if key in UNENFORCED_KEYWORDS)
-            stack.extend(node.values())
-        elif isinstance(node, list):
+        if isinstance(node, list):
             stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            if key in UNENFORCED_KEYWORDS:
+                found.add(key)
+            if key in _NAMED_SUBSCHEMAS and isinstance(value, dict):
+                stack.extend(value.values())
+            else:
+                stack.append(value)
     return sorted(found)
 
 
@@ -89,6 +110,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
         self._compiler = None  # built on the worker thread: reading the vocabulary takes time
+        self.control_token_ban = None  # (ceil(V / 32),) int32, with the compiler
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-grammar")
@@ -149,8 +171,21 @@ class GrammarCompiler:
                 self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids)
             # One compile at a time already (one worker); xgrammar's own threads parallelise
             # inside a compile. The cache is ours (keyed per constraint), not xgrammar's.
+            self.control_token_ban = _control_token_ban(info.decoded_vocab, self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         return self._compiler
+
+
+def _control_token_ban(decoded_vocab: list[bytes], vocab_size: int):
+    """A bitmask row allowing every token but those whose bytes hold a control character."""
+    from kiln.structured.bitmask import allocate_token_bitmask
+
+    ban = allocate_token_bitmask(1, vocab_size)[0]  # (W,) all allowed
+    words = ban.numpy().view("uint32")
+    for token_id, token_bytes in enumerate(decoded_vocab[:vocab_size]):
+        if _CONTROL_BYTE.search(token_bytes):
+            words[token_id // 32] &= ~(1 << (token_id % 32)) & 0xFFFFFFFF
+    return ban
 
 
 def _json_text(schema: dict) -> str:
