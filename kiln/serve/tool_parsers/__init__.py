@@ -4,7 +4,8 @@
     events = parser.feed(delta_text)       # per stream delta; parser.finish() at the end
     parsed = new_parser("hermes").parse(text)   # ParsedOutput(content, tool_calls)
 
-base.py has the state machine and the shapes, formats.py the formats and the choice from a
+base.py has the state machine and the shapes, json_scan.py the bits of JSON reading it
+needs, formats.py the formats and the choice from a
 chat template, named.py the parser of a named `tool_choice`.
 """
 

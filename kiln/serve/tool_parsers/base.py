@@ -28,10 +28,13 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from kiln.serve.tool_parsers.json_scan import (
+    BAD, NEED_MORE, WHITESPACE, ValueScanner, parse_call_header, skip_whitespace,
+)
+
 # A call header (`{"type": "function", "name": "..."`, up to the arguments) longer than
 # this is not a call: its text goes out as content instead of being held back forever.
 MAX_HEADER_CHARS = 1024
-_WHITESPACE = " \t\r\n"
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,6 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def skip_whitespace(text: str, position: int) -> int:
-    while position < len(text) and text[position] in _WHITESPACE:
-        position += 1
-    return position
-
-
 def longest_marker_prefix_at_end(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some marker (text
     that may still become a marker, so it is held back)."""
@@ -110,116 +107,6 @@ def longest_marker_prefix_at_end(text: str, markers: tuple[str, ...]) -> int:
                 longest = length
                 break
     return longest
-
-
-_NEED_MORE = "need more"
-_BAD = "bad"
-
-
-def _read_json_string(text: str, position: int) -> tuple[str | None, int] | str:
-    """The JSON string starting at text[position] == '"': (value, end) or _NEED_MORE/_BAD."""
-    index = position + 1
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            index += 2
-            continue
-        if char == '"':
-            try:
-                return json.loads(text[position:index + 1]), index + 1
-            except ValueError:
-                return _BAD
-        if char < " ":
-            return _BAD  # raw control characters are not allowed in JSON strings
-        index += 1
-    return _NEED_MORE
-
-
-def parse_call_header(text: str) -> tuple[str, int] | str:
-    """`{"name": "f", "arguments": ` (or "parameters"; an optional `"type": "function"`
-    first) at the start of `text`: (name, where the arguments value starts), _NEED_MORE, or
-    _BAD. The name must come before the arguments, as every tool-calling template writes it."""
-    position = skip_whitespace(text, 0)
-    if position == len(text):
-        return _NEED_MORE
-    if text[position] != "{":
-        return _BAD
-    position += 1
-    name = None
-    seen_keys: set[str] = set()
-    while True:
-        position = skip_whitespace(text, position)
-        if position == len(text):
-            return _NEED_MORE
-        if text[position] != '"':
-            return _BAD
-        key = _read_json_string(text, position)
-        if isinstance(key, str):
-            return key
-        key_text, position = key
-        if key_text in seen_keys:
-            return _BAD
-        seen_keys.add(key_text)
-        position = skip_whitespace(text, position)
-        if position == len(text):
-            return _NEED_MORE
-        if text[position] != ":":
-            return _BAD
-        position = skip_whitespace(text, position + 1)
-        if position == len(text):
-            return _NEED_MORE
-        if key_text in ("arguments", "parameters"):
-            if name is None or text[position] != "{":
-                return _BAD
-            return name, position
-        if key_text not in ("name", "type") or text[position] != '"':
-            return _BAD
-        value = _read_json_string(text, position)
-        if isinstance(value, str):
-            return value
-        value_text, position = value
-        if key_text == "name":
-            if not value_text:
-                return _BAD
-            name = value_text
-        elif value_text != "function":
-            return _BAD
-        position = skip_whitespace(text, position)
-        if position == len(text):
-            return _NEED_MORE
-        if text[position] != ",":
-            return _BAD
-        position += 1
-
-
-class _ValueScanner:
-    """Finds where a JSON object or array ends, one character at a time (brackets and
-    strings only: whether the inside is valid JSON is checked by json.loads at the end)."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
-
-    def feed(self, text: str) -> int | None:
-        """The index in `text` just past the value's end, or None if it goes on."""
-        for index, char in enumerate(text):
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif char == "\\":
-                    self.escaped = True
-                elif char == '"':
-                    self.in_string = False
-            elif char == '"':
-                self.in_string = True
-            elif char in "{[":
-                self.depth += 1
-            elif char in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return index + 1
-        return None
 
 
 @dataclass(frozen=True)
@@ -242,10 +129,9 @@ class _Call:
     index: int
     buffer: str = ""  # the call's text from its "{", until its header is known
     header_done: bool = False
-    scanner: _ValueScanner = field(default_factory=_ValueScanner)
+    scanner: ValueScanner = field(default_factory=ValueScanner)
     arguments: str = ""
     arguments_done: bool = False
-    after_arguments: str = ""  # text after the arguments, until the call's "}"
 
 
 class ToolCallStream:
@@ -260,7 +146,6 @@ class ToolCallStream:
         self.at_start = True  # nothing but whitespace seen yet
         self.in_array = False
         self.region_text = ""  # the region's raw text while nothing of it has been sent
-        self.calls: list[ToolCall] = []
         self.call: _Call | None = None
         self.call_names: dict[int, tuple[str, str]] = {}
         self.call_arguments: dict[int, str] = {}
@@ -286,7 +171,7 @@ class ToolCallStream:
             # The model stopped before the closing tag (or in the middle of it): the calls
             # are whole, so they stand.
             self.pending = ""
-        if self.state == "plain" or self.state == "content":
+        if self.state in ("plain", "content"):
             events.content(self.pending)
             self.pending = ""
         if not self.call_names:
@@ -304,7 +189,7 @@ class ToolCallStream:
         """Content, with trailing whitespace held until something follows it: whitespace
         between content and a call (or after the last call) is not content."""
         text = self.held_whitespace + text
-        stripped = text.rstrip(_WHITESPACE)
+        stripped = text.rstrip(WHITESPACE)
         self.held_whitespace = text[len(stripped):]
         events.content(stripped)
 
@@ -330,14 +215,15 @@ class ToolCallStream:
     def _content(self, events: StreamEvents, final: bool) -> None:
         fmt = self.format
         if self.at_start:
-            stripped = self.pending.lstrip(_WHITESPACE)
+            stripped = self.pending.lstrip(WHITESPACE)
             if not stripped:
                 return
             self.at_start = False
             if stripped[0] in fmt.opening_characters:
-                self.held_whitespace = ""
+                # The leading whitespace goes with the region: content again if it is not calls.
+                self.region_text = self.pending[:len(self.pending) - len(stripped)]
                 self.pending = stripped
-                self._open_region()
+                self.state = "region"
                 return
         first = None
         for marker in fmt.markers:
@@ -354,10 +240,6 @@ class ToolCallStream:
         keep = 0 if final else longest_marker_prefix_at_end(self.pending, fmt.markers)
         self._emit_content(events, self.pending[:len(self.pending) - keep])
         self.pending = self.pending[len(self.pending) - keep:]
-
-    def _open_region(self) -> None:
-        self.region_text = ""
-        self.state = "region"
 
     def _region(self, events: StreamEvents) -> None:
         # Right after a marker (or at the start): "[" opens a JSON array of calls, "{" a call.
@@ -397,11 +279,11 @@ class ToolCallStream:
             call.buffer += self.pending
             self.pending = ""
             header = parse_call_header(call.buffer)
-            if header == _NEED_MORE:
+            if header == NEED_MORE:
                 if len(call.buffer) > MAX_HEADER_CHARS:
                     self._give_up(events)
                 return
-            if header == _BAD:
+            if header == BAD:
                 self._give_up(events)
                 return
             name, arguments_start = header
@@ -432,8 +314,6 @@ class ToolCallStream:
             self._broken(events)
             return
         self.pending = self.pending[position + 1:]
-        self.calls.append(ToolCall(self.call_names[call.index][0], self.call_names[call.index][1],
-                                   call.arguments))
         self.call = None
         self.state = "between"
 
@@ -525,4 +405,4 @@ def assemble(events: StreamEvents, text: str, malformed: bool) -> ParsedOutput:
     if malformed:
         return ParsedOutput(text or None, [])
     joined = "".join(content)
-    return ParsedOutput(joined if joined.strip() else None, calls)
+    return ParsedOutput(joined if joined.strip(WHITESPACE) else None, calls)
