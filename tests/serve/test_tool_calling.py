@@ -231,6 +231,12 @@ BAD_REQUESTS = [
     ({"messages": [*QUESTION, {"role": "tool", "content": "15"}]}, "needs tool_call_id"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
      "tool_calls is only allowed on assistant messages"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}},
+     "cannot be combined with response_format"),
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"type": "string", "pattern": "(unclosed"}}}}}]},
+     "the tools' schemas cannot be enforced"),
 ]
 
 
