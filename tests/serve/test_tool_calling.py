@@ -21,6 +21,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
+from kiln import LLM, SamplingParams
 from kiln.checkpoint.gguf import default_model_path
 from kiln.serve.state import ServeSettings
 from tests.helpers import make_cpu_engine, save_tiny_hf_model, tiny_llama_config
@@ -77,18 +78,26 @@ def _qwen25(directory):
                               "<|im_start|>", "<|im_end|>")
 
 
+@pytest.fixture(scope="module")
+def llama31_engine_dir(tmp_path_factory):
+    return _llama31(tmp_path_factory.mktemp("llama31"))
+
+
+@pytest.fixture(scope="module")
+def qwen25_engine_dir(tmp_path_factory):
+    return _qwen25(tmp_path_factory.mktemp("qwen25"))
+
+
 @pytest.fixture(scope="module", params=["smollm2", "llama31", "qwen25"])
-def family(request, tmp_path_factory):
-    """(name, openai client, extra request fields) of a server on one engine."""
-    engine = None
+def family(request):
+    """(name, openai client, extra request fields, server) of a server on one engine."""
     if request.param == "smollm2":
         engine = request.getfixturevalue("llm_engine")
         extra = {"chat_template": SMOLLM2_TOOLS}
     else:
-        build = _llama31 if request.param == "llama31" else _qwen25
-        engine = make_cpu_engine(build(tmp_path_factory.mktemp(request.param)), block_size=16,
-                                 num_kv_blocks=512, max_num_seqs=16, max_model_len=2048,
-                                 max_num_batched_tokens=2048)
+        engine_dir = request.getfixturevalue(f"{request.param}_engine_dir")
+        engine = make_cpu_engine(engine_dir, block_size=16, num_kv_blocks=512, max_num_seqs=16,
+                                 max_model_len=2048, max_num_batched_tokens=2048)
         extra = {}
     settings = ServeSettings(trust_request_chat_template=True)
     try:
@@ -276,3 +285,13 @@ def test_template_without_tools_and_unknown_format_are_400(family):
         assert response.status_code == 200
         assert response.json()["choices"][0]["message"]["tool_calls"]
         assert http.get("/health").status_code == 200
+
+
+def test_python_api_chat_takes_tools(llama31_engine_dir):
+    with LLM(model=str(llama31_engine_dir), device="cpu", num_kv_blocks=64, block_size=16) as llm:
+        with_tools = llm.apply_chat_template(QUESTION, tools=TOOLS)
+        assert "Environment: ipython" in with_tools and '"name": "get_weather"' in with_tools
+        assert "get_weather" not in llm.apply_chat_template(QUESTION)
+        [output] = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False,
+                            tools=TOOLS)
+        assert output.prompt_token_ids == llm.chat_token_ids(QUESTION, TOOLS)
