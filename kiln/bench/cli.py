@@ -29,7 +29,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from kiln.bench.serving import local_tokenizer
     from kiln.bench.results import write_result
     from kiln.bench.throughput import (
-        grammar_compile_figures, length_stats, run_batched, run_sequential, structured_constraint,
+        grammar_compile_figures, grammar_tokenizer, length_stats, run_batched, run_sequential,
+        structured_constraint,
     )
     from kiln.entrypoints import LLM
 
@@ -60,6 +61,11 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     if args.structured:
         # The same requests again, each constrained: the grammar's cost is the difference.
         constraint = structured_constraint(args.structured)
+        if engine.tokenizer is None:  # random-weight engines: borrow --tokenizer's vocabulary
+            if not args.tokenizer:
+                raise KilnError("--structured needs an engine with a tokenizer, or --tokenizer "
+                                "(a tokenizer directory, engine, .gguf or 'smollm2')")
+            engine.tokenizer = grammar_tokenizer(args.tokenizer, engine.model_config.vocab_size)
         metrics.update(grammar_compile_figures(engine))
         with Progress(total_output, f"throughput, structured {args.structured}", "tok") as progress:
             structured = run_batched(engine, requests, progress, constraint)

@@ -44,6 +44,25 @@ def structured_constraint(kind: str) -> StructuredOutputsParams:
     raise ValueError(f"--structured must be one of {', '.join(STRUCTURED_CHOICES)}, got {kind!r}")
 
 
+def grammar_tokenizer(source: str, vocab_size: int):
+    """The tokenizer a random-weight engine's grammars use: a directory of tokenizer files
+    (tokenizer.json), or whatever `local_tokenizer` opens. Its ids must fit the model's."""
+    from kiln.bench.serving import local_tokenizer
+    from kiln.errors import KilnError
+
+    path = Path(source)
+    if (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    else:
+        tokenizer = local_tokenizer(source)
+    if len(tokenizer) > vocab_size:
+        raise KilnError(f"--tokenizer {source} has {len(tokenizer)} tokens, more than the "
+                        f"model's {vocab_size}")
+    return tokenizer
+
+
 def fifty_field_schema(salt: str) -> dict:
     """A 50-field object schema of mixed types; `salt` in the names makes it a cache miss."""
     kinds = ({"type": "integer", "minimum": 0, "maximum": 1000}, {"type": "string", "maxLength": 32},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from concurrent.futures import Future
 
 import torch
@@ -23,6 +24,9 @@ from kiln.structured.compiler import GrammarCompiler
 from kiln.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger("kiln.structured")
+# Threads filling a step's mask rows (xgrammar's batch matcher, in C++ off the GIL): a
+# batch of 64 JSON rows takes a few ms on one thread, and the forward it hides behind may not.
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class GrammarProgress(enum.Enum):
@@ -46,6 +50,7 @@ class StructuredOutputManager:
         self._xgrammar = self.compiler._xgrammar
         self.vocab_size = vocab_size
         self._matchers: dict[str, _Matcher] = {}
+        self._batch_matcher = self._xgrammar.BatchGrammarMatcher(max_threads=FILL_THREADS)
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         return self.compiler.submit(params)
@@ -92,9 +97,11 @@ class StructuredOutputManager:
         if not rows:
             return None
         bitmask = allocate_token_bitmask(len(request_ids), self.vocab_size, pin_memory)
-        ban = self.compiler.control_token_ban
-        for row, state in rows:
-            state.matcher.fill_next_token_bitmask(bitmask, row)
-            if state.is_json:
-                bitmask[row] &= ban
+        self._batch_matcher.batch_fill_next_token_bitmask(
+            [state.matcher for _, state in rows], bitmask, [row for row, _ in rows])
+        json_rows = [row for row, state in rows if state.is_json]
+        if json_rows:
+            # In numpy: torch's indexed in-place AND costs ~30 ms at 64 rows; this, ~0.1 ms.
+            words = bitmask.numpy()
+            words[json_rows] &= self.compiler.control_token_ban.numpy()
         return bitmask
