@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from kiln.runtime.messages import TokenLogprobs
 from kiln.runtime.request_output import CompletionOutput, RequestOutput
-from kiln.serve.tool_parsers.base import ParsedOutput, StreamEvents
+from kiln.serve.tool_parsers.base import ParsedOutput, StreamEvents, ToolCallStream
+from kiln.serve.tool_parsers.named import NamedFunctionStream
 from kiln.serve.tool_parsers.request import NO_TOOLS, ToolPlan
 
 
@@ -69,7 +70,7 @@ class ChoiceState:
     num_tokens: int = 0
     num_chars: int = 0
     finished: bool = False
-    tool_stream: object | None = None  # the choice's tool-call parser, when it has one
+    tool_stream: ToolCallStream | NamedFunctionStream | None = None  # its tool-call parser, if any
     num_tool_calls: int = 0
 
 
