@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from kiln.entrypoints import LLM
     from kiln.runtime.request_output import CompletionOutput, RequestOutput
     from kiln.runtime.sampling_params import SamplingParams
+    from kiln.structured.params import StructuredOutputsParams
 
 # The package's face is imported on first use (PEP 562), not with the package: `kiln --help`
 # must not pay for torch and transformers (~2.5 s) just because kiln.cli lives in here.
@@ -19,6 +20,7 @@ _LAZY = {
     "LLM": "kiln.entrypoints", "SamplingParams": "kiln.runtime.sampling_params",
     "BuildConfig": "kiln.config", "EngineConfig": "kiln.config",
     "RequestOutput": "kiln.runtime.request_output", "CompletionOutput": "kiln.runtime.request_output",
+    "StructuredOutputsParams": "kiln.structured.params",
 }
 
 __all__ = [*_LAZY, "__version__"]

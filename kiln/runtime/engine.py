@@ -31,7 +31,6 @@ then step k's token bitmask is built and its sampling queued:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import gc
 import itertools
@@ -58,10 +57,12 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.quant.fp8 import check_fp8_device
 from kiln.runtime.kv_tensors import FP8_KV_DTYPE, kv_cache_torch_dtype
-from kiln.structured.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from kiln.spec.config import SpeculativeConfig
+    from concurrent.futures import Future
+
+    from kiln.structured.backend import StructuredOutputManager
 
 PromptType = str | list[int] | dict
 
@@ -269,12 +270,11 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # Live sequences with penalties: while any exists, steps run synchronously.
         self._num_penalised_sequences = 0
-        # Structured outputs: the grammar compiler and matchers (made on first use, so an
-        # engine without xgrammar works until a request asks for a grammar), and the
-        # requests whose grammar is still compiling: request id → (request, its Future).
-        self._structured = None
+        # Structured outputs: the grammar compiler, the matchers and the requests waiting for
+        # their grammar (made on first use, so an engine without xgrammar works until a
+        # request asks for a grammar).
+        self._structured: StructuredOutputManager | None = None
         self._structured_lock = threading.Lock()
-        self._awaiting_grammar: dict[str, tuple[_UserRequest, concurrent.futures.Future]] = {}
         # Host seconds spent in step() (minus what the runner reports as waiting) and steps
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
         self.stats = EngineStats()
@@ -417,11 +417,11 @@ class LLMEngine:
             user_request.sequences.append(_Sequence(request, detokenizer, logprobs=logprobs))
         grammar = None
         if params.structured_outputs is not None:
-            grammar = self._grammar_future(params.structured_outputs)
+            grammar = self.structured_outputs().submit(params.structured_outputs)
         if grammar is None or grammar.done():
             self._schedule_sequences(user_request, grammar)
         else:
-            self._awaiting_grammar[request_id] = (user_request, grammar)
+            self._structured.hold(request_id, user_request, grammar)
         for sequence in user_request.sequences:
             self._sequence_owner[sequence.request.request_id] = user_request
         if params.uses_penalties:
@@ -430,7 +430,7 @@ class LLMEngine:
         return request_id
 
     def _schedule_sequences(self, user_request: _UserRequest,
-                            grammar: concurrent.futures.Future | None) -> None:
+                            grammar: Future | None) -> None:
         """Hand a request's sequences to the scheduler (all or none), each with its own
         grammar matcher when it is constrained (grammar: its compile, done)."""
         added: list[Request] = []
@@ -449,17 +449,19 @@ class LLMEngine:
                 self.scheduler.abort_request(request.request_id)
             raise
 
-    def structured_outputs(self):
-        """The StructuredOutputManager (kiln/structured/backend.py), made on first use.
-        Raises ValueError when this engine cannot constrain outputs."""
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The grammar compiler and matchers (kiln/structured/backend.py), made on first
+        use; ValueError naming why when this engine cannot constrain outputs."""
         with self._structured_lock:  # request handlers' threads and the engine loop's
-            return self._structured_manager()
-
-    def _structured_manager(self):
-        if self._structured is None:
+            if self._structured is not None:
+                return self._structured
             if self.tokenizer is None:
                 raise ValueError("structured outputs need the engine's tokenizer, and this "
                                  "engine has none")
+            if self.speculator is not None:
+                # Proposals would need the grammar too (rolled back on rejection): not built.
+                raise ValueError("structured outputs cannot be combined with speculative "
+                                 "decoding on this engine: start it without a speculative config")
             if not hasattr(self.runner, "sample_deferred"):
                 raise ValueError("structured outputs are not supported on tensor- or "
                                  "pipeline-parallel engines yet")
@@ -467,45 +469,29 @@ class LLMEngine:
 
             self._structured = StructuredOutputManager(
                 self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        return self._structured
-
-    def _grammar_future(self, constraint: StructuredOutputsParams) -> concurrent.futures.Future:
-        if self.speculator is not None:
-            # Proposals would need the grammar too (rolled back on rejection): not built.
-            raise ValueError("structured outputs cannot be combined with speculative decoding "
-                             "on this engine: start it without a speculative config")
-        future = self.structured_outputs().submit(constraint)
-        if future.done() and future.exception() is not None:
-            raise ValueError(str(future.exception()))
-        return future
+            return self._structured
 
     def compile_structured_outputs(self, params: SamplingParams) -> None:
         """Compile params' grammar now (cached), raising ValueError naming the problem if it
         does not compile. For callers off the step loop (LLM.generate, request handlers),
         so a bad constraint is refused before the request is queued."""
-        if params.structured_outputs is None:
-            return
-        future = self._grammar_future(params.structured_outputs)
-        error = future.exception()  # waits for the worker thread
-        if error is not None:
-            raise ValueError(str(error))
+        if params.structured_outputs is not None:
+            self.structured_outputs().compile_blocking(params.structured_outputs)
 
     def _admit_compiled_grammars(self) -> list[RequestOutput]:
         """Requests whose grammar finished compiling go to the scheduler; those whose grammar
-        failed (only when nobody compiled it first) finish as aborted, the error as their
-        stop_reason. With nothing else to run, waits a moment for a compile."""
-        if self._in_flight is None and not self.scheduler.has_unfinished_requests():
-            concurrent.futures.wait([future for _, future in self._awaiting_grammar.values()],
-                                    timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+        failed (only when nobody compiled it first) or that the scheduler refuses finish as
+        aborted, the error as their stop_reason (never raised: this runs inside step())."""
+        idle = self._in_flight is None and not self.scheduler.has_unfinished_requests()
         outputs = []
-        for request_id, (user_request, future) in list(self._awaiting_grammar.items()):
-            if not future.done():
-                continue
-            del self._awaiting_grammar[request_id]
+        for request_id, user_request, future in self._structured.compiled(wait=idle):
             error = future.exception()
             if error is None:
-                self._schedule_sequences(user_request, future)
-                continue
+                try:
+                    self._schedule_sequences(user_request, future)
+                    continue
+                except ValueError as scheduling_error:  # say, larger than the whole cache
+                    error = scheduling_error
             logger.warning("request %s: %s", request_id, error)
             for sequence in user_request.sequences:
                 sequence.request.status = RequestStatus.FINISHED_ABORTED
@@ -518,7 +504,8 @@ class LLMEngine:
         user_request = self._requests.get(request_id)
         if user_request is None:
             return False
-        self._awaiting_grammar.pop(request_id, None)
+        if self._structured is not None:
+            self._structured.release(request_id)
         for sequence in user_request.sequences:
             self.scheduler.abort_request(sequence.request.request_id)
         self._forget(user_request)
@@ -534,7 +521,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
-                or bool(self._awaiting_grammar))
+                or (self._structured is not None and self._structured.has_waiting))
 
     def _tell_runner_if_idle(self) -> None:
         """Once nothing is left to run, send the runner the finished requests' ids now (an
@@ -568,7 +555,8 @@ class LLMEngine:
             raise KilnError("the engine is closed")
         started = time.perf_counter()
         waited, gpu = self.runner.wait_seconds, self.runner.gpu_seconds
-        admitted = self._admit_compiled_grammars() if self._awaiting_grammar else []
+        waiting = self._structured is not None and self._structured.has_waiting
+        admitted = self._admit_compiled_grammars() if waiting else []
         outputs = self._step()
         if admitted:
             outputs = admitted + outputs

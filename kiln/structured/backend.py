@@ -1,6 +1,7 @@
 """The engine's side of structured outputs: one grammar matcher per constrained sequence.
 
     add_request ─submit→ compiler worker thread ─CompiledGrammar→ start(): a matcher
+                (not compiled yet: hold() until compiled() hands the request back)
     each step, after the scheduler commits tokens:  advance()  accepts the new tokens
     each step, for the rows about to be sampled:    token_bitmask()  fills the host mask
 
@@ -12,6 +13,7 @@ step's tokens are committed, while the step's forward runs on the device (engine
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import logging
 import os
@@ -47,13 +49,51 @@ class _Matcher:
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids)
-        self._xgrammar = self.compiler._xgrammar
+        self._xgrammar = self.compiler.xgrammar
         self.vocab_size = vocab_size
         self._matchers: dict[str, _Matcher] = {}
+        # Requests waiting for their grammar: request id → (the engine's request, its compile).
+        self._waiting: dict[str, tuple[object, Future]] = {}
         self._batch_matcher = self._xgrammar.BatchGrammarMatcher(max_threads=FILL_THREADS)
 
     def submit(self, params: StructuredOutputsParams) -> Future:
-        return self.compiler.submit(params)
+        """The constraint's compile (cached); raises ValueError at once when it is already
+        known not to compile."""
+        future = self.compiler.submit(params)
+        if future.done() and future.exception() is not None:
+            raise ValueError(str(future.exception()))
+        return future
+
+    def compile_blocking(self, params: StructuredOutputsParams) -> None:
+        """Wait for the constraint's compile; ValueError naming the problem if it fails."""
+        error = self.submit(params).exception()
+        if error is not None:
+            raise ValueError(str(error))
+
+    def hold(self, request_id: str, request: object, future: Future) -> None:
+        """Keep a request out of the scheduler until its grammar is compiled."""
+        self._waiting[request_id] = (request, future)
+
+    def release(self, request_id: str) -> None:
+        """Forget a waiting request (aborted)."""
+        self._waiting.pop(request_id, None)
+
+    @property
+    def has_waiting(self) -> bool:
+        return bool(self._waiting)
+
+    def compiled(self, wait: bool) -> list[tuple[str, object, Future]]:
+        """The waiting requests whose compile has ended (request id, request, its Future),
+        no longer held. wait: the engine has nothing else to run, so wait up to 10 ms for a
+        compile rather than spin."""
+        if wait and self._waiting:
+            concurrent.futures.wait([future for _, future in self._waiting.values()],
+                                    timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+        done = [(request_id, request, future)
+                for request_id, (request, future) in self._waiting.items() if future.done()]
+        for request_id, _, _ in done:
+            del self._waiting[request_id]
+        return done
 
     def start(self, request_id: str, compiled_grammar, params: StructuredOutputsParams) -> None:
         """A fresh matcher for a sequence whose grammar is compiled (before its first step)."""
@@ -65,6 +105,7 @@ class StructuredOutputManager:
 
     def close(self) -> None:
         self._matchers.clear()
+        self._waiting.clear()
         self.compiler.close()
 
     @property

@@ -16,6 +16,7 @@ xgrammar is optional (`pip install 'kiln[structured]'`): it is imported on first
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -89,8 +90,6 @@ def unenforced_keywords(schema: object) -> list[str]:
 def choice_grammar(choices: list[str]) -> str:
     """EBNF accepting exactly one of the strings. json.dumps escapes quotes, backslashes and
     control characters the way xgrammar's string literals read them."""
-    import json
-
     return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
 
 
@@ -105,7 +104,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         """vocab_size: the model's logits width, which may exceed the tokenizer's vocabulary
         (padding): xgrammar masks the ids past the tokenizer's."""
-        self._xgrammar = import_xgrammar()
+        self.xgrammar = import_xgrammar()
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
@@ -154,7 +153,7 @@ class GrammarCompiler:
         kind = params.kind
         if kind == "json":
             return compiler.compile_json_schema(
-                _json_text(params.json), any_whitespace=ANY_WHITESPACE, strict_mode=True)
+                json.dumps(params.json), any_whitespace=ANY_WHITESPACE, strict_mode=True)
         if kind == "json_object":
             return compiler.compile_json_schema(
                 '{"type": "object"}', any_whitespace=ANY_WHITESPACE, strict_mode=False)
@@ -166,7 +165,7 @@ class GrammarCompiler:
 
     def _grammar_compiler(self):
         if self._compiler is None:
-            xgr = self._xgrammar
+            xgr = self.xgrammar
             info = xgr.TokenizerInfo.from_huggingface(
                 self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids)
             # One compile at a time already (one worker); xgrammar's own threads parallelise
@@ -186,9 +185,3 @@ def _control_token_ban(decoded_vocab: list[bytes], vocab_size: int):
         if _CONTROL_BYTE.search(token_bytes):
             words[token_id // 32] &= ~(1 << (token_id % 32)) & 0xFFFFFFFF
     return ban
-
-
-def _json_text(schema: dict) -> str:
-    import json
-
-    return json.dumps(schema)

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from kiln.checkpoint.gguf import default_model_path
-from tests.helpers import build_tiny_engine, make_cpu_engine
+from tests.helpers import make_cpu_engine
 
 PADDED_IDS = 64
 

@@ -61,6 +61,7 @@ def test_batch_of_64_validates(structured_engine, temperature):
         cut += batch_cut
         failures += batch_failures
     assert not failures, "\n".join(failures[:10])
+    print(f"temperature {temperature}: {cut} of {len(SCHEMAS)} outputs hit max_tokens")
     assert cut <= len(SCHEMAS) // 10, f"{cut} of {len(SCHEMAS)} outputs hit max_tokens"
 
 

@@ -210,3 +210,40 @@ def test_speculative_engines_refuse_structured_outputs(structured_engine_dir):
             engine.add_request(None, {"prompt_token_ids": PROMPT}, _params(choice=["a"]))
     finally:
         engine.close()
+
+
+def test_llm_generate_checks_grammars_before_queueing(structured_engine_dir):
+    from kiln import LLM, StructuredOutputsParams as Constraint
+
+    with LLM(structured_engine_dir, device="cpu", block_size=16, num_kv_blocks=256) as llm:
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                  "required": ["city"], "additionalProperties": False}
+        good = SamplingParams(max_tokens=48, temperature=0.0,
+                              structured_outputs=Constraint(json=schema))
+        bad = SamplingParams(max_tokens=8, structured_outputs=Constraint(regex="[unclosed"))
+        with pytest.raises(ValueError, match="structured_outputs.regex does not compile"):
+            llm.generate(["one", "two"], [good, bad], use_tqdm=False)
+        assert not llm.llm_engine.has_unfinished_requests()  # nothing was queued
+        [output] = llm.generate("Where is the Louvre? JSON:", good, use_tqdm=False)
+        assert set(json.loads(output.outputs[0].text)) == {"city"}
+
+
+def test_failures_after_a_deferred_compile_end_the_request_not_the_loop(structured_engine,
+                                                                         monkeypatch):
+    # A direct engine user adds a request whose grammar is still compiling; the compile then
+    # fails (nobody compiled it first): step() reports it aborted with the reason, and goes on.
+    original = GrammarCompiler.compile
+    monkeypatch.setattr(GrammarCompiler, "compile",
+                        lambda self, params: (time.sleep(0.3), original(self, params))[1])
+    engine = structured_engine
+    failing = engine.add_request(None, {"prompt_token_ids": PROMPT},
+                                 _params(grammar="root ::= undefined_rule_x"))
+    ok = engine.add_request(None, {"prompt_token_ids": PROMPT}, _params(choice=["fine"]))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0]
+    assert finished[failing].finish_reason == "abort"
+    assert "does not compile" in finished[failing].stop_reason
+    assert finished[ok].text == "fine"
