@@ -132,14 +132,15 @@ class LLM:
         bar.close()
         return [finished[request_id] for request_id in request_ids]
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise KilnError("this engine has no tokenizer, so it has no chat template")
         template = chat_template_of(tokenizer, self.llm_engine.engine_info.tokenizer_dir)
         if template is None:
             raise KilnError("this engine's tokenizer has no chat template")
-        return render_chat_template(template, messages, special_tokens=special_tokens_of(tokenizer))
+        return render_chat_template(template, messages, special_tokens=special_tokens_of(tokenizer),
+                                    tools=tools)
 
     def chat(
         self,
@@ -147,19 +148,22 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {role, content}) or a list of conversations."""
+        """One conversation (a list of {role, content}) or a list of conversations. `tools`
+        (OpenAI tool definitions) go to the chat template; the output is the model's raw
+        text (the server's tool_parsers turn it into calls)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [
-            {"prompt_token_ids": self.chat_token_ids(conversation)}
+            {"prompt_token_ids": self.chat_token_ids(conversation, tools)}
             for conversation in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def chat_token_ids(self, conversation: list[dict]) -> list[int]:
+    def chat_token_ids(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The prompt token ids of a conversation through the engine's chat template."""
         # The template already writes any BOS it wants: do not add special tokens again.
-        text = self.apply_chat_template(conversation)
+        text = self.apply_chat_template(conversation, tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 

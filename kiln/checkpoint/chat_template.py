@@ -259,10 +259,15 @@ def render_chat(
     *,
     special_tokens: dict[str, str] | None = None,
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
     time_budget_s: float = 1.0,
     max_chars: int = 1 << 20,
 ) -> str:
-    """Render `messages` with `template`; TemplateError (a ValueError) on any failure."""
+    """Render `messages` with `template`; TemplateError (a ValueError) on any failure.
+
+    `tools` (OpenAI tool definitions, `{"type": "function", "function": {...}}`) is the
+    template's `tools` variable, as Hugging Face templates expect; None when the request has
+    none (templates test `tools is not none` or `if tools`)."""
     deadline = _Deadline(time_budget_s)
     previous = sys.gettrace()
     sys.settrace(deadline.global_trace)
@@ -271,7 +276,8 @@ def render_chat(
         pieces: list[str] = []
         size = 0
         for piece in compiled.generate(
-            messages=messages, add_generation_prompt=add_generation_prompt, **(special_tokens or {})
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            **(special_tokens or {})
         ):
             size += len(piece)
             if size > max_chars:

@@ -94,8 +94,10 @@ def render_chat_template(
     *,
     add_generation_prompt: bool = True,
     special_tokens: dict[str, str] | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
-    """Render a chat in the sandbox, within the time and size budget of chat_template.py.
+    """Render a chat in the sandbox, within the time and size budget of chat_template.py;
+    `tools` (OpenAI tool definitions) is the template's `tools` variable.
     Raises KilnError for malformed messages or a template that fails, runs too long or
     tries something the sandbox forbids."""
     if not isinstance(messages, list) or not messages:
@@ -106,7 +108,7 @@ def render_chat_template(
     try:
         return render_chat(
             template, messages, special_tokens=special_tokens,
-            add_generation_prompt=add_generation_prompt, max_chars=MAX_RENDERED_CHARS,
+            add_generation_prompt=add_generation_prompt, tools=tools, max_chars=MAX_RENDERED_CHARS,
         )
     except TemplateError as error:
         raise KilnError(str(error)) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 from kiln.cli_common import add_engine_args, engine_kwargs
 from kiln.errors import KilnError
 from kiln.serve.connection import default_max_connections
+from kiln.serve.tool_parsers.formats import USER_PARSERS
 from kiln.spec.cli_args import add_speculative_arguments, speculative_kwargs
 
 API_KEY_ENV = "KILN_API_KEY"
@@ -75,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             trust_request_chat_template=args.trust_request_chat_template,
             max_prompt_chars=args.max_prompt_chars,
             max_pending_tokenizer_chars=args.max_pending_tokenizer_chars,
+            tool_call_parser=args.tool_call_parser,
         )
         limits = ConnectionLimits(
             max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
@@ -163,6 +165,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     serve.add_argument("--max-pending-tokenizer-chars", type=int, default=None,
                        help="characters waiting for the tokenizer before new requests get 503 "
                        "(default: 4 x --max-prompt-chars)")
+    serve.add_argument("--tool-call-parser", default=None, choices=USER_PARSERS,
+                       help="how the model writes tool calls: hermes, llama3_json or mistral "
+                       "(default: chosen from the chat template's text)")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
     add_engine_args(serve)

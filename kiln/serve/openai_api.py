@@ -9,6 +9,9 @@ aborting the engine requests if the client leaves.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
 import logging
 from typing import AsyncIterator, Callable
 
@@ -18,6 +21,8 @@ from fastapi.responses import JSONResponse, Response
 
 from kiln.checkpoint.tokenizer import chat_template_of, special_tokens_of
 from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.structured.params import StructuredOutputsParams
 from kiln.checkpoint.chat_template import TemplateError, render_chat
 from kiln.serve.errors import APIError, error_body
 from kiln.serve.generation import (
@@ -32,6 +37,7 @@ from kiln.serve.responses import StreamFormatter, TokenText, full_response
 from kiln.serve.state import ServerState
 from kiln.serve.streaming import DONE_EVENT, ClientDisconnected, SSEResponse, sse, until_disconnected
 from kiln.serve.tokenization import check_prompt_chars
+from kiln.serve.tool_parsers.request import NO_TOOLS, ToolPlan, plan_tools
 
 logger = logging.getLogger("kiln.serve")
 router = APIRouter()
@@ -63,36 +69,74 @@ async def _completion_prompts(state: ServerState, engine: LLMEngine,
     return token_lists
 
 
-async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[ChatMessage],
-                       add_generation_prompt: bool, request_template: str | None) -> list[int]:
-    conversation = message_dicts(messages)
-    # The rendered prompt holds every message's text: too much of it is refused before the
-    # template runs, as a long prompt is before the tokenizer does.
-    conversation_chars = sum(len(m["content"]) for m in conversation)
-    check_prompt_chars(conversation_chars, state.max_prompt_chars(), "the conversation")
+def _chat_template(state: ServerState, engine: LLMEngine, request_template: str | None) -> str:
     if engine.tokenizer is None:
         raise APIError(400, "this engine has no tokenizer, so it has no chat template")
     if request_template is not None:
         if not state.settings.trust_request_chat_template:
             raise APIError(400, "chat_template in the request is disabled on this server "
                            "(start it with --trust-request-chat-template)", param="chat_template")
-        template = request_template
-    else:
-        template = chat_template_of(engine.tokenizer, engine.engine_info.tokenizer_dir)
-        if template is None:
-            raise APIError(400, "this model has no chat template: use /v1/completions")
+        return request_template
+    template = chat_template_of(engine.tokenizer, engine.engine_info.tokenizer_dir)
+    if template is None:
+        raise APIError(400, "this model has no chat template: use /v1/completions")
+    return template
+
+
+def _conversation_chars(conversation: list[dict], tools: list[dict] | None) -> int:
+    chars = sum(len(m["content"]) for m in conversation)
+    for message in conversation:
+        for call in message.get("tool_calls", ()):
+            arguments = call["function"]["arguments"]
+            chars += len(arguments if isinstance(arguments, str) else json.dumps(arguments))
+    return chars + (len(json.dumps(tools)) if tools else 0)
+
+
+async def _chat_prompt(state: ServerState, engine: LLMEngine, messages: list[ChatMessage],
+                       add_generation_prompt: bool, template: str,
+                       tools: list[dict] | None = None) -> list[int]:
+    conversation = message_dicts(messages)
+    # The rendered prompt holds every message's text (and the tools): too much of it is
+    # refused before the template runs, as a long prompt is before the tokenizer does.
+    conversation_chars = _conversation_chars(conversation, tools)
+    check_prompt_chars(conversation_chars, state.max_prompt_chars(), "the conversation")
     settings = state.settings
     try:
         text = await state.tokenizer_pool.run(
             conversation_chars, render_chat, template, conversation,
             special_tokens=special_tokens_of(engine.tokenizer), add_generation_prompt=add_generation_prompt,
-            time_budget_s=settings.chat_template_timeout_s, max_chars=settings.chat_template_max_chars,
+            tools=tools, time_budget_s=settings.chat_template_timeout_s,
+            max_chars=settings.chat_template_max_chars,
         )
     except TemplateError as error:
         raise APIError(400, str(error), param="chat_template") from None
     token_ids = await encode(state, engine, text, add_special_tokens=False, what="the rendered chat")
     check_token_ids(engine, token_ids, "rendered chat")
     return token_ids
+
+
+async def _with_tool_constraints(engine: LLMEngine, params: SamplingParams,
+                                 plan: ToolPlan) -> SamplingParams:
+    """The request's SamplingParams as its tools need them: special tokens kept for a parser
+    whose marker is one, and the output held to the plan's JSON schema by the grammar engine
+    (tool_choice required or a named function), compiled here, off the step loop, so a
+    schema that does not compile is a 400 naming the problem."""
+    changes: dict = {}
+    if plan.keep_special_tokens:
+        changes["skip_special_tokens"] = False
+    if plan.schema is not None:
+        if params.structured_outputs is not None:
+            raise APIError(400, "tool_choice \"required\" or a named function cannot be combined "
+                           "with response_format or structured_outputs", param="tool_choice")
+        changes["structured_outputs"] = StructuredOutputsParams(json=plan.schema)
+    if not changes:
+        return params
+    try:
+        params = dataclasses.replace(params, **changes)
+        await asyncio.to_thread(engine.compile_structured_outputs, params)
+    except ValueError as error:  # the schema is too big or failed to compile
+        raise APIError(400, f"the tools' schemas cannot be enforced: {error}", param="tools") from None
+    return params
 
 
 def _admit(state: ServerState, num_prompts: int, n: int) -> Callable[[], None]:
@@ -106,20 +150,23 @@ def _admit(state: ServerState, num_prompts: int, n: int) -> Callable[[], None]:
 async def _generate(request: Request, state: ServerState, body, chat: bool,
                     prompts: list[list[int]], max_tokens_requested: int | None,
                     default_max_tokens: int | None, logprobs: int | None,
-                    release: Callable[[], None]) -> Response:
+                    release: Callable[[], None], tool_plan: ToolPlan = NO_TOOLS) -> Response:
     """Answer with the engine's output; `release` (the request's admission) is given back
     when the answer is complete, the client left, or this raises."""
     async_engine = state.require_ready()
     engine = async_engine.llm_engine
     max_tokens = resolve_max_tokens(state, max_tokens_requested, default_max_tokens, [len(p) for p in prompts])
     params = sampling_params(body, state, max_tokens, logprobs)
-    await compile_structured_outputs(engine, params, body)
+    if tool_plan.schema is None:  # otherwise the tools' schema is the constraint
+        await compile_structured_outputs(engine, params, body)
+    params = await _with_tool_constraints(engine, params, tool_plan)
     submission = Submission.new("chatcmpl" if chat else "cmpl", prompts, params)
     token_text = TokenText(engine.tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         formatter = StreamFormatter(chat, submission.id_prefix, state.model_name, params.n, token_text,
-                                    logprobs is not None, body.return_token_ids, include_usage)
+                                    logprobs is not None, body.return_token_ids, include_usage,
+                                    tool_plan=tool_plan)
         events = _events(state, async_engine, submission, formatter)
         return SSEResponse(events, release)
     try:
@@ -136,7 +183,8 @@ async def _generate(request: Request, state: ServerState, body, chat: bool,
     finally:
         release()
     return JSONResponse(full_response(chat, submission.id_prefix, state.model_name, params.n, finals,
-                                      token_text, logprobs is not None, body.return_token_ids))
+                                      token_text, logprobs is not None, body.return_token_ids,
+                                      tool_plan))
 
 
 async def _events(state: ServerState, async_engine, submission: Submission,
@@ -185,21 +233,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = server_state(request)
     state.check_model(body.model)
     engine = state.require_ready().llm_engine
-    if body.tools:
-        raise APIError(400, "tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree", param="max_tokens")
+    template = _chat_template(state, engine, body.chat_template)
+    tool_plan = plan_tools(body, template, state.settings.tool_call_parser)
     release = _admit(state, 1, body.n)
     try:
         prompt = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt,
-                                    body.chat_template)
+                                    template, tool_plan.template_tools)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await _generate(request, state, body, True, [prompt], max_tokens, None, logprobs,
-                               release)
+                               release, tool_plan)
     except BaseException:
         release()
         raise
@@ -228,7 +276,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     release = _admit(state, 1, 1)
     try:
         if body.messages is not None:
-            tokens = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt, None)
+            tokens = await _chat_prompt(state, engine, body.messages, body.add_generation_prompt,
+                                        _chat_template(state, engine, None))
         else:
             tokens = await encode(state, engine, body.prompt, body.add_special_tokens)
     finally:

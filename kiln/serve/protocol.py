@@ -11,6 +11,7 @@ field, and a second set of pydantic models would only be a second place to keep 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -34,6 +35,11 @@ MAX_BATCH_PROMPTS = 256
 MAX_MESSAGES = 4096
 MAX_NAME_CHARS = 256
 MAX_TEMPLATE_CHARS = 64 * 1024
+# Tools: OpenAI's own cap on their number; the rest bound what reaches the template and the
+# grammar engine (the sizes of the whole list and its nesting are checked in tools.py).
+MAX_TOOLS = 128
+MAX_TOOL_DESCRIPTION_CHARS = 8 * 1024
+MAX_TOOL_ARGUMENTS_CHARS = 1 << 20
 TOKEN_ID = Annotated[int, Field(ge=0, le=(1 << 31) - 1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 ShortString = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
@@ -166,6 +172,19 @@ class TextPart(_Strict):
     text: Annotated[str, StringConstraints(max_length=1 << 24)]
 
 
+class ToolCallFunction(_Strict):
+    name: ShortString
+    arguments: Annotated[str, StringConstraints(max_length=MAX_TOOL_ARGUMENTS_CHARS)]
+
+
+class AssistantToolCall(_Strict):
+    """A call the assistant made earlier in the conversation, sent back by the client."""
+
+    id: ShortString
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: (
@@ -174,6 +193,40 @@ class ChatMessage(_Strict):
         | None
     ) = None
     name: ShortString | None = None
+    # An assistant message's calls (its content then usually null), and the id of the call
+    # a tool message answers.
+    tool_calls: list[AssistantToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: ShortString | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed on assistant messages, not {self.role}")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = Field(
+        description="1-64 letters, digits, '_', '.' or '-'")
+    description: Annotated[str, StringConstraints(max_length=MAX_TOOL_DESCRIPTION_CHARS)] | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of an object")
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: ShortString
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -181,7 +234,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict] | None = Field(None, max_length=MAX_MESSAGES, description="not supported")
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    # None: "auto" when there are tools, "none" otherwise (OpenAI's default).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     # Only honoured when the server runs with --trust-request-chat-template.
     chat_template: Annotated[str, StringConstraints(max_length=MAX_TEMPLATE_CHARS)] | None = None
@@ -200,8 +256,19 @@ class DetokenizeRequest(_Strict):
     tokens: list[TOKEN_ID] = Field(max_length=MAX_PROMPT_IDS)
 
 
+def _template_arguments(arguments: str) -> dict | str:
+    # Hugging Face templates render a call's arguments with `tojson` and expect a mapping
+    # (Llama 3.1's writes `"parameters": ` + arguments|tojson); OpenAI sends a JSON string.
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as chat templates expect them: content a plain string."""
+    """Messages as chat templates expect them: content a plain string, a call's arguments a
+    mapping."""
     result = []
     for message in messages:
         content = message.content
@@ -210,5 +277,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         entry: dict = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls is not None:
+            entry["tool_calls"] = [
+                {"id": call.id, "type": call.type,
+                 "function": {"name": call.function.name,
+                              "arguments": _template_arguments(call.function.arguments)}}
+                for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
     return result

@@ -42,6 +42,9 @@ class ServeSettings:
     max_pending_tokenizer_chars: int | None = None
     # A template sent in the request runs code the operator did not choose: off by default.
     trust_request_chat_template: bool = False
+    # The tool-call format of the model's output (tool_parsers.USER_PARSERS); None: chosen
+    # from the chat template's text.
+    tool_call_parser: str | None = None
     # /ready fails when requests are in flight but no engine step has produced output for
     # this long (a stuck step).
     stall_timeout_s: float = 120.0
@@ -59,6 +62,12 @@ class ServeSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.tool_call_parser is not None:
+            from kiln.serve.tool_parsers import USER_PARSERS
+
+            if self.tool_call_parser not in USER_PARSERS:
+                raise ValueError(f"tool_call_parser must be one of {', '.join(USER_PARSERS)}, "
+                                 f"got {self.tool_call_parser!r}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
         for name in ("chat_template_timeout_s", "stall_timeout_s"):
