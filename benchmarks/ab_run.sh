@@ -44,7 +44,7 @@ for step in "$@"; do
       done ;;
     t128)
       for variant in ${T128_ORDER:-base new}; do
-        bench t128 $variant throughput $engine --dataset random --num-prompts 3000 --input-len 128 --output-len 128
+        bench t128 $variant throughput $engine --dataset random --num-prompts ${T128_PROMPTS:-3000} --input-len 128 --output-len 128
       done ;;
     t2048)
       for variant in ${T2048_ORDER:-base new}; do
