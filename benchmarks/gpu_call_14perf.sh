@@ -42,7 +42,7 @@ for step in "$@"; do
         echo "-- latency $variant"; grep -E "^(ttft_ms|bs1_decode_tok_s|startup_s|graph_)|rror" /tmp/lat-$variant.log
       done ;;
     serve)  # A/B: a server of each tree, the new tree's bench client against both
-      for variant in base new; do
+      for variant in ${SERVE_VARIANTS:-base new}; do
         root=$PWD; [ $variant = base ] && root=$PWD/.ab-base
         PYTHONPATH=$root:/tmp/site python3 -P -m kiln.cli serve $engine --port 8000 \
           --max-model-len 16384 --max-queued-requests 4096 > /tmp/server-$variant.log 2>&1 &

@@ -107,6 +107,11 @@ class GrammarCompiler:
         self.xgrammar = import_xgrammar()
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
+        # The grammar's vocabulary: the tokenizer's ids only. Ids past them (the logits'
+        # padding) are masked by the manager, not by xgrammar, which treats each as a special
+        # token to check on every row: at a 128,256-wide mask over a 49,152-token vocabulary a
+        # 64-row JSON mask took 5.6 ms on one core instead of 0.7 ms.
+        self.grammar_vocab_size = min(vocab_size, _num_token_ids(tokenizer))
         self._stop_token_ids = list(stop_token_ids)
         self._compiler = None  # built on the worker thread: reading the vocabulary takes time
         self.control_token_ban = None  # (ceil(V / 32),) int32, with the compiler
@@ -167,12 +172,18 @@ class GrammarCompiler:
         if self._compiler is None:
             xgr = self.xgrammar
             info = xgr.TokenizerInfo.from_huggingface(
-                self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids)
+                self._tokenizer, vocab_size=self.grammar_vocab_size,
+                stop_token_ids=self._stop_token_ids)
             # One compile at a time already (one worker); xgrammar's own threads parallelise
             # inside a compile. The cache is ours (keyed per constraint), not xgrammar's.
             self.control_token_ban = _control_token_ban(info.decoded_vocab, self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         return self._compiler
+
+
+def _num_token_ids(tokenizer) -> int:
+    """One past the largest id the tokenizer can produce (its vocabulary and added tokens)."""
+    return max(tokenizer.get_vocab().values()) + 1
 
 
 def _control_token_ban(decoded_vocab: list[bytes], vocab_size: int):

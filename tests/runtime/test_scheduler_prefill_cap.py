@@ -1,6 +1,7 @@
-"""The chunked-prefill cap: while a request decodes, a step's prompt chunks take at most
-max_prefill_tokens_while_decoding tokens (a long prompt delays decoding streams by about one
-step's worth of work); with nothing decoding a prompt takes the whole budget."""
+"""The chunked-prefill cap: while a request decodes, the chunks of prompts longer than
+max_prefill_tokens_while_decoding take at most that many tokens per step together (a long
+prompt delays decoding streams by about one step's worth of work); shorter prompts go in
+whole; with nothing decoding a prompt takes the whole budget."""
 
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ def test_a_long_prompt_is_cut_into_capped_chunks_while_others_decode():
     scheduler.add_request(b)
     scheduler.add_request(c)
     out, _ = step(scheduler)
-    assert scheduled(out) == [("a", 1), ("b", 8)]  # c waits behind b (FCFS), no budget left
+    # b (30 > cap) is cut to the cap; c (3 ≤ cap) is short and goes in whole
+    assert scheduled(out) == [("a", 1), ("b", 8), ("c", 3)]
     out, _ = step(scheduler)
-    assert scheduled(out) == [("a", 1), ("b", 8)]  # b's chunks stay capped as it runs
+    assert scheduled(out) == [("a", 1), ("b", 8), ("c", 1)]  # b's chunks stay capped
     out, _ = step(scheduler)
     assert scheduled(out) == [("a", 1), ("b", 8)]
     out, _ = step(scheduler)
-    assert scheduled(out) == [("a", 1), ("b", 6), ("c", 2)]  # the rest shares the cap
+    assert scheduled(out) == [("a", 1), ("b", 6)]  # b's last 6: no longer over the cap
     check_invariants(scheduler)
     run_to_completion(scheduler)
     for request in (a, b, c):
@@ -60,3 +62,15 @@ def test_no_cap_keeps_the_step_budget_alone():
 def test_bad_cap_is_rejected_naming_the_field(value):
     with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding"):
         SchedulerConfig(num_kv_blocks=8, max_prefill_tokens_while_decoding=value)
+
+
+def test_long_prompts_share_the_cap_and_short_ones_fill_the_budget():
+    scheduler = make_scheduler(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8)
+    scheduler.add_request(make_request("a", [1] * 5, max_tokens=12))
+    step(scheduler)
+    for name, length in (("b", 20), ("c", 20), ("d", 6), ("e", 6), ("f", 6)):
+        scheduler.add_request(make_request(name, [2] * length, max_tokens=2))
+    out, _ = step(scheduler)
+    # b takes the whole cap, c none of it this step (it still waits: FCFS keeps d-f behind c)
+    assert scheduled(out) == [("a", 1), ("b", 8)]
+    check_invariants(scheduler)

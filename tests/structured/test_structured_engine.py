@@ -247,3 +247,44 @@ def test_failures_after_a_deferred_compile_end_the_request_not_the_loop(structur
     assert finished[failing].finish_reason == "abort"
     assert "does not compile" in finished[failing].stop_reason
     assert finished[ok].text == "fine"
+
+
+def test_mask_over_the_grammar_vocabulary_equals_xgrammar_over_the_padded_width(structured_engine):
+    """The manager fills masks over the tokenizer's ids and zeroes the padding itself (much
+    cheaper in xgrammar); the result must equal xgrammar's own mask at the logits' width."""
+    import xgrammar as xgr
+
+    from kiln.structured.bitmask import allocate_token_bitmask, apply_token_bitmask
+    from kiln.structured.compiler import _num_token_ids
+
+    manager = structured_engine.structured_outputs()
+    vocab = structured_engine.model_config.vocab_size
+    tokenizer = structured_engine.tokenizer
+    assert manager.compiler.grammar_vocab_size == _num_token_ids(tokenizer) < vocab
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+              "required": ["name"], "additionalProperties": False}
+    constraint = StructuredOutputsParams(json=schema)
+    manager.start("probe", manager.compiler.compile_blocking(constraint), constraint)
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab,
+                                              stop_token_ids=structured_engine.eos_token_ids)
+    reference = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_json_schema(
+        json.dumps(schema), any_whitespace=False))
+    output_token_ids: list[int] = []
+    try:
+        for step in range(8):  # along a path of allowed tokens (a middle one each step)
+            ours = manager.token_bitmask(["probe"], pin_memory=False)
+            theirs = allocate_token_bitmask(1, vocab)
+            reference.fill_next_token_bitmask(theirs)
+            theirs &= manager.compiler.control_token_ban  # the manager's JSON control ban
+            assert torch.equal(ours, theirs), f"step {step}"
+            logits = torch.zeros(1, vocab)
+            apply_token_bitmask(logits, ours)
+            allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+            token_id = allowed[len(allowed) // 2]
+            if token_id in structured_engine.eos_token_ids:
+                break
+            assert reference.accept_token(token_id)
+            output_token_ids.append(token_id)
+            manager.advance("probe", output_token_ids)
+    finally:
+        manager.drop("probe")
