@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import logging
-import os
 import time
 from concurrent.futures import Future
 
@@ -28,9 +27,11 @@ from kiln.structured.compiler import GrammarCompiler
 from kiln.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger("kiln.structured")
-# Threads filling a step's mask rows (xgrammar's batch matcher, in C++ off the GIL): a
-# batch of 64 JSON rows takes a few ms on one thread, and the forward it hides behind may not.
-FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+# Threads filling a step's mask rows (xgrammar's batch matcher). One: its threads cost more
+# than they save at these sizes. Measured, JSON rows at a 49,152-token vocabulary: 64 rows
+# 0.6 ms on one thread, 0.9 ms on two (this 2-core CPU); 256 rows 2.4 vs 3.1 ms; on the
+# H200's 16-core host, eight threads took 5.6 ms for 64 rows (one thread not yet measured there).
+FILL_THREADS = 1
 
 
 class GrammarProgress(enum.Enum):
