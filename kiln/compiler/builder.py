@@ -152,11 +152,12 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
             raise KilnError(f"--quant keep: {source} is not a quantised checkpoint this kiln "
                             f"reads; pick a scheme (fp8, int8-wo, int4-wo) to quantise it")
         return kept
-    if build_config.quant_lm_head:
-        raise KilnError("--quant-lm-head is not supported yet: the LM head has no quantised "
-                        "path and stays in the compute dtype; drop the flag")
+    if build_config.quant_lm_head and build_config.quant == "none":
+        raise KilnError("--quant-lm-head quantises the LM head with the build's scheme: add "
+                        "--quant fp8, int8-wo or int4-wo, or drop the flag")
     options = {"group_size": build_config.group_size,
-               "activation_scales": build_config.act_scales}
+               "activation_scales": build_config.act_scales,
+               "quantize_lm_head": True if build_config.quant_lm_head else None}
     if build_config.quant != "none" and build_config.calibration:
         options.update(calibration=build_config.calibration,
                        calibration_samples=build_config.calibration_samples)
@@ -229,6 +230,10 @@ def build_engine(
         raise KilnError(f"--tp {tp} --pp {pp}: both must be at least 1")
     if tp * pp > 1:
         from kiln.compiler.sharding import build_sharded_engine
+
+        if build_config.quant_lm_head:
+            raise KilnError("--quant-lm-head is not supported with --tp/--pp yet (the "
+                            "vocabulary-parallel head keeps the compute dtype); drop one")
 
         return build_sharded_engine(
             source, output, build_config, checkpoint, model_config, max_model_len, quant_config,

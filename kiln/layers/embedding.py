@@ -17,9 +17,12 @@ from torch import nn
 
 from kiln.errors import CheckpointError
 from kiln.kernels import ops
+from kiln.layers.linear import LinearBase
 from kiln.layers.loading import CheckpointLoadable
 from kiln.parallel.state import ParallelState
 from kiln.quant.base import make_parameter
+from kiln.quant.config import QuantConfig
+from kiln.quant.placement import ShardPlacement
 from kiln.quant.placement import WEIGHT_LAYOUT
 
 
@@ -134,3 +137,34 @@ class ParallelLMHead(nn.Module, CheckpointLoadable):
 
     def _weight(self) -> torch.Tensor:  # (V / tp, H)
         return self.tied_to.weight if self.tied_to is not None else self.weight
+
+
+class QuantizedLMHead(LinearBase):
+    """The LM head with a quantised weight (`kiln build --quant-lm-head`): the build's scheme
+    holds the (vocab, hidden) matrix, and logits come from its GEMM/GEMV like any linear
+    layer's. Never tied: a tied model keeps its embedding in the compute dtype and this head
+    gets its own quantised copy, loaded from the embedding's checkpoint tensor. One rank
+    (the builder refuses --quant-lm-head with --tp/--pp), so no vocabulary padding."""
+
+    tied_to = None  # the loader's test for a head that takes a tied matrix's copy
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, quant_config: QuantConfig,
+                 parallel: ParallelState, prefix: str) -> None:
+        if parallel.tp_size > 1:
+            raise ValueError("a quantised LM head runs at tp 1 only")
+        super().__init__(hidden_size, vocab_size, False, quant_config=quant_config,
+                         parallel=parallel, prefix=prefix)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.output_size
+
+    def placement(self, part_id: int | str | None) -> ShardPlacement:
+        return self._rows_placement(None, 0, self.output_size, 0, 1, 0)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) → (N, V) float32
+        return self.quant_method.apply(self, hidden, None).float()
+
+    def logits_into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(N, H) → the (N, V) logits written into `out` (the CUDA graphs' shared buffer)."""
+        return out.copy_(self.quant_method.apply(self, hidden, None))

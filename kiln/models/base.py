@@ -20,10 +20,10 @@ from torch import nn
 from kiln.errors import CheckpointError
 from kiln.layers.loading import CheckpointLoadable, default_weight_loader
 from kiln.models.config import ModelConfig
-from kiln.layers.embedding import ParallelLMHead
+from kiln.layers.embedding import ParallelLMHead, QuantizedLMHead
 from kiln.parallel.pipeline import OtherStage, is_on_other_stage
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
-from kiln.quant.base import has_fixed_dtype
+from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
 from kiln.quant.config import NO_QUANTIZATION, QuantConfig
 
 
@@ -52,6 +52,13 @@ class CausalLM(nn.Module, abc.ABC):
         own copy of the tied matrix, loaded from the embedding's checkpoint tensor."""
         if not self.parallel.is_last_stage:
             return OtherStage()
+        if not isinstance(self.quant_config.linear_method("lm_head"), UnquantizedLinearMethod):
+            # --quant-lm-head: a quantised copy of the matrix, also when tied (the embedding
+            # keeps the compute dtype: a lookup reads one row, the head reads them all).
+            return QuantizedLMHead(
+                self.config.vocab_size, self.config.hidden_size,
+                quant_config=self.quant_config, parallel=self.parallel, prefix="lm_head",
+            )
         tied = self.config.tie_word_embeddings and self.parallel.is_first_stage
         return ParallelLMHead(
             self.config.vocab_size, self.config.hidden_size,
@@ -59,7 +66,8 @@ class CausalLM(nn.Module, abc.ABC):
         )
 
     def _holds_tied_head_copy(self) -> bool:
-        return (self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead)
+        return (self.config.tie_word_embeddings
+                and isinstance(self.lm_head, (ParallelLMHead, QuantizedLMHead))
                 and self.lm_head.tied_to is None)
 
     @classmethod

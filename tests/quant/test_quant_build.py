@@ -47,8 +47,6 @@ def test_unknown_scheme_and_misplaced_flags_are_refused(hf_dir, tmp_path, capsys
     _fails_with(capsys, ["build", str(hf_dir), "-o", str(out), "--quant", "fp8",
                          "--act-scales", "static"], "--act-scales static needs --calibration",
                 out)
-    _fails_with(capsys, ["build", str(hf_dir), "-o", str(out), "--quant", "fp8",
-                         "--quant-lm-head"], "--quant-lm-head is not supported yet", out)
     _fails_with(capsys, ["build", str(hf_dir), "-o", str(out), "--quant", "keep"],
                 "is not a quantised checkpoint", out)
 
