@@ -5,6 +5,7 @@ runs it: a child process, through a pseudo-terminal (pexpect) when a terminal ma
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,17 @@ def run_kiln(args: list[str], cache_dir: Path, input: str | None = None,
 
 def spawn_kiln(args: list[str], cache_dir: Path, timeout: float = 120) -> pexpect.spawn:
     """`kiln ARGS` on a pseudo-terminal: stdin, stdout and stderr are a tty, Ctrl-C is a
-    SIGINT from the terminal, as for a user at a shell."""
+    SIGINT from the terminal, as for a user at a shell. SIGINT starts with its default
+    action, as at a user's shell: a test run started in the background by a non-interactive
+    shell (`cmd &`) ignores SIGINT, the child would inherit that, and Python then leaves
+    Ctrl-C ignored at the prompt."""
     return pexpect.spawn(sys.executable, ["-m", "kiln.cli", *args], cwd=str(REPO),
                          env=kiln_env(cache_dir), encoding="utf-8", timeout=timeout,
-                         dimensions=(40, 100))
+                         dimensions=(40, 100), preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ instead of ending (the issue's own command, piped)."""
 from __future__ import annotations
 
 import io
-import time
 
 import pexpect
 
@@ -16,23 +15,6 @@ from tests.cli.conftest import run_kiln, spawn_kiln
 
 PROMPT = "you> "
 LEFT, UP = "\x1b[D", "\x1b[A"
-
-
-def ctrl_c_at_the_prompt(child, attempts: int = 3) -> None:
-    """Ctrl-C at the prompt prints the hint. CPython's readline can lose a SIGINT that lands
-    between writing the prompt and waiting for a key (its handler only sets a flag, and the
-    wait does not watch it), which a person never hits but a test sending ^C the instant the
-    prompt appears can (seen once in a full CI run on a loaded machine). So: a moment's
-    pause, and ^C again if the first one was lost."""
-    time.sleep(0.3)
-    for _ in range(attempts):
-        child.sendintr()
-        try:
-            child.expect_exact("[Ctrl-D or /exit to leave]", timeout=15)
-            return
-        except pexpect.TIMEOUT:
-            continue
-    raise AssertionError(f"Ctrl-C at the prompt printed nothing ({attempts} tries)")
 
 
 def test_chat_on_a_terminal(smollm2_engine, cli_cache_dir):
@@ -96,7 +78,8 @@ def test_ctrl_c_at_the_prompt_and_exit(smollm2_engine, cli_cache_dir):
                        cli_cache_dir)
     try:
         child.expect_exact(PROMPT)
-        ctrl_c_at_the_prompt(child)
+        child.sendintr()
+        child.expect_exact("[Ctrl-D or /exit to leave]")
         child.expect_exact(PROMPT)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
