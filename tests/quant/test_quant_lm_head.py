@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from kiln.cli import main
 from kiln.compiler.manifest import open_engine
 from kiln.kernels.quant_linear import dequantize_int8
-from tests.helpers import make_cpu_engine, run_to_completion, save_tiny_hf_model, tiny_llama_config
 from kiln.runtime.sampling_params import SamplingParams
+from tests.helpers import make_cpu_engine, run_to_completion, save_tiny_hf_model, tiny_llama_config
 from tests.quant.quant_helpers import (
     build,
     dequantised_weights,
