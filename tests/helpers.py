@@ -107,6 +107,20 @@ def run_to_completion(engine, prompts: list, params: list, before_step=None) -> 
     return [finished[request_id] for request_id in request_ids]
 
 
+def run_staggered(engine, prompts: list[list[int]], params, every: int) -> list[list[int]]:
+    """Add one prompt every `every` steps while the earlier ones decode (so prompts land in
+    mixed steps), step until idle; the output token ids in prompt order."""
+    ids, done, step = [], {}, 0
+    while len(ids) < len(prompts) or engine.has_unfinished_requests():
+        if step % every == 0 and len(ids) < len(prompts):
+            ids.append(engine.add_request(None, prompts[len(ids)], params))
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output.outputs[0].token_ids
+        step += 1
+    return [done[request_id] for request_id in ids]
+
+
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     """Plain argmax decoding with transformers' KV cache and no logits processors (generate()
     with min_new_tokens would ban EOS, which kiln's ignore_eos does not)."""

@@ -346,7 +346,7 @@ class LLMEngine:
             follow = SchedulerOutput(scheduled=[])
             try:
                 in_flight.append((follow, self.runner.execute_async(follow)))
-            except KilnError:
+            except KilnError:  # a failed parallel engine: no follow step; the loop below stops
                 pass
         for _, launched in in_flight:  # their kernels still use the caches
             try:

@@ -161,7 +161,7 @@ def test_ctrl_c_keeps_the_conversation(smollm2_engine, shared_llms, monkeypatch)
             return CtrlCAfterFourSteps.checks > 4
 
         @hit.setter
-        def hit(self, value) -> None:
+        def hit(self, value) -> None:  # the real handler's writes: this test decides instead
             pass
 
     llm = LLM(smollm2_engine, device="cpu", max_model_len=512)

@@ -19,7 +19,7 @@ from kiln.config import BuildConfig, EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.input_batch import BatchRow
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import run_to_completion, save_tiny_hf_model
+from tests.helpers import run_staggered, run_to_completion, save_tiny_hf_model
 
 CONFIGS = {
     "llama-gqa": transformers.LlamaConfig(
@@ -123,7 +123,6 @@ def test_mixed_steps_split_decode_and_prefill_rows_equal_reference(engine_dir, m
     # replay prefill graphs (tests/gpu/test_prefill_graphs_gpu.py checks those).
     engine.runner.prefill_graphs = None
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    ids, done, step = [], {}, 0
     mixed_steps = 0
     original_prepare = engine.runner.buffers.prepare
 
@@ -134,16 +133,10 @@ def test_mixed_steps_split_decode_and_prefill_rows_equal_reference(engine_dir, m
         return inputs
 
     engine.runner.buffers.prepare = counting_prepare
-    while len(ids) < len(prompts) or engine.has_unfinished_requests():
-        if step % 3 == 0 and len(ids) < len(prompts):
-            ids.append(engine.add_request(None, prompts[len(ids)], params))
-        for output in engine.step():
-            if output.finished:
-                done[output.request_id] = output.outputs[0].token_ids
-        step += 1
+    tokens = run_staggered(engine, prompts, params, every=3)
     engine.close()
     assert mixed_steps >= 5, mixed_steps
-    assert_reference_argmax(engine_dir, prompts, [done[i] for i in ids], monkeypatch)
+    assert_reference_argmax(engine_dir, prompts, tokens, monkeypatch)
 
 
 def assert_reference_argmax(engine_dir, prompts, fast, monkeypatch) -> None:

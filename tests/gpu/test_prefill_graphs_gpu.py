@@ -14,7 +14,7 @@ from kiln.config import BuildConfig, EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.input_batch import BatchRow
 from kiln.runtime.sampling_params import SamplingParams
-from tests.helpers import run_to_completion, save_tiny_hf_model, tiny_llama_config
+from tests.helpers import run_staggered, save_tiny_hf_model, tiny_llama_config
 
 BLOCK_SIZE = 16
 CONFIG = tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -92,15 +92,7 @@ def test_engine_replays_prefill_graphs_with_the_same_greedy_tokens(engine_dir):
     def run(engine: LLMEngine) -> list[list[int]]:
         # Staggered arrivals: prompts land among decoding requests (mixed steps).
         params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-        ids, done, step = [], {}, 0
-        while len(ids) < len(prompts) or engine.has_unfinished_requests():
-            if step % 4 == 0 and len(ids) < len(prompts):
-                ids.append(engine.add_request(None, prompts[len(ids)], params))
-            for output in engine.step():
-                if output.finished:
-                    done[output.request_id] = output.outputs[0].token_ids
-            step += 1
-        return [done[i] for i in ids]
+        return run_staggered(engine, prompts, params, every=4)
 
     with make_engine(engine_dir) as engine:
         graphed = run(engine)

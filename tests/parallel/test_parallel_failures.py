@@ -75,7 +75,7 @@ class EngineProcess:
         for pid in self.worker_pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except ProcessLookupError:  # already gone: what this cleanup wants
                 pass
 
     def assert_no_worker_left(self, within_s: float = 10.0) -> None:
@@ -101,14 +101,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_killed_worker_stops_the_engine_with_a_clear_error(engine_dir):
-    engine = EngineProcess(engine_dir)
+def kill_rank_1_and_check_the_error(engine: EngineProcess) -> None:
     os.kill(engine.worker_pids[0], signal.SIGKILL)
     code, stderr, seconds = engine.wait()
     assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
     assert f"worker rank 1 (pid {engine.worker_pids[0]}) killed by SIGKILL" in stderr, stderr
     assert "Traceback" not in stderr
     engine.assert_no_worker_left()
+
+
+def test_killed_worker_stops_the_engine_with_a_clear_error(engine_dir):
+    kill_rank_1_and_check_the_error(EngineProcess(engine_dir))
 
 
 def test_hung_worker_stops_the_engine_within_the_step_timeout(engine_dir):
@@ -134,13 +137,7 @@ def test_hung_pipeline_stage_stops_the_engine_within_the_step_timeout(pipeline_d
 
 @pytest.mark.slow_parallel
 def test_killed_pipeline_stage_stops_the_engine_with_a_clear_error(pipeline_dir):
-    engine = EngineProcess(pipeline_dir, "overlap")
-    os.kill(engine.worker_pids[0], signal.SIGKILL)
-    code, stderr, seconds = engine.wait()
-    assert code == 1 and seconds < DEADLINE_S, (code, seconds, stderr)
-    assert f"worker rank 1 (pid {engine.worker_pids[0]}) killed by SIGKILL" in stderr, stderr
-    assert "Traceback" not in stderr
-    engine.assert_no_worker_left()
+    kill_rank_1_and_check_the_error(EngineProcess(pipeline_dir, "overlap"))
 
 
 @pytest.mark.slow_parallel

@@ -198,7 +198,7 @@ def test_the_runner_path_through_prefill_buckets_generates_the_same_tokens(tmp_p
     overlap: placeholders filled into the padded inputs) give the same tokens through the
     bucket path as through plain eager steps."""
     from kiln.runtime.sampling_params import SamplingParams
-    from tests.helpers import build_tiny_engine, make_cpu_engine
+    from tests.helpers import build_tiny_engine, make_cpu_engine, run_staggered
 
     engine_dir = build_tiny_engine(tmp_path)
     generator = torch.Generator().manual_seed(3)
@@ -207,15 +207,7 @@ def test_the_runner_path_through_prefill_buckets_generates_the_same_tokens(tmp_p
 
     def run(engine) -> list[list[int]]:
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        ids, done, step = [], {}, 0
-        while len(ids) < len(prompts) or engine.has_unfinished_requests():
-            if step % 2 == 0 and len(ids) < len(prompts):
-                ids.append(engine.add_request(None, prompts[len(ids)], params))
-            for output in engine.step():
-                if output.finished:
-                    done[output.request_id] = output.outputs[0].token_ids
-            step += 1
-        return [done[i] for i in ids]
+        return run_staggered(engine, prompts, params, every=2)
 
     knobs = {"overlap_scheduling": overlap, "max_num_batched_tokens": 48, "max_num_seqs": 8}
     plain_engine = make_cpu_engine(engine_dir, **knobs)

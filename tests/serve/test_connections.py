@@ -36,7 +36,7 @@ def closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
             received += chunk
     except socket.timeout:
         return float("inf"), received
-    except ConnectionResetError:
+    except ConnectionResetError:  # the server reset it: closed, which is what is timed
         pass
     return time.monotonic() - started, received
 
@@ -61,7 +61,7 @@ def test_idle_slow_and_short_connections_are_closed(short_server):
             for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
                 slow.sendall(bytes([byte]))
                 time.sleep(0.05)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError):  # the server closed it: the point
             pass
         seconds, _ = closed_after(slow, 5)
         assert time.monotonic() - started < 3
@@ -77,7 +77,7 @@ def test_idle_slow_and_short_connections_are_closed(short_server):
             while time.monotonic() - started < 5:
                 early.sendall(b"a")
                 time.sleep(0.1)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError):  # the server closed it: the point
             pass
         assert time.monotonic() - started < 2.5, "a trickled body held the connection"
     with socket.create_connection((host, port)) as kept:  # keep-alive after an answer
@@ -151,7 +151,7 @@ def test_300_idle_sockets_under_ulimit_256_do_not_lock_out_a_canary(tmp_path):
                 canary = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 if canary.status_code == 200:
                     answered = time.monotonic() - attacked
-            except httpx.TransportError:
+            except httpx.TransportError:  # refused or cut while the sockets pile up: retry
                 pass
             time.sleep(0.05)
         assert answered is not None, "the idle sockets locked the canary out"

@@ -160,7 +160,7 @@ def test_a_model_that_fails_to_load_stops_the_server(engine_dir, tmp_path):
                 health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 if health.status_code == 503:
                     break
-            except httpx.TransportError:
+            except httpx.TransportError:  # not listening yet: poll until the deadline
                 pass
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
