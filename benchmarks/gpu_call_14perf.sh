@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The 14perf device calls (issue 14, TTFT + long context). Usage on the GPU machine, from the
 # worktree root: bash benchmarks/gpu_call_14perf.sh STEP... (tests build profile sweep long
-# latency serve; the A/B steps need .ab-base: git archive of the base commit)
+# latency serve structured itl; the A/B steps need .ab-base: git archive of the base commit;
+# structured and itl need .bench-tok, SmolLM2's tokenizer saved by save_pretrained)
 # Results under $OUT; a short table at the end of the log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -60,6 +61,15 @@ for step in "$@"; do
         echo "-- serve $variant"; grep -E "^rate_|rror" /tmp/serve-$variant.log
         kill -TERM $server; wait $server
       done ;;
+    structured)  # batch 64, 128 in / 256 out: unconstrained and JSON-constrained, one engine
+      timeout ${STRUCTURED_TIMEOUT:-240} python3 -P -m kiln.cli bench throughput $engine --dataset random \
+        --num-prompts 64 --input-len 128 --output-len 256 --tokenizer .bench-tok --structured json \
+        --max-model-len 16384 --output-dir /tmp/structured > /tmp/structured.log 2>&1
+      cp /tmp/structured/*.json "$OUT/" 2>/dev/null
+      grep -E "tok_s|grammar_|ms_per_step|ratio|rror" /tmp/structured.log | tail -16 ;;
+    itl)  # ITL of running streams with and without fresh schemas arriving mid-run
+      timeout ${ITL_TIMEOUT:-200} python3 -P benchmarks/structured_itl.py $engine --tokenizer .bench-tok \
+        --out "$OUT" > /tmp/itl.log 2>&1; grep -v -i warn /tmp/itl.log | tail -12 ;;
   esac
   echo "== $step took $(( $(date +%s) - started )) s"
 done
