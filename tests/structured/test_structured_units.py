@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.structured.bitmask import allocate_token_bitmask, apply_token_bitmask
+from kiln.structured.bitmask import (
+    allocate_token_bitmask, apply_token_bitmask, widen_token_bitmask,
+)
 from kiln.structured.compiler import choice_grammar, unenforced_keywords
 from kiln.structured.params import (
     MAX_CHOICES, MAX_CONSTRAINT_CHARS, MAX_SCHEMA_DEPTH, StructuredOutputsParams,
@@ -77,6 +79,42 @@ def test_bitmask_matches_xgrammar_kernel(vocab_size):
     apply_token_bitmask(logits, bitmask)
     assert torch.equal(logits, expected)
     assert torch.isfinite(logits[0]).all()
+
+
+def _allowed_ids(bitmask: torch.Tensor, vocab_size: int) -> list[set[int]]:
+    logits = torch.zeros(bitmask.shape[0], vocab_size)
+    apply_token_bitmask(logits, bitmask)
+    return [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in logits]
+
+
+@pytest.mark.parametrize("grammar_vocab, vocab_size", [(64, 64), (45, 100), (64, 130), (33, 33)])
+@pytest.mark.parametrize("rows, json_rows", [([0, 1, 2, 3], [0, 1, 2, 3]), ([1, 3], [3]),
+                                             ([0, 1, 2, 3], [1]), ([2], [])])
+def test_widened_bitmask_is_the_per_row_rule(grammar_vocab, vocab_size, rows, json_rows):
+    """The slice-built mask against the rule written row by row: a constrained row allows
+    what its matcher allowed (ids < grammar_vocab), less the control-token ban for JSON
+    rows, and no padding id; a free row allows everything."""
+    generator = torch.Generator().manual_seed(grammar_vocab * vocab_size + len(rows))
+    filled = torch.randint(-2**31, 2**31 - 1, (4, -(-grammar_vocab // 32)), generator=generator,
+                           dtype=torch.int64).to(torch.int32)
+    grammar_words = allocate_token_bitmask(4, grammar_vocab)
+    grammar_words[rows] = filled[rows]  # as xgrammar leaves it: only `rows` written
+    ban_ids = set(range(0, vocab_size, 7))
+    ban = allocate_token_bitmask(1, vocab_size)[0]
+    for token_id in ban_ids:
+        ban[token_id // 32] &= ~(1 << (token_id % 32))
+    matcher_allowed = _allowed_ids(filled, -(-grammar_vocab // 32) * 32)
+    expected = []
+    for row in range(4):
+        if row not in rows:
+            expected.append(set(range(vocab_size)))
+            continue
+        allowed = {t for t in matcher_allowed[row] if t < grammar_vocab}
+        expected.append(allowed - ban_ids if row in json_rows else allowed)
+    bitmask = widen_token_bitmask(grammar_words, grammar_vocab, vocab_size, rows, json_rows,
+                                  ban, pin_memory=False)
+    assert bitmask.shape == (4, -(-vocab_size // 32))
+    assert _allowed_ids(bitmask, vocab_size) == expected
 
 
 def test_bitmask_shape_is_checked():
