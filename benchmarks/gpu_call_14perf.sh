@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The 14perf device calls (issue 14, TTFT + long context). Usage on the GPU machine, from the
 # worktree root: bash benchmarks/gpu_call_14perf.sh STEP... (tests build profile sweep long
-# latency serve structured itl; the A/B steps need .ab-base: git archive of the base commit;
-# structured and itl need .bench-tok, SmolLM2's tokenizer saved by save_pretrained)
+# latency serve structured itl hostprofile invariant smol ngram skinny; the A/B steps need
+# .ab-base: git archive of the base commit; structured, itl and hostprofile need .bench-tok,
+# SmolLM2's tokenizer saved by save_pretrained; smol needs the GGUF's two halves
+# (split -b 49181216), the first left in /tmp/smol.00 by an earlier call on the same machine
+# or both in .smol/)
 # Results under $OUT; a short table at the end of the log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -16,8 +19,8 @@ for step in "$@"; do
   case $step in
     tests)
       timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -x \
-        tests/gpu/test_prefill_graphs_gpu.py tests/gpu/test_dense_prefill_gpu.py \
-        tests/gpu/test_startup_gpu.py tests/gpu/test_model_gpu.py -k "${TESTS_K:-not nothing}" > "$OUT/gpu_tests.log" 2>&1
+        ${TESTS_FILES:-tests/gpu/test_prefill_graphs_gpu.py tests/gpu/test_dense_prefill_gpu.py \
+        tests/gpu/test_startup_gpu.py tests/gpu/test_model_gpu.py} -k "${TESTS_K:-not nothing}" > "$OUT/gpu_tests.log" 2>&1
       tail -15 "$OUT/gpu_tests.log" ;;
     build)  # the base tree's builder when there is one (ab_run.sh's rule), no length cap
       root=$PWD; [ -d .ab-base ] && root=$PWD/.ab-base
@@ -62,14 +65,46 @@ for step in "$@"; do
         kill -TERM $server; wait $server
       done ;;
     structured)  # batch 64, 128 in / 256 out: unconstrained and JSON-constrained, one engine
-      timeout ${STRUCTURED_TIMEOUT:-240} python3 -P -m kiln.cli bench throughput $engine --dataset random \
-        --num-prompts 64 --input-len 128 --output-len 256 --tokenizer .bench-tok --structured json \
-        --max-model-len 16384 --output-dir /tmp/structured > /tmp/structured.log 2>&1
-      cp /tmp/structured/*.json "$OUT/" 2>/dev/null
-      grep -E "tok_s|grammar_|ms_per_step|ratio|rror" /tmp/structured.log | tail -16 ;;
+      for variant in ${STRUCTURED_VARIANTS:-new}; do  # base: .ab-base's code
+        root=$PWD; [ $variant = base ] && root=$PWD/.ab-base
+        PYTHONPATH=$root:/tmp/site timeout ${STRUCTURED_TIMEOUT:-240} python3 -P -m kiln.cli bench throughput \
+          $engine --dataset random --num-prompts 64 --input-len 128 --output-len 256 --tokenizer .bench-tok \
+          --structured json --max-model-len 16384 --output-dir /tmp/structured-$variant > /tmp/structured-$variant.log 2>&1
+        for f in /tmp/structured-$variant/*.json; do cp "$f" "$OUT/structured-$variant-$(basename $f)"; done
+        echo "-- structured $variant"
+        grep -E "output_tok_s|ms_per_step|grammar_|over_unconstrained|rror" /tmp/structured-$variant.log | tail -14
+      done ;;
     itl)  # ITL of running streams with and without fresh schemas arriving mid-run
       timeout ${ITL_TIMEOUT:-200} python3 -P benchmarks/structured_itl.py $engine --tokenizer .bench-tok \
         --out "$OUT" > /tmp/itl.log 2>&1; grep -v -i warn /tmp/itl.log | tail -12 ;;
+    hostprofile)  # where a structured step's host time goes (cProfile), batch 64
+      timeout ${PROFILE_TIMEOUT:-150} python3 -P benchmarks/structured_host_profile.py $engine \
+        --tokenizer .bench-tok --out "$OUT" > /tmp/hostprofile.log 2>&1
+      grep -E "====|grammar:|rror" /tmp/hostprofile.log ;;
+    invariant)  # batch-1 decode, default kernels vs KILN_BATCH_INVARIANT=1, same engine
+      for variant in default invariant; do
+        flag=0; [ $variant = invariant ] && flag=1
+        KILN_BATCH_INVARIANT=$flag timeout 150 python3 -P -m kiln.cli bench latency $engine \
+          --max-model-len 16384 --batch-sizes 1 4 --ttft-lens 128 --new-tokens 64 \
+          --output-dir /tmp/inv-$variant > /tmp/inv-$variant.log 2>&1
+        cp /tmp/inv-$variant/*.json "$OUT/latency-$variant.json" 2>/dev/null
+        echo "-- latency $variant"; grep -E "^(bs[0-9]+_decode_tok_s|ttft_ms)|rror" /tmp/inv-$variant.log
+      done ;;
+    smol)  # SmolLM2's GGUF from its halves, checked, and its engine
+      [ -f /tmp/smol.00 ] || cp .smol/smol.00 /tmp/smol.00
+      cat /tmp/smol.00 .smol/smol.01 > /tmp/smollm2.gguf
+      echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smollm2.gguf" | sha256sum -c \
+        && kiln build /tmp/smollm2.gguf -o /tmp/smol-engine --dtype bfloat16 > /tmp/smol-build.log 2>&1
+      tail -2 /tmp/smol-build.log ;;
+    ngram)  # n-gram at batch 1 on SmolLM2: default kernels, then batch-invariant ones
+      for flag in "" --batch-invariant; do
+        timeout ${NGRAM_TIMEOUT:-200} python3 -P benchmarks/ngram_bench.py /tmp/smol-engine $flag \
+          --out "$OUT" > /tmp/ngram$flag.log 2>&1
+        echo "-- ngram $flag"; grep -E "prompts|rror" /tmp/ngram$flag.log | tail -4
+      done ;;
+    skinny)  # FP8 skinny GEMM sweep (benchmarks/skinny_sweep.py)
+      timeout ${SKINNY_TIMEOUT:-200} python3 -P benchmarks/skinny_sweep.py --out "$OUT" > /tmp/skinny.log 2>&1
+      tail -${SKINNY_LINES:-40} /tmp/skinny.log ;;
   esac
   echo "== $step took $(( $(date +%s) - started )) s"
 done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -59,8 +60,12 @@ def main() -> None:
     parser.add_argument("--sharegpt-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: the engine's)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="KILN_BATCH_INVARIANT=1 for both engines (kiln/kernels/triton_utils.py)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.batch_invariant:
+        os.environ["KILN_BATCH_INVARIANT"] = "1"
 
     sets = json.loads(args.prompts.read_text())
     budgets = {"copy": args.copy_tokens, "sharegpt": args.sharegpt_tokens}
@@ -70,7 +75,8 @@ def main() -> None:
     results: dict = {"benchmark": "ngram", "gpu": device_name(device),
                      "torch_version": torch.__version__,
                      "config": {**spec, **budgets, "model": str(args.model),
-                                "dtype": args.dtype or "engine"}}
+                                "dtype": args.dtype or "engine",
+                                "batch_invariant": args.batch_invariant}}
     runs: dict = {}
     dtype = {"dtype": args.dtype} if args.dtype else {}
     for mode, config in (("plain", None), ("ngram", spec)):
@@ -123,7 +129,7 @@ def main() -> None:
               f"{results[name]['plain_tok_s']:8.1f} tok/s  ngram {results[name]['ngram_tok_s']:8.1f}"
               f" tok/s  ×{results[name]['speedup']:.2f}  identical {identical}/{len(plain_out)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "ngram_bench.json"
+    path = args.out / f"ngram_bench{'-batch-invariant' if args.batch_invariant else ''}.json"
     path.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {path}")
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_utils import (
+    batch_invariant,
     pdl_prologue,
     use_pdl,
     NO_WINDOW,
@@ -280,6 +281,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
     the decode rows of a mixed step come in any number: powers of 2 keep the variants to the
     seven that CUDA-graph capture (batch 1, 2, 4, 8, 16, 24, 32, ...) already compiles, so no
     step compiles a kernel mid-run (a second or more, inside someone's latency)."""
+    if batch_invariant():  # a sequence's splits from its own length only
+        return MAX_DECODE_SPLITS
     target = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
     splits = triton.next_power_of_2(triton.cdiv(target, num_seqs * num_kv_heads))
     return max(1, min(MAX_DECODE_SPLITS, splits))

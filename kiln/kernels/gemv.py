@@ -80,6 +80,11 @@ def default_config(m: int, gate_up: bool) -> GemvConfig:
     return GemvConfig(block_n=16, block_k=128 if gate_up else 256)
 
 
+# Batch-invariant mode (ops.linear under KILN_BATCH_INVARIANT=1): one tiling for every M ≤ 16,
+# the tl.dot path's default, so the summation order of a row never depends on M.
+BATCH_INVARIANT_CONFIG = GemvConfig(block_n=16, block_k=256)
+
+
 def decode_config(out_features: int, in_features: int) -> GemvConfig:
     """Batch-1 launch parameters by matrix size, from the H100 sweep of
     benchmarks/decode_chain_bench.py (best config with PDL, L2-rotated weights, µs per launch
@@ -277,7 +282,7 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch(x, weight, bias, out_features: int, gate_up: bool, pdl: bool,
-            config: GemvConfig | None) -> torch.Tensor:
+            config: GemvConfig | None, tensor_cores: bool = False) -> torch.Tensor:
     reason = _unsupported_reason(x, weight)
     if reason is not None:
         raise ValueError(f"skinny GEMM: {reason}")
@@ -286,8 +291,9 @@ def _launch(x, weight, bias, out_features: int, gate_up: bool, pdl: bool,
     if m == 0 or out_features == 0:
         return y
     config = config or default_config(m, gate_up)
-    block_m = 1 if m == 1 else MAX_ROWS
-    block_n = config.block_n if m == 1 else max(16, config.block_n)  # tl.dot needs ≥ 16
+    dot = m > 1 or tensor_cores
+    block_m = MAX_ROWS if dot else 1
+    block_n = max(16, config.block_n) if dot else config.block_n  # tl.dot needs ≥ 16
     block_k = min(config.block_k, k & -k)  # k & -k: the largest power of 2 dividing k (≥ 64)
     sm90 = has_sm90(x)
     use_pdl = pdl and sm90
@@ -319,15 +325,18 @@ def skinny_linear(
     *,
     pdl: bool = False,
     config: GemvConfig | None = None,
+    tensor_cores: bool = False,
 ) -> torch.Tensor:  # (M, N), x's dtype
     """Triton twin of `skinny_linear_reference`. With `pdl`, launched as a programmatic
     dependent launch (sm_90+; ignored elsewhere): it may start before the previous kernel ends
-    and prefetch weights meanwhile. Safe inside CUDA graphs and after any kernel."""
+    and prefetch weights meanwhile. Safe inside CUDA graphs and after any kernel.
+    tensor_cores: M = 1 too takes the tl.dot path (rows padded to 16) rather than the
+    CUDA-core one, so with one `config` a row's result is the same bits at every M ≤ 16."""
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype
                              or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous ({weight.shape[0]},) tensor of {x.dtype}; "
                          f"got {tuple(bias.shape)} {bias.dtype}")
-    return _launch(x, weight, bias, weight.shape[0], False, pdl, config)
+    return _launch(x, weight, bias, weight.shape[0], False, pdl, config, tensor_cores)
 
 
 def skinny_gate_up_silu(

@@ -28,6 +28,7 @@ from kiln.kernels.attention import (
     write_kv_cache_reference,
 )
 from kiln.kernels.norm import layer_norm_reference, rms_norm_reference
+from kiln.kernels.triton_utils import batch_invariant
 from kiln.kernels.rope import rope_and_write_kv_cache_reference, rope_reference
 
 
@@ -45,10 +46,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """x (T, K) @ weight (N, K)^T + bias. One row on CUDA (batch-1 decode) takes the Triton
     skinny GEMM, launched with PDL so it streams weights while the previous kernel finishes:
     cuBLAS reaches 2.1–2.8 TB/s there against 2.6–3.1 for it (decode_chain_bench on the H100).
-    At 2–16 rows cuBLAS measured as fast or faster, so it keeps those."""
-    if _fast(x) and x.dim() == 2 and x.shape[0] == 1 and gemv.gemv_supported(x, weight):
-        config = gemv.decode_config(weight.shape[0], weight.shape[1])
-        return gemv.skinny_linear(x, weight, bias, pdl=True, config=config)
+    At 2–16 rows cuBLAS measured as fast or faster, so it keeps those. KILN_BATCH_INVARIANT=1
+    (triton_utils.batch_invariant): 1–16 rows all take the skinny GEMM's tensor-core tiles,
+    so a row's result does not depend on how many rows its step has."""
+    if _fast(x) and x.dim() == 2 and gemv.gemv_supported(x, weight):
+        if batch_invariant():
+            return gemv.skinny_linear(x, weight, bias, pdl=True, tensor_cores=True,
+                                      config=gemv.BATCH_INVARIANT_CONFIG)
+        if x.shape[0] == 1:
+            config = gemv.decode_config(weight.shape[0], weight.shape[1])
+            return gemv.skinny_linear(x, weight, bias, pdl=True, config=config)
     return torch.nn.functional.linear(x, weight, bias)
 
 

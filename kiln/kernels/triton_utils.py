@@ -10,6 +10,7 @@ without CUDA.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -29,6 +30,17 @@ def interpreter_active() -> bool:
     """True when triton was imported under TRITON_INTERPRET=1: kernels then run on CPU tensors.
     (Its standard library is an interpreted function exactly then.)"""
     return isinstance(tl.sum, InterpretedFunction)
+
+
+def batch_invariant() -> bool:
+    """KILN_BATCH_INVARIANT=1 (vLLM's VLLM_BATCH_INVARIANT): a row's logits do not depend on
+    the other rows of its step. Decode and verify steps of up to 16 rows then run every bf16
+    / fp16 linear on the same tensor-core tiles whatever the row count (the batch-1 GEMV
+    otherwise takes a CUDA-core path with another summation order), and decode attention
+    cuts a sequence's keys by its own length only (a fixed split count). Greedy speculative
+    decoding then gives exactly the tokens of plain decoding in bf16. Read when a kernel is
+    launched or captured into a CUDA graph: set it before the engine starts."""
+    return os.environ.get("KILN_BATCH_INVARIANT") == "1"
 
 
 def launchable(kernel, tensor: torch.Tensor):

@@ -108,3 +108,18 @@ def test_bad_bias_and_odd_gate_up_are_refused(device):
         gemv.skinny_linear(x, weight, torch.zeros(36, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match="even number of rows"):
         gemv.skinny_gate_up_silu(x, weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensor_core_rows_do_not_depend_on_the_row_count(dtype, device):
+    """Batch-invariant mode's contract (ops.linear under KILN_BATCH_INVARIANT=1): with one
+    config, a row's output is the same bits alone (M = 1, tensor_cores) and among 2..16 rows,
+    and it is the reference's within the usual tolerance."""
+    x, weight = _inputs(16, N_ODD, 256, dtype, device)
+    alone = torch.cat([gemv.skinny_linear(x[i : i + 1], weight, config=SMALL, tensor_cores=True)
+                       for i in range(16)])
+    for m in (2, 5, 16):
+        together = gemv.skinny_linear(x[:m], weight, config=SMALL, tensor_cores=True)
+        assert torch.equal(together, alone[:m]), m
+    torch.testing.assert_close(alone, gemv.skinny_linear_reference(x, weight),
+                               **gemv_tolerance(dtype))
