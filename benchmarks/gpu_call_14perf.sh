@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 14perf device calls (issue 14, TTFT + long context). Usage on the GPU machine, from the
 # worktree root: bash benchmarks/gpu_call_14perf.sh STEP... (tests build profile sweep long
-# latency serve structured itl hostprofile invariant smol ngram skinny; the A/B steps need
+# latency serve structured itl hostprofile invariant route smol ngram skinny; the A/B steps need
 # .ab-base: git archive of the base commit; structured, itl and hostprofile need .bench-tok,
 # SmolLM2's tokenizer saved by save_pretrained; smol needs the GGUF's two halves
 # (split -b 49181216), the first left in /tmp/smol.00 by an earlier call on the same machine
@@ -102,6 +102,8 @@ for step in "$@"; do
           --out "$OUT" > /tmp/ngram$flag.log 2>&1
         echo "-- ngram $flag"; grep -E "prompts|rror" /tmp/ngram$flag.log | tail -4
       done ;;
+    route)  # the dense prefill route timed whole, repeated vs native-GQA heads, vs cuDNN SDPA
+      timeout ${ROUTE_TIMEOUT:-150} python3 benchmarks/dense_route_bench.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
     skinny)  # FP8 skinny GEMM sweep (benchmarks/skinny_sweep.py)
       timeout ${SKINNY_TIMEOUT:-200} python3 -P benchmarks/skinny_sweep.py --out "$OUT" > /tmp/skinny.log 2>&1
       tail -${SKINNY_LINES:-40} /tmp/skinny.log ;;

@@ -59,6 +59,25 @@ def test_dense_route_equals_the_paged_kernel(q_lens, contexts, piece, monkeypatc
     assert out.isfinite().all()
 
 
+@pytest.mark.parametrize("native_gqa", [False, True])
+def test_grouped_and_repeated_heads_give_the_paged_output(native_gqa):
+    """The route with the cache's 8 KV heads passed as they are (cuDNN's native GQA, when the
+    probe finds it) and with them repeated to 32, each against the paged kernel."""
+    torch.manual_seed(1)
+    query, kv, metadata = make_metadata([1100], [3000])
+    if native_gqa and not dense_prefill.cudnn_native_gqa(0, torch.bfloat16, DIM):
+        # This torch/cuDNN refuses grouped heads: the probe said so, and the route repeats.
+        native_gqa = None
+    out = dense_prefill.dense_prefill_attention(
+        query, kv, metadata.block_tables, metadata.query_start_loc_host,
+        metadata.seq_lens_host, DIM**-0.5, native_gqa=native_gqa)
+    paged = attention.paged_prefill_attention(query, kv, metadata.block_tables,
+                                              metadata.query_start_loc, metadata.seq_lens,
+                                              DIM**-0.5)
+    error = (out.float() - paged.float()).abs().max().item()
+    assert error < 2e-2, error
+
+
 def test_short_chunks_sliding_windows_and_fp8_keep_the_paged_kernel():
     query, kv, _ = make_metadata([2048], [0])
     assert not dense_prefill.use_dense_prefill(query, kv, [2048, 1000], None)

@@ -1,7 +1,8 @@
 """The dense prefill route's gathering, key pieces and log-sum-exp merge, on the CPU with the
 float64 stand-in for cuDNN's call: equal to the paged reference for fresh prompts, chunks
 after a cached prefix, prefixes and chunks longer than one key piece, and several
-sequences. The cuDNN call itself is checked in tests/gpu/test_prefill_graphs_gpu.py."""
+sequences, with the KV heads repeated or left grouped (cuDNN's native GQA). The cuDNN call
+itself is checked in tests/gpu/test_prefill_graphs_gpu.py and test_dense_prefill_gpu.py."""
 
 from __future__ import annotations
 
@@ -39,14 +40,24 @@ def make_case(q_lens: list[int], contexts: list[int], seed: int = 0):
     ([13], [0], 5),  # a fresh prompt longer than a piece: rows in pieces
     ([7, 10, 5], [3, 0, 21], 6),  # several sequences
 ])
-def test_dense_route_equals_the_paged_reference(q_lens, contexts, piece, monkeypatch):
+@pytest.mark.parametrize("native_gqa", [False, True])  # KV heads repeated, or as cached
+def test_dense_route_equals_the_paged_reference(q_lens, contexts, piece, native_gqa, monkeypatch):
     monkeypatch.setattr(dense_prefill, "KEY_PIECE", piece)
     query, kv_cache, table, starts, seq_lens = make_case(q_lens, contexts)
     expected = paged_attention_reference(query, kv_cache, table, starts, seq_lens, 0.3)
     out = dense_prefill.dense_prefill_attention(
         query, kv_cache, table, starts, seq_lens, 0.3,
-        attend=dense_prefill.attend_with_lse_reference)
+        attend=dense_prefill.attend_with_lse_reference, native_gqa=native_gqa)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_repeats_heads_only_when_asked():
+    query, kv_cache, table, starts, seq_lens = make_case([9], [14])
+    keys, values = dense_prefill.gather_keys_values(kv_cache, table[0], 3, 20, KV_HEADS)
+    repeated, _ = dense_prefill.gather_keys_values(kv_cache, table[0], 3, 20, HEADS)
+    assert keys.shape == (1, KV_HEADS, 17, DIM) and repeated.shape == (1, HEADS, 17, DIM)
+    torch.testing.assert_close(repeated, keys.repeat_interleave(HEADS // KV_HEADS, dim=1),
+                               rtol=0, atol=0)
 
 
 def test_merge_of_one_part_is_that_part():

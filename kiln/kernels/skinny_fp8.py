@@ -1,0 +1,291 @@
+"""FP8 W8A8 linear for decode (M ≤ 16 tokens) on the tensor cores: a swap-AB skinny GEMM.
+
+    y (M, N) = x (M, K) · W^T,   W E4M3 (N, K) with float32 scales (N,) per output channel,
+    x → E4M3 per token (amax/448, or a static per-tensor scale) by `quantize_fp8_per_token`.
+
+Swap-AB: the kernel computes y^T = W · x_q^T. A Hopper tensor-core MMA (wgmma) is 64 rows
+tall per warpgroup (M ∈ 64·w) and 8..256 wide (N, steps of 8), with K = 32 for fp8. Put the
+1-16 tokens on M and the MMA is ≥ 75 % padding, and the weight tile must be the narrow N side
+(the earlier attempt: BLOCK_M = 16 tokens, 32 weight columns, one stage, which Triton lowers to
+mma.sync, 2-3× slower than the bf16 GEMV). Swapped, the weight rows fill M (BLOCK_N = 64 or
+128 rows per program) and the tokens are N (padded to TOKENS = 16, or 8):
+
+    W (N, K) E4M3                          x_q^T (K, TOKENS) E4M3, rows ≥ M masked to 0
+    ┌──────────────────────────────┐       ┌──┐
+    │ program (n, s): BLOCK_N rows │  ·    │  │  → acc (BLOCK_N, TOKENS) fp32
+    │ K range s of SPLIT_K         │       │  │    y[m, n] = acc · x_scale[m] · w_scale[n]
+    └──────────────────────────────┘       └──┘
+
+Both operands are K-major (contiguous along K), which is what fp8 wgmma requires; they go
+straight from global memory through a `num_stages`-deep cp.async pipeline in shared memory
+into the MMA. Nothing is converted on the CUDA cores: the old M = 1 path converted every
+weight to fp32 (16 conversions per SM per clock against ~17 weight bytes per clock of
+bandwidth), which capped it at about half the copy rate.
+
+Bytes and FLOPs at M = 1 (fp8 weights + fp32 scales; roofline at ~4.1 TB/s, the H200's copy
+rate): every shape is a weight stream. Even at M = 16 the intensity is 32 FLOP/byte, far
+below the ~300 FLOP/byte where the H200's fp8 tensor cores (~1,000 TFLOP/s) would limit, so
+padding the tokens to 16 costs no time.
+
+    shape (Llama-3.1-8B)      N × K             weight bytes   2·N·K FLOPs   µs at 4.1 TB/s
+    q|k|v                     6144 × 4096         25.2 MB       50 M          6.1
+    o                         4096 × 4096         16.8 MB       34 M          4.1
+    gate|up                  28672 × 4096        117.4 MB      235 M         28.6
+    down                      4096 × 14336        58.7 MB      117 M         14.3
+    lm_head                 128256 × 4096        525.3 MB     1051 M        128.1
+
+Split-K: the H200 has 132 SMs. With BLOCK_N = 128, q|k|v has 48 column blocks and o and down
+32: most SMs would idle while a few stream. SPLIT_K programs per column block each cover
+K / SPLIT_K (whole BLOCK_K tiles, as even as tiles allow) and write their scaled fp32
+partials; a second tiny kernel sums them and adds the bias ("reduce", deterministic, no
+buffer to zero), or the programs `atomic_add` into a zeroed fp32 buffer and the second
+kernel only adds the bias and casts ("atomic"; the zeroing is a memset in the stream, so
+both are CUDA-graph safe and need no host sync). benchmarks/skinny_sweep.py measures both.
+
+PDL (programmatic dependent launch, sm_90+, as kiln/kernels/gemv.py): the weights never
+depend on the previous kernel, so before `gdc_wait` each program asks L2 for the first tiles
+the pipeline will load (`prefetch.global.L2`, no registers held); after the wait the
+pipeline's first loads hit L2 while the previous kernel's tail drains.
+
+Accumulation: fp32. Triton's default for fp8 on sm_90 lets wgmma accumulate all of K in its
+reduced-precision accumulator; `max_num_imprecise_acc` = 128 adds each 128-deep partial into
+an fp32 accumulator, as CUTLASS's default fp8 GEMMs do (promotion interval 4 × k32).
+
+The torch reference is `fp8_linear_reference` (kiln/kernels/quant_linear.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kiln.kernels.quant_linear import FP8_DTYPE, quantize_fp8_per_token
+from kiln.kernels.triton_utils import interpreter_active, use_pdl
+
+MAX_TOKENS = 16  # the MMA's N at most; more rows are a GEMM (torch._scaled_mm)
+MIN_BLOCK_K = 32  # one fp8 wgmma consumes K in steps of 32
+PROMOTION_INTERVAL = 128  # products per fp32 promotion of the MMA accumulator (see above)
+NUM_SMS = 132  # H100 / H200: only for default_skinny_fp8_config's guess
+SPLIT_K_MODES = ("reduce", "atomic")
+
+
+@dataclass(frozen=True)
+class SkinnyFp8Config:
+    """Launch parameters; `default_skinny_fp8_config` guesses them, the sweep measures them."""
+
+    block_n: int = 128  # weight rows per program: the MMA's M (wgmma: a multiple of 64)
+    block_k: int = 256  # K per pipelined tile; clipped to the largest power of 2 dividing K
+    tokens: int = 16  # the MMA's N: M padded to 8 or 16 (raised to 16 when M > 8)
+    split_k: int = 1  # programs per column block along K (clipped to K / block_k)
+    num_warps: int = 4
+    num_stages: int = 4  # tiles in the shared-memory pipeline (num_stages - 1 in flight)
+    split_k_mode: str = "reduce"  # how split partials combine: "reduce" or "atomic"
+    pdl: bool = True  # programmatic dependent launch where available (sm_90+, not interpreted)
+
+    def __post_init__(self):
+        if self.block_n < 64 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of 2 ≥ 64 (a wgmma is 64 rows per "
+                             f"warpgroup); got {self.block_n}")
+        if self.block_k < MIN_BLOCK_K or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k must be a power of 2 ≥ {MIN_BLOCK_K} (fp8 MMA K step); "
+                             f"got {self.block_k}")
+        if self.tokens not in (8, 16):
+            raise ValueError(f"tokens must be 8 or 16 (the MMA's N); got {self.tokens}")
+        if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"split_k, num_warps and num_stages must be ≥ 1; got {self}")
+        if self.split_k_mode not in SPLIT_K_MODES:
+            raise ValueError(f"split_k_mode must be one of {SPLIT_K_MODES}; "
+                             f"got {self.split_k_mode!r}")
+
+
+def default_skinny_fp8_config(m: int, n: int, k: int) -> SkinnyFp8Config:
+    """A guess before measurement (benchmarks/skinny_sweep.py replaces it): 128-row programs
+    for the wide matrices, 64 for the rest, then split K until there are about two programs
+    per SM while each still streams at least 4 tiles (enough to fill the pipeline)."""
+    block_n, block_k = (128 if n >= 16384 else 64), 256
+    tiles = max(1, k // block_k)
+    column_blocks = triton.cdiv(n, block_n)
+    split_k = 1
+    while column_blocks * split_k < 2 * NUM_SMS and tiles // (2 * split_k) >= 4:
+        split_k *= 2
+    return SkinnyFp8Config(block_n, block_k, tokens=MAX_TOKENS, split_k=split_k)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte line at each address; nothing is waited for or held.
+    GPU only (the interpreter has no inline assembly; USE_PDL is False there)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_fp8_kernel(
+    xq_ptr,  # (M, K) E4M3, contiguous
+    x_scale_ptr,  # (M,) float32
+    w_ptr,  # (N, K) E4M3, contiguous
+    w_scale_ptr,  # (N,) float32
+    bias_ptr,  # (N,) when HAS_BIAS (only read without SPLIT)
+    out_ptr,  # SPLIT: fp32 partials (SPLIT_K, M, N), or (M, N) if ATOMIC; else y (M, N)
+    M, N, K, SPLIT_K,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKENS: tl.constexpr,
+    PROMOTE: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pid_k = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features = weight rows
+    # Rows past N re-read row N-1 instead of masking: the weight loads stay unmasked and
+    # 16 bytes wide; the store drops those rows.
+    rows = tl.minimum(cols, N - 1).to(tl.int64)
+    tokens = tl.arange(0, TOKENS)
+    offs_k = tl.arange(0, BLOCK_K)
+    # This program's share of the K tiles: as even as whole tiles allow.
+    tiles = K // BLOCK_K
+    tile_begin = pid_k * tiles // SPLIT_K
+    tile_end = (pid_k + 1) * tiles // SPLIT_K
+    w_tile = w_ptr + rows[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K)
+    x_tile = xq_ptr + tokens[:, None] * K + offs_k[None, :]  # (TOKENS, BLOCK_K)
+    x_mask = tokens[:, None] < M  # padding tokens read as 0
+
+    if USE_PDL:
+        if PREFETCH_TILES > 0:
+            # Weights do not depend on the previous kernel: start them toward L2 first.
+            lines = w_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K // 128)[None, :] * 128
+            for t in tl.static_range(PREFETCH_TILES):
+                if tile_begin + t < tile_end:
+                    _prefetch_l2(lines + (tile_begin + t) * BLOCK_K)
+        gdc_wait()  # the previous kernel (the quantiser: our x_q) has finished
+        gdc_launch_dependents()
+
+    acc = tl.zeros((BLOCK_N, TOKENS), tl.float32)
+    for t in range(tile_begin, tile_end):  # pipelined num_stages deep by the compiler
+        w = tl.load(w_tile + t * BLOCK_K)
+        x = tl.load(x_tile + t * BLOCK_K, mask=x_mask, other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=PROMOTE)
+
+    # Scaled here, in the reference's order ((x_q · w^T) · x_scale · w_scale): partials of a
+    # split sum to the same y, and the second kernel needs no scales.
+    x_scale = tl.load(x_scale_ptr + tokens, mask=tokens < M, other=0.0)
+    w_scale = tl.load(w_scale_ptr + rows)
+    out = acc * x_scale[None, :] * w_scale[:, None]  # (BLOCK_N, TOKENS)
+    mask = (tokens[None, :] < M) & (cols[:, None] < N)
+    offsets = tokens[None, :] * N + cols[:, None]  # y[m, n] of the (M, N) output
+    if SPLIT:
+        if ATOMIC:
+            tl.atomic_add(out_ptr + offsets, out, mask=mask, sem="relaxed")
+        else:
+            tl.store(out_ptr + pid_k * M * N + offsets, out, mask=mask)
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["TOTAL"])
+def _split_k_sum_kernel(
+    partial_ptr,  # (PARTS, M, N) float32
+    bias_ptr, y_ptr, TOTAL, N, PARTS,  # TOTAL = M·N
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+    for part in range(1, PARTS):
+        acc += tl.load(partial_ptr + part * TOTAL + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_inputs(x, weight, weight_scale, input_scale, bias) -> None:
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be 2-D bfloat16, float16 or float32; got {tuple(x.shape)} "
+                         f"{x.dtype}")
+    if not (x.is_cuda or interpreter_active()):
+        raise ValueError(f"x is on {x.device}: the Triton kernels run on CUDA tensors, or on "
+                         "the CPU under TRITON_INTERPRET=1")
+    if x.stride(1) != 1:
+        raise ValueError("x must be contiguous along K; call .contiguous() first")
+    if x.shape[0] > MAX_TOKENS:
+        raise ValueError(f"x has {x.shape[0]} rows; the skinny FP8 kernel takes at most "
+                         f"{MAX_TOKENS} (use torch._scaled_mm above)")
+    if weight.dtype != FP8_DTYPE or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous 2-D {FP8_DTYPE} (N, K) tensor; got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but weight has K={k}")
+    if k % MIN_BLOCK_K:
+        raise ValueError(f"K={k} must be a multiple of {MIN_BLOCK_K} (the fp8 MMA's K step)")
+    if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32:
+        raise ValueError(f"weight_scale must be float32 ({n},) (one per output row); got "
+                         f"{tuple(weight_scale.shape)} {weight_scale.dtype}")
+    if input_scale is not None and (input_scale.numel() != 1
+                                    or input_scale.dtype != torch.float32):
+        raise ValueError(f"input_scale must be one float32 value (static per-tensor scale); "
+                         f"got {tuple(input_scale.shape)} {input_scale.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous ({n},) tensor; got {tuple(bias.shape)}")
+    for name, tensor in (("weight", weight), ("weight_scale", weight_scale),
+                         ("input_scale", input_scale), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+
+
+def skinny_fp8_linear(
+    x: torch.Tensor,  # (M, K), M ≤ 16
+    weight: torch.Tensor,  # (N, K) E4M3
+    weight_scale: torch.Tensor,  # (N,) float32
+    input_scale: torch.Tensor | None = None,  # (1,) float32: static; None: dynamic per token
+    bias: torch.Tensor | None = None,  # (N,)
+    *,
+    config: SkinnyFp8Config | None = None,
+) -> torch.Tensor:  # (M, N) in x's dtype
+    """Triton twin of `fp8_linear_reference`: one quantiser launch, the GEMM, and with
+    split-K one small combining launch (plus a memset in "atomic" mode)."""
+    _check_inputs(x, weight, weight_scale, input_scale, bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    config = config or default_skinny_fp8_config(m, n, k)
+    x_q, x_scale = quantize_fp8_per_token(x, input_scale)  # (M, K) E4M3, (M, 1) float32
+
+    block_k = min(config.block_k, k & -k)  # k & -k: the largest power of 2 dividing K (≥ 32)
+    tiles = k // block_k
+    split_k = min(config.split_k, tiles)
+    tokens = config.tokens if m <= config.tokens else MAX_TOKENS
+    pdl = config.pdl and use_pdl(x)
+    # The first num_stages - 1 tiles are what the pipeline's prologue loads (128-byte lines).
+    prefetch = min(config.num_stages - 1, tiles // split_k) if pdl and block_k >= 128 else 0
+    atomic = split_k > 1 and config.split_k_mode == "atomic"
+    if split_k == 1:
+        out = y
+    elif atomic:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    _skinny_fp8_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x_q, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
+        m, n, k, split_k,
+        HAS_BIAS=bias is not None, SPLIT=split_k > 1, ATOMIC=atomic,
+        BLOCK_N=config.block_n, BLOCK_K=block_k, TOKENS=tokens,
+        PROMOTE=min(PROMOTION_INTERVAL, block_k), PREFETCH_TILES=prefetch, USE_PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+    )
+    if split_k > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            out, bias if bias is not None else weight_scale, y, m * n, n,
+            1 if atomic else split_k,
+            HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+        )
+    return y
