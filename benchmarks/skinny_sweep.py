@@ -78,7 +78,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336), "lm_head": (128256, 4096)}  # (N, K)
 DRY_SHAPES = {"qkv": (192, 256), "o": (128, 256), "gate_up": (256, 256), "down": (128, 512),
               "lm_head": (320, 256)}
-FULL_GRID_ROWS, FEW_ROWS = (1, 16), (2, 4, 8)
+FULL_GRID_ROWS = (1, 16)
+FEW_ROWS = (2,) if ARGS.dry_run else (2, 4, 8)  # M = 2 exercises the path in a dry run
 LAYERS = 32  # Llama-3.1-8B, for the per-token estimate
 L2_ROTATION_BYTES = 200e6  # the H200's L2 is 50 MB: rotate over 4× that
 NUM_SMS = 132
@@ -277,6 +278,8 @@ class Shape:
             us, first = time_us(call)
         except Exception as error:
             row.update(error_record(error))
+            if "cuda_broken" in row:  # nothing more can run: end this shape, and the sweep
+                raise
             return row
         row.update(us=round(us, 2), gb_s=round(weight_bytes / us / 1e3, 1),
                    pct_copy=round(100 * weight_bytes / us / 1e3 / copy_gb_s, 1))
@@ -296,7 +299,7 @@ def run_shape(shape: Shape, grid: list[SkinnyFp8Config], compiled: dict, copy_gb
         deadline = slot_deadline(weight, weight_left)
         weight_left -= weight
 
-        def late():
+        def late(deadline=deadline):
             return time.perf_counter() > deadline
 
         xs = shape.inputs(m)
@@ -317,12 +320,14 @@ def run_shape(shape: Shape, grid: list[SkinnyFp8Config], compiled: dict, copy_gb
             if m <= 8:
                 configs += [replace(c, tokens=8) for c in configs]
             configs = list(dict.fromkeys(configs))
-        skipped = 0
+        late_skips, uncompiled = 0, 0
         for config in configs:
-            if late() or compiled.get(compile_key(config), "ok") != "ok":
-                skipped += 1
-                continue
-            rows.append(measure_skinny(shape, m, config, xs, reference, copy_gb_s))
+            if compiled.get(compile_key(config), "ok") != "ok":
+                uncompiled += 1
+            elif late():
+                late_skips += 1
+            else:
+                rows.append(measure_skinny(shape, m, config, xs, reference, copy_gb_s, compiled))
         if m in FULL_GRID_ROWS and not late():  # variants of the best three
             for config in [SkinnyFp8Config(**r["config"]) for r in best(rows)[:TOP]]:
                 variants = [replace(config, pdl=False)]
@@ -331,19 +336,25 @@ def run_shape(shape: Shape, grid: list[SkinnyFp8Config], compiled: dict, copy_gb
                 if config.split_k > 1:
                     variants.append(replace(config, split_k_mode="atomic"))
                 for variant in variants:
-                    if not late():
-                        rows.append(measure_skinny(shape, m, variant, xs, reference, copy_gb_s))
+                    if not late() and compiled.get(compile_key(variant), "ok") == "ok":
+                        rows.append(measure_skinny(shape, m, variant, xs, reference, copy_gb_s,
+                                                   compiled))
         results[m] = rows
-        shape.record["rows"][str(m)] = {"candidates": rows, "skipped_for_budget": skipped,
+        shape.record["rows"][str(m)] = {"candidates": rows, "skipped_for_budget": late_skips,
+                                        "skipped_not_compiled": uncompiled,
                                         "best_skinny": (best(rows) or [None])[0]}
         report(shape, m, rows)
 
 
-def measure_skinny(shape, m, config, xs, reference, copy_gb_s) -> dict:
+def measure_skinny(shape, m, config, xs, reference, copy_gb_s, compiled: dict) -> dict:
+    """One config; a variant that fails its first (compiling) call is not tried again."""
     row = shape.measure(m, "skinny_fp8 " + label(config),
                         lambda x, w, s, wb: skinny_fp8_linear(x, w, s, config=config),
                         xs, reference, shape.fp8_bytes, copy_gb_s)
     row["config"] = asdict(config)
+    key = compile_key(config)
+    if key not in compiled:
+        compiled[key] = "ok" if "us" in row else {"error": row["error"]}
     return row
 
 
@@ -442,21 +453,22 @@ def main() -> None:
     shapes = DRY_SHAPES if ARGS.dry_run else SHAPES
     per_shape = sum(SLOT_WEIGHT[m in FULL_GRID_ROWS] for m in FULL_GRID_ROWS + FEW_ROWS)
     for index, (name, (n, k)) in enumerate(shapes.items()):
+        record, shape = {"shape": name}, None
         try:
             shape = Shape(name, n, k)
-            result["shapes"].append(shape.record)
+            record = shape.record
             run_shape(shape, grid, compiled, copy["gb_s"], per_shape * (len(shapes) - index))
         except Exception as error:  # one shape failing is recorded; a broken context ends it
-            record = error_record(error)
-            result["shapes"].append({"shape": name, **record})
+            record.update(error_record(error))
             print(f"{name}: {record['error']}", flush=True)
-            if "cuda_broken" in record:
-                break
         finally:
+            result["shapes"].append(record)
             shape = None  # frees its weight copies
             if ARGS.device == "cuda":
                 torch.cuda.empty_cache()
-        save()
+            save()
+        if "cuda_broken" in record:
+            break
     estimate = result["per_token_estimate"] = per_token_estimate(
         [s for s in result["shapes"] if "rows" in s], copy["gb_s"])
     save()

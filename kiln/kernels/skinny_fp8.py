@@ -24,7 +24,7 @@ bandwidth), which capped it at about half the copy rate.
 
 Bytes and FLOPs at M = 1 (fp8 weights + fp32 scales; roofline at ~4.1 TB/s, the H200's copy
 rate): every shape is a weight stream. Even at M = 16 the intensity is 32 FLOP/byte, far
-below the ~300 FLOP/byte where the H200's fp8 tensor cores (~1,000 TFLOP/s) would limit, so
+below the ~250 FLOP/byte where the H200's fp8 tensor cores (~1,000 TFLOP/s) would limit, so
 padding the tokens to 16 costs no time.
 
     shape (Llama-3.1-8B)      N × K             weight bytes   2·N·K FLOPs   µs at 4.1 TB/s
