@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.compiler.builder import build_engine
-from kiln.config import BuildConfig, EngineConfig
+from kiln.config import EngineConfig
 from kiln.kernels import attention, ops
 from kiln.runtime.engine import LLMEngine
-from tests.gpu.test_spec_gpu import workload
-from tests.helpers import run_to_completion, save_tiny_hf_model, tiny_llama_config
+from tests.gpu.test_spec_gpu import build_tiny_engine, workload
+from tests.helpers import run_to_completion
 from tests.kernels.kernel_helpers import make_paged_batch
 
 
@@ -51,14 +50,7 @@ def test_decode_attention_alone_equals_among_others(invariant):
 
 @pytest.fixture(scope="module")
 def bf16_engine_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("batch-invariant")
-    config = tiny_llama_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                               max_position_embeddings=1024)
-    save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="bfloat16"),
-                 progress=False)
-    return directory / "engine"
+    return build_tiny_engine(tmp_path_factory.mktemp("batch-invariant"), "bfloat16")
 
 
 @pytest.mark.parametrize("batch", [1, 3])  # 3 x (1 + 4) = 15 rows: within the 16-row tiles

@@ -15,16 +15,18 @@ from kiln.runtime.sampling_params import SamplingParams
 from tests.helpers import run_to_completion, save_tiny_hf_model, tiny_llama_config
 
 
-@pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("spec-gpu")
+def build_tiny_engine(directory, dtype: str):
     config = tiny_llama_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                max_position_embeddings=1024)
     save_tiny_hf_model(config, directory / "hf")
-    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype="float32"),
-                 progress=False)
+    build_engine(directory / "hf", directory / "engine", BuildConfig(dtype=dtype), progress=False)
     return directory / "engine"
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    return build_tiny_engine(tmp_path_factory.mktemp("spec-gpu"), "float32")
 
 
 def workload(batch: int):
