@@ -4,8 +4,8 @@
 # latency serve structured itl hostprofile invariant route smol ngram skinny; the A/B steps need
 # .ab-base: git archive of the base commit; structured, itl and hostprofile need .bench-tok,
 # SmolLM2's tokenizer saved by save_pretrained; smol needs the GGUF's two halves
-# (split -b 49181216), the first left in /tmp/smol.00 by an earlier call on the same machine
-# or both in .smol/)
+# (split -b 49181216), the first left in /tmp/smol.00 by an earlier call's smol0 step on the
+# same machine, the second in .smol/ or .smol1/)
 # Results under $OUT; a short table at the end of the log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -90,9 +90,12 @@ for step in "$@"; do
         cp /tmp/inv-$variant/*.json "$OUT/latency-$variant.json" 2>/dev/null
         echo "-- latency $variant"; grep -E "^(bs[0-9]+_decode_tok_s|ttft_ms)|rror" /tmp/inv-$variant.log
       done ;;
+    smol0)  # keep the GGUF's first half on this machine for the next call's smol step
+      cp .smol/smol.00 /tmp/smol.00 && ls -la /tmp/smol.00 ;;
     smol)  # SmolLM2's GGUF from its halves, checked, and its engine
       [ -f /tmp/smol.00 ] || cp .smol/smol.00 /tmp/smol.00
-      cat /tmp/smol.00 .smol/smol.01 > /tmp/smollm2.gguf
+      second=.smol/smol.01; [ -f $second ] || second=.smol1/smol.01
+      cat /tmp/smol.00 $second > /tmp/smollm2.gguf
       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smollm2.gguf" | sha256sum -c \
         && kiln build /tmp/smollm2.gguf -o /tmp/smol-engine --dtype bfloat16 > /tmp/smol-build.log 2>&1
       tail -2 /tmp/smol-build.log ;;
