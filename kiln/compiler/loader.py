@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from kiln.compiler.manifest import EngineInfo
 from kiln.errors import EngineFormatError
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
+from kiln.quant.activation_fusion import fuse_fp8_activations
 
 # Each of the two host buffers the weights pass through on their way to the GPU.
 _STAGING_BYTES = 64 * 2**20
@@ -175,6 +176,7 @@ def load_engine_model(
     model.load_state_dict(_as_parameters(model, weights), strict=False, assign=True)
     # Derived buffers (RoPE tables, KV scales) were made on the CPU at construction.
     model = model.to(device).eval()
+    fuse_fp8_activations(model)  # FP8 linears' inputs quantised by their producers
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     finished = time.perf_counter()

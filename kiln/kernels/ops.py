@@ -181,14 +181,29 @@ def _all_single_token(query: torch.Tensor, metadata: PagedAttentionMetadata) -> 
 
 
 def fp8_linear(
-    x: torch.Tensor,  # (T, K)
+    x: torch.Tensor,  # (T, K); E4M3 with x_scale
     weight: torch.Tensor,  # (N, K) E4M3
     weight_scale: torch.Tensor,  # (N,) float32
     input_scale: torch.Tensor | None,  # (1,) float32 static scale; None: per token
     bias: torch.Tensor | None,
+    *,
+    x_scale: torch.Tensor | None = None,  # (T, 1) float32: x is quantised already
+    out_dtype: torch.dtype | None = None,  # with x_scale: the dtype x was quantised from
 ) -> torch.Tensor:  # (T, N)
     """W8A8 FP8. On CUDA: up to 16 rows the Triton GEMM quantises x in registers (one
-    kernel); more rows quantise x per token (Triton) and multiply with torch._scaled_mm."""
+    kernel); more rows quantise x per token (Triton) and multiply with torch._scaled_mm.
+    With x_scale, x comes quantised by the kernel that produced it (kernels/fused_quant.py)
+    and neither path quantises: the GEMM reads E4M3 x, _scaled_mm takes it as it is."""
+    if x_scale is not None:
+        if _fast(x) and x.dim() == 2 and out_dtype == torch.bfloat16:
+            if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
+                return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
+                                                 bias=bias, x_scale=x_scale, out_dtype=out_dtype)
+            y = torch._scaled_mm(x, weight.t(), scale_a=x_scale,
+                                 scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)
+            return y if bias is None else y + bias
+        return quant_linear.fp8_linear_prequantized_reference(x, x_scale, weight, weight_scale,
+                                                              bias, out_dtype)
     if _fast(x) and x.dim() == 2 and x.dtype == torch.bfloat16:
         x = x.contiguous()
         if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):

@@ -9,7 +9,9 @@ Weight layouts (the quantisation contract, kiln/quant/*.py), W (N, K) = (out, in
              float16 (N, K / G)                                     w = (q − z) · s
 
 FP8 activations (W8A8): x_s = amax(|x_row|) / 448 per token (dynamic) or one calibrated
-scale (static); x_q = E4M3(x / x_s).
+scale (static); x_q = E4M3(x / x_s). Or x arrives quantised already (ACT_PREQUANTIZED): E4M3
+values with their per-row scales, made by the kernel that produced x (RMSNorm, SiLU-and-mul:
+kiln/kernels/fused_quant.py), so the linear does no activation quantisation of its own.
 
 `quant_linear` (Triton) is one kernel for the three formats. Program (n, m) owns output
 columns [n·BLOCK_N, +BLOCK_N) of rows [m·BLOCK_M, +BLOCK_M) and walks K in BLOCK_K tiles,
@@ -55,7 +57,7 @@ FP8_MAX = 448.0
 MIN_ACT_SCALE = 1e-12  # a row of zeros: any positive scale gives q = 0
 
 KIND_FP8, KIND_INT8, KIND_INT4 = 0, 1, 2
-ACT_NONE, ACT_DYNAMIC, ACT_STATIC = 0, 1, 2
+ACT_NONE, ACT_DYNAMIC, ACT_STATIC, ACT_PREQUANTIZED = 0, 1, 2, 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,10 +86,23 @@ def fp8_linear_reference(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (M, N) in x's dtype
     x_q, x_scale = quantize_fp8_per_token_reference(x, input_scale)
+    return fp8_linear_prequantized_reference(x_q, x_scale, weight, weight_scale, bias, x.dtype)
+
+
+def fp8_linear_prequantized_reference(
+    x_q: torch.Tensor,  # (M, K) E4M3
+    x_scale: torch.Tensor,  # (M, 1) float32
+    weight: torch.Tensor,  # (N, K) E4M3
+    weight_scale: torch.Tensor,  # (N,) float32
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # (M, N) in out_dtype
+    """fp8_linear_reference after its activation quantisation: x arrives as E4M3 values and
+    per-row scales (fp8_linear_reference of x = this of quantize_fp8_per_token_reference(x))."""
     y = (x_q.float() @ weight.float().T) * x_scale * weight_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -202,7 +217,7 @@ def _tile_product(
         x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k + offs[None, :],
                     mask=m_mask[:, None], other=0.0).to(tl.float32)
         wf = w.to(tl.float32)
-        if KIND == 0:
+        if KIND == 0 and ACT != 3:  # (ACT_PREQUANTIZED: x is E4M3 already)
             # E4M3 of x / x_scale, as the reference: exact division, saturating.
             x = tl.div_rn(x, x_scale[:, None])
             x = to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0), EMULATE_FP8).to(tl.float32)
@@ -217,11 +232,11 @@ def _tile_product(
 
 @triton.jit
 def _quant_gemm_kernel(
-    x_ptr, stride_xm,  # (M, K) float
+    x_ptr, stride_xm,  # (M, K) float; E4M3 when ACT_PREQUANTIZED
     w_ptr,  # fp8 / int8 (N, K); uint8 (N, K / 2) for int4
     scale_ptr, stride_sn,  # fp8: (N,) float32; int: (N, K / G) float16
     zero_ptr,  # int4: (N, K / G) float16
-    input_scale_ptr,  # fp8 static: (1,) float32
+    input_scale_ptr,  # fp8 static: (1,) float32; ACT_PREQUANTIZED: x's (M,) row scales
     bias_ptr,  # (N,) when HAS_BIAS
     y_ptr, stride_ym,  # (M, N)
     M, N, K, K_W,  # K_W: weight elements per row (K, or K / 2 for int4)
@@ -257,6 +272,8 @@ def _quant_gemm_kernel(
         x_scale = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)
     elif ACT == 2:
         x_scale = x_scale * tl.load(input_scale_ptr)
+    elif ACT == 3:
+        x_scale = tl.load(input_scale_ptr + m_offs, mask=m_mask, other=1.0)
 
     if DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -303,18 +320,28 @@ def quant_linear(
     input_scale: torch.Tensor | None = None,  # fp8 static (1,)
     bias: torch.Tensor | None = None,
     *,
+    x_scale: torch.Tensor | None = None,  # fp8: x is E4M3 already, with these (M, 1) scales
+    out_dtype: torch.dtype | None = None,  # default x's dtype (needed with x_scale)
     config: QuantGemmConfig | None = None,
-) -> torch.Tensor:  # (M, N) in x's dtype
-    """Triton twin of fp8_linear_reference / weight_only_linear_reference(dequantize_*)."""
+) -> torch.Tensor:  # (M, N) in out_dtype
+    """Triton twin of fp8_linear_reference (with x_scale: fp8_linear_prequantized_reference)
+    / weight_only_linear_reference(dequantize_*)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D and contiguous along K; got {tuple(x.shape)}")
+    if x_scale is not None:
+        if kind != KIND_FP8 or x.dtype != FP8_DTYPE or out_dtype is None:
+            raise ValueError("a pre-quantised x (x_scale) must be fp8 E4M3 for an fp8 weight, "
+                             "and needs out_dtype")
+        if x_scale.shape != (x.shape[0], 1) or not x_scale.is_contiguous():
+            raise ValueError(f"x_scale must be contiguous (M, 1) = ({x.shape[0]}, 1); "
+                             f"got {tuple(x_scale.shape)}")
     m, k = x.shape
     n = weight.shape[0]
     k_w = k // 2 if kind == KIND_INT4 else k
     if weight.shape[1] != k_w or not weight.is_contiguous():
         raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
     group = k if kind == KIND_FP8 else k // scale.shape[1]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return y
     config = config or default_quant_config(m, n)
@@ -322,7 +349,9 @@ def quant_linear(
     if block_k < (32 if kind == KIND_INT4 else 16):
         raise ValueError(f"K {k} and group size {group} need a power-of-2 tile ≥ 16 dividing both")
     act = ACT_NONE
-    if kind == KIND_FP8:
+    if x_scale is not None:
+        act, input_scale = ACT_PREQUANTIZED, x_scale
+    elif kind == KIND_FP8:
         act = ACT_DYNAMIC if input_scale is None else ACT_STATIC
     pdl = use_pdl(x)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
@@ -335,7 +364,7 @@ def quant_linear(
         m, n, k, k_w,
         KIND=kind, ACT=act, GROUP=group, PER_CHANNEL=group == k, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        DOT_DTYPE=dot_dtype(x),
+        DOT_DTYPE=dot_dtype(y),  # y's dtype is x's, but for a pre-quantised (E4M3) x
         USE_PDL=pdl, EMULATE_FP8=interpreter_active(),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )

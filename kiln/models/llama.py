@@ -94,6 +94,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    # Outputs read by one linear only, which kiln/quant/activation_fusion.py may have the
+    # producer quantise for an FP8 linear.
+    fp8_activation_producers = (
+        ("input_layernorm", "self_attn.qkv_proj"),
+        ("post_attention_layernorm", "mlp.gate_up_proj"),
+        ("mlp.act", "mlp.down_proj"),
+    )
+
     def __init__(
         self, config: ModelConfig, layer_index: int, rotary_emb: RotaryEmbedding, *,
         quant_config: QuantConfig, parallel: ParallelState, prefix: str,

@@ -9,6 +9,10 @@ Parameters per linear layer (this rank's share, out × in):
 
 Fused layers (q|k|v, gate|up): per-channel weight scales fuse by row; static input scales of
 the parts take the max (the parts share one input, so one scale must cover all of them).
+
+The input is a tensor, quantised here (per token, or by input_scale), or an Fp8Activation that
+its producer already quantised the same way (kiln/quant/activation_fusion.py): then the
+matmul takes its E4M3 values and scales as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from kiln.kernels import ops
 from kiln.quant.base import QuantMethod, make_parameter
 from kiln.quant.config import register_quant_scheme
+from kiln.quant.fused_activation import Fp8Activation
 from kiln.quant.placement import WEIGHT_LAYOUT, FeatureLayout, ShardPlacement
 from kiln.quant.quantize import FP8_DTYPE, quantize_fp8_per_channel
 from kiln.quant.scheme_base import BuildQuantizedLinearMethod, QuantizedSchemeConfig, store
@@ -75,8 +80,11 @@ class Fp8LinearMethod(BuildQuantizedLinearMethod):
         store(layer.weight, q)
         store(layer.weight_scale, scale)
 
-    def apply_quantized(self, layer: nn.Module, x: torch.Tensor,
+    def apply_quantized(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
                         bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):  # quantised by its producer (with input_scale if static)
+            return ops.fp8_linear(x.values, layer.weight, layer.weight_scale, None, bias,
+                                  x_scale=x.scale, out_dtype=x.dtype)
         input_scale = layer.input_scale if self.static else None
         return ops.fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias)
 
