@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The 14perf device calls (issue 14, TTFT + long context). Usage on the GPU machine, from the
 # worktree root: bash benchmarks/gpu_call_14perf.sh STEP... (tests build profile sweep long
-# latency serve structured itl hostprofile invariant route smol ngram skinny; the A/B steps need
+# latency serve structured itl hostprofile invariant route smol0 smol ngram fp8build fp8lat
+# skinny; the A/B steps need
 # .ab-base: git archive of the base commit; structured, itl and hostprofile need .bench-tok,
 # SmolLM2's tokenizer saved by save_pretrained; smol needs the GGUF's two halves
 # (split -b 49181216), the first left in /tmp/smol.00 by an earlier call's smol0 step on the
@@ -107,6 +108,18 @@ for step in "$@"; do
       done ;;
     route)  # the dense prefill route timed whole, repeated vs native-GQA heads, vs cuDNN SDPA
       timeout ${ROUTE_TIMEOUT:-150} python3 benchmarks/dense_route_bench.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
+    fp8build)  # a random Llama-3.1-8B FP8 engine (the current tree's builder)
+      [ -f /tmp/llama8b-fp8/engine.json ] || kiln build llama-3.1-8b --random-weights --quant fp8 \
+        -o /tmp/llama8b-fp8 --max-model-len 16384 > /tmp/fp8build.log 2>&1 || tail -5 /tmp/fp8build.log ;;
+    fp8lat)  # batch-1 decode and TTFT of the FP8 engine, per tree in FP8_TREES (. = this one)
+      for tree in ${FP8_TREES:-.}; do
+        name=$(basename $(realpath $tree))
+        PYTHONPATH=$PWD/$tree:/tmp/site timeout 150 python3 -P -m kiln.cli bench latency /tmp/llama8b-fp8 \
+          --max-model-len 16384 --batch-sizes 1 8 --ttft-lens 128 8192 --new-tokens 64 \
+          --output-dir /tmp/fp8lat-$name > /tmp/fp8lat-$name.log 2>&1
+        cp /tmp/fp8lat-$name/*.json "$OUT/latency-fp8-$name.json" 2>/dev/null
+        echo "-- fp8 latency $tree"; grep -E "^(bs[0-9]+_decode_tok_s|ttft_ms|bs1_gpu|bs1_cpu)|rror" /tmp/fp8lat-$name.log | head -8
+      done ;;
     skinny)  # FP8 skinny GEMM sweep (benchmarks/skinny_sweep.py)
       timeout ${SKINNY_TIMEOUT:-200} python3 -P benchmarks/skinny_sweep.py --out "$OUT" > /tmp/skinny.log 2>&1
       tail -${SKINNY_LINES:-40} /tmp/skinny.log ;;

@@ -20,6 +20,7 @@ from kiln.kernels import (
     norm,
     quant_linear,
     rope as rope_kernels,
+    skinny_fp8,
 )
 from kiln.kernels.activation import gelu_tanh_reference, silu_and_mul_reference
 from kiln.kernels.attention import (
@@ -28,7 +29,7 @@ from kiln.kernels.attention import (
     write_kv_cache_reference,
 )
 from kiln.kernels.norm import layer_norm_reference, rms_norm_reference
-from kiln.kernels.triton_utils import batch_invariant
+from kiln.kernels.triton_utils import batch_invariant, has_sm90
 from kiln.kernels.rope import rope_and_write_kv_cache_reference, rope_reference
 
 
@@ -190,12 +191,16 @@ def fp8_linear(
     x_scale: torch.Tensor | None = None,  # (T, 1) float32: x is quantised already
     out_dtype: torch.dtype | None = None,  # with x_scale: the dtype x was quantised from
 ) -> torch.Tensor:  # (T, N)
-    """W8A8 FP8. On CUDA: up to 16 rows the Triton GEMM quantises x in registers (one
-    kernel); more rows quantise x per token (Triton) and multiply with torch._scaled_mm.
+    """W8A8 FP8. On CUDA: up to 16 rows on Hopper the swap-AB tensor-core GEMM
+    (skinny_fp8.py; elsewhere quant_linear's kernel, which quantises x in registers); more
+    rows quantise x per token (Triton) and multiply with torch._scaled_mm.
     With x_scale, x comes quantised by the kernel that produced it (kernels/fused_quant.py)
     and neither path quantises: the GEMM reads E4M3 x, _scaled_mm takes it as it is."""
     if x_scale is not None:
         if _fast(x) and x.dim() == 2 and out_dtype == torch.bfloat16:
+            if _skinny_fp8_shapes(x, weight):
+                return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, bias=bias,
+                                                    x_scale=x_scale, out_dtype=out_dtype)
             if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
                 return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
                                                  bias=bias, x_scale=x_scale, out_dtype=out_dtype)
@@ -206,6 +211,8 @@ def fp8_linear(
                                                               bias, out_dtype)
     if _fast(x) and x.dim() == 2 and x.dtype == torch.bfloat16:
         x = x.contiguous()
+        if _skinny_fp8_shapes(x, weight):
+            return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, input_scale, bias)
         if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
             return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
                                              None, input_scale, bias)
@@ -214,6 +221,13 @@ def fp8_linear(
                              scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
         return y if bias is None else y + bias
     return quant_linear.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
+
+
+def _skinny_fp8_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Decode rows (≤ 16) on Hopper: the tensor-core skinny GEMM (kernels/skinny_fp8.py,
+    wgmma: sm_90); Ada keeps quant_linear's CUDA-core path."""
+    return (x.shape[0] <= skinny_fp8.MAX_TOKENS and x.shape[1] % skinny_fp8.MIN_BLOCK_K == 0
+            and weight.is_contiguous() and has_sm90(x))
 
 
 def _scaled_mm_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -204,8 +204,18 @@ def _split_k_sum_kernel(
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_inputs(x, weight, weight_scale, input_scale, bias) -> None:
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+def _check_inputs(x, weight, weight_scale, input_scale, bias, x_scale, out_dtype) -> None:
+    if x_scale is not None:  # x quantised by its producer (kernels/fused_quant.py)
+        if x.dim() != 2 or x.dtype != FP8_DTYPE:
+            raise ValueError(f"with x_scale, x must be 2-D {FP8_DTYPE}; got {tuple(x.shape)} "
+                             f"{x.dtype}")
+        if x_scale.shape != (x.shape[0], 1) or x_scale.dtype != torch.float32:
+            raise ValueError(f"x_scale must be float32 ({x.shape[0]}, 1) (one per row); got "
+                             f"{tuple(x_scale.shape)} {x_scale.dtype}")
+        if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"with x_scale, out_dtype must be bfloat16, float16 or float32; "
+                             f"got {out_dtype}")
+    elif x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be 2-D bfloat16, float16 or float32; got {tuple(x.shape)} "
                          f"{x.dtype}")
     if not (x.is_cuda or interpreter_active()):
@@ -246,18 +256,24 @@ def skinny_fp8_linear(
     input_scale: torch.Tensor | None = None,  # (1,) float32: static; None: dynamic per token
     bias: torch.Tensor | None = None,  # (N,)
     *,
+    x_scale: torch.Tensor | None = None,  # (M, 1) float32: x is E4M3 already
+    out_dtype: torch.dtype | None = None,  # with x_scale: y's dtype (x's before quantising)
     config: SkinnyFp8Config | None = None,
-) -> torch.Tensor:  # (M, N) in x's dtype
-    """Triton twin of `fp8_linear_reference`: one quantiser launch, the GEMM, and with
-    split-K one small combining launch (plus a memset in "atomic" mode)."""
-    _check_inputs(x, weight, weight_scale, input_scale, bias)
+) -> torch.Tensor:  # (M, N) in x's dtype (out_dtype with x_scale)
+    """Triton twin of `fp8_linear_reference`: one quantiser launch (none with x_scale: x
+    came quantised from its producer), the GEMM, and with split-K one small combining
+    launch (plus a memset in "atomic" mode)."""
+    _check_inputs(x, weight, weight_scale, input_scale, bias, x_scale, out_dtype)
     m, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype if x_scale is None else out_dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     config = config or default_skinny_fp8_config(m, n, k)
-    x_q, x_scale = quantize_fp8_per_token(x, input_scale)  # (M, K) E4M3, (M, 1) float32
+    if x_scale is None:
+        x_q, x_scale = quantize_fp8_per_token(x, input_scale)  # (M, K) E4M3, (M, 1) float32
+    else:
+        x_q = x
 
     block_k = min(config.block_k, k & -k)  # k & -k: the largest power of 2 dividing K (≥ 32)
     tiles = k // block_k

@@ -132,6 +132,23 @@ def test_random_activations_match_reference(device, poison_outputs):
     assert difference <= 2**-5 * expected.float().abs().max().item(), difference
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_prequantized_input_is_the_same_call(m, device, poison_outputs):
+    """x that its producer already quantised (x_scale given: kernels/fused_quant.py) gives
+    the bits of the call that quantises x itself."""
+    from kiln.kernels.quant_linear import quantize_fp8_per_token
+
+    weight, scale, bias = _weights(80, 512, device, seed=10)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    x = x.to(device)
+    config = SkinnyFp8Config(64, 128, 16, split_k=2)
+    expected = skinny_fp8_linear(x, weight, scale, bias=bias.to(torch.bfloat16), config=config)
+    x_q, x_scale = quantize_fp8_per_token(x, None)
+    out = skinny_fp8_linear(x_q, weight, scale, bias=bias.to(torch.bfloat16), x_scale=x_scale,
+                            out_dtype=torch.bfloat16, config=config)
+    assert torch.equal(out, expected)
+
+
 def test_default_config_guesses():
     # Llama-3.1-8B: q|k|v's 96 64-row blocks are split 4 ways (384 programs for 132 SMs),
     # gate|up's 224 128-row blocks twice; the 1002 blocks of the LM head need no split.
