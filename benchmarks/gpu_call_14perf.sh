@@ -111,14 +111,15 @@ for step in "$@"; do
     fp8build)  # a random Llama-3.1-8B FP8 engine (the current tree's builder)
       [ -f /tmp/llama8b-fp8/engine.json ] || kiln build llama-3.1-8b --random-weights --quant fp8 \
         -o /tmp/llama8b-fp8 --max-model-len 16384 > /tmp/fp8build.log 2>&1 || tail -5 /tmp/fp8build.log ;;
-    fp8lat)  # batch-1 decode and TTFT of the FP8 engine, per tree in FP8_TREES (. = this one)
-      for tree in ${FP8_TREES:-.}; do
-        name=$(basename $(realpath $tree))
-        PYTHONPATH=$PWD/$tree:/tmp/site timeout 150 python3 -P -m kiln.cli bench latency /tmp/llama8b-fp8 \
-          --max-model-len 16384 --batch-sizes 1 8 --ttft-lens 128 8192 --new-tokens 64 \
-          --output-dir /tmp/fp8lat-$name > /tmp/fp8lat-$name.log 2>&1
-        cp /tmp/fp8lat-$name/*.json "$OUT/latency-fp8-$name.json" 2>/dev/null
-        echo "-- fp8 latency $tree"; grep -E "^(bs[0-9]+_decode_tok_s|ttft_ms|bs1_gpu|bs1_cpu)|rror" /tmp/fp8lat-$name.log | head -8
+    fp8lat)  # batch-1/8 decode and TTFT of the FP8 engine: the opt-in kernels off, fused, skinny, both
+      for variant in ${FP8_VARIANTS:-off fuse skinny both}; do
+        fuse=0; skinny=0
+        case $variant in fuse) fuse=1 ;; skinny) skinny=1 ;; both) fuse=1; skinny=1 ;; esac
+        KILN_FP8_FUSE_ACTIVATIONS=$fuse KILN_FP8_SKINNY=$skinny timeout 150 python3 -P -m kiln.cli bench latency \
+          /tmp/llama8b-fp8 --max-model-len 16384 --batch-sizes 1 8 --ttft-lens 128 8192 --new-tokens 64 \
+          --output-dir /tmp/fp8lat-$variant > /tmp/fp8lat-$variant.log 2>&1
+        cp /tmp/fp8lat-$variant/*.json "$OUT/latency-fp8-$variant.json" 2>/dev/null
+        echo "-- fp8 latency $variant"; grep -E "^(bs[0-9]+_decode_tok_s|ttft_ms)|rror" /tmp/fp8lat-$variant.log | head -8
       done ;;
     skinny)  # FP8 skinny GEMM sweep (benchmarks/skinny_sweep.py)
       timeout ${SKINNY_TIMEOUT:-200} python3 -P benchmarks/skinny_sweep.py --out "$OUT" > /tmp/skinny.log 2>&1

@@ -8,6 +8,7 @@ arrive bit-exact."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterable
 
@@ -176,7 +177,10 @@ def load_engine_model(
     model.load_state_dict(_as_parameters(model, weights), strict=False, assign=True)
     # Derived buffers (RoPE tables, KV scales) were made on the CPU at construction.
     model = model.to(device).eval()
-    fuse_fp8_activations(model)  # FP8 linears' inputs quantised by their producers
+    if os.environ.get("KILN_FP8_FUSE_ACTIVATIONS") == "1":
+        # FP8 linears' inputs quantised by their producers (kiln/quant/activation_fusion.py).
+        # Opt-in until its kernels have run on a GPU (compiled for sm_90, checked on the CPU).
+        fuse_fp8_activations(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     finished = time.perf_counter()

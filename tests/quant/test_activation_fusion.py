@@ -28,6 +28,19 @@ from kiln.quant.fused_activation import Fp8Activation, Fp8OutputSpec
 from kiln.quant.quantize import FULL_PRECISION
 from tests.quant.quant_helpers import build, logits_of, tiny_quant_llama
 
+
+
+@pytest.fixture(autouse=True)
+def fusion_on(monkeypatch):
+    """The fusion is opt-in (KILN_FP8_FUSE_ACTIVATIONS=1) until it has run on a GPU."""
+    monkeypatch.setenv("KILN_FP8_FUSE_ACTIVATIONS", "1")
+
+
+def test_the_loader_fuses_only_when_asked(engines, monkeypatch):
+    monkeypatch.delenv("KILN_FP8_FUSE_ACTIVATIONS")
+    assert _fused_pairs(load_engine_model(open_engine(engines["fp8"]))) == set()
+
+
 NUM_LAYERS = 2
 DECLARED = [(f"model.layers.{i}.{producer}", f"model.layers.{i}.{consumer}")
             for i in range(NUM_LAYERS)
