@@ -177,9 +177,8 @@ def load_engine_model(
     model.load_state_dict(_as_parameters(model, weights), strict=False, assign=True)
     # Derived buffers (RoPE tables, KV scales) were made on the CPU at construction.
     model = model.to(device).eval()
-    if os.environ.get("KILN_FP8_FUSE_ACTIVATIONS") == "1":
+    if os.environ.get("KILN_FP8_FUSE_ACTIVATIONS") != "0":  # 0: the A/B switch
         # FP8 linears' inputs quantised by their producers (kiln/quant/activation_fusion.py).
-        # Opt-in until its kernels have run on a GPU (compiled for sm_90, checked on the CPU).
         fuse_fp8_activations(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,13 +31,13 @@ from tests.quant.quant_helpers import build, logits_of, tiny_quant_llama
 
 
 @pytest.fixture(autouse=True)
-def fusion_on(monkeypatch):
-    """The fusion is opt-in (KILN_FP8_FUSE_ACTIVATIONS=1) until it has run on a GPU."""
-    monkeypatch.setenv("KILN_FP8_FUSE_ACTIVATIONS", "1")
+def fusion_default(monkeypatch):
+    """The fusion is on unless KILN_FP8_FUSE_ACTIVATIONS=0 (whatever the caller's shell set)."""
+    monkeypatch.delenv("KILN_FP8_FUSE_ACTIVATIONS", raising=False)
 
 
-def test_the_loader_fuses_only_when_asked(engines, monkeypatch):
-    monkeypatch.delenv("KILN_FP8_FUSE_ACTIVATIONS")
+def test_the_loader_does_not_fuse_when_switched_off(engines, monkeypatch):
+    monkeypatch.setenv("KILN_FP8_FUSE_ACTIVATIONS", "0")
     assert _fused_pairs(load_engine_model(open_engine(engines["fp8"]))) == set()
 
 
