@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.activation import silu_and_mul_reference
-from kiln.kernels.norm import rms_norm_reference
+from kiln.kernels.norm import check_rms_norm_inputs, rms_norm_reference
 from kiln.kernels.quant_linear import FP8_DTYPE, quantize_fp8_per_token_reference, to_e4m3
 from kiln.kernels.triton_utils import (
     check_float,
@@ -152,15 +152,7 @@ def rms_norm_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton twin of rms_norm_fp8_reference: (E4M3 (T, H), float32 (T, 1), x + residual or
     None), new tensors."""
-    check_float("x", x)
-    check_float("weight", weight)
-    if x.dim() != 2:
-        raise ValueError(f"rms_norm_fp8 takes (T, H); got shape {tuple(x.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
-    check_last_dim_contiguous("x", x)
-    check_last_dim_contiguous("weight", weight)
+    check_rms_norm_inputs("rms_norm_fp8", x, weight, residual, ((2, "(T, H)"),))
     tokens, hidden = x.shape
     values = torch.empty(tokens, hidden, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)

@@ -73,6 +73,21 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * H + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def check_rms_norm_inputs(name: str, x: torch.Tensor, weight: torch.Tensor,
+                          residual: torch.Tensor | None, shapes: tuple[tuple[int, str], ...]) -> None:
+    """The checks every RMSNorm launcher makes; shapes: the (rank, description) x may have."""
+    check_float("x", x)
+    check_float("weight", weight)
+    if x.dim() not in [rank for rank, _ in shapes]:
+        raise ValueError(f"{name} takes {' or '.join(text for _, text in shapes)}; got shape "
+                         f"{tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
+
+
 def rms_norm(
     x: torch.Tensor,  # (T, H) or (T, heads, D) (Qwen3's per-head q/k norm)
     weight: torch.Tensor,  # (H,) or (D,)
@@ -80,15 +95,7 @@ def rms_norm(
     residual: torch.Tensor | None = None,  # same shape and dtype as x
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `rms_norm_reference`: (normed, x + residual or None), new tensors."""
-    check_float("x", x)
-    check_float("weight", weight)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"rms_norm takes (T, H) or (T, heads, D); got shape {tuple(x.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
-    check_last_dim_contiguous("x", x)
-    check_last_dim_contiguous("weight", weight)
+    check_rms_norm_inputs("rms_norm", x, weight, residual, ((2, "(T, H)"), (3, "(T, heads, D)")))
     x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (outer, inner, H)
     hidden = x.shape[-1]
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)

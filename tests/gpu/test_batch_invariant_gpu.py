@@ -11,7 +11,7 @@ import torch
 from kiln.config import EngineConfig
 from kiln.kernels import attention, ops
 from kiln.runtime.engine import LLMEngine
-from tests.gpu.test_spec_gpu import build_tiny_engine, workload
+from tests.gpu.test_spec_gpu import build_tiny_engine, plain_run
 from tests.helpers import run_to_completion
 from tests.kernels.kernel_helpers import make_paged_batch
 
@@ -57,12 +57,7 @@ def bf16_engine_dir(tmp_path_factory):
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_bf16_speculative_greedy_equals_plain(invariant, bf16_engine_dir, method, batch):
     config = EngineConfig(max_num_seqs=64, max_model_len=512, num_kv_blocks=256)
-    prompts, params = workload(batch)
-    with LLMEngine.from_engine_dir(bf16_engine_dir, config) as plain:
-        expected = [o.outputs[0].token_ids for o in run_to_completion(plain, prompts, params)]
-    speculative = {"method": method, "num_speculative_tokens": 4, "adaptive": False}
-    if method == "draft":
-        speculative["model"] = str(bf16_engine_dir)
+    prompts, params, expected, speculative = plain_run(bf16_engine_dir, config, method, batch)
     with LLMEngine.from_engine_dir(bf16_engine_dir, config, speculative) as engine:
         got = [o.outputs[0].token_ids for o in run_to_completion(engine, prompts, params)]
         assert engine.speculator.stats.num_verify_rows > 0

@@ -37,16 +37,23 @@ def workload(batch: int):
     return prompts, params
 
 
-@pytest.mark.parametrize("batch", [1, 32])
-@pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_greedy_tokens_equal_and_verify_steps_replay_graphs(engine_dir, method, batch):
-    config = EngineConfig(max_num_seqs=256, max_model_len=512, num_kv_blocks=512)
+def plain_run(engine_dir, config: EngineConfig, method: str, batch: int):
+    """The workload's prompts and params, the plain engine's greedy tokens for them, and the
+    speculative config (k = 4 fixed) to run them again with."""
     prompts, params = workload(batch)
     with LLMEngine.from_engine_dir(engine_dir, config) as plain:
         expected = [o.outputs[0].token_ids for o in run_to_completion(plain, prompts, params)]
     speculative = {"method": method, "num_speculative_tokens": 4, "adaptive": False}
     if method == "draft":
         speculative["model"] = str(engine_dir)
+    return prompts, params, expected, speculative
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_tokens_equal_and_verify_steps_replay_graphs(engine_dir, method, batch):
+    config = EngineConfig(max_num_seqs=256, max_model_len=512, num_kv_blocks=512)
+    prompts, params, expected, speculative = plain_run(engine_dir, config, method, batch)
     with LLMEngine.from_engine_dir(engine_dir, config, speculative) as engine:
         got = [o.outputs[0].token_ids for o in run_to_completion(engine, prompts, params)]
         stats = engine.speculator.stats
