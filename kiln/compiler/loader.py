@@ -8,7 +8,6 @@ arrive bit-exact."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Iterable
 
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from kiln.compiler.manifest import EngineInfo
 from kiln.errors import EngineFormatError
+from kiln.kernels.triton_utils import env_flag
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
 from kiln.quant.activation_fusion import fuse_fp8_activations
 
@@ -177,7 +177,7 @@ def load_engine_model(
     model.load_state_dict(_as_parameters(model, weights), strict=False, assign=True)
     # Derived buffers (RoPE tables, KV scales) were made on the CPU at construction.
     model = model.to(device).eval()
-    if os.environ.get("KILN_FP8_FUSE_ACTIVATIONS") != "0":  # 0: the A/B switch
+    if env_flag("KILN_FP8_FUSE_ACTIVATIONS", default=True):  # 0: the A/B switch
         # FP8 linears' inputs quantised by their producers (kiln/quant/activation_fusion.py).
         fuse_fp8_activations(model)
     if device.type == "cuda":

@@ -29,18 +29,24 @@ from kiln.kernels.attention import (
     write_kv_cache_reference,
 )
 from kiln.kernels.norm import layer_norm_reference, rms_norm_reference
-from kiln.kernels.triton_utils import batch_invariant, has_sm90
+from kiln.kernels.triton_utils import batch_invariant, env_flag, has_sm90
 from kiln.kernels.rope import rope_and_write_kv_cache_reference, rope_reference
 
 
 def use_reference_kernels() -> bool:
     """True when KILN_REFERENCE_KERNELS=1. Read at every call, so a test or `kiln verify` can
-    flip it between calls; the only place kiln's kernels read the environment."""
+    flip it between calls (as the A/B switches KILN_BATCH_INVARIANT and KILN_FP8_SKINNY)."""
     return os.environ.get("KILN_REFERENCE_KERNELS") == "1"
 
 
-def _fast(tensor: torch.Tensor) -> bool:
+def use_fast_kernels(tensor: torch.Tensor) -> bool:
+    """Whether an op on `tensor` takes its fast path: CUDA, references not forced. The one
+    switch for every op here and for the layers that call kernels directly
+    (kiln/quant/fused_activation.py)."""
     return tensor.is_cuda and not use_reference_kernels()
+
+
+_fast = use_fast_kernels
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -50,7 +56,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     At 2–16 rows cuBLAS measured as fast or faster, so it keeps those. KILN_BATCH_INVARIANT=1
     (triton_utils.batch_invariant): 1–16 rows all take the skinny GEMM's tensor-core tiles,
     so a row's result does not depend on how many rows its step has."""
-    if _fast(x) and x.dim() == 2 and gemv.gemv_supported(x, weight):
+    if _fast(x) and x.dim() == 2 and x.shape[0] <= gemv.MAX_ROWS and gemv.gemv_supported(x, weight):
         if batch_invariant():
             return gemv.skinny_linear(x, weight, bias, pdl=True, tensor_cores=True,
                                       config=gemv.BATCH_INVARIANT_CONFIG)
@@ -196,38 +202,35 @@ def fp8_linear(
     rows quantise x per token (Triton) and multiply with torch._scaled_mm.
     With x_scale, x comes quantised by the kernel that produced it (kernels/fused_quant.py)
     and neither path quantises: the GEMM reads E4M3 x, _scaled_mm takes it as it is."""
-    if x_scale is not None:
-        if _fast(x) and x.dim() == 2 and out_dtype == torch.bfloat16:
-            if _skinny_fp8_shapes(x, weight):
-                return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, bias=bias,
-                                                    x_scale=x_scale, out_dtype=out_dtype)
-            if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
-                return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
-                                                 bias=bias, x_scale=x_scale, out_dtype=out_dtype)
-            y = torch._scaled_mm(x, weight.t(), scale_a=x_scale,
-                                 scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)
-            return y if bias is None else y + bias
-        return quant_linear.fp8_linear_prequantized_reference(x, x_scale, weight, weight_scale,
-                                                              bias, out_dtype)
-    if _fast(x) and x.dim() == 2 and x.dtype == torch.bfloat16:
+    prequantized = x_scale is not None
+    dtype = out_dtype if prequantized else x.dtype  # y's
+    if not (_fast(x) and x.dim() == 2 and dtype == torch.bfloat16):
+        if prequantized:
+            return quant_linear.fp8_linear_prequantized_reference(x, x_scale, weight,
+                                                                  weight_scale, bias, out_dtype)
+        return quant_linear.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
+    if prequantized:
+        input_scale = None  # the producer applied it (static) or computed x_scale (dynamic)
+    else:
         x = x.contiguous()
-        if _skinny_fp8_shapes(x, weight):
-            return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, input_scale, bias)
-        if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
-            return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale,
-                                             None, input_scale, bias)
-        x_q, x_scale = quant_linear.quantize_fp8_per_token(x, input_scale)
-        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale,
-                             scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
-        return y if bias is None else y + bias
-    return quant_linear.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
+    if _skinny_fp8_shapes(x, weight):
+        return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, input_scale, bias,
+                                            x_scale=x_scale, out_dtype=out_dtype)
+    if x.shape[0] <= quant_linear.MAX_GEMV_ROWS or not _scaled_mm_shapes(x, weight):
+        return quant_linear.quant_linear(x, quant_linear.KIND_FP8, weight, weight_scale, None,
+                                         input_scale, bias, x_scale=x_scale, out_dtype=out_dtype)
+    if not prequantized:
+        x, x_scale = quant_linear.quantize_fp8_per_token(x, input_scale)
+    y = torch._scaled_mm(x, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                         out_dtype=dtype)
+    return y if bias is None else y + bias
 
 
 def _skinny_fp8_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Decode rows (≤ 16) on Hopper: the tensor-core skinny GEMM (kernels/skinny_fp8.py,
     wgmma: sm_90); Ada, or KILN_FP8_SKINNY=0 (the A/B switch), keeps quant_linear's CUDA-core
     path. H200, random Llama-3.1-8B fp8, batch 1: 176.5 → 264.3 tok/s (BENCHMARKS.md)."""
-    return (os.environ.get("KILN_FP8_SKINNY") != "0" and x.shape[0] <= skinny_fp8.MAX_TOKENS
+    return (x.shape[0] <= skinny_fp8.MAX_TOKENS and env_flag("KILN_FP8_SKINNY", default=True)
             and x.shape[1] % skinny_fp8.MIN_BLOCK_K == 0 and weight.is_contiguous()
             and has_sm90(x))
 

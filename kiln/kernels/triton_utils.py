@@ -32,6 +32,15 @@ def interpreter_active() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A 0/1 switch from the environment (unset or empty: default). Anything else is an error
+    naming the variable, so a misspelt value (`true`, `on`) never silently does nothing."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (or unset); got {value!r}")
+    return default if value == "" else value == "1"
+
+
 def batch_invariant() -> bool:
     """KILN_BATCH_INVARIANT=1 (vLLM's VLLM_BATCH_INVARIANT): a row's logits do not depend on
     the other rows of its step. Decode and verify steps of up to 16 rows then run every bf16
@@ -40,7 +49,7 @@ def batch_invariant() -> bool:
     cuts a sequence's keys by its own length only (a fixed split count). Greedy speculative
     decoding then gives exactly the tokens of plain decoding in bf16. Read when a kernel is
     launched or captured into a CUDA graph: set it before the engine starts."""
-    return os.environ.get("KILN_BATCH_INVARIANT") == "1"
+    return env_flag("KILN_BATCH_INVARIANT", default=False)
 
 
 def launchable(kernel, tensor: torch.Tensor):

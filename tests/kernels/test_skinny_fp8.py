@@ -149,6 +149,18 @@ def test_prequantized_input_is_the_same_call(m, device, poison_outputs):
     assert torch.equal(out, expected)
 
 
+def test_bad_prequantized_input_is_refused_naming_the_problem(device):
+    weight, scale, _ = _weights(64, 128, device)
+    x_q = torch.zeros(2, 128, dtype=FP8_DTYPE, device=device)
+    ones = torch.ones(2, 1, device=device)
+    with pytest.raises(ValueError, match="with x_scale, x must be 2-D"):
+        skinny_fp8_linear(x_q.float(), weight, scale, x_scale=ones, out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x_scale must be float32 \(2, 1\)"):
+        skinny_fp8_linear(x_q, weight, scale, x_scale=ones[:, 0], out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype must be bfloat16, float16 or float32"):
+        skinny_fp8_linear(x_q, weight, scale, x_scale=ones)
+
+
 def test_default_config_guesses():
     # Llama-3.1-8B: q|k|v's 96 64-row blocks are split 4 ways (384 programs for 132 SMs),
     # gate|up's 224 128-row blocks twice; the 1002 blocks of the LM head need no split.
