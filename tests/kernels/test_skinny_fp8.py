@@ -161,14 +161,20 @@ def test_bad_prequantized_input_is_refused_naming_the_problem(device):
         skinny_fp8_linear(x_q, weight, scale, x_scale=ones)
 
 
-def test_default_config_guesses():
-    # Llama-3.1-8B: q|k|v's 96 64-row blocks are split 4 ways (384 programs for 132 SMs),
-    # gate|up's 224 128-row blocks twice; the 1002 blocks of the LM head need no split.
-    assert default_skinny_fp8_config(1, 6144, 4096).split_k == 4
-    assert default_skinny_fp8_config(1, 28672, 4096).block_n == 128
-    assert default_skinny_fp8_config(1, 128256, 4096).split_k == 1
-    config = default_skinny_fp8_config(1, 4096, 14336)
-    assert 14336 // config.block_k // config.split_k >= 4  # every split streams ≥ 4 tiles
+def test_default_config_follows_the_sweep_rule():
+    # Llama-3.1-8B on the H200 (results/s8-h200-skinny-sweep.json): q|k|v's 96 and
+    # gate|up's 448 64-row blocks fill two thirds of the SMs unsplit; o's and down's 64 blocks
+    # are split in two; the LM head's 2004 blocks never are.
+    assert [default_skinny_fp8_config(1, n, k).split_k for n, k in (
+        (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))] == [
+        1, 2, 1, 2, 1]
+    assert default_skinny_fp8_config(1, 6144, 4096).block_n == 64
+    assert default_skinny_fp8_config(8, 6144, 4096).tokens == 8
+    assert default_skinny_fp8_config(9, 6144, 4096).tokens == 16
+    # A tensor-parallel shard of q|k|v (3072 rows: 48 blocks) splits; a short K never
+    # splits below 4 tiles per program.
+    assert default_skinny_fp8_config(1, 3072, 4096).split_k == 2
+    assert default_skinny_fp8_config(1, 64, 512).split_k == 1
 
 
 def _bad_calls(device):
