@@ -1,7 +1,9 @@
 """Quantised linear kernels on the GPU at Llama-3.1-8B shapes: µs per call and weight GB/s
 (bytes of the quantised weight and its scales over the time) for M = 1, 4, 16 against the
 bf16 GEMV/cuBLAS path, and the large-M choice for fp8 (Triton vs torch._scaled_mm) and the
-int formats (Triton vs dequantise → cuBLAS). Weights rotate through several copies so L2
+int formats (Triton vs dequantise → cuBLAS); at M = 1 the int formats also through the
+conversion kernel int_gemv replaced (int8_cvt, int4_cvt) and, with QUANT_BENCH_INT_GRID=1,
+int_gemv's tilings. Weights rotate through several copies so L2
 (50 MB) holds none of them. Writes quant_bench.json to --out.
 
 Usage: python benchmarks/quant_bench.py --out DIR
@@ -10,13 +12,15 @@ Usage: python benchmarks/quant_bench.py --out DIR
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from kiln.kernels import ops, quant_linear
+from kiln.kernels import int_gemv, ops, quant_linear
+from kiln.kernels.int_gemv import IntGemvConfig
 from kiln.kernels.quant_linear import KIND_FP8, KIND_INT4, KIND_INT8
 from kiln.quant.quantize import quantize_fp8_per_channel, quantize_int4, quantize_int8
 
@@ -24,6 +28,12 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 ROWS = tuple(int(m) for m in os.environ.get("QUANT_BENCH_ROWS", "1 4 16 512 4096").split())
 COPIES = 4
+# int_gemv tilings timed at M = 1 when QUANT_BENCH_INT_GRID=1 (the default config always
+# runs through ops).
+INT_GEMV_GRID = [
+    IntGemvConfig(block_n, tile_words, warps)
+    for block_n, tile_words, warps in itertools.product((4, 8, 16, 32), (32, 64, 128), (2, 4, 8))
+] if os.environ.get("QUANT_BENCH_INT_GRID") == "1" else []
 
 
 def timed(fn, iterations: int = 20) -> float:
@@ -83,6 +93,15 @@ def main() -> None:
                 "int8": lambda: ops.int8_weight_only_linear(x, *pick("int8"), None),
                 "int4": lambda: ops.int4_weight_only_linear(x, *pick("int4"), None),
             }
+            if m == 1:  # the conversion kernel int_gemv replaces, then int_gemv's tilings
+                runs["int8_cvt"] = lambda: quant_linear.quant_linear(x, KIND_INT8, *pick("int8"))
+                runs["int4_cvt"] = lambda: quant_linear.quant_linear(x, KIND_INT4, *pick("int4"))
+                for config in INT_GEMV_GRID:
+                    tag = f"n{config.block_n}_t{config.tile_words}_w{config.num_warps}"
+                    runs[f"int8_gemv_{tag}"] = (lambda c=config: int_gemv.int_gemv(
+                        x, *pick("int8"), config=c))
+                    runs[f"int4_gemv_{tag}"] = (lambda c=config: int_gemv.int_gemv(
+                        x, *pick("int4"), config=c))
             if m > 16:
                 runs["fp8_triton"] = lambda: quant_linear.quant_linear(x, KIND_FP8, *pick("fp8"))
                 runs["int8_triton"] = lambda: quant_linear.quant_linear(x, KIND_INT8, *pick("int8"))

@@ -1,0 +1,255 @@
+"""Batch-1 weight-only int8 / int4 linear (W8A16, W4A16): y (1, N) = x (1, K) · dequant(W)^T,
+with the weights unpacked by integer bit operations instead of conversion instructions.
+
+Why: the general kernel (kernels/quant_linear.py) converts every weight to fp32 with
+`cvt`, and on the H200 an SM issues 16 conversions per clock against ~15 weight bytes per
+clock of copy bandwidth (4.1 TB/s over 132 SMs at 1.98 GHz). int8 then streams at ~55 % of
+the copy rate and int4 (two conversions per byte) at ~15-25 % (benchmarks/results/
+s8-h200-quant-micro-base.json). Integer and/or, shifts and fp32 adds issue at 64-128 per SM
+per clock, so the same values built from bits leave the kernel bound by bytes again.
+
+The trick (the "magic number" conversion of FasterTransformer and Marlin, in fp32 so it needs
+no packed-half instructions): OR an unsigned b-bit field into the mantissa of 2^23 and read
+the word as fp32; the float is exactly 2^23 + field, and one subtraction leaves the field.
+A field at bit offset s reads as field · 2^s, which is exact while s + b ≤ 23; the kernel
+undoes the 2^s on x (a power of 2: exact) instead of shifting every weight:
+
+    word (int32, little-endian)   int8: 4 weights, columns 4j..4j+3 (byte i = column 4j+i)
+                                  int4: 8 weights, columns 8j..8j+7 (nibble i = column 8j+i,
+                                        the packing of kiln/quant/quantize.pack_int4)
+    int8  u = word ^ 0x80808080 (q + 128 per byte); fields at bits 0 and 8 of u and of
+          u >> 16: (field | 2^23 as bits) − (2^23 + 128·2^s) = q · 2^s
+    int4  fields at bits 0, 4, 8, 12, 16 of the word and 0, 4, 8 of word >> 20:
+          (field | 2^23 as bits) − 2^23 = q · 2^s;  w = (q − z) · s_g
+
+Per weight: one and-or (a `lop3`), one fp32 subtract, one FMA, plus a shift per word; the
+zero point leaves the inner loop as Σ s_g (q − z) x = s_g (Σ q x − z Σ x), with Σ x per word
+shared by every row of the program. Scales are per output channel (applied once at the end)
+or per group of G inputs (a tile is TILE_GROUPS groups of GROUP_WORDS words; each group's
+partial sum is scaled once).
+
+Program p owns output rows [p·BLOCK_N, +BLOCK_N) and streams K in tiles, one tile always in
+flight, the first one loaded before the PDL wait (as kernels/gemv.py: weights never depend on
+the previous kernel). Accumulation fp32, one reduction across the tile at the end.
+
+The torch references are quant_linear.dequantize_int8 / dequantize_int4 followed by
+weight_only_linear_reference. M > 1 stays on quant_linear's kernel (tensor cores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton_utils import launchable, pdl_prologue, use_pdl
+
+MAGIC = 0x4B000000  # the bits of 2^23 as fp32
+MAGIC_FLOAT = 8388608.0  # 2^23
+SIGN_FLIP = -0x7F7F7F80  # 0x80808080 as an int32: flips each byte's sign bit (q → q + 128)
+
+
+@dataclass(frozen=True)
+class IntGemvConfig:
+    block_n: int = 16  # output rows per program
+    tile_words: int = 64  # int32 words of each row per tile (256 B); clipped to divide K
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block_n", "tile_words", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of 2; got {value}")
+
+
+def default_int_gemv_config(n: int, k: int, int4: bool) -> IntGemvConfig:
+    """Narrow programs on big matrices (more of them in flight), wider on small ones, as the
+    bf16 GEMV's measured decode_config (kernels/gemv.py)."""
+    if n * k >= 48 * 2**20:
+        return IntGemvConfig(block_n=8, tile_words=64, num_warps=4)
+    return IntGemvConfig(block_n=16, tile_words=64, num_warps=4)
+
+
+@triton.jit
+def _field(word, mask, offset: tl.constexpr):
+    """(word & mask) | 2^23 as fp32, minus 2^23 + offset: the field times 2^(its bit
+    position), less `offset` in the same units. Exact (integers below 2^23)."""
+    bits = (word & mask) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+
+@triton.jit
+def _halves(x):
+    """(A, B, 2C) → the even and the odd columns of the last axis, each (A, B, C)."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+
+
+@triton.jit
+def _columns4(x):
+    """(A, B, 4) → its four last-axis columns, each (A, B)."""
+    even, odd = _halves(x)
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _tile_int8(acc, word, x):
+    """acc (BLOCK_N, TG, GW) += Σ_i q_i · x_i per word; x (TG, GW, 4) fp32."""
+    x0, x1, x2, x3 = _columns4(x)
+    u = word ^ -0x7F7F7F80  # SIGN_FLIP: q + 128 in each byte
+    high = u >> 16  # bytes 2 and 3 to bits 0 and 8 (the masks drop the sign fill)
+    acc += _field(u, 0xFF, 128.0) * x0[None]
+    acc += _field(u, 0xFF00, 32768.0) * (x1 * 0.00390625)[None]  # field · 2^8: x / 2^8
+    acc += _field(high, 0xFF, 128.0) * x2[None]
+    acc += _field(high, 0xFF00, 32768.0) * (x3 * 0.00390625)[None]
+    return acc
+
+
+@triton.jit
+def _tile_int4(word, x):
+    """(Σ_i q_i · x_i per word (BLOCK_N, TG, GW), Σ_i x_i per word (TG, GW)); x (TG, GW, 8)."""
+    even, odd = _halves(x)
+    x0, x2, x4, x6 = _columns4(even)
+    x1, x3, x5, x7 = _columns4(odd)
+    high = word >> 20  # nibbles 5, 6, 7 to bits 0, 4, 8
+    t = _field(word, 0xF, 0.0) * x0[None]
+    t += _field(word, 0xF0, 0.0) * (x1 * 0.0625)[None]
+    t += _field(word, 0xF00, 0.0) * (x2 * 0.00390625)[None]
+    t += _field(word, 0xF000, 0.0) * (x3 * 0.000244140625)[None]
+    t += _field(word, 0xF0000, 0.0) * (x4 * 0.0000152587890625)[None]
+    t += _field(high, 0xF, 0.0) * x5[None]
+    t += _field(high, 0xF0, 0.0) * (x6 * 0.0625)[None]
+    t += _field(high, 0xF00, 0.0) * (x7 * 0.00390625)[None]
+    return t, x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+
+
+@triton.jit
+def _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, stride_sn, rows,
+                     g_offs, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                     PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUP: tl.constexpr):
+    """One tile starting at word `start` of every row."""
+    x = tl.load(x_ptr + start * PER_WORD + x_offs).to(tl.float32)  # (TG, GW, PER_WORD)
+    if PER_CHANNEL:  # INT8 only (int4 is always grouped): the scale waits for the end
+        return _tile_int8(acc, word, x)
+    groups = (start + g_offs * GROUP_WORDS) * PER_WORD // GROUP  # (TG,)
+    s_offs = rows[:, None] * stride_sn + groups[None, :]
+    s = tl.load(scale_ptr + s_offs).to(tl.float32)[:, :, None]  # (BLOCK_N, TG, 1)
+    if INT4:
+        t, x_sum = _tile_int4(word, x)
+        z = tl.load(zero_ptr + s_offs).to(tl.float32)[:, :, None]
+        return acc + s * (t - z * x_sum[None])
+    return acc + s * _tile_int8(tl.zeros(acc.shape, tl.float32), word, x)
+
+
+@triton.jit
+def _int_gemv_kernel(
+    x_ptr,  # (K,) float
+    w_ptr,  # (N, WORDS) int32: the int8 (N, K) or packed-int4 (N, K / 2) weight as words
+    scale_ptr, stride_sn,  # (N, K / G) float16
+    zero_ptr,  # int4: (N, K / G) float16
+    bias_ptr,  # (N,) when HAS_BIAS
+    y_ptr,  # (N,)
+    N, WORDS,
+    INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    PER_WORD: tl.constexpr = 8 if INT4 else 4
+    TILE_WORDS: tl.constexpr = TILE_GROUPS * GROUP_WORDS
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(cols, N - 1).to(tl.int64)  # unmasked loads; the store drops them
+    g_offs = tl.arange(0, TILE_GROUPS)
+    words = g_offs[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # (TG, GW)
+    w_ptrs = w_ptr + rows[:, None, None] * WORDS + words[None]
+    x_offs = words[:, :, None] * PER_WORD + tl.arange(0, PER_WORD)[None, None, :]
+
+    word = tl.load(w_ptrs)  # weights never depend on the previous kernel
+    pdl_prologue(USE_PDL)
+    acc = tl.zeros((BLOCK_N, TILE_GROUPS, GROUP_WORDS), tl.float32)
+    for start in range(0, WORDS - TILE_WORDS, TILE_WORDS):  # one tile always in flight
+        next_word = tl.load(w_ptrs + start + TILE_WORDS)
+        acc = _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr,
+                               stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
+                               GROUP_WORDS, GROUP)
+        word = next_word
+    acc = _accumulate_tile(acc, word, x_ptr, x_offs, WORDS - TILE_WORDS, scale_ptr, zero_ptr,
+                           stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD, GROUP_WORDS,
+                           GROUP)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
+    if PER_CHANNEL:
+        out = out * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+def _power_of_2_dividing(value: int) -> int:
+    return value & -value
+
+
+def int_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                int4: bool) -> str | None:
+    """Why int_gemv cannot take these inputs (the dispatcher then uses quant_linear), or
+    None."""
+    per_word = 8 if int4 else 4
+    if x.dim() != 2 or x.shape[0] != 1 or x.stride(1) != 1:
+        return f"x must be one contiguous row (1, K); got {tuple(x.shape)}"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x must be float16, bfloat16 or float32; got {x.dtype}"
+    k = x.shape[1]
+    expected = (torch.uint8, k // 2) if int4 else (torch.int8, k)
+    if (weight.dtype, weight.shape[1]) != expected or not weight.is_contiguous():
+        return (f"weight must be contiguous {expected[0]} with {expected[1]} columns for "
+                f"K = {k}; got {weight.dtype} {tuple(weight.shape)}")
+    if k % per_word or weight.data_ptr() % 4:
+        return f"K = {k} must be a multiple of {per_word} (whole 32-bit words per row)"
+    groups = scale.shape[1]
+    if groups < 1 or k % groups or (k // groups) % per_word:
+        return (f"the group size K / {groups} must be a whole number of {per_word}-weight "
+                "words")
+    if scale.shape[0] != weight.shape[0] or scale.stride(1) != 1:
+        return f"scale must be ({weight.shape[0]}, groups), contiguous along groups"
+    return None
+
+
+def int_gemv(
+    x: torch.Tensor,  # (1, K) float16 / bfloat16 / float32
+    weight: torch.Tensor,  # int8 (N, K), or uint8 (N, K / 2) packed int4
+    scale: torch.Tensor,  # float16 (N, K / G)
+    zero: torch.Tensor | None = None,  # int4: float16 (N, K / G)
+    bias: torch.Tensor | None = None,  # (N,)
+    *,
+    config: IntGemvConfig | None = None,
+) -> torch.Tensor:  # (1, N) in x's dtype
+    """Triton twin of weight_only_linear_reference(x, dequantize_int8 / dequantize_int4)."""
+    int4 = zero is not None
+    reason = int_gemv_unsupported_reason(x, weight, scale, int4)
+    if reason is not None:
+        raise ValueError(f"int_gemv: {reason}")
+    n, k = weight.shape[0], x.shape[1]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    per_word = 8 if int4 else 4
+    words = k // per_word
+    group = k // scale.shape[1]
+    config = config or default_int_gemv_config(n, k, int4)
+    tile_words = min(config.tile_words, _power_of_2_dividing(words))
+    per_channel = group == k and not int4
+    group_words = tile_words if per_channel else math.gcd(tile_words, group // per_word)
+    group_words = _power_of_2_dividing(group_words)
+    pdl = use_pdl(x)
+    launchable(_int_gemv_kernel, x)[(triton.cdiv(n, config.block_n),)](
+        x, weight.view(torch.int32), scale, scale.stride(0),
+        zero if int4 else scale, bias if bias is not None else scale, y,
+        n, words,
+        INT4=int4, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, GROUP=group,
+        BLOCK_N=config.block_n, TILE_GROUPS=tile_words // group_words,
+        GROUP_WORDS=group_words, USE_PDL=pdl,
+        num_warps=config.num_warps, launch_pdl=pdl,
+    )
+    return y

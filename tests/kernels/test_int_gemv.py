@@ -1,0 +1,129 @@
+"""The batch-1 int8 / int4 weight-only GEMV that unpacks weights with bit operations
+(kernels/int_gemv.py) against its torch reference (CPU interpreter here; the GPU at real
+shapes through ops in tests/gpu/test_quant_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels import int_gemv as int_gemv_module, ops
+from kiln.kernels.int_gemv import IntGemvConfig, int_gemv, int_gemv_unsupported_reason
+from kiln.kernels.quant_linear import (
+    dequantize_int4,
+    dequantize_int8,
+    weight_only_linear_reference,
+)
+from kiln.quant.quantize import pack_int4, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+# Small tiles so the interpreter walks several of them, several groups per tile, and a
+# partial last block of rows (N = 40 with 16-row programs).
+SMALL = IntGemvConfig(block_n=16, tile_words=16, num_warps=4)
+
+
+def _inputs(n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator) * 0.05
+    bias = (torch.randn(n, generator=generator) * 0.1).to(dtype)
+    return x, weight, bias
+
+
+def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.float() - expected.float()).abs().max()
+            / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_matches_reference(group_size, dtype, device, poison_outputs):
+    x, weight, bias = _inputs(40, 512, dtype)
+    q, scale = quantize_int8(weight, 512 if group_size == -1 else group_size)
+    out = int_gemv(x.to(device), q.to(device), scale.to(device), bias=bias.to(device),
+                   config=SMALL)
+    expected = weight_only_linear_reference(x, dequantize_int8(q, scale), bias)
+    assert out.dtype == dtype and out.shape == (1, 40)
+    assert _relative(out.cpu(), expected) < 2**-7
+
+
+@pytest.mark.parametrize("group_size,zero_point", [(32, True), (64, False), (128, True),
+                                                   (512, True)])
+def test_int4_matches_reference(group_size, zero_point, device, poison_outputs):
+    x, weight, bias = _inputs(40, 512, seed=1)
+    packed, scale, zero = quantize_int4(weight, group_size, zero_point)
+    out = int_gemv(x.to(device), packed.to(device), scale.to(device), zero.to(device),
+                   bias.to(device), config=SMALL)
+    expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero), bias)
+    assert _relative(out.cpu(), expected) < 2**-7
+
+
+def test_every_byte_and_nibble_value_is_unpacked_exactly(device):
+    """Each weight value in each position of a word: x is one-hot per column, so y[n] is
+    exactly w[n, column] (no rounding anywhere: powers of 2, integers below 2^23)."""
+    k = 64
+    q8 = torch.arange(-128, 128, dtype=torch.int16).reshape(4, k).to(torch.int8)  # every byte
+    q4 = torch.arange(16 * k, dtype=torch.int64).remainder(16).reshape(16, k)
+    q4 = q4[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    ones = torch.ones(4, 1, dtype=torch.float16)
+    for column in range(k):
+        x = torch.zeros(1, k, dtype=torch.float32)
+        x[0, column] = 1.0
+        y8 = int_gemv(x.to(device), q8.to(device), ones.to(device), config=SMALL)
+        assert torch.equal(y8.cpu()[0], q8[:, column].float())
+        y4 = int_gemv(x.to(device), pack_int4(q4).to(device),
+                      torch.ones(16, 1, dtype=torch.float16, device=device),
+                      torch.full((16, 1), 3.0, dtype=torch.float16, device=device), config=SMALL)
+        assert torch.equal(y4.cpu()[0], (q4[:, column] - 3).float())
+
+
+def test_fractional_zero_points_are_exact_enough(device):
+    """GGUF Q4_1 imports carry non-integer zero points (−min / scale): the zero leaves the
+    inner loop as z · Σx, which must not lose them."""
+    x, weight, _ = _inputs(16, 256, torch.float32, seed=3)
+    packed, scale, zero = quantize_int4(weight, 64)
+    zero = zero + 0.37
+    out = int_gemv(x.to(device), packed.to(device), scale.to(device), zero.to(device),
+                   config=SMALL)
+    expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero))
+    assert _relative(out.cpu(), expected) < 1e-5
+
+
+def test_default_config_and_ops_dispatch(device, monkeypatch):
+    """ops sends batch-1 int linears here (KILN_INT_GEMV=0 keeps quant_linear's kernel), and
+    the default config runs with K needing the tile clipped (K = 192: 48 words)."""
+    x, weight, bias = _inputs(24, 192, seed=4)
+    q, scale = quantize_int8(weight, 192)
+    x, q, scale, bias_d = x.to(device), q.to(device), scale.to(device), bias.to(device)
+    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
+    calls = []
+    real = int_gemv_module.int_gemv
+    monkeypatch.setattr(int_gemv_module, "int_gemv",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    expected = weight_only_linear_reference(x.cpu(), dequantize_int8(q.cpu(), scale.cpu()), bias)
+    out = ops.int8_weight_only_linear(x, q, scale, bias_d)
+    assert calls == [1] and _relative(out.cpu(), expected) < 2**-7
+    monkeypatch.setenv("KILN_INT_GEMV", "0")
+    out = ops.int8_weight_only_linear(x, q, scale, bias_d)
+    assert calls == [1] and _relative(out.cpu(), expected) < 2**-7
+
+
+def test_unsupported_inputs_are_named(device):
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    scale = torch.ones(8, 1, dtype=torch.float16)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    assert int_gemv_unsupported_reason(x, q, scale, False) is None
+    assert "one contiguous row" in int_gemv_unsupported_reason(torch.zeros(2, 64), q, scale,
+                                                               False)
+    assert "float16, bfloat16 or float32" in int_gemv_unsupported_reason(
+        x.to(torch.int32), q, scale, False)
+    assert "int8 with 64 columns" in int_gemv_unsupported_reason(x, q[:, :32], scale, False)
+    assert "multiple of 4" in int_gemv_unsupported_reason(
+        torch.zeros(1, 66), torch.zeros(8, 66, dtype=torch.int8), scale, False)
+    assert "whole number of 8-weight words" in int_gemv_unsupported_reason(
+        x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 16, dtype=torch.float16), True)
+    with pytest.raises(ValueError, match="int_gemv: x must be one contiguous row"):
+        int_gemv(torch.zeros(2, 64, device=device), q.to(device), scale.to(device))
+    with pytest.raises(ValueError, match="power of 2"):
+        IntGemvConfig(block_n=12)
