@@ -4,7 +4,7 @@
 # each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
-#   bash benchmarks/quant_run.sh [tests|micro|build|latency|t128|t2048]...
+#   bash benchmarks/quant_run.sh [tests|micro|build|latency|ab|t128|t2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
@@ -52,6 +52,18 @@ for step in "$@"; do
       for name in $ENGINES; do
         bench latency "$name" latency "$(engine_dir $name)" --batch-sizes 1 \
           --ttft-lens ${LATENCY_TTFT:-128 8192} --new-tokens 200
+      done ;;
+    ab)  # batch-1 decode A/B in one call: fp8 with the previous tree's kernels (.ab-prev, a
+      # git archive of the base commit's kiln/) then this tree's; int8-wo / int4-wo with the
+      # conversion kernel (KILN_INT_GEMV=0) then int_gemv; bf16 as the common baseline.
+      for variant in ${AB_VARIANTS:-fp8:prev fp8:new int8-wo:cvt int8-wo:new int4-wo:cvt int4-wo:new bf16:new}; do
+        name=${variant%%:*}; how=${variant#*:}
+        root=$PWD; [ "$how" = prev ] && root=$PWD/.ab-prev
+        ttft="128"; [ "$name" = fp8 ] && ttft="128 8192"
+        flag=1; [ "$how" = cvt ] && flag=0
+        ( export KILN_INT_GEMV=$flag PYTHONPATH=$root:/tmp/site
+          bench ab "$name-$how" latency "$(engine_dir $name)" --batch-sizes 1 --ttft-lens $ttft \
+            --new-tokens 128 )
       done ;;
     t128)
       for name in ${T128_ENGINES:-fp8 bf16}; do

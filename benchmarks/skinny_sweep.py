@@ -6,14 +6,14 @@ Sections:
     copy     2 GiB device-to-device copy, read + write bytes over the time: the ceiling
     compile  every grid config once on a small problem (compile errors recorded, not fatal)
     shapes   q|k|v, o, gate|up, down, lm_head × M in (1, 16) over the whole grid, then
-             M in (2, 4, 8) over the best few (and their 8-token, atomic split-K and
-             no-PDL variants). Every candidate is timed as CALLS back-to-back calls captured in
-             one CUDA graph (median of REPLAYS replays, CUDA events), each call on fresh
-             inputs and the next of ≥ 4 weight copies (≥ 200 MB, so L2 holds none of them);
-             quantising x is part of every fp8 candidate. At M = 1 and 16 each candidate's
-             output is checked against fp8_linear_reference (max abs and relative error;
-             the bf16 ones multiply the dequantised weight by unquantised x, so theirs
-             includes the activation quantisation error).
+             M in (2, 4, 8) over the best few (and their 8-token, atomic and serial
+             split-K and no-PDL variants). Every candidate is timed as CALLS back-to-back
+             calls captured in one CUDA graph (median of REPLAYS replays, CUDA events), each
+             call on fresh inputs and the next of ≥ 4 weight copies (≥ 200 MB, so L2 holds
+             none of them); quantising x is part of every fp8 candidate. At M = 1 and 16
+             each candidate's output is checked against fp8_linear_reference (max abs and
+             relative error; the bf16 ones multiply the dequantised weight by unquantised x,
+             so theirs includes the activation quantisation error).
 
 Output: a table (µs, weight GB/s, % of copy bandwidth) and everything as JSON in
 --out/skinny-sweep-<timestamp>-<device>.json. --budget (s) caps the run: configs left when it
@@ -334,7 +334,8 @@ def run_shape(shape: Shape, grid: list[SkinnyFp8Config], compiled: dict, copy_gb
                 if m <= 8:
                     variants.append(replace(config, tokens=8))
                 if config.split_k > 1:
-                    variants.append(replace(config, split_k_mode="atomic"))
+                    variants += [replace(config, split_k_mode=mode)
+                                 for mode in ("atomic", "serial")]
                 for variant in variants:
                     if not late() and compiled.get(compile_key(variant), "ok") == "ok":
                         rows.append(measure_skinny(shape, m, variant, xs, reference, copy_gb_s,
@@ -377,7 +378,8 @@ def report(shape: Shape, m: int, rows: list[dict]) -> None:
 def compile_all(grid: list[SkinnyFp8Config]) -> dict:
     """Compiles each distinct kernel variant of the grid on a small problem: M is not
     specialised and every N and K here is a multiple of 16, so the shapes share them. (The
-    8-token, atomic and no-PDL variants of the best configs compile when first measured.)"""
+    8-token, atomic, serial and no-PDL variants of the best configs compile when first
+    measured.)"""
     k = 4096 if not ARGS.dry_run else 256
     weight, scale = quantize_weight(torch.randn(256, k, device=ARGS.device))
     x = torch.randn(1, k, device=ARGS.device).to(torch.bfloat16)

@@ -133,16 +133,20 @@ def _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, strid
                      PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUP: tl.constexpr):
     """One tile starting at word `start` of every row."""
     x = tl.load(x_ptr + start * PER_WORD + x_offs).to(tl.float32)  # (TG, GW, PER_WORD)
+    # if/else, not early returns: Triton traces the code after a constexpr-if's return too.
     if PER_CHANNEL:  # INT8 only (int4 is always grouped): the scale waits for the end
-        return _tile_int8(acc, word, x)
-    groups = (start + g_offs * GROUP_WORDS) * PER_WORD // GROUP  # (TG,)
-    s_offs = rows[:, None] * stride_sn + groups[None, :]
-    s = tl.load(scale_ptr + s_offs).to(tl.float32)[:, :, None]  # (BLOCK_N, TG, 1)
-    if INT4:
-        t, x_sum = _tile_int4(word, x)
-        z = tl.load(zero_ptr + s_offs).to(tl.float32)[:, :, None]
-        return acc + s * (t - z * x_sum[None])
-    return acc + s * _tile_int8(tl.zeros(acc.shape, tl.float32), word, x)
+        acc = _tile_int8(acc, word, x)
+    else:
+        groups = (start + g_offs * GROUP_WORDS) * PER_WORD // GROUP  # (TG,)
+        s_offs = rows[:, None] * stride_sn + groups[None, :]
+        s = tl.load(scale_ptr + s_offs).to(tl.float32)[:, :, None]  # (BLOCK_N, TG, 1)
+        if INT4:
+            t, x_sum = _tile_int4(word, x)
+            z = tl.load(zero_ptr + s_offs).to(tl.float32)[:, :, None]
+            acc += s * (t - z * x_sum[None])
+        else:
+            acc += s * _tile_int8(tl.zeros(acc.shape, tl.float32), word, x)
+    return acc
 
 
 @triton.jit

@@ -36,11 +36,24 @@ padding the tokens to 16 costs no time.
 
 Split-K: the H200 has 132 SMs. With BLOCK_N = 128, q|k|v has 48 column blocks and o and down
 32: most SMs would idle while a few stream. SPLIT_K programs per column block each cover
-K / SPLIT_K (whole BLOCK_K tiles, as even as tiles allow) and write their scaled fp32
-partials; a second tiny kernel sums them and adds the bias ("reduce", deterministic, no
-buffer to zero), or the programs `atomic_add` into a zeroed fp32 buffer and the second
-kernel only adds the bias and casts ("atomic"; the zeroing is a memset in the stream, so
-both are CUDA-graph safe and need no host sync). benchmarks/skinny_sweep.py measures both.
+K / SPLIT_K (whole BLOCK_K tiles, as even as tiles allow) and combine in one of three ways:
+  * "reduce" (the default): each writes its scaled fp32 partial to a (SPLIT_K, M, N)
+    workspace; a second tiny kernel sums partials 0..SPLIT_K-1 in order and adds the bias
+    (deterministic, no buffer to zero).
+  * "atomic": the programs `atomic_add` into a zeroed fp32 buffer and the second kernel only
+    adds the bias and casts (the zeroing is a memset in the stream).
+  * "serial": no second kernel. In a decode step each extra launch costs ~2 µs of launch
+    gap, 64 per Llama-8B token. Each program writes its partial as in "reduce", then bumps
+    its column block's int32 arrival counter; the program that arrives last sums the
+    SPLIT_K partials in index order, adds the bias, stores y (bit-identical to "reduce") and
+    resets the counter to 0, so the persistent counter buffer (`split_k_counters`) is clean
+    for the next launch with no memset. Ordering: every thread's partial stores precede
+    (CTA barrier, then a gpu-scope release fence) the acq_rel counter increment, and the
+    last program's partial loads (`.cg`, past L1) follow its acquire of that counter, so
+    the release-acquire pair on one counter makes all SPLIT_K partials visible to it. The
+    counters serve one stream at a time: two serial launches running concurrently on one
+    device (different streams) would share them.
+All three are CUDA-graph safe and need no host sync. benchmarks/skinny_sweep.py measures them.
 
 PDL (programmatic dependent launch, sm_90+, as kiln/kernels/gemv.py): the weights never
 depend on the previous kernel, so before `gdc_wait` each program asks L2 for the first tiles
@@ -70,7 +83,11 @@ MAX_TOKENS = 16  # the MMA's N at most; more rows are a GEMM (torch._scaled_mm)
 MIN_BLOCK_K = 32  # one fp8 wgmma consumes K in steps of 32
 PROMOTION_INTERVAL = 128  # products per fp32 promotion of the MMA accumulator (see above)
 NUM_SMS = 132  # H100 / H200: only for default_skinny_fp8_config's split rule
-SPLIT_K_MODES = ("reduce", "atomic")
+SPLIT_K_MODES = ("reduce", "atomic", "serial")
+# "serial" mode's arrival counters: at least this many per device, one per column block
+# (the LM head of a 128k-vocabulary model has 2,004 blocks of 64 rows), so that they never
+# have to grow while a CUDA graph is being captured.
+MIN_SPLIT_K_COUNTERS = 4096
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,7 @@ class SkinnyFp8Config:
     split_k: int = 1  # programs per column block along K (clipped to K / block_k)
     num_warps: int = 4
     num_stages: int = 4  # tiles in the shared-memory pipeline (num_stages - 1 in flight)
-    split_k_mode: str = "reduce"  # how split partials combine: "reduce" or "atomic"
+    split_k_mode: str = "reduce"  # how split partials combine: "reduce", "atomic", "serial"
     pdl: bool = True  # programmatic dependent launch where available (sm_90+, not interpreted)
 
     def __post_init__(self):
@@ -104,8 +121,10 @@ class SkinnyFp8Config:
 
 def default_skinny_fp8_config(m: int, n: int, k: int) -> SkinnyFp8Config:
     """The rule the tilings sweep found on the H200 (benchmarks/skinny_sweep.py,
-    results/s8-h200-skinny-sweep.json): 64-row programs, 256-deep tiles, 4 warps, 4 stages;
-    8 token columns when M ≤ 8; split K in two only while there are fewer programs than
+    results/s8-h200-skinny-sweep.json): 64-row programs, 256-deep tiles, 4 warps, 4 stages,
+    16 token columns (8 lowers to mma.sync with the weights converted to f16, not wgmma: it
+    measured 6 % faster on q|k|v only, 1-4 % slower elsewhere); split K in two only while
+    there are fewer programs than
     two thirds of the SMs (each split adds a partial-sum pass). At M = 1 this is within 4 %
     of the best measured tiling of every Llama-3.1-8B linear, where the earlier guess (128-row
     programs, split until two programs per SM) was 21-31 % slower on q|k|v, gate|up and down:
@@ -116,8 +135,7 @@ def default_skinny_fp8_config(m: int, n: int, k: int) -> SkinnyFp8Config:
     split_k = 1
     while column_blocks * split_k < 2 * NUM_SMS // 3 and tiles // (2 * split_k) >= 4:
         split_k *= 2
-    return SkinnyFp8Config(block_n, block_k, tokens=8 if m <= 8 else MAX_TOKENS,
-                           split_k=split_k)
+    return SkinnyFp8Config(block_n, block_k, tokens=MAX_TOKENS, split_k=split_k)
 
 
 @triton.jit
@@ -128,21 +146,35 @@ def _prefetch_l2(ptrs):
                               dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _release_fence_gpu():
+    """fence.acq_rel.gpu: this thread's earlier writes (and those the CTA barrier before it
+    ordered) are visible GPU-wide before its later ones. GPU only: the interpreter has no
+    inline assembly (and runs programs one after another, so needs no fence)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _skinny_fp8_kernel(
     xq_ptr,  # (M, K) E4M3, contiguous
     x_scale_ptr,  # (M,) float32
     w_ptr,  # (N, K) E4M3, contiguous
     w_scale_ptr,  # (N,) float32
-    bias_ptr,  # (N,) when HAS_BIAS (only read without SPLIT)
-    out_ptr,  # SPLIT: fp32 partials (SPLIT_K, M, N), or (M, N) if ATOMIC; else y (M, N)
+    bias_ptr,  # (N,) when HAS_BIAS (read unsplit and by "serial"'s last program)
+    out_ptr,  # split: fp32 partials (SPLIT_K, M, N), or (M, N) if "atomic"; unsplit: y (M, N)
+    y_ptr,  # (M, N): "serial" only (its last program per column block writes y)
+    counter_ptr,  # (≥ column blocks,) int32, zero between launches: "serial" only
     M, N, K, SPLIT_K,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MODE: tl.constexpr,  # "unsplit", or the split-K mode: "reduce", "atomic" or "serial"
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKENS: tl.constexpr,
     PROMOTE: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
+    GPU_FENCE: tl.constexpr,  # False under the interpreter (no inline assembly there)
 ):
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features = weight rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features = weight rows
     # Rows past N re-read row N-1 instead of masking: the weight loads stay unmasked and
     # 16 bytes wide; the store drops those rows.
     rows = tl.minimum(cols, N - 1).to(tl.int64)
@@ -179,11 +211,29 @@ def _skinny_fp8_kernel(
     out = acc * x_scale[None, :] * w_scale[:, None]  # (BLOCK_N, TOKENS)
     mask = (tokens[None, :] < M) & (cols[:, None] < N)
     offsets = tokens[None, :] * N + cols[:, None]  # y[m, n] of the (M, N) output
-    if SPLIT:
-        if ATOMIC:
-            tl.atomic_add(out_ptr + offsets, out, mask=mask, sem="relaxed")
-        else:
-            tl.store(out_ptr + pid_k * M * N + offsets, out, mask=mask)
+    if MODE == "atomic":
+        tl.atomic_add(out_ptr + offsets, out, mask=mask, sem="relaxed")
+    elif MODE == "reduce":
+        tl.store(out_ptr + pid_k * M * N + offsets, out, mask=mask)
+    elif MODE == "serial":
+        tl.store(out_ptr + pid_k * M * N + offsets, out, mask=mask)
+        # Release: all of this CTA's partial stores, then the counter (one thread's atomic).
+        tl.debug_barrier()
+        if GPU_FENCE:
+            _release_fence_gpu()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")  # count before ours
+        if arrived == SPLIT_K - 1:  # last of the column block: every partial is written
+            # Acquired above; .cg reads L2, never a stale L1 line. Summed as the reduce
+            # kernel does (partial 0, += 1..SPLIT_K-1, += bias): the same bits.
+            total = tl.load(out_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            for part in range(1, SPLIT_K):
+                total += tl.load(out_ptr + part * M * N + offsets, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cols, mask=cols < N,
+                                 other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offsets, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(counter_ptr + pid_n, 0)  # clean for the next launch: no memset
     else:
         if HAS_BIAS:
             out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
@@ -207,6 +257,36 @@ def _split_k_sum_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_SPLIT_K_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Counter buffers replaced by a larger one: a CUDA graph captured earlier may still address
+# them, so they are never freed (the allocator would hand their memory to someone else).
+_RETIRED_SPLIT_K_COUNTERS: list[torch.Tensor] = []
+
+
+def split_k_counters(device: torch.device, column_blocks: int) -> torch.Tensor:
+    """The persistent, zero-initialised int32 arrival counters of "serial" split-K on
+    `device` (≥ column_blocks of them; each launch leaves them at 0). Growing allocates a new
+    zeroed buffer, which must not happen while a CUDA graph is being captured: the zeroing
+    would only be recorded into the graph, not run, and the buffer would come from the
+    graph's private pool. MIN_SPLIT_K_COUNTERS makes growing never happen for real models,
+    and the eager warm-up before capture (which Triton's compile needs anyway) allocates."""
+    counters = _SPLIT_K_COUNTERS.get(device)
+    if counters is not None and counters.numel() >= column_blocks:
+        return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"serial split-K needs {column_blocks} column-block counters on {device} but has "
+            f"{0 if counters is None else counters.numel()}, and they cannot be allocated "
+            "during CUDA-graph capture: run the same linear once eagerly before capturing, or "
+            "use split_k_mode='reduce'")
+    if counters is not None:
+        _RETIRED_SPLIT_K_COUNTERS.append(counters)
+    counters = torch.zeros(max(MIN_SPLIT_K_COUNTERS, triton.next_power_of_2(column_blocks)),
+                           dtype=torch.int32, device=device)
+    _SPLIT_K_COUNTERS[device] = counters
+    return counters
 
 
 def _check_inputs(x, weight, weight_scale, input_scale, bias, x_scale, out_dtype) -> None:
@@ -267,7 +347,7 @@ def skinny_fp8_linear(
 ) -> torch.Tensor:  # (M, N) in x's dtype (out_dtype with x_scale)
     """Triton twin of `fp8_linear_reference`: one quantiser launch (none with x_scale: x
     came quantised from its producer), the GEMM, and with split-K one small combining
-    launch (plus a memset in "atomic" mode)."""
+    launch (plus a memset in "atomic" mode; none in "serial" mode)."""
     _check_inputs(x, weight, weight_scale, input_scale, bias, x_scale, out_dtype)
     m, k = x.shape
     n = weight.shape[0]
@@ -287,26 +367,31 @@ def skinny_fp8_linear(
     pdl = config.pdl and use_pdl(x)
     # The first num_stages - 1 tiles are what the pipeline's prologue loads (128-byte lines).
     prefetch = min(config.num_stages - 1, tiles // split_k) if pdl and block_k >= 128 else 0
-    atomic = split_k > 1 and config.split_k_mode == "atomic"
-    if split_k == 1:
+    mode = config.split_k_mode if split_k > 1 else "unsplit"
+    column_blocks = triton.cdiv(n, config.block_n)
+    counters = weight_scale  # a placeholder pointer unless "serial"
+    if mode == "unsplit":
         out = y
-    elif atomic:
+    elif mode == "atomic":
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    _skinny_fp8_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        if mode == "serial":
+            counters = split_k_counters(x.device, column_blocks)
+    _skinny_fp8_kernel[(column_blocks, split_k)](
         x_q, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
-        m, n, k, split_k,
-        HAS_BIAS=bias is not None, SPLIT=split_k > 1, ATOMIC=atomic,
+        y, counters, m, n, k, split_k,
+        HAS_BIAS=bias is not None, MODE=mode,
         BLOCK_N=config.block_n, BLOCK_K=block_k, TOKENS=tokens,
         PROMOTE=min(PROMOTION_INTERVAL, block_k), PREFETCH_TILES=prefetch, USE_PDL=pdl,
+        GPU_FENCE=not interpreter_active(),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
-    if split_k > 1:
+    if mode in ("reduce", "atomic"):
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             out, bias if bias is not None else weight_scale, y, m * n, n,
-            1 if atomic else split_k,
+            1 if mode == "atomic" else split_k,
             HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return y

@@ -23,10 +23,12 @@ import pytest
 import torch
 
 from kiln.kernels.quant_linear import FP8_DTYPE, fp8_linear_reference
+from kiln.kernels import skinny_fp8
 from kiln.kernels.skinny_fp8 import (
     SkinnyFp8Config,
     default_skinny_fp8_config,
     skinny_fp8_linear,
+    split_k_counters,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
@@ -36,7 +38,7 @@ SMALL = SkinnyFp8Config(block_n=64, block_k=128, tokens=16, num_stages=2)
 # (N, K, bias): N = 80 leaves a partial 64-row block; K = 384 is 3 tiles (not a power of 2),
 # K = 512 is 4 tiles, which split_k = 3 divides unevenly (1, 1, 2).
 SHAPES = [(80, 512, True), (128, 384, False)]
-SPLITS = [(1, "reduce"), (3, "reduce"), (2, "atomic")]
+SPLITS = [(1, "reduce"), (3, "reduce"), (2, "atomic"), (3, "serial")]
 
 
 def _weights(n: int, k: int, device: str, seed: int = 0):
@@ -149,6 +151,93 @@ def test_prequantized_input_is_the_same_call(m, device, poison_outputs):
     assert torch.equal(out, expected)
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+def test_serial_split_k_is_bit_identical_to_reduce(split_k, m, has_bias, device,
+                                                   poison_outputs):
+    """"serial" sums the same partials in the same order (0..S-1, then the bias) inside the
+    GEMM, so its y has the bits of "reduce"'s; and every column block's counter is back to 0.
+    K = 512 is 4 tiles: split 3 gives programs of 1, 1 and 2 tiles; N = 80 is two blocks,
+    one partial. (The reference check also catches an unwritten, NaN-poisoned y.)"""
+    weight, scale, bias = _weights(80, 512, device, seed=12)
+    bias = bias.to(torch.bfloat16) if has_bias else None
+    x, _ = _exact_activations(m, 512, False, torch.bfloat16, device, seed=13)
+    reduce = SkinnyFp8Config(64, 128, 16, split_k, num_stages=2)
+    serial = SkinnyFp8Config(64, 128, 16, split_k, num_stages=2, split_k_mode="serial")
+    expected = skinny_fp8_linear(x, weight, scale, bias=bias, config=reduce)
+    out = skinny_fp8_linear(x, weight, scale, bias=bias, config=serial)
+    _assert_matches(out, x, weight, scale, None, bias)
+    assert torch.equal(_bits(out), _bits(expected))
+    assert not split_k_counters(x.device, 2).any()
+
+
+def test_serial_split_k_twice_and_across_shapes(device, poison_outputs):
+    """The counters one launch leaves are what the next needs: consecutive calls (new
+    inputs, then a wider N on the same counters, then the first shape again) are all right."""
+    config = SkinnyFp8Config(64, 128, 16, split_k=2, num_stages=2, split_k_mode="serial")
+    narrow, wide = _weights(80, 256, device, seed=14), _weights(320, 256, device, seed=15)
+    for (weight, scale, bias), seed in ((narrow, 16), (narrow, 17), (wide, 18), (narrow, 19)):
+        x, _ = _exact_activations(3, 256, False, torch.bfloat16, device, seed=seed)
+        out = skinny_fp8_linear(x, weight, scale, bias=bias, config=config)
+        _assert_matches(out, x, weight, scale, None, bias)
+        assert not split_k_counters(x.device, 5).any()
+
+
+def test_split_k_counters_grow_zeroed_and_keep_the_old_buffer(device, monkeypatch):
+    """Growing replaces the buffer with a larger zeroed one; the old one stays referenced (a
+    CUDA graph captured earlier may still address it)."""
+    monkeypatch.setattr(skinny_fp8, "_SPLIT_K_COUNTERS", {})
+    monkeypatch.setattr(skinny_fp8, "_RETIRED_SPLIT_K_COUNTERS", [])
+    first = split_k_counters(torch.device(device), 1)
+    assert first.numel() >= skinny_fp8.MIN_SPLIT_K_COUNTERS and first.dtype == torch.int32
+    assert split_k_counters(torch.device(device), 100) is first
+    grown = split_k_counters(torch.device(device), first.numel() + 1)
+    assert grown.numel() > first.numel() and not grown.any()
+    assert skinny_fp8._RETIRED_SPLIT_K_COUNTERS == [first]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real widths, CUDA graphs")
+@pytest.mark.parametrize("split_k", [2, 8])
+def test_serial_split_k_in_a_cuda_graph_has_the_bits_of_reduce(split_k):
+    """On the GPU the split programs of a column block really race to its counter (64 blocks
+    × split_k programs, 20 launches per graph replay, each reusing the counters the last one
+    reset): a memory-ordering bug shows as a y that differs from "reduce"'s, or a counter
+    left non-zero."""
+    weight, scale, bias = _weights(4096, 4096, "cuda", seed=20)
+    bias = bias.to(torch.bfloat16)
+    x, _ = _exact_activations(4, 4096, False, torch.bfloat16, "cuda", seed=21)
+    reduce = SkinnyFp8Config(64, 256, 8, split_k)
+    serial = SkinnyFp8Config(64, 256, 8, split_k, split_k_mode="serial")
+    expected = skinny_fp8_linear(x, weight, scale, bias=bias, config=reduce)
+    warm_up = skinny_fp8_linear(x, weight, scale, bias=bias, config=serial)  # compiles
+    assert torch.equal(_bits(warm_up), _bits(expected))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [skinny_fp8_linear(x, weight, scale, bias=bias, config=serial)
+                for _ in range(20)]
+    for _ in range(5):
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(_bits(out), _bits(expected)) for out in outs)
+        assert not split_k_counters(x.device, 64).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture")
+def test_split_k_counters_refuse_to_grow_during_capture(monkeypatch):
+    monkeypatch.setattr(skinny_fp8, "_SPLIT_K_COUNTERS", {})
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be allocated during CUDA-graph capture"):
+        with torch.cuda.graph(graph):
+            split_k_counters(torch.device("cuda", torch.cuda.current_device()), 1)
+
+
 def test_bad_prequantized_input_is_refused_naming_the_problem(device):
     weight, scale, _ = _weights(64, 128, device)
     x_q = torch.zeros(2, 128, dtype=FP8_DTYPE, device=device)
@@ -169,8 +258,7 @@ def test_default_config_follows_the_sweep_rule():
         (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))] == [
         1, 2, 1, 2, 1]
     assert default_skinny_fp8_config(1, 6144, 4096).block_n == 64
-    assert default_skinny_fp8_config(8, 6144, 4096).tokens == 8
-    assert default_skinny_fp8_config(9, 6144, 4096).tokens == 16
+    assert default_skinny_fp8_config(1, 6144, 4096).tokens == 16  # wgmma's N (see above)
     # A tensor-parallel shard of q|k|v (3072 rows: 48 blocks) splits; a short K never
     # splits below 4 tiles per program.
     assert default_skinny_fp8_config(1, 3072, 4096).split_k == 2
