@@ -66,11 +66,16 @@ class IntGemvConfig:
 
 
 def default_int_gemv_config(n: int, k: int, int4: bool) -> IntGemvConfig:
-    """Narrow programs on big matrices (more of them in flight), wider on small ones, as the
-    bf16 GEMV's measured decode_config (kernels/gemv.py)."""
+    """From the H200 tiling grid (benchmarks/quant_bench.py, QUANT_BENCH_INT_GRID=1;
+    results/s8-h200-int-gemv-grid.json), Llama-3.1-8B shapes: int8 streams 512-byte row tiles,
+    8 rows over 2 warps on the 25-50 MB matrices and 16 rows over 4 warps on the larger ones
+    (within 5 % of each shape's best); int4, bound by the unpacking's instruction issue, 16
+    rows over 4 warps with 256-byte tiles (within 4 % of the best per layer)."""
+    if int4:
+        return IntGemvConfig(block_n=16, tile_words=64, num_warps=4)
     if n * k >= 48 * 2**20:
-        return IntGemvConfig(block_n=8, tile_words=64, num_warps=4)
-    return IntGemvConfig(block_n=16, tile_words=64, num_warps=4)
+        return IntGemvConfig(block_n=16, tile_words=128, num_warps=4)
+    return IntGemvConfig(block_n=8, tile_words=128, num_warps=2)
 
 
 @triton.jit
