@@ -14,28 +14,10 @@ import torch
 
 from kiln.kernels.skinny_fp8 import default_skinny_fp8_config, skinny_fp8_linear
 from kiln.quant.quantize import quantize_fp8_per_channel
+from quant_bench import timed  # this folder is on sys.path when a script here runs
 
 SHAPES = {"o": (4096, 4096), "down": (4096, 14336), "qkv_tp2": (3072, 4096)}
 COPIES = 6
-
-
-def time_us(fn, calls: int = 50, replays: int = 7) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[replays // 2]
 
 
 def main() -> None:
@@ -59,7 +41,7 @@ def main() -> None:
                     return skinny_fp8_linear(x, *weights[turn[0]], config=config)
 
                 results[mode] = call()
-                us = time_us(call)
+                us = timed(call, 50)
                 rows.append({"shape": name, "n": n, "k": k, "m": m, "split_k": base.split_k,
                              "mode": mode, "us": round(us, 2),
                              "gb_s": round(n * k / us / 1e3, 1)})
