@@ -4,7 +4,7 @@
 # each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
-#   bash benchmarks/quant_run.sh [tests|micro|build|latency|ab|t128|t2048]...
+#   bash benchmarks/quant_run.sh [tests|micro|build|latency|ab|eval8b|t128|t2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
@@ -64,6 +64,18 @@ for step in "$@"; do
         ( export KILN_INT_GEMV=$flag PYTHONPATH=$root:/tmp/site
           bench ab "$name-$how" latency "$(engine_dir $name)" --batch-sizes 1 --ttft-lens $ttft \
             --new-tokens 128 )
+      done ;;
+    eval8b)  # each quantised 8B engine against the bf16 one (same random weights): top-1
+      # agreement and KL on 50,000 tokens of held-out ShareGPT text read with SmolLM2's
+      # tokenizer (carry .bench-tok and .eval-text: text from kiln.evaluate.corpus's
+      # evaluation split); the fast kernels at real shapes against bf16
+      for name in ${EVAL_ENGINES:-fp8 int8-wo int4-wo}; do
+        timeout ${EVAL_TIMEOUT:-180} python3 -P -m kiln.cli eval "$(engine_dir $name)" \
+          --compare "$(engine_dir bf16)" --tokenizer .bench-tok \
+          --dataset-path .eval-text/sharegpt-eval-replies.jsonl --num-tokens 50000 --no-progress \
+          --output-json "$OUT/eval8b-$name.json" > "$OUT/eval8b-$name.log" 2>&1
+        echo "== eval8b $name" | tee -a "$OUT/quant.txt"
+        grep -E "agreement|KL|perplexity|rror" "$OUT/eval8b-$name.log" | head -8 | tee -a "$OUT/quant.txt"
       done ;;
     t128)
       for name in ${T128_ENGINES:-fp8 bf16}; do

@@ -266,17 +266,11 @@ def _server_info(client: httpx.Client) -> dict:
 
 
 def local_tokenizer(model: str):
-    """The tokenizer of another model (an engine dir, HF dir, .gguf or 'smollm2'), for
-    servers whose engine has none (random-weight benchmark engines): ShareGPT prompts are
-    then sent as that tokenizer's ids, which any vocabulary at least as large accepts."""
-    from kiln.compiler.manifest import open_engine
-    from kiln.checkpoint.tokenizer import load_tokenizer
-    from kiln.compiler.engine_cache import resolve_engine
+    """The tokenizer of another model, for servers whose engine has none (random-weight
+    benchmark engines): ShareGPT prompts are then sent as that tokenizer's ids."""
+    from kiln.checkpoint.tokenizer import model_tokenizer
 
-    info = open_engine(resolve_engine(model), verify_hashes=False)
-    if info.tokenizer_dir is None:
-        raise KilnError(f"{model} has no tokenizer")
-    return load_tokenizer(info.tokenizer_dir)
+    return model_tokenizer(model)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

@@ -46,21 +46,10 @@ def structured_constraint(kind: str) -> StructuredOutputsParams:
 
 def grammar_tokenizer(source: str, vocab_size: int):
     """The tokenizer a random-weight engine's grammars use: a directory of tokenizer files
-    (tokenizer.json), or whatever `local_tokenizer` opens. Its ids must fit the model's."""
-    from kiln.bench.serving import local_tokenizer
-    from kiln.errors import KilnError
+    (tokenizer.json), or another model's. Its ids must fit the model's."""
+    from kiln.checkpoint.tokenizer import borrowed_tokenizer
 
-    path = Path(source)
-    if (path / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    else:
-        tokenizer = local_tokenizer(source)
-    if len(tokenizer) > vocab_size:
-        raise KilnError(f"--tokenizer {source} has {len(tokenizer)} tokens, more than the "
-                        f"model's {vocab_size}")
-    return tokenizer
+    return borrowed_tokenizer(source, vocab_size)
 
 
 def fifty_field_schema(salt: str) -> dict:

@@ -118,3 +118,33 @@ def special_tokens_of(tokenizer) -> dict[str, str]:
     """bos_token / eos_token etc. as the template variables HF templates expect."""
     names = ("bos_token", "eos_token", "unk_token", "pad_token")
     return {name: getattr(tokenizer, name) or "" for name in names}
+
+
+def model_tokenizer(model: str):
+    """The tokenizer of another model (an engine dir, HF dir, .gguf or 'smollm2'), for
+    engines that have none (random-weight benchmark engines): text is then read as that
+    tokenizer's ids, which any vocabulary at least as large accepts."""
+    from kiln.compiler.engine_cache import resolve_engine
+    from kiln.compiler.manifest import open_engine
+
+    info = open_engine(resolve_engine(model), verify_hashes=False)
+    if info.tokenizer_dir is None:
+        raise KilnError(f"{model} has no tokenizer")
+    return load_tokenizer(info.tokenizer_dir)
+
+
+def borrowed_tokenizer(source: str, vocab_size: int, flag: str = "--tokenizer"):
+    """A directory of tokenizer files (tokenizer.json), or whatever `model_tokenizer` opens,
+    checked to fit a model of `vocab_size` tokens (its ids index that model's embedding)."""
+    path = Path(source)
+    if (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    else:
+        tokenizer = model_tokenizer(source)
+    if len(tokenizer) > vocab_size:
+        raise KilnError(f"{flag} {source} has {len(tokenizer):,} tokens, more than the "
+                        f"model's {vocab_size:,}")
+    return tokenizer
+

@@ -22,7 +22,7 @@ def _engine_dir(model: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from kiln.checkpoint.tokenizer import load_tokenizer
+    from kiln.checkpoint.tokenizer import borrowed_tokenizer, load_tokenizer
     from kiln.evaluate.corpus import SHAREGPT, documents, token_stream
     from kiln.evaluate.forward import TeacherForcedModel
     from kiln.evaluate.perplexity import evaluate, format_table
@@ -46,9 +46,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"--compare {args.compare}: vocabulary of {other.vocab_size} tokens, the engine "
                 f"has {model.vocab_size}; compare builds of the same model"
             )
-    if model.engine.tokenizer_dir is None:
-        raise KilnError(f"{args.engine}: the engine has no tokenizer, so it cannot read text")
-    tokenizer = load_tokenizer(model.engine.tokenizer_dir)
+    if args.tokenizer:  # a random-weight engine reads the text through another model's ids
+        tokenizer = borrowed_tokenizer(args.tokenizer, model.vocab_size)
+    elif model.engine.tokenizer_dir is None:
+        raise KilnError(f"{args.engine}: the engine has no tokenizer, so it cannot read text "
+                        "(a random-weight engine: give --tokenizer MODEL to borrow one)")
+    else:
+        tokenizer = load_tokenizer(model.engine.tokenizer_dir)
     source = args.dataset_path or SHAREGPT
     token_ids = token_stream(tokenizer, documents(source, "evaluation"), args.num_tokens + 1)
     if len(token_ids) < 2:
@@ -94,6 +98,10 @@ def add_eval_parsers(commands) -> None:
     evaluate.add_argument("--dataset-path", metavar="FILE", default=None,
                           help="text or JSONL ({'text': ...} per line) to evaluate on (default: "
                           "ShareGPT replies of odd-indexed conversations, never used to calibrate)")
+    evaluate.add_argument("--tokenizer", metavar="MODEL", default=None,
+                          help="read the text with this model's tokenizer (a tokenizer dir, "
+                          "engine, .gguf or 'smollm2'); for engines without one, such as "
+                          "random-weight builds compared with each other (its ids must fit)")
     evaluate.add_argument("--num-tokens", type=int, default=DEFAULT_NUM_TOKENS,
                           help=f"predicted tokens to evaluate (default {DEFAULT_NUM_TOKENS:,})")
     evaluate.add_argument("--window", type=int, default=DEFAULT_WINDOW,

@@ -143,3 +143,27 @@ def test_cli_eval_compare_and_verify_on_a_tiny_gguf(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "plain"), "--against", str(tmp_path / "plain"),
                  "--device", "cpu"]) == 0
     assert "no layer crosses the threshold" in capsys.readouterr().out
+
+
+def test_cli_eval_borrows_a_tokenizer_for_an_engine_without_one(tiny, tmp_path, capsys):
+    """A random-weight engine has no tokenizer: --tokenizer reads the text through another
+    model's (here a tiny GGUF engine's 40 tokens, inside the tiny engine's 64); one larger
+    than the model's vocabulary is refused, naming both sizes."""
+    from kiln.checkpoint.tokenizer import borrowed_tokenizer
+    from kiln.errors import KilnError
+    from tests.checkpoint.test_gguf import write_tiny_gguf
+
+    _, engine = tiny
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "hello world " * 30}) for _ in range(4)))
+    write_tiny_gguf(tmp_path / "t.gguf", hidden=64, inter=128, heads=4, kv_heads=2, layers=1)
+    lender = tmp_path / "lender"
+    assert main(["build", str(tmp_path / "t.gguf"), "-o", str(lender), "--dtype", "float32"]) == 0
+    out = tmp_path / "r.json"
+    assert main(["eval", str(engine), "--compare", str(engine), "--tokenizer", str(lender),
+                 "--dataset-path", str(text), "--num-tokens", "60", "--window", "32",
+                 "--output-json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["num_tokens"] == 60 and payload["compare"]["top1_agreement"] == 1.0
+    with pytest.raises(KilnError, match="--tokenizer .* has 40 tokens, more than the model's 32"):
+        borrowed_tokenizer(str(lender), 32)
