@@ -6,7 +6,10 @@ Why: the general kernel (kernels/quant_linear.py) converts every weight to fp32 
 clock of copy bandwidth (4.1 TB/s over 132 SMs at 1.98 GHz). int8 then streams at ~55 % of
 the copy rate and int4 (two conversions per byte) at ~15-25 % (benchmarks/results/
 s8-h200-quant-micro-base.json). Integer and/or, shifts and fp32 adds issue at 64-128 per SM
-per clock, so the same values built from bits leave the kernel bound by bytes again.
+per clock instead. Measured on the H200 (batch-1 decode of the random 8B): int8-wo 245 → 335
+and int4-wo 153 → 286 tok/s. Not yet at the copy rate: the sm_90 SASS of the default tilings
+spends ~9 instructions per int4 weight (~8.6 per int8), against the ~4 (int4) / ~8 (int8)
+the card can issue per weight at the copy rate; see BENCHMARKS.md for the breakdown.
 
 The trick (the "magic number" conversion of FasterTransformer and Marlin, in fp32 so it needs
 no packed-half instructions): OR an unsigned b-bit field into the mantissa of 2^23 and read
@@ -22,9 +25,10 @@ undoes the 2^s on x (a power of 2: exact) instead of shifting every weight:
     int4  fields at bits 0, 4, 8, 12, 16 of the word and 0, 4, 8 of word >> 20:
           (field | 2^23 as bits) − 2^23 = q · 2^s;  w = (q − z) · s_g
 
-Per weight: one and-or (a `lop3`), one fp32 subtract, one FMA, plus a shift per word; the
-zero point leaves the inner loop as Σ s_g (q − z) x = s_g (Σ q x − z Σ x), with Σ x per word
-shared by every row of the program. Scales are per output channel (applied once at the end)
+Per weight: an and and an or (two LOP3s in the SASS: the 2^23 constant is an immediate), one
+fp32 subtract, one FMA, plus a shift per word and the x side (load, scale by 2^-s, Σ x) per
+row a thread holds; the zero point leaves the inner loop as
+Σ s_g (q − z) x = s_g (Σ q x − z Σ x), with Σ x per word shared by every row of the program. Scales are per output channel (applied once at the end)
 or per group of G inputs (a tile is TILE_GROUPS groups of GROUP_WORDS words; each group's
 partial sum is scaled once).
 
@@ -33,7 +37,7 @@ flight, the first one loaded before the PDL wait (as kernels/gemv.py: weights ne
 the previous kernel). Accumulation fp32, one reduction across the tile at the end.
 
 The torch references are quant_linear.dequantize_int8 / dequantize_int4 followed by
-weight_only_linear_reference. M > 1 stays on quant_linear's kernel (tensor cores).
+weight_only_linear_reference. M > 1 stays on quant_linear's kernel (tl.dot).
 """
 
 from __future__ import annotations

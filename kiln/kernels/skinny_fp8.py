@@ -53,7 +53,10 @@ K / SPLIT_K (whole BLOCK_K tiles, as even as tiles allow) and combine in one of 
     the release-acquire pair on one counter makes all SPLIT_K partials visible to it. The
     counters serve one stream at a time: two serial launches running concurrently on one
     device (different streams) would share them.
-All three are CUDA-graph safe and need no host sync. benchmarks/skinny_sweep.py measures them.
+All three are CUDA-graph safe and need no host sync. benchmarks/skinny_sweep.py measures them;
+on the H200 "serial" timed the same as "reduce" (the second launch was already hidden under
+PDL: o 9.72 vs 9.68 µs, down 26.21 vs 26.10 at M = 1) and "atomic" 1.4-1.8 µs slower, so
+"reduce" stays the default (results/s8-h200-skinny-split-modes.json).
 
 PDL (programmatic dependent launch, sm_90+, as kiln/kernels/gemv.py): the weights never
 depend on the previous kernel, so before `gdc_wait` each program asks L2 for the first tiles
