@@ -1,0 +1,70 @@
+"""Compiles kernels ahead of time for sm_90 (Hopper) on a machine without a GPU and prints
+what their PTX contains, as JSON: run by tests/kernels/test_sm90_lowering.py in a fresh
+process (the tests run Triton's interpreter, whose kernels cannot be compiled).
+
+A GPU-only compile error (one the interpreter does not raise: Triton traces the code after a
+`return` inside a constexpr `if`, for instance) then fails on the CPU, not on the device."""
+
+from __future__ import annotations
+
+import json
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kiln.kernels.int_gemv import _int_gemv_kernel
+from kiln.kernels.skinny_fp8 import _skinny_fp8_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+ALIGNED = [["tt.divisibility", 16]]
+
+
+def compile_ptx(kernel, signature: dict, constants: dict, num_warps: int = 4) -> str:
+    """PTX of `kernel` for sm_90; pointers and integer arguments marked 16-aligned as a launch
+    on real tensors would specialise them."""
+    attrs = {(name,): ALIGNED for name, kind in signature.items() if kind != "constexpr"
+             and not kind.startswith("fp")}
+    signature = {**signature, **{name: "constexpr" for name in constants}}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
+
+
+def int_gemv_variants() -> dict:
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_sn": "i32",
+                 "zero_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
+                 "WORDS": "i32"}
+    variants = {  # name: (INT4, PER_CHANNEL, GROUP, TILE_GROUPS, GROUP_WORDS, BLOCK_N, warps)
+        "int8_per_channel": (False, True, 4096, 1, 128, 8, 2),
+        "int8_grouped": (False, False, 128, 4, 32, 16, 4),
+        "int4_grouped": (True, False, 128, 4, 16, 16, 4),
+    }
+    out = {}
+    for name, (int4, per_channel, group, groups, words, block_n, warps) in variants.items():
+        ptx = compile_ptx(_int_gemv_kernel, signature, {
+            "INT4": int4, "PER_CHANNEL": per_channel, "HAS_BIAS": True, "GROUP": group,
+            "BLOCK_N": block_n, "TILE_GROUPS": groups, "GROUP_WORDS": words, "USE_PDL": True,
+        }, warps)
+        out[name] = {"conversions_from_int": ptx.count("cvt.rn.f32.s") + ptx.count("cvt.rn.f32.u"),
+                     "griddepcontrol": "griddepcontrol.wait" in ptx}
+    return out
+
+
+def skinny_fp8_variants() -> dict:
+    signature = {"xq_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
+                 "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*fp32",
+                 "y_ptr": "*bf16", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                 "SPLIT_K": "i32"}
+    out = {}
+    for mode in ("unsplit", "reduce", "serial"):
+        ptx = compile_ptx(_skinny_fp8_kernel, signature, {
+            "HAS_BIAS": True, "MODE": mode, "BLOCK_N": 64, "BLOCK_K": 256, "TOKENS": 16,
+            "PROMOTE": 128, "PREFETCH_TILES": 3, "USE_PDL": True, "GPU_FENCE": True,
+        })
+        out[mode] = {"wgmma_e4m3": "wgmma" in ptx and "e4m3" in ptx,
+                     "atomic": "atom.global" in ptx, "fence": "fence.acq_rel.gpu" in ptx}
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps({"int_gemv": int_gemv_variants(), "skinny_fp8": skinny_fp8_variants()}))
