@@ -33,7 +33,8 @@ COPIES = 4
 # weight (BENCHMARKS.md, int4 roofline note).
 INT_GEMV_GRID = [
     IntGemvConfig(block_n, tile_words, warps)
-    for block_n, tile_words, warps in itertools.product((8, 16, 32, 64), (32, 64, 128), (1, 2, 4, 8))
+    for block_n, tile_words, warps in itertools.product((8, 16, 32, 64), (32, 64, 128),
+                                                        (1, 2, 4, 8))
 ] if os.environ.get("QUANT_BENCH_INT_GRID") == "1" else []
 
 
