@@ -24,7 +24,7 @@ bench() {  # bench STEP ENGINE ARGS...: its JSON becomes $OUT/STEP-ENGINE.json
   timeout ${BENCH_TIMEOUT:-240} python3 -P -m kiln.cli bench "$@" --output-dir "$dir" > "$OUT/$step-$name.log" 2>&1
   cp "$dir"/*.json "$OUT/$step-$name.json" 2>/dev/null
   echo "== $step $name" | tee -a "$OUT/quant.txt"
-  grep -E "^(output_tok_s|bs1_decode_tok_s|bs1_pct_of_copy|ttft|startup_s|bs1_gpu_ms_per_step|bs1_cpu_ms_per_step|batched_gpu_ms_per_step|batched_cpu_ms_per_step|num_kv_blocks)|Error|error" \
+  grep -E "^(output_tok_s|bs1_decode_tok_s|bs1_pct_of_copy|ttft|startup_s|bs1_gpu_ms_per_step|bs1_cpu_ms_per_step|batched_gpu_ms_per_step|batched_cpu_ms_per_step|batched_cpu_below_gpu|num_kv_blocks)|Error|error" \
     "$OUT/$step-$name.log" | head -20 | tee -a "$OUT/quant.txt"
 }
 for step in "$@"; do

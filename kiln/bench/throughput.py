@@ -105,18 +105,27 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     output_tokens = 0
     preemptions = 0
     stopped = 0
+    by_rows: dict[int, list[float]] = {}  # rows bucket → [steps, host seconds, GPU seconds]
+    stats = engine.stats  # updated in place by step()
     while engine.has_unfinished_requests():
+        host, gpu = stats.host_seconds, stats.gpu_seconds
+        finished = 0
         for output in engine.step():
             if output.finished:
+                finished += 1
                 output_tokens += len(output.outputs[0].token_ids)
                 stopped += output.outputs[0].finish_reason == "stop"
                 preemptions += sum(m.num_preemptions for m in output.metrics)
                 if progress is not None:
                     progress.update(len(output.outputs[0].token_ids))
         steps += 1
+        bucket = by_rows.setdefault(rows_bucket(engine.scheduler.num_running + finished),
+                                    [0, 0.0, 0.0])
+        bucket[0] += 1
+        bucket[1] += stats.host_seconds - host
+        bucket[2] += stats.gpu_seconds - gpu
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    stats = engine.stats
     grammar = {}
     if grammar_host is not None:
         # Host time of the grammar per masked step: mask rows filled, matchers advanced.
@@ -129,6 +138,7 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
                        1e3 * (manager.advance_seconds - grammar_host[1]) / num_masks}
     return {
         **grammar,
+        **rows_breakdown(by_rows),
         "seconds": seconds,
         "steps": steps,
         "preemptions": preemptions,  # each one recomputes the request's tokens so far
@@ -151,6 +161,29 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         # Requests that ended before max_tokens (ignore_eos is on: only a complete grammar).
         "stopped_early": stopped,
     }
+
+
+def rows_bucket(rows: int) -> int:
+    """The power of 2 at or above a step's row count (its requests: running after the step,
+    plus those it finished)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def rows_breakdown(by_rows: dict[int, list[float]]) -> dict:
+    """CPU and GPU ms per step by batch size (rows ≤ 1, 2, 4, ...), for the check that host
+    time stays below device time at every batch size, and (where steps are timed on a
+    device) whether it does in every bucket. Under overlap scheduling a step's GPU seconds
+    are collected a step late, so a bucket's figure mixes neighbouring steps."""
+    metrics = {}
+    for bucket in sorted(by_rows):
+        steps, host, gpu = by_rows[bucket]
+        metrics[f"steps_rows_le{bucket}"] = steps
+        metrics[f"cpu_ms_per_step_rows_le{bucket}"] = 1e3 * host / steps
+        metrics[f"gpu_ms_per_step_rows_le{bucket}"] = 1e3 * gpu / steps
+    if any(gpu for _, _, gpu in by_rows.values()):  # device timing exists (not the CPU)
+        metrics["cpu_below_gpu_every_rows_bucket"] = float(all(
+            host < gpu for _, host, gpu in by_rows.values()))
+    return metrics
 
 
 def run_sequential(engine: LLMEngine, requests: list[BenchRequest], progress: Progress | None = None) -> dict:

@@ -27,7 +27,26 @@ def test_batched_and_sequential_runs_produce_every_token(engine):
     assert batched["steps"] >= 3 and batched["preemptions"] == 0
     assert batched["output_tok_s"] == pytest.approx(18 / batched["seconds"])
     assert batched["triton_compiles"] >= 0  # the CPU runs the reference kernels: no Triton
+    # The per-batch-size breakdown covers every step, and its host time is the total's.
+    buckets = [int(key.removeprefix("steps_rows_le")) for key in batched
+               if key.startswith("steps_rows_le")]
+    assert buckets and set(buckets) <= {1, 2, 4} and max(buckets) == 4  # max_num_seqs 4
+    assert sum(batched[f"steps_rows_le{b}"] for b in buckets) == batched["steps"]
+    assert sum(batched[f"steps_rows_le{b}"] * batched[f"cpu_ms_per_step_rows_le{b}"]
+               for b in buckets) == pytest.approx(batched["steps"] * batched["cpu_ms_per_step"])
+    assert "cpu_below_gpu_every_rows_bucket" not in batched  # no device timing on the CPU
     sequential = run_sequential(engine, requests)
     assert sequential["output_tokens"] == 6 * 3
     assert sequential["requests_s"] == pytest.approx(6 / sequential["seconds"])
     assert not engine.has_unfinished_requests()
+
+
+def test_rows_buckets_are_the_power_of_2_at_or_above():
+    from kiln.bench.throughput import rows_bucket, rows_breakdown
+
+    assert [rows_bucket(rows) for rows in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [
+        1, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+    timed = rows_breakdown({4: [2, 0.002, 0.010], 1024: [1, 0.030, 0.020]})
+    assert timed["cpu_ms_per_step_rows_le4"] == pytest.approx(1.0)
+    assert timed["gpu_ms_per_step_rows_le1024"] == pytest.approx(20.0)
+    assert timed["cpu_below_gpu_every_rows_bucket"] == 0.0  # 30 ms of host over 20 of GPU
