@@ -74,31 +74,52 @@ def test_100_random_disconnects_free_everything(server):
     server.wait_idle()
     idle_free_blocks = scheduler.kv_cache_manager.num_free_blocks
     rng = random.Random(0)
-    # First tokens of 100 requests arriving together come after ~2 s on 2 CPU cores; delays up
-    # to 5 s catch requests queued, in prefill and in decode.
-    plans = [(rng.uniform(0.0, 5.0), rng.randint(2, 16), rng.random() < 0.5) for _ in range(100)]
+    # Three ways to leave, chosen per client so that each phase is hit however fast or loaded
+    # the machine is (fixed delays made the outcome depend on the machine's speed): "early"
+    # clients give up 0-0.3 s after sending, while the 100 requests that arrived together
+    # are still queued or in prefill (their first tokens take seconds on 2 CPU cores);
+    # "mid-stream" ones close a stream after reading k < max_tokens token events (decode);
+    # the rest stay to the end, streamed or not.
+    plans = []
+    for _ in range(100):
+        max_tokens, draw = rng.randint(2, 16), rng.random()
+        if draw < 0.4:
+            plans.append(("early", max_tokens, rng.random() < 0.5, rng.uniform(0.0, 0.3)))
+        elif draw < 0.8:
+            plans.append(("mid-stream", max_tokens, True, rng.randint(1, max_tokens - 1)))
+        else:
+            plans.append(("complete", max_tokens, rng.random() < 0.5, None))
 
-    async def one(client: httpx.AsyncClient, index: int, delay: float, max_tokens: int, stream: bool) -> str:
+    async def one(client: httpx.AsyncClient, index: int, way: str, max_tokens: int,
+                  stream: bool, limit: float | int | None) -> str:
         """How far this client got before it went away: 'nothing' (queued or in prefill),
         'mid-stream' (some tokens read) or 'complete'."""
         body = {"model": MODEL, "prompt": f"Story {index}: once upon a time", "max_tokens": max_tokens,
                 "ignore_eos": True, "stream": stream}
-        chunks = 0
+        events = 0
 
-        async def request() -> None:
-            nonlocal chunks
-            if stream:
-                async with client.stream("POST", "/v1/completions", json=body) as response:
-                    async for _ in response.aiter_bytes():
-                        chunks += 1
-            else:
+        async def request() -> bool:
+            """Whether the client left before the end (a mid-stream client after `limit`
+            token events; the stream may carry fewer events than tokens, then it ends)."""
+            nonlocal events
+            if not stream:
                 await client.post("/v1/completions", json=body)
+                return False
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        events += 1
+                        if way == "mid-stream" and events == limit:
+                            return True  # closes the stream with tokens still to come
+            return False
 
-        try:
-            await asyncio.wait_for(request(), timeout=delay)
-        except asyncio.TimeoutError:  # the client goes away after `delay`
-            return "mid-stream" if chunks else "nothing"
-        return "complete"
+        if way == "early":
+            try:
+                await asyncio.wait_for(request(), timeout=limit)
+            except asyncio.TimeoutError:  # the client goes away
+                return "mid-stream" if events else "nothing"
+            return "complete"
+        return "mid-stream" if await request() else "complete"
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60,
