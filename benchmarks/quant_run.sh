@@ -67,8 +67,11 @@ for step in "$@"; do
       done ;;
     eval8b)  # each quantised 8B engine against the bf16 one (same random weights): top-1
       # agreement and KL on 50,000 tokens of held-out ShareGPT text read with SmolLM2's
-      # tokenizer (carry .bench-tok and .eval-text: text from kiln.evaluate.corpus's
-      # evaluation split); the fast kernels at real shapes against bf16
+      # tokenizer (carry .bench-tok and .eval-text; the text, ~70,000 SmolLM2 tokens of the
+      # evaluation split, made on the CPU machine by: mkdir .eval-text; python -c "import json,
+      # itertools; from kiln.evaluate.corpus import sharegpt_replies as r; open('.eval-text/
+      # sharegpt-eval-replies.jsonl', 'w').writelines(json.dumps({'text': t}) + '\n' for t in
+      # itertools.islice(r('evaluation'), 282))"); the fast kernels at real shapes vs bf16
       for name in ${EVAL_ENGINES:-fp8 int8-wo int4-wo}; do
         timeout ${EVAL_TIMEOUT:-180} python3 -P -m kiln.cli eval "$(engine_dir $name)" \
           --compare "$(engine_dir bf16)" --tokenizer .bench-tok \
