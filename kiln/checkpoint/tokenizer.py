@@ -137,12 +137,8 @@ def borrowed_tokenizer(source: str, vocab_size: int, flag: str = "--tokenizer"):
     """A directory of tokenizer files (tokenizer.json), or whatever `model_tokenizer` opens,
     checked to fit a model of `vocab_size` tokens (its ids index that model's embedding)."""
     path = Path(source)
-    if (path / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    else:
-        tokenizer = model_tokenizer(source)
+    tokenizer = (load_tokenizer(path) if (path / "tokenizer.json").is_file()
+                 else model_tokenizer(source))
     if len(tokenizer) > vocab_size:
         raise KilnError(f"{flag} {source} has {len(tokenizer):,} tokens, more than the "
                         f"model's {vocab_size:,}")

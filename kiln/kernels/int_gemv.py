@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_utils import launchable, pdl_prologue, use_pdl
+from kiln.kernels.triton_utils import launchable, pdl_prologue, power_of_2_dividing, use_pdl
 
 MAGIC = 0x4B000000  # the bits of 2^23 as fp32
 
@@ -201,10 +201,6 @@ def _int_gemv_kernel(
     tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
-def _power_of_2_dividing(value: int) -> int:
-    return value & -value
-
-
 def int_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                 int4: bool) -> str | None:
     """Why int_gemv cannot take these inputs (the dispatcher then uses quant_linear), or
@@ -219,8 +215,10 @@ def int_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: to
     if (weight.dtype, weight.shape[1]) != expected or not weight.is_contiguous():
         return (f"weight must be contiguous {expected[0]} with {expected[1]} columns for "
                 f"K = {k}; got {weight.dtype} {tuple(weight.shape)}")
-    if k % per_word or weight.data_ptr() % 4:
+    if k % per_word:
         return f"K = {k} must be a multiple of {per_word} (whole 32-bit words per row)"
+    if weight.data_ptr() % 4:
+        return "weight must start on a 4-byte boundary (it is read as 32-bit words)"
     groups = scale.shape[1]
     if groups < 1 or k % groups or (k // groups) % per_word:
         return (f"the group size K / {groups} must be a whole number of {per_word}-weight "
@@ -240,10 +238,18 @@ def int_gemv(
     config: IntGemvConfig | None = None,
 ) -> torch.Tensor:  # (1, N) in x's dtype
     """Triton twin of weight_only_linear_reference(x, dequantize_int8 / dequantize_int4)."""
-    int4 = zero is not None
-    reason = int_gemv_unsupported_reason(x, weight, scale, int4)
+    reason = int_gemv_unsupported_reason(x, weight, scale, zero is not None)
     if reason is not None:
         raise ValueError(f"int_gemv: {reason}")
+    return launch_int_gemv(x, weight, scale, zero, bias, config=config)
+
+
+def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor | None, bias: torch.Tensor | None, *,
+                    config: IntGemvConfig | None = None) -> torch.Tensor:
+    """int_gemv for inputs int_gemv_unsupported_reason already accepted (the dispatcher
+    checks once per call, not twice)."""
+    int4 = zero is not None
     n, k = weight.shape[0], x.shape[1]
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     if n == 0:
@@ -252,10 +258,11 @@ def int_gemv(
     words = k // per_word
     group = k // scale.shape[1]
     config = config or default_int_gemv_config(n, k, int4)
-    tile_words = min(config.tile_words, _power_of_2_dividing(words))
+    tile_words = min(config.tile_words, power_of_2_dividing(words))
     per_channel = group == k and not int4
+    # A power of 2 (a divisor of tile_words) dividing the words of a group: sub-tiles never
+    # straddle two groups.
     group_words = tile_words if per_channel else math.gcd(tile_words, group // per_word)
-    group_words = _power_of_2_dividing(group_words)
     pdl = use_pdl(x)
     launchable(_int_gemv_kernel, x)[(triton.cdiv(n, config.block_n),)](
         x, weight.view(torch.int32), scale, scale.stride(0),

@@ -247,21 +247,17 @@ def _scaled_mm_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 INT8_TRITON_MAX_ROWS = 512
 
 
-def _int_gemv_takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    zero: torch.Tensor | None) -> bool:
-    """Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
-    conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel."""
-    return (env_flag("KILN_INT_GEMV", default=True)
-            and int_gemv.int_gemv_unsupported_reason(x, weight, scale, zero is not None) is None)
-
-
 def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     x = x.contiguous()
     rows = x.shape[0]
-    triton_rows = INT8_TRITON_MAX_ROWS if kind == quant_linear.KIND_INT8 else quant_linear.MAX_GEMV_ROWS
-    if rows == 1 and _int_gemv_takes(x, weight, scale, zero):
-        return int_gemv.int_gemv(x, weight, scale, zero, bias)
+    triton_rows = (INT8_TRITON_MAX_ROWS if kind == quant_linear.KIND_INT8
+                   else quant_linear.MAX_GEMV_ROWS)
+    # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
+    # conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel.
+    if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)
+            and int_gemv.int_gemv_unsupported_reason(x, weight, scale, zero is not None) is None):
+        return int_gemv.launch_int_gemv(x, weight, scale, zero, bias)
     if rows <= triton_rows:
         return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
     dense = quant_linear.dequantize(kind, weight, scale, zero, x.dtype)

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels.triton_utils import dot_dtype, interpreter_active, use_pdl
+from kiln.kernels.triton_utils import dot_dtype, interpreter_active, power_of_2_dividing, use_pdl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -307,10 +307,6 @@ def _quant_gemm_kernel(
              out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _power_of_2_dividing(value: int) -> int:
-    return value & -value
-
-
 def quant_linear(
     x: torch.Tensor,  # (M, K)
     kind: int,  # KIND_FP8 / KIND_INT8 / KIND_INT4
@@ -345,7 +341,7 @@ def quant_linear(
     if m == 0:
         return y
     config = config or default_quant_config(m, n)
-    block_k = min(config.block_k, _power_of_2_dividing(k), _power_of_2_dividing(group))
+    block_k = min(config.block_k, power_of_2_dividing(k), power_of_2_dividing(group))
     if block_k < (32 if kind == KIND_INT4 else 16):
         raise ValueError(f"K {k} and group size {group} need a power-of-2 tile ≥ 16 dividing both")
     act = ACT_NONE

@@ -32,6 +32,12 @@ def interpreter_active() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
+def power_of_2_dividing(value: int) -> int:
+    """The largest power of 2 that divides `value` (> 0): the widest power-of-2 tile that
+    walks it without a remainder."""
+    return value & -value
+
+
 def env_flag(name: str, default: bool) -> bool:
     """A 0/1 switch from the environment (unset or empty: default). Anything else is an error
     naming the variable, so a misspelt value (`true`, `on`) never silently does nothing."""

@@ -59,13 +59,15 @@ def rms_norm_to_fp8(
     spec: Fp8OutputSpec,
 ) -> tuple[Fp8Activation, torch.Tensor | None]:
     """(quantised norm(x + residual) · weight, x + residual in x's dtype or None)."""
-    op = fused_quant.rms_norm_fp8 if ops.use_fast_kernels(x) else fused_quant.rms_norm_fp8_reference
+    fast = ops.use_fast_kernels(x)
+    op = fused_quant.rms_norm_fp8 if fast else fused_quant.rms_norm_fp8_reference
     values, scale, new_residual = op(x, weight, eps, residual, spec.input_scale())
     return Fp8Activation(values, scale, torch.promote_types(weight.dtype, x.dtype)), new_residual
 
 
 def silu_and_mul_to_fp8(x: torch.Tensor, spec: Fp8OutputSpec) -> Fp8Activation:
     """(T, 2I) [gate | up] → quantised silu(gate) · up, (T, I)."""
-    op = fused_quant.silu_and_mul_fp8 if ops.use_fast_kernels(x) else fused_quant.silu_and_mul_fp8_reference
+    fast = ops.use_fast_kernels(x)
+    op = fused_quant.silu_and_mul_fp8 if fast else fused_quant.silu_and_mul_fp8_reference
     values, scale = op(x, spec.input_scale())
     return Fp8Activation(values, scale, x.dtype)

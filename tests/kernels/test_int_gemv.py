@@ -98,8 +98,8 @@ def test_default_config_and_ops_dispatch(device, monkeypatch):
     x, q, scale, bias_d = x.to(device), q.to(device), scale.to(device), bias.to(device)
     monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
     calls = []
-    real = int_gemv_module.int_gemv
-    monkeypatch.setattr(int_gemv_module, "int_gemv",
+    real = int_gemv_module.launch_int_gemv  # what ops calls once it has checked the inputs
+    monkeypatch.setattr(int_gemv_module, "launch_int_gemv",
                         lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     expected = weight_only_linear_reference(x.cpu(), dequantize_int8(q.cpu(), scale.cpu()), bias)
     out = ops.int8_weight_only_linear(x, q, scale, bias_d)
@@ -121,6 +121,8 @@ def test_unsupported_inputs_are_named(device):
     assert "int8 with 64 columns" in int_gemv_unsupported_reason(x, q[:, :32], scale, False)
     assert "multiple of 4" in int_gemv_unsupported_reason(
         torch.zeros(1, 66), torch.zeros(8, 66, dtype=torch.int8), scale, False)
+    misaligned = torch.zeros(8 * 64 + 1, dtype=torch.int8)[1:].view(8, 64)  # contiguous, odd
+    assert "4-byte boundary" in int_gemv_unsupported_reason(x, misaligned, scale, False)
     assert "whole number of 8-weight words" in int_gemv_unsupported_reason(
         x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 16, dtype=torch.float16), True)
     with pytest.raises(ValueError, match="int_gemv: x must be one contiguous row"):
