@@ -26,12 +26,12 @@ def positive_int(text: str) -> int:
 def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from kiln.bench.datasets import load_requests, sample_sharegpt, save_requests, synthetic_requests
     from kiln.bench.progress import Progress
-    from kiln.bench.serving import local_tokenizer
     from kiln.bench.results import write_result
     from kiln.bench.throughput import (
         grammar_compile_figures, grammar_tokenizer, length_stats, run_batched, run_sequential,
         structured_constraint,
     )
+    from kiln.checkpoint.tokenizer import model_tokenizer
     from kiln.entrypoints import LLM
 
     llm = LLM(model=args.model, **engine_kwargs(args), **speculative_kwargs(args))
@@ -39,7 +39,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     if args.dataset == "file":
         requests = load_requests(args.dataset_path, engine.model_config.vocab_size)[: args.num_prompts]
     elif args.dataset == "sharegpt":
-        tokenizer = local_tokenizer(args.tokenizer) if args.tokenizer else llm.tokenizer
+        tokenizer = model_tokenizer(args.tokenizer) if args.tokenizer else llm.tokenizer
         if tokenizer is None:
             raise KilnError("--dataset sharegpt needs an engine with a tokenizer (or --tokenizer); "
                             "use --dataset random")

@@ -40,6 +40,7 @@ from kiln.bench.datasets import (
     synthetic_requests,
 )
 from kiln.bench.progress import Progress
+from kiln.checkpoint.tokenizer import model_tokenizer
 from kiln.errors import KilnError
 
 PERCENTILES = (50, 90, 99)
@@ -265,14 +266,6 @@ def _server_info(client: httpx.Client) -> dict:
     return response.json()["data"][0]
 
 
-def local_tokenizer(model: str):
-    """The tokenizer of another model, for servers whose engine has none (random-weight
-    benchmark engines): ShareGPT prompts are then sent as that tokenizer's ids."""
-    from kiln.checkpoint.tokenizer import model_tokenizer
-
-    return model_tokenizer(model)
-
-
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     import torch
 
@@ -289,7 +282,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         if args.dataset == "file":
             requests = load_requests(args.dataset_path)[: args.num_prompts]
         elif args.dataset == "sharegpt":
-            tokenizer = local_tokenizer(args.tokenizer) if args.tokenizer else RemoteTokenizer(client)
+            # A server whose engine has none (random-weight engines): another model's ids.
+            tokenizer = model_tokenizer(args.tokenizer) if args.tokenizer else RemoteTokenizer(client)
             requests = sample_sharegpt(tokenizer, args.num_prompts, max_model_len, args.seed)
         else:
             requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
