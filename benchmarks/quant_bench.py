@@ -28,14 +28,16 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 ROWS = tuple(int(m) for m in os.environ.get("QUANT_BENCH_ROWS", "1 4 16 512 4096").split())
 COPIES = 4
-# int_gemv tilings timed at M = 1 when QUANT_BENCH_INT_GRID=1 (the default config always
-# runs through ops). 64 rows or 1 warp give a thread 8 rows: fewer x-side instructions per
-# weight (BENCHMARKS.md, int4 roofline note).
+# int_gemv tilings timed at M = 1 when QUANT_BENCH_INT_GRID is set: "1" for every
+# combination below, or a list of rows x words x warps ("64x32x2 16x64x1"). 64 rows or 1 warp
+# give a thread 8 rows: fewer x-side instructions per weight (BENCHMARKS.md, int4 roofline
+# note). benchmarks/int_gemv_pick.py picks the fastest per format from the results.
+_GRID = os.environ.get("QUANT_BENCH_INT_GRID", "")
 INT_GEMV_GRID = [
     IntGemvConfig(block_n, tile_words, warps)
     for block_n, tile_words, warps in itertools.product((8, 16, 32, 64), (32, 64, 128),
                                                         (1, 2, 4, 8))
-] if os.environ.get("QUANT_BENCH_INT_GRID") == "1" else []
+] if _GRID == "1" else [IntGemvConfig(*map(int, tag.split("x"))) for tag in _GRID.split()]
 
 
 def timed(fn, iterations: int = 20) -> float:

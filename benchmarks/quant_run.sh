@@ -4,7 +4,7 @@
 # each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
-#   bash benchmarks/quant_run.sh [tests|micro|build|latency|ab|eval8b|t128|t2048]...
+#   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|t128|t2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
@@ -12,7 +12,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
+# SKIP_INSTALL=1: another invocation installed them (two at once would race on /tmp/site).
+[ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+  --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
 kiln() { python3 -P -m kiln.cli "$@"; }
 ENGINES=${ENGINES:-"bf16 fp8 int8-wo int4-wo"}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a "$OUT/quant.txt"
@@ -30,12 +32,18 @@ bench() {  # bench STEP ENGINE ARGS...: its JSON becomes $OUT/STEP-ENGINE.json
 for step in "$@"; do
   case $step in
     tests)
-      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py \
-        > "$OUT/gpu_tests.log" 2>&1
+      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
+        ${TESTS:-tests/gpu/test_quant_gpu.py tests/kernels/test_int_gemv.py} > "$OUT/gpu_tests.log" 2>&1
       tail -8 "$OUT/gpu_tests.log" | tee -a "$OUT/quant.txt" ;;
     micro)
       timeout ${MICRO_TIMEOUT:-90} python3 benchmarks/quant_bench.py --out "$OUT" > "$OUT/micro.log" 2>&1
-      grep -E "M=    1|M=   16|M=  512|M= 4096" "$OUT/micro.log" | tee -a "$OUT/quant.txt" ;;
+      grep -E "M=    1|M=   16|M=  512|M= 4096" "$OUT/micro.log" | grep -v "_gemv_n" | tee -a "$OUT/quant.txt" ;;
+    pick)  # after micro with QUANT_BENCH_INT_GRID: the fastest int_gemv tiling per format,
+      # used by the ab variants ":tuned" (KILN_INT_GEMV_TILING) later in this invocation
+      TUNED=$(python3 benchmarks/int_gemv_pick.py "$OUT/quant_bench.json" 2> "$OUT/pick.log")
+      head -6 "$OUT/pick.log" | tee -a "$OUT/quant.txt"
+      grep "^int8" "$OUT/pick.log" | head -5 | tee -a "$OUT/quant.txt"
+      echo "tuned: $TUNED" | tee -a "$OUT/quant.txt" ;;
     build)
       # All at once (each needs ~10-16 GB of host memory: quantised builds quantise layer
       # by layer); the times printed are each build's own wall time under that sharing.
@@ -55,13 +63,15 @@ for step in "$@"; do
       done ;;
     ab)  # batch-1 decode A/B in one call: fp8 with the previous tree's kernels (.ab-prev, a
       # git archive of the base commit's kiln/) then this tree's; int8-wo / int4-wo with the
-      # conversion kernel (KILN_INT_GEMV=0) then int_gemv; bf16 as the common baseline.
+      # conversion kernel (KILN_INT_GEMV=0) then int_gemv; ":tuned" = int_gemv with the
+      # tiling the pick step chose; bf16 as the common baseline.
       for variant in ${AB_VARIANTS:-fp8:prev fp8:new int8-wo:cvt int8-wo:new int4-wo:cvt int4-wo:new bf16:new}; do
         name=${variant%%:*}; how=${variant#*:}
         root=$PWD; [ "$how" = prev ] && root=$PWD/.ab-prev
         ttft="128"; [ "$name" = fp8 ] && ttft="128 8192"
         flag=1; [ "$how" = cvt ] && flag=0
-        ( export KILN_INT_GEMV=$flag PYTHONPATH=$root:/tmp/site
+        tiling=""; [ "$how" = tuned ] && tiling=${TUNED:-}
+        ( export KILN_INT_GEMV=$flag PYTHONPATH=$root:/tmp/site KILN_INT_GEMV_TILING=$tiling
           bench ab "$name-$how" latency "$(engine_dir $name)" --batch-sizes 1 --ttft-lens $ttft \
             --new-tokens 128 )
       done ;;

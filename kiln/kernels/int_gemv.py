@@ -43,7 +43,9 @@ weight_only_linear_reference. M > 1 stays on quant_linear's kernel (tl.dot).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +70,38 @@ class IntGemvConfig:
                 raise ValueError(f"{name} must be a power of 2; got {value}")
 
 
+TILING_ENV = "KILN_INT_GEMV_TILING"
+
+
+@functools.lru_cache(maxsize=8)
+def _tiling_override(value: str) -> dict[str, IntGemvConfig]:
+    """KILN_INT_GEMV_TILING, e.g. "int4=64x32x2,int8=8x128x1" (rows × words × warps per
+    format): one tiling for every shape of a format, so a benchmark can A/B a tiling end to
+    end without a code change. Malformed entries are an error naming the variable."""
+    configs = {}
+    for entry in filter(None, (part.strip() for part in value.split(","))):
+        fmt, _, spec = entry.partition("=")
+        numbers = spec.split("x")
+        if fmt not in ("int4", "int8") or len(numbers) != 3 or not all(
+                number.isdigit() for number in numbers):
+            raise ValueError(f"{TILING_ENV}: expected entries like int4=64x32x2 (rows x words "
+                             f"x warps, for int4 or int8); got {entry!r}")
+        try:
+            configs[fmt] = IntGemvConfig(*(int(number) for number in numbers))
+        except ValueError as error:
+            raise ValueError(f"{TILING_ENV}: {entry!r}: {error}") from None
+    return configs
+
+
 def default_int_gemv_config(n: int, k: int, int4: bool) -> IntGemvConfig:
     """From the H200 tiling grid (benchmarks/quant_bench.py, QUANT_BENCH_INT_GRID=1;
     results/s8-h200-int-gemv-grid.json), Llama-3.1-8B shapes: int8 streams 512-byte row tiles,
     8 rows over 2 warps on the 25-50 MB matrices and 16 rows over 4 warps on the larger ones
     (within 5 % of each shape's best); int4, bound by the unpacking's instruction issue, 16
     rows over 4 warps with 256-byte tiles (within 4 % of the best per layer)."""
+    override = _tiling_override(os.environ.get(TILING_ENV, "")).get("int4" if int4 else "int8")
+    if override is not None:
+        return override
     if int4:
         return IntGemvConfig(block_n=16, tile_words=64, num_warps=4)
     if n * k >= 48 * 2**20:

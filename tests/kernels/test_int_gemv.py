@@ -129,3 +129,19 @@ def test_unsupported_inputs_are_named(device):
         int_gemv(torch.zeros(2, 64, device=device), q.to(device), scale.to(device))
     with pytest.raises(ValueError, match="power of 2"):
         IntGemvConfig(block_n=12)
+
+
+def test_tiling_override_from_the_environment(monkeypatch):
+    """KILN_INT_GEMV_TILING (the benchmark's end-to-end A/B of a tiling) replaces the default
+    for the formats it names; a malformed value is an error naming the variable."""
+    default_int4 = int_gemv_module.default_int_gemv_config(4096, 4096, True)
+    monkeypatch.setenv("KILN_INT_GEMV_TILING", "int8=8x128x1")
+    assert int_gemv_module.default_int_gemv_config(4096, 4096, False) == IntGemvConfig(8, 128, 1)
+    assert int_gemv_module.default_int_gemv_config(4096, 4096, True) == default_int4
+    monkeypatch.setenv("KILN_INT_GEMV_TILING", "int4=64x32x2, int8=16x64x4")
+    assert int_gemv_module.default_int_gemv_config(8, 64, True) == IntGemvConfig(64, 32, 2)
+    for bad, message in (("int4=64x32", "expected entries like"), ("fp8=1x1x1", "fp8=1x1x1"),
+                         ("int4=64x30x2", "tile_words must be a power of 2")):
+        monkeypatch.setenv("KILN_INT_GEMV_TILING", bad)
+        with pytest.raises(ValueError, match=f"KILN_INT_GEMV_TILING.*{message}"):
+            int_gemv_module.default_int_gemv_config(8, 64, True)
