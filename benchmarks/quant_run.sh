@@ -101,5 +101,8 @@ for step in "$@"; do
   esac
 done
 # Everything but the summary in one archive (the device tool returns a few files only).
-( cd "$OUT" && tar czf results.tgz --exclude=quant.txt --exclude=results.tgz . && \
-  find . -type f ! -name quant.txt ! -name results.tgz -delete )
+# Written outside $OUT first: tar reading the directory it writes into fails ("file changed
+# as we read it") and then nothing was deleted, so the archive did not come back either.
+( cd "$OUT" && tar czf /tmp/quant-results.tgz --exclude=quant.txt --exclude=results.tgz . ; \
+  mv /tmp/quant-results.tgz results.tgz && \
+  find . -mindepth 1 ! -name quant.txt ! -name results.tgz -delete )

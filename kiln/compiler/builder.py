@@ -91,11 +91,18 @@ def _resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -> set[int]:
+def _random_init(model: CausalLM, seed: int, dtype: torch.dtype,
+                 quantize_each_layer: bool = True) -> set[int]:
     """Hugging Face-style init: normal(0, 0.02) matrices, ones for norms, zeros for biases.
     A quantised linear layer gets a full-precision normal(0, 0.02) weight through its
     method, as a checkpoint's would arrive; the builder then quantises it
-    (process_weights_after_loading), as after a checkpoint's weights."""
+    (process_weights_after_loading), as after a checkpoint's weights.
+
+    The draws come in the model's parameter order whatever the scheme, and a quantised
+    layer's weight is drawn whole at its layer's turn, in the build dtype, as an unquantised
+    layer's is: so --quant fp8 and the bf16 build of one seed hold the same weights, and
+    `kiln eval --compare` between them measures quantisation (drawn after the other
+    parameters, as before, the quantised builds were unrelated models: 0 % agreement)."""
     # Drawn on the GPU when there is one: an 8B model's 8 G normal samples take minutes on a CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -104,42 +111,46 @@ def _random_init(model: CausalLM, seed: int, quantize_each_layer: bool = True) -
         noise = torch.empty(shape, dtype=torch.float32, device=device)
         return noise.normal_(0, 0.02, generator=generator)
 
-    for name, param in model.named_parameters():
-        if has_fixed_dtype(param):
-            continue  # a quantised layer's own tensors: made by its method below
-        if name.endswith("bias"):
-            param.data.zero_()
-        elif param.dim() == 1:
-            param.data.fill_(1.0)
-        else:
-            param.data.copy_(normal(param.shape).to(param.dtype))
-    processed = set()
-    for layer in model.modules():
-        if isinstance(layer, LinearBase) and not isinstance(
-            layer.quant_method, UnquantizedLinearMethod
-        ):
-            _random_init_quantized(layer, normal)
+    seen: set[int] = set()
+    processed: set[int] = set()
+    for module in model.modules():  # named_parameters' order: modules, then their own
+        quantised = isinstance(module, LinearBase) and not isinstance(
+            module.quant_method, UnquantizedLinearMethod)
+        if quantised:
+            _random_init_quantized(module, normal, dtype)
             if quantize_each_layer:
                 # Quantised now, so only one layer's full-precision weight exists at a time
                 # (an 8B model's would be 16 GB of host memory); returned so the builder's
                 # after-loading pass skips it (that step runs once per layer).
-                layer.process_weights_after_loading()
-                processed.add(id(layer))
+                module.process_weights_after_loading()
+                processed.add(id(module))
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or has_fixed_dtype(param):
+                continue  # tied, or a quantised layer's own tensors (made above)
+            seen.add(id(param))
+            if name.endswith("bias"):
+                param.data.zero_()
+            elif param.dim() == 1:
+                param.data.fill_(1.0)
+            elif not quantised:
+                param.data.copy_(normal(param.shape).to(param.dtype))
     return processed
 
 
-def _random_init_quantized(layer: LinearBase, normal) -> None:
+def _random_init_quantized(layer: LinearBase, normal, dtype: torch.dtype) -> None:
+    """The layer's whole (output, input) weight in one draw, rounded to the build dtype as
+    an unquantised layer's (and a checkpoint's), then handed over part by part (q, k, v)."""
     if "weight" not in layer.quant_method.checkpoint_tensor_names():
         raise KilnError(
             f"{layer.prefix}: its quantisation method loads pre-quantised checkpoints only, "
             f"so it cannot build random weights"
         )
+    weight = normal((layer.output_size, layer.input_size)).to(dtype).cpu()
     for part_id in layer.part_ids:
         placement = layer.placement(part_id)
-        shape = (placement.checkpoint_output_size, placement.checkpoint_input_size)
-        layer.load_checkpoint_tensor(
-            "weight", normal(shape).cpu(), part_id=part_id, source_name=f"{layer.prefix}.weight"
-        )
+        rows = weight.narrow(0, placement.output_offset, placement.output_size)
+        layer.load_checkpoint_tensor("weight", rows, part_id=part_id,
+                                     source_name=f"{layer.prefix}.weight")
 
 
 def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
@@ -251,7 +262,7 @@ def build_engine(
         torch.set_default_dtype(previous_dtype)
     processed: set[int] = set()
     if build_config.random_weights:
-        processed = _random_init(model, build_config.seed,
+        processed = _random_init(model, build_config.seed, dtype,
                                  quantize_each_layer=not build_config.calibration)
     else:
         names = checkpoint.tensors.names()

@@ -81,7 +81,7 @@ def random_model_parts(model_config: ModelConfig, dtype: torch.dtype, seed: int)
     from kiln.compiler.builder import _random_init
 
     model = construct_model(model_config, NO_QUANTIZATION, SINGLE_PROCESS, dtype)
-    _random_init(model, seed)
+    _random_init(model, seed, dtype)
     return dict(model_named_parts(model))
 
 

@@ -8,9 +8,10 @@ the copy rate and int4 (two conversions per byte) at ~15-25 % (benchmarks/result
 s8-h200-quant-micro-base.json). Integer and/or, shifts and fp32 adds issue at 64-128 per SM
 per clock instead. Measured on the H200 (batch-1 decode of the random 8B): int8-wo 245 → 335
 and int4-wo 153 → 286 tok/s. Not yet at the copy rate: the sm_90 SASS of the default tilings
-spent ~9.4 instructions per int4 weight (~8.6 per int8) in those runs, against the ~4
-(int4) / ~8 (int8) the card can issue per weight at the copy rate (BENCHMARKS.md); keeping
-2^23 in a register since cut the static count by 9-13 % (not re-measured yet).
+spends ~9.4 instructions per int4 weight (~8.6 per int8), against the ~4 (int4) / ~8
+(int8) the card can issue per weight at the copy rate (BENCHMARKS.md). Fewer static
+instructions did not measure faster: 2^23 in a register (−9 to −13 %) was 5 % slower, and
+tilings giving a thread 8 rows (−30 %) lost to the 2-row default in the tiling grid.
 
 The trick (the "magic number" conversion of FasterTransformer and Marlin, in fp32 so it needs
 no packed-half instructions): OR an unsigned b-bit field into the mantissa of 2^23 and read
@@ -26,7 +27,7 @@ undoes the 2^s on x (a power of 2: exact) instead of shifting every weight:
     int4  fields at bits 0, 4, 8, 12, 16 of the word and 0, 4, 8 of word >> 20:
           (field | 2^23 as bits) − 2^23 = q · 2^s;  w = (q − z) · s_g
 
-Per weight: one and-or (a LOP3, with 2^23's bits in a register), one fp32 subtract, one FMA,
+Per weight: an and and an or (two LOP3s: 2^23 is an immediate), one fp32 subtract, one FMA,
 plus a shift per word and the x side (load, scale by 2^-s, Σ x) per row a thread holds. The
 zero point leaves the inner loop as Σ s_g (q − z) x = s_g (Σ q x − z Σ x), with Σ x per
 word shared by every row of the program. Scales are per output channel (applied once at the
@@ -53,9 +54,6 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_utils import launchable, pdl_prologue, power_of_2_dividing, use_pdl
-
-MAGIC = 0x4B000000  # the bits of 2^23 as fp32
-
 
 @dataclass(frozen=True)
 class IntGemvConfig:
@@ -110,12 +108,12 @@ def default_int_gemv_config(n: int, k: int, int4: bool) -> IntGemvConfig:
 
 
 @triton.jit
-def _field(word, mask, offset: tl.constexpr, magic):
+def _field(word, mask, offset: tl.constexpr):
     """(word & mask) | 2^23 as fp32, minus 2^23 + offset: the field times 2^(its bit
-    position), less `offset` in the same units. Exact (integers below 2^23). `magic` is
-    2^23's bits passed at run time: as a register, and-or is one LOP3 (an immediate 2^23
-    and the immediate mask made it two: −9 to −13 % SASS instructions, sm_90)."""
-    bits = (word & mask) | magic
+    position), less `offset` in the same units. Exact (integers below 2^23). 2^23's bits
+    stay an immediate: passed as a register (one LOP3 per field instead of two, −9 to −13 %
+    static SASS) it measured 5 % slower on the H200 (BENCHMARKS.md, 2026-12-03)."""
+    bits = (word & mask) | 0x4B000000
     return bits.to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
 
@@ -135,59 +133,59 @@ def _columns4(x):
 
 
 @triton.jit
-def _tile_int8(acc, word, x, magic):
+def _tile_int8(acc, word, x):
     """acc (BLOCK_N, TG, GW) += Σ_i q_i · x_i per word; x (TG, GW, 4) fp32."""
     x0, x1, x2, x3 = _columns4(x)
     u = word ^ -0x7F7F7F80  # 0x80808080 as an int32: each byte's sign bit flipped, q + 128
     high = u >> 16  # bytes 2 and 3 to bits 0 and 8 (the masks drop the sign fill)
-    acc += _field(u, 0xFF, 128.0, magic) * x0[None]
-    acc += _field(u, 0xFF00, 32768.0, magic) * (x1 * 0.00390625)[None]  # field · 2^8: x / 2^8
-    acc += _field(high, 0xFF, 128.0, magic) * x2[None]
-    acc += _field(high, 0xFF00, 32768.0, magic) * (x3 * 0.00390625)[None]
+    acc += _field(u, 0xFF, 128.0) * x0[None]
+    acc += _field(u, 0xFF00, 32768.0) * (x1 * 0.00390625)[None]  # field · 2^8: x / 2^8
+    acc += _field(high, 0xFF, 128.0) * x2[None]
+    acc += _field(high, 0xFF00, 32768.0) * (x3 * 0.00390625)[None]
     return acc
 
 
 @triton.jit
-def _tile_int4(word, x, magic):
+def _tile_int4(word, x):
     """(Σ_i q_i · x_i per word (BLOCK_N, TG, GW), Σ_i x_i per word (TG, GW)); x (TG, GW, 8)."""
     even, odd = _halves(x)
     x0, x2, x4, x6 = _columns4(even)
     x1, x3, x5, x7 = _columns4(odd)
     high = word >> 20  # nibbles 5, 6, 7 to bits 0, 4, 8
-    t = _field(word, 0xF, 0.0, magic) * x0[None]
-    t += _field(word, 0xF0, 0.0, magic) * (x1 * 0.0625)[None]
-    t += _field(word, 0xF00, 0.0, magic) * (x2 * 0.00390625)[None]
-    t += _field(word, 0xF000, 0.0, magic) * (x3 * 0.000244140625)[None]
-    t += _field(word, 0xF0000, 0.0, magic) * (x4 * 0.0000152587890625)[None]
-    t += _field(high, 0xF, 0.0, magic) * x5[None]
-    t += _field(high, 0xF0, 0.0, magic) * (x6 * 0.0625)[None]
-    t += _field(high, 0xF00, 0.0, magic) * (x7 * 0.00390625)[None]
+    t = _field(word, 0xF, 0.0) * x0[None]
+    t += _field(word, 0xF0, 0.0) * (x1 * 0.0625)[None]
+    t += _field(word, 0xF00, 0.0) * (x2 * 0.00390625)[None]
+    t += _field(word, 0xF000, 0.0) * (x3 * 0.000244140625)[None]
+    t += _field(word, 0xF0000, 0.0) * (x4 * 0.0000152587890625)[None]
+    t += _field(high, 0xF, 0.0) * x5[None]
+    t += _field(high, 0xF0, 0.0) * (x6 * 0.0625)[None]
+    t += _field(high, 0xF00, 0.0) * (x7 * 0.00390625)[None]
     return t, x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
 
 
 @triton.jit
 def _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, stride_sn, rows,
-                     g_offs, magic, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                     g_offs, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
                      PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUP: tl.constexpr):
     """One tile starting at word `start` of every row."""
     x = tl.load(x_ptr + start * PER_WORD + x_offs).to(tl.float32)  # (TG, GW, PER_WORD)
     # if/else, not early returns: Triton traces the code after a constexpr-if's return too.
     if PER_CHANNEL:  # INT8 only (int4 is always grouped): the scale waits for the end
-        acc = _tile_int8(acc, word, x, magic)
+        acc = _tile_int8(acc, word, x)
     else:
         groups = (start + g_offs * GROUP_WORDS) * PER_WORD // GROUP  # (TG,)
         s_offs = rows[:, None] * stride_sn + groups[None, :]
         s = tl.load(scale_ptr + s_offs).to(tl.float32)[:, :, None]  # (BLOCK_N, TG, 1)
         if INT4:
-            t, x_sum = _tile_int4(word, x, magic)
+            t, x_sum = _tile_int4(word, x)
             z = tl.load(zero_ptr + s_offs).to(tl.float32)[:, :, None]
             acc += s * (t - z * x_sum[None])
         else:
-            acc += s * _tile_int8(tl.zeros(acc.shape, tl.float32), word, x, magic)
+            acc += s * _tile_int8(tl.zeros(acc.shape, tl.float32), word, x)
     return acc
 
 
-@triton.jit(do_not_specialize=["magic"])
+@triton.jit
 def _int_gemv_kernel(
     x_ptr,  # (K,) float
     w_ptr,  # (N, WORDS) int32: the int8 (N, K) or packed-int4 (N, K / 2) weight as words
@@ -195,7 +193,7 @@ def _int_gemv_kernel(
     zero_ptr,  # int4: (N, K / G) float16
     bias_ptr,  # (N,) when HAS_BIAS
     y_ptr,  # (N,)
-    N, WORDS, magic,  # magic: MAGIC (2^23's bits) as a run-time value, see _field
+    N, WORDS,
     INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -215,11 +213,11 @@ def _int_gemv_kernel(
     for start in range(0, WORDS - TILE_WORDS, TILE_WORDS):  # one tile always in flight
         next_word = tl.load(w_ptrs + start + TILE_WORDS)
         acc = _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr,
-                               stride_sn, rows, g_offs, magic, INT4, PER_CHANNEL, PER_WORD,
+                               stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
                                GROUP_WORDS, GROUP)
         word = next_word
     acc = _accumulate_tile(acc, word, x_ptr, x_offs, WORDS - TILE_WORDS, scale_ptr, zero_ptr,
-                           stride_sn, rows, g_offs, magic, INT4, PER_CHANNEL, PER_WORD,
+                           stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
                            GROUP_WORDS, GROUP)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
     if PER_CHANNEL:
@@ -295,7 +293,7 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     launchable(_int_gemv_kernel, x)[(triton.cdiv(n, config.block_n),)](
         x, weight.view(torch.int32), scale, scale.stride(0),
         zero if int4 else scale, bias if bias is not None else scale, y,
-        n, words, MAGIC,
+        n, words,
         INT4=int4, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, GROUP=group,
         BLOCK_N=config.block_n, TILE_GROUPS=tile_words // group_words,
         GROUP_WORDS=group_words, USE_PDL=pdl,

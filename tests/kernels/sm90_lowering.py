@@ -33,7 +33,7 @@ def compile_ptx(kernel, signature: dict, constants: dict, num_warps: int = 4) ->
 def int_gemv_variants() -> dict:
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_sn": "i32",
                  "zero_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
-                 "WORDS": "i32", "magic": "i32"}
+                 "WORDS": "i32"}
     variants = {  # name: (INT4, PER_CHANNEL, GROUP, TILE_GROUPS, GROUP_WORDS, BLOCK_N, warps)
         "int8_per_channel": (False, True, 4096, 1, 128, 8, 2),
         "int8_grouped": (False, False, 128, 4, 32, 16, 4),
