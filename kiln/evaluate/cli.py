@@ -83,7 +83,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
         _engine_dir(args.engine),
         against=_engine_dir(args.against) if args.against else None,
         prompt=args.prompt, threshold=args.threshold, device=args.device,
-        reference_kernels=args.reference_kernels,
+        reference_kernels=args.reference_kernels, tokenizer=args.tokenizer,
     ))
 
 
@@ -128,6 +128,9 @@ def add_eval_parsers(commands) -> None:
     verify.add_argument("--reference-kernels", action="store_true",
                         help="diff this engine's fast kernels against its torch references")
     verify.add_argument("--prompt", default=DEFAULT_VERIFY_PROMPT)
+    verify.add_argument("--tokenizer", metavar="MODEL", default=None,
+                        help="encode the prompt with this model's tokenizer (engines without "
+                        "one: random-weight builds); its ids must fit the vocabulary")
     verify.add_argument("--threshold", type=float, default=0.05,
                         help="relative error that marks a layer as diverged (default 0.05)")
     verify.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

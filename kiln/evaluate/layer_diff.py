@@ -190,13 +190,19 @@ def run_verify(
     threshold: float,
     device: str | None,
     reference_kernels: bool,
+    tokenizer: str | None = None,
 ) -> str:
-    from kiln.checkpoint.tokenizer import load_tokenizer
+    from kiln.checkpoint.tokenizer import borrowed_tokenizer, load_tokenizer
 
     engine = TeacherForcedModel(engine_dir, device=device)
-    if engine.engine.tokenizer_dir is None:
-        raise KilnError(f"{engine_dir}: the engine has no tokenizer to encode the prompt")
-    token_ids = load_tokenizer(engine.engine.tokenizer_dir).encode(prompt, add_special_tokens=False)
+    if tokenizer is not None:  # a random-weight engine reads the prompt through another model
+        text_tokenizer = borrowed_tokenizer(tokenizer, engine.vocab_size)
+    elif engine.engine.tokenizer_dir is None:
+        raise KilnError(f"{engine_dir}: the engine has no tokenizer to encode the prompt (a "
+                        "random-weight engine: give --tokenizer MODEL to borrow one)")
+    else:
+        text_tokenizer = load_tokenizer(engine.engine.tokenizer_dir)
+    token_ids = text_tokenizer.encode(prompt, add_special_tokens=False)
     if not token_ids:
         raise KilnError("--prompt encodes to no tokens")
     token_ids = token_ids[: engine.max_window]

@@ -50,3 +50,38 @@ def test_rows_buckets_are_the_power_of_2_at_or_above():
     assert timed["cpu_ms_per_step_rows_le4"] == pytest.approx(1.0)
     assert timed["gpu_ms_per_step_rows_le1024"] == pytest.approx(20.0)
     assert timed["cpu_below_gpu_every_rows_bucket"] == 0.0  # 30 ms of host over 20 of GPU
+
+
+def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypatch):
+    """Under overlap scheduling a step() collects the previous step's device time: the
+    breakdown charges it to that step's rows bucket (charged to the collecting step, the
+    H200's ramp-up buckets read 43.6 ms of host against 0.0 of GPU). A stand-in step() runs
+    one request a step: launches of 1, 2, 3 rows (buckets 1, 2, 4), each collecting its
+    predecessor's device time of 10 ms × its rows, then one drain step."""
+    from kiln.runtime.engine import EngineStats
+
+    rows_per_call = iter([1, 2, 3, 0])
+    state = {"launched": 0, "left": 4}
+
+    def step():
+        engine.stats.step_seconds += 0.001  # host time, no wait
+        engine.stats.gpu_seconds += 0.010 * state["launched"]  # the previous launch's
+        state["launched"] = next(rows_per_call)
+        engine.scheduler_rows = state["launched"]
+        state["left"] -= 1
+        return []
+
+    monkeypatch.setattr(engine, "scheduler_rows", 0, raising=False)
+    monkeypatch.setattr(engine, "stats", EngineStats())
+    monkeypatch.setattr(engine, "overlap_scheduling", True)
+    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine, "has_unfinished_requests", lambda: state["left"] > 0)
+    monkeypatch.setattr(engine, "add_request", lambda *args: None)
+    monkeypatch.setattr(type(engine.scheduler), "num_running",
+                        property(lambda scheduler: engine.scheduler_rows), raising=False)
+    batched = run_batched(engine, synthetic_requests(1, 5, 3, vocab_size=64, seed=0))
+    # Buckets 1, 2, 4 ran 10, 20, 30 ms; the drain step (0 rows, bucket 1) ran nothing.
+    assert batched["steps_rows_le1"] == 2 and batched["gpu_ms_per_step_rows_le1"] == pytest.approx(5.0)
+    assert batched["gpu_ms_per_step_rows_le2"] == pytest.approx(20.0)
+    assert batched["gpu_ms_per_step_rows_le4"] == pytest.approx(30.0)
+    assert batched["cpu_below_gpu_every_rows_bucket"] == 1.0
