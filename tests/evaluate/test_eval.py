@@ -165,5 +165,12 @@ def test_cli_eval_borrows_a_tokenizer_for_an_engine_without_one(tiny, tmp_path, 
                  "--output-json", str(out), "--no-progress", "--device", "cpu"]) == 0
     payload = json.loads(out.read_text())
     assert payload["num_tokens"] == 60 and payload["compare"]["top1_agreement"] == 1.0
+    capsys.readouterr()
+    # kiln verify reads its prompt the same way (a random-weight engine: no tokenizer).
+    assert main(["verify", str(engine), "--against", str(engine), "--device", "cpu"]) == 1
+    assert "give --tokenizer MODEL" in capsys.readouterr().err
+    assert main(["verify", str(engine), "--against", str(engine), "--tokenizer", str(lender),
+                 "--prompt", "hello world hello", "--device", "cpu"]) == 0
+    assert "no layer crosses the threshold" in capsys.readouterr().out
     with pytest.raises(KilnError, match="--tokenizer .* has 40 tokens, more than the model's 32"):
         borrowed_tokenizer(str(lender), 32)
