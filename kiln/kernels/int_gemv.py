@@ -55,6 +55,7 @@ import triton.language as tl
 
 from kiln.kernels.triton_utils import launchable, pdl_prologue, power_of_2_dividing, use_pdl
 
+
 @dataclass(frozen=True)
 class IntGemvConfig:
     block_n: int = 16  # output rows per program
@@ -95,8 +96,9 @@ def default_int_gemv_config(n: int, k: int, int4: bool) -> IntGemvConfig:
     """From the H200 tiling grid (benchmarks/quant_bench.py, QUANT_BENCH_INT_GRID=1;
     results/s8-h200-int-gemv-grid.json), Llama-3.1-8B shapes: int8 streams 512-byte row tiles,
     8 rows over 2 warps on the 25-50 MB matrices and 16 rows over 4 warps on the larger ones
-    (within 5 % of each shape's best); int4, bound by the unpacking's instruction issue, 16
-    rows over 4 warps with 256-byte tiles (within 4 % of the best per layer)."""
+    (within 5 % of each shape's best); int4 16 rows over 4 warps with 256-byte tiles (within
+    4 % of the best per layer). A 15-tiling grid later (results/s9-*, BENCHMARKS.md) found
+    nothing faster: tilings giving a thread 8 rows, fewer instructions, were slower."""
     override = _tiling_override(os.environ.get(TILING_ENV, "")).get("int4" if int4 else "int8")
     if override is not None:
         return override
