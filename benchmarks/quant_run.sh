@@ -4,7 +4,7 @@
 # each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
-#   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|t128|t2048]...
+#   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|verify8b|t128|t2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
@@ -89,6 +89,14 @@ for step in "$@"; do
           --output-json "$OUT/eval8b-$name.json" > "$OUT/eval8b-$name.log" 2>&1
         echo "== eval8b $name" | tee -a "$OUT/quant.txt"
         grep -E "agreement|KL|perplexity|rror" "$OUT/eval8b-$name.log" | head -8 | tee -a "$OUT/quant.txt"
+      done ;;
+    verify8b)  # each quantised 8B engine's fast kernels against its torch references, layer
+      # by layer, on one prompt read with SmolLM2's tokenizer (carry .bench-tok)
+      for name in ${EVAL_ENGINES:-fp8 int8-wo int4-wo}; do
+        timeout ${EVAL_TIMEOUT:-180} python3 -P -m kiln.cli verify "$(engine_dir $name)" \
+          --reference-kernels --tokenizer .bench-tok > "$OUT/verify8b-$name.log" 2>&1
+        echo "== verify8b $name" | tee -a "$OUT/quant.txt"
+        grep -E "first layer|no layer|rror" "$OUT/verify8b-$name.log" | head -4 | tee -a "$OUT/quant.txt"
       done ;;
     t128)
       for name in ${T128_ENGINES:-fp8 bf16}; do
