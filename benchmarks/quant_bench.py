@@ -37,7 +37,7 @@ INT_GEMV_GRID = [
     IntGemvConfig(block_n, tile_words, warps)
     for block_n, tile_words, warps in itertools.product((8, 16, 32, 64), (32, 64, 128),
                                                         (1, 2, 4, 8))
-] if _GRID == "1" else [IntGemvConfig(*map(int, tag.split("x"))) for tag in _GRID.split()]
+] if _GRID == "1" else [IntGemvConfig.parse(tag) for tag in _GRID.split()]
 
 
 def timed(fn, iterations: int = 20) -> float:

@@ -110,7 +110,8 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     # With overlap scheduling a step() launches its step and collects the previous one's
     # device time, so that time goes to the previous step's bucket (charged to the step
     # that collected it, the first ramp-up steps' buckets read host 43.6 ms against GPU 0).
-    lagged = getattr(engine, "overlap_scheduling", False)
+    # Pipeline-parallel runs keep up to pp steps in flight: their buckets stay approximate.
+    lagged = engine.overlap_scheduling
     previous_bucket = None
     while engine.has_unfinished_requests():
         host, gpu = stats.host_seconds, stats.gpu_seconds

@@ -116,17 +116,9 @@ def _random_init(model: CausalLM, seed: int, dtype: torch.dtype,
     for module in model.modules():  # named_parameters' order: modules, then their own
         quantised = isinstance(module, LinearBase) and not isinstance(
             module.quant_method, UnquantizedLinearMethod)
-        if quantised:
-            _random_init_quantized(module, normal, dtype)
-            if quantize_each_layer:
-                # Quantised now, so only one layer's full-precision weight exists at a time
-                # (an 8B model's would be 16 GB of host memory); returned so the builder's
-                # after-loading pass skips it (that step runs once per layer).
-                module.process_weights_after_loading()
-                processed.add(id(module))
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen or has_fixed_dtype(param):
-                continue  # tied, or a quantised layer's own tensors (made above)
+                continue  # tied, or a quantised layer's own tensors (made below)
             seen.add(id(param))
             if name.endswith("bias"):
                 param.data.zero_()
@@ -134,6 +126,14 @@ def _random_init(model: CausalLM, seed: int, dtype: torch.dtype,
                 param.data.fill_(1.0)
             elif not quantised:
                 param.data.copy_(normal(param.shape).to(param.dtype))
+        if quantised:  # after its plain tensors, which quantising may then overwrite
+            _random_init_quantized(module, normal, dtype)
+            if quantize_each_layer:
+                # Quantised now, so only one layer's full-precision weight exists at a time
+                # (an 8B model's would be 16 GB of host memory); returned so the builder's
+                # after-loading pass skips it (that step runs once per layer).
+                module.process_weights_after_loading()
+                processed.add(id(module))
     return processed
 
 

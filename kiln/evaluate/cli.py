@@ -22,7 +22,6 @@ def _engine_dir(model: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from kiln.checkpoint.tokenizer import borrowed_tokenizer, load_tokenizer
     from kiln.evaluate.corpus import SHAREGPT, documents, token_stream
     from kiln.evaluate.forward import TeacherForcedModel
     from kiln.evaluate.perplexity import evaluate, format_table
@@ -46,13 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"--compare {args.compare}: vocabulary of {other.vocab_size} tokens, the engine "
                 f"has {model.vocab_size}; compare builds of the same model"
             )
-    if args.tokenizer:  # a random-weight engine reads the text through another model's ids
-        tokenizer = borrowed_tokenizer(args.tokenizer, model.vocab_size)
-    elif model.engine.tokenizer_dir is None:
-        raise KilnError(f"{args.engine}: the engine has no tokenizer, so it cannot read text "
-                        "(a random-weight engine: give --tokenizer MODEL to borrow one)")
-    else:
-        tokenizer = load_tokenizer(model.engine.tokenizer_dir)
+    tokenizer = model.text_tokenizer(args.tokenizer)
     source = args.dataset_path or SHAREGPT
     token_ids = token_stream(tokenizer, documents(source, "evaluation"), args.num_tokens + 1)
     if len(token_ids) < 2:

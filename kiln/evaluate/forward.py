@@ -70,6 +70,18 @@ class TeacherForcedModel:
     def vocab_size(self) -> int:
         return self.engine.model_config.vocab_size
 
+    def text_tokenizer(self, borrowed: str | None = None):
+        """The engine's own tokenizer, or `borrowed` (another model's, --tokenizer) checked
+        to fit this vocabulary: a random-weight engine has none."""
+        from kiln.checkpoint.tokenizer import borrowed_tokenizer, load_tokenizer
+
+        if borrowed is not None:
+            return borrowed_tokenizer(borrowed, self.vocab_size)
+        if self.engine.tokenizer_dir is None:
+            raise KilnError(f"{self.engine.path}: the engine has no tokenizer, so it cannot read "
+                            "text (a random-weight engine: give --tokenizer MODEL to borrow one)")
+        return load_tokenizer(self.engine.tokenizer_dir)
+
     @torch.no_grad()
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:  # (T, H)
         """The final hidden states of one window (len ≤ max_window), from an empty cache."""

@@ -192,17 +192,8 @@ def run_verify(
     reference_kernels: bool,
     tokenizer: str | None = None,
 ) -> str:
-    from kiln.checkpoint.tokenizer import borrowed_tokenizer, load_tokenizer
-
     engine = TeacherForcedModel(engine_dir, device=device)
-    if tokenizer is not None:  # a random-weight engine reads the prompt through another model
-        text_tokenizer = borrowed_tokenizer(tokenizer, engine.vocab_size)
-    elif engine.engine.tokenizer_dir is None:
-        raise KilnError(f"{engine_dir}: the engine has no tokenizer to encode the prompt (a "
-                        "random-weight engine: give --tokenizer MODEL to borrow one)")
-    else:
-        text_tokenizer = load_tokenizer(engine.engine.tokenizer_dir)
-    token_ids = text_tokenizer.encode(prompt, add_special_tokens=False)
+    token_ids = engine.text_tokenizer(tokenizer).encode(prompt, add_special_tokens=False)
     if not token_ids:
         raise KilnError("--prompt encodes to no tokens")
     token_ids = token_ids[: engine.max_window]

@@ -68,6 +68,14 @@ class IntGemvConfig:
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of 2; got {value}")
 
+    @classmethod
+    def parse(cls, spec: str) -> IntGemvConfig:
+        """"64x32x2": rows × words × warps (KILN_INT_GEMV_TILING, quant_bench's grid)."""
+        numbers = spec.split("x")
+        if len(numbers) != 3 or not all(number.isdigit() for number in numbers):
+            raise ValueError(f"expected rows x words x warps such as 64x32x2; got {spec!r}")
+        return cls(*(int(number) for number in numbers))
+
 
 TILING_ENV = "KILN_INT_GEMV_TILING"
 
@@ -80,13 +88,11 @@ def _tiling_override(value: str) -> dict[str, IntGemvConfig]:
     configs = {}
     for entry in filter(None, (part.strip() for part in value.split(","))):
         fmt, _, spec = entry.partition("=")
-        numbers = spec.split("x")
-        if fmt not in ("int4", "int8") or len(numbers) != 3 or not all(
-                number.isdigit() for number in numbers):
+        if fmt not in ("int4", "int8"):
             raise ValueError(f"{TILING_ENV}: expected entries like int4=64x32x2 (rows x words "
                              f"x warps, for int4 or int8); got {entry!r}")
         try:
-            configs[fmt] = IntGemvConfig(*(int(number) for number in numbers))
+            configs[fmt] = IntGemvConfig.parse(spec)
         except ValueError as error:
             raise ValueError(f"{TILING_ENV}: {entry!r}: {error}") from None
     return configs

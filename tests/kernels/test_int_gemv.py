@@ -140,7 +140,8 @@ def test_tiling_override_from_the_environment(monkeypatch):
     assert int_gemv_module.default_int_gemv_config(4096, 4096, True) == default_int4
     monkeypatch.setenv("KILN_INT_GEMV_TILING", "int4=64x32x2, int8=16x64x4")
     assert int_gemv_module.default_int_gemv_config(8, 64, True) == IntGemvConfig(64, 32, 2)
-    for bad, message in (("int4=64x32", "expected entries like"), ("fp8=1x1x1", "fp8=1x1x1"),
+    for bad, message in (("int4=64x32", "expected rows x words x warps"),
+                         ("fp8=1x1x1", "expected entries like"),
                          ("int4=64x30x2", "tile_words must be a power of 2")):
         monkeypatch.setenv("KILN_INT_GEMV_TILING", bad)
         with pytest.raises(ValueError, match=f"KILN_INT_GEMV_TILING.*{message}"):
