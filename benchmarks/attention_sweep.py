@@ -4,9 +4,10 @@ benchmarks make: one 8,192-token prompt (TTFT), four 2,048-token prompts (2048/2
 64 prompts of 128 (128/128 offline); and a 2048/2048-style mixed step (128 decode rows at
 ~3 k context + four 2,048-token prompts) through the prefill kernel alone against the
 decode/prefill split; the decode kernel at 1,024 rows of ~200 context (128/128 offline),
-128 rows of ~3 k (2048/2048) and one row of 8 k (batch-1), against the bytes it must read.
+128 rows of ~3 k (2048/2048), 448 rows of 2-4 k (2048/2048 with an FP8 KV cache: ~450
+sequences fit) and one row of 8 k (batch-1), against the bytes it must read.
 Usage (GPU machine):
-    python3 benchmarks/attention_sweep.py [--out DIR]"""
+    python3 benchmarks/attention_sweep.py [--out DIR] [--decode-only] [--kv-dtype bf16 fp8]"""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from kiln.kernels.attention import DecodeTiling, PrefillTiling
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
-def make_batch(q_lens: list[int], contexts: list[int]):
+def make_batch(q_lens: list[int], contexts: list[int], kv_dtype: str = "bf16"):
     seq_lens = [q + c for q, c in zip(q_lens, contexts)]
     blocks = [-(-n // BLOCK) for n in seq_lens]
     num_blocks = 1 + sum(blocks)
     kv = torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    if kv_dtype == "fp8":
+        kv = kv.to(attention.FP8_KV_DTYPE)
     table = torch.zeros(len(q_lens), max(blocks), dtype=torch.int32, device="cuda")
     start = 1
     for row, count in enumerate(blocks):
@@ -52,29 +55,33 @@ def time_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def sweep_decode(scale: float) -> dict:
+def sweep_decode(scale: float, kv_dtype: str = "bf16") -> dict:
     cases = {"1024x200": [200 + i % 17 for i in range(1024)],
-             "128x3000": [3000 + 8 * i for i in range(128)], "1x8192": [8192]}
-    tilings = [DecodeTiling(*t) for t in itertools.product([32, 64, 128], [2, 4, 8], [2, 3])]
+             "128x3000": [3000 + 8 * i for i in range(128)],
+             "448x2048-4096": [2048 + (i * 2048) // 448 for i in range(448)], "1x8192": [8192]}
+    tilings = [DecodeTiling(*t) for t in itertools.product([32, 64, 128], [2, 4, 8], [2, 3, 4])]
+    # An FP8 cache stores k / k_scale and v / v_scale; 1.0 is as fast as any other scale.
+    ones = torch.ones((), dtype=torch.float32, device="cuda")
+    scales = {"k_scale": ones, "v_scale": ones} if kv_dtype == "fp8" else {}
     report = {}
     for name, contexts in cases.items():
-        query, kv, table, qsl, seq, _ = make_batch([1] * len(contexts), contexts)
-        kv_bytes = sum(contexts) * 2 * KV_HEADS * HEAD_DIM * 2
+        query, kv, table, qsl, seq, _ = make_batch([1] * len(contexts), contexts, kv_dtype)
+        kv_bytes = sum(contexts) * 2 * KV_HEADS * HEAD_DIM * kv.element_size()
         rows = []
         for tiling in tilings:
             try:
                 ms = time_ms(lambda: attention.paged_decode_attention(
-                    query, kv, table, seq, scale, tiling=tiling), reps=20)
+                    query, kv, table, seq, scale, tiling=tiling, **scales), reps=20)
             except Exception as error:
                 rows.append({"tiling": tiling._asdict(), "error": str(error)[:120]})
                 continue
             rows.append({"tiling": tiling._asdict(), "ms": ms, "gb_s": kv_bytes / ms / 1e6})
         ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-        default_ms = time_ms(lambda: attention.paged_decode_attention(query, kv, table, seq, scale),
-                             reps=20)
+        default_ms = time_ms(lambda: attention.paged_decode_attention(query, kv, table, seq, scale,
+                                                                      **scales), reps=20)
         report[name] = {"default_ms": default_ms, "default_gb_s": kv_bytes / default_ms / 1e6,
                         "best": ok[:5], "all": rows}
-        print(f"decode {name}: default {default_ms:.3f} ms ({kv_bytes / default_ms / 1e6:.0f} GB/s);"
+        print(f"decode {kv_dtype} {name}: default {default_ms:.3f} ms ({kv_bytes / default_ms / 1e6:.0f} GB/s);"
               " best " + "; ".join(f"{tuple(r['tiling'].values())} {r['ms']:.3f} ms "
                                    f"{r['gb_s']:.0f} GB/s" for r in ok[:4]))
         del query, kv
@@ -84,8 +91,16 @@ def sweep_decode(scale: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode kernel's sweep")
+    parser.add_argument("--kv-dtype", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
+                        help="KV cache dtypes of the decode sweep")
     args = parser.parse_args()
     scale = HEAD_DIM**-0.5
+    if args.decode_only:
+        report = {f"decode_{dtype}": sweep_decode(scale, dtype) for dtype in args.kv_dtype}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "attention_sweep.json").write_text(json.dumps(report, indent=1))
+        return
     cases = {"1x8192": ([8192], [0]), "4x2048": ([2048] * 4, [0] * 4)}
     # The first sweep (all of [64, 128] x [32, 64, 128] x [4, 8] x [2, 3, 4]) put these within
     # 5 % of the best at 8,192 and 4 x 2,048 on the H100.
@@ -122,7 +137,8 @@ def main() -> None:
     print(f"mixed 128 decode (~3k ctx) + 4x2048, one layer: prefill kernel alone {whole:.3f} ms, "
           f"decode/prefill split {split:.3f} ms (decode KV {decode_bytes / 1e9:.2f} GB)")
     del query, kv
-    report["decode"] = sweep_decode(scale)
+    for dtype in args.kv_dtype:
+        report["decode" if dtype == "bf16" else f"decode_{dtype}"] = sweep_decode(scale, dtype)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "attention_sweep.json").write_text(json.dumps(report, indent=1))
 

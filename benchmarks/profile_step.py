@@ -4,7 +4,8 @@ steps after new prompts arrive among decoding requests; top kernels by total CUD
 Usage (GPU machine):
     python3 benchmarks/profile_step.py ENGINE_DIR [--prefill 512 8192] [--batch 1024
         --batch-prompt-len 192] [--mixed 900 111] [--max-num-seqs 1024
-        --max-num-batched-tokens 16384] [--out DIR]"""
+        --max-num-batched-tokens 16384] [--mixed-prompt-len 128] [--kv-cache-dtype fp8]
+        [--out DIR]"""
 
 from __future__ import annotations
 
@@ -117,13 +118,16 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--mixed", type=int, nargs=2, metavar=("DECODE_ROWS", "NEW_PROMPTS"),
-                        help="also profile the mixed steps after NEW_PROMPTS 128-token prompts "
+                        help="also profile the mixed steps after NEW_PROMPTS prompts "
                              "arrive while DECODE_ROWS requests decode")
+    parser.add_argument("--mixed-prompt-len", type=int, default=128,
+                        help="prompt length of --mixed's requests (decoding and new)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     engine = LLMEngine.from_engine_dir(args.engine, EngineConfig(
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens))
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype))
     report = {}
     for prompt_len in args.prefill:
         run(engine, prompt_len, 1)  # warm-up: compiles
@@ -139,9 +143,9 @@ def main() -> None:
     report[f"decode_bs{args.batch}_ctx{args.batch_prompt_len}"] = profile_decode_steps(
         engine, args.batch_prompt_len, args.batch, args.decode_tokens)
     if args.mixed:
-        name = f"mixed_{args.mixed[0]}decode_{args.mixed[1]}x128"
+        name = f"mixed_{args.mixed[0]}decode_{args.mixed[1]}x{args.mixed_prompt_len}"
         report[name], report[f"{name}_host"] = profile_mixed_step(
-            engine, args.mixed[0], args.mixed[1], 128)
+            engine, args.mixed[0], args.mixed[1], args.mixed_prompt_len)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_step.json").write_text(json.dumps(report, indent=1))
     for name, rows in report.items():

@@ -4,7 +4,8 @@
 # each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
-#   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|verify8b|t128|t2048]...
+#   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|verify8b|t128|t2048|
+#     attn|profile2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
@@ -103,6 +104,18 @@ for step in "$@"; do
         bench t128 "$name" throughput "$(engine_dir $name)" --dataset random \
           --num-prompts ${T128_PROMPTS:-3000} --input-len 128 --output-len 128
       done ;;
+    attn)  # the decode attention kernel's tilings, bf16 and FP8 KV, incl. 448 rows of 2-4 k
+      timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/attention_sweep.py --decode-only \
+        --kv-dtype bf16 fp8 --out "$OUT" > "$OUT/attn.log" 2>&1
+      grep -E "^decode|rror" "$OUT/attn.log" | tee -a "$OUT/quant.txt" ;;
+    profile2048)  # where a 2048/2048 step's GPU time goes (fp8 weights + fp8 KV): decode
+      # steps at 448 rows of ~3 k context, and the mixed steps when prompts of 2,048 arrive
+      timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_step.py "$(engine_dir fp8)" \
+        --prefill 2048 --batch 448 --batch-prompt-len 3000 --mixed 448 4 --mixed-prompt-len 2048 \
+        --decode-tokens 10 --max-num-seqs 1024 --max-num-batched-tokens 16384 \
+        --kv-cache-dtype fp8 --out "$OUT" > "$OUT/profile2048.log" 2>&1
+      grep -A8 "^==" "$OUT/profile2048.log" | tee -a "$OUT/quant.txt"
+      grep -E "rror" "$OUT/profile2048.log" | head -3 | tee -a "$OUT/quant.txt" ;;
     t2048)
       bench t2048 fp8-fp8kv throughput "$(engine_dir fp8)" --dataset random \
         --num-prompts ${T2048_PROMPTS:-300} --input-len 2048 --output-len 2048 --kv-cache-dtype fp8 ;;
