@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -55,11 +56,11 @@ def time_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def sweep_decode(scale: float, kv_dtype: str = "bf16") -> dict:
+def sweep_decode(scale: float, kv_dtype: str = "bf16", stages=(2, 3, 4)) -> dict:
     cases = {"1024x200": [200 + i % 17 for i in range(1024)],
              "128x3000": [3000 + 8 * i for i in range(128)],
              "448x2048-4096": [2048 + (i * 2048) // 448 for i in range(448)], "1x8192": [8192]}
-    tilings = [DecodeTiling(*t) for t in itertools.product([32, 64, 128], [2, 4, 8], [2, 3, 4])]
+    tilings = [DecodeTiling(*t) for t in itertools.product([32, 64, 128], [2, 4, 8], stages)]
     # An FP8 cache stores k / k_scale and v / v_scale; 1.0 is as fast as any other scale.
     ones = torch.ones((), dtype=torch.float32, device="cuda")
     scales = {"k_scale": ones, "v_scale": ones} if kv_dtype == "fp8" else {}
@@ -94,10 +95,18 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help="only the decode kernel's sweep")
     parser.add_argument("--kv-dtype", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
                         help="KV cache dtypes of the decode sweep")
+    parser.add_argument("--fp8-dot-modes", nargs="+", choices=attention.FP8_KV_DOT_MODES,
+                        default=["model"], help="KILN_FP8_KV_DOT values the fp8 sweep runs")
     args = parser.parse_args()
     scale = HEAD_DIM**-0.5
     if args.decode_only:
-        report = {f"decode_{dtype}": sweep_decode(scale, dtype) for dtype in args.kv_dtype}
+        report = {}
+        for dtype in args.kv_dtype:
+            for mode in args.fp8_dot_modes if dtype == "fp8" else ["model"]:
+                os.environ["KILN_FP8_KV_DOT"] = mode  # read at each launch
+                print(f"-- {dtype} KILN_FP8_KV_DOT={mode}")
+                name = f"decode_{dtype}" + (f"_{mode}" if dtype == "fp8" else "")
+                report[name] = sweep_decode(scale, dtype, (2, 3))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "attention_sweep.json").write_text(json.dumps(report, indent=1))
         return

@@ -5,7 +5,7 @@
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
 #   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|verify8b|t128|t2048|
-#     attn|profile2048]...
+#     attn|fp8dot|profile2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
@@ -27,7 +27,7 @@ bench() {  # bench STEP ENGINE ARGS...: its JSON becomes $OUT/STEP-ENGINE.json
   timeout ${BENCH_TIMEOUT:-240} python3 -P -m kiln.cli bench "$@" --output-dir "$dir" > "$OUT/$step-$name.log" 2>&1
   cp "$dir"/*.json "$OUT/$step-$name.json" 2>/dev/null
   echo "== $step $name" | tee -a "$OUT/quant.txt"
-  grep -E "^(output_tok_s|bs1_decode_tok_s|bs1_pct_of_copy|ttft|startup_s|bs1_gpu_ms_per_step|bs1_cpu_ms_per_step|batched_gpu_ms_per_step|batched_cpu_ms_per_step|batched_cpu_below_gpu|num_kv_blocks)|Error|error" \
+  grep -E "^(output_tok_s|decode_tok_s_bs|gpu_ms_per_step_bs|bs1_decode_tok_s|bs1_pct_of_copy|ttft|startup_s|bs1_gpu_ms_per_step|bs1_cpu_ms_per_step|batched_gpu_ms_per_step|batched_cpu_ms_per_step|batched_cpu_below_gpu|num_kv_blocks)|Error|error" \
     "$OUT/$step-$name.log" | head -20 | tee -a "$OUT/quant.txt"
 }
 for step in "$@"; do
@@ -108,6 +108,18 @@ for step in "$@"; do
       timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/attention_sweep.py --decode-only \
         --kv-dtype bf16 fp8 --out "$OUT" > "$OUT/attn.log" 2>&1
       grep -E "^decode|rror" "$OUT/attn.log" | tee -a "$OUT/quant.txt" ;;
+    fp8dot)  # how decode turns FP8 KV tiles into dot operands (KILN_FP8_KV_DOT): the kernel
+      # sweep per mode, then 448 rows decoding at ~3 k context end to end per mode (fp8 engine)
+      timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/attention_sweep.py --decode-only \
+        --kv-dtype fp8 --fp8-dot-modes ${FP8_DOT_MODES:-model fp16 bits} --out "$OUT" \
+        > "$OUT/fp8dot.log" 2>&1
+      grep -E "^(--|decode)|rror" "$OUT/fp8dot.log" | tee -a "$OUT/quant.txt"
+      for mode in ${FP8_DOT_MODES:-model fp16 bits}; do
+        ( export KILN_FP8_KV_DOT=$mode
+          bench fp8dot "$mode" latency "$(engine_dir fp8)" --kv-cache-dtype fp8 --prompt-len 3000 \
+            --new-tokens 16 --ttft-lens --batch-sizes 448 --batch-new-tokens 24 \
+            --max-num-seqs 512 --max-num-batched-tokens 16384 )
+      done ;;
     profile2048)  # where a 2048/2048 step's GPU time goes (fp8 weights + fp8 KV): decode
       # steps at 448 rows of ~3 k context, and the mixed steps when prompts of 2,048 arrive
       timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_step.py "$(engine_dir fp8)" \

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple, Protocol
 
 import torch
@@ -302,14 +303,38 @@ def _load_kv_tile(
     pos, valid,  # (BLOCK_N,) key positions and which of them to read
     kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FP8_BITS: tl.constexpr = False,
 ):
-    """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each."""
+    """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each.
+    FP8_BITS (an FP8 cache, DOT_DTYPE float16): each E4M3 byte becomes float16 by moving its
+    bits (_e4m3_bits_to_f16: the value / 256, which the caller folds into its scales)."""
     block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    ptrs = cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
-    v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    offsets = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    if FP8_BITS:
+        raw_ptr = cache_ptr.to(tl.pointer_type(tl.uint8))
+        k = _e4m3_bits_to_f16(tl.load(raw_ptr + offsets, mask=valid[:, None], other=0))
+        v = _e4m3_bits_to_f16(tl.load(raw_ptr + stride_c_kind + offsets, mask=valid[:, None],
+                                      other=0))
+        k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)  # float16 on the GPU: no-ops
+    else:
+        ptrs = cache_ptr + offsets
+        k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+        v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
     return k, v
+
+
+# E4M3 (bias 7) and float16 (bias 15) share the sign bit's place and 3 mantissa bits, so a
+# byte's sign, exponent and mantissa, moved to float16's fields, read as the same value times
+# 2^-8 (subnormals included: both formats' exponent field 0 scales the mantissa the same
+# way). No conversion instruction, integer ops only.
+E4M3_BITS_SCALE = tl.constexpr(256.0)
+
+
+@triton.jit
+def _e4m3_bits_to_f16(raw):
+    bits = raw.to(tl.uint16)
+    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -375,7 +400,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, FP8_BITS: tl.constexpr, Q_TO_F16: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
@@ -394,7 +419,10 @@ def _paged_decode_kernel(
     head_mask = group_rows < GROUP
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_mask[:, None], other=0.0).to(DOT_DTYPE)  # (GROUP_PAD, D)
+                mask=head_mask[:, None], other=0.0)  # (GROUP_PAD, D)
+    if Q_TO_F16:  # a bf16 query in float16 dots: saturate rather than overflow to inf
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    q = q.to(DOT_DTYPE)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max (log2 domain)
     l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
@@ -402,17 +430,22 @@ def _paged_decode_kernel(
     block_table = block_tables_ptr + seq * stride_bt
     if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+        if FP8_BITS:  # and the tiles hold k / k_scale / 256
+            qk_scale = qk_scale * E4M3_BITS_SCALE
     for tile in range(kv_lo, kv_hi, BLOCK_N):
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < kv_hi
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
+                             FP8_BITS)
         m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                          DOT_DTYPE, PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # no key (seq_len 0): zeros, like the reference
     if FP8:
         out = out * tl.load(v_scale_ptr)
+        if FP8_BITS:
+            out = out * E4M3_BITS_SCALE
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
@@ -466,6 +499,27 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
         )
 
 
+# How decode turns FP8 KV tiles into dot operands (KILN_FP8_KV_DOT, the A/B switch):
+# "model" = the query's dtype (a conversion instruction per element pair, through float16
+# for bfloat16), "fp16" = float16 dots (one conversion per pair), "bits" = float16 dots fed
+# by moving bits (integer ops only).
+FP8_KV_DOT_MODES = ("model", "fp16", "bits")
+
+
+def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
+    """(dot dtype, FP8_BITS) of the decode kernel for this query and cache. float32 queries
+    (and the interpreter) keep float32 dots; "bits" still moves bits there, then widens."""
+    if not is_fp8_cache(kv_cache):
+        return dot_dtype(query), False
+    mode = os.environ.get("KILN_FP8_KV_DOT", "") or "model"
+    if mode not in FP8_KV_DOT_MODES:
+        raise ValueError(f"KILN_FP8_KV_DOT must be one of {', '.join(FP8_KV_DOT_MODES)} (or "
+                         f"unset); got {mode!r}")
+    if mode == "model" or dot_dtype(query) == tl.float32:
+        return dot_dtype(query), mode == "bits"
+    return tl.float16, mode == "bits"
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # (S, Hq, D): exactly one new token per sequence
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), holding this step's KV
@@ -499,6 +553,7 @@ def paged_decode_attention(
                                dtype=torch.float32, device=query.device)
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
+    dot, bits = _decode_dot(query, kv_cache)
     pdl = use_pdl(query)
     launchable(_paged_decode_kernel, query)[(num_seqs, num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
@@ -511,9 +566,10 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
-        DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query),
+        DOT_DTYPE=dot, PRECISION=dot_precision(query),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
-        FP8=is_fp8_cache(kv_cache),
+        FP8=is_fp8_cache(kv_cache), FP8_BITS=bits,
+        Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](

@@ -121,9 +121,11 @@ def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme):
     torch.testing.assert_close(out, run())
 
 
-def test_fp8_kv_cache_decode_attention_at_8b_shapes():
+@pytest.mark.parametrize("dot_mode", ["model", "fp16", "bits"])
+def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, monkeypatch):
     from tests.kernels.kernel_helpers import make_paged_batch
 
+    monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
     batch = make_paged_batch([1] * 8, [300, 2000, 17, 900, 4000, 64, 1, 1500], 32, 8, 128, 16,
                              torch.bfloat16, "cuda")
     k_scale = torch.tensor(0.05, device="cuda")
