@@ -108,18 +108,12 @@ for step in "$@"; do
       timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/attention_sweep.py --decode-only \
         --kv-dtype bf16 fp8 --out "$OUT" > "$OUT/attn.log" 2>&1
       grep -E "^decode|rror" "$OUT/attn.log" | tee -a "$OUT/quant.txt" ;;
-    fp8dot)  # how decode turns FP8 KV tiles into dot operands (KILN_FP8_KV_DOT): the kernel
-      # sweep per mode, then 448 rows decoding at ~3 k context end to end per mode (fp8 engine)
+    fp8dot)  # how decode turns FP8 KV tiles into dot operands (KILN_FP8_KV_DOT): the kernel's
+      # tiling sweep per mode (end to end: t2048 with T2048_DOT_MODES)
       timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/attention_sweep.py --decode-only \
-        --kv-dtype fp8 --fp8-dot-modes ${FP8_DOT_MODES:-model fp16 bits} --out "$OUT" \
+        --kv-dtype fp8 --fp8-dot-modes ${FP8_DOT_MODES:-model fp16} --out "$OUT" \
         > "$OUT/fp8dot.log" 2>&1
-      grep -E "^(--|decode)|rror" "$OUT/fp8dot.log" | tee -a "$OUT/quant.txt"
-      for mode in ${FP8_DOT_MODES:-model fp16 bits}; do
-        ( export KILN_FP8_KV_DOT=$mode
-          bench fp8dot "$mode" latency "$(engine_dir fp8)" --kv-cache-dtype fp8 --prompt-len 3000 \
-            --new-tokens 16 --ttft-lens --batch-sizes 448 --batch-new-tokens 24 \
-            --max-num-seqs 512 --max-num-batched-tokens 16384 )
-      done ;;
+      grep -E "^(--|decode)|rror" "$OUT/fp8dot.log" | tee -a "$OUT/quant.txt" ;;
     profile2048)  # where a 2048/2048 step's GPU time goes (fp8 weights + fp8 KV): decode
       # steps at 448 rows of ~3 k context, and the mixed steps when prompts of 2,048 arrive
       timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_step.py "$(engine_dir fp8)" \
@@ -128,9 +122,13 @@ for step in "$@"; do
         --kv-cache-dtype fp8 --out "$OUT" > "$OUT/profile2048.log" 2>&1
       grep -A8 "^==" "$OUT/profile2048.log" | tee -a "$OUT/quant.txt"
       grep -E "rror" "$OUT/profile2048.log" | head -3 | tee -a "$OUT/quant.txt" ;;
-    t2048)
-      bench t2048 fp8-fp8kv throughput "$(engine_dir fp8)" --dataset random \
-        --num-prompts ${T2048_PROMPTS:-300} --input-len 2048 --output-len 2048 --kv-cache-dtype fp8 ;;
+    t2048)  # T2048_DOT_MODES="model fp16": an A/B of the FP8 KV decode dots (KILN_FP8_KV_DOT)
+      for mode in ${T2048_DOT_MODES:-fp16}; do
+        ( export KILN_FP8_KV_DOT=$mode
+          bench t2048 "fp8-fp8kv-$mode" throughput "$(engine_dir fp8)" --dataset random \
+            --num-prompts ${T2048_PROMPTS:-300} --input-len 2048 --output-len 2048 \
+            --kv-cache-dtype fp8 )
+      done ;;
   esac
 done
 # Everything but the summary in one archive (the device tool returns a few files only).

@@ -173,6 +173,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
         metrics[f"decode_tok_s_bs{batch_size}"] = point["decode_tok_s"]
         metrics[f"cpu_ms_per_step_bs{batch_size}"] = point["cpu_ms_per_step"]
         metrics[f"gpu_ms_per_step_bs{batch_size}"] = point["gpu_ms_per_step"]
+        if point["finished_before_window"]:
+            metrics[f"finished_before_window_bs{batch_size}"] = point["finished_before_window"]
     long_context = []
     if args.long_context_decode:
         long_context = latency.long_context_decode(engine, args.long_context_decode,

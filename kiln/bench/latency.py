@@ -67,8 +67,9 @@ def decode_speed(
     """Decode tokens/s of `batch_size` concurrent greedy requests (prefill excluded).
 
     Timed from the moment every request has its first token to the moment all are done,
-    without synchronising inside the loop (which would defeat overlap scheduling): that
-    window holds the batch's remaining new_tokens - 1 decode steps. shared_prompt: every
+    without synchronising inside the loop (which would defeat overlap scheduling), and only
+    the tokens generated inside that window count: with many long prompts the first
+    requests decode (and may finish) while the last still prefill. shared_prompt: every
     request gets this prompt (long_context_decode), else each a random one of prompt_len.
     """
     generator = torch.Generator().manual_seed(batch_size)
@@ -78,21 +79,29 @@ def decode_speed(
         prompt = shared_prompt or torch.randint(
             vocab_low, vocab, (prompt_len,), generator=generator).tolist()
         engine.add_request(None, prompt, params)
-    first_token_seen: set[str] = set()
+    generated: dict[str, int] = {}  # tokens so far, per request that has any
     decode_started = None
     stats_before = None
+    tokens_before = finished_before = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
-            first_token_seen.add(output.request_id)
-        if decode_started is None and len(first_token_seen) == batch_size:
+            generated[output.request_id] = len(output.outputs[0].token_ids)
+        if decode_started is None and len(generated) == batch_size:
             decode_started = time.perf_counter()
             stats_before = dataclasses.replace(engine.stats)
+            tokens_before = sum(generated.values())
+            finished_before = sum(count == new_tokens for count in generated.values())
     _sync(engine)
     seconds = time.perf_counter() - decode_started
     steps = engine.stats.num_steps - stats_before.num_steps
+    window_tokens = batch_size * new_tokens - tokens_before
     return {
         "batch_size": batch_size,
-        "decode_tok_s": batch_size * (new_tokens - 1) / seconds,
+        "decode_tok_s": window_tokens / seconds,
+        "window_tokens": window_tokens,
+        # Requests done before every request had its first token: the window then decodes
+        # fewer rows than batch_size (raise the new tokens past the prefill steps).
+        "finished_before_window": finished_before,
         "step_ms_mean": 1e3 * seconds / max(steps, 1),
         "cpu_ms_per_step": 1e3 * (engine.stats.host_seconds - stats_before.host_seconds) / max(steps, 1),
         "gpu_ms_per_step": 1e3 * (engine.stats.gpu_seconds - stats_before.gpu_seconds) / max(steps, 1),

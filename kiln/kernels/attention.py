@@ -303,38 +303,14 @@ def _load_kv_tile(
     pos, valid,  # (BLOCK_N,) key positions and which of them to read
     kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    FP8_BITS: tl.constexpr = False,
 ):
-    """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each.
-    FP8_BITS (an FP8 cache, DOT_DTYPE float16): each E4M3 byte becomes float16 by moving its
-    bits (_e4m3_bits_to_f16: the value / 256, which the caller folds into its scales)."""
+    """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each."""
     block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    offsets = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
-    if FP8_BITS:
-        raw_ptr = cache_ptr.to(tl.pointer_type(tl.uint8))
-        k = _e4m3_bits_to_f16(tl.load(raw_ptr + offsets, mask=valid[:, None], other=0))
-        v = _e4m3_bits_to_f16(tl.load(raw_ptr + stride_c_kind + offsets, mask=valid[:, None],
-                                      other=0))
-        k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)  # float16 on the GPU: no-ops
-    else:
-        ptrs = cache_ptr + offsets
-        k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
-        v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    ptrs = cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
     return k, v
-
-
-# E4M3 (bias 7) and float16 (bias 15) share the sign bit's place and 3 mantissa bits, so a
-# byte's sign, exponent and mantissa, moved to float16's fields, read as the same value times
-# 2^-8 (subnormals included: both formats' exponent field 0 scales the mantissa the same
-# way). No conversion instruction, integer ops only.
-E4M3_BITS_SCALE = tl.constexpr(256.0)
-
-
-@triton.jit
-def _e4m3_bits_to_f16(raw):
-    bits = raw.to(tl.uint16)
-    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -400,7 +376,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-    FP8: tl.constexpr, FP8_BITS: tl.constexpr, Q_TO_F16: tl.constexpr,
+    FP8: tl.constexpr, Q_TO_F16: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
@@ -430,22 +406,17 @@ def _paged_decode_kernel(
     block_table = block_tables_ptr + seq * stride_bt
     if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-        if FP8_BITS:  # and the tiles hold k / k_scale / 256
-            qk_scale = qk_scale * E4M3_BITS_SCALE
     for tile in range(kv_lo, kv_hi, BLOCK_N):
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < kv_hi
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
-                             FP8_BITS)
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
         m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                          DOT_DTYPE, PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # no key (seq_len 0): zeros, like the reference
     if FP8:
         out = out * tl.load(v_scale_ptr)
-        if FP8_BITS:
-            out = out * E4M3_BITS_SCALE
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
@@ -499,25 +470,44 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
         )
 
 
-# How decode turns FP8 KV tiles into dot operands (KILN_FP8_KV_DOT, the A/B switch):
-# "model" = the query's dtype (a conversion instruction per element pair, through float16
-# for bfloat16), "fp16" = float16 dots (one conversion per pair), "bits" = float16 dots fed
-# by moving bits (integer ops only).
-FP8_KV_DOT_MODES = ("model", "fp16", "bits")
+# How decode turns an FP8 KV cache's E4M3 tiles into dot operands (KILN_FP8_KV_DOT, the A/B
+# switch): "fp16" (default) = float16 dots, one conversion instruction per element pair, on
+# the FP8 tiling below; "model" = the query's dtype and the 16-bit caches' tiling, as before
+# (bfloat16 has no direct E4M3 conversion: it goes through float16, and the kernel was
+# bound by those instructions, reading E4M3 at the same elements/s as bf16 caches, half the
+# bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
+# bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
+FP8_KV_DOT_MODES = ("fp16", "model")
+# Keys per tile, warps, stages of the fp16 mode: the H200 sweep's best at 448 rows of 2-4 k
+# context (1.04 ms a layer against 1.41 for "model", 2.7 TB/s), also at 128 rows of ~3 k
+# (0.36 against 0.52 ms) and within 12 % of the best at 1,024 rows of ~200 (0.24 ms);
+# benchmarks/attention_sweep.py --fp8-dot-modes.
+FP8_DECODE_TILING = (128, 2, 3)
 
 
 def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
-    """(dot dtype, FP8_BITS) of the decode kernel for this query and cache. float32 queries
-    (and the interpreter) keep float32 dots; "bits" still moves bits there, then widens."""
+    """(dot dtype, FP8 tiling?) of the decode kernel for this query and cache; float32
+    queries (and the interpreter) keep float32 dots."""
     if not is_fp8_cache(kv_cache):
         return dot_dtype(query), False
-    mode = os.environ.get("KILN_FP8_KV_DOT", "") or "model"
+    mode = os.environ.get("KILN_FP8_KV_DOT", "") or "fp16"
     if mode not in FP8_KV_DOT_MODES:
         raise ValueError(f"KILN_FP8_KV_DOT must be one of {', '.join(FP8_KV_DOT_MODES)} (or "
                          f"unset); got {mode!r}")
     if mode == "model" or dot_dtype(query) == tl.float32:
-        return dot_dtype(query), mode == "bits"
-    return tl.float16, mode == "bits"
+        return dot_dtype(query), mode == "fp16"
+    return tl.float16, True
+
+
+def decode_tiling(head_dim: int, fp8_tiling: bool = False) -> DecodeTiling:
+    """The decode kernel's tiles: 64 keys (32 past head_dim 128), 4 warps, 2 stages for 16-bit
+    caches (benchmarks/attention_sweep.py: at batch, within 6 % of the best tiling on the
+    H200); FP8_DECODE_TILING for an FP8 cache in float16 dots (a quarter of the keys past
+    head_dim 128)."""
+    if fp8_tiling:
+        block_n, num_warps, num_stages = FP8_DECODE_TILING
+        return DecodeTiling(block_n if head_dim <= 128 else block_n // 4, num_warps, num_stages)
+    return DecodeTiling(64 if head_dim <= 128 else 32, 4, 2)
 
 
 def paged_decode_attention(
@@ -543,7 +533,8 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
-    block_n, num_warps, num_stages = tiling or DecodeTiling(64 if head_dim <= 128 else 32, 4, 2)
+    dot, fp8_tiling = _decode_dot(query, kv_cache)
+    block_n, num_warps, num_stages = tiling or decode_tiling(head_dim, fp8_tiling)
     window = sliding_window or NO_WINDOW
     group = num_heads // num_kv_heads
     if num_splits > 1:
@@ -553,7 +544,6 @@ def paged_decode_attention(
                                dtype=torch.float32, device=query.device)
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
-    dot, bits = _decode_dot(query, kv_cache)
     pdl = use_pdl(query)
     launchable(_paged_decode_kernel, query)[(num_seqs, num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
@@ -568,7 +558,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
         DOT_DTYPE=dot, PRECISION=dot_precision(query),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
-        FP8=is_fp8_cache(kv_cache), FP8_BITS=bits,
+        FP8=is_fp8_cache(kv_cache),
         Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
     )
     if num_splits > 1:

@@ -121,11 +121,9 @@ def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme):
     torch.testing.assert_close(out, run())
 
 
-@pytest.mark.parametrize("dot_mode", ["model", "fp16", "bits"])
-def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, monkeypatch):
+def _fp8_kv_batch_at_8b_shapes():
     from tests.kernels.kernel_helpers import make_paged_batch
 
-    monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
     batch = make_paged_batch([1] * 8, [300, 2000, 17, 900, 4000, 64, 1, 1500], 32, 8, 128, 16,
                              torch.bfloat16, "cuda")
     k_scale = torch.tensor(0.05, device="cuda")
@@ -133,11 +131,34 @@ def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, monkeypatch):
     cache = batch.kv_cache.float()
     cache[0] /= k_scale
     cache[1] /= v_scale
-    cache = cache.to(torch.float8_e4m3fn)
+    return batch, cache.to(torch.float8_e4m3fn), k_scale, v_scale
+
+
+def _fp8_decode_and_reference(batch, cache, k_scale, v_scale):
     out = attention.paged_decode_attention(batch.query, cache, batch.block_tables,
                                            batch.seq_lens, 0.088, k_scale=k_scale,
                                            v_scale=v_scale)
     expected = attention.paged_attention_reference(
         batch.query, cache, batch.block_tables, batch.query_start_loc_host, batch.seq_lens_host,
         0.088, None, k_scale, v_scale)
+    return out, expected
+
+
+@pytest.mark.parametrize("dot_mode", ["model", "fp16"])
+def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, monkeypatch):
+    monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
+    out, expected = _fp8_decode_and_reference(*_fp8_kv_batch_at_8b_shapes())
     assert _relative(out, expected) < 1e-2
+
+
+def test_fp8_kv_cache_float16_dots_saturate_a_query_past_float16s_range(monkeypatch):
+    # A bfloat16 query of 1e5 (past float16's 65,504) in the default float16 dots: its head
+    # still gets a finite output (the query saturates, not inf), every other head the
+    # reference's.
+    monkeypatch.delenv("KILN_FP8_KV_DOT", raising=False)
+    batch, cache, k_scale, v_scale = _fp8_kv_batch_at_8b_shapes()
+    batch.query[0, 0] = 1e5
+    out, expected = _fp8_decode_and_reference(batch, cache, k_scale, v_scale)
+    assert torch.isfinite(out).all()
+    assert _relative(out[1:], expected[1:]) < 1e-2
+    assert _relative(out[0, 1:], expected[0, 1:]) < 1e-2

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from kiln.kernels import attention, ops, quant_linear, rope as rope_kernels
 from kiln.kernels.quant_linear import (
@@ -153,11 +151,10 @@ def _reference(batch, scale, k_scale, v_scale):
         batch.seq_lens_host, scale, None, k_scale, v_scale)
 
 
-@pytest.mark.parametrize("dot_mode", ["", "model", "fp16", "bits"])
+@pytest.mark.parametrize("dot_mode", ["", "model", "fp16"])
 def test_fp8_decode_attention_matches_reference(dot_mode, device, poison_outputs, monkeypatch):
-    # Each way the decode kernel can turn E4M3 tiles into dot operands (KILN_FP8_KV_DOT):
-    # "bits" moves bits into float16 and folds the 2^8 into its scales, here too (float32
-    # dots under the interpreter widen its float16 tiles).
+    # Each way the decode kernel can turn E4M3 tiles into dot operands (KILN_FP8_KV_DOT; on
+    # the CPU both keep float32 dots, and "fp16" its own tiling).
     monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
     batch, k_scale, v_scale = _fp8_batch([1, 1, 1], [40, 7, 150], device, num_padding_rows=1)
     out = attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
@@ -167,29 +164,10 @@ def test_fp8_decode_attention_matches_reference(dot_mode, device, poison_outputs
     torch.testing.assert_close(out, expected, **attention_tolerance(torch.bfloat16, out.device.type))
 
 
-@triton.jit
-def _bits_kernel(raw_ptr, out_ptr, N: tl.constexpr):
-    offsets = tl.arange(0, N)
-    tl.store(out_ptr + offsets, attention._e4m3_bits_to_f16(tl.load(raw_ptr + offsets)))
-
-
-def test_e4m3_bits_to_f16_is_the_value_over_256_for_every_byte(device):
-    # Every E4M3 byte but the two NaNs (0x7F, 0xFF): normals, subnormals, both zeros, ±448.
-    raw = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8,
-                       device=device)
-    padded = torch.zeros(256, dtype=torch.uint8, device=device)
-    padded[: raw.numel()] = raw
-    out = torch.empty(256, dtype=torch.float16, device=device)
-    _bits_kernel[(1,)](padded, out, N=256)
-    expected = raw.view(FP8).float() / attention.E4M3_BITS_SCALE.value
-    assert torch.equal(out[: raw.numel()].float(), expected)
-    assert torch.equal(torch.signbit(out[: raw.numel()]), torch.signbit(expected))  # -0 too
-
-
 def test_fp8_decode_dot_mode_rejects_an_unknown_value(device, monkeypatch):
     monkeypatch.setenv("KILN_FP8_KV_DOT", "fp8")
     batch, k_scale, v_scale = _fp8_batch([1], [4], device)
-    with pytest.raises(ValueError, match="KILN_FP8_KV_DOT must be one of model, fp16, bits"):
+    with pytest.raises(ValueError, match="KILN_FP8_KV_DOT must be one of fp16, model"):
         attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
                                          batch.seq_lens, 0.125, k_scale=k_scale, v_scale=v_scale)
 
