@@ -60,8 +60,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         kv = m["build"].get("kv_cache_dtype", "auto")
         scales = m["build"].get("kv_scales")
         kv_note = f"KV cache {kv}" + (
-            "" if kv == "auto" else (" (calibrated scales)" if scales and scales.get("calibrated")
-                                     else " (scales 1.0, uncalibrated)"))
+            "" if kv == "auto" else (
+                (" (calibrated scales, key offsets)" if scales.get("k_offset")
+                 else " (calibrated scales)") if scales and scales.get("calibrated")
+                else " (scales 1.0, uncalibrated)"))
         print(f"quant       {m['quant']['scheme']}: {details or 'defaults'}; {kv_note}")
     layout = engine.layout
     if layout.world_size > 1:  # which rank holds what (kiln/parallel/layout.py)

@@ -92,12 +92,16 @@ def write_kv_cache_reference(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
     k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
     v_scale: torch.Tensor | None = None,
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores (key - k_offset) / k_scale
 ) -> None:
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])  # (2, slots, Hkv, D)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    flat[0, slots] = to_cache(key[valid], kv_cache.dtype, k_scale)
+    key = key[valid]
+    if k_offset is not None and kv_cache.dtype == FP8_KV_DTYPE:
+        key = key.float() - k_offset.float()  # in float32, as the kernels
+    flat[0, slots] = to_cache(key, kv_cache.dtype, k_scale)
     flat[1, slots] = to_cache(value[valid], kv_cache.dtype, v_scale)
 
 
@@ -177,8 +181,10 @@ def _write_kv_cache_kernel(
     cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
     slot_mapping_ptr,  # (T,) int64
     k_scale_ptr, v_scale_ptr,  # () float32, read when FP8
+    k_offset_ptr,  # (Hkv, D) float32, read when FP8 and CENTRE_KEYS
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, FP8: tl.constexpr,
+    CENTRE_KEYS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -191,6 +197,9 @@ def _write_kv_cache_kernel(
     value = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
     dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot
            + heads * stride_c_head + dims)
+    if CENTRE_KEYS:
+        key = key.to(tl.float32) - tl.load(k_offset_ptr + heads * HEAD_DIM + dims, mask=mask,
+                                           other=0.0)
     tl.store(dst, quantize_for_cache(key, k_scale_ptr, cache_ptr, FP8), mask=mask)
     tl.store(dst + stride_c_kind, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8),
              mask=mask)
@@ -198,7 +207,8 @@ def _write_kv_cache_kernel(
 
 @triton.jit
 def quantize_for_cache(x, scale_ptr, cache_ptr, FP8: tl.constexpr):
-    """x in the cache's dtype: E4M3 of x / scale, saturating, for an FP8 cache."""
+    """x in the cache's dtype: E4M3 of x / scale, saturating, for an FP8 cache (the caller
+    has subtracted a key offset already, in float32)."""
     if FP8:
         x = tl.div_rn(x.to(tl.float32), tl.load(scale_ptr))
         # On the CPU interpreter (its pointers are numpy-backed) round in fp32 first.
@@ -213,22 +223,38 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
     k_scale: torch.Tensor | None = None,  # () float32 on the cache's device; FP8 caches
     v_scale: torch.Tensor | None = None,
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32; FP8 caches store key - k_offset
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     for name, tensor in (("key", key), ("value", value), ("kv_cache", kv_cache)):
         check_last_dim_contiguous(name, tensor)
     if num_tokens == 0:
         return
+    offset, centre = key_offset_arg(kv_cache, k_offset, num_kv_heads, head_dim)
     launchable(_write_kv_cache_kernel, key)[(num_tokens,)](
         key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1),
         kv_cache, *kv_cache.stride()[:4],
-        slot_mapping, *kv_scale_args(kv_cache, k_scale, v_scale),
+        slot_mapping, *kv_scale_args(kv_cache, k_scale, v_scale), offset,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         HEADS_PAD=next_power_of_2(num_kv_heads), DIM_PAD=next_power_of_2(head_dim),
-        FP8=is_fp8_cache(kv_cache),
+        FP8=is_fp8_cache(kv_cache), CENTRE_KEYS=centre,
         num_warps=1 if num_kv_heads * head_dim <= 1024 else 4,
     )
+
+
+def key_offset_arg(kv_cache: torch.Tensor, k_offset: torch.Tensor | None, num_kv_heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, bool]:
+    """(the key-offset pointer a cache write reads, whether it subtracts it): an FP8 cache
+    with an offset only; any tensor otherwise."""
+    if k_offset is None or not is_fp8_cache(kv_cache):
+        return kv_cache, False
+    if k_offset.shape != (num_kv_heads, head_dim) or k_offset.dtype != torch.float32 \
+            or not k_offset.is_contiguous():
+        raise ValueError(f"k_offset must be a contiguous float32 ({num_kv_heads}, {head_dim}) "
+                         f"tensor (KV heads, head_dim); got {k_offset.dtype} "
+                         f"{tuple(k_offset.shape)}")
+    return k_offset, True
 
 
 def kv_scale_args(kv_cache: torch.Tensor, k_scale: torch.Tensor | None,

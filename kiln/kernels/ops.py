@@ -107,11 +107,12 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding
     k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
     v_scale: torch.Tensor | None = None,
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores key - k_offset
 ) -> None:
     if _fast(key):
-        attention.write_kv_cache(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+        attention.write_kv_cache(key, value, kv_cache, slot_mapping, k_scale, v_scale, k_offset)
     else:
-        write_kv_cache_reference(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+        write_kv_cache_reference(key, value, kv_cache, slot_mapping, k_scale, v_scale, k_offset)
 
 
 def rope_and_write_kv_cache(
@@ -124,13 +125,16 @@ def rope_and_write_kv_cache(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding
     k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
     v_scale: torch.Tensor | None = None,
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores key - k_offset
 ) -> torch.Tensor:  # (T, Hq, D) rotated query; rotated key and value are now in the cache
     if _fast(query):
         return rope_kernels.rope_and_write_kv_cache(
-            positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale
+            positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale,
+            k_offset,
         )
     return rope_and_write_kv_cache_reference(
-        positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale
+        positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale,
+        k_offset,
     )
 
 

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from kiln.kernels.attention import (
     is_fp8_cache,
+    key_offset_arg,
     kv_scale_args,
     quantize_for_cache,
     write_kv_cache_reference,
@@ -59,9 +60,10 @@ def rope_and_write_kv_cache_reference(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
     k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
     v_scale: torch.Tensor | None = None,
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores key - k_offset
 ) -> torch.Tensor:  # (T, Hq, D) the rotated query
     query, key = rope_reference(positions, query, key, cos_sin_cache)
-    write_kv_cache_reference(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+    write_kv_cache_reference(key, value, kv_cache, slot_mapping, k_scale, v_scale, k_offset)
     return query
 
 
@@ -71,9 +73,10 @@ def _rotate_heads(
     dst, stride_dst_head,
     cos, sin,  # (1, HALF_PAD) float32
     scale_ptr,  # () float32: an FP8 destination (the cache) stores x / scale
+    offset_ptr,  # (heads, HEAD_DIM) float32: with CENTRE, the cache stores (x - offset) / scale
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, CENTRE: tl.constexpr = False,
 ):
     heads = tl.arange(0, HEADS_PAD)[:, None]
     half_dims = tl.arange(0, HALF_PAD)[None, :]
@@ -86,17 +89,22 @@ def _rotate_heads(
     # Rounded to the input dtype first, then to the destination's (the cache may differ), as
     # the reference's rope-then-write does.
     x_dtype = src.dtype.element_ty
-    dst_dtype = dst.dtype.element_ty
-    tl.store(dst_rows + half_dims,
-             quantize_for_cache((x1 * cos - x2 * sin).to(x_dtype), scale_ptr, dst, FP8),
-             mask=mask)
-    tl.store(dst_rows + half + half_dims,
-             quantize_for_cache((x2 * cos + x1 * sin).to(x_dtype), scale_ptr, dst, FP8),
+    first = (x1 * cos - x2 * sin).to(x_dtype)
+    second = (x2 * cos + x1 * sin).to(x_dtype)
+    if CENTRE:
+        offsets = offset_ptr + heads * HEAD_DIM
+        first = first.to(tl.float32) - tl.load(offsets + half_dims, mask=mask, other=0.0)
+        second = second.to(tl.float32) - tl.load(offsets + half + half_dims, mask=mask, other=0.0)
+    tl.store(dst_rows + half_dims, quantize_for_cache(first, scale_ptr, dst, FP8), mask=mask)
+    tl.store(dst_rows + half + half_dims, quantize_for_cache(second, scale_ptr, dst, FP8),
              mask=mask)
     if REST_PAD > 0:  # partial rotary: the dims past ROTARY_DIM pass through
         rest_dims = ROTARY_DIM + tl.arange(0, REST_PAD)[None, :]
         rest_mask = (heads < NUM_HEADS) & (rest_dims < HEAD_DIM)
         rest = tl.load(src_rows + rest_dims, mask=rest_mask)
+        if CENTRE:
+            rest = rest.to(tl.float32) - tl.load(offset_ptr + heads * HEAD_DIM + rest_dims,
+                                                 mask=rest_mask, other=0.0)
         tl.store(dst_rows + rest_dims, quantize_for_cache(rest, scale_ptr, dst, FP8),
                  mask=rest_mask)
 
@@ -113,11 +121,12 @@ def _rope_kernel(
     cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,  # when WRITE_CACHE
     slot_mapping_ptr,  # (T,) int64, when WRITE_CACHE
     k_scale_ptr, v_scale_ptr,  # () float32, when FP8
+    k_offset_ptr,  # (Hkv, D) float32, when CENTRE_KEYS
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr, WRITE_CACHE: tl.constexpr,
-    USE_PDL: tl.constexpr, FP8: tl.constexpr,
+    USE_PDL: tl.constexpr, FP8: tl.constexpr, CENTRE_KEYS: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)  # one program per token, all its heads
@@ -127,7 +136,7 @@ def _rope_kernel(
     cos = tl.load(cos_sin, mask=half_dims < ROTARY_DIM // 2, other=1.0)
     sin = tl.load(cos_sin + ROTARY_DIM // 2, mask=half_dims < ROTARY_DIM // 2, other=0.0)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, q_out_ptr + token * stride_qot,
-                  stride_qoh, cos, sin, k_scale_ptr,
+                  stride_qoh, cos, sin, k_scale_ptr, k_offset_ptr,
                   NUM_HEADS, HEADS_PAD, HEAD_DIM, ROTARY_DIM, HALF_PAD, REST_PAD, False)
     if WRITE_CACHE:
         slot = tl.load(slot_mapping_ptr + token)
@@ -135,8 +144,8 @@ def _rope_kernel(
             dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_c_block
                    + (slot % BLOCK_SIZE) * stride_c_slot)
             _rotate_heads(k_ptr + token * stride_kt, stride_kh, dst, stride_c_head, cos, sin,
-                          k_scale_ptr, NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, ROTARY_DIM,
-                          HALF_PAD, REST_PAD, FP8)
+                          k_scale_ptr, k_offset_ptr, NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM,
+                          ROTARY_DIM, HALF_PAD, REST_PAD, FP8, CENTRE_KEYS)
             heads = tl.arange(0, KV_HEADS_PAD)[:, None]
             dims = tl.arange(0, DIM_PAD)[None, :]
             mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
@@ -145,12 +154,12 @@ def _rope_kernel(
                      quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8), mask=mask)
     else:
         _rotate_heads(k_ptr + token * stride_kt, stride_kh, k_out_ptr + token * stride_kot,
-                      stride_koh, cos, sin, k_scale_ptr,
+                      stride_koh, cos, sin, k_scale_ptr, k_offset_ptr,
                       NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, ROTARY_DIM, HALF_PAD, REST_PAD, False)
 
 
 def _launch_rope(positions, query, key, cos_sin_cache, value, kv_cache, slot_mapping,
-                 k_scale=None, v_scale=None):
+                 k_scale=None, v_scale=None, k_offset=None):
     """Rotated query, and either the rotated key (no cache given) or None after a cache write."""
     for name, tensor in (("query", query), ("key", key)):
         check_float(name, tensor)
@@ -171,16 +180,17 @@ def _launch_rope(positions, query, key, cos_sin_cache, value, kv_cache, slot_map
         check_last_dim_contiguous("kv_cache", kv_cache)
         k_out = None
         k_out_args = (q_out, 0, 0)  # unread
+        offset, centre = key_offset_arg(kv_cache, k_offset, key.shape[1], key.shape[2])
         cache_args = (value, value.stride(0), value.stride(1), kv_cache, *kv_cache.stride()[:4],
-                      slot_mapping, *kv_scale_args(kv_cache, k_scale, v_scale))
+                      slot_mapping, *kv_scale_args(kv_cache, k_scale, v_scale), offset)
         block_size = kv_cache.shape[2]
         fp8 = is_fp8_cache(kv_cache)
     else:
         k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
         k_out_args = (k_out, k_out.stride(0), k_out.stride(1))
-        cache_args = (key, 0, 0, key, 0, 0, 0, 0, positions, key, key)  # unread
+        cache_args = (key, 0, 0, key, 0, 0, 0, 0, positions, key, key, key)  # unread
         block_size = 1
-        fp8 = False
+        fp8 = centre = False
     if num_tokens == 0:
         return q_out, k_out
     half = rotary_dim // 2
@@ -199,7 +209,7 @@ def _launch_rope(positions, query, key, cos_sin_cache, value, kv_cache, slot_map
         REST_PAD=next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0,
         WRITE_CACHE=write_cache,
         num_warps=4 if num_heads * head_dim >= 2048 else 1,
-        USE_PDL=pdl, launch_pdl=pdl, FP8=fp8,
+        USE_PDL=pdl, launch_pdl=pdl, FP8=fp8, CENTRE_KEYS=centre,
     )
     return q_out, k_out
 
@@ -224,8 +234,9 @@ def rope_and_write_kv_cache(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
     k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
     v_scale: torch.Tensor | None = None,
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores key - k_offset
 ) -> torch.Tensor:  # (T, Hq, D) the rotated query
     """Triton twin of `rope_and_write_kv_cache_reference`."""
     query, _ = _launch_rope(positions, query, key, cos_sin_cache, value, kv_cache, slot_mapping,
-                            k_scale, v_scale)
+                            k_scale, v_scale, k_offset)
     return query

@@ -75,6 +75,12 @@ class Attention(nn.Module):
         for name in ("k_scale", "v_scale"):
             one = torch.ones((), dtype=torch.float32, device="cpu")
             self.register_buffer(name, one, persistent=False)
+        # The keys' calibrated per-channel mean (after RoPE), which an FP8 cache subtracts
+        # before quantising: softmax is unchanged when every key a query sees moves by the
+        # same vector (q·(k - m) = q·k - q·m), and keys with a large constant channel then
+        # spend E4M3's 3 mantissa bits on what varies. Zeros until calibrated.
+        zeros = torch.zeros(num_kv_heads, head_dim, dtype=torch.float32, device="cpu")
+        self.register_buffer("k_offset", zeros, persistent=False)
 
     def forward(
         self,
@@ -95,11 +101,11 @@ class Attention(nn.Module):
             # decode step is ~350 small kernels, and each one saved is a few µs.
             query = ops.rope_and_write_kv_cache(
                 positions, query, key, value, rotary_emb.cos_sin_cache, kv_cache,
-                metadata.slot_mapping, self.k_scale, self.v_scale,
+                metadata.slot_mapping, self.k_scale, self.v_scale, self.k_offset,
             )
         else:
             ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping, self.k_scale,
-                               self.v_scale)
+                               self.v_scale, self.k_offset)
         out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
                                   self.k_scale, self.v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

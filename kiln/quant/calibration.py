@@ -6,8 +6,10 @@ model while its quantised layers still hold their full-precision weights (the bu
                        (amax / 448, --act-scales static)
                        mean |x| per input channel and a sample of   → AWQ (kiln/quant/awq.py)
                        input rows                                       for int4-wo
-    per attention      max |k|, max |v| as written to the cache      → k_scale, v_scale
-                       (after RoPE)                                     (amax / 448, fp8 KV)
+    per attention      the keys' per-channel mean as written to     → k_offset (FP8 KV
+                       the cache (after RoPE), max |k - mean|,          subtracts it),
+                       max |v|                                         k_scale, v_scale
+                                                                       (amax / 448, fp8 KV)
 
 Data: the calibration half of ShareGPT's assistant replies (even-indexed conversations; `kiln
 eval` uses the odd ones, see kiln/evaluate/corpus.py) or a text/JSONL file, cut into
@@ -71,7 +73,39 @@ class CalibrationResult:
     num_samples: int
     num_tokens: int
     linears: dict[str, LinearStatistics]  # by layer prefix
-    kv_amax: list[tuple[float, float]]  # per attention layer (max |k|, max |v|)
+    kv: list["KVStatistics"]  # per attention layer
+
+
+@dataclass
+class KVStatistics:
+    """What calibration saw written to one attention layer's cache (float64 sums)."""
+
+    key_sum: torch.Tensor  # (Hkv, D) Σ_tokens k
+    key_max: torch.Tensor  # (Hkv, D) per-channel max of k
+    key_min: torch.Tensor  # (Hkv, D)
+    value_amax: float  # max |v|
+    tokens: int
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, values: torch.Tensor) -> "KVStatistics":  # (n, Hkv, D) each
+        keys = keys.double()
+        return cls(keys.sum(0), keys.amax(0), keys.amin(0), float(values.abs().amax()),
+                   keys.shape[0])
+
+    def merged(self, other: "KVStatistics") -> "KVStatistics":
+        return KVStatistics(self.key_sum + other.key_sum, torch.maximum(self.key_max, other.key_max),
+                            torch.minimum(self.key_min, other.key_min),
+                            max(self.value_amax, other.value_amax), self.tokens + other.tokens)
+
+    @property
+    def key_mean(self) -> torch.Tensor:  # (Hkv, D) float32
+        return (self.key_sum / max(1, self.tokens)).float()
+
+    @property
+    def centred_key_amax(self) -> float:
+        """max |k - mean| over every token and channel (from the per-channel extremes)."""
+        mean = self.key_sum / max(1, self.tokens)
+        return float(torch.maximum(self.key_max - mean, mean - self.key_min).amax())
 
 
 # ─── data ───────────────────────────────────────────────────────────────────────────────
@@ -157,10 +191,10 @@ def _move_staged(model: nn.Module, device: torch.device) -> None:
 
 
 def _run(model: nn.Module, samples: list[list[int]], device: torch.device, dtype: torch.dtype,
-         capture: _Capture, progress: bool) -> list[tuple[float, float]]:
-    sample_tokens = len(samples[0])
+         capture: _Capture, progress: bool) -> list[KVStatistics]:
     """Forward every sample (several per forward) over a zeroed cache; returns per attention
-    layer (max |k|, max |v|) as written to the cache."""
+    layer what was written to the cache."""
+    sample_tokens = len(samples[0])
     from kiln.runtime.input_batch import BatchRow, prepare_inputs
     from kiln.runtime.kv_tensors import KVCacheSpec
 
@@ -170,7 +204,7 @@ def _run(model: nn.Module, samples: list[list[int]], device: torch.device, dtype
     num_blocks = 1 + per_forward * blocks_per_sample
     shape = (2, num_blocks, _BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-    kv_amax = [(0.0, 0.0)] * spec.num_layers
+    kv: list[KVStatistics | None] = [None] * spec.num_layers
     # About AWQ_ROWS rows per layer in all, spread over the forwards.
     capture.rows_per_forward = -(-AWQ_ROWS * per_forward // len(samples))
     bar = tqdm(total=len(samples), desc="calibrating", unit="sample", disable=not progress,
@@ -187,13 +221,15 @@ def _run(model: nn.Module, samples: list[list[int]], device: torch.device, dtype
         for cache in caches:
             cache.zero_()
         model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
-        kv_amax = [
-            (max(k, float(cache[0].abs().amax())), max(v, float(cache[1].abs().amax())))
-            for (k, v), cache in zip(kv_amax, caches)
-        ]
+        slots = inputs.metadata.slot_mapping
+        slots = slots[slots >= 0]
+        for index, cache in enumerate(caches):
+            flat = cache.view(2, -1, spec.num_kv_heads, spec.head_dim)  # (2, slots, Hkv, D)
+            seen = KVStatistics.of(flat[0, slots], flat[1, slots])
+            kv[index] = seen if kv[index] is None else kv[index].merged(seen)
         bar.update(len(batch))
     bar.close()
-    return kv_amax
+    return kv
 
 
 def _compute_dtype_params(model: nn.Module) -> list[torch.Tensor]:
@@ -234,7 +270,7 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     _move_staged(model, device)
     capture = _Capture(model, keep_rows=awq, generator=torch.Generator().manual_seed(build_config.seed))
     try:
-        kv_amax = _run(model, samples, device, run_dtype, capture, progress)
+        kv = _run(model, samples, device, run_dtype, capture, progress)
     finally:
         capture.close()
     if awq:
@@ -247,25 +283,27 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     for b, original in buffers:
         b.data = b.data.to(original.device)
 
-    _set_scales(model, capture.linears, kv_amax)
+    _set_scales(model, capture.linears, kv)
     changes = {"calibration": str(source), "calibration_samples": len(samples)}
     if awq:
         changes["awq"] = True
     result_config = dataclasses.replace(quant_config, **changes) if scheme != "none" else quant_config
     return CalibrationResult(
         quant_config=result_config, num_samples=len(samples),
-        num_tokens=len(samples) * sample_tokens, linears=capture.linears, kv_amax=kv_amax,
+        num_tokens=len(samples) * sample_tokens, linears=capture.linears, kv=kv,
     )
 
 
 def _set_scales(model: nn.Module, linears: dict[str, LinearStatistics],
-                kv_amax: list[tuple[float, float]]) -> None:
-    """Static FP8 input scales (amax / 448) and attention KV scales (amax / 448)."""
+                kv: list[KVStatistics]) -> None:
+    """Static FP8 input scales (amax / 448); attention key offsets (the keys' mean) and KV
+    scales (amax of k - offset and of v, / 448)."""
     for layer in model.modules():
         if isinstance(layer, LinearBase) and hasattr(layer, "input_scale") and layer.prefix in linears:
             amax = linears[layer.prefix].amax
             layer.input_scale.data.fill_(max(amax, 1e-12) / FP8_MAX)
     attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-    for layer, (k, v) in zip(attention_layers, kv_amax):
-        layer.k_scale.fill_(max(k, 1e-12) / FP8_MAX)
-        layer.v_scale.fill_(max(v, 1e-12) / FP8_MAX)
+    for layer, seen in zip(attention_layers, kv):
+        layer.k_offset.copy_(seen.key_mean)
+        layer.k_scale.fill_(max(seen.centred_key_amax, 1e-12) / FP8_MAX)
+        layer.v_scale.fill_(max(seen.value_amax, 1e-12) / FP8_MAX)

@@ -72,28 +72,69 @@ def kv_cache_torch_dtype(name: str, compute_dtype: torch.dtype, build: dict) -> 
 
 
 def kv_scales_of(model: torch.nn.Module, calibrated: bool) -> dict:
-    """The attention layers' KV scales, for the manifest's build section."""
+    """The attention layers' KV scales, for the manifest's build section; calibrated, also
+    the key offsets ([layer][KV head][channel], the keys' mean an FP8 cache subtracts)."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
-    return {
+    scales = {
         "k": [float(layer.k_scale) for layer in layers],
         "v": [float(layer.v_scale) for layer in layers],
         "calibrated": calibrated,
     }
+    if calibrated:
+        scales["k_offset"] = [layer.k_offset.tolist() for layer in layers]
+    return scales
 
 
-def apply_kv_scales(model: torch.nn.Module, build: dict, dtype: torch.dtype) -> None:
-    """Give each attention layer the KV scales its engine recorded. An FP8 cache without
-    calibrated scales runs with 1.0 (E4M3 then holds |k|, |v| up to 448, and loses precision
-    on small values): warned about once."""
+def apply_kv_scales(model: torch.nn.Module, build: dict, dtype: torch.dtype,
+                    parallel=None) -> None:
+    """Give each attention layer the KV scales (and key offsets) its engine recorded: a
+    pipeline stage its own layers', a tensor-parallel rank its own KV heads' offsets
+    (`parallel`: the rank's ParallelState; None = one process). An FP8 cache without
+    calibrated scales runs with 1.0 and no offsets (E4M3 then holds |k|, |v| up to 448, and
+    loses precision on small values): warned about once."""
     if dtype != FP8_KV_DTYPE:
         return
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     scales = build.get("kv_scales") or {}
     k, v = scales.get("k"), scales.get("v")
-    if isinstance(k, list) and isinstance(v, list) and len(k) == len(v) == len(layers):
-        for layer, k_scale, v_scale in zip(layers, k, v):
+    if isinstance(k, list) and isinstance(v, list):
+        own = range(len(layers))
+        if parallel is not None and parallel.pp_size > 1:
+            own = parallel.stage_layers(len(k))
+        if len(k) != len(v) or len(own) != len(layers) or own.stop > len(k):
+            raise ValueError(f"the manifest's kv_scales hold {len(k)} k and {len(v)} v scales; "
+                             f"this model's layers {own.start}..{own.stop - 1} need them")
+        for layer, k_scale, v_scale in zip(layers, k[own.start : own.stop], v[own.start : own.stop]):
             layer.k_scale.fill_(float(k_scale))
             layer.v_scale.fill_(float(v_scale))
+        offsets = scales.get("k_offset")
+        if offsets is not None:
+            tp_rank, tp_size = (parallel.tp_rank, parallel.tp_size) if parallel else (0, 1)
+            stage_offsets = _key_offsets(offsets, len(k), layers, tp_rank, tp_size)[own.start : own.stop]
+            for layer, offset in zip(layers, stage_offsets):
+                layer.k_offset.copy_(offset)
     if not scales.get("calibrated"):
         warnings.warn("FP8 KV cache with uncalibrated scales (1.0): build with --calibration "
                       "to measure them", stacklevel=2)
+
+
+def _key_offsets(recorded, num_layers: int, layers: list[Attention], tp_rank: int,
+                 tp_size: int):
+    """The manifest's k_offset ([layer][KV head][channel], every KV head) as this rank's
+    (Hkv, D) tensors: ranks split the KV heads, or share one when there are fewer heads than
+    ranks (QKVParallelLinear's placement). A shape that fits no layer is an error naming
+    the field: silently wrong offsets would shift every cached key."""
+    try:
+        offsets = torch.tensor(recorded, dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the manifest's kv_scales.k_offset is not a [layer][KV head][channel] "
+                         f"array of numbers: {error}") from None
+    local, head_dim = layers[0].num_kv_heads, layers[0].head_dim
+    if (offsets.dim() != 3 or offsets.shape[0] != num_layers or offsets.shape[2] != head_dim
+            or max(1, offsets.shape[1] // tp_size) != local):
+        raise ValueError(f"the manifest's kv_scales.k_offset has shape {tuple(offsets.shape)}; "
+                         f"this model needs ({num_layers} layers, KV heads, {head_dim}) with "
+                         f"{local} KV heads on each of {tp_size} ranks")
+    replicas = max(1, tp_size // offsets.shape[1])  # ranks holding the same KV heads
+    first = (tp_rank // replicas) * local
+    return offsets[:, first : first + local]

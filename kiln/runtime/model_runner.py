@@ -135,7 +135,8 @@ class ModelRunner:
         started = time.perf_counter()
         self.model = load_engine_model(engine_info, device, dtype, parallel=parallel)
         self.kv_cache_spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
-        apply_kv_scales(self.model, engine_info.manifest.get("build", {}), self.kv_cache_dtype)
+        apply_kv_scales(self.model, engine_info.manifest.get("build", {}), self.kv_cache_dtype,
+                        parallel)
         bytes_per_block = self.kv_cache_spec.bytes_per_block(block_size)
         _sync(device)
         self.load_seconds = time.perf_counter() - started

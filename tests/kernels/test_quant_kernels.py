@@ -221,6 +221,74 @@ def test_fp8_cache_write_and_rope_write_match_reference(device):
     assert _dequantised(reference).abs().sum() > 0  # something was written
 
 
+def test_fp8_cache_writes_subtract_the_key_offset(device):
+    # Keys with a large constant channel (as real models' keys have): the writes store
+    # E4M3 of (k - k_offset) / k_scale, the Triton kernels as the reference, the values
+    # untouched; the rope write with partial rotary too (the pass-through dims shift).
+    batch, k_scale, v_scale = _fp8_batch([3, 1, 4], [0, 5, 2], device, num_padding_rows=1)
+    generator = torch.Generator().manual_seed(7)
+    offset = torch.randn(2, 64, generator=generator).to(device)
+    key = batch.key.clone()
+    key[:, :, 5] += 20.0  # the constant channel the offset removes
+    offset[:, 5] += 20.0
+    empty = torch.zeros_like(batch.kv_cache)
+    plain, centred, fast = empty.clone(), empty.clone(), empty.clone()
+    attention.write_kv_cache_reference(key, batch.value, plain, batch.slot_mapping, k_scale,
+                                       v_scale)
+    attention.write_kv_cache_reference(key, batch.value, centred, batch.slot_mapping, k_scale,
+                                       v_scale, offset)
+    attention.write_kv_cache(key, batch.value, fast, batch.slot_mapping, k_scale, v_scale, offset)
+    valid = batch.slot_mapping >= 0
+    flat = centred.view(2, -1, 2, 64)
+    expected = ((key[valid].float() - offset) / K_SCALE).clamp(-448, 448).to(FP8)
+    assert torch.equal(flat[0, batch.slot_mapping[valid]].float(), expected.float())
+    assert torch.equal(centred[1].float(), plain[1].float())
+    step = _dequantised(centred).abs() * 2**-3 + 2**-9
+    assert ((_dequantised(fast) - _dequantised(centred)).abs() <= step).all()
+
+    cos_sin = torch.randn(256, 48, generator=generator).to(device)  # rotary_dim 48 of 64
+    fast, reference = empty.clone(), empty.clone()
+    rope_kernels.rope_and_write_kv_cache(batch.positions, batch.query, key, batch.value, cos_sin,
+                                         fast, batch.slot_mapping, k_scale, v_scale, offset)
+    rope_kernels.rope_and_write_kv_cache_reference(batch.positions, batch.query, key, batch.value,
+                                                   cos_sin, reference, batch.slot_mapping,
+                                                   k_scale, v_scale, offset)
+    step = _dequantised(reference).abs() * 2**-3 + 2**-7
+    assert ((_dequantised(fast) - _dequantised(reference)).abs() <= step).all()
+    assert not torch.equal(reference[0].float(), plain[0].float())
+    with pytest.raises(ValueError, match=r"k_offset must be a contiguous float32 \(2, 64\)"):
+        attention.write_kv_cache(key, batch.value, fast, batch.slot_mapping, k_scale, v_scale,
+                                 offset[:1])
+
+
+def test_centred_keys_give_the_same_attention_closer(device):
+    # Softmax is unchanged when every key moves by one vector, so attention over a cache of
+    # k - offset is attention over k; with a large constant channel, E4M3 of the centred keys
+    # loses less of what varies, and the output is closer to the exact one.
+    batch, _, v_scale = _fp8_batch([1, 1, 1], [40, 7, 150], device)
+    exact = make_paged_batch([1, 1, 1], [40, 7, 150], 4, 2, 64, 16, torch.bfloat16, device)
+    cache = exact.kv_cache.float()
+    cache[0, ..., 3] += 30.0  # every key's channel 3: a constant part much larger than the rest
+    exact_out = attention.paged_attention_reference(
+        exact.query, cache, exact.block_tables, exact.query_start_loc_host, exact.seq_lens_host,
+        0.125)
+    offset = torch.zeros(2, 64, device=device)
+    offset[:, 3] = 30.0
+    errors = {}
+    for name, k_offset in (("plain", None), ("centred", offset)):
+        keys = cache[0] - (k_offset if k_offset is not None else 0.0)
+        # (the batch's unwritten slots hold NaN: never read, kept out of the amax)
+        k_scale = torch.tensor(float(keys.nan_to_num().abs().amax()) / 448, device=device)
+        fp8 = cache.clone()
+        fp8[0] = keys / k_scale
+        fp8[1] = cache[1] / v_scale
+        out = attention.paged_attention_reference(
+            exact.query, fp8.to(FP8), exact.block_tables, exact.query_start_loc_host,
+            exact.seq_lens_host, 0.125, None, k_scale, v_scale)
+        errors[name] = float((out.float() - exact_out.float()).norm() / exact_out.float().norm())
+    assert errors["centred"] < 0.6 * errors["plain"], errors  # (V's rounding is in both)
+
+
 def test_fp8_cache_needs_its_scales(device):
     batch, _, _ = _fp8_batch([1], [4], device)
     with pytest.raises(ValueError, match="k_scale and v_scale"):

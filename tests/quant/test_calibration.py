@@ -1,5 +1,6 @@
 """Calibration at build: static FP8 input scales and KV scales equal amax / 448 of what a
-plain float32 engine of the same model computes on the same samples; the manifest records
+plain float32 engine of the same model computes on the same samples, the key offsets its
+keys' mean (k_scale then covers k less it); the manifest records
 the source and sample count; too little data is one line; ShareGPT's calibration and
 evaluation halves never share a conversation."""
 
@@ -15,6 +16,8 @@ from kiln.compiler.builder import build_engine
 from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig
 from kiln.evaluate.forward import TeacherForcedModel
+from kiln.kernels import ops
+from kiln.kernels.rope import rope_reference
 from kiln.quant.calibration import calibration_samples, tokenizer_of
 from kiln.checkpoint.gguf import read_gguf
 from tests.checkpoint.test_gguf import write_tiny_gguf
@@ -33,7 +36,7 @@ def tiny(tmp_path_factory):
     return directory
 
 
-def test_static_input_and_kv_scales_are_the_measured_amax(tiny, tmp_path):
+def test_static_input_and_kv_scales_are_the_measured_amax(tiny, tmp_path, capsys):
     config = BuildConfig(dtype="float32", quant="fp8", act_scales="static", kv_cache_dtype="fp8",
                          calibration=str(tiny / "text.txt"), calibration_samples=8)
     build_engine(tiny / "tiny.gguf", tmp_path / "fp8", config, progress=False)
@@ -41,6 +44,8 @@ def test_static_input_and_kv_scales_are_the_measured_amax(tiny, tmp_path):
     assert manifest["quant"]["calibration"] == str(tiny / "text.txt")
     assert manifest["quant"]["calibration_samples"] == 8
     assert manifest["build"]["kv_scales"]["calibrated"] is True
+    assert main(["inspect", str(tmp_path / "fp8")]) == 0
+    assert "KV cache fp8 (calibrated scales, key offsets)" in capsys.readouterr().out
 
     # The oracle: a plain float32 engine of the same file, fed the same samples.
     build_engine(tiny / "tiny.gguf", tmp_path / "plain", BuildConfig(dtype="float32"), progress=False)
@@ -58,14 +63,36 @@ def test_static_input_and_kv_scales_are_the_measured_amax(tiny, tmp_path):
         def v_hook(module, inputs, output, k=index, kv=kv):
             v_out[k] = max(v_out.get(k, 0.0), float(output[:, -kv:].abs().max()))
         hooks.append(qkv.register_forward_hook(v_hook))
-    for sample in samples:
-        plain.hidden_states(sample)
+    # The keys as written to the cache (after RoPE), per layer in call order.
+    keys: dict[int, list[torch.Tensor]] = {}
+    real_write = ops.rope_and_write_kv_cache
+
+    def record(positions, query, key, *args):
+        layer = sum(map(len, keys.values())) % len(plain.model.model.layers)
+        keys.setdefault(layer, []).append(rope_reference(positions, query, key, args[1])[1])
+        return real_write(positions, query, key, *args)
+
+    ops.rope_and_write_kv_cache = record
+    try:
+        for sample in samples:
+            plain.hidden_states(sample)
+    finally:
+        ops.rope_and_write_kv_cache = real_write
     engine = TeacherForcedModel(tmp_path / "fp8", device="cpu")
+    manifest_offsets = manifest["build"]["kv_scales"]["k_offset"]
     for index, layer in enumerate(engine.model.model.layers):
         scale = float(layer.self_attn.qkv_proj.input_scale)
         assert scale == pytest.approx(qkv_in[index] / 448, rel=1e-5)
-        assert float(layer.self_attn.attn.v_scale) == pytest.approx(v_out[index] / 448, rel=1e-5)
-        assert float(layer.self_attn.attn.k_scale) > 0
+        attn = layer.self_attn.attn
+        assert float(attn.v_scale) == pytest.approx(v_out[index] / 448, rel=1e-5)
+        # The key offset is the keys' mean, and k_scale covers the keys less it.
+        layer_keys = torch.cat(keys[index]).double()  # (tokens, Hkv, D)
+        mean = layer_keys.mean(0)
+        torch.testing.assert_close(attn.k_offset.double(), mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(manifest_offsets[index]).double(), mean,
+                                   atol=1e-5, rtol=1e-5)
+        assert float(attn.k_scale) == pytest.approx(
+            float((layer_keys - mean).abs().amax()) / 448, rel=1e-5)
 
 
 def test_too_few_samples_and_too_little_text_are_one_line(tiny, tmp_path, capsys):

@@ -13,6 +13,7 @@ import torch
 
 from kiln.config import EngineConfig, validated
 from kiln.errors import KilnError
+from kiln.parallel.state import ParallelState
 from kiln.runtime.kv_tensors import NULL_BLOCK, KVCacheSpec, allocate_kv_caches
 from kiln.runtime.memory_profile import cpu_kv_blocks
 from kiln.runtime.sampling_params import SamplingParams
@@ -103,3 +104,65 @@ def test_cpu_kv_cache_sizing():
     assert cpu_kv_blocks(budget_bytes=10_000, bytes_per_block=1_000, max_blocks=4) == 4
     with pytest.raises(KilnError, match="cpu_kv_cache_bytes 1500 holds fewer than 2 KV blocks"):
         cpu_kv_blocks(budget_bytes=1_500, bytes_per_block=1_000, max_blocks=100)
+
+
+def _attention_layers(count: int, num_kv_heads: int, head_dim: int = 4) -> torch.nn.Module:
+    from kiln.layers.attention import Attention
+
+    return torch.nn.ModuleList(Attention(8, head_dim, num_kv_heads, 0.5) for _ in range(count))
+
+
+def test_key_offsets_go_to_each_rank_s_kv_heads():
+    from kiln.runtime.kv_tensors import FP8_KV_DTYPE, apply_kv_scales
+
+    # 2 layers x 4 KV heads x 4 channels, each entry naming its (layer, head, channel).
+    offsets = [[[100 * layer + 10 * head + channel for channel in range(4)] for head in range(4)]
+               for layer in range(2)]
+    build = {"kv_scales": {"k": [0.5, 0.25], "v": [1.0, 2.0], "calibrated": True,
+                           "k_offset": offsets}}
+    recorded = torch.tensor(offsets, dtype=torch.float32)
+    single = _attention_layers(2, 4)
+    apply_kv_scales(single, build, FP8_KV_DTYPE)
+    assert [float(layer.k_scale) for layer in single] == [0.5, 0.25]
+    assert all(torch.equal(layer.k_offset, recorded[i]) for i, layer in enumerate(single))
+    # tp 2: two KV heads a rank; tp 8: each KV head on two ranks.
+    for tp_size, local in ((2, 2), (8, 1)):
+        for rank in range(tp_size):
+            layers = _attention_layers(2, local)
+            apply_kv_scales(layers, build, FP8_KV_DTYPE, ParallelState.for_slicing(tp_size, 1, rank))
+            first = rank * local // max(1, tp_size // 4)
+            for index, layer in enumerate(layers):
+                assert torch.equal(layer.k_offset, recorded[index, first : first + local])
+    # pp 2: each stage holds one of the two layers, and takes that layer's scales and offsets
+    # (the lists are indexed by the full model's layers).
+    for stage in range(2):
+        layers = _attention_layers(1, 4)
+        apply_kv_scales(layers, build, FP8_KV_DTYPE, ParallelState.for_slicing(1, 2, stage))
+        assert float(layers[0].k_scale) == [0.5, 0.25][stage]
+        assert float(layers[0].v_scale) == [1.0, 2.0][stage]
+        assert torch.equal(layers[0].k_offset, recorded[stage])
+    # A bf16 cache takes no offsets; an engine without them keeps zeros.
+    layers = _attention_layers(2, 4)
+    apply_kv_scales(layers, build, torch.bfloat16)
+    assert all(not layer.k_offset.any() for layer in layers)
+    apply_kv_scales(layers, {"kv_scales": {**build["kv_scales"], "k_offset": None}}, FP8_KV_DTYPE)
+    assert all(not layer.k_offset.any() for layer in layers)
+
+
+def test_kv_scales_that_fit_no_layer_are_one_line():
+    from kiln.runtime.kv_tensors import FP8_KV_DTYPE, apply_kv_scales
+
+    build = {"kv_scales": {"k": [0.5], "v": [1.0], "calibrated": True}}
+    with pytest.raises(ValueError, match="kv_scales hold 1 k and 1 v scales; this model's "
+                                         "layers 0..1 need them"):
+        apply_kv_scales(_attention_layers(2, 4), build, FP8_KV_DTYPE)
+
+
+@pytest.mark.parametrize("bad", [[[[1.0] * 4] * 4], [[[1.0] * 3] * 4] * 2, [[["x"] * 4] * 4] * 2])
+def test_a_key_offset_that_fits_no_layer_is_one_line(bad):
+    from kiln.runtime.kv_tensors import FP8_KV_DTYPE, apply_kv_scales
+
+    build = {"kv_scales": {"k": [0.5, 0.25], "v": [1.0, 2.0], "calibrated": True,
+                           "k_offset": bad}}
+    with pytest.raises(ValueError, match="the manifest's kv_scales.k_offset"):
+        apply_kv_scales(_attention_layers(2, 4), build, FP8_KV_DTYPE)
