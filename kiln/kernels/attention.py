@@ -92,7 +92,7 @@ def write_kv_cache_reference(
     slot_mapping: torch.Tensor,  # (T,) int64; -1 = padding token, not written
     k_scale: torch.Tensor | None = None,  # () float32: an FP8 cache stores key / k_scale
     v_scale: torch.Tensor | None = None,
-    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores (key - k_offset) / k_scale
+    k_offset: torch.Tensor | None = None,  # (Hkv, D) float32: an FP8 cache stores key - k_offset
 ) -> None:
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])  # (2, slots, Hkv, D)
