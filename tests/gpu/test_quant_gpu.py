@@ -162,3 +162,43 @@ def test_fp8_kv_cache_float16_dots_saturate_a_query_past_float16s_range(monkeypa
     assert torch.isfinite(out).all()
     assert _relative(out[1:], expected[1:]) < 1e-2
     assert _relative(out[0, 1:], expected[0, 1:]) < 1e-2
+
+
+def test_fp8_cache_writes_centre_keys_at_8b_shapes():
+    # The RoPE + cache write and the plain cache write subtract the key offset like their
+    # references (one E4M3 step apart at most), at 8 KV heads x 128, bf16 inputs.
+    from kiln.kernels import rope
+    from tests.kernels.kernel_helpers import make_paged_batch
+
+    batch = make_paged_batch([5, 1, 30], [0, 40, 9], 32, 8, 128, 16, torch.bfloat16, "cuda")
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    offset = torch.randn(8, 128, device="cuda", generator=generator) * 4
+    k_scale = torch.tensor(0.05, device="cuda")
+    v_scale = torch.tensor(0.04, device="cuda")
+    cache = torch.zeros_like(batch.kv_cache, dtype=torch.float8_e4m3fn)
+    cos_sin = torch.randn(4096, 128, device="cuda", generator=generator)
+    for write in ("plain", "rope"):
+        fast, reference = cache.clone(), cache.clone()
+        if write == "plain":
+            attention.write_kv_cache(batch.key, batch.value, fast, batch.slot_mapping, k_scale,
+                                     v_scale, offset)
+            attention.write_kv_cache_reference(batch.key, batch.value, reference,
+                                               batch.slot_mapping, k_scale, v_scale, offset)
+        else:
+            rope.rope_and_write_kv_cache(batch.positions, batch.query, batch.key, batch.value,
+                                         cos_sin, fast, batch.slot_mapping, k_scale, v_scale,
+                                         offset)
+            rope.rope_and_write_kv_cache_reference(batch.positions, batch.query, batch.key,
+                                                   batch.value, cos_sin, reference,
+                                                   batch.slot_mapping, k_scale, v_scale, offset)
+        # Compared as the keys and values they stand for: one E4M3 step of the stored value,
+        # plus one bf16 step of the key before centring (the kernel's and torch's fp32
+        # rotations can round it to neighbouring bf16 values).
+        scales = torch.stack([k_scale, v_scale]).view(2, 1, 1, 1, 1)
+        shift = torch.stack([offset, torch.zeros_like(offset)]).view(2, 1, 1, 8, 128)
+        stored = reference.float()
+        keys_fast = fast.float() * scales + shift
+        keys_reference = stored * scales + shift
+        tolerance = stored.abs() * scales * 2**-3 + keys_reference.abs() * 2**-7 + 1e-3
+        assert ((keys_fast - keys_reference).abs() <= tolerance).all(), write
+        assert stored.abs().sum() > 0
