@@ -499,8 +499,8 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 # How decode turns an FP8 KV cache's E4M3 tiles into dot operands (KILN_FP8_KV_DOT, the A/B
 # switch): "fp16" (default) = float16 dots, one conversion instruction per element pair, on
 # the FP8 tiling below; "model" = the query's dtype and the 16-bit caches' tiling, as before
-# (bfloat16 has no direct E4M3 conversion: it goes through float16, and the kernel was
-# bound by those instructions, reading E4M3 at the same elements/s as bf16 caches, half the
+# (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a second conversion, and
+# the kernel was bound by that work, reading E4M3 at the same elements/s as bf16 caches, half the
 # bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
 # bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
 FP8_KV_DOT_MODES = ("fp16", "model")
