@@ -98,20 +98,20 @@ def apply_kv_scales(model: torch.nn.Module, build: dict, dtype: torch.dtype,
     scales = build.get("kv_scales") or {}
     k, v = scales.get("k"), scales.get("v")
     if isinstance(k, list) and isinstance(v, list):
-        own = range(len(layers))
-        if parallel is not None and parallel.pp_size > 1:
-            own = parallel.stage_layers(len(k))
-        if len(k) != len(v) or len(own) != len(layers) or own.stop > len(k):
+        # The lists cover the whole model; a pipeline stage holds a range of its layers.
+        own = parallel.stage_layers(len(k)) if parallel is not None else range(len(k))
+        if len(k) != len(v) or len(own) != len(layers):
             raise ValueError(f"the manifest's kv_scales hold {len(k)} k and {len(v)} v scales; "
-                             f"this model's layers {own.start}..{own.stop - 1} need them")
+                             f"this model's layers {own.start}..{own.start + len(layers) - 1} "
+                             "need them")
         for layer, k_scale, v_scale in zip(layers, k[own.start : own.stop], v[own.start : own.stop]):
             layer.k_scale.fill_(float(k_scale))
             layer.v_scale.fill_(float(v_scale))
         offsets = scales.get("k_offset")
         if offsets is not None:
             tp_rank, tp_size = (parallel.tp_rank, parallel.tp_size) if parallel else (0, 1)
-            stage_offsets = _key_offsets(offsets, len(k), layers, tp_rank, tp_size)[own.start : own.stop]
-            for layer, offset in zip(layers, stage_offsets):
+            all_offsets = _key_offsets(offsets, len(k), layers, tp_rank, tp_size)
+            for layer, offset in zip(layers, all_offsets[own.start : own.stop]):
                 layer.k_offset.copy_(offset)
     if not scales.get("calibrated"):
         warnings.warn("FP8 KV cache with uncalibrated scales (1.0): build with --calibration "

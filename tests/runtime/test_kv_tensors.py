@@ -156,6 +156,10 @@ def test_kv_scales_that_fit_no_layer_are_one_line():
     with pytest.raises(ValueError, match="kv_scales hold 1 k and 1 v scales; this model's "
                                          "layers 0..1 need them"):
         apply_kv_scales(_attention_layers(2, 4), build, FP8_KV_DTYPE)
+    # More scales than layers in one process is as wrong as fewer (not the first ones used).
+    build = {"kv_scales": {"k": [0.5, 0.25, 0.1], "v": [1.0, 2.0, 3.0], "calibrated": True}}
+    with pytest.raises(ValueError, match="kv_scales hold 3 k and 3 v scales"):
+        apply_kv_scales(_attention_layers(2, 4), build, FP8_KV_DTYPE)
 
 
 @pytest.mark.parametrize("bad", [[[[1.0] * 4] * 4], [[[1.0] * 3] * 4] * 2, [[["x"] * 4] * 4] * 2])
