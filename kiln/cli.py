@@ -31,7 +31,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         random_weights=args.random_weights, seed=args.seed, quant=args.quant,
         group_size=args.group_size, act_scales=args.act_scales, quant_lm_head=args.quant_lm_head,
         kv_cache_dtype=args.kv_cache_dtype, calibration=args.calibration,
-        calibration_samples=args.calibration_samples,
+        calibration_samples=args.calibration_samples, gptq=args.gptq,
     )
     hf_config = None
     if args.random_weights and args.source in PRESETS:
@@ -176,6 +176,8 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--calibration", default=None, metavar="sharegpt|FILE",
                        help="calibration data for static/KV/AWQ scales")
     build.add_argument("--calibration-samples", type=int, default=None, metavar="N")
+    build.add_argument("--gptq", action="store_true",
+                       help="round weights with GPTQ's error feedback from --calibration")
     build.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks: one sliced file per rank (default 1)")
     build.add_argument("--pp", type=int, default=1,

@@ -66,6 +66,10 @@ class BuildConfig(BaseModel):
     calibration_samples: int | None = Field(
         None, ge=1, description="calibration samples (default: the calibration's own)"
     )
+    gptq: bool = Field(
+        False, description="round the weights with GPTQ's error feedback from --calibration "
+        "(instead of to nearest)"
+    )
 
     @field_validator("quant")
     @classmethod
@@ -87,6 +91,10 @@ class BuildConfig(BaseModel):
                              "scales are measured by running calibration data")
         if self.calibration_samples is not None and not self.calibration:
             raise ValueError("--calibration-samples needs --calibration")
+        if self.gptq and (self.quant in ("none", KEEP_QUANTIZATION) or not self.calibration):
+            raise ValueError("--gptq rounds the weights a build quantises, measured on "
+                             "calibration data: it needs --quant fp8, int8-wo or int4-wo and "
+                             "--calibration")
         if self.calibration and self.quant == "none" and self.kv_cache_dtype == "auto":
             raise ValueError("--calibration has nothing to calibrate without --quant or "
                              "--kv-cache-dtype fp8")

@@ -171,7 +171,8 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
                "quantize_lm_head": True if build_config.quant_lm_head else None}
     if build_config.quant != "none" and build_config.calibration:
         options.update(calibration=build_config.calibration,
-                       calibration_samples=build_config.calibration_samples)
+                       calibration_samples=build_config.calibration_samples,
+                       gptq=True if build_config.gptq else None)
     return quant_config_for_build(build_config.quant, options)
 
 
@@ -273,9 +274,12 @@ def build_engine(
     # calibration measures activations (static and KV scales, AWQ) on that model.
     if build_config.calibration:
         quant_config = _calibrate(model, build_config, quant_config, checkpoint, progress)
-    for module in model.modules():  # quantisation (round-to-nearest), once per layer
-        if isinstance(module, CheckpointLoadable) and id(module) not in processed:
-            module.process_weights_after_loading()
+    # Quantisation (round-to-nearest, or GPTQ's rounding: minutes for an 8B, so a bar).
+    pending = [m for m in model.modules()
+               if isinstance(m, CheckpointLoadable) and id(m) not in processed]
+    gptq = bool(getattr(quant_config, "gptq", False))
+    for module in tqdm(pending, desc="GPTQ", unit="module", disable=not (progress and gptq)):
+        module.process_weights_after_loading()
     compute_names = model.compute_dtype_names()
     weights = {
         name: (t.to(dtype) if name in compute_names else t).contiguous()

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from kiln.errors import KilnError
 from kiln.kernels.quant_linear import dequantize_int4
+from kiln.quant.gptq import CALIBRATION_GRAM
 from kiln.quant.quantize import FULL_PRECISION, quantize_int4
 
 GRID = 20  # α = 0, 0.05, ..., 0.95
@@ -77,8 +78,14 @@ def _staged(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _scale_columns(layer: nn.Module, s: torch.Tensor) -> None:
+    """W·diag(s), its input becomes x / s: with --gptq the inputs' second moment follows,
+    E[(x/s)(x/s)ᵀ] = diag(1/s) E[x xᵀ] diag(1/s)."""
     staged = _staged(layer)
     staged.mul_(s.to(staged.dtype)[None, :])
+    gram = getattr(layer, CALIBRATION_GRAM, None)
+    if gram is not None:
+        s = s.to(device=gram.device, dtype=gram.dtype)
+        gram.div_(s[:, None] * s[None, :])
 
 
 def _scale_rows(layer: nn.Module, rows: slice, s: torch.Tensor) -> None:

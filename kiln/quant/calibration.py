@@ -6,6 +6,8 @@ model while its quantised layers still hold their full-precision weights (the bu
                        (amax / 448, --act-scales static)
                        mean |x| per input channel and a sample of   → AWQ (kiln/quant/awq.py)
                        input rows                                       for int4-wo
+                       E[x xᵀ] over every token (with --gptq)       → GPTQ's rounding
+                                                                       (kiln/quant/gptq.py)
     per attention      the keys' per-channel mean as written to     → k_offset (FP8 KV
                        the cache (after RoPE), max |k - mean|,          subtracts it),
                        max |v|                                         k_scale, v_scale
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from kiln.errors import KilnError
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
+from kiln.quant.gptq import CALIBRATION_GRAM
 from kiln.quant.quantize import FP8_MAX, FULL_PRECISION
 
 DEFAULT_SAMPLES = 128
@@ -55,6 +58,7 @@ class LinearStatistics:
     abs_sum: torch.Tensor | None = None  # (in,) Σ_tokens |x|, float32
     tokens: int = 0
     rows: list[torch.Tensor] = field(default_factory=list)  # sampled (n, in) float32 inputs
+    gram: torch.Tensor | None = None  # (in, in) Σ_tokens x xᵀ, float32 (with --gptq)
 
     @property
     def mean_abs(self) -> torch.Tensor:  # (in,)
@@ -154,9 +158,11 @@ def tokenizer_of(checkpoint):
 class _Capture:
     """Forward hooks recording every quantised linear's input and nothing else."""
 
-    def __init__(self, model: nn.Module, keep_rows: bool, generator: torch.Generator):
+    def __init__(self, model: nn.Module, keep_rows: bool, generator: torch.Generator,
+                 keep_gram: bool = False):
         self.linears: dict[str, LinearStatistics] = {}
         self.keep_rows = keep_rows
+        self.keep_gram = keep_gram
         self.generator = generator
         self.rows_per_forward = 0
         self.handles = [
@@ -173,6 +179,9 @@ class _Capture:
             column_sum = x.abs().sum(0)
             stats.abs_sum = column_sum if stats.abs_sum is None else stats.abs_sum + column_sum
             stats.tokens += x.shape[0]
+            if self.keep_gram:
+                gram = x.T @ x
+                stats.gram = gram if stats.gram is None else stats.gram.add_(gram)
             if self.keep_rows and self.rows_per_forward:
                 pick = torch.randperm(x.shape[0], generator=self.generator)[: self.rows_per_forward]
                 stats.rows.append(x[pick.to(x.device)].clone())
@@ -241,7 +250,8 @@ def _compute_dtype_params(model: nn.Module) -> list[torch.Tensor]:
 def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool = True
               ) -> CalibrationResult:
     """Measure the model on calibration data and write what the build asked for into it:
-    static FP8 input scales, attention KV scales, AWQ-scaled weights (int4-wo)."""
+    static FP8 input scales, attention KV scales, AWQ-scaled weights (int4-wo), and with
+    --gptq each quantised linear's input second moment for GPTQ's rounding."""
     quant_config = model.quant_config
     scheme = quant_config.scheme
     awq = scheme == "int4-wo"
@@ -268,11 +278,15 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     for b in model.buffers():
         b.data = b.data.to(device)
     _move_staged(model, device)
-    capture = _Capture(model, keep_rows=awq, generator=torch.Generator().manual_seed(build_config.seed))
+    gptq = bool(getattr(quant_config, "gptq", False))
+    capture = _Capture(model, keep_rows=awq, keep_gram=gptq,
+                       generator=torch.Generator().manual_seed(build_config.seed))
     try:
         kv = _run(model, samples, device, run_dtype, capture, progress)
     finally:
         capture.close()
+    if gptq:  # before AWQ: its column scaling rescales them (kiln/quant/awq.py)
+        _attach_grams(model, capture.linears)
     if awq:
         from kiln.quant.awq import apply_awq
 
@@ -292,6 +306,17 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
         quant_config=result_config, num_samples=len(samples),
         num_tokens=len(samples) * sample_tokens, linears=capture.linears, kv=kv,
     )
+
+
+def _attach_grams(model: nn.Module, linears: dict[str, LinearStatistics]) -> None:
+    """Each staged linear gets E[x xᵀ] of its inputs (CALIBRATION_GRAM), which
+    process_weights_after_loading hands to GPTQ (kiln/quant/gptq.py)."""
+    for layer in model.modules():
+        stats = linears.get(getattr(layer, "prefix", None))
+        if (isinstance(layer, LinearBase) and getattr(layer, FULL_PRECISION, None) is not None
+                and stats is not None and stats.gram is not None):
+            setattr(layer, CALIBRATION_GRAM, stats.gram.div_(max(1, stats.tokens)))
+            stats.gram = None
 
 
 def _set_scales(model: nn.Module, linears: dict[str, LinearStatistics],

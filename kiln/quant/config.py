@@ -111,6 +111,7 @@ _FLAG_NAMES = {
     "quantize_lm_head": "--quant-lm-head",
     "calibration": "--calibration",
     "calibration_samples": "--calibration-samples",
+    "gptq": "--gptq",
 }
 
 

@@ -23,7 +23,7 @@ from kiln.quant.base import QuantMethod, make_parameter
 from kiln.quant.config import register_quant_scheme
 from kiln.quant.int8 import check_group_size_value, scale_layout
 from kiln.quant.placement import FeatureLayout
-from kiln.quant.quantize import check_group_size, quantize_int4
+from kiln.quant.quantize import check_group_size, int4_grid, quantize_int4
 from kiln.quant.scheme_base import BuildQuantizedLinearMethod, QuantizedSchemeConfig, store
 
 PACKED_LAYOUT = FeatureLayout(output_dim=0, input_dim=1, input_block=2)
@@ -60,9 +60,19 @@ class Int4WeightOnlyLinearMethod(BuildQuantizedLinearMethod):
         layer.weight_zero = make_parameter((output_size, groups), layout, torch.float16)
         layer.quant_group_size = group
 
-    def quantize(self, layer: nn.Module, weight: torch.Tensor) -> None:
+    def grid(self, layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return int4_grid(weight, layer.quant_group_size, self.config.zero_point)
+
+    def round_columns(self, layer: nn.Module, grid: tuple[torch.Tensor, ...],
+                      columns: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        group = index // layer.quant_group_size
+        scale, zero = grid[0][:, group], grid[1][:, group]
+        return (torch.round(columns / scale + zero).clamp(0, 15) - zero) * scale
+
+    def store_quantized(self, layer: nn.Module, weight: torch.Tensor,
+                        grid: tuple[torch.Tensor, ...]) -> None:
         packed, scale, zero = quantize_int4(weight, layer.quant_group_size,
-                                            self.config.zero_point)
+                                            self.config.zero_point, grid)
         store(layer.qweight, packed)
         store(layer.weight_scale, scale)
         store(layer.weight_zero, zero)

@@ -68,30 +68,49 @@ def check_group_size(group_size: int, input_size: int, prefix: str) -> int:
     return group_size
 
 
-def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float → (E4M3 (out, in), float32 scales (out,))."""
+def fp8_channel_scales(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) float → float32 scales (out,): each row's amax maps onto E4M3's 448."""
+    return (weight.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+
+
+def quantize_fp8_per_channel(
+    weight: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float → (E4M3 (out, in), float32 scales (out,)); `scale` given: round onto
+    that grid (GPTQ computes the grid first, kiln/quant/gptq.py)."""
     weight = weight.float()
-    scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = fp8_channel_scales(weight) if scale is None else scale.float()
     q = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float → (int8 (out, in), float16 scales (out, in // group_size)), symmetric."""
+def int8_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) float → float32 scales (out, in // group_size), each a float16 value (the
+    stored scale is what divides): symmetric, amax / 127."""
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
     scale = (groups.abs().amax(dim=2) / 127.0).clamp(min=_MIN_SCALE)
-    scale = scale.to(torch.float16).float().clamp(min=6e-8)  # the stored scale is what divides
+    return scale.to(torch.float16).float().clamp(min=6e-8)
+
+
+def quantize_int8(
+    weight: torch.Tensor, group_size: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float → (int8 (out, in), float16 scales (out, in // group_size)), symmetric;
+    `scale` given (int8_scales' form): round onto that grid."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scale = int8_scales(weight, group_size) if scale is None else scale.float()
     q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(out_features, in_features), scale.to(torch.float16)
 
 
-def quantize_int4(
+def int4_grid(
     weight: torch.Tensor, group_size: int, zero_point: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, in) float → (packed uint8 (out, in // 2), float16 scales and zero points
-    (out, in // group_size)). Asymmetric (zero_point): the group's [min, max] (widened to
-    hold 0) maps onto [0, 15]; symmetric: z = 8 and s = amax / 8 (q − 8 in [−8, 7])."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float → float32 (scales, zero points), (out, in // group_size) each, float16
+    values. Asymmetric (zero_point): the group's [min, max] (widened to hold 0) maps onto
+    [0, 15]; symmetric: z = 8 and s = amax / 8 (q − 8 in [−8, 7])."""
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
     if zero_point:
@@ -104,6 +123,18 @@ def quantize_int4(
         scale = (groups.abs().amax(dim=2) / 8.0).clamp(min=_MIN_SCALE)
         scale = scale.to(torch.float16).float().clamp(min=6e-8)
         zero = torch.full_like(scale, 8.0)
+    return scale, zero
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, zero_point: bool = True,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, in) float → (packed uint8 (out, in // 2), float16 scales and zero points
+    (out, in // group_size)); `grid` given (int4_grid's form): round onto it."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scale, zero = int4_grid(weight, group_size, zero_point) if grid is None else grid
     q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)
     q = q.reshape(out_features, in_features)
     return pack_int4(q), scale.to(torch.float16), zero.to(torch.float16)

@@ -4,7 +4,9 @@ provenance, layers kept unquantised) and the build life of a layer quantised by 
 
     load_checkpoint_tensor("weight")  → staged full precision (kiln/quant/quantize.py)
     (calibration may run the model here: `apply` multiplies by the staged weight)
-    process_weights_after_loading     → round-to-nearest into the scheme's parameters
+    process_weights_after_loading     → round-to-nearest into the scheme's parameters, or
+                                        GPTQ's rounding when calibration left the layer its
+                                        inputs' second moment (--gptq, kiln/quant/gptq.py)
 
 A pre-quantised checkpoint (prequantized=True) hands the scheme's own tensors instead, already
 in its layout; they are copied in place and never re-quantised.
@@ -20,6 +22,7 @@ from torch import nn
 
 from kiln.quant.base import QuantMethod, UnquantizedLinearMethod
 from kiln.quant.config import QuantConfig
+from kiln.quant.gptq import gptq_round, take_calibration_gram
 from kiln.quant.placement import ShardPlacement, copy_into_place
 from kiln.quant.quantize import (
     FULL_PRECISION,
@@ -41,6 +44,7 @@ class QuantizedSchemeConfig(QuantConfig):
     calibration_samples: int = 0
     unquantized_layers: tuple[str, ...] = ()  # layer-name prefixes kept in the compute dtype
     source_format: str | None = None  # a pre-quantised checkpoint's format
+    gptq: bool = False  # rounded by GPTQ from the calibration data (kiln/quant/gptq.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.unquantized_layers, tuple):
@@ -82,12 +86,32 @@ class BuildQuantizedLinearMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = take_full_precision_weight(layer)
-        if weight is not None:
-            self.quantize(layer, weight)
+        gram = take_calibration_gram(layer)
+        if weight is None:
+            return
+        grid = self.grid(layer, weight)
+        if gram is not None:
+            weight = gptq_round(
+                weight, gram, lambda columns, index: self.round_columns(layer, grid, columns, index),
+                name=layer.prefix)
+        self.store_quantized(layer, weight, grid)
 
     @abc.abstractmethod
-    def quantize(self, layer: nn.Module, weight: torch.Tensor) -> None:
-        """Fill the layer's parameters from its full-precision (out, in) float32 weight."""
+    def grid(self, layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The scheme's grid for this (out, in) float32 weight: its scales (and zero points)
+        as float32 tensors, computed before any rounding."""
+
+    @abc.abstractmethod
+    def round_columns(self, layer: nn.Module, grid: tuple[torch.Tensor, ...],
+                      columns: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Weight columns (out, k) float32 of inputs `index` (k,) rounded onto `grid` and
+        dequantised (what the quantised layer multiplies by)."""
+
+    @abc.abstractmethod
+    def store_quantized(self, layer: nn.Module, weight: torch.Tensor,
+                        grid: tuple[torch.Tensor, ...]) -> None:
+        """Round the (out, in) float32 weight onto `grid` into the layer's parameters
+        (with the grid of that same weight: round-to-nearest)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         staged = getattr(layer, FULL_PRECISION, None)

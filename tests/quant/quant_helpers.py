@@ -5,6 +5,7 @@ replaced by the engine's dequantised weights."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from kiln.runtime.kv_tensors import (
     apply_kv_scales,
     kv_cache_torch_dtype,
 )
+from tests.checkpoint.test_gguf import write_tiny_gguf
 from tests.helpers import save_tiny_hf_model, tiny_llama_config
 from tests.models.model_inputs import step_inputs
 
@@ -40,6 +42,17 @@ def tiny_quant_llama(directory: Path) -> Path:
                                num_key_value_heads=2, num_hidden_layers=2)
     save_tiny_hf_model(config, directory / "hf")
     return directory / "hf"
+
+
+def tiny_gguf_and_text(directory: Path, words: list[str]) -> Path:
+    """A tiny GGUF Llama with a tokenizer (directory / "tiny.gguf": hidden 64, 2 layers, 4
+    heads / 2 KV, vocabulary 48) and calibration text of `words` (directory / "text.txt")."""
+    write_tiny_gguf(directory / "tiny.gguf", hidden=64, inter=128, heads=4, kv_heads=2,
+                    layers=2, vocab=48)
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(200)) for _ in range(40))
+    (directory / "text.txt").write_text(text)
+    return directory
 
 
 def build(source: Path, output: Path, **build_config) -> Path:

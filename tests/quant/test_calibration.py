@@ -6,8 +6,6 @@ evaluation halves never share a conversation."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -20,20 +18,14 @@ from kiln.kernels import ops
 from kiln.kernels.rope import rope_reference
 from kiln.quant.calibration import calibration_samples, tokenizer_of
 from kiln.checkpoint.gguf import read_gguf
-from tests.checkpoint.test_gguf import write_tiny_gguf
+from tests.quant.quant_helpers import tiny_gguf_and_text
 
 WORDS = ["hello", "world", "he", "or", "ld", "abc", "xyz"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("calibration")
-    write_tiny_gguf(directory / "tiny.gguf", hidden=64, inter=128, heads=4, kv_heads=2,
-                    layers=2, vocab=48)
-    rng = random.Random(0)
-    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(40))
-    (directory / "text.txt").write_text(text)
-    return directory
+    return tiny_gguf_and_text(tmp_path_factory.mktemp("calibration"), WORDS)
 
 
 def test_static_input_and_kv_scales_are_the_measured_amax(tiny, tmp_path, capsys):
