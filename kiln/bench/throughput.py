@@ -11,6 +11,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from kiln.bench.datasets import BenchRequest
 from kiln.bench.progress import Progress
 from kiln.runtime.engine import LLMEngine
@@ -84,6 +86,16 @@ def _triton_cache_entries() -> int:
     return sum(1 for _ in directory.iterdir()) if directory.is_dir() else 0
 
 
+def _allocator_counts(device: torch.device) -> tuple[int, int]:
+    """(cudaMalloc calls, allocation retries) of the caching allocator so far; (0, 0) off
+    CUDA. A retry frees the cache after synchronising the device: the host waits on the GPU
+    outside collect(), so it shows as host time."""
+    if device.type != "cuda":
+        return 0, 0
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
+
+
 def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progress | None = None,
                 structured: StructuredOutputsParams | None = None) -> dict:
     """All requests at once; `progress` (if any) advances by each finished request's tokens.
@@ -105,7 +117,9 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     output_tokens = 0
     preemptions = 0
     stopped = 0
-    by_rows: dict[int, list[float]] = {}  # rows bucket → [steps, host seconds, GPU seconds]
+    # rows bucket → [steps, host seconds, GPU seconds, cudaMallocs, allocation retries]
+    by_rows: dict[int, list[float]] = {}
+    allocator_before = _allocator_counts(engine.device)
     stats = engine.stats  # updated in place by step()
     # With overlap scheduling a step() launches its step and collects the previous one's
     # device time, so that time goes to the previous step's bucket (charged to the step
@@ -115,6 +129,7 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     previous_bucket = None
     while engine.has_unfinished_requests():
         host, gpu = stats.host_seconds, stats.gpu_seconds
+        allocator = _allocator_counts(engine.device)
         finished = 0
         for output in engine.step():
             if output.finished:
@@ -126,13 +141,17 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
                     progress.update(len(output.outputs[0].token_ids))
         steps += 1
         bucket = by_rows.setdefault(rows_bucket(engine.scheduler.num_running + finished),
-                                    [0, 0.0, 0.0])
+                                    [0, 0.0, 0.0, 0, 0])
         bucket[0] += 1
         bucket[1] += stats.host_seconds - host
+        allocator_after = _allocator_counts(engine.device)
+        bucket[3] += allocator_after[0] - allocator[0]
+        bucket[4] += allocator_after[1] - allocator[1]
         (previous_bucket if lagged and previous_bucket is not None else bucket)[2] += (
             stats.gpu_seconds - gpu)
         previous_bucket = bucket
     seconds = time.perf_counter() - started
+    allocator_after = _allocator_counts(engine.device)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     grammar = {}
     if grammar_host is not None:
@@ -161,6 +180,8 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         "gpu_s_eager_steps": (stats.gpu_seconds - stats_before.gpu_seconds)
         - (runner.graph_gpu_seconds - graph_before[1]),
         "triton_compiles": _triton_cache_entries() - cache_entries_before,
+        "cuda_mallocs": allocator_after[0] - allocator_before[0],
+        "cuda_alloc_retries": allocator_after[1] - allocator_before[1],
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (output_tokens + prompt_tokens) / seconds,
         "requests_s": len(requests) / seconds,
@@ -184,13 +205,16 @@ def rows_breakdown(by_rows: dict[int, list[float]]) -> dict:
     (running requests plus those it finished), so a bucket's edges are approximate."""
     metrics = {}
     for bucket in sorted(by_rows):
-        steps, host, gpu = by_rows[bucket]
+        steps, host, gpu, *allocator = by_rows[bucket]
         metrics[f"steps_rows_le{bucket}"] = steps
         metrics[f"cpu_ms_per_step_rows_le{bucket}"] = 1e3 * host / steps
         metrics[f"gpu_ms_per_step_rows_le{bucket}"] = 1e3 * gpu / steps
-    if any(gpu for _, _, gpu in by_rows.values()):  # device timing exists (not the CPU)
+        if any(allocator):
+            metrics[f"cuda_mallocs_rows_le{bucket}"] = allocator[0]
+            metrics[f"cuda_alloc_retries_rows_le{bucket}"] = allocator[1]
+    if any(gpu for _, _, gpu, *_ in by_rows.values()):  # device timing exists (not the CPU)
         metrics["cpu_below_gpu_every_rows_bucket"] = float(all(
-            host < gpu for _, host, gpu in by_rows.values()))
+            host < gpu for _, host, gpu, *_ in by_rows.values()))
     return metrics
 
 

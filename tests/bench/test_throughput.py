@@ -50,6 +50,12 @@ def test_rows_buckets_are_the_power_of_2_at_or_above():
     assert timed["cpu_ms_per_step_rows_le4"] == pytest.approx(1.0)
     assert timed["gpu_ms_per_step_rows_le1024"] == pytest.approx(20.0)
     assert timed["cpu_below_gpu_every_rows_bucket"] == 0.0  # 30 ms of host over 20 of GPU
+    assert "cuda_mallocs_rows_le4" not in timed  # no allocator counts (the CPU)
+    # On CUDA each bucket also says how often the caching allocator called cudaMalloc and
+    # how often it retried (synchronising the device: host time that is really a wait).
+    counted = rows_breakdown({512: [4, 0.5, 0.5, 12, 2], 1024: [9, 0.1, 0.2, 0, 0]})
+    assert (counted["cuda_mallocs_rows_le512"], counted["cuda_alloc_retries_rows_le512"]) == (12, 2)
+    assert "cuda_mallocs_rows_le1024" not in counted
 
 
 def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypatch):
