@@ -4,7 +4,7 @@
 # each, offline 128/128 (fp8 vs bf16) and 2048/2048 (fp8 weights + fp8 KV).
 # Results: $OUT/<step>-<engine>.json, logs, and a summary in $OUT/quant.txt.
 # Usage on the GPU machine (carry .whl):
-#   bash benchmarks/quant_run.sh [tests|micro|pick|build|latency|ab|eval8b|verify8b|t128|t2048|
+#   bash benchmarks/quant_run.sh [tests|micro|pick|build|gptq|latency|ab|eval8b|verify8b|t128|t2048|
 #     attn|fp8dot|profile2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
@@ -57,6 +57,15 @@ for step in "$@"; do
       done
       wait
       df -h /tmp | tail -1 ;;
+    gptq)  # GPTQ rounding at build (--calibration on random ids, --gptq), one build at a time:
+      # each holds every linear's E[x xᵀ] on the GPU (~32 GB at 8B); engines "<scheme>-gptq"
+      for name in ${GPTQ_ENGINES:-int8-wo fp8}; do
+        /usr/bin/time -f "build $name-gptq %e s, %M KB" timeout ${GPTQ_TIMEOUT:-300} \
+          python3 -P -m kiln.cli build llama-3.1-8b --random-weights --quant $name \
+          --calibration sharegpt --gptq -o "$(engine_dir $name-gptq)" --max-model-len 16384 \
+          > "$OUT/build-$name-gptq.log" 2>&1
+        tail -2 "$OUT/build-$name-gptq.log" | tee -a "$OUT/quant.txt"
+      done ;;
     latency)
       for name in $ENGINES; do
         bench latency "$name" latency "$(engine_dir $name)" --batch-sizes 1 \
@@ -99,10 +108,13 @@ for step in "$@"; do
         echo "== verify8b $name" | tee -a "$OUT/quant.txt"
         grep -E "first layer|no layer|rror" "$OUT/verify8b-$name.log" | head -4 | tee -a "$OUT/quant.txt"
       done ;;
-    t128)
+    t128)  # T128_RUNS=2: each engine twice, the second with Triton's kernels already on disk
       for name in ${T128_ENGINES:-fp8 bf16}; do
-        bench t128 "$name" throughput "$(engine_dir $name)" --dataset random \
-          --num-prompts ${T128_PROMPTS:-3000} --input-len 128 --output-len 128
+        for run in $(seq ${T128_RUNS:-1}); do
+          suffix=""; [ "$run" = 1 ] || suffix="-run$run"
+          bench t128 "$name$suffix" throughput "$(engine_dir $name)" --dataset random \
+            --num-prompts ${T128_PROMPTS:-3000} --input-len 128 --output-len 128
+        done
       done ;;
     attn)  # the decode attention kernel's tilings, bf16 and FP8 KV, incl. 448 rows of 2-4 k
       timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/attention_sweep.py --decode-only \
