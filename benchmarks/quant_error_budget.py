@@ -121,6 +121,78 @@ def main() -> None:
                 grams[n] = (grams[n] / count[n]).float()
         return grams
 
+    samples: dict[str, torch.Tensor] = {}
+
+    def input_rows() -> dict[str, torch.Tensor]:
+        """4,096 calibration inputs of every linear (AWQ's search measures on them)."""
+        if not samples:
+            generator = torch.Generator().manual_seed(0)
+            parts: dict[str, list] = {n: [] for n in linears}
+            for n, m in linears.items():
+                def hook(mod, a, n=n):
+                    x = a[0].reshape(-1, a[0].shape[-1])
+                    parts[n].append(x[torch.randperm(x.shape[0], generator=generator)[:512]])
+                hooks.append(m.register_forward_pre_hook(hook))
+            with torch.no_grad():
+                for i in range(0, min(8, calibration.shape[0])):
+                    model(calibration[i : i + 1])
+            quantise_inputs(lambda n: False)
+            samples.update({n: torch.cat(p) for n, p in parts.items()})
+        return samples
+
+    def awq_scales(rounding) -> dict[str, torch.Tensor]:
+        """AWQ's s = mean|x|^α per group of linears reading one input (q|k|v, gate|up, down,
+        o with one s per KV channel), α searched on the group's output error with
+        `rounding` (w → its quantised value); W·diag(s) is rounded and diag(1/s) applied
+        after, which is what folding 1/s into the producer computes."""
+        rows = input_rows()
+        config = model.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        per_kv = config.num_attention_heads // config.num_key_value_heads
+        chosen: dict[str, torch.Tensor] = {}
+        for layer in range(config.num_hidden_layers):
+            prefix = f"model.layers.{layer}."
+            for members in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",),
+                            ("self_attn.o_proj",)):
+                names = [prefix + m for m in members]
+                x = rows[names[0]]
+                weight = torch.cat([original[n] for n in names])
+                stat = x.abs().mean(0).clamp(min=1e-8)
+                if members == ("self_attn.o_proj",):
+                    channel = torch.arange(stat.shape[0])
+                    kv = (channel // head_dim) // per_kv * head_dim + channel % head_dim
+                    sums = torch.zeros(int(kv.max()) + 1).index_add_(0, kv, stat)
+                    stat = (sums / torch.bincount(kv).float())[kv]
+                reference = x @ weight.T
+                best = (float("inf"), torch.ones_like(stat))
+                for step in range(20):
+                    s = stat.pow(step / 20)
+                    s = s / (s.max() * s.min()).sqrt()
+                    error = float((x @ (rounding(weight * s) / s).T - reference).pow(2).mean())
+                    if error < best[0]:
+                        best = (error, s)
+                for n in names:
+                    chosen[n] = best[1]
+        return chosen
+
+    def int8_awq(gptq: bool):
+        cache: dict[str, torch.Tensor] = {}
+
+        def round_weight(name: str, w: torch.Tensor) -> torch.Tensor:
+            if not cache:
+                cache.update(awq_scales(lambda v: int8_round(v, int8_scales(v, v.shape[1]),
+                                                             v.shape[1], torch.arange(v.shape[1]))))
+            s = cache[name]
+            scaled = w * s
+            scales = int8_scales(scaled, w.shape[1])
+            g = w.shape[1]
+            if gptq:  # E[(x/s)(x/s)ᵀ]
+                gram = second_moments()[name] / (s[:, None] * s[None, :])
+                return gptq_round(scaled, gram, lambda c, i: int8_round(c, scales, g, i)) / s
+            return int8_round(scaled, scales, g, torch.arange(g)) / s
+        return round_weight
+
     def gptq_fp8(name: str, w: torch.Tensor) -> torch.Tensor:
         scale = fp8_channel_scales(w)[:, None]
         return gptq_round(w, second_moments()[name],
@@ -153,6 +225,8 @@ def main() -> None:
         label = "per channel" if group == -1 else f"g{group}"
         variants[f"int8 {label}"] = (int8_nearest(group), nothing)
         variants[f"int8 {label} GPTQ"] = (gptq_int8(group), nothing)
+    variants["int8 per channel AWQ"] = (int8_awq(gptq=False), nothing)
+    variants["int8 per channel AWQ GPTQ"] = (int8_awq(gptq=True), nothing)
     for kind in ("q_proj", "o_proj", "gate_proj", "down_proj"):
         partner = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}.get(kind, ())
         variants[f"fp8 activations of {kind}{''.join('+' + p for p in partner)} only"] = (

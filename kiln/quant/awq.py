@@ -1,7 +1,9 @@
-"""AWQ (activation-aware weight quantisation) for int4-wo at build: per group of linears that
-read one input, scale the weight's input columns by s = mean|x|^α before round-to-nearest
-and fold 1/s into whatever produces that input, so the full-precision model is unchanged
-but the columns that meet large activations lose less to rounding.
+"""AWQ (activation-aware weight quantisation) for int4-wo and int8-wo at build: per group of
+linears that read one input, scale the weight's input columns by s = mean|x|^α before
+rounding and fold 1/s into whatever produces that input, so the full-precision model is
+unchanged but the columns that meet large activations lose less to rounding. (Not for fp8:
+a float format's rounding error is relative to each value, so a column scaled by s and its
+input by 1/s leave the product's error where it was; the same holds for fp8 activations.)
 
     group (Llama-family layer)       input                         1/s folded into
     qkv_proj                          input_layernorm(h)            input_layernorm.weight
@@ -14,8 +16,8 @@ KV heads one s per KV channel is shared by the query heads that read it (the sta
 those heads are averaged), so the fold into v stays exact.
 
 α is searched on a grid in [0, 1) (α = 0 is plain round-to-nearest, so AWQ never does
-worse on its own measure): for each α, quantise-dequantise W·diag(s) with the build's group
-size and zero points, and measure ‖X Wᵀ − X (Q(W·s)/s)ᵀ‖² on the calibration inputs X of
+worse on its own measure): for each α, quantise-dequantise W·diag(s) by the layer's own
+scheme (its grid and rounding: group size, zero points), and measure ‖X Wᵀ − X (Q(W·s)/s)ᵀ‖² on the calibration inputs X of
 that linear (kiln/quant/calibration.py samples AWQ_ROWS of them). s is normalised by
 √(max·min) as in the AWQ paper's code. Everything runs batched on the device the
 calibration ran on (the GPU when there is one).
@@ -24,31 +26,30 @@ calibration ran on (the GPU when there is one).
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from kiln.errors import KilnError
-from kiln.kernels.quant_linear import dequantize_int4
 from kiln.quant.gptq import CALIBRATION_GRAM
-from kiln.quant.quantize import FULL_PRECISION, quantize_int4
+from kiln.quant.quantize import FULL_PRECISION
 
 GRID = 20  # α = 0, 0.05, ..., 0.95
+# The schemes whose --calibration builds run AWQ (integer grids, where a column's rounding
+# error is a fraction of its group's step rather than of each value).
+AWQ_SCHEMES = ("int4-wo", "int8-wo")
 
-
-def fake_quantize(weight: torch.Tensor, group_size: int, zero_point: bool) -> torch.Tensor:
-    """(out, in) float32 → the same after int4 round-to-nearest and back (the build's RTN)."""
-    packed, scale, zero = quantize_int4(weight, group_size, zero_point)
-    return dequantize_int4(packed, scale, zero)
+# (out, in) float32 weight → the same rounded onto its own grid and dequantised
+FakeQuantize = Callable[[torch.Tensor], torch.Tensor]
 
 
 def search_scales(
     weight: torch.Tensor,  # (out, in) float32
     inputs: torch.Tensor,  # (n, in) float32 calibration rows
     mean_abs: torch.Tensor,  # (in,) mean |x| per input channel
-    group_size: int,
-    zero_point: bool,
+    fake_quantize: FakeQuantize,
     shared: torch.Tensor | None = None,  # (in,) → channel group ids whose s must be equal
 ) -> tuple[torch.Tensor, float, float, float]:
     """(s (in,), best α, its output MSE, the MSE of plain RTN (α = 0))."""
@@ -64,7 +65,7 @@ def search_scales(
         alpha = step / GRID
         s = stat.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        dequantized = fake_quantize(weight * s[None, :], group_size, zero_point) / s[None, :]
+        dequantized = fake_quantize(weight * s[None, :]) / s[None, :]
         error = float((inputs @ dequantized.T - reference).pow(2).mean())
         if step == 0:
             rtn_error = error
@@ -98,10 +99,8 @@ def _scale_rows(layer: nn.Module, rows: slice, s: torch.Tensor) -> None:
 
 def apply_awq(model: nn.Module, linears: dict, *, progress: bool = True) -> dict[str, float]:
     """Search and fold AWQ scales in every decoder layer of a Llama-family model whose
-    linears are staged for int4-wo. Returns, per layer prefix, the chosen α (for logs and
-    tests)."""
-    config = model.quant_config
-    group_size, zero_point = config.group_size, config.zero_point
+    linears are staged for an AWQ_SCHEMES scheme. Returns, per layer prefix, the chosen α
+    (for logs and tests)."""
     layers = getattr(model.backbone, "layers", None)
     if layers is None:
         raise KilnError(f"AWQ needs a Llama-family model; {model.config.architecture} is not one "
@@ -114,9 +113,8 @@ def apply_awq(model: nn.Module, linears: dict, *, progress: bool = True) -> dict
         weight = _staged(layer)
         if stats is None or weight is None:
             return None  # an unquantised layer
-        group = layer.input_size if group_size == -1 else group_size
-        s, alpha, _, _ = search_scales(weight.float(), stats.sample(), stats.mean_abs, group,
-                                       zero_point, shared)
+        s, alpha, _, _ = search_scales(weight.float(), stats.sample(), stats.mean_abs,
+                                       layer.quant_method.fake_quantize_for(layer), shared)
         chosen[layer.prefix] = alpha
         return s
 

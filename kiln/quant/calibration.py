@@ -5,7 +5,7 @@ model while its quantised layers still hold their full-precision weights (the bu
     per linear layer   max |x| of its input over every token      → fp8 static input_scale
                        (amax / 448, --act-scales static)
                        mean |x| per input channel and a sample of   → AWQ (kiln/quant/awq.py)
-                       input rows                                       for int4-wo
+                       input rows                                       for int4-wo, int8-wo
                        E[x xᵀ] over every token (with --gptq)       → GPTQ's rounding
                                                                        (kiln/quant/gptq.py)
     per attention      the keys' per-channel mean as written to     → k_offset (FP8 KV
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from kiln.errors import KilnError
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
+from kiln.quant.awq import AWQ_SCHEMES, apply_awq
 from kiln.quant.gptq import CALIBRATION_GRAM
 from kiln.quant.quantize import FP8_MAX, FULL_PRECISION
 
@@ -250,11 +251,11 @@ def _compute_dtype_params(model: nn.Module) -> list[torch.Tensor]:
 def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool = True
               ) -> CalibrationResult:
     """Measure the model on calibration data and write what the build asked for into it:
-    static FP8 input scales, attention KV scales, AWQ-scaled weights (int4-wo), and with
+    static FP8 input scales, attention KV scales, AWQ-scaled weights (int4-wo, int8-wo), and with
     --gptq each quantised linear's input second moment for GPTQ's rounding."""
     quant_config = model.quant_config
     scheme = quant_config.scheme
-    awq = scheme == "int4-wo"
+    awq = scheme in AWQ_SCHEMES
     source = build_config.calibration
     num_samples = build_config.calibration_samples or DEFAULT_SAMPLES
     tokenizer = tokenizer_of(checkpoint)
@@ -287,10 +288,7 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
         capture.close()
     if gptq:  # before AWQ: its column scaling rescales them (kiln/quant/awq.py)
         _attach_grams(model, capture.linears)
-    if awq:
-        from kiln.quant.awq import apply_awq
-
-        # Searches and folds on `device` (weights and statistics are there).
+    if awq:  # searches and folds on `device` (weights and statistics are there).
         apply_awq(model, capture.linears, progress=progress)
     for p, original in originals:  # back to the build's device and dtype (AWQ folded norms)
         p.data = p.data.to(device=original.device, dtype=original.dtype)

@@ -1,6 +1,6 @@
 """`int8-wo`: W8A16, symmetric int8 weights with float16 scales per output channel
 (group_size -1) or per group of group_size inputs; activations stay in the compute dtype.
-The matmul dequantises in registers: kiln/kernels/quant_linear.py via ops.
+A calibrating build runs AWQ's scale search first (kiln/quant/awq.py, `awq`). The matmul dequantises in registers: kiln/kernels/quant_linear.py via ops.
 
 Parameters per linear layer (this rank's share, out × in; G = group size, in if -1):
     weight        int8 (out, in)
@@ -41,6 +41,7 @@ class Int8WeightOnlyConfig(QuantizedSchemeConfig):
     scheme: ClassVar[str] = "int8-wo"
 
     group_size: int = -1
+    awq: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

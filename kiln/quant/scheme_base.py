@@ -96,6 +96,14 @@ class BuildQuantizedLinearMethod(QuantMethod):
                 name=layer.prefix)
         self.store_quantized(layer, weight, grid)
 
+    def fake_quantize_for(self, layer: nn.Module):
+        """(out, in) float32 weight → the same rounded to nearest onto its own grid and
+        dequantised, as this layer would store it (AWQ's search measures with it)."""
+        def fake_quantize(weight: torch.Tensor) -> torch.Tensor:
+            index = torch.arange(weight.shape[1], device=weight.device)
+            return self.round_columns(layer, self.grid(layer, weight), weight, index)
+        return fake_quantize
+
     @abc.abstractmethod
     def grid(self, layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The scheme's grid for this (out, in) float32 weight: its scales (and zero points)
