@@ -140,7 +140,7 @@ def main() -> None:
             samples.update({n: torch.cat(p) for n, p in parts.items()})
         return samples
 
-    def awq_scales(rounding) -> dict[str, torch.Tensor]:
+    def awq_scales(rounding, duo: bool = False) -> dict[str, torch.Tensor]:
         """AWQ's s = mean|x|^α per group of linears reading one input (q|k|v, gate|up, down,
         o with one s per KV channel), α searched on the group's output error with
         `rounding` (w → its quantised value); W·diag(s) is rounded and diag(1/s) applied
@@ -168,6 +168,9 @@ def main() -> None:
                 best = (float("inf"), torch.ones_like(stat))
                 for step in range(20):
                     s = stat.pow(step / 20)
+                    if duo:  # AutoAWQ's duo scaling: over the weights' mean |w| per input too
+                        w_mean = (weight.abs() / weight.abs().amax(1, keepdim=True)).mean(0)
+                        s = s / w_mean.clamp(min=1e-4).pow(1 - step / 20)
                     s = s / (s.max() * s.min()).sqrt()
                     error = float((x @ (rounding(weight * s) / s).T - reference).pow(2).mean())
                     if error < best[0]:
@@ -176,13 +179,14 @@ def main() -> None:
                     chosen[n] = best[1]
         return chosen
 
-    def int8_awq(gptq: bool):
+    def int8_awq(gptq: bool, duo: bool = False):
         cache: dict[str, torch.Tensor] = {}
 
         def round_weight(name: str, w: torch.Tensor) -> torch.Tensor:
             if not cache:
                 cache.update(awq_scales(lambda v: int8_round(v, int8_scales(v, v.shape[1]),
-                                                             v.shape[1], torch.arange(v.shape[1]))))
+                                                             v.shape[1], torch.arange(v.shape[1])),
+                                        duo))
             s = cache[name]
             scaled = w * s
             scales = int8_scales(scaled, w.shape[1])
@@ -227,6 +231,7 @@ def main() -> None:
         variants[f"int8 {label} GPTQ"] = (gptq_int8(group), nothing)
     variants["int8 per channel AWQ"] = (int8_awq(gptq=False), nothing)
     variants["int8 per channel AWQ GPTQ"] = (int8_awq(gptq=True), nothing)
+    variants["int8 per channel AWQ duo"] = (int8_awq(gptq=False, duo=True), nothing)
     for kind in ("q_proj", "o_proj", "gate_proj", "down_proj"):
         partner = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}.get(kind, ())
         variants[f"fp8 activations of {kind}{''.join('+' + p for p in partner)} only"] = (
