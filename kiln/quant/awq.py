@@ -17,8 +17,9 @@ those heads are averaged), so the fold into v stays exact.
 
 α is searched on a grid in [0, 1) (α = 0 is plain round-to-nearest, so AWQ never does
 worse on its own measure): for each α, quantise-dequantise W·diag(s) by the layer's own
-scheme (its grid and rounding: group size, zero points), and measure ‖X Wᵀ − X (Q(W·s)/s)ᵀ‖² on the calibration inputs X of
-that linear (kiln/quant/calibration.py samples AWQ_ROWS of them). s is normalised by
+scheme (its grid and rounding: group size, zero points), and measure
+‖X Wᵀ − X (Q(W·s)/s)ᵀ‖² on the calibration inputs X of that linear
+(kiln/quant/calibration.py samples AWQ_ROWS of them). s is normalised by
 √(max·min) as in the AWQ paper's code. Everything runs batched on the device the
 calibration ran on (the GPU when there is one).
 """
