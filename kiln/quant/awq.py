@@ -42,6 +42,16 @@ GRID = 20  # α = 0, 0.05, ..., 0.95
 # error is a fraction of its group's step rather than of each value).
 AWQ_SCHEMES = ("int4-wo", "int8-wo")
 
+
+def runs_awq(model: nn.Module, scheme: str) -> bool:
+    """Whether a calibrating build of `model` runs AWQ: int4-wo always (apply_awq refuses a
+    model it cannot fold into: at 4 bits round-to-nearest is the option AWQ must beat, and
+    the user asked for AWQ); int8-wo where it folds (the Llama family), else its weights are
+    rounded as without AWQ and the calibration still measures the rest (KV scales)."""
+    if scheme == "int4-wo":
+        return True
+    return scheme in AWQ_SCHEMES and getattr(model.backbone, "layers", None) is not None
+
 # (out, in) float32 weight → the same rounded onto its own grid and dequantised
 FakeQuantize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -105,7 +115,7 @@ def apply_awq(model: nn.Module, linears: dict, *, progress: bool = True) -> dict
     layers = getattr(model.backbone, "layers", None)
     if layers is None:
         raise KilnError(f"AWQ needs a Llama-family model; {model.config.architecture} is not one "
-                        "(build int4-wo without --calibration)")
+                        f"(build {model.quant_config.scheme} without --calibration)")
     chosen: dict[str, float] = {}
     bar = tqdm(layers, desc="AWQ search", unit="layer", disable=not progress, file=sys.stderr)
 

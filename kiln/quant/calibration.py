@@ -38,7 +38,7 @@ from tqdm import tqdm
 from kiln.errors import KilnError
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
-from kiln.quant.awq import AWQ_SCHEMES, apply_awq
+from kiln.quant.awq import apply_awq, runs_awq
 from kiln.quant.gptq import CALIBRATION_GRAM
 from kiln.quant.quantize import FP8_MAX, FULL_PRECISION
 
@@ -255,7 +255,7 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     --gptq each quantised linear's input second moment for GPTQ's rounding."""
     quant_config = model.quant_config
     scheme = quant_config.scheme
-    awq = scheme in AWQ_SCHEMES
+    awq = runs_awq(model, scheme)
     source = build_config.calibration
     num_samples = build_config.calibration_samples or DEFAULT_SAMPLES
     tokenizer = tokenizer_of(checkpoint)

@@ -2,16 +2,19 @@
 it where a few input channels carry large activations; folding the scales leaves the
 full-precision model's function unchanged (norms, up rows, v rows with grouped KV heads),
 for int4-wo and int8-wo; a calibrating build of either records awq and sits closer to the
-full-precision model than round-to-nearest, and fp8 builds never run it."""
+full-precision model than round-to-nearest, and fp8 builds never run it; on a model it cannot
+fold into (GPT-2) int8-wo rounds to nearest and int4-wo is refused in one line."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from kiln.compiler.builder import build_engine
 from kiln.compiler.manifest import open_engine
 from kiln.config import BuildConfig
+from kiln.errors import KilnError
 from kiln.evaluate.forward import TeacherForcedModel
 from kiln.layers.linear import LinearBase
 from kiln.models.llama import LlamaForCausalLM
@@ -126,3 +129,23 @@ def test_a_calibrating_build_runs_awq_for_integer_schemes_only(tiny, tmp_path, s
         errors[calibration is not None] = float((quantised - plain).pow(2).mean())
     if scheme in AWQ_SCHEMES:
         assert errors[True] < errors[False]
+
+
+def test_a_model_awq_cannot_fold_into(tmp_path):
+    save_tiny_hf_model(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
+                                               n_positions=128, bos_token_id=0, eos_token_id=0),
+                       tmp_path / "hf")
+
+    def build(scheme, **options):  # random-weight builds calibrate on random ids
+        build_engine(tmp_path / "hf", tmp_path / scheme,
+                     BuildConfig(dtype="float32", quant=scheme, calibration="sharegpt",
+                                 calibration_samples=8, random_weights=True, **options),
+                     progress=False)
+        return open_engine(tmp_path / scheme).manifest["quant"]
+
+    quant = build("int8-wo", kv_cache_dtype="fp8")
+    assert quant["awq"] is False and quant["calibration"] == "sharegpt"
+    with pytest.raises(KilnError, match="^AWQ needs a Llama-family model; GPT2LMHeadModel is not "
+                                        r"one \(build int4-wo without --calibration\)$"):
+        build("int4-wo", group_size=32)
+    assert not (tmp_path / "int4-wo").exists()
