@@ -28,7 +28,9 @@ from kiln.quant.base import QuantMethod, make_parameter
 from kiln.quant.config import register_quant_scheme
 from kiln.quant.fused_activation import Fp8Activation
 from kiln.quant.placement import WEIGHT_LAYOUT, FeatureLayout, ShardPlacement
-from kiln.quant.quantize import FP8_DTYPE, FP8_MAX, fp8_channel_scales, quantize_fp8_per_channel
+from kiln.quant.quantize import (
+    FP8_DTYPE, fp8_channel_scales, fp8_levels, quantize_fp8_per_channel,
+)
 from kiln.quant.scheme_base import BuildQuantizedLinearMethod, QuantizedSchemeConfig, store
 
 PER_OUTPUT = FeatureLayout(output_dim=0, input_dim=None)
@@ -81,7 +83,7 @@ class Fp8LinearMethod(BuildQuantizedLinearMethod):
     def round_columns(self, layer: nn.Module, grid: tuple[torch.Tensor, ...],
                       columns: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         scale = grid[0][:, None]
-        return (columns / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale
+        return fp8_levels(columns, scale).float() * scale
 
     def store_quantized(self, layer: nn.Module, weight: torch.Tensor,
                         grid: tuple[torch.Tensor, ...]) -> None:

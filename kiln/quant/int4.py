@@ -23,7 +23,7 @@ from kiln.quant.base import QuantMethod, make_parameter
 from kiln.quant.config import register_quant_scheme
 from kiln.quant.int8 import check_group_size_value, scale_layout
 from kiln.quant.placement import FeatureLayout
-from kiln.quant.quantize import check_group_size, int4_grid, quantize_int4
+from kiln.quant.quantize import check_group_size, int4_grid, int4_levels, quantize_int4
 from kiln.quant.scheme_base import BuildQuantizedLinearMethod, QuantizedSchemeConfig, store
 
 PACKED_LAYOUT = FeatureLayout(output_dim=0, input_dim=1, input_block=2)
@@ -67,7 +67,7 @@ class Int4WeightOnlyLinearMethod(BuildQuantizedLinearMethod):
                       columns: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         group = index // layer.quant_group_size
         scale, zero = grid[0][:, group], grid[1][:, group]
-        return (torch.round(columns / scale + zero).clamp(0, 15) - zero) * scale
+        return (int4_levels(columns, scale, zero) - zero) * scale
 
     def store_quantized(self, layer: nn.Module, weight: torch.Tensor,
                         grid: tuple[torch.Tensor, ...]) -> None:

@@ -19,7 +19,7 @@ from kiln.kernels import ops
 from kiln.quant.base import QuantMethod, make_parameter
 from kiln.quant.config import register_quant_scheme
 from kiln.quant.placement import WEIGHT_LAYOUT, FeatureLayout
-from kiln.quant.quantize import check_group_size, int8_scales, quantize_int8
+from kiln.quant.quantize import check_group_size, int8_levels, int8_scales, quantize_int8
 from kiln.quant.scheme_base import BuildQuantizedLinearMethod, QuantizedSchemeConfig, store
 
 
@@ -68,7 +68,7 @@ class Int8WeightOnlyLinearMethod(BuildQuantizedLinearMethod):
     def round_columns(self, layer: nn.Module, grid: tuple[torch.Tensor, ...],
                       columns: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         scale = grid[0][:, index // layer.quant_group_size]
-        return torch.round(columns / scale).clamp(-127, 127) * scale
+        return int8_levels(columns, scale) * scale
 
     def store_quantized(self, layer: nn.Module, weight: torch.Tensor,
                         grid: tuple[torch.Tensor, ...]) -> None:

@@ -68,6 +68,23 @@ def check_group_size(group_size: int, input_size: int, prefix: str) -> int:
     return group_size
 
 
+# The rounding rules, one each, shared by round-to-nearest here and GPTQ's column-by-column
+# rounding (the schemes' round_columns): `scale` (and `zero`) broadcast against `values`.
+def fp8_levels(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """values / scale in E4M3 (saturating at ±448)."""
+    return (values / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def int8_levels(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(values / scale) in [−127, 127], float."""
+    return torch.round(values / scale).clamp(-127, 127)
+
+
+def int4_levels(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """round(values / scale + zero) in [0, 15], float."""
+    return torch.round(values / scale + zero).clamp(0, 15)
+
+
 def fp8_channel_scales(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) float → float32 scales (out,): each row's amax maps onto E4M3's 448."""
     return (weight.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
@@ -80,8 +97,7 @@ def quantize_fp8_per_channel(
     that grid (GPTQ computes the grid first, kiln/quant/gptq.py)."""
     weight = weight.float()
     scale = fp8_channel_scales(weight) if scale is None else scale.float()
-    q = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    return fp8_levels(weight, scale[:, None]), scale
 
 
 def int8_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -101,7 +117,7 @@ def quantize_int8(
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
     scale = int8_scales(weight, group_size) if scale is None else scale.float()
-    q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    q = int8_levels(groups, scale[..., None]).to(torch.int8)
     return q.reshape(out_features, in_features), scale.to(torch.float16)
 
 
@@ -135,7 +151,7 @@ def quantize_int4(
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
     scale, zero = int4_grid(weight, group_size, zero_point) if grid is None else grid
-    q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)
+    q = int4_levels(groups, scale[..., None], zero[..., None]).to(torch.uint8)
     q = q.reshape(out_features, in_features)
     return pack_int4(q), scale.to(torch.float16), zero.to(torch.float16)
 
