@@ -119,7 +119,7 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     stopped = 0
     # rows bucket → [steps, host seconds, GPU seconds, cudaMallocs, allocation retries]
     by_rows: dict[int, list[float]] = {}
-    allocator_before = _allocator_counts(engine.device)
+    allocator_before = allocator = _allocator_counts(engine.device)  # one read per step
     stats = engine.stats  # updated in place by step()
     # With overlap scheduling a step() launches its step and collects the previous one's
     # device time, so that time goes to the previous step's bucket (charged to the step
@@ -129,7 +129,6 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     previous_bucket = None
     while engine.has_unfinished_requests():
         host, gpu = stats.host_seconds, stats.gpu_seconds
-        allocator = _allocator_counts(engine.device)
         finished = 0
         for output in engine.step():
             if output.finished:
@@ -147,11 +146,11 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         allocator_after = _allocator_counts(engine.device)
         bucket[3] += allocator_after[0] - allocator[0]
         bucket[4] += allocator_after[1] - allocator[1]
+        allocator = allocator_after
         (previous_bucket if lagged and previous_bucket is not None else bucket)[2] += (
             stats.gpu_seconds - gpu)
         previous_bucket = bucket
     seconds = time.perf_counter() - started
-    allocator_after = _allocator_counts(engine.device)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     grammar = {}
     if grammar_host is not None:
@@ -180,8 +179,8 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         "gpu_s_eager_steps": (stats.gpu_seconds - stats_before.gpu_seconds)
         - (runner.graph_gpu_seconds - graph_before[1]),
         "triton_compiles": _triton_cache_entries() - cache_entries_before,
-        "cuda_mallocs": allocator_after[0] - allocator_before[0],
-        "cuda_alloc_retries": allocator_after[1] - allocator_before[1],
+        "cuda_mallocs": allocator[0] - allocator_before[0],
+        "cuda_alloc_retries": allocator[1] - allocator_before[1],
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (output_tokens + prompt_tokens) / seconds,
         "requests_s": len(requests) / seconds,
