@@ -329,14 +329,60 @@ def _load_kv_tile(
     pos, valid,  # (BLOCK_N,) key positions and which of them to read
     kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr = True,  # False: every position is valid (a whole tile before kv_hi)
+    V_WORDS: tl.constexpr = False, V_WORDS_ASM: tl.constexpr = False,  # see _load_v_words
 ):
     """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each."""
-    block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    if MASKED:
+        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
     rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
     ptrs = cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
-    v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    if MASKED:
+        k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    else:
+        k = tl.load(ptrs).to(DOT_DTYPE)
+    if V_WORDS:
+        v = _load_v_words(cache_ptr + stride_c_kind, rows, valid, HEAD_DIM, DOT_DTYPE, MASKED,
+                          V_WORDS_ASM)
+    elif MASKED:
+        v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+    else:
+        v = tl.load(ptrs + stride_c_kind).to(DOT_DTYPE)
     return k, v
+
+
+@triton.jit
+def _load_v_words(
+    v_ptr,  # the V half of an FP8 cache
+    rows, valid,  # (BLOCK_N,) each key's offset in elements (even), and which keys to read
+    HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
+):
+    """An FP8 cache's V tile, (BLOCK_N, D) in DOT_DTYPE, read as 16-bit words of two E4M3
+    values each and widened before the dot. V is the dot's right operand with the keys as the
+    reduction axis, so its registers pair consecutive keys, which the cache keeps 128+ bytes
+    apart: widened inside the dot's operand layout (`.to` on the loaded tile, which Triton
+    sinks into it), each pair took two byte loads from shared memory and a shift and an or.
+    Widened here, two values per conversion in a plain layout, the tile takes the 16-bit
+    path: stored to shared memory as float16, read back transposed by ldmatrix. The loop's
+    sm_90 SASS (compiled on the CPU, 128-key tiles) drops from 2,522 to 1,789 instructions a
+    warp; the H200 gained ~10 % (FP8_DECODE_TILING), the kernel being bound by occupancy."""
+    words_ptr = v_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
+    ptrs = words_ptr + (rows >> 1)[:, None] + tl.arange(0, HEAD_DIM // 2)[None, :]
+    if MASKED:
+        words = tl.load(ptrs, mask=valid[:, None], other=0)
+    else:
+        words = tl.load(ptrs)
+    if ASM:  # sm_89+: both halves of a word in one conversion instruction
+        low, high = tl.inline_asm_elementwise(
+            "{ .reg .b32 pair; cvt.rn.f16x2.e4m3x2 pair, $2; mov.b32 {$0, $1}, pair; }",
+            "=h,=h,h", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:  # the same values without PTX (the interpreter, float32 dots)
+        low = (words & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        high = ((words >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    # A word's low byte is the lower address: the even dimension.
+    return tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)).reshape(rows.shape[0], HEAD_DIM)
 
 
 @triton.jit
@@ -403,10 +449,13 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     FP8: tl.constexpr, Q_TO_F16: tl.constexpr,
+    V_WORDS: tl.constexpr, V_WORDS_ASM: tl.constexpr,  # an FP8 cache's V: see _load_v_words
 ):
     pdl_prologue(USE_PDL)
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    # KV heads vary fastest in the grid: programs that run together read the same blocks'
+    # heads, neighbours in memory (2 % faster on a bf16 cache, 2-6 % on an FP8 one, H200).
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT,
@@ -432,11 +481,22 @@ def _paged_decode_kernel(
     block_table = block_tables_ptr + seq * stride_bt
     if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-    for tile in range(kv_lo, kv_hi, BLOCK_N):
+    # Whole tiles first, without masks (a mask costs a select per load and per score), then
+    # the partial last tile, if any, masked.
+    full_hi = kv_lo + (kv_hi - kv_lo) // BLOCK_N * BLOCK_N
+    for tile in range(kv_lo, full_hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, pos < kv_hi, kv_head, HEAD_DIM, BLOCK_SIZE,
+                             DOT_DTYPE, False, V_WORDS, V_WORDS_ASM)
+        m, l, acc = _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE,
+                                                  PRECISION)
+    for tile in range(full_hi, kv_hi, BLOCK_N):  # at most one
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < kv_hi
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
+                             True, V_WORDS, V_WORDS_ASM)
         m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                          DOT_DTYPE, PRECISION)
 
@@ -504,11 +564,12 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 # bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
 # bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
 FP8_KV_DOT_MODES = ("fp16", "model")
-# Keys per tile, warps, stages of the fp16 mode: the H200 sweep's best at 448 rows of 2-4 k
-# context (1.04 ms a layer against 1.41 for "model", 2.7 TB/s), also at 128 rows of ~3 k
-# (0.36 against 0.52 ms) and within 12 % of the best at 1,024 rows of ~200 (0.24 ms);
-# benchmarks/attention_sweep.py --fp8-dot-modes.
-FP8_DECODE_TILING = (128, 2, 3)
+# Keys per tile, warps, stages of the fp16 mode, with V read as words: the best of 27 tilings
+# on the H200 at 448 rows of 2-4 k context (0.93 ms a layer, 3.0 TB/s; 1.03 ms for the
+# byte-wise V at its best tiling, 128 keys, 3 stages) and at 128 rows of ~3 k (0.32 against
+# 0.36 ms); benchmarks/decode_attention_ab.py. Bound by occupancy, not bytes: the tiles sit
+# in registers as float16, ~190 a thread at 64 keys, so 4-5 programs of 2 warps share an SM.
+FP8_DECODE_TILING = (64, 2, 5)
 
 
 def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
@@ -528,11 +589,11 @@ def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
 def decode_tiling(head_dim: int, fp8_tiling: bool = False) -> DecodeTiling:
     """The decode kernel's tiles: 64 keys (32 past head_dim 128), 4 warps, 2 stages for 16-bit
     caches (benchmarks/attention_sweep.py: at batch, within 6 % of the best tiling on the
-    H200); FP8_DECODE_TILING for an FP8 cache in float16 dots (a quarter of the keys past
-    head_dim 128)."""
+    H200); FP8_DECODE_TILING for an FP8 cache in float16 dots (half the keys past head_dim
+    128: not measured there)."""
     if fp8_tiling:
         block_n, num_warps, num_stages = FP8_DECODE_TILING
-        return DecodeTiling(block_n if head_dim <= 128 else block_n // 4, num_warps, num_stages)
+        return DecodeTiling(block_n if head_dim <= 128 else block_n // 2, num_warps, num_stages)
     return DecodeTiling(64 if head_dim <= 128 else 32, 4, 2)
 
 
@@ -561,6 +622,10 @@ def paged_decode_attention(
     num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
     dot, fp8_tiling = _decode_dot(query, kv_cache)
     block_n, num_warps, num_stages = tiling or decode_tiling(head_dim, fp8_tiling)
+    # V as 16-bit words (two E4M3 values each) wherever the FP8 tiling runs; the word offsets
+    # need even strides and an even base, which a cache allocated whole always has.
+    v_words = fp8_tiling and kv_cache.data_ptr() % 2 == 0 and all(
+        stride % 2 == 0 for stride in kv_cache.stride()[:4])
     window = sliding_window or NO_WINDOW
     group = num_heads // num_kv_heads
     if num_splits > 1:
@@ -571,7 +636,7 @@ def paged_decode_attention(
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
     pdl = use_pdl(query)
-    launchable(_paged_decode_kernel, query)[(num_seqs, num_kv_heads, num_splits)](
+    launchable(_paged_decode_kernel, query)[(num_kv_heads, num_seqs, num_splits)](
         query, query.stride(0), query.stride(1),
         kv_cache, *kv_cache.stride()[:4],
         block_tables, block_tables.stride(0),
@@ -586,6 +651,7 @@ def paged_decode_attention(
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
         FP8=is_fp8_cache(kv_cache),
         Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
+        V_WORDS=v_words, V_WORDS_ASM=v_words and dot == tl.float16,
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](

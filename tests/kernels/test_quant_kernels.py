@@ -156,7 +156,8 @@ def test_fp8_decode_attention_matches_reference(dot_mode, device, poison_outputs
     # Each way the decode kernel can turn E4M3 tiles into dot operands (KILN_FP8_KV_DOT; on
     # the CPU both keep float32 dots, and "fp16" its own tiling).
     monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
-    batch, k_scale, v_scale = _fp8_batch([1, 1, 1], [40, 7, 150], device, num_padding_rows=1)
+    batch, k_scale, v_scale = _fp8_batch([1, 1, 1, 1], [40, 7, 150, 127], device,
+                                       num_padding_rows=1)  # 128 keys: whole tiles only
     out = attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
                                            batch.seq_lens, 0.125, num_splits=2,
                                            k_scale=k_scale, v_scale=v_scale)

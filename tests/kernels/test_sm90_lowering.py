@@ -1,6 +1,8 @@
 """The GPU-only kernels compile for sm_90 on this (GPU-less) machine, and lower as designed:
 int_gemv converts no integer weight (its point), and the skinny FP8 GEMM runs on wgmma with
-E4M3 operands, its "serial" split-K with a gpu-scope fence and an atomic counter. The
+E4M3 operands, its "serial" split-K with a gpu-scope fence and an atomic counter, and the
+decode attention on an FP8 cache widens V off the dot operand (no byte loads from shared
+memory; transposed by ldmatrix as a 16-bit tile). The
 interpreter runs these kernels' Python, not Triton's compiler, so a compile error that only
 the GPU would raise is caught here (tests/kernels/sm90_lowering.py does the compiling, in a
 process without TRITON_INTERPRET)."""
@@ -38,3 +40,11 @@ def test_skinny_fp8_lowers_to_wgmma_and_serial_split_k_to_fence_and_atomic(lower
     assert all(found["wgmma_e4m3"] for found in modes.values())
     assert modes["serial"]["atomic"] and modes["serial"]["fence"]
     assert not modes["reduce"]["atomic"] and not modes["unsplit"]["fence"]
+
+
+def test_fp8_decode_reads_v_as_words_not_bytes(lowering):
+    words, bytes_ = lowering["fp8_decode"]["v_words"], lowering["fp8_decode"]["v_bytes"]
+    assert words["byte_loads_from_shared"] == 0 and words["transposed_ldmatrix"] > 0
+    assert bytes_["byte_loads_from_shared"] > 0  # what the word path removes
+    # Same conversion work either way: two E4M3 values per instruction.
+    assert words["pair_conversions"] == bytes_["pair_conversions"] > 0

@@ -1,0 +1,117 @@
+"""The paged decode attention kernel of whichever kiln is first on PYTHONPATH, timed at
+Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head_dim 128, 16-token blocks)
+on the decode batches the offline benchmarks make, for an FP8 and a bf16 cache: bytes of KV
+read per second against the card's measured copy rate. Run once per tree in one device call
+(the A/B: PYTHONPATH=.ab-base, then PYTHONPATH=.) and compare the JSON lines; it also checks
+each timed kernel's output against the torch reference on the first case.
+Usage (GPU machine):
+    PYTHONPATH=. python3 benchmarks/decode_attention_ab.py --label new \
+        [--fp8-tilings 128,2,3 64,4,2] [--out DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from kiln.kernels import attention
+from kiln.kernels.attention import DecodeTiling
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+CASES = {  # name: context length of each decode row
+    "448x2048-4096": [2048 + (i * 2048) // 448 for i in range(448)],  # 2048/2048, FP8 KV
+    "128x3000": [3000 + 8 * i for i in range(128)],  # 2048/2048, bf16 KV
+    "1024x200": [200 + i % 17 for i in range(1024)],  # 128/128
+    "1x8192": [8192],  # batch 1
+}
+
+
+def make_decode_batch(contexts: list[int], kv_dtype: torch.dtype):
+    blocks = [-(-n // BLOCK) for n in contexts]
+    num_blocks = 1 + sum(blocks)
+    kv = torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda",
+                     dtype=torch.bfloat16).to(kv_dtype)
+    table = torch.zeros(len(contexts), max(blocks), dtype=torch.int32, device="cuda")
+    start = 1
+    for row, count in enumerate(blocks):  # each sequence's blocks shuffled, as a pool hands them out
+        table[row, :count] = torch.randperm(count, device="cuda", dtype=torch.int32) + start
+        start += count
+    query = torch.randn(len(contexts), HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
+    return query, kv, table, seq_lens
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def copy_gb_s() -> float:
+    """Device-to-device copy of 2 GiB: bytes read + written per second."""
+    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=10)
+    return 2 * src.numel() / ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--label", required=True, help="name of this tree in the output")
+    parser.add_argument("--fp8-tilings", nargs="*", default=[],
+                        help="extra BLOCK_N,WARPS,STAGES tilings timed on the FP8 cache")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--kv-dtypes", nargs="*", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    scale = HEAD_DIM**-0.5
+    ones = torch.ones((), dtype=torch.float32, device="cuda")
+    copy = copy_gb_s()
+    report = {"label": args.label, "card": torch.cuda.get_device_name(), "copy_gb_s": copy,
+              "cases": {}}
+    print(f"[{args.label}] copy {copy:.0f} GB/s")
+    tilings = [None] + [DecodeTiling(*map(int, t.split(","))) for t in args.fp8_tilings]
+    for kv_name in args.kv_dtypes:
+        kv_dtype = {"fp8": attention.FP8_KV_DTYPE, "bf16": torch.bfloat16}[kv_name]
+        scales = {"k_scale": ones, "v_scale": ones} if kv_name == "fp8" else {}
+        for case in args.cases:
+            contexts = CASES[case]
+            query, kv, table, seq_lens = make_decode_batch(contexts, kv_dtype)
+            kv_bytes = sum(contexts) * 2 * KV_HEADS * HEAD_DIM * kv.element_size()
+            expected = None
+            if case == "128x3000":  # the reference is a per-sequence loop: one case is enough
+                expected = attention.paged_attention_reference(
+                    query, kv, table, list(range(len(contexts) + 1)), contexts, scale, None,
+                    *(scales.values() or (None, None)))
+            for tiling in tilings if kv_name == "fp8" else [None]:
+                name = "default" if tiling is None else ",".join(map(str, tiling))
+                run = lambda: attention.paged_decode_attention(  # noqa: E731
+                    query, kv, table, seq_lens, scale, tiling=tiling, **scales)
+                try:
+                    out = run()
+                    ms = time_ms(run)
+                except Exception as error:  # a tiling past the shared memory
+                    print(f"[{args.label}] {kv_name} {case} {name}: {str(error)[:100]}")
+                    continue
+                row = {"ms": ms, "gb_s": kv_bytes / ms / 1e6, "pct_of_copy": 100 * kv_bytes / ms / 1e6 / copy}
+                if expected is not None:
+                    row["max_abs_err"] = (out.float() - expected.float()).abs().max().item()
+                report["cases"][f"{kv_name} {case} {name}"] = row
+                print(f"[{args.label}] {kv_name} {case:>14} {name:>9}: {ms:7.3f} ms "
+                      f"{row['gb_s']:6.0f} GB/s ({row['pct_of_copy']:.0f} % of copy)"
+                      + (f" err {row['max_abs_err']:.4f}" if expected is not None else ""))
+            del query, kv
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"decode_attention_ab-{args.label}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
