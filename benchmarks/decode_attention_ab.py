@@ -2,8 +2,8 @@
 Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head_dim 128, 16-token blocks)
 on the decode batches the offline benchmarks make, for an FP8 and a bf16 cache: bytes of KV
 read per second against the card's measured copy rate. Run once per tree in one device call
-(the A/B: PYTHONPATH=.ab-base, then PYTHONPATH=.) and compare the JSON lines; it also checks
-each timed kernel's output against the torch reference on the first case.
+(the A/B: PYTHONPATH=.ab-base, then PYTHONPATH=.) and compare the JSON files; on the
+128 x 3,000 case it also checks each timed kernel's output against the torch reference.
 Usage (GPU machine):
     PYTHONPATH=. python3 benchmarks/decode_attention_ab.py --label new \
         [--fp8-tilings 128,2,3 64,4,2] [--out DIR]"""
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from attention_sweep import HEAD_DIM, KV_HEADS, make_batch, time_ms
 from kiln.kernels import attention
 from kiln.kernels.attention import DecodeTiling
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
-CASES = {  # name: context length of each decode row
+CASES = {  # name: length of each decode row's sequence, its new token included
     "448x2048-4096": [2048 + (i * 2048) // 448 for i in range(448)],  # 2048/2048, FP8 KV
     "128x3000": [3000 + 8 * i for i in range(128)],  # 2048/2048, bf16 KV
     "1024x200": [200 + i % 17 for i in range(1024)],  # 128/128
@@ -28,31 +28,11 @@ CASES = {  # name: context length of each decode row
 }
 
 
-def make_decode_batch(contexts: list[int], kv_dtype: torch.dtype):
-    blocks = [-(-n // BLOCK) for n in contexts]
-    num_blocks = 1 + sum(blocks)
-    kv = torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda",
-                     dtype=torch.bfloat16).to(kv_dtype)
-    table = torch.zeros(len(contexts), max(blocks), dtype=torch.int32, device="cuda")
-    start = 1
-    for row, count in enumerate(blocks):  # each sequence's blocks shuffled, as a pool hands them out
-        table[row, :count] = torch.randperm(count, device="cuda", dtype=torch.int32) + start
-        start += count
-    query = torch.randn(len(contexts), HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
-    return query, kv, table, seq_lens
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+def make_decode_batch(seq_lens: list[int], kv_dtype: str):
+    """(query, kv_cache, block_tables, seq_lens) of one decode step over these sequences."""
+    query, kv, table, _, seq, _ = make_batch([1] * len(seq_lens), [n - 1 for n in seq_lens],
+                                             kv_dtype)
+    return query, kv, table, seq
 
 
 def copy_gb_s() -> float:
@@ -80,11 +60,10 @@ def main() -> None:
     print(f"[{args.label}] copy {copy:.0f} GB/s")
     tilings = [None] + [DecodeTiling(*map(int, t.split(","))) for t in args.fp8_tilings]
     for kv_name in args.kv_dtypes:
-        kv_dtype = {"fp8": attention.FP8_KV_DTYPE, "bf16": torch.bfloat16}[kv_name]
         scales = {"k_scale": ones, "v_scale": ones} if kv_name == "fp8" else {}
         for case in args.cases:
             contexts = CASES[case]
-            query, kv, table, seq_lens = make_decode_batch(contexts, kv_dtype)
+            query, kv, table, seq_lens = make_decode_batch(contexts, kv_name)
             kv_bytes = sum(contexts) * 2 * KV_HEADS * HEAD_DIM * kv.element_size()
             expected = None
             if case == "128x3000":  # the reference is a per-sequence loop: one case is enough

@@ -13,8 +13,7 @@ import torch
 from decode_attention_ab import CASES, HEAD_DIM, make_decode_batch
 from kiln.kernels import attention
 
-kv_dtype = {"fp8": attention.FP8_KV_DTYPE, "bf16": torch.bfloat16}[sys.argv[1]]
-query, kv, table, seq_lens = make_decode_batch(CASES["448x2048-4096"], kv_dtype)
+query, kv, table, seq_lens = make_decode_batch(CASES["448x2048-4096"], sys.argv[1])
 ones = torch.ones((), dtype=torch.float32, device="cuda")
 scales = {"k_scale": ones, "v_scale": ones} if sys.argv[1] == "fp8" else {}
 for _ in range(4):
