@@ -154,7 +154,7 @@ def _reference(batch, scale, k_scale, v_scale):
 @pytest.mark.parametrize("dot_mode", ["", "model", "fp16"])
 def test_fp8_decode_attention_matches_reference(dot_mode, device, poison_outputs, monkeypatch):
     # Each way the decode kernel can turn E4M3 tiles into dot operands (KILN_FP8_KV_DOT; on
-    # the CPU both keep float32 dots, and "fp16" its own tiling).
+    # the CPU both keep float32 dots, and "fp16" its own tiling with V read as 16-bit words).
     monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
     batch, k_scale, v_scale = _fp8_batch([1, 1, 1, 1], [40, 7, 150, 127], device,
                                        num_padding_rows=1)  # 128 keys: whole tiles only
