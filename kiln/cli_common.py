@@ -23,6 +23,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=None,
                        help=f"token budget per step (default {_DEFAULTS.max_num_batched_tokens}; "
                        f"offline runs on a GPU {OFFLINE_GPU_DEFAULTS['max_num_batched_tokens']})")
+    group.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
+                       metavar="N",
+                       help=f"while any request decodes, prompts longer than N take at most N "
+                       f"tokens per step, together; 0 = no cap (default "
+                       f"{_DEFAULTS.max_prefill_tokens_while_decoding}; offline runs on a GPU: "
+                       f"no cap)")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output (default: the engine's)")
     group.add_argument("--num-kv-blocks", type=int, default=None,
@@ -61,5 +67,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         check_device(args.device)
     names = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "num_kv_blocks", "kv_cache_dtype", "enable_prefix_caching",
-             "gpu_memory_utilization", "device", "tensor_parallel_size", "pipeline_parallel_size")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+             "gpu_memory_utilization", "device", "tensor_parallel_size", "pipeline_parallel_size",
+             "max_prefill_tokens_while_decoding")
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    cap = kwargs.get("max_prefill_tokens_while_decoding")
+    if cap is not None and cap < 0:
+        raise KilnError(f"--max-prefill-tokens-while-decoding must be >= 0 (0: no cap); got {cap}")
+    if cap == 0:
+        kwargs["max_prefill_tokens_while_decoding"] = None
+    return kwargs

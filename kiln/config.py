@@ -20,10 +20,18 @@ KEEP_QUANTIZATION = "keep"
 DEFAULT_MAX_NUM_SEQS = 512
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 DEFAULT_BLOCK_SIZE = 16
+# While any request decodes, a prompt longer than this puts at most this many tokens into a
+# step (its chunks share the cap with other long prompts): a server's decoding streams wait
+# about one 512-token chunk (~8 ms at 8B on the H200) for a long prompt, not a whole step.
+DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 512
 # Offline runs (`LLM` on a GPU) hand the engine every request at once and no one waits on a
-# single step: larger steps, as vLLM's offline defaults for 80 GB cards. On the H100 at
-# 128/128 they measured 16.1 k against 15.6 k output tok/s at 512 / 8192 in one run.
-OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}
+# single step: larger steps, as vLLM's offline defaults for 80 GB cards (on the H100 at
+# 128/128: 16.1 k against 15.6 k output tok/s at 512 / 8192 in one run), and no prefill cap
+# while decoding, which only spaces out the prompts there: with it, 2048/2048 admitted 512
+# prompt tokens a step, so its 450 requests took ~1,800 steps to start, each an eager mixed
+# step, and the batch spent most of the run ramping up (BENCHMARKS.md, seventh session).
+OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384,
+                        "max_prefill_tokens_while_decoding": None}
 
 
 class BuildConfig(BaseModel):
@@ -128,6 +136,11 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(
         DEFAULT_MAX_NUM_BATCHED_TOKENS, ge=1, le=1 << 20,
         description="token budget of one step (prefill chunks + decodes)",
+    )
+    max_prefill_tokens_while_decoding: int | None = Field(
+        DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING, ge=1, le=1 << 20,
+        description="while any request decodes, prompts longer than this take at most this "
+        "many tokens per step, together; None = no cap (offline runs on a GPU)",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="longest prompt + output; defaults to the engine's"

@@ -251,6 +251,7 @@ class LLMEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 enable_prefix_caching=config.enable_prefix_caching,
+                max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
             )
         )
         if self.speculator is not None:

@@ -54,7 +54,12 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from kiln.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+from kiln.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
+)
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.messages import (
     ModelRunnerOutput,
@@ -65,7 +70,6 @@ from kiln.runtime.messages import (
 from kiln.runtime.request import Request, RequestStatus
 
 # See SchedulerConfig.max_prefill_tokens_while_decoding.
-DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 512
 # A decode row's logits: at its one token. Shared, not built per row per step.
 _DECODE_LOGITS_OFFSETS = (0,)
 

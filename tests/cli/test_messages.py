@@ -22,6 +22,28 @@ def test_bad_device_is_one_line(device, capsys, tmp_path):
                    f"cuda:N (a GPU index) or cpu\n")
 
 
+def test_a_negative_prefill_cap_is_one_line(capsys, tmp_path):
+    # Refused before the model is looked up; 0 is the documented "no cap".
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "hi",
+                 "--max-prefill-tokens-while-decoding", "-1"]) == 1
+    assert capsys.readouterr().err == ("kiln: error: --max-prefill-tokens-while-decoding must "
+                                       "be >= 0 (0: no cap); got -1\n")
+
+
+def test_a_prefill_cap_of_zero_means_none():
+    import argparse
+
+    from kiln.cli_common import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_kwargs(parser.parse_args(["--max-prefill-tokens-while-decoding", "0"])) == {
+        "max_prefill_tokens_while_decoding": None}
+    assert engine_kwargs(parser.parse_args(["--max-prefill-tokens-while-decoding", "256"])) == {
+        "max_prefill_tokens_while_decoding": 256}
+    assert engine_kwargs(parser.parse_args([])) == {}  # unset: EngineConfig's (or offline's)
+
+
 def test_prompt_longer_than_the_context_gets_kilns_line_only(smollm2_engine, cli_cache_dir):
     """9,000 tokens is past SmolLM2's 8,192: transformers used to warn before kiln spoke."""
     result = run_kiln(["generate", str(smollm2_engine), "--device", "cpu", "--max-model-len", "64",

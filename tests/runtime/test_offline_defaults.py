@@ -23,10 +23,17 @@ def test_gpu_fills_in_the_offline_step_sizes_unless_set(monkeypatch):
     assert offline_defaults({}) == OFFLINE_GPU_DEFAULTS
     knobs = offline_defaults({"max_num_seqs": 64, "block_size": 32})
     assert knobs == {"max_num_seqs": 64, "block_size": 32,
-                     "max_num_batched_tokens": OFFLINE_GPU_DEFAULTS["max_num_batched_tokens"]}
+                     "max_num_batched_tokens": OFFLINE_GPU_DEFAULTS["max_num_batched_tokens"],
+                     "max_prefill_tokens_while_decoding": None}
     # Larger than a server's: that is the point of them.
     assert OFFLINE_GPU_DEFAULTS["max_num_seqs"] > EngineConfig().max_num_seqs
     assert OFFLINE_GPU_DEFAULTS["max_num_batched_tokens"] > EngineConfig().max_num_batched_tokens
+    # No prefill cap offline (nobody's tokens stream), a server's 512 otherwise; a cap the
+    # user sets stays.
+    assert EngineConfig(**offline_defaults({})).max_prefill_tokens_while_decoding is None
+    assert EngineConfig().max_prefill_tokens_while_decoding == 512
+    assert offline_defaults({"max_prefill_tokens_while_decoding": 64})[
+        "max_prefill_tokens_while_decoding"] == 64
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,13 @@ def test_generate_returns_final_outputs_in_prompt_order(tiny_engine_dir):
     # The same greedy tokens one prompt at a time.
     alone = llm.generate(prompts[2], shared, use_tqdm=False)[0]
     assert alone.outputs[0].token_ids == outputs[2].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("cap", [None, 7])
+def test_the_prefill_cap_reaches_the_scheduler(tiny_engine_dir, cap):
+    llm = LLM(model=str(tiny_engine_dir), device="cpu", num_kv_blocks=64, block_size=4,
+              max_prefill_tokens_while_decoding=cap)
+    assert llm.llm_engine.scheduler.config.max_prefill_tokens_while_decoding == cap
 
 
 def test_generate_rejects_what_is_not_sampling_params(tiny_engine_dir):
