@@ -454,9 +454,11 @@ def _paged_decode_kernel(
     pdl_prologue(USE_PDL)
     # KV heads vary fastest in the grid: programs that run together read the same blocks'
     # heads, neighbours in memory (2 % faster on a bf16 cache, 2-6 % on an FP8 one, H200).
-    kv_head = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    # One axis for both: the grid's y axis stops at 65,535 sequences, x at 2^31 - 1.
+    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    seq = (tl.program_id(0) // NUM_KV_HEADS).to(tl.int64)
+    split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT,
                                                      BLOCK_N)
@@ -636,7 +638,7 @@ def paged_decode_attention(
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
     pdl = use_pdl(query)
-    launchable(_paged_decode_kernel, query)[(num_kv_heads, num_seqs, num_splits)](
+    launchable(_paged_decode_kernel, query)[(num_seqs * num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
         kv_cache, *kv_cache.stride()[:4],
         block_tables, block_tables.stride(0),
