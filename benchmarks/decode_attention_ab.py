@@ -80,7 +80,8 @@ def main() -> None:
                 except Exception as error:  # a tiling past the shared memory
                     print(f"[{args.label}] {kv_name} {case} {name}: {str(error)[:100]}")
                     continue
-                row = {"ms": ms, "gb_s": kv_bytes / ms / 1e6, "pct_of_copy": 100 * kv_bytes / ms / 1e6 / copy}
+                gb_s = kv_bytes / ms / 1e6
+                row = {"ms": ms, "gb_s": gb_s, "pct_of_copy": 100 * gb_s / copy}
                 if expected is not None:
                     row["max_abs_err"] = (out.float() - expected.float()).abs().max().item()
                 report["cases"][f"{kv_name} {case} {name}"] = row
@@ -89,7 +90,8 @@ def main() -> None:
                       + (f" err {row['max_abs_err']:.4f}" if expected is not None else ""))
             del query, kv
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"decode_attention_ab-{args.label}.json").write_text(json.dumps(report, indent=1))
+    path = Path(args.out) / f"decode_attention_ab-{args.label}.json"
+    path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,13 @@ def runs_awq(model: nn.Module, scheme: str) -> bool:
     rounded as without AWQ and the calibration still measures the rest (KV scales)."""
     if scheme == "int4-wo":
         return True
-    return scheme in AWQ_SCHEMES and getattr(model.backbone, "layers", None) is not None
+    return scheme in AWQ_SCHEMES and _decoder_layers(model) is not None
+
+
+def _decoder_layers(model: nn.Module):
+    """The Llama-family decoder layers AWQ folds into, or None for another architecture."""
+    return getattr(model.backbone, "layers", None)
+
 
 # (out, in) float32 weight → the same rounded onto its own grid and dequantised
 FakeQuantize = Callable[[torch.Tensor], torch.Tensor]
@@ -112,7 +118,7 @@ def apply_awq(model: nn.Module, linears: dict, *, progress: bool = True) -> dict
     """Search and fold AWQ scales in every decoder layer of a Llama-family model whose
     linears are staged for an AWQ_SCHEMES scheme. Returns, per layer prefix, the chosen α
     (for logs and tests)."""
-    layers = getattr(model.backbone, "layers", None)
+    layers = _decoder_layers(model)
     if layers is None:
         raise KilnError(f"AWQ needs a Llama-family model; {model.config.architecture} is not one "
                         f"(build {model.quant_config.scheme} without --calibration)")

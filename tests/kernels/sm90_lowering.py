@@ -86,7 +86,8 @@ def fp8_decode_variants() -> dict:
             "DOT_DTYPE": triton.language.float16, "PRECISION": "tf32", "USE_PDL": True,
             "FP8": True, "Q_TO_F16": True, "V_WORDS": words, "V_WORDS_ASM": words,
         }, num_warps=2)
-        out[name] = {"byte_loads_from_shared": ptx.count("ld.shared.b8") + ptx.count("ld.shared.u8"),
+        byte_loads = ptx.count("ld.shared.b8") + ptx.count("ld.shared.u8")
+        out[name] = {"byte_loads_from_shared": byte_loads,
                      "pair_conversions": ptx.count("cvt.rn.f16x2.e4m3x2"),
                      "transposed_ldmatrix": ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans")}
     return out

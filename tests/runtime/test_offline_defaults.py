@@ -64,6 +64,15 @@ def test_the_prefill_cap_reaches_the_scheduler(tiny_engine_dir, cap):
     assert llm.llm_engine.scheduler.config.max_prefill_tokens_while_decoding == cap
 
 
+def test_a_prefill_cap_below_one_names_the_field():
+    from kiln.config import validated
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match=r"^invalid EngineConfig: max_prefill_tokens_while_decoding: "
+                                        r".*greater than or equal to 1 \(got 0\)$"):
+        validated(EngineConfig, max_prefill_tokens_while_decoding=0)
+
+
 def test_generate_rejects_what_is_not_sampling_params(tiny_engine_dir):
     llm = LLM(model=str(tiny_engine_dir), device="cpu", num_kv_blocks=64, block_size=4)
     with pytest.raises(ValueError, match=r"sampling_params\[1\] is a dict, not a SamplingParams"):
