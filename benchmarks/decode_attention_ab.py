@@ -6,15 +6,12 @@ read per second against the card's measured copy rate. Run once per tree in one 
 128 x 3,000 case it also checks each timed kernel's output against the torch reference.
 Usage (GPU machine):
     PYTHONPATH=. python3 benchmarks/decode_attention_ab.py --label new \
-        [--fp8-tilings 128,2,3 64,4,2] [--fp8-modes keys fp16] [--keys-group-pads 16 8] [--out DIR]
-(--fp8-modes: the KILN_FP8_KV_DOT values timed on the FP8 cache, default the default one;
- --keys-group-pads: KEYS_MAJOR_MIN_GROUP_PAD values timed in the "keys" mode.)"""
+        [--fp8-tilings 128,2,3 64,4,2] [--out DIR]"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -51,10 +48,6 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="name of this tree in the output")
     parser.add_argument("--fp8-tilings", nargs="*", default=[],
                         help="extra BLOCK_N,WARPS,STAGES tilings timed on the FP8 cache")
-    parser.add_argument("--fp8-modes", nargs="*", default=[""],
-                        help="KILN_FP8_KV_DOT values timed on the FP8 cache ('' = default)")
-    parser.add_argument("--keys-group-pads", nargs="*", type=int, default=[],
-                        help="KEYS_MAJOR_MIN_GROUP_PAD values timed in the keys mode")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--kv-dtypes", nargs="*", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     parser.add_argument("--out", default=".")
@@ -77,17 +70,8 @@ def main() -> None:
                 expected = attention.paged_attention_reference(
                     query, kv, table, list(range(len(contexts) + 1)), contexts, scale, None,
                     *(scales.values() or (None, None)))
-            variants = [("", None, tiling) for tiling in tilings[:1]]
-            if kv_name == "fp8":
-                variants = [(mode, pad, tiling) for mode in args.fp8_modes
-                            for pad in (args.keys_group_pads if mode == "keys" else [])
-                            or [None] for tiling in tilings]
-            for mode, pad, tiling in variants:
-                os.environ["KILN_FP8_KV_DOT"] = mode  # read at each launch
-                if pad is not None:
-                    attention.KEYS_MAJOR_MIN_GROUP_PAD = pad
-                name = ((mode or "default") + (f"/pad{pad}" if pad else "") + " "
-                        + ("tiling" if tiling is None else ",".join(map(str, tiling))))
+            for tiling in tilings if kv_name == "fp8" else [None]:
+                name = "default" if tiling is None else ",".join(map(str, tiling))
                 run = lambda: attention.paged_decode_attention(  # noqa: E731
                     query, kv, table, seq_lens, scale, tiling=tiling, **scales)
                 try:
@@ -101,7 +85,7 @@ def main() -> None:
                 if expected is not None:
                     row["max_abs_err"] = (out.float() - expected.float()).abs().max().item()
                 report["cases"][f"{kv_name} {case} {name}"] = row
-                print(f"[{args.label}] {kv_name} {case:>14} {name:>20}: {ms:7.3f} ms "
+                print(f"[{args.label}] {kv_name} {case:>14} {name:>9}: {ms:7.3f} ms "
                       f"{row['gb_s']:6.0f} GB/s ({row['pct_of_copy']:.0f} % of copy)"
                       + (f" err {row['max_abs_err']:.4f}" if expected is not None else ""))
             del query, kv

@@ -517,106 +517,6 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _keys_major_step(
-    qt, k, v,  # (D, G), (BLOCK_N, D), (BLOCK_N, D) in DOT_DTYPE
-    valid,  # (BLOCK_N,) which keys to count; ignored unless MASKED
-    m, l_parts, acc,  # (G,) running max, (BLOCK_N, G) per-key running sums, (D, G) output
-    qk_scale, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """_online_softmax_step with keys as the rows: scores are k . q^T, (BLOCK_N, G), and the
-    output is v^T . p, (D, G). The running sum is kept per key and summed once at the end
-    (a cross-warp reduction a tile saved). Every decode tile holds a visible key, so the
-    new max is finite and needs no -inf guard."""
-    scores = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
-    if MASKED:
-        scores = tl.where(valid[:, None], scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, 0))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(scores - m_new[None, :])
-    l_parts = l_parts * alpha[None, :] + p
-    acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(DOT_DTYPE), input_precision=PRECISION)
-    return m_new, l_parts, acc
-
-
-@triton.jit
-def _paged_decode_keys_major_kernel(
-    q_ptr, stride_qt, stride_qh, cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
-    stride_c_head, block_tables_ptr, stride_bt, seq_lens_ptr, out_ptr, stride_ot, stride_oh,
-    part_out_ptr, part_lse_ptr, qk_scale, window, k_scale_ptr, v_scale_ptr,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-    FP8: tl.constexpr, Q_TO_F16: tl.constexpr,
-    V_WORDS: tl.constexpr, V_WORDS_ASM: tl.constexpr,
-):
-    """_paged_decode_kernel (same arguments, same outputs) with the keys, not the query
-    heads, as the dots' M dimension: a KV head's few query heads (4 for Llama-3.1-8B) pad
-    to GROUP_PAD columns instead of 16 rows, and at 64+ keys a tile's dots fill Hopper's
-    warpgroup MMA (wgmma, M 64), whose accumulators and operands take far fewer registers
-    per thread than mma.sync's 16-row tiles: more programs per SM, more bytes in flight."""
-    pdl_prologue(USE_PDL)
-    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
-    kv_head = tl.program_id(0) % NUM_KV_HEADS
-    seq = (tl.program_id(0) // NUM_KV_HEADS).to(tl.int64)
-    split = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    kv_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT,
-                                                     BLOCK_N)
-    if split >= num_active:
-        return
-    kv_lo = kv_start + split * split_size
-    kv_hi = tl.minimum(kv_lo + split_size, seq_len)
-
-    group_cols = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group_cols  # (GROUP_PAD,) query heads of this KV head
-    head_mask = group_cols < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    qt = tl.load(q_ptr + seq * stride_qt + heads[None, :] * stride_qh + dims[:, None],
-                 mask=head_mask[None, :], other=0.0)  # (D, GROUP_PAD)
-    if Q_TO_F16:  # a bf16 query in float16 dots: saturate rather than overflow to inf
-        qt = tl.clamp(qt.to(tl.float32), -65504.0, 65504.0)
-    qt = qt.to(DOT_DTYPE)
-
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_parts = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
-    acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
-    block_table = block_tables_ptr + seq * stride_bt
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
-    full_hi = kv_lo + (kv_hi - kv_lo) // BLOCK_N * BLOCK_N
-    for tile in range(kv_lo, full_hi, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, pos < kv_hi, kv_head, HEAD_DIM, BLOCK_SIZE,
-                             DOT_DTYPE, False, V_WORDS, V_WORDS_ASM)
-        m, l_parts, acc = _keys_major_step(qt, k, v, pos < kv_hi, m, l_parts, acc, qk_scale,
-                                           False, DOT_DTYPE, PRECISION)
-    for tile in range(full_hi, kv_hi, BLOCK_N):  # at most one
-        pos = tile + tl.arange(0, BLOCK_N)
-        valid = pos < kv_hi
-        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
-                             True, V_WORDS, V_WORDS_ASM)
-        m, l_parts, acc = _keys_major_step(qt, k, v, valid, m, l_parts, acc, qk_scale,
-                                           True, DOT_DTYPE, PRECISION)
-
-    l = tl.sum(l_parts, 0)
-    out = acc / tl.where(l > 0, l, 1.0)[None, :]  # (D, GROUP_PAD); no key: zeros
-    if FP8:
-        out = out * tl.load(v_scale_ptr)
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + seq * stride_ot + heads[None, :] * stride_oh + dims[:, None],
-                 out.to(out_ptr.dtype.element_ty), mask=head_mask[None, :])
-    else:
-        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split  # (GROUP_PAD,)
-        tl.store(part_out_ptr + part[None, :] * HEAD_DIM + dims[:, None], out,
-                 mask=head_mask[None, :])
-        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=head_mask)
-
-
-@triton.jit
 def _paged_decode_reduce_kernel(
     part_out_ptr, part_lse_ptr,  # as written by _paged_decode_kernel
     seq_lens_ptr,
@@ -659,50 +559,44 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 
 
 # How decode turns an FP8 KV cache's E4M3 tiles into dot operands (KILN_FP8_KV_DOT, the A/B
-# switch): "keys" (default) = float16 dots with the keys as the dots' rows
-# (_paged_decode_keys_major_kernel, KEYS_MAJOR_TILING); "fp16" = float16 dots with the query
-# heads as rows, on FP8_DECODE_TILING; "model" = the query's dtype and the 16-bit caches'
-# tiling, as before both (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a
-# second conversion, and the kernel was bound by that work, reading E4M3 at the same
-# elements/s as bf16 caches, half the bytes/s). float16 holds every E4M3 value exactly and
-# p in [0, 1] with more mantissa than bfloat16; a bfloat16 query past float16's range
-# saturates (Q_TO_F16). V is read as 16-bit words in both float16 modes (_load_v_words).
-FP8_KV_DOT_MODES = ("keys", "fp16", "model")
-# Keys per tile, warps, stages of the "fp16" mode: the best of 27 tilings on the H200 at 448
-# rows of 2-4 k context (0.93 ms a layer, 3.0 TB/s; 1.03 ms for the byte-wise V at its best
-# tiling, 128 keys, 3 stages) and at 128 rows of ~3 k (0.32 against 0.36 ms);
-# benchmarks/decode_attention_ab.py. Bound by occupancy, not bytes: the tiles sit in
-# registers as float16, ~190 a thread at 64 keys, so 4-5 programs of 2 warps share an SM.
+# switch): "fp16" (default) = float16 dots, one conversion instruction per element pair, on
+# the FP8 tiling below; "model" = the query's dtype and the 16-bit caches' tiling, as before
+# (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a second conversion, and
+# the kernel was bound by that work, reading E4M3 at the same elements/s as bf16 caches, half the
+# bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
+# bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
+FP8_KV_DOT_MODES = ("fp16", "model")
+# Keys per tile, warps, stages of the fp16 mode, with V read as words: the best of 27 tilings
+# on the H200 at 448 rows of 2-4 k context (0.93 ms a layer, 3.0 TB/s; 1.03 ms for the
+# byte-wise V at its best tiling, 128 keys, 3 stages) and at 128 rows of ~3 k (0.32 against
+# 0.36 ms); benchmarks/decode_attention_ab.py. Bound by occupancy, not bytes: the tiles sit
+# in registers as float16, ~190 a thread at 64 keys, so 4-5 programs of 2 warps share an SM.
 FP8_DECODE_TILING = (64, 2, 5)
-# The "keys" mode's tiling: 64 keys fill one warpgroup's wgmma (M 64) on sm_90.
-KEYS_MAJOR_TILING = (64, 4, 3)
-# Query-head columns the "keys" mode pads a KV head's group to (at least; a power of 2).
-KEYS_MAJOR_MIN_GROUP_PAD = 16
 
 
-def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple:
-    """(dot dtype, FP8 mode) of the decode kernel for this query and cache: mode "" for a
-    16-bit cache, else one of FP8_KV_DOT_MODES; float32 queries (and the interpreter) keep
-    float32 dots."""
+def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
+    """(dot dtype, FP8 tiling?) of the decode kernel for this query and cache; float32
+    queries (and the interpreter) keep float32 dots."""
     if not is_fp8_cache(kv_cache):
-        return dot_dtype(query), ""
-    mode = os.environ.get("KILN_FP8_KV_DOT", "") or FP8_KV_DOT_MODES[0]
+        return dot_dtype(query), False
+    mode = os.environ.get("KILN_FP8_KV_DOT", "") or "fp16"
     if mode not in FP8_KV_DOT_MODES:
         raise ValueError(f"KILN_FP8_KV_DOT must be one of {', '.join(FP8_KV_DOT_MODES)} (or "
                          f"unset); got {mode!r}")
     if mode == "model" or dot_dtype(query) == tl.float32:
-        return dot_dtype(query), mode
-    return tl.float16, mode
+        return dot_dtype(query), mode == "fp16"
+    return tl.float16, True
 
 
-def decode_tiling(head_dim: int, fp8_mode: str = "") -> DecodeTiling:
+def decode_tiling(head_dim: int, fp8_tiling: bool = False) -> DecodeTiling:
     """The decode kernel's tiles: 64 keys (32 past head_dim 128), 4 warps, 2 stages for 16-bit
-    caches and the "model" mode (benchmarks/attention_sweep.py: at batch, within 6 % of the
-    best tiling on the H200); FP8_DECODE_TILING or KEYS_MAJOR_TILING for the float16 modes
-    of an FP8 cache (half the keys past head_dim 128: not measured there)."""
-    tiling = {"fp16": FP8_DECODE_TILING, "keys": KEYS_MAJOR_TILING}.get(fp8_mode, (64, 4, 2))
-    block_n, num_warps, num_stages = tiling
-    return DecodeTiling(block_n if head_dim <= 128 else block_n // 2, num_warps, num_stages)
+    caches (benchmarks/attention_sweep.py: at batch, within 6 % of the best tiling on the
+    H200); FP8_DECODE_TILING for an FP8 cache in float16 dots (half the keys past head_dim
+    128: not measured there)."""
+    if fp8_tiling:
+        block_n, num_warps, num_stages = FP8_DECODE_TILING
+        return DecodeTiling(block_n if head_dim <= 128 else block_n // 2, num_warps, num_stages)
+    return DecodeTiling(64 if head_dim <= 128 else 32, 4, 2)
 
 
 def paged_decode_attention(
@@ -728,18 +622,14 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
-    dot, fp8_mode = _decode_dot(query, kv_cache)
-    block_n, num_warps, num_stages = tiling or decode_tiling(head_dim, fp8_mode)
-    # V as 16-bit words (two E4M3 values each) in the float16 modes; the word offsets need
-    # even strides and an even base, which a cache allocated whole always has.
-    v_words = fp8_mode in ("fp16", "keys") and kv_cache.data_ptr() % 2 == 0 and all(
+    dot, fp8_tiling = _decode_dot(query, kv_cache)
+    block_n, num_warps, num_stages = tiling or decode_tiling(head_dim, fp8_tiling)
+    # V as 16-bit words (two E4M3 values each) wherever the FP8 tiling runs; the word offsets
+    # need even strides and an even base, which a cache allocated whole always has.
+    v_words = fp8_tiling and kv_cache.data_ptr() % 2 == 0 and all(
         stride % 2 == 0 for stride in kv_cache.stride()[:4])
     window = sliding_window or NO_WINDOW
     group = num_heads // num_kv_heads
-    if fp8_mode == "keys":
-        kernel, group_pad = _paged_decode_keys_major_kernel, KEYS_MAJOR_MIN_GROUP_PAD
-    else:  # tl.dot's rows: 16 at least
-        kernel, group_pad = _paged_decode_kernel, 16
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim,
                                dtype=torch.float32, device=query.device)
@@ -748,7 +638,7 @@ def paged_decode_attention(
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
     pdl = use_pdl(query)
-    launchable(kernel, query)[(num_seqs * num_kv_heads, num_splits)](
+    launchable(_paged_decode_kernel, query)[(num_seqs * num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
         kv_cache, *kv_cache.stride()[:4],
         block_tables, block_tables.stride(0),
@@ -756,7 +646,7 @@ def paged_decode_attention(
         out, out.stride(0), out.stride(1),
         part_out, part_lse,
         scale * LOG2_E, window, *kv_scale_args(kv_cache, k_scale, v_scale),
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(group_pad, next_power_of_2(group)),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
         DOT_DTYPE=dot, PRECISION=dot_precision(query),

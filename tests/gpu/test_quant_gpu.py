@@ -144,7 +144,7 @@ def _fp8_decode_and_reference(batch, cache, k_scale, v_scale):
     return out, expected
 
 
-@pytest.mark.parametrize("dot_mode", ["keys", "fp16", "model"])
+@pytest.mark.parametrize("dot_mode", ["model", "fp16"])
 def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, monkeypatch):
     monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
     out, expected = _fp8_decode_and_reference(*_fp8_kv_batch_at_8b_shapes())
