@@ -12,7 +12,8 @@ cost per decode-only step and per step carrying prompt tokens (--decode-step-ms,
 session, whose variable terms are equal and whose step counts this reproduces). It is
 arithmetic, not a measurement: use it to compare schedules, and check a prediction on the card.
 Usage:
-    python benchmarks/schedule_sim.py --num-prompts 1500 --cap 512 --cap none"""
+    python benchmarks/schedule_sim.py --num-prompts 1500 --cap 512 --cap none \
+        [--capacity-policy guaranteed-no-evict]"""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import time
 from dataclasses import dataclass
 
+from kiln.config import CAPACITY_POLICIES
 from kiln.runtime.messages import ModelRunnerOutput
 from kiln.runtime.prefill_graphs import (
     PREFILL_GRAPH_MAX_DECODE_CONTEXT,
@@ -56,7 +58,7 @@ def simulate(args: argparse.Namespace, cap: int | None) -> RunEstimate:
     scheduler = Scheduler(SchedulerConfig(
         num_kv_blocks=args.num_kv_blocks, block_size=16, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_prefill_tokens_while_decoding=cap))
+        max_prefill_tokens_while_decoding=cap, capacity_policy=args.capacity_policy))
     for index in range(args.num_prompts):  # distinct prompts: no prefix-cache hits
         prompt = [1000 + index] + [7] * (args.input_len - 1)
         scheduler.add_request(Request(str(index), prompt, SamplingParams(
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--cap", action="append", default=None,
                         help="max_prefill_tokens_while_decoding to simulate (an int or 'none'); "
                         "repeat for several (default: 512 and none)")
+    parser.add_argument("--capacity-policy", default=CAPACITY_POLICIES[0],
+                        choices=CAPACITY_POLICIES)
     parser.add_argument("--num-kv-blocks", type=int, default=114_195,
                         help="the H200's FP8-KV pool for the fp8 8B engine (BENCHMARKS.md)")
     parser.add_argument("--max-num-seqs", type=int, default=1024)
@@ -113,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     caps = [None if cap == "none" else int(cap) for cap in (args.cap or ["512", "none"])]
     print(f"{args.num_prompts} requests {args.input_len}/{args.output_len}, "
-          f"{args.num_kv_blocks} KV blocks of 16")
+          f"{args.num_kv_blocks} KV blocks of 16, {args.capacity_policy}")
     for cap in caps:
         started = time.perf_counter()
         run = simulate(args, cap)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from kiln.config import OFFLINE_GPU_DEFAULTS, EngineConfig
+from kiln.config import CAPACITY_POLICIES, OFFLINE_GPU_DEFAULTS, EngineConfig
 from kiln.errors import KilnError
 
 # Flags left unset stay out of engine_kwargs, so EngineConfig's own defaults (shown in the
@@ -29,6 +29,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        f"tokens per step, together; 0 = no cap (default "
                        f"{_DEFAULTS.max_prefill_tokens_while_decoding}; offline runs on a GPU: "
                        f"no cap)")
+    group.add_argument("--capacity-policy", default=None, choices=CAPACITY_POLICIES,
+                       help="when a waiting request may start: while KV blocks are free, "
+                       "preempting the newest when they run out (max-utilization), or only while "
+                       "every running request can reach prompt + max_tokens at once "
+                       f"(guaranteed-no-evict; TensorRT-LLM's default) (default "
+                       f"{_DEFAULTS.capacity_policy})")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output (default: the engine's)")
     group.add_argument("--num-kv-blocks", type=int, default=None,
@@ -68,7 +74,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "num_kv_blocks", "kv_cache_dtype", "enable_prefix_caching",
              "gpu_memory_utilization", "device", "tensor_parallel_size", "pipeline_parallel_size",
-             "max_prefill_tokens_while_decoding")
+             "max_prefill_tokens_while_decoding", "capacity_policy")
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     cap = kwargs.get("max_prefill_tokens_while_decoding")
     if cap is not None and cap < 0:

@@ -30,6 +30,11 @@ DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 512
 # while decoding, which only spaces out the prompts there: with it, 2048/2048 admitted 512
 # prompt tokens a step, so its 450 requests took ~1,800 steps to start, each an eager mixed
 # step, and the batch spent most of the run ramping up (BENCHMARKS.md, seventh session).
+# When a waiting request may start (SchedulerConfig, kiln/runtime/scheduler.py): while blocks
+# are free, preempting by recompute when they run out (vLLM's way; the default), or only while
+# every running request and it can reach its longest length at once (TensorRT-LLM's default,
+# GUARANTEED_NO_EVICT): never a preemption, fewer requests at a time.
+CAPACITY_POLICIES = ("max-utilization", "guaranteed-no-evict")
 OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384,
                         "max_prefill_tokens_while_decoding": None}
 
@@ -141,6 +146,12 @@ class EngineConfig(BaseModel):
         DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING, ge=1, le=1 << 20,
         description="while any request decodes, prompts longer than this take at most this "
         "many tokens per step, together; None = no cap (offline runs on a GPU)",
+    )
+    capacity_policy: Literal["max-utilization", "guaranteed-no-evict"] = Field(
+        "max-utilization", description="when a waiting request may start: while KV blocks "
+        "are free, preempting the newest when they run out (max-utilization), or only while "
+        "every running request can reach prompt + max_tokens at once (guaranteed-no-evict: "
+        "no preemption, fewer requests at a time)",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="longest prompt + output; defaults to the engine's"

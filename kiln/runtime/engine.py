@@ -252,6 +252,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 enable_prefix_caching=config.enable_prefix_caching,
                 max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
+                capacity_policy=config.capacity_policy,
             )
         )
         if self.speculator is not None:

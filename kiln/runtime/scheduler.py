@@ -15,6 +15,13 @@ it waits at the front of the queue; its output tokens are kept and recomputed wi
 A request that could not fit even with the whole cache to itself is rejected by
 `add_request`, so the oldest running request can always grow and preemption cannot loop.
 
+That is the "max-utilization" capacity policy (vLLM's): admit while blocks are free, preempt
+when they run out. "guaranteed-no-evict" (TensorRT-LLM's default) admits a request only
+while every running request, and it, can reach its longest length (prompt + max_tokens, or
+max_model_len) in the cache at once: no preemption ever, fewer requests at a time. Offline
+runs whose requests grow in lockstep past the cache (2048/2048 at 1,500 requests) preempt
+hundreds of times under the first and recompute every preempted request's KV.
+
 The engine drives it, one call of each per step and in this order:
 
     out = scheduler.schedule()
@@ -55,6 +62,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from kiln.config import (
+    CAPACITY_POLICIES,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -98,6 +106,8 @@ class SchedulerConfig:
     # within the step's budget. None: no cap (the step's budget alone). With nothing
     # decoding a prompt takes the whole budget: its TTFT is all that is waited on.
     max_prefill_tokens_while_decoding: int | None = DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING
+    # When a waiting request may start: one of CAPACITY_POLICIES (the module docstring).
+    capacity_policy: str = CAPACITY_POLICIES[0]
 
     def __post_init__(self) -> None:
         minimums = {
@@ -121,6 +131,9 @@ class SchedulerConfig:
             raise ValueError(
                 f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
             )
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"capacity_policy must be one of {', '.join(CAPACITY_POLICIES)}, "
+                             f"got {self.capacity_policy!r}")
 
 
 class Scheduler:
@@ -204,17 +217,14 @@ class Scheduler:
                 f"request {request.request_id!r}: prompt of {request.num_prompt_tokens} tokens "
                 f"leaves no room to generate within max_model_len {max_len}"
             )
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is None:
-            max_tokens = max_len - request.num_prompt_tokens
-        max_num_tokens = request.num_prompt_tokens + max_tokens
+        max_num_tokens = self._max_num_tokens(request)
+        max_tokens = max_num_tokens - request.num_prompt_tokens  # unset: up to max_model_len
         if max_num_tokens > max_len:
             raise ValueError(
                 f"request {request.request_id!r}: prompt of {request.num_prompt_tokens} tokens "
                 f"+ max_tokens {max_tokens} = {max_num_tokens} exceeds max_model_len {max_len}"
             )
-        # The last sampled token ends the request before its KV is ever computed.
-        blocks_needed = self.kv_cache_manager.num_blocks_for(max_num_tokens - 1)
+        blocks_needed = self._max_num_blocks(request)
         blocks_total = self.kv_cache_manager.num_usable_blocks
         if blocks_needed > blocks_total:
             raise ValueError(
@@ -316,6 +326,9 @@ class Scheduler:
                 budget -= num_new_tokens
                 index += 1
 
+        # guaranteed-no-evict: the blocks the running requests may yet need, all told.
+        reserved_blocks = (sum(map(self._max_num_blocks, self._running))
+                           if self._waiting and self._reserves else 0)
         # Admitting new work right after a preemption would only take the blocks back.
         while self._waiting and budget > 0 and not preempted:
             if len(self._running) >= self.config.max_num_seqs or len(scheduled) >= max_rows:
@@ -333,6 +346,10 @@ class Scheduler:
                                  prefill_budget if long_prefill else budget)
             if num_new_tokens <= 0:
                 break
+            if self._reserves:
+                reserved_blocks += self._max_num_blocks(request)
+                if reserved_blocks > self.kv_cache_manager.num_usable_blocks:
+                    break  # strict FCFS, as below
             if self._running and (
                 self.kv_cache_manager.num_free_blocks
                 - self.kv_cache_manager.num_free_blocks_taken(request, num_new_tokens, computed_blocks)
@@ -517,6 +534,23 @@ class Scheduler:
             request.num_computed_tokens -= num_rejected
             self.kv_cache_manager.trim(request, request.num_computed_tokens)
             request.num_synced_blocks = min(request.num_synced_blocks, len(request.block_ids))
+
+    @property
+    def _reserves(self) -> bool:
+        return self.config.capacity_policy == "guaranteed-no-evict"
+
+    def _max_num_tokens(self, request: Request) -> int:
+        """The longest the request may grow: prompt + max_tokens, or max_model_len when
+        max_tokens is unset."""
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            return self.config.max_model_len
+        return request.num_prompt_tokens + max_tokens
+
+    def _max_num_blocks(self, request: Request) -> int:
+        """KV blocks the request holds at its longest; its last sampled token ends it before
+        that token's KV is ever computed."""
+        return self.kv_cache_manager.num_blocks_for(self._max_num_tokens(request) - 1)
 
     def _admission_watermark(self) -> int:
         """Free blocks a new request must leave behind while others run: one per running
