@@ -24,17 +24,17 @@ DEFAULT_BLOCK_SIZE = 16
 # step (its chunks share the cap with other long prompts): a server's decoding streams wait
 # about one 512-token chunk (~8 ms at 8B on the H200) for a long prompt, not a whole step.
 DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 512
+# When a waiting request may start (SchedulerConfig, kiln/runtime/scheduler.py): while blocks
+# are free, preempting by recompute when they run out (vLLM's way; the default), or only while
+# every running request and it can reach its longest length at once (TensorRT-LLM's default,
+# GUARANTEED_NO_EVICT): never a preemption, fewer requests at a time.
+CAPACITY_POLICIES = ("max-utilization", "guaranteed-no-evict")
 # Offline runs (`LLM` on a GPU) hand the engine every request at once and no one waits on a
 # single step: larger steps, as vLLM's offline defaults for 80 GB cards (on the H100 at
 # 128/128: 16.1 k against 15.6 k output tok/s at 512 / 8192 in one run), and no prefill cap
 # while decoding, which only spaces out the prompts there: with it, 2048/2048 admitted 512
 # prompt tokens a step, so its 450 requests took ~1,800 steps to start, each an eager mixed
 # step, and the batch spent most of the run ramping up (BENCHMARKS.md, seventh session).
-# When a waiting request may start (SchedulerConfig, kiln/runtime/scheduler.py): while blocks
-# are free, preempting by recompute when they run out (vLLM's way; the default), or only while
-# every running request and it can reach its longest length at once (TensorRT-LLM's default,
-# GUARANTEED_NO_EVICT): never a preemption, fewer requests at a time.
-CAPACITY_POLICIES = ("max-utilization", "guaranteed-no-evict")
 OFFLINE_GPU_DEFAULTS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384,
                         "max_prefill_tokens_while_decoding": None}
 
