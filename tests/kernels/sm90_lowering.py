@@ -24,8 +24,9 @@ ALIGNED = [["tt.divisibility", 16]]
 def compile_ptx(kernel, signature: dict, constants: dict, num_warps: int = 4) -> str:
     """PTX of `kernel` for sm_90; pointers and integer arguments marked 16-aligned as a launch
     on real tensors would specialise them."""
-    attrs = {(name,): ALIGNED for name, kind in signature.items() if kind != "constexpr"
-             and not kind.startswith("fp")}
+    # Keyed by argument index: Triton 3.6 ignores attributes keyed by name.
+    attrs = {(kernel.arg_names.index(name),): ALIGNED for name, kind in signature.items()
+             if kind != "constexpr" and not kind.startswith("fp")}
     signature = {**signature, **{name: "constexpr" for name in constants}}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
