@@ -30,11 +30,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        f"{_DEFAULTS.max_prefill_tokens_while_decoding}; offline runs on a GPU: "
                        f"no cap)")
     group.add_argument("--capacity-policy", default=None, choices=CAPACITY_POLICIES,
-                       help="when a waiting request may start: while KV blocks are free, "
-                       "preempting the newest when they run out (max-utilization), or only while "
-                       "every running request can reach prompt + max_tokens at once "
-                       f"(guaranteed-no-evict; TensorRT-LLM's default) (default "
-                       f"{_DEFAULTS.capacity_policy})")
+                       help=f"{EngineConfig.model_fields['capacity_policy'].description} "
+                       f"(default {_DEFAULTS.capacity_policy})")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output (default: the engine's)")
     group.add_argument("--num-kv-blocks", type=int, default=None,

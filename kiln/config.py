@@ -147,11 +147,11 @@ class EngineConfig(BaseModel):
         description="while any request decodes, prompts longer than this take at most this "
         "many tokens per step, together; None = no cap (offline runs on a GPU)",
     )
-    capacity_policy: Literal["max-utilization", "guaranteed-no-evict"] = Field(
-        "max-utilization", description="when a waiting request may start: while KV blocks "
+    capacity_policy: Literal[CAPACITY_POLICIES] = Field(  # the tuple spells the choices
+        CAPACITY_POLICIES[0], description="when a waiting request may start: while KV blocks "
         "are free, preempting the newest when they run out (max-utilization), or only while "
-        "every running request can reach prompt + max_tokens at once (guaranteed-no-evict: "
-        "no preemption, fewer requests at a time)",
+        "every running request can reach prompt + max_tokens at once (guaranteed-no-evict, "
+        "TensorRT-LLM's default: no preemption, fewer requests at a time)",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="longest prompt + output; defaults to the engine's"
