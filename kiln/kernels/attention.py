@@ -102,11 +102,47 @@ def write_kv_cache_reference(
     if k_offset is not None and kv_cache.dtype == FP8_KV_DTYPE:
         key = key.float() - k_offset.float()  # in float32, as the kernels
     flat[0, slots] = to_cache(key, kv_cache.dtype, k_scale)
-    flat[1, slots] = to_cache(value[valid], kv_cache.dtype, v_scale)
+    value_view(kv_cache)[slots // block_size, slots % block_size] = to_cache(
+        value[valid], kv_cache.dtype, v_scale)
 
 
 def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == FP8_KV_DTYPE
+
+
+def value_view(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache's V half as (num_blocks, block_size, Hkv, D). An FP8 cache stores each
+    block's V as (Hkv, D, block_size): a key's bytes are then as far apart as a value's are
+    near, so decode's p.v operand (reduced over keys) loads and widens like q.k^T's (reduced
+    over dims), two neighbouring E4M3 bytes per register, with no transpose through shared
+    memory (BENCHMARKS.md, eighth session). The view reads and writes that layout in place."""
+    if not is_fp8_cache(kv_cache):
+        return kv_cache[1]
+    if not kv_cache.is_contiguous():
+        raise ValueError("an FP8 KV cache must be contiguous (its V is laid out per block)")
+    num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+    return kv_cache[1].as_strided(
+        (num_blocks, block_size, num_kv_heads, head_dim),
+        (block_size * num_kv_heads * head_dim, 1, head_dim * block_size, block_size))
+
+
+def to_fp8_cache(kv_cache: torch.Tensor) -> torch.Tensor:
+    """An FP8 cache holding the values of a (2, num_blocks, block_size, Hkv, D) cache in the
+    16-bit layout (already divided by any scales), V rearranged as value_view lays it out:
+    how tests and benchmarks build one without writing it token by token."""
+    out = torch.empty(kv_cache.shape, dtype=FP8_KV_DTYPE, device=kv_cache.device)
+    out[0] = to_cache(kv_cache[0], FP8_KV_DTYPE, None)
+    value_view(out).copy_(to_cache(kv_cache[1], FP8_KV_DTYPE, None))
+    return out
+
+
+def value_run(kv_cache: torch.Tensor, block_n: int) -> int:
+    """V_RUN of a kernel whose key tiles start on multiples of block_n: how many keys of an
+    FP8 cache's V sit contiguous and aligned from each multiple of it (0: no claim)."""
+    block_size = kv_cache.shape[2]
+    if not is_fp8_cache(kv_cache) or block_size & (block_size - 1):
+        return 0
+    return min(block_size, block_n)
 
 
 def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
@@ -153,9 +189,10 @@ def paged_attention_reference(
             continue
         num_seq_blocks = -(-seq_len // block_size)
         blocks = block_tables[seq, :num_seq_blocks].long()
-        kv = kv_cache[:, blocks].reshape(2, num_seq_blocks * block_size, num_kv_heads, head_dim)
-        k = from_cache(kv[0, :seq_len], k_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
-        v = from_cache(kv[1, :seq_len], v_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
+        keys = kv_cache[0, blocks].reshape(num_seq_blocks * block_size, num_kv_heads, head_dim)
+        values = value_view(kv_cache)[blocks].reshape(keys.shape)
+        k = from_cache(keys[:seq_len], k_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
+        v = from_cache(values[:seq_len], v_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
         q = query[start:end].float()  # (q_len, Hq, D)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (Hq, q_len, L)
         device = query.device
@@ -201,8 +238,10 @@ def _write_kv_cache_kernel(
         key = key.to(tl.float32) - tl.load(k_offset_ptr + heads * HEAD_DIM + dims, mask=mask,
                                            other=0.0)
     tl.store(dst, quantize_for_cache(key, k_scale_ptr, cache_ptr, FP8), mask=mask)
-    tl.store(dst + stride_c_kind, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8),
-             mask=mask)
+    v_dst = cache_ptr + stride_c_kind + value_offsets(
+        slot // BLOCK_SIZE, slot % BLOCK_SIZE, heads, dims, stride_c_block, stride_c_slot,
+        stride_c_head, HEAD_DIM, BLOCK_SIZE, FP8)
+    tl.store(v_dst, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8), mask=mask)
 
 
 @triton.jit
@@ -323,6 +362,17 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 @triton.jit
+def value_offsets(block, slot, heads, dims, stride_c_block, stride_c_slot, stride_c_head,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIMS_MAJOR: tl.constexpr):
+    """Offsets of V elements in the cache's V half (broadcast over block/slot, heads, dims):
+    (block_size, Hkv, D) per block, or (Hkv, D, block_size) for an FP8 cache (DIMS_MAJOR),
+    whose keys are then contiguous like a key's dims (value_view, DESIGN.md)."""
+    if DIMS_MAJOR:
+        return block * stride_c_block + (heads * HEAD_DIM + dims) * BLOCK_SIZE + slot
+    return block * stride_c_block + slot * stride_c_slot + heads * stride_c_head + dims
+
+
+@triton.jit
 def _load_kv_tile(
     cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
     block_table,  # this sequence's row of the block table
@@ -330,59 +380,32 @@ def _load_kv_tile(
     kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED: tl.constexpr = True,  # False: every position is valid (a whole tile before kv_hi)
-    V_WORDS: tl.constexpr = False, V_WORDS_ASM: tl.constexpr = False,  # see _load_v_words
+    V_DIMS_MAJOR: tl.constexpr = False,  # an FP8 cache: V stored (Hkv, D, block_size)
+    V_RUN: tl.constexpr = 0,  # > 0: pos[0] is a multiple of V_RUN, which divides BLOCK_SIZE
 ):
     """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each."""
     if MASKED:
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     else:
         block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
-    rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    ptrs = cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    slot = pos % BLOCK_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    rows = block * stride_c_block + slot * stride_c_slot + kv_head * stride_c_head
+    k_ptrs = cache_ptr + rows[:, None] + dims[None, :]
+    if V_DIMS_MAJOR:
+        keys = block * stride_c_block + kv_head * (HEAD_DIM * BLOCK_SIZE) + slot
+        if V_RUN > 0:  # runs of V_RUN keys, contiguous and aligned: the copy vectorises
+            keys = tl.max_contiguous(tl.multiple_of(keys, V_RUN), V_RUN)
+        v_ptrs = cache_ptr + stride_c_kind + keys[:, None] + dims[None, :] * BLOCK_SIZE
+    else:
+        v_ptrs = k_ptrs + stride_c_kind
     if MASKED:
-        k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
     else:
-        k = tl.load(ptrs).to(DOT_DTYPE)
-    if V_WORDS:
-        v = _load_v_words(cache_ptr + stride_c_kind, rows, valid, HEAD_DIM, DOT_DTYPE, MASKED,
-                          V_WORDS_ASM)
-    elif MASKED:
-        v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
-    else:
-        v = tl.load(ptrs + stride_c_kind).to(DOT_DTYPE)
-    return k, v
-
-
-@triton.jit
-def _load_v_words(
-    v_ptr,  # the V half of an FP8 cache
-    rows, valid,  # (BLOCK_N,) each key's offset in elements (even), and which keys to read
-    HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
-):
-    """An FP8 cache's V tile, (BLOCK_N, D) in DOT_DTYPE, read as 16-bit words of two E4M3
-    values each and widened before the dot. V is the dot's right operand with the keys as the
-    reduction axis, so its registers pair consecutive keys, which the cache keeps 128+ bytes
-    apart: widened inside the dot's operand layout (`.to` on the loaded tile, which Triton
-    sinks into it), each pair took two byte loads from shared memory and a shift and an or.
-    Widened here, two values per conversion in a plain layout, the tile takes the 16-bit
-    path: stored to shared memory as float16, read back transposed by ldmatrix. The loop's
-    sm_90 SASS (compiled on the CPU, 128-key tiles) drops from 2,522 to 1,789 instructions a
-    warp; the H200 gained ~10 % (FP8_DECODE_TILING), the kernel being bound by occupancy."""
-    words_ptr = v_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
-    ptrs = words_ptr + (rows >> 1)[:, None] + tl.arange(0, HEAD_DIM // 2)[None, :]
-    if MASKED:
-        words = tl.load(ptrs, mask=valid[:, None], other=0)
-    else:
-        words = tl.load(ptrs)
-    if ASM:  # sm_89+: both halves of a word in one conversion instruction
-        low, high = tl.inline_asm_elementwise(
-            "{ .reg .b32 pair; cvt.rn.f16x2.e4m3x2 pair, $2; mov.b32 {$0, $1}, pair; }",
-            "=h,=h,h", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:  # the same values without PTX (the interpreter, float32 dots)
-        low = (words & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        high = ((words >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    # A word's low byte is the lower address: the even dimension.
-    return tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)).reshape(rows.shape[0], HEAD_DIM)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k.to(DOT_DTYPE), v.to(DOT_DTYPE)
 
 
 @triton.jit
@@ -449,7 +472,7 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     FP8: tl.constexpr, Q_TO_F16: tl.constexpr,
-    V_WORDS: tl.constexpr, V_WORDS_ASM: tl.constexpr,  # an FP8 cache's V: see _load_v_words
+    V_RUN: tl.constexpr,  # see _load_kv_tile (0 with a sliding window: splits start anywhere)
 ):
     pdl_prologue(USE_PDL)
     # KV heads vary fastest in the grid: programs that run together read the same blocks'
@@ -490,7 +513,7 @@ def _paged_decode_kernel(
         pos = tile + tl.arange(0, BLOCK_N)
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
                              block_table, pos, pos < kv_hi, kv_head, HEAD_DIM, BLOCK_SIZE,
-                             DOT_DTYPE, False, V_WORDS, V_WORDS_ASM)
+                             DOT_DTYPE, False, FP8, V_RUN)
         m, l, acc = _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE,
                                                   PRECISION)
     for tile in range(full_hi, kv_hi, BLOCK_N):  # at most one
@@ -498,7 +521,7 @@ def _paged_decode_kernel(
         valid = pos < kv_hi
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
                              block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
-                             True, V_WORDS, V_WORDS_ASM)
+                             True, FP8, V_RUN)
         m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                          DOT_DTYPE, PRECISION)
 
@@ -566,12 +589,12 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 # bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
 # bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
 FP8_KV_DOT_MODES = ("fp16", "model")
-# Keys per tile, warps, stages of the fp16 mode, with V read as words: the best of 27 tilings
-# on the H200 at 448 rows of 2-4 k context (0.93 ms a layer, 3.0 TB/s; 1.03 ms for the
-# byte-wise V at its best tiling, 128 keys, 3 stages) and at 128 rows of ~3 k (0.32 against
-# 0.36 ms); benchmarks/decode_attention_ab.py. Bound by occupancy, not bytes: the tiles sit
-# in registers as float16, ~190 a thread at 64 keys, so 4-5 programs of 2 warps share an SM.
-FP8_DECODE_TILING = (64, 2, 5)
+# Keys per tile, warps, stages of the fp16 mode. With V dims-major (value_view) both K and V
+# load from shared memory two bytes to a register and widen in place: compiled for sm_90
+# (64 keys, 4 warps, 3 stages; main's benchmarks/fp8_v_layout_probe.py) 128 registers,
+# 16 warps an SM, no byte loads. NOT YET MEASURED on the card: the key-major V at its best
+# tiling, (64, 2, 5), read 0.93 ms a layer at 448 rows of 2-4 k context (3.0 TB/s, H200).
+FP8_DECODE_TILING = (64, 4, 3)
 
 
 def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
@@ -624,10 +647,6 @@ def paged_decode_attention(
     num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
     dot, fp8_tiling = _decode_dot(query, kv_cache)
     block_n, num_warps, num_stages = tiling or decode_tiling(head_dim, fp8_tiling)
-    # V as 16-bit words (two E4M3 values each) wherever the FP8 tiling runs; the word offsets
-    # need even strides and an even base, which a cache allocated whole always has.
-    v_words = fp8_tiling and kv_cache.data_ptr() % 2 == 0 and all(
-        stride % 2 == 0 for stride in kv_cache.stride()[:4])
     window = sliding_window or NO_WINDOW
     group = num_heads // num_kv_heads
     if num_splits > 1:
@@ -653,7 +672,7 @@ def paged_decode_attention(
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
         FP8=is_fp8_cache(kv_cache),
         Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
-        V_WORDS=v_words, V_WORDS_ASM=v_words and dot == tl.float16,
+        V_RUN=value_run(kv_cache, block_n) if sliding_window is None else 0,
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
@@ -679,6 +698,7 @@ def _prefill_tile(
     block_table, kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    FP8: tl.constexpr, V_RUN: tl.constexpr,
 ):
     """One key tile of a prefill query block; MASKED False: every row sees every key."""
     pos = tile + tl.arange(0, BLOCK_N)
@@ -687,7 +707,8 @@ def _prefill_tile(
     else:
         in_range = pos < kv_hi  # always true: kept as the loads' mask
     k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                         block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+                         block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
+                         True, FP8, V_RUN)
     if MASKED:
         visible = (in_range[None, :] & (pos[None, :] <= q_pos[:, None])
                    & (pos[None, :] > q_pos[:, None] - window))  # (BLOCK_M, BLOCK_N)
@@ -712,6 +733,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+    V_RUN: tl.constexpr,  # see _load_kv_tile: key tiles start on multiples of BLOCK_N
 ):
     # Sequence s owns programs [first(s), first(s+1)) with first(s) = query_start_loc[s] //
     # BLOCK_M + s: strictly increasing, and at least cdiv(q_len, BLOCK_M) programs apart, so a
@@ -766,17 +788,17 @@ def _paged_prefill_kernel(
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                   stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
-                                  BLOCK_N, DOT_DTYPE, PRECISION, True)
+                                  BLOCK_N, DOT_DTYPE, PRECISION, True, FP8, V_RUN)
     for tile in range(full_lo, full_hi, BLOCK_N):  # seen whole by every row: no mask
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                   stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
-                                  BLOCK_N, DOT_DTYPE, PRECISION, False)
+                                  BLOCK_N, DOT_DTYPE, PRECISION, False, FP8, V_RUN)
     for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the diagonal: masked
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                   stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
-                                  BLOCK_N, DOT_DTYPE, PRECISION, True)
+                                  BLOCK_N, DOT_DTYPE, PRECISION, True, FP8, V_RUN)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if FP8:
@@ -817,7 +839,7 @@ def paged_prefill_attention(
         GROUP=num_heads // kv_cache.shape[3], HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query), FP8=is_fp8_cache(kv_cache),
-        num_warps=num_warps, num_stages=num_stages,
+        V_RUN=value_run(kv_cache, block_n), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

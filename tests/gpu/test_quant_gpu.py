@@ -131,7 +131,7 @@ def _fp8_kv_batch_at_8b_shapes():
     cache = batch.kv_cache.float()
     cache[0] /= k_scale
     cache[1] /= v_scale
-    return batch, cache.to(torch.float8_e4m3fn), k_scale, v_scale
+    return batch, attention.to_fp8_cache(cache), k_scale, v_scale
 
 
 def _fp8_decode_and_reference(batch, cache, k_scale, v_scale):

@@ -141,7 +141,7 @@ def _fp8_batch(q_lens, contexts, device, num_padding_rows=0):
     cache = batch.kv_cache.float()
     cache[0] /= K_SCALE
     cache[1] /= V_SCALE
-    batch.kv_cache = cache.to(FP8)  # NaN slots stay NaN
+    batch.kv_cache = attention.to_fp8_cache(cache)  # NaN slots stay NaN
     return batch, k_scale, v_scale
 
 
@@ -284,7 +284,7 @@ def test_centred_keys_give_the_same_attention_closer(device):
         fp8[0] = keys / k_scale
         fp8[1] = cache[1] / v_scale
         out = attention.paged_attention_reference(
-            exact.query, fp8.to(FP8), exact.block_tables, exact.query_start_loc_host,
+            exact.query, attention.to_fp8_cache(fp8), exact.block_tables, exact.query_start_loc_host,
             exact.seq_lens_host, 0.125, None, k_scale, v_scale)
         errors[name] = float((out.float() - exact_out.float()).norm() / exact_out.float().norm())
     assert errors["centred"] < 0.6 * errors["plain"], errors  # (V's rounding is in both)
