@@ -447,13 +447,16 @@ def _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale,
 @triton.jit
 def _decode_split(seq_len, window, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
                   BLOCK_N: tl.constexpr):
-    """(first visible key, tokens per split, splits with work) of a sequence whose one query
-    sits at position seq_len - 1 and sees keys p > seq_len - 1 - window."""
+    """(first visible key, first tile, tokens per split, splits with work) of a sequence
+    whose one query sits at position seq_len - 1 and sees keys p > seq_len - 1 - window.
+    The splits cut [first tile, seq_len) into whole key tiles from a multiple of BLOCK_N, so
+    every tile starts aligned (V_RUN); keys before the window's start are masked."""
     kv_start = tl.maximum(seq_len - window, 0)
-    visible = tl.maximum(seq_len - kv_start, 1)  # an empty sequence still runs split 0
-    split_size = tl.cdiv(tl.cdiv(visible, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles
+    tile_start = kv_start // BLOCK_N * BLOCK_N
+    span = tl.maximum(seq_len - tile_start, 1)  # an empty sequence still runs split 0
+    split_size = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles
     split_size = tl.maximum(split_size, MIN_SPLIT)
-    return kv_start, split_size, tl.cdiv(visible, split_size)
+    return kv_start, tile_start, split_size, tl.cdiv(span, split_size)
 
 
 @triton.jit
@@ -472,7 +475,7 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     FP8: tl.constexpr, Q_TO_F16: tl.constexpr,
-    V_RUN: tl.constexpr,  # see _load_kv_tile (0 with a sliding window: splits start anywhere)
+    V_RUN: tl.constexpr,  # see _load_kv_tile: key tiles start on multiples of BLOCK_N
 ):
     pdl_prologue(USE_PDL)
     # KV heads vary fastest in the grid: programs that run together read the same blocks'
@@ -483,11 +486,11 @@ def _paged_decode_kernel(
     seq = (tl.program_id(0) // NUM_KV_HEADS).to(tl.int64)
     split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT,
-                                                     BLOCK_N)
+    kv_start, tile_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS,
+                                                                 MIN_SPLIT, BLOCK_N)
     if split >= num_active:
         return
-    kv_lo = kv_start + split * split_size
+    kv_lo = tile_start + split * split_size  # a multiple of BLOCK_N
     kv_hi = tl.minimum(kv_lo + split_size, seq_len)
 
     group_rows = tl.arange(0, GROUP_PAD)
@@ -506,17 +509,29 @@ def _paged_decode_kernel(
     block_table = block_tables_ptr + seq * stride_bt
     if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-    # Whole tiles first, without masks (a mask costs a select per load and per score), then
-    # the partial last tile, if any, masked.
-    full_hi = kv_lo + (kv_hi - kv_lo) // BLOCK_N * BLOCK_N
-    for tile in range(kv_lo, full_hi, BLOCK_N):
+    # Whole tiles without masks (a mask costs a select per load and per score), then, masked,
+    # the tile the window's start cuts (split 0 only) and the partial last one. Both after
+    # the pipelined loop: the cut tile before it took 36 more registers a thread on sm_90
+    # (164 against 121 at 64 keys and 4 warps; one loop for both masked tiles, 146).
+    cut = kv_start > kv_lo
+    full_lo = tl.where(cut, kv_lo + BLOCK_N, kv_lo)
+    full_hi = full_lo + tl.maximum(kv_hi - full_lo, 0) // BLOCK_N * BLOCK_N
+    for tile in range(full_lo, full_hi, BLOCK_N):
         pos = tile + tl.arange(0, BLOCK_N)
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
                              block_table, pos, pos < kv_hi, kv_head, HEAD_DIM, BLOCK_SIZE,
                              DOT_DTYPE, False, FP8, V_RUN)
         m, l, acc = _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE,
                                                   PRECISION)
-    for tile in range(full_hi, kv_hi, BLOCK_N):  # at most one
+    for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = (pos >= kv_start) & (pos < kv_hi)
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
+                             True, FP8, V_RUN)
+        m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
+                                         DOT_DTYPE, PRECISION)
+    for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the partial last one
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < kv_hi
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
@@ -553,7 +568,7 @@ def _paged_decode_reduce_kernel(
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    _, _, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
+    _, _, _, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
     splits = tl.arange(0, SPLITS_PAD)
     active = splits < num_active  # the splits that ran; the rest of the buffer is stale
     part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
@@ -591,8 +606,8 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 FP8_KV_DOT_MODES = ("fp16", "model")
 # Keys per tile, warps, stages of the fp16 mode. With V dims-major (value_view) both K and V
 # load from shared memory two bytes to a register and widen in place: compiled for sm_90
-# (64 keys, 4 warps, 3 stages; main's benchmarks/fp8_v_layout_probe.py) 128 registers,
-# 16 warps an SM, no byte loads. NOT YET MEASURED on the card: the key-major V at its best
+# (64 keys, 4 warps, 3 stages; tests/kernels/sm90_lowering.py) 121 registers, 16 warps an
+# SM, no byte loads. NOT YET MEASURED on the card: the key-major V at its best
 # tiling, (64, 2, 5), read 0.93 ms a layer at 448 rows of 2-4 k context (3.0 TB/s, H200).
 FP8_DECODE_TILING = (64, 4, 3)
 
@@ -672,7 +687,7 @@ def paged_decode_attention(
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
         FP8=is_fp8_cache(kv_cache),
         Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
-        V_RUN=value_run(kv_cache, block_n) if sliding_window is None else 0,
+        V_RUN=value_run(kv_cache, block_n),
     )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](

@@ -165,6 +165,30 @@ def test_fp8_decode_attention_matches_reference(dot_mode, device, poison_outputs
     torch.testing.assert_close(out, expected, **attention_tolerance(torch.bfloat16, out.device.type))
 
 
+@pytest.mark.parametrize("window, block_size", [(50, 16), (70, 8), (300, 32), (None, 128)])
+def test_fp8_decode_with_windows_and_block_sizes(window, block_size, device, poison_outputs):
+    # V dims-major: key tiles start on multiples of the tile, so a window's start cuts the
+    # first tile (masked); block sizes below, at and above the 64-key tile.
+    batch = make_paged_batch([1, 1, 1], [300, 16, 555], 8, 2, 64, block_size, torch.bfloat16,
+                             device, num_padding_rows=1)
+    k_scale = torch.tensor(K_SCALE, device=device)
+    v_scale = torch.tensor(V_SCALE, device=device)
+    cache = batch.kv_cache.float()
+    cache[0] /= K_SCALE
+    cache[1] /= V_SCALE
+    batch.kv_cache = attention.to_fp8_cache(cache)
+    expected = attention.paged_attention_reference(
+        batch.query, batch.kv_cache, batch.block_tables, batch.query_start_loc_host,
+        batch.seq_lens_host, 0.125, window, k_scale, v_scale)
+    for num_splits in (None, 4):
+        out = attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                               batch.seq_lens, 0.125, window,
+                                               num_splits=num_splits, k_scale=k_scale,
+                                               v_scale=v_scale)
+        torch.testing.assert_close(out, expected,
+                                   **attention_tolerance(torch.bfloat16, out.device.type))
+
+
 def test_fp8_decode_dot_mode_rejects_an_unknown_value(device, monkeypatch):
     monkeypatch.setenv("KILN_FP8_KV_DOT", "fp8")
     batch, k_scale, v_scale = _fp8_batch([1], [4], device)
