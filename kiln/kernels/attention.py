@@ -409,6 +409,53 @@ def _load_kv_tile(
 
 
 @triton.jit
+def _load_aligned_kv_tile(
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    block_table,  # this sequence's row of the block table
+    tile,  # the tile's first key position: a multiple of BLOCK_N
+    kv_lo, kv_hi,  # keys outside [kv_lo, kv_hi) read as zeros (when MASKED)
+    kv_head,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, V_DIMS_MAJOR: tl.constexpr, V_RUN: tl.constexpr,
+):
+    """_load_kv_tile for a tile that starts on a multiple of BLOCK_N: one block-table entry
+    is read per cache block the tile covers, not one per key (on an FP8 cache the per-key
+    reads were a third of the kernel's L2 requests), and spread to the keys in registers.
+    (BLOCK_N, D) each, in the cache's dtype."""
+    NUM_ENTRIES: tl.constexpr = BLOCK_N // BLOCK_SIZE if BLOCK_N > BLOCK_SIZE else 1
+    entries = tl.arange(0, NUM_ENTRIES)
+    pos = tile + tl.arange(0, BLOCK_N)
+    if MASKED:
+        block = tl.load(block_table + tile // BLOCK_SIZE + entries,
+                        mask=tile + entries * BLOCK_SIZE < kv_hi, other=0)
+    else:
+        block = tl.load(block_table + tile // BLOCK_SIZE + entries)
+    if NUM_ENTRIES > 1:  # each key picks its block's entry
+        owner = (pos - tile) // BLOCK_SIZE
+        block = tl.sum(tl.where(owner[:, None] == entries[None, :], block[None, :], 0), 1)
+    block = block.to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    rows = block * stride_c_block + slot * stride_c_slot + kv_head * stride_c_head
+    k_ptrs = cache_ptr + rows[:, None] + dims[None, :]
+    if V_DIMS_MAJOR:
+        keys = block * stride_c_block + kv_head * (HEAD_DIM * BLOCK_SIZE) + slot
+        if V_RUN > 0:  # runs of V_RUN keys, contiguous and aligned: the copy vectorises
+            keys = tl.max_contiguous(tl.multiple_of(keys, V_RUN), V_RUN)
+        v_ptrs = cache_ptr + stride_c_kind + keys[:, None] + dims[None, :] * BLOCK_SIZE
+    else:
+        v_ptrs = k_ptrs + stride_c_kind
+    if MASKED:
+        valid = ((pos >= kv_lo) & (pos < kv_hi))[:, None]
+        k = tl.load(k_ptrs, mask=valid, other=0.0)
+        v = tl.load(v_ptrs, mask=valid, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
 def _online_softmax_step(
     q, k, v,  # (M, D), (BLOCK_N, D), (BLOCK_N, D) in DOT_DTYPE
     visible,  # (M, BLOCK_N) which query row may see which key
@@ -517,10 +564,10 @@ def _paged_decode_kernel(
     full_lo = tl.where(cut, kv_lo + BLOCK_N, kv_lo)
     full_hi = full_lo + tl.maximum(kv_hi - full_lo, 0) // BLOCK_N * BLOCK_N
     for tile in range(full_lo, full_hi, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, pos < kv_hi, kv_head, HEAD_DIM, BLOCK_SIZE,
-                             DOT_DTYPE, False, FP8, V_RUN)
+        k, v = _load_aligned_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                     stride_c_head, block_table, tile, kv_lo, kv_hi, kv_head,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, FP8, V_RUN)
+        k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
         m, l, acc = _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE,
                                                   PRECISION)
     for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
@@ -550,6 +597,109 @@ def _paged_decode_kernel(
         part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split  # (GROUP_PAD,)
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out,
                  mask=head_mask[:, None])
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=head_mask)
+
+
+@triton.jit
+def _e4m3_keys_major_step(
+    qt, k, v,  # (D, G), (BLOCK_N, D), (BLOCK_N, D) E4M3
+    valid,  # (BLOCK_N,) which keys to count; ignored unless MASKED
+    m, l_parts, acc,  # (G,) running max, (BLOCK_N, G) per-key running sums, (D, G) output
+    scores_scale,  # (1, G): softmax scale * log2(e) * k_scale * each head's query scale
+    MASKED: tl.constexpr, P_SCALE: tl.constexpr,
+):
+    """One key tile with E4M3 dots and the keys as the dots' rows: scores k . q^T (BLOCK_N,
+    G) and the output v^T . p (D, G), so a tile's 64 keys fill Hopper's warpgroup MMA (M 64),
+    which takes E4M3 operands straight from shared memory: nothing is converted."""
+    scores = tl.dot(k, qt) * scores_scale
+    if MASKED:
+        scores = tl.where(valid[:, None], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 0))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(scores - m_new[None, :])
+    l_parts = l_parts * alpha[None, :] + p
+    acc = acc * alpha[None, :] + tl.dot(tl.trans(v), (p * P_SCALE).to(k.dtype))
+    return m_new, l_parts, acc
+
+
+@triton.jit
+def _paged_decode_e4m3_kernel(
+    q_ptr, stride_qt, stride_qh, cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+    stride_c_head, block_tables_ptr, stride_bt, seq_lens_ptr, out_ptr, stride_ot, stride_oh,
+    part_out_ptr, part_lse_ptr, qk_scale, window, k_scale_ptr, v_scale_ptr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
+    V_RUN: tl.constexpr, P_SCALE: tl.constexpr,
+):
+    """_paged_decode_kernel (same arguments, same outputs) on an FP8 cache with E4M3 dots:
+    each query head scaled into E4M3's range (its scale folded into its scores), p scaled
+    by P_SCALE and cast to E4M3, as TensorRT-LLM's XQA does on sm_90."""
+    pdl_prologue(USE_PDL)
+    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    seq = (tl.program_id(0) // NUM_KV_HEADS).to(tl.int64)
+    split = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_start, tile_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS,
+                                                                 MIN_SPLIT, BLOCK_N)
+    if split >= num_active:
+        return
+    kv_lo = tile_start + split * split_size
+    kv_hi = tl.minimum(kv_lo + split_size, seq_len)
+
+    group_cols = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group_cols
+    head_mask = group_cols < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    qt = tl.load(q_ptr + seq * stride_qt + heads[None, :] * stride_qh + dims[:, None],
+                 mask=head_mask[None, :], other=0.0).to(tl.float32)  # (D, GROUP_PAD)
+    q_amax = tl.max(tl.abs(qt), 0)
+    q_col_scale = tl.where(q_amax > 0, q_amax / 448.0, 1.0)  # FP8_MAX
+    qt = (qt / q_col_scale[None, :]).to(tl.float8e4nv)
+    scores_scale = (qk_scale * tl.load(k_scale_ptr) * q_col_scale)[None, :]
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_parts = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
+    acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt
+    cut = kv_start > kv_lo
+    full_lo = tl.where(cut, kv_lo + BLOCK_N, kv_lo)
+    full_hi = full_lo + tl.maximum(kv_hi - full_lo, 0) // BLOCK_N * BLOCK_N
+    for tile in range(full_lo, full_hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        k, v = _load_aligned_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                     stride_c_head, block_table, tile, kv_lo, kv_hi, kv_head,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, True, V_RUN)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, pos < kv_hi, m, l_parts, acc,
+                                                scores_scale, False, P_SCALE)
+    for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = (pos >= kv_start) & (pos < kv_hi)
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE,
+                             tl.float8e4nv, True, True, V_RUN)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, valid, m, l_parts, acc,
+                                                scores_scale, True, P_SCALE)
+    for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the partial last one
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = pos < kv_hi
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE,
+                             tl.float8e4nv, True, True, V_RUN)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, valid, m, l_parts, acc,
+                                                scores_scale, True, P_SCALE)
+
+    l = tl.sum(l_parts, 0)
+    out = acc / tl.where(l > 0, l, 1.0)[None, :] * (tl.load(v_scale_ptr) / P_SCALE)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ot + heads[None, :] * stride_oh + dims[:, None],
+                 out.to(out_ptr.dtype.element_ty), mask=head_mask[None, :])
+    else:
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[None, :] * HEAD_DIM + dims[:, None], out,
+                 mask=head_mask[None, :])
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=head_mask)
 
@@ -597,18 +747,24 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 
 
 # How decode turns an FP8 KV cache's E4M3 tiles into dot operands (KILN_FP8_KV_DOT, the A/B
-# switch): "fp16" (default) = float16 dots, one conversion instruction per element pair, on
-# the FP8 tiling below; "model" = the query's dtype and the 16-bit caches' tiling, as before
-# (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a second conversion, and
-# the kernel was bound by that work, reading E4M3 at the same elements/s as bf16 caches, half the
-# bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
-# bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
-FP8_KV_DOT_MODES = ("fp16", "model")
-# Keys per tile, warps, stages of the fp16 mode. With V dims-major (value_view) both K and V
-# load from shared memory two bytes to a register and widen in place: compiled for sm_90
-# (64 keys, 4 warps, 3 stages; tests/kernels/sm90_lowering.py) 121 registers, 16 warps an
-# SM, no byte loads. NOT YET MEASURED on the card: the key-major V at its best
-# tiling, (64, 2, 5), read 0.93 ms a layer at 448 rows of 2-4 k context (3.0 TB/s, H200).
+# switch): "fp16" (default) = float16 dots, one conversion instruction per element pair;
+# "e4m3" = E4M3 dots (_paged_decode_e4m3_kernel: the query scaled to E4M3 per head, p to
+# E4M3 after E4M3_P_SCALE, nothing converted; TensorRT-LLM's XQA does the same on sm_90), not
+# the default: its quality is measured on random data only (max error 0.007 against 0.0005
+# for "fp16" at 128 rows x 3 k, H200); "model" = the query's dtype and the 16-bit caches'
+# tiling, as before both (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a
+# second conversion). float16 holds every E4M3 value exactly and p in [0, 1] with more
+# mantissa than bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
+FP8_KV_DOT_MODES = ("fp16", "model", "e4m3")
+# The "e4m3" mode: p is scaled by this before its cast to E4M3, so probabilities down to
+# ~1e-5 of a row's largest stay normal numbers (exact: a power of 2).
+E4M3_P_SCALE = 256.0
+# Keys per tile, warps, stages of both FP8 modes. V is stored dims-major (value_view), so
+# both operands load and widen like K, and a tile's V is read in runs of a block's keys:
+# at 448 rows of 2-4 k context (H200, benchmarks/results/s14-h200-*) "fp16" reads 1.01 /
+# 0.85 / 0.82 ms a layer at 16 / 32 / 64-token blocks and "e4m3" 0.92 / 0.74 / 0.71 ms
+# (main's key-major V: 0.96-0.99 ms at any block size); 16-byte runs (16-token blocks) cost
+# the copy twice its L2 sectors (ncu), hence FP8_KV_DEFAULT_BLOCK_SIZE.
 FP8_DECODE_TILING = (64, 4, 3)
 
 
@@ -623,14 +779,16 @@ def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
                          f"unset); got {mode!r}")
     if mode == "model" or dot_dtype(query) == tl.float32:
         return dot_dtype(query), mode == "fp16"
+    if mode == "e4m3":
+        return tl.float8e4nv, True
     return tl.float16, True
 
 
 def decode_tiling(head_dim: int, fp8_tiling: bool = False) -> DecodeTiling:
     """The decode kernel's tiles: 64 keys (32 past head_dim 128), 4 warps, 2 stages for 16-bit
     caches (benchmarks/attention_sweep.py: at batch, within 6 % of the best tiling on the
-    H200); FP8_DECODE_TILING for an FP8 cache in float16 dots (half the keys past head_dim
-    128: not measured there)."""
+    H200); FP8_DECODE_TILING for an FP8 cache in float16 or E4M3 dots (half the keys past
+    head_dim 128: not measured there)."""
     if fp8_tiling:
         block_n, num_warps, num_stages = FP8_DECODE_TILING
         return DecodeTiling(block_n if head_dim <= 128 else block_n // 2, num_warps, num_stages)
@@ -672,23 +830,28 @@ def paged_decode_attention(
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
     pdl = use_pdl(query)
-    launchable(_paged_decode_kernel, query)[(num_seqs * num_kv_heads, num_splits)](
-        query, query.stride(0), query.stride(1),
-        kv_cache, *kv_cache.stride()[:4],
-        block_tables, block_tables.stride(0),
-        seq_lens,
-        out, out.stride(0), out.stride(1),
-        part_out, part_lse,
-        scale * LOG2_E, window, *kv_scale_args(kv_cache, k_scale, v_scale),
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
-        DOT_DTYPE=dot, PRECISION=dot_precision(query),
-        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
-        FP8=is_fp8_cache(kv_cache),
-        Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
-        V_RUN=value_run(kv_cache, block_n),
-    )
+    args = (query, query.stride(0), query.stride(1),
+            kv_cache, *kv_cache.stride()[:4],
+            block_tables, block_tables.stride(0),
+            seq_lens,
+            out, out.stride(0), out.stride(1),
+            part_out, part_lse,
+            scale * LOG2_E, window, *kv_scale_args(kv_cache, k_scale, v_scale))
+    shape = dict(NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
+                 HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                 NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
+                 V_RUN=value_run(kv_cache, block_n), USE_PDL=pdl, launch_pdl=pdl,
+                 num_warps=num_warps, num_stages=num_stages)
+    grid = (num_seqs * num_kv_heads, num_splits)
+    if dot == tl.float8e4nv:
+        launchable(_paged_decode_e4m3_kernel, query)[grid](*args, **shape,
+                                                           P_SCALE=E4M3_P_SCALE)
+    else:
+        launchable(_paged_decode_kernel, query)[grid](
+            *args, **shape, DOT_DTYPE=dot, PRECISION=dot_precision(query),
+            FP8=is_fp8_cache(kv_cache),
+            Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
+        )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
             part_out, part_lse, seq_lens,
