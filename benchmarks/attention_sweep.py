@@ -31,7 +31,7 @@ def make_batch(q_lens: list[int], contexts: list[int], kv_dtype: str = "bf16"):
     num_blocks = 1 + sum(blocks)
     kv = torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     if kv_dtype == "fp8":
-        kv = kv.to(attention.FP8_KV_DTYPE)
+        kv = attention.to_fp8_cache(kv)
     table = torch.zeros(len(q_lens), max(blocks), dtype=torch.int32, device="cuda")
     start = 1
     for row, count in enumerate(blocks):

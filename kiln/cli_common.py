@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from kiln.config import CAPACITY_POLICIES, OFFLINE_GPU_DEFAULTS, EngineConfig
+from kiln.config import (CAPACITY_POLICIES, FP8_KV_DEFAULT_BLOCK_SIZE, OFFLINE_GPU_DEFAULTS,
+                         EngineConfig)
 from kiln.errors import KilnError
 
 # Flags left unset stay out of engine_kwargs, so EngineConfig's own defaults (shown in the
@@ -16,7 +17,8 @@ _DEFAULTS = EngineConfig()
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--block-size", type=int, default=None,
-                       help=f"KV cache block size in tokens (default {_DEFAULTS.block_size})")
+                       help=f"KV cache block size in tokens (default {_DEFAULTS.block_size}; "
+                       f"{FP8_KV_DEFAULT_BLOCK_SIZE} for an FP8 KV cache)")
     group.add_argument("--max-num-seqs", type=int, default=None,
                        help=f"most requests per step (default {_DEFAULTS.max_num_seqs}; offline "
                        f"runs on a GPU {OFFLINE_GPU_DEFAULTS['max_num_seqs']})")

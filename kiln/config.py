@@ -20,6 +20,12 @@ KEEP_QUANTIZATION = "keep"
 DEFAULT_MAX_NUM_SEQS = 512
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 DEFAULT_BLOCK_SIZE = 16
+# An FP8 KV cache's default block size (unless block_size is set): its V is stored
+# dims-major in each block, so decode reads V in runs of a block's keys, and 16-byte runs
+# (16 tokens) cost the copy twice its L2 traffic. At 32 tokens (TensorRT-LLM's default),
+# decode attention over 448 rows of 2-4 k context takes 0.85 ms a layer against 1.01 ms at 16
+# (H200, BENCHMARKS.md, 2026-12-04).
+FP8_KV_DEFAULT_BLOCK_SIZE = 32
 # While any request decodes, a prompt longer than this puts at most this many tokens into a
 # step (its chunks share the cap with other long prompts): a server's decoding streams wait
 # about one 512-token chunk (~8 ms at 8B on the H200) for a long prompt, not a whole step.
@@ -133,7 +139,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     block_size: int = Field(
-        DEFAULT_BLOCK_SIZE, ge=1, le=1024, description="tokens per KV cache block"
+        DEFAULT_BLOCK_SIZE, ge=1, le=1024,
+        description=f"tokens per KV cache block ({FP8_KV_DEFAULT_BLOCK_SIZE} for an FP8 KV "
+        f"cache unless set)",
     )
     max_num_seqs: int = Field(
         DEFAULT_MAX_NUM_SEQS, ge=1, le=65536, description="most requests in one step"

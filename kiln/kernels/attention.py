@@ -102,11 +102,47 @@ def write_kv_cache_reference(
     if k_offset is not None and kv_cache.dtype == FP8_KV_DTYPE:
         key = key.float() - k_offset.float()  # in float32, as the kernels
     flat[0, slots] = to_cache(key, kv_cache.dtype, k_scale)
-    flat[1, slots] = to_cache(value[valid], kv_cache.dtype, v_scale)
+    value_view(kv_cache)[slots // block_size, slots % block_size] = to_cache(
+        value[valid], kv_cache.dtype, v_scale)
 
 
 def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == FP8_KV_DTYPE
+
+
+def value_view(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache's V half as (num_blocks, block_size, Hkv, D). An FP8 cache stores each
+    block's V as (Hkv, D, block_size): a key's bytes are then as far apart as a value's are
+    near, so decode's p.v operand (reduced over keys) loads and widens like q.k^T's (reduced
+    over dims), two neighbouring E4M3 bytes per register, with no transpose through shared
+    memory (BENCHMARKS.md, eighth session). The view reads and writes that layout in place."""
+    if not is_fp8_cache(kv_cache):
+        return kv_cache[1]
+    if not kv_cache.is_contiguous():
+        raise ValueError("an FP8 KV cache must be contiguous (its V is laid out per block)")
+    num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+    return kv_cache[1].as_strided(
+        (num_blocks, block_size, num_kv_heads, head_dim),
+        (block_size * num_kv_heads * head_dim, 1, head_dim * block_size, block_size))
+
+
+def to_fp8_cache(kv_cache: torch.Tensor) -> torch.Tensor:
+    """An FP8 cache holding the values of a (2, num_blocks, block_size, Hkv, D) cache in the
+    16-bit layout (already divided by any scales), V rearranged as value_view lays it out:
+    how tests and benchmarks build one without writing it token by token."""
+    out = torch.empty(kv_cache.shape, dtype=FP8_KV_DTYPE, device=kv_cache.device)
+    out[0] = to_cache(kv_cache[0], FP8_KV_DTYPE, None)
+    value_view(out).copy_(to_cache(kv_cache[1], FP8_KV_DTYPE, None))
+    return out
+
+
+def value_run(kv_cache: torch.Tensor, block_n: int) -> int:
+    """V_RUN of a kernel whose key tiles start on multiples of block_n: how many keys of an
+    FP8 cache's V sit contiguous and aligned from each multiple of it (0: no claim)."""
+    block_size = kv_cache.shape[2]
+    if not is_fp8_cache(kv_cache) or block_size & (block_size - 1):
+        return 0
+    return min(block_size, block_n)
 
 
 def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
@@ -153,9 +189,10 @@ def paged_attention_reference(
             continue
         num_seq_blocks = -(-seq_len // block_size)
         blocks = block_tables[seq, :num_seq_blocks].long()
-        kv = kv_cache[:, blocks].reshape(2, num_seq_blocks * block_size, num_kv_heads, head_dim)
-        k = from_cache(kv[0, :seq_len], k_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
-        v = from_cache(kv[1, :seq_len], v_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
+        keys = kv_cache[0, blocks].reshape(num_seq_blocks * block_size, num_kv_heads, head_dim)
+        values = value_view(kv_cache)[blocks].reshape(keys.shape)
+        k = from_cache(keys[:seq_len], k_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
+        v = from_cache(values[:seq_len], v_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
         q = query[start:end].float()  # (q_len, Hq, D)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (Hq, q_len, L)
         device = query.device
@@ -201,8 +238,10 @@ def _write_kv_cache_kernel(
         key = key.to(tl.float32) - tl.load(k_offset_ptr + heads * HEAD_DIM + dims, mask=mask,
                                            other=0.0)
     tl.store(dst, quantize_for_cache(key, k_scale_ptr, cache_ptr, FP8), mask=mask)
-    tl.store(dst + stride_c_kind, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8),
-             mask=mask)
+    v_dst = cache_ptr + stride_c_kind + value_offsets(
+        slot // BLOCK_SIZE, slot % BLOCK_SIZE, heads, dims, stride_c_block, stride_c_slot,
+        stride_c_head, HEAD_DIM, BLOCK_SIZE, FP8)
+    tl.store(v_dst, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8), mask=mask)
 
 
 @triton.jit
@@ -323,6 +362,17 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 @triton.jit
+def value_offsets(block, slot, heads, dims, stride_c_block, stride_c_slot, stride_c_head,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIMS_MAJOR: tl.constexpr):
+    """Offsets of V elements in the cache's V half (broadcast over block/slot, heads, dims):
+    (block_size, Hkv, D) per block, or (Hkv, D, block_size) for an FP8 cache (DIMS_MAJOR),
+    whose keys are then contiguous like a key's dims (value_view, DESIGN.md)."""
+    if DIMS_MAJOR:
+        return block * stride_c_block + (heads * HEAD_DIM + dims) * BLOCK_SIZE + slot
+    return block * stride_c_block + slot * stride_c_slot + heads * stride_c_head + dims
+
+
+@triton.jit
 def _load_kv_tile(
     cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
     block_table,  # this sequence's row of the block table
@@ -330,59 +380,79 @@ def _load_kv_tile(
     kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED: tl.constexpr = True,  # False: every position is valid (a whole tile before kv_hi)
-    V_WORDS: tl.constexpr = False, V_WORDS_ASM: tl.constexpr = False,  # see _load_v_words
+    V_DIMS_MAJOR: tl.constexpr = False,  # an FP8 cache: V stored (Hkv, D, block_size)
+    V_RUN: tl.constexpr = 0,  # > 0: pos[0] is a multiple of V_RUN, which divides BLOCK_SIZE
 ):
     """K and V of the tokens at `pos`, found through the block table: (BLOCK_N, D) each."""
     if MASKED:
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     else:
         block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
-    rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    ptrs = cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    slot = pos % BLOCK_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    rows = block * stride_c_block + slot * stride_c_slot + kv_head * stride_c_head
+    k_ptrs = cache_ptr + rows[:, None] + dims[None, :]
+    if V_DIMS_MAJOR:
+        keys = block * stride_c_block + kv_head * (HEAD_DIM * BLOCK_SIZE) + slot
+        if V_RUN > 0:  # runs of V_RUN keys, contiguous and aligned: the copy vectorises
+            keys = tl.max_contiguous(tl.multiple_of(keys, V_RUN), V_RUN)
+        v_ptrs = cache_ptr + stride_c_kind + keys[:, None] + dims[None, :] * BLOCK_SIZE
+    else:
+        v_ptrs = k_ptrs + stride_c_kind
     if MASKED:
-        k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
     else:
-        k = tl.load(ptrs).to(DOT_DTYPE)
-    if V_WORDS:
-        v = _load_v_words(cache_ptr + stride_c_kind, rows, valid, HEAD_DIM, DOT_DTYPE, MASKED,
-                          V_WORDS_ASM)
-    elif MASKED:
-        v = tl.load(ptrs + stride_c_kind, mask=valid[:, None], other=0.0).to(DOT_DTYPE)
-    else:
-        v = tl.load(ptrs + stride_c_kind).to(DOT_DTYPE)
-    return k, v
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k.to(DOT_DTYPE), v.to(DOT_DTYPE)
 
 
 @triton.jit
-def _load_v_words(
-    v_ptr,  # the V half of an FP8 cache
-    rows, valid,  # (BLOCK_N,) each key's offset in elements (even), and which keys to read
-    HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
+def _load_aligned_kv_tile(
+    cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+    block_table,  # this sequence's row of the block table
+    tile,  # the tile's first key position: a multiple of BLOCK_N
+    kv_lo, kv_hi,  # keys outside [kv_lo, kv_hi) read as zeros (when MASKED)
+    kv_head,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, V_DIMS_MAJOR: tl.constexpr, V_RUN: tl.constexpr,
 ):
-    """An FP8 cache's V tile, (BLOCK_N, D) in DOT_DTYPE, read as 16-bit words of two E4M3
-    values each and widened before the dot. V is the dot's right operand with the keys as the
-    reduction axis, so its registers pair consecutive keys, which the cache keeps 128+ bytes
-    apart: widened inside the dot's operand layout (`.to` on the loaded tile, which Triton
-    sinks into it), each pair took two byte loads from shared memory and a shift and an or.
-    Widened here, two values per conversion in a plain layout, the tile takes the 16-bit
-    path: stored to shared memory as float16, read back transposed by ldmatrix. The loop's
-    sm_90 SASS (compiled on the CPU, 128-key tiles) drops from 2,522 to 1,789 instructions a
-    warp; the H200 gained ~10 % (FP8_DECODE_TILING), the kernel being bound by occupancy."""
-    words_ptr = v_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
-    ptrs = words_ptr + (rows >> 1)[:, None] + tl.arange(0, HEAD_DIM // 2)[None, :]
+    """_load_kv_tile for a tile that starts on a multiple of BLOCK_N: one block-table entry
+    is read per cache block the tile covers, not one per key (on an FP8 cache the per-key
+    reads were a third of the kernel's L2 requests), and spread to the keys in registers.
+    (BLOCK_N, D) each, in the cache's dtype."""
+    NUM_ENTRIES: tl.constexpr = BLOCK_N // BLOCK_SIZE if BLOCK_N > BLOCK_SIZE else 1
+    entries = tl.arange(0, NUM_ENTRIES)
+    pos = tile + tl.arange(0, BLOCK_N)
     if MASKED:
-        words = tl.load(ptrs, mask=valid[:, None], other=0)
+        block = tl.load(block_table + tile // BLOCK_SIZE + entries,
+                        mask=tile + entries * BLOCK_SIZE < kv_hi, other=0)
     else:
-        words = tl.load(ptrs)
-    if ASM:  # sm_89+: both halves of a word in one conversion instruction
-        low, high = tl.inline_asm_elementwise(
-            "{ .reg .b32 pair; cvt.rn.f16x2.e4m3x2 pair, $2; mov.b32 {$0, $1}, pair; }",
-            "=h,=h,h", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:  # the same values without PTX (the interpreter, float32 dots)
-        low = (words & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        high = ((words >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    # A word's low byte is the lower address: the even dimension.
-    return tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)).reshape(rows.shape[0], HEAD_DIM)
+        block = tl.load(block_table + tile // BLOCK_SIZE + entries)
+    if NUM_ENTRIES > 1:  # each key picks its block's entry
+        owner = (pos - tile) // BLOCK_SIZE
+        block = tl.sum(tl.where(owner[:, None] == entries[None, :], block[None, :], 0), 1)
+    block = block.to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    rows = block * stride_c_block + slot * stride_c_slot + kv_head * stride_c_head
+    k_ptrs = cache_ptr + rows[:, None] + dims[None, :]
+    if V_DIMS_MAJOR:
+        keys = block * stride_c_block + kv_head * (HEAD_DIM * BLOCK_SIZE) + slot
+        if V_RUN > 0:  # runs of V_RUN keys, contiguous and aligned: the copy vectorises
+            keys = tl.max_contiguous(tl.multiple_of(keys, V_RUN), V_RUN)
+        v_ptrs = cache_ptr + stride_c_kind + keys[:, None] + dims[None, :] * BLOCK_SIZE
+    else:
+        v_ptrs = k_ptrs + stride_c_kind
+    if MASKED:
+        valid = ((pos >= kv_lo) & (pos < kv_hi))[:, None]
+        k = tl.load(k_ptrs, mask=valid, other=0.0)
+        v = tl.load(v_ptrs, mask=valid, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
 
 
 @triton.jit
@@ -424,13 +494,16 @@ def _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale,
 @triton.jit
 def _decode_split(seq_len, window, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
                   BLOCK_N: tl.constexpr):
-    """(first visible key, tokens per split, splits with work) of a sequence whose one query
-    sits at position seq_len - 1 and sees keys p > seq_len - 1 - window."""
+    """(first visible key, first tile, tokens per split, splits with work) of a sequence
+    whose one query sits at position seq_len - 1 and sees keys p > seq_len - 1 - window.
+    The splits cut [first tile, seq_len) into whole key tiles from a multiple of BLOCK_N, so
+    every tile starts aligned (V_RUN); keys before the window's start are masked."""
     kv_start = tl.maximum(seq_len - window, 0)
-    visible = tl.maximum(seq_len - kv_start, 1)  # an empty sequence still runs split 0
-    split_size = tl.cdiv(tl.cdiv(visible, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles
+    tile_start = kv_start // BLOCK_N * BLOCK_N
+    span = tl.maximum(seq_len - tile_start, 1)  # an empty sequence still runs split 0
+    split_size = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles
     split_size = tl.maximum(split_size, MIN_SPLIT)
-    return kv_start, split_size, tl.cdiv(visible, split_size)
+    return kv_start, tile_start, split_size, tl.cdiv(span, split_size)
 
 
 @triton.jit
@@ -449,7 +522,7 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     FP8: tl.constexpr, Q_TO_F16: tl.constexpr,
-    V_WORDS: tl.constexpr, V_WORDS_ASM: tl.constexpr,  # an FP8 cache's V: see _load_v_words
+    V_RUN: tl.constexpr,  # see _load_kv_tile: key tiles start on multiples of BLOCK_N
 ):
     pdl_prologue(USE_PDL)
     # KV heads vary fastest in the grid: programs that run together read the same blocks'
@@ -460,11 +533,11 @@ def _paged_decode_kernel(
     seq = (tl.program_id(0) // NUM_KV_HEADS).to(tl.int64)
     split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT,
-                                                     BLOCK_N)
+    kv_start, tile_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS,
+                                                                 MIN_SPLIT, BLOCK_N)
     if split >= num_active:
         return
-    kv_lo = kv_start + split * split_size
+    kv_lo = tile_start + split * split_size  # a multiple of BLOCK_N
     kv_hi = tl.minimum(kv_lo + split_size, seq_len)
 
     group_rows = tl.arange(0, GROUP_PAD)
@@ -483,22 +556,34 @@ def _paged_decode_kernel(
     block_table = block_tables_ptr + seq * stride_bt
     if FP8:  # the cache holds k / k_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-    # Whole tiles first, without masks (a mask costs a select per load and per score), then
-    # the partial last tile, if any, masked.
-    full_hi = kv_lo + (kv_hi - kv_lo) // BLOCK_N * BLOCK_N
-    for tile in range(kv_lo, full_hi, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                             block_table, pos, pos < kv_hi, kv_head, HEAD_DIM, BLOCK_SIZE,
-                             DOT_DTYPE, False, V_WORDS, V_WORDS_ASM)
+    # Whole tiles without masks (a mask costs a select per load and per score), then, masked,
+    # the tile the window's start cuts (split 0 only) and the partial last one. Both after
+    # the pipelined loop: the cut tile before it took 36 more registers a thread on sm_90
+    # (164 against 121 at 64 keys and 4 warps; one loop for both masked tiles, 146).
+    cut = kv_start > kv_lo
+    full_lo = tl.where(cut, kv_lo + BLOCK_N, kv_lo)
+    full_hi = full_lo + tl.maximum(kv_hi - full_lo, 0) // BLOCK_N * BLOCK_N
+    for tile in range(full_lo, full_hi, BLOCK_N):
+        k, v = _load_aligned_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                     stride_c_head, block_table, tile, kv_lo, kv_hi, kv_head,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, FP8, V_RUN)
+        k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
         m, l, acc = _online_softmax_step_unmasked(q, k, v, m, l, acc, qk_scale, DOT_DTYPE,
                                                   PRECISION)
-    for tile in range(full_hi, kv_hi, BLOCK_N):  # at most one
+    for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = (pos >= kv_start) & (pos < kv_hi)
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
+                             True, FP8, V_RUN)
+        m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
+                                         DOT_DTYPE, PRECISION)
+    for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the partial last one
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < kv_hi
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
                              block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
-                             True, V_WORDS, V_WORDS_ASM)
+                             True, FP8, V_RUN)
         m, l, acc = _online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                          DOT_DTYPE, PRECISION)
 
@@ -517,6 +602,109 @@ def _paged_decode_kernel(
 
 
 @triton.jit
+def _e4m3_keys_major_step(
+    qt, k, v,  # (D, G), (BLOCK_N, D), (BLOCK_N, D) E4M3
+    valid,  # (BLOCK_N,) which keys to count; ignored unless MASKED
+    m, l_parts, acc,  # (G,) running max, (BLOCK_N, G) per-key running sums, (D, G) output
+    scores_scale,  # (1, G): softmax scale * log2(e) * k_scale * each head's query scale
+    MASKED: tl.constexpr, P_SCALE: tl.constexpr,
+):
+    """One key tile with E4M3 dots and the keys as the dots' rows: scores k . q^T (BLOCK_N,
+    G) and the output v^T . p (D, G), so a tile's 64 keys fill Hopper's warpgroup MMA (M 64),
+    which takes E4M3 operands straight from shared memory: nothing is converted."""
+    scores = tl.dot(k, qt) * scores_scale
+    if MASKED:
+        scores = tl.where(valid[:, None], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 0))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(scores - m_new[None, :])
+    l_parts = l_parts * alpha[None, :] + p
+    acc = acc * alpha[None, :] + tl.dot(tl.trans(v), (p * P_SCALE).to(k.dtype))
+    return m_new, l_parts, acc
+
+
+@triton.jit
+def _paged_decode_e4m3_kernel(
+    q_ptr, stride_qt, stride_qh, cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+    stride_c_head, block_tables_ptr, stride_bt, seq_lens_ptr, out_ptr, stride_ot, stride_oh,
+    part_out_ptr, part_lse_ptr, qk_scale, window, k_scale_ptr, v_scale_ptr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
+    V_RUN: tl.constexpr, P_SCALE: tl.constexpr,
+):
+    """_paged_decode_kernel (same arguments, same outputs) on an FP8 cache with E4M3 dots:
+    each query head scaled into E4M3's range (its scale folded into its scores), p scaled
+    by P_SCALE and cast to E4M3, as TensorRT-LLM's XQA does on sm_90."""
+    pdl_prologue(USE_PDL)
+    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    seq = (tl.program_id(0) // NUM_KV_HEADS).to(tl.int64)
+    split = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_start, tile_start, split_size, num_active = _decode_split(seq_len, window, NUM_SPLITS,
+                                                                 MIN_SPLIT, BLOCK_N)
+    if split >= num_active:
+        return
+    kv_lo = tile_start + split * split_size
+    kv_hi = tl.minimum(kv_lo + split_size, seq_len)
+
+    group_cols = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group_cols
+    head_mask = group_cols < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    qt = tl.load(q_ptr + seq * stride_qt + heads[None, :] * stride_qh + dims[:, None],
+                 mask=head_mask[None, :], other=0.0).to(tl.float32)  # (D, GROUP_PAD)
+    q_amax = tl.max(tl.abs(qt), 0)
+    q_col_scale = tl.where(q_amax > 0, q_amax / 448.0, 1.0)  # FP8_MAX
+    qt = (qt / q_col_scale[None, :]).to(tl.float8e4nv)
+    scores_scale = (qk_scale * tl.load(k_scale_ptr) * q_col_scale)[None, :]
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_parts = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
+    acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt
+    cut = kv_start > kv_lo
+    full_lo = tl.where(cut, kv_lo + BLOCK_N, kv_lo)
+    full_hi = full_lo + tl.maximum(kv_hi - full_lo, 0) // BLOCK_N * BLOCK_N
+    for tile in range(full_lo, full_hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        k, v = _load_aligned_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
+                                     stride_c_head, block_table, tile, kv_lo, kv_hi, kv_head,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, True, V_RUN)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, pos < kv_hi, m, l_parts, acc,
+                                                scores_scale, False, P_SCALE)
+    for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = (pos >= kv_start) & (pos < kv_hi)
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE,
+                             tl.float8e4nv, True, True, V_RUN)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, valid, m, l_parts, acc,
+                                                scores_scale, True, P_SCALE)
+    for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the partial last one
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = pos < kv_hi
+        k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
+                             block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE,
+                             tl.float8e4nv, True, True, V_RUN)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, valid, m, l_parts, acc,
+                                                scores_scale, True, P_SCALE)
+
+    l = tl.sum(l_parts, 0)
+    out = acc / tl.where(l > 0, l, 1.0)[None, :] * (tl.load(v_scale_ptr) / P_SCALE)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ot + heads[None, :] * stride_oh + dims[:, None],
+                 out.to(out_ptr.dtype.element_ty), mask=head_mask[None, :])
+    else:
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[None, :] * HEAD_DIM + dims[:, None], out,
+                 mask=head_mask[None, :])
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=head_mask)
+
+
+@triton.jit
 def _paged_decode_reduce_kernel(
     part_out_ptr, part_lse_ptr,  # as written by _paged_decode_kernel
     seq_lens_ptr,
@@ -530,7 +718,7 @@ def _paged_decode_reduce_kernel(
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    _, _, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
+    _, _, _, num_active = _decode_split(seq_len, window, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
     splits = tl.arange(0, SPLITS_PAD)
     active = splits < num_active  # the splits that ran; the rest of the buffer is stale
     part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
@@ -559,19 +747,25 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 
 
 # How decode turns an FP8 KV cache's E4M3 tiles into dot operands (KILN_FP8_KV_DOT, the A/B
-# switch): "fp16" (default) = float16 dots, one conversion instruction per element pair, on
-# the FP8 tiling below; "model" = the query's dtype and the 16-bit caches' tiling, as before
-# (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a second conversion, and
-# the kernel was bound by that work, reading E4M3 at the same elements/s as bf16 caches, half the
-# bytes/s). float16 holds every E4M3 value exactly and p in [0, 1] with more mantissa than
-# bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
-FP8_KV_DOT_MODES = ("fp16", "model")
-# Keys per tile, warps, stages of the fp16 mode, with V read as words: the best of 27 tilings
-# on the H200 at 448 rows of 2-4 k context (0.93 ms a layer, 3.0 TB/s; 1.03 ms for the
-# byte-wise V at its best tiling, 128 keys, 3 stages) and at 128 rows of ~3 k (0.32 against
-# 0.36 ms); benchmarks/decode_attention_ab.py. Bound by occupancy, not bytes: the tiles sit
-# in registers as float16, ~190 a thread at 64 keys, so 4-5 programs of 2 warps share an SM.
-FP8_DECODE_TILING = (64, 2, 5)
+# switch): "fp16" (default) = float16 dots, one conversion instruction per element pair;
+# "e4m3" = E4M3 dots (_paged_decode_e4m3_kernel: the query scaled to E4M3 per head, p to
+# E4M3 after E4M3_P_SCALE, nothing converted; TensorRT-LLM's XQA does the same on sm_90), not
+# the default: its quality is measured on random data only (max error 0.007 against 0.0005
+# for "fp16" at 128 rows x 3 k, H200); "model" = the query's dtype and the 16-bit caches'
+# tiling, as before both (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a
+# second conversion). float16 holds every E4M3 value exactly and p in [0, 1] with more
+# mantissa than bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
+FP8_KV_DOT_MODES = ("fp16", "model", "e4m3")
+# The "e4m3" mode: p is scaled by this before its cast to E4M3, so probabilities down to
+# ~1e-5 of a row's largest stay normal numbers (exact: a power of 2).
+E4M3_P_SCALE = 256.0
+# Keys per tile, warps, stages of both FP8 modes. V is stored dims-major (value_view), so
+# both operands load and widen like K, and a tile's V is read in runs of a block's keys:
+# at 448 rows of 2-4 k context (H200, benchmarks/results/s14-h200-*) "fp16" reads 1.01 /
+# 0.85 / 0.82 ms a layer at 16 / 32 / 64-token blocks and "e4m3" 0.92 / 0.74 / 0.71 ms
+# (main's key-major V: 0.96-0.99 ms at any block size); 16-byte runs (16-token blocks) cost
+# the copy twice its L2 sectors (ncu), hence FP8_KV_DEFAULT_BLOCK_SIZE.
+FP8_DECODE_TILING = (64, 4, 3)
 
 
 def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
@@ -585,14 +779,16 @@ def _decode_dot(query: torch.Tensor, kv_cache: torch.Tensor):
                          f"unset); got {mode!r}")
     if mode == "model" or dot_dtype(query) == tl.float32:
         return dot_dtype(query), mode == "fp16"
+    if mode == "e4m3":
+        return tl.float8e4nv, True
     return tl.float16, True
 
 
 def decode_tiling(head_dim: int, fp8_tiling: bool = False) -> DecodeTiling:
     """The decode kernel's tiles: 64 keys (32 past head_dim 128), 4 warps, 2 stages for 16-bit
     caches (benchmarks/attention_sweep.py: at batch, within 6 % of the best tiling on the
-    H200); FP8_DECODE_TILING for an FP8 cache in float16 dots (half the keys past head_dim
-    128: not measured there)."""
+    H200); FP8_DECODE_TILING for an FP8 cache in float16 or E4M3 dots (half the keys past
+    head_dim 128: not measured there)."""
     if fp8_tiling:
         block_n, num_warps, num_stages = FP8_DECODE_TILING
         return DecodeTiling(block_n if head_dim <= 128 else block_n // 2, num_warps, num_stages)
@@ -624,10 +820,6 @@ def paged_decode_attention(
     num_splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, query.device)
     dot, fp8_tiling = _decode_dot(query, kv_cache)
     block_n, num_warps, num_stages = tiling or decode_tiling(head_dim, fp8_tiling)
-    # V as 16-bit words (two E4M3 values each) wherever the FP8 tiling runs; the word offsets
-    # need even strides and an even base, which a cache allocated whole always has.
-    v_words = fp8_tiling and kv_cache.data_ptr() % 2 == 0 and all(
-        stride % 2 == 0 for stride in kv_cache.stride()[:4])
     window = sliding_window or NO_WINDOW
     group = num_heads // num_kv_heads
     if num_splits > 1:
@@ -638,23 +830,28 @@ def paged_decode_attention(
     else:  # the split kernel writes `out` itself; these are never touched
         part_out = part_lse = out
     pdl = use_pdl(query)
-    launchable(_paged_decode_kernel, query)[(num_seqs * num_kv_heads, num_splits)](
-        query, query.stride(0), query.stride(1),
-        kv_cache, *kv_cache.stride()[:4],
-        block_tables, block_tables.stride(0),
-        seq_lens,
-        out, out.stride(0), out.stride(1),
-        part_out, part_lse,
-        scale * LOG2_E, window, *kv_scale_args(kv_cache, k_scale, v_scale),
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
-        DOT_DTYPE=dot, PRECISION=dot_precision(query),
-        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
-        FP8=is_fp8_cache(kv_cache),
-        Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
-        V_WORDS=v_words, V_WORDS_ASM=v_words and dot == tl.float16,
-    )
+    args = (query, query.stride(0), query.stride(1),
+            kv_cache, *kv_cache.stride()[:4],
+            block_tables, block_tables.stride(0),
+            seq_lens,
+            out, out.stride(0), out.stride(1),
+            part_out, part_lse,
+            scale * LOG2_E, window, *kv_scale_args(kv_cache, k_scale, v_scale))
+    shape = dict(NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
+                 HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                 NUM_SPLITS=num_splits, MIN_SPLIT=MIN_DECODE_SPLIT_TOKENS,
+                 V_RUN=value_run(kv_cache, block_n), USE_PDL=pdl, launch_pdl=pdl,
+                 num_warps=num_warps, num_stages=num_stages)
+    grid = (num_seqs * num_kv_heads, num_splits)
+    if dot == tl.float8e4nv:
+        launchable(_paged_decode_e4m3_kernel, query)[grid](*args, **shape,
+                                                           P_SCALE=E4M3_P_SCALE)
+    else:
+        launchable(_paged_decode_kernel, query)[grid](
+            *args, **shape, DOT_DTYPE=dot, PRECISION=dot_precision(query),
+            FP8=is_fp8_cache(kv_cache),
+            Q_TO_F16=dot == tl.float16 and query.dtype != torch.float16,
+        )
     if num_splits > 1:
         launchable(_paged_decode_reduce_kernel, query)[(num_seqs, num_heads)](
             part_out, part_lse, seq_lens,
@@ -679,6 +876,7 @@ def _prefill_tile(
     block_table, kv_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    FP8: tl.constexpr, V_RUN: tl.constexpr,
 ):
     """One key tile of a prefill query block; MASKED False: every row sees every key."""
     pos = tile + tl.arange(0, BLOCK_N)
@@ -687,7 +885,8 @@ def _prefill_tile(
     else:
         in_range = pos < kv_hi  # always true: kept as the loads' mask
     k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
-                         block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE)
+                         block_table, pos, in_range, kv_head, HEAD_DIM, BLOCK_SIZE, DOT_DTYPE,
+                         True, FP8, V_RUN)
     if MASKED:
         visible = (in_range[None, :] & (pos[None, :] <= q_pos[:, None])
                    & (pos[None, :] > q_pos[:, None] - window))  # (BLOCK_M, BLOCK_N)
@@ -712,6 +911,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+    V_RUN: tl.constexpr,  # see _load_kv_tile: key tiles start on multiples of BLOCK_N
 ):
     # Sequence s owns programs [first(s), first(s+1)) with first(s) = query_start_loc[s] //
     # BLOCK_M + s: strictly increasing, and at least cdiv(q_len, BLOCK_M) programs apart, so a
@@ -766,17 +966,17 @@ def _paged_prefill_kernel(
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                   stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
-                                  BLOCK_N, DOT_DTYPE, PRECISION, True)
+                                  BLOCK_N, DOT_DTYPE, PRECISION, True, FP8, V_RUN)
     for tile in range(full_lo, full_hi, BLOCK_N):  # seen whole by every row: no mask
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                   stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
-                                  BLOCK_N, DOT_DTYPE, PRECISION, False)
+                                  BLOCK_N, DOT_DTYPE, PRECISION, False, FP8, V_RUN)
     for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the diagonal: masked
         m, l, acc = _prefill_tile(q, q_pos, tile, kv_lo, kv_hi, window, m, l, acc, qk_scale,
                                   cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                   stride_c_head, block_table, kv_head, HEAD_DIM, BLOCK_SIZE,
-                                  BLOCK_N, DOT_DTYPE, PRECISION, True)
+                                  BLOCK_N, DOT_DTYPE, PRECISION, True, FP8, V_RUN)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if FP8:
@@ -817,7 +1017,7 @@ def paged_prefill_attention(
         GROUP=num_heads // kv_cache.shape[3], HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(query), PRECISION=dot_precision(query), FP8=is_fp8_cache(kv_cache),
-        num_warps=num_warps, num_stages=num_stages,
+        V_RUN=value_run(kv_cache, block_n), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -17,6 +17,7 @@ from kiln.kernels.attention import (
     key_offset_arg,
     kv_scale_args,
     quantize_for_cache,
+    value_offsets,
     write_kv_cache_reference,
 )
 from kiln.kernels.triton_utils import (
@@ -150,8 +151,10 @@ def _rope_kernel(
             dims = tl.arange(0, DIM_PAD)[None, :]
             mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
             value = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-            tl.store(dst + stride_c_kind + heads * stride_c_head + dims,
-                     quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8), mask=mask)
+            v_dst = cache_ptr + stride_c_kind + value_offsets(
+                slot // BLOCK_SIZE, slot % BLOCK_SIZE, heads, dims, stride_c_block,
+                stride_c_slot, stride_c_head, HEAD_DIM, BLOCK_SIZE, FP8)
+            tl.store(v_dst, quantize_for_cache(value, v_scale_ptr, cache_ptr, FP8), mask=mask)
     else:
         _rotate_heads(k_ptr + token * stride_kt, stride_kh, k_out_ptr + token * stride_kot,
                       stride_koh, cos, sin, k_scale_ptr, k_offset_ptr,

@@ -53,7 +53,7 @@ import torch
 
 from kiln.compiler.manifest import EngineInfo, open_engine
 from kiln.checkpoint.tokenizer import load_tokenizer
-from kiln.config import EngineConfig
+from kiln.config import FP8_KV_DEFAULT_BLOCK_SIZE, EngineConfig
 from kiln.errors import KilnError
 from kiln.parallel.state import SINGLE_PROCESS
 from kiln.runtime.detokenizer import IncrementalDetokenizer
@@ -212,6 +212,9 @@ class LLMEngine:
             config.kv_cache_dtype, self.dtype, engine_info.manifest.get("build", {}))
         if self.kv_cache_dtype == FP8_KV_DTYPE or engine_info.quant_config.scheme == "fp8":
             check_fp8_device(self.device)
+        if self.kv_cache_dtype == FP8_KV_DTYPE and "block_size" not in config.model_fields_set:
+            self.config = config = config.model_copy(
+                update={"block_size": FP8_KV_DEFAULT_BLOCK_SIZE})
         tokenizer_dir = engine_info.tokenizer_dir
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         eos = engine_info.generation_config.get("eos_token_id")

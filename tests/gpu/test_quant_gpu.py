@@ -121,34 +121,50 @@ def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme):
     torch.testing.assert_close(out, run())
 
 
-def _fp8_kv_batch_at_8b_shapes():
+def _fp8_kv_batch_at_8b_shapes(block_size: int = 16):
     from tests.kernels.kernel_helpers import make_paged_batch
 
-    batch = make_paged_batch([1] * 8, [300, 2000, 17, 900, 4000, 64, 1, 1500], 32, 8, 128, 16,
-                             torch.bfloat16, "cuda")
+    batch = make_paged_batch([1] * 8, [300, 2000, 17, 900, 4000, 64, 1, 1500], 32, 8, 128,
+                             block_size, torch.bfloat16, "cuda")
     k_scale = torch.tensor(0.05, device="cuda")
     v_scale = torch.tensor(0.04, device="cuda")
     cache = batch.kv_cache.float()
     cache[0] /= k_scale
     cache[1] /= v_scale
-    return batch, cache.to(torch.float8_e4m3fn), k_scale, v_scale
+    return batch, attention.to_fp8_cache(cache), k_scale, v_scale
 
 
-def _fp8_decode_and_reference(batch, cache, k_scale, v_scale):
+def _fp8_decode_and_reference(batch, cache, k_scale, v_scale, window=None):
     out = attention.paged_decode_attention(batch.query, cache, batch.block_tables,
-                                           batch.seq_lens, 0.088, k_scale=k_scale,
+                                           batch.seq_lens, 0.088, window, k_scale=k_scale,
                                            v_scale=v_scale)
     expected = attention.paged_attention_reference(
         batch.query, cache, batch.block_tables, batch.query_start_loc_host, batch.seq_lens_host,
-        0.088, None, k_scale, v_scale)
+        0.088, window, k_scale, v_scale)
     return out, expected
 
 
+@pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("dot_mode", ["model", "fp16"])
-def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, monkeypatch):
+def test_fp8_kv_cache_decode_attention_at_8b_shapes(dot_mode, block_size, monkeypatch):
     monkeypatch.setenv("KILN_FP8_KV_DOT", dot_mode)
-    out, expected = _fp8_decode_and_reference(*_fp8_kv_batch_at_8b_shapes())
+    out, expected = _fp8_decode_and_reference(*_fp8_kv_batch_at_8b_shapes(block_size))
     assert _relative(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("block_size,window", [(16, None), (32, None), (64, None), (32, 1000)])
+def test_fp8_kv_cache_e4m3_dots_stay_within_e4m3_precision_at_8b_shapes(block_size, window,
+                                                                       monkeypatch):
+    # E4M3 dots (the query and p rounded to E4M3, wgmma on sm_90): within E4M3's rounding of
+    # the float32 reference, and no closer than the float16 dots (so the E4M3 kernel ran).
+    batch, cache, k_scale, v_scale = _fp8_kv_batch_at_8b_shapes(block_size)
+    monkeypatch.setenv("KILN_FP8_KV_DOT", "fp16")
+    fp16, expected = _fp8_decode_and_reference(batch, cache, k_scale, v_scale, window)
+    monkeypatch.setenv("KILN_FP8_KV_DOT", "e4m3")
+    e4m3, _ = _fp8_decode_and_reference(batch, cache, k_scale, v_scale, window)
+    assert torch.isfinite(e4m3).all()
+    assert _relative(e4m3, expected) < 4e-2
+    assert _relative(e4m3, expected) > _relative(fp16, expected)
 
 
 def test_fp8_kv_cache_float16_dots_saturate_a_query_past_float16s_range(monkeypatch):

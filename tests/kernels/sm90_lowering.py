@@ -13,7 +13,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels.attention import MIN_DECODE_SPLIT_TOKENS, _paged_decode_kernel
+from kiln.kernels.attention import (E4M3_P_SCALE, MIN_DECODE_SPLIT_TOKENS,
+                                    _paged_decode_e4m3_kernel, _paged_decode_kernel)
 from kiln.kernels.int_gemv import _int_gemv_kernel
 from kiln.kernels.skinny_fp8 import _skinny_fp8_kernel
 
@@ -69,9 +70,10 @@ def skinny_fp8_variants() -> dict:
 
 
 def fp8_decode_variants() -> dict:
-    """The decode kernel on an FP8 cache in float16 dots, V read as words (default) or as
-    bytes widened inside the dot operand (the layout it replaced): byte loads from shared
-    memory and conversions in the loop."""
+    """The decode kernel on an FP8 cache (V dims-major, 32-token blocks) in float16 dots, at
+    its default tiling: K and V both widened from two-byte pairs, no byte loads from shared
+    memory, every tile by an asynchronous copy; and in E4M3 dots: warpgroup MMA on E4M3
+    operands, nothing converted."""
     signature = {"q_ptr": "*bf16", "stride_qt": "i32", "stride_qh": "i32",
                  "cache_ptr": "*fp8e4nv", "stride_c_kind": "i32", "stride_c_block": "i32",
                  "stride_c_slot": "i32", "stride_c_head": "i32", "block_tables_ptr": "*i32",
@@ -79,20 +81,21 @@ def fp8_decode_variants() -> dict:
                  "stride_ot": "i32", "stride_oh": "i32", "part_out_ptr": "*fp32",
                  "part_lse_ptr": "*fp32", "qk_scale": "fp32", "window": "i32",
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
-    out = {}
-    for name, words in (("v_words", True), ("v_bytes", False)):
-        ptx = compile_ptx(_paged_decode_kernel, signature, {
-            "NUM_HEADS": 32, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
-            "BLOCK_N": 128, "NUM_SPLITS": 1, "MIN_SPLIT": MIN_DECODE_SPLIT_TOKENS,
-            "DOT_DTYPE": triton.language.float16, "PRECISION": "tf32", "USE_PDL": True,
-            "FP8": True, "Q_TO_F16": True, "V_WORDS": words, "V_WORDS_ASM": words,
-        }, num_warps=2)
-        byte_loads = ptx.count("ld.shared.b8") + ptx.count("ld.shared.u8")
-        out[name] = {"byte_loads_from_shared": byte_loads,
-                     "pair_conversions": ptx.count("cvt.rn.f16x2.e4m3x2"),
-                     "transposed_ldmatrix": ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans")}
-    return out
-
+    shape = {"NUM_HEADS": 32, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 32,
+             "BLOCK_N": 64, "NUM_SPLITS": 1, "MIN_SPLIT": MIN_DECODE_SPLIT_TOKENS,
+             "USE_PDL": True, "V_RUN": 32}
+    ptx = compile_ptx(_paged_decode_kernel, signature, {
+        **shape, "DOT_DTYPE": triton.language.float16, "PRECISION": "tf32", "FP8": True,
+        "Q_TO_F16": True,
+    }, num_warps=4)
+    e4m3 = compile_ptx(_paged_decode_e4m3_kernel, signature, {**shape, "P_SCALE": E4M3_P_SCALE},
+                       num_warps=4)
+    return {"byte_loads_from_shared": ptx.count("ld.shared.b8") + ptx.count("ld.shared.u8"),
+            "pair_conversions": ptx.count("cvt.rn.f16x2.e4m3x2"),
+            "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "e4m3_wgmma": "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in e4m3,
+            "e4m3_conversions": e4m3.count("cvt.rn.f16x2.e4m3x2"),
+            "e4m3_async_copies": e4m3.count("cp.async.cg")}
 
 if __name__ == "__main__":
     print(json.dumps({"int_gemv": int_gemv_variants(), "skinny_fp8": skinny_fp8_variants(),

@@ -141,7 +141,7 @@ def _fp8_batch(q_lens, contexts, device, num_padding_rows=0):
     cache = batch.kv_cache.float()
     cache[0] /= K_SCALE
     cache[1] /= V_SCALE
-    batch.kv_cache = cache.to(FP8)  # NaN slots stay NaN
+    batch.kv_cache = attention.to_fp8_cache(cache)  # NaN slots stay NaN
     return batch, k_scale, v_scale
 
 
@@ -163,6 +163,30 @@ def test_fp8_decode_attention_matches_reference(dot_mode, device, poison_outputs
                                            k_scale=k_scale, v_scale=v_scale)
     expected = _reference(batch, 0.125, k_scale, v_scale)
     torch.testing.assert_close(out, expected, **attention_tolerance(torch.bfloat16, out.device.type))
+
+
+@pytest.mark.parametrize("window, block_size", [(50, 16), (70, 8), (300, 32), (None, 128)])
+def test_fp8_decode_with_windows_and_block_sizes(window, block_size, device, poison_outputs):
+    # V dims-major: key tiles start on multiples of the tile, so a window's start cuts the
+    # first tile (masked); block sizes below, at and above the 64-key tile.
+    batch = make_paged_batch([1, 1, 1], [300, 16, 555], 8, 2, 64, block_size, torch.bfloat16,
+                             device, num_padding_rows=1)
+    k_scale = torch.tensor(K_SCALE, device=device)
+    v_scale = torch.tensor(V_SCALE, device=device)
+    cache = batch.kv_cache.float()
+    cache[0] /= K_SCALE
+    cache[1] /= V_SCALE
+    batch.kv_cache = attention.to_fp8_cache(cache)
+    expected = attention.paged_attention_reference(
+        batch.query, batch.kv_cache, batch.block_tables, batch.query_start_loc_host,
+        batch.seq_lens_host, 0.125, window, k_scale, v_scale)
+    for num_splits in (None, 4):
+        out = attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                               batch.seq_lens, 0.125, window,
+                                               num_splits=num_splits, k_scale=k_scale,
+                                               v_scale=v_scale)
+        torch.testing.assert_close(out, expected,
+                                   **attention_tolerance(torch.bfloat16, out.device.type))
 
 
 def test_fp8_decode_dot_mode_rejects_an_unknown_value(device, monkeypatch):
@@ -284,7 +308,7 @@ def test_centred_keys_give_the_same_attention_closer(device):
         fp8[0] = keys / k_scale
         fp8[1] = cache[1] / v_scale
         out = attention.paged_attention_reference(
-            exact.query, fp8.to(FP8), exact.block_tables, exact.query_start_loc_host,
+            exact.query, attention.to_fp8_cache(fp8), exact.block_tables, exact.query_start_loc_host,
             exact.seq_lens_host, 0.125, None, k_scale, v_scale)
         errors[name] = float((out.float() - exact_out.float()).norm() / exact_out.float().norm())
     assert errors["centred"] < 0.6 * errors["plain"], errors  # (V's rounding is in both)

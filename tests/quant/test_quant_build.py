@@ -117,6 +117,28 @@ def test_fp8_kv_cache_build_runs_an_engine_with_half_the_kv_bytes(hf_dir, tmp_pa
     assert engine.kv_cache_dtype == torch.float8_e4m3fn
 
 
+def test_fp8_kv_cache_defaults_to_32_token_blocks_unless_the_block_size_is_set(hf_dir,
+                                                                                tmp_path):
+    from kiln.config import DEFAULT_BLOCK_SIZE, FP8_KV_DEFAULT_BLOCK_SIZE, EngineConfig
+    from kiln.runtime.engine import LLMEngine
+
+    plain = build(hf_dir, tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FP8 KV scales of 1.0
+        fp8 = LLMEngine(open_engine(plain), EngineConfig(device="cpu", kv_cache_dtype="fp8"))
+        chosen = LLMEngine(open_engine(plain),
+                           EngineConfig(device="cpu", kv_cache_dtype="fp8", block_size=8))
+    bf16 = LLMEngine(open_engine(plain), EngineConfig(device="cpu"))
+    assert FP8_KV_DEFAULT_BLOCK_SIZE == 32 != DEFAULT_BLOCK_SIZE
+    assert fp8.config.block_size == fp8.scheduler.config.block_size == 32
+    assert fp8.runner.kv_caches[0].shape[2] == 32
+    assert chosen.config.block_size == chosen.runner.kv_caches[0].shape[2] == 8
+    assert bf16.config.block_size == bf16.runner.kv_caches[0].shape[2] == DEFAULT_BLOCK_SIZE
+    outputs = run_to_completion(fp8, [list(range(1, 40))],
+                                [SamplingParams(max_tokens=5, ignore_eos=True)])
+    assert len(outputs[0].outputs[0].token_ids) == 5
+
+
 def test_fp8_kv_cache_logits_stay_close_and_use_the_recorded_scales(hf_dir, tmp_path,
                                                                     monkeypatch):
     plain = build(hf_dir, tmp_path / "plain")
