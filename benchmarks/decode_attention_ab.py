@@ -1,21 +1,28 @@
 """The paged decode attention kernel of whichever kiln is first on PYTHONPATH, timed at
-Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head_dim 128, 16-token blocks)
+Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head_dim 128, 16-token blocks
+unless --block-size)
 on the decode batches the offline benchmarks make, for an FP8 and a bf16 cache: bytes of KV
 read per second against the card's measured copy rate. Run once per tree in one device call
 (the A/B: PYTHONPATH=.ab-base, then PYTHONPATH=.) and compare the JSON files; on the
 128 x 3,000 case it also checks each timed kernel's output against the torch reference.
 Usage (GPU machine):
     PYTHONPATH=. python3 benchmarks/decode_attention_ab.py --label new \
-        [--fp8-tilings 128,2,3 64,4,2] [--out DIR]"""
+        [--fp8-tilings 128,2,3 64,4,2] [--block-size 32] [--out DIR]
+(KILN_FP8_KV_DOT=e4m3 in the environment times the E4M3-dot kernel.) For ncu, one launch:
+    ncu --clock-control none -k "regex:_paged_decode_(kernel|e4m3)" --launch-skip 2 \
+        --launch-count 1 --set full -o REPORT python3 benchmarks/decode_attention_ab.py \
+        --label x --cases 448x2048-4096 --kv-dtypes fp8"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
+import attention_sweep
 from attention_sweep import HEAD_DIM, KV_HEADS, make_batch, time_ms
 from kiln.kernels import attention
 from kiln.kernels.attention import DecodeTiling
@@ -50,12 +57,16 @@ def main() -> None:
                         help="extra BLOCK_N,WARPS,STAGES tilings timed on the FP8 cache")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--kv-dtypes", nargs="*", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    parser.add_argument("--block-size", type=int, default=attention_sweep.BLOCK,
+                        help="tokens per cache block (an FP8 engine's default is 32)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    attention_sweep.BLOCK = args.block_size  # make_batch's block size
     scale = HEAD_DIM**-0.5
     ones = torch.ones((), dtype=torch.float32, device="cuda")
     copy = copy_gb_s()
     report = {"label": args.label, "card": torch.cuda.get_device_name(), "copy_gb_s": copy,
+              "block_size": args.block_size, "kv_dot": os.environ.get("KILN_FP8_KV_DOT", ""),
               "cases": {}}
     print(f"[{args.label}] copy {copy:.0f} GB/s")
     tilings = [None] + [DecodeTiling(*map(int, t.split(","))) for t in args.fp8_tilings]
