@@ -56,7 +56,7 @@ class RunEstimate:
 
 def simulate(args: argparse.Namespace, cap: int | None) -> RunEstimate:
     scheduler = Scheduler(SchedulerConfig(
-        num_kv_blocks=args.num_kv_blocks, block_size=16, max_num_seqs=args.max_num_seqs,
+        num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_prefill_tokens_while_decoding=cap, capacity_policy=args.capacity_policy))
     for index in range(args.num_prompts):  # distinct prompts: no prefix-cache hits
@@ -103,13 +103,17 @@ def main() -> None:
                         "repeat for several (default: 512 and none)")
     parser.add_argument("--capacity-policy", default=CAPACITY_POLICIES[0],
                         choices=CAPACITY_POLICIES)
-    parser.add_argument("--num-kv-blocks", type=int, default=114_195,
-                        help="the H200's FP8-KV pool for the fp8 8B engine (BENCHMARKS.md)")
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="tokens per KV block (an FP8 cache's default)")
+    parser.add_argument("--num-kv-blocks", type=int, default=57_097,
+                        help="the H200's FP8-KV pool for the fp8 8B engine at 32-token blocks "
+                        "(114,195 of 16; BENCHMARKS.md)")
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--kv-bytes", type=int, default=1, help="bytes per KV element (FP8: 1)")
-    parser.add_argument("--attention-tb-s", type=float, default=3.0)
+    parser.add_argument("--attention-tb-s", type=float, default=3.3,
+                        help="FP8 decode attention's KV read rate (H200, 32-token blocks)")
     parser.add_argument("--gemm-tflops", type=float, default=1250.0)
     parser.add_argument("--prefill-attention-tflops", type=float, default=500.0)
     parser.add_argument("--decode-step-ms", type=float, default=3.1)
@@ -117,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     caps = [None if cap == "none" else int(cap) for cap in (args.cap or ["512", "none"])]
     print(f"{args.num_prompts} requests {args.input_len}/{args.output_len}, "
-          f"{args.num_kv_blocks} KV blocks of 16, {args.capacity_policy}")
+          f"{args.num_kv_blocks} KV blocks of {args.block_size}, {args.capacity_policy}")
     for cap in caps:
         started = time.perf_counter()
         run = simulate(args, cap)
