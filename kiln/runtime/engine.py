@@ -212,6 +212,8 @@ class LLMEngine:
             config.kv_cache_dtype, self.dtype, engine_info.manifest.get("build", {}))
         if self.kv_cache_dtype == FP8_KV_DTYPE or engine_info.quant_config.scheme == "fp8":
             check_fp8_device(self.device)
+        # An FP8 cache's own default block size (config.FP8_KV_DEFAULT_BLOCK_SIZE: its decode
+        # reads each block's V as one run), unless the user chose one.
         if self.kv_cache_dtype == FP8_KV_DTYPE and "block_size" not in config.model_fields_set:
             self.config = config = config.model_copy(
                 update={"block_size": FP8_KV_DEFAULT_BLOCK_SIZE})
