@@ -532,6 +532,13 @@ def _decode_program(seq_lens_ptr, window, NUM_HEADS: tl.constexpr, GROUP: tl.con
 
 
 @triton.jit
+def _group_heads(kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """(GROUP_PAD,) query heads of this KV head's group, and which of them are real."""
+    members = tl.arange(0, GROUP_PAD)
+    return kv_head * GROUP + members, members < GROUP
+
+
+@triton.jit
 def _decode_whole_tiles(kv_start, kv_lo, kv_hi, BLOCK_N: tl.constexpr):
     """[first, end) of a split's whole key tiles, run without masks (a mask costs a select
     per load and per score); the tile the window's start cuts (split 0 only, before them)
@@ -589,9 +596,7 @@ def _paged_decode_kernel(
     if split >= num_active:
         return
 
-    group_rows = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group_rows  # (GROUP_PAD,) query heads of this KV head
-    head_mask = group_rows < GROUP
+    heads, head_mask = _group_heads(kv_head, GROUP, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=head_mask[:, None], other=0.0)  # (GROUP_PAD, D)
@@ -639,7 +644,7 @@ def _paged_decode_kernel(
 @triton.jit
 def _e4m3_keys_major_step(
     qt, k, v,  # (D, G), (BLOCK_N, D), (BLOCK_N, D) E4M3
-    valid,  # (BLOCK_N,) which keys to count; ignored unless MASKED
+    valid,  # (BLOCK_N,) which keys to count when MASKED (None otherwise)
     m, l_parts, acc,  # (G,) running max, (BLOCK_N, G) per-key running sums, (D, G) output
     scores_scale,  # (1, G): softmax scale * log2(e) * k_scale * each head's query scale
     MASKED: tl.constexpr, P_SCALE: tl.constexpr,
@@ -677,9 +682,7 @@ def _paged_decode_e4m3_kernel(
     if split >= num_active:
         return
 
-    group_cols = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group_cols
-    head_mask = group_cols < GROUP
+    heads, head_mask = _group_heads(kv_head, GROUP, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     qt = tl.load(q_ptr + seq * stride_qt + heads[None, :] * stride_qh + dims[:, None],
                  mask=head_mask[None, :], other=0.0).to(tl.float32)  # (D, GROUP_PAD)
@@ -694,12 +697,11 @@ def _paged_decode_e4m3_kernel(
     block_table = block_tables_ptr + seq * stride_bt
     full_lo, full_hi = _decode_whole_tiles(kv_start, kv_lo, kv_hi, BLOCK_N)
     for tile in range(full_lo, full_hi, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
         k, v = _load_aligned_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                      stride_c_head, block_table, tile, kv_lo, kv_hi, kv_head,
                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, True, V_RUN)
-        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, pos < kv_hi, m, l_parts, acc,
-                                                scores_scale, False, P_SCALE)
+        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, None, m, l_parts, acc, scores_scale,
+                                                False, P_SCALE)
     for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
         pos = tile + tl.arange(0, BLOCK_N)
         valid = (pos >= kv_start) & (pos < kv_hi)

@@ -205,10 +205,19 @@ def test_fp8_decode_in_e4m3_dots_stays_within_e4m3_rounding(window, block_size, 
         assert 1e-3 < error < 5e-2, (num_splits, error)
 
 
+def test_value_view_refuses_a_non_contiguous_fp8_cache(device):
+    # Its V is laid out per block (Hkv, D, block_size): a strided slice cannot be read as one.
+    cache = attention.to_fp8_cache(torch.randn(2, 4, 16, 2, 8, device=device))
+    assert attention.value_view(cache).shape == (4, 16, 2, 8)
+    with pytest.raises(ValueError, match="an FP8 KV cache must be contiguous"):
+        attention.value_view(cache[:, :, :8])
+
+
 def test_fp8_decode_dot_mode_rejects_an_unknown_value(device, monkeypatch):
     monkeypatch.setenv("KILN_FP8_KV_DOT", "fp8")
     batch, k_scale, v_scale = _fp8_batch([1], [4], device)
-    with pytest.raises(ValueError, match="KILN_FP8_KV_DOT must be one of fp16, model"):
+    with pytest.raises(ValueError, match="KILN_FP8_KV_DOT must be one of fp16, model, e4m3 "
+                                         r"\(or unset\); got 'fp8'"):
         attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
                                          batch.seq_lens, 0.125, k_scale=k_scale, v_scale=v_scale)
 
