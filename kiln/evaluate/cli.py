@@ -11,6 +11,7 @@ from kiln.errors import KilnError
 
 DEFAULT_NUM_TOKENS = 50_000
 DEFAULT_WINDOW = 1024
+DEFAULT_DECODE_BATCH = 64
 DEFAULT_VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
 
 
@@ -30,15 +31,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise KilnError(f"--num-tokens must be at least 1, got {args.num_tokens}")
     if args.window < 2:
         raise KilnError(f"--window must be at least 2 tokens, got {args.window}")
+    if args.decode_batch < 1:
+        raise KilnError(f"--decode-batch must be at least 1, got {args.decode_batch}")
+    # The decode path holds a batch of windows in each model's cache at once.
+    max_windows = args.decode_batch if args.path == "decode" else 1
     model = TeacherForcedModel(
         _engine_dir(args.engine), device=args.device, dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype, max_window=args.window,
+        kv_cache_dtype=args.kv_cache_dtype, max_window=args.window, max_windows=max_windows,
     )
     other = None
     if args.compare:
         other = TeacherForcedModel(
             _engine_dir(args.compare), device=args.device, dtype=args.dtype,
             kv_cache_dtype=args.compare_kv_cache_dtype, max_window=args.window,
+            max_windows=max_windows,
         )
         if other.vocab_size != model.vocab_size:
             raise KilnError(
@@ -52,10 +58,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise KilnError(f"{source}: no text to evaluate on")
     window = min(args.window, model.max_window, other.max_window if other else model.max_window)
     print(f"kiln eval: {model.engine.path} on {model.device} ({model.dtype}), "
-          f"{'ShareGPT held-out replies' if source == SHAREGPT else source}, windows of {window}",
+          f"{'ShareGPT held-out replies' if source == SHAREGPT else source}, windows of {window}"
+          + (f", decode path ({max_windows} at a time)" if args.path == "decode" else ""),
           file=sys.stderr)
     result = evaluate(model, token_ids, window=window, num_tokens=args.num_tokens, other=other,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, path=args.path)
     if result.num_tokens < args.num_tokens:
         print(f"kiln eval: the text held only {result.num_tokens:,} of the "
               f"{args.num_tokens:,} tokens asked for", file=sys.stderr)
@@ -82,6 +89,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 def add_eval_parsers(commands) -> None:
     """Register `kiln eval` and `kiln verify` on the top-level subparsers."""
+    from kiln.evaluate.forward import EVAL_PATHS
+
     evaluate = commands.add_parser(
         "eval", help="perplexity on held-out text; --compare: agreement, KL, perplexity delta"
     )
@@ -100,6 +109,13 @@ def add_eval_parsers(commands) -> None:
     evaluate.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                           help=f"tokens per forward (default {DEFAULT_WINDOW}, at most the "
                           "engine's max_model_len)")
+    evaluate.add_argument("--path", choices=EVAL_PATHS, default="prefill",
+                          help="prefill (default): each window in one forward, the prompt "
+                          "kernels; decode: windows fed one token a step through the decode "
+                          "kernels, as generation runs them (an FP8 cache's decode dots)")
+    evaluate.add_argument("--decode-batch", type=int, default=DEFAULT_DECODE_BATCH,
+                          help=f"windows decoded together on the decode path (default "
+                          f"{DEFAULT_DECODE_BATCH}; each holds a window of KV cache)")
     evaluate.add_argument("--output-json", metavar="PATH", default=None)
     evaluate.add_argument("--kv-cache-dtype", default="auto",
                           help="the engine's KV cache dtype (auto, fp8, bfloat16, ...)")

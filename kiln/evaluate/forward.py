@@ -1,18 +1,25 @@
-"""An engine's model run directly on whole token windows (teacher forcing), not through the
-generation engine: one full-sequence forward per window over a private paged KV cache just
-large enough for it, logits at every position.
+"""An engine's model run directly on token windows (teacher forcing), not through the
+generation engine, over a private paged KV cache just large enough, logits at every
+position. Two paths:
+
+    prefill   one full-sequence forward per window (the prompt kernels)
+    decode    a batch of windows fed one token a step, each step's rows attending over the
+              cache as generation does (the decode kernels: an FP8 cache's decode dots, its
+              split-K, its block size), logits of every row each step
 
 Used by `kiln eval` (perplexity, agreement, KL) and `kiln verify` (per-layer diffs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from kiln.compiler.loader import load_engine_model
 from kiln.compiler.manifest import EngineInfo, open_engine
+from kiln.config import FP8_KV_DEFAULT_BLOCK_SIZE
 from kiln.errors import KilnError
 from kiln.runtime.engine import resolve_device
 from kiln.runtime.input_batch import BatchRow, prepare_inputs
@@ -26,6 +33,7 @@ from kiln.runtime.kv_tensors import (
 BLOCK_SIZE = 16
 
 _KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
+EVAL_PATHS = ("prefill", "decode")
 
 
 def compute_dtype_for(engine: EngineInfo, device: torch.device, dtype: str = "auto") -> torch.dtype:
@@ -47,6 +55,7 @@ class TeacherForcedModel:
         dtype: str = "auto",
         kv_cache_dtype: str = "auto",
         max_window: int | None = None,
+        max_windows: int = 1,  # windows held in the cache at once (the decode path's batch)
     ) -> None:
         self.engine = open_engine(engine_dir)
         self.device = resolve_device(device)
@@ -58,12 +67,20 @@ class TeacherForcedModel:
         build = self.engine.manifest.get("build", {})
         # The runtime's rules: "auto" is the engine's build choice, else the compute dtype.
         self.kv_cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, self.dtype, build)
+        if max_windows < 1:
+            raise KilnError(f"max_windows must be at least 1, got {max_windows}")
         self.max_window = min(max_window or self.engine.max_model_len, self.engine.max_model_len)
+        self.max_windows = max_windows
         self.model = load_engine_model(self.engine, self.device, self.dtype)
         apply_kv_scales(self.model, build, self.kv_cache_dtype)
-        num_blocks = -(-self.max_window // BLOCK_SIZE) + 1  # + the null block
+        # The engine's block size: an FP8 cache's own default (its decode kernel's tiles are
+        # laid out by it), 16 otherwise.
+        fp8 = self.kv_cache_dtype.itemsize == 1
+        self.block_size = FP8_KV_DEFAULT_BLOCK_SIZE if fp8 else BLOCK_SIZE
+        self.blocks_per_window = -(-self.max_window // self.block_size)
+        num_blocks = self.blocks_per_window * max_windows + 1  # + the null block
         spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)
-        self.kv_caches = allocate_kv_caches(spec, num_blocks, BLOCK_SIZE, self.device)
+        self.kv_caches = allocate_kv_caches(spec, num_blocks, self.block_size, self.device)
         self.block_ids = list(range(1, num_blocks))
 
     @property
@@ -91,12 +108,35 @@ class TeacherForcedModel:
             request_id="eval",
             token_ids=token_ids,
             num_computed_tokens=0,
-            block_ids=self.block_ids[: -(-len(token_ids) // BLOCK_SIZE)],
+            block_ids=self.block_ids[: -(-len(token_ids) // self.block_size)],
             logits_offsets=tuple(range(len(token_ids))),
         )
-        inputs = prepare_inputs([row], BLOCK_SIZE, self.device)
+        inputs = prepare_inputs([row], self.block_size, self.device)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
 
     @torch.no_grad()
     def logits(self, token_ids: list[int]) -> torch.Tensor:  # (T, V) float32
         return self.model.compute_logits(self.hidden_states(token_ids)).float()
+
+    @torch.no_grad()
+    def decode_logits(self, windows: list[list[int]]) -> Iterator[torch.Tensor]:
+        """The decode path: step i feeds token i of every window longer than i + 1 (one
+        single-token row each, its first i tokens already cached) and yields those rows'
+        logits, (rows, V) float32, in window order; step i's row of window w predicts
+        w[i + 1]. Windows longer first, so a step's rows are a prefix of the batch."""
+        if not 0 < len(windows) <= self.max_windows:
+            raise KilnError(f"{len(windows)} windows at once; this model holds 1..{self.max_windows}")
+        lengths = [len(w) for w in windows]
+        if lengths != sorted(lengths, reverse=True) or not 1 < lengths[-1] <= lengths[0] <= self.max_window:
+            raise KilnError(f"windows of {lengths} tokens: each 2..{self.max_window}, longest first")
+        tables = [self.block_ids[i * self.blocks_per_window : (i + 1) * self.blocks_per_window]
+                  for i in range(len(windows))]
+        for step in range(lengths[0] - 1):
+            rows = [
+                BatchRow(request_id=f"eval{index}", token_ids=[window[step]],
+                         num_computed_tokens=step, block_ids=tables[index], logits_offsets=(0,))
+                for index, window in enumerate(windows) if len(window) > step + 1
+            ]
+            inputs = prepare_inputs(rows, self.block_size, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+            yield self.model.compute_logits(hidden).float()

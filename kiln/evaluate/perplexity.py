@@ -1,10 +1,13 @@
 """`kiln eval`: perplexity of an engine on held-out text and, against a second engine,
 teacher-forced top-1 agreement, mean KL divergence and the perplexity delta.
 
-The token stream is cut into consecutive windows of `window` tokens; each window is one
-forward from an empty cache, and every position but the window's first predicts the next
-token. `num_tokens` counts predicted tokens. With a comparison engine both models see the
-same windows; per predicted position:
+The token stream is cut into consecutive windows of `window` tokens, each read from an
+empty cache, and every position but the window's last predicts the next token.
+`num_tokens` counts predicted tokens. The "prefill" path reads a window in one forward;
+"decode" feeds a batch of windows one token a step through the decode kernels, as
+generation does (forward.py), so a decode-only change (an FP8 cache's decode dots) shows.
+With a comparison engine both models see the same windows by the same path; per predicted
+position:
 
     top-1 agreement   argmax of the engine's logits == argmax of the other's
     KL                KL(P_other || P_engine) = Σ_v P_other(v) (log P_other(v) − log P_engine(v))
@@ -16,12 +19,14 @@ same windows; per predicted position:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from kiln.evaluate.forward import TeacherForcedModel
+from kiln.errors import KilnError
+from kiln.evaluate.forward import EVAL_PATHS, TeacherForcedModel
 
 
 @dataclass
@@ -83,13 +88,39 @@ def evaluate(
     num_tokens: int,
     other: TeacherForcedModel | None = None,
     progress: bool = True,
+    path: str = "prefill",
 ) -> EvalResult:
     """Perplexity of `model` on `token_ids` (and the comparison with `other`)."""
     if other is None:
         return evaluate_many(model, {}, token_ids, window=window, num_tokens=num_tokens,
-                             progress=progress)["reference"]
+                             progress=progress, path=path)["reference"]
     return evaluate_many(other, {"engine": model}, token_ids, window=window,
-                         num_tokens=num_tokens, progress=progress)["engine"]
+                         num_tokens=num_tokens, progress=progress, path=path)["engine"]
+
+
+def _groups(chunks: list[list[int]], path: str, batch: int) -> list[list[list[int]]]:
+    """The windows each model reads at once: one (prefill), or up to `batch` (decode; the
+    windows are equal but the last, so each group is longest first)."""
+    if path == "prefill":
+        return [[chunk] for chunk in chunks]
+    return [chunks[start : start + batch] for start in range(0, len(chunks), batch)]
+
+
+def _predictions(model: TeacherForcedModel, group: list[list[int]], path: str) -> Iterator[torch.Tensor]:
+    """A group's logits in pieces matching _targets: a window's positions (prefill), or one
+    step's rows (decode)."""
+    if path == "prefill":
+        yield model.logits(group[0])[:-1]
+    else:
+        yield from model.decode_logits(group)
+
+
+def _targets(group: list[list[int]], path: str) -> Iterator[list[int]]:
+    if path == "prefill":
+        yield group[0][1:]
+        return
+    for step in range(len(group[0]) - 1):
+        yield [window[step + 1] for window in group if len(window) > step + 1]
 
 
 @torch.no_grad()
@@ -101,32 +132,39 @@ def evaluate_many(
     window: int,
     num_tokens: int,
     progress: bool = True,
+    path: str = "prefill",
 ) -> dict[str, EvalResult]:
     """Each engine compared with one reference on the same windows, the reference's
     forward run once per window (quality tables of several quantised builds). Returns
     EvalResults by name, and the reference's own under "reference"."""
+    if path not in EVAL_PATHS:
+        raise KilnError(f"path {path!r}: expected one of {', '.join(EVAL_PATHS)}")
     totals = {name: _Totals() for name in ("reference", *engines)}
     chunks = windows(token_ids, window, num_tokens)
+    batch = min(model.max_windows for model in (reference, *engines.values()))
     bar = tqdm(total=sum(len(c) - 1 for c in chunks), desc="evaluating", unit="tok",
                disable=not progress)
-    for chunk in chunks:
-        targets = torch.tensor(chunk[1:], device=reference.device)  # (T-1,)
-        reference_log_probs = torch.log_softmax(reference.logits(chunk)[:-1], dim=-1)  # (T-1, V)
-        reference_probs = reference_log_probs.exp()
-        reference_top1 = reference_log_probs.argmax(-1)
-        _accumulate(totals["reference"], reference_log_probs, targets)
-        for name, model in engines.items():
-            log_probs = torch.log_softmax(model.logits(chunk)[:-1], dim=-1).to(reference.device)
-            total = totals[name]
-            _accumulate(total, log_probs, targets)
-            total.agree += int((log_probs.argmax(-1) == reference_top1).sum())
-            # 0 · log 0 is 0: a token the reference rules out costs nothing.
-            kl = torch.where(  # (T-1, V)
-                reference_probs > 0, reference_probs * (reference_log_probs - log_probs), 0.0
-            )
-            total.kl += float(kl.sum())
-            del log_probs, kl
-        bar.update(len(targets))
+    for group in _groups(chunks, path, batch):
+        streams = [_predictions(model, group, path) for model in (reference, *engines.values())]
+        # Every model's piece of the same positions together: (P, V) logits, P targets.
+        for target_ids, reference_logits, *engine_logits in zip(_targets(group, path), *streams):
+            targets = torch.tensor(target_ids, device=reference.device)  # (P,)
+            reference_log_probs = torch.log_softmax(reference_logits, dim=-1)  # (P, V)
+            reference_probs = reference_log_probs.exp()
+            reference_top1 = reference_log_probs.argmax(-1)
+            _accumulate(totals["reference"], reference_log_probs, targets)
+            for name, logits in zip(engines, engine_logits):
+                log_probs = torch.log_softmax(logits, dim=-1).to(reference.device)
+                total = totals[name]
+                _accumulate(total, log_probs, targets)
+                total.agree += int((log_probs.argmax(-1) == reference_top1).sum())
+                # 0 · log 0 is 0: a token the reference rules out costs nothing.
+                kl = torch.where(  # (P, V)
+                    reference_probs > 0, reference_probs * (reference_log_probs - log_probs), 0.0
+                )
+                total.kl += float(kl.sum())
+                del log_probs, kl
+            bar.update(len(targets))
     bar.close()
     base = totals["reference"]
     results = {"reference": EvalResult(base.perplexity, base.tokens, None)}

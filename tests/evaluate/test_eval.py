@@ -174,3 +174,86 @@ def test_cli_eval_borrows_a_tokenizer_for_an_engine_without_one(tiny, tmp_path, 
     assert "no layer crosses the threshold" in capsys.readouterr().out
     with pytest.raises(KilnError, match="--tokenizer .* has 40 tokens, more than the model's 32"):
         borrowed_tokenizer(str(lender), 32)
+
+
+def test_the_decode_path_gives_the_prefill_paths_logits(tiny):
+    """Windows fed one token a step (a batch of them, ragged: the last window shorter, more
+    windows than the batch) predict what one forward per window predicts: on the CPU both
+    paths run the torch reference attention, so they differ only in summation order."""
+    _, engine = tiny
+    ids = _tokens(100, seed=3)
+    prefill = TeacherForcedModel(engine, device="cpu", max_window=32)
+    decode = TeacherForcedModel(engine, device="cpu", max_window=32, max_windows=2)
+    chunks = windows(ids, 32, 90)
+    assert [len(c) for c in chunks] == [32, 32, 29]  # two groups: [32, 32] and [29]
+    steps = list(decode.decode_logits(chunks[:2]))
+    assert len(steps) == 31 and all(step.shape == (2, 64) for step in steps)
+    for index, chunk in enumerate(chunks[:2]):
+        by_step = torch.stack([step[index] for step in steps])
+        torch.testing.assert_close(by_step, prefill.logits(chunk)[:-1], rtol=1e-4, atol=1e-4)
+    by_prefill = evaluate(prefill, ids, window=32, num_tokens=90, progress=False)
+    by_decode = evaluate(decode, ids, window=32, num_tokens=90, other=prefill, progress=False,
+                         path="decode")
+    assert by_decode.num_tokens == by_prefill.num_tokens == 90
+    assert by_decode.perplexity == pytest.approx(by_prefill.perplexity, rel=1e-5)
+    assert by_decode.compare.top1_agreement == 1.0
+
+
+def test_the_decode_path_refuses_what_its_cache_cannot_hold(tiny):
+    from kiln.errors import KilnError
+
+    _, engine = tiny
+    model = TeacherForcedModel(engine, device="cpu", max_window=16, max_windows=2)
+    with pytest.raises(KilnError, match="3 windows at once; this model holds 1..2"):
+        next(model.decode_logits([[1, 2]] * 3))
+    with pytest.raises(KilnError, match=r"windows of \[2, 5\] tokens: each 2..16, longest first"):
+        next(model.decode_logits([[1, 2], [1, 2, 3, 4, 5]]))
+    with pytest.raises(KilnError, match="max_windows must be at least 1, got 0"):
+        TeacherForcedModel(engine, device="cpu", max_window=16, max_windows=0)
+    with pytest.raises(KilnError, match="path 'sideways': expected one of prefill, decode"):
+        evaluate(model, _tokens(20), window=16, num_tokens=10, progress=False, path="sideways")
+
+
+@pytest.mark.filterwarnings("ignore:FP8 KV cache with uncalibrated scales")
+def test_an_fp8_cache_is_read_in_its_engines_block_size(tiny):
+    """The FP8 cache's decode kernel is laid out by its block size, so eval takes the
+    engine's default for it (FP8_KV_DEFAULT_BLOCK_SIZE), and 16 otherwise; both paths then
+    read the same FP8 numbers."""
+    from kiln.config import FP8_KV_DEFAULT_BLOCK_SIZE
+
+    _, engine = tiny
+    plain = TeacherForcedModel(engine, device="cpu", max_window=48)
+    fp8 = TeacherForcedModel(engine, device="cpu", max_window=48, kv_cache_dtype="fp8",
+                             max_windows=2)
+    assert (plain.block_size, fp8.block_size) == (16, FP8_KV_DEFAULT_BLOCK_SIZE)
+    assert fp8.kv_caches[0].shape[2] == FP8_KV_DEFAULT_BLOCK_SIZE
+    ids = _tokens(100, seed=4)
+    prefill = evaluate(fp8, ids, window=48, num_tokens=94, other=plain, progress=False)
+    decode = evaluate(fp8, ids, window=48, num_tokens=94, other=plain, progress=False,
+                      path="decode")
+    assert decode.perplexity == pytest.approx(prefill.perplexity, rel=1e-4)
+    # KL ~3e-7 nats here (a tiny model's near-flat logits): summation order moves it ~5 %.
+    assert 0 < decode.compare.mean_kl == pytest.approx(prefill.compare.mean_kl, rel=0.2)
+
+
+def test_cli_eval_decode_path(tiny, tmp_path, capsys):
+    from tests.checkpoint.test_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "t.gguf", hidden=64, inter=128, heads=4, kv_heads=2, layers=1)
+    engine = tmp_path / "e"
+    assert main(["build", str(tmp_path / "t.gguf"), "-o", str(engine), "--dtype", "float32"]) == 0
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "hello world " * 30}) for _ in range(4)))
+    runs = {}
+    for path in ("prefill", "decode"):
+        out = tmp_path / f"{path}.json"
+        assert main(["eval", str(engine), "--compare", str(engine), "--dataset-path", str(text),
+                     "--num-tokens", "100", "--window", "32", "--path", path,
+                     "--decode-batch", "3", "--output-json", str(out), "--no-progress",
+                     "--device", "cpu"]) == 0
+        runs[path] = json.loads(out.read_text())
+    assert "decode path (3 at a time)" in capsys.readouterr().err
+    assert runs["decode"]["num_tokens"] == runs["prefill"]["num_tokens"] == 100
+    assert runs["decode"]["perplexity"] == pytest.approx(runs["prefill"]["perplexity"], rel=1e-5)
+    assert main(["eval", str(engine), "--path", "decode", "--decode-batch", "0"]) == 1
+    assert "--decode-batch must be at least 1, got 0" in capsys.readouterr().err
