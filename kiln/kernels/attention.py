@@ -643,7 +643,7 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _e4m3_keys_major_step(
-    qt, k, v,  # (D, G), (BLOCK_N, D), (BLOCK_N, D) E4M3
+    qt, qt_rest, k, v,  # (D, G) twice, (BLOCK_N, D), (BLOCK_N, D) E4M3
     valid,  # (BLOCK_N,) which keys to count when MASKED (None otherwise)
     m, l_parts, acc,  # (G,) running max, (BLOCK_N, G) per-key running sums, (D, G) output
     scores_scale,  # (1, G): softmax scale * log2(e) * k_scale * each head's query scale
@@ -651,8 +651,10 @@ def _e4m3_keys_major_step(
 ):
     """One key tile with E4M3 dots and the keys as the dots' rows: scores k . q^T (BLOCK_N,
     G) and the output v^T . p (D, G), so a tile's 64 keys fill Hopper's warpgroup MMA (M 64),
-    which takes E4M3 operands straight from shared memory: nothing is converted."""
-    scores = tl.dot(k, qt) * scores_scale
+    which takes E4M3 operands straight from shared memory: nothing is converted. The query
+    is two E4M3 terms (qt + qt_rest, see _paged_decode_e4m3_kernel): two dots into one
+    accumulator."""
+    scores = tl.dot(k, qt_rest, tl.dot(k, qt)) * scores_scale
     if MASKED:
         scores = tl.where(valid[:, None], scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 0))
@@ -674,8 +676,12 @@ def _paged_decode_e4m3_kernel(
     V_RUN: tl.constexpr, P_SCALE: tl.constexpr,
 ):
     """_paged_decode_kernel (same arguments, same outputs) on an FP8 cache with E4M3 dots:
-    each query head scaled into E4M3's range (its scale folded into its scores), p scaled
-    by P_SCALE and cast to E4M3, as TensorRT-LLM's XQA does on sm_90."""
+    each query head scaled into E4M3's range (its scale folded into its scores) and split
+    into its E4M3 rounding plus the E4M3 rounding of what that left (~2^-8 of the query's
+    error instead of ~2^-4), p scaled by P_SCALE and cast to E4M3. TensorRT-LLM's XQA on
+    sm_90 rounds the query once; on SmolLM2 that one rounding (emulated on the CPU) raised
+    the FP8 cache's KL from the bf16 build by 70 % and the split by 8 %; p's rounding
+    costs ~6 % (benchmarks/BENCHMARKS.md, tenth session)."""
     pdl_prologue(USE_PDL)
     kv_head, seq, split, kv_start, kv_lo, kv_hi, num_active = _decode_program(
         seq_lens_ptr, window, NUM_HEADS, GROUP, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
@@ -688,7 +694,11 @@ def _paged_decode_e4m3_kernel(
                  mask=head_mask[None, :], other=0.0).to(tl.float32)  # (D, GROUP_PAD)
     q_amax = tl.max(tl.abs(qt), 0)
     q_col_scale = tl.where(q_amax > 0, q_amax / 448.0, 1.0)  # FP8_MAX
-    qt = to_e4m3(qt / q_col_scale[None, :], EMULATE_FP8_CAST)
+    qt = qt / q_col_scale[None, :]
+    qt_first = to_e4m3(qt, EMULATE_FP8_CAST)
+    # The remainder is at most 2^-4 of its element: below 2^-6 it is subnormal, off by at
+    # most 2^-10 of the head's largest element (448), which no score notices.
+    qt_rest = to_e4m3(qt - qt_first.to(tl.float32), EMULATE_FP8_CAST)
     scores_scale = (qk_scale * tl.load(k_scale_ptr) * q_col_scale)[None, :]
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -700,15 +710,15 @@ def _paged_decode_e4m3_kernel(
         k, v = _load_aligned_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot,
                                      stride_c_head, block_table, tile, kv_lo, kv_hi, kv_head,
                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, True, V_RUN)
-        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, None, m, l_parts, acc, scores_scale,
-                                                False, P_SCALE)
+        m, l_parts, acc = _e4m3_keys_major_step(qt_first, qt_rest, k, v, None, m, l_parts, acc,
+                                                scores_scale, False, P_SCALE)
     for tile in range(kv_lo, full_lo, BLOCK_N):  # the window's cut tile (at most one)
         pos = tile + tl.arange(0, BLOCK_N)
         valid = (pos >= kv_start) & (pos < kv_hi)
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
                              block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE,
                              tl.float8e4nv, True, True, V_RUN)
-        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, valid, m, l_parts, acc,
+        m, l_parts, acc = _e4m3_keys_major_step(qt_first, qt_rest, k, v, valid, m, l_parts, acc,
                                                 scores_scale, True, P_SCALE)
     for tile in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):  # the partial last one
         pos = tile + tl.arange(0, BLOCK_N)
@@ -716,7 +726,7 @@ def _paged_decode_e4m3_kernel(
         k, v = _load_kv_tile(cache_ptr, stride_c_kind, stride_c_block, stride_c_slot, stride_c_head,
                              block_table, pos, valid, kv_head, HEAD_DIM, BLOCK_SIZE,
                              tl.float8e4nv, True, True, V_RUN)
-        m, l_parts, acc = _e4m3_keys_major_step(qt, k, v, valid, m, l_parts, acc,
+        m, l_parts, acc = _e4m3_keys_major_step(qt_first, qt_rest, k, v, valid, m, l_parts, acc,
                                                 scores_scale, True, P_SCALE)
 
     _store_decode_output(tl.trans(acc), tl.sum(l_parts, 0), m, tl.load(v_scale_ptr) / P_SCALE,
@@ -768,10 +778,10 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 
 # How decode turns an FP8 KV cache's E4M3 tiles into dot operands (KILN_FP8_KV_DOT, the A/B
 # switch): "fp16" (default) = float16 dots, one conversion instruction per element pair;
-# "e4m3" = E4M3 dots (_paged_decode_e4m3_kernel: the query scaled to E4M3 per head, p to
-# E4M3 after E4M3_P_SCALE, nothing converted; TensorRT-LLM's XQA does the same on sm_90), not
-# the default: its quality is measured on random data only (max error 0.007 against 0.0005
-# for "fp16" at 128 rows x 3 k, H200); "model" = the query's dtype and the 16-bit caches'
+# "e4m3" = E4M3 dots (_paged_decode_e4m3_kernel: the query scaled to E4M3 per head and split
+# into two E4M3 terms, p to E4M3 after E4M3_P_SCALE, no K or V element converted;
+# TensorRT-LLM's XQA does the same on sm_90 with the query rounded once, which on SmolLM2
+# cost +1.07 % perplexity against "fp16"'s +0.61 %, H200); "model" = the query's dtype and the 16-bit caches'
 # tiling, as before both (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a
 # second conversion). float16 holds every E4M3 value exactly and p in [0, 1] with more
 # mantissa than bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).

@@ -205,6 +205,24 @@ def test_fp8_decode_in_e4m3_dots_stays_within_e4m3_rounding(window, block_size, 
         assert 1e-3 < error < 5e-2, (num_splits, error)
 
 
+def test_fp8_decode_in_e4m3_dots_splits_the_query_so_peaked_attention_stays_close(
+        device, poison_outputs, monkeypatch):
+    # Scores 8x larger than above: each row's attention sits on a few keys, so the scores'
+    # error (the query's rounding) dominates p's. The kernel's query is its E4M3 rounding
+    # plus the rounding of the rest (two dots): 0.008 from the reference; rounded once, as
+    # XQA does, it was 0.070 (measured here on this batch).
+    monkeypatch.setattr(attention, "_decode_dot", lambda query, cache: (tl.float8e4nv, True))
+    batch, k_scale, v_scale = _fp8_batch([1, 1, 1], [300, 16, 555], device, num_padding_rows=1,
+                                         num_heads=8, block_size=32)
+    batch.query.mul_(8)
+    expected = _reference(batch, 0.125, k_scale, v_scale)[:3].float()
+    out = attention.paged_decode_attention(batch.query, batch.kv_cache, batch.block_tables,
+                                           batch.seq_lens, 0.125, k_scale=k_scale,
+                                           v_scale=v_scale)[:3].float()
+    error = ((out - expected).norm() / expected.norm()).item()
+    assert 1e-3 < error < 2e-2, error
+
+
 def test_value_view_refuses_a_non_contiguous_fp8_cache(device):
     # Its V is laid out per block (Hkv, D, block_size): a strided slice cannot be read as one.
     cache = attention.to_fp8_cache(torch.randn(2, 4, 16, 2, 8, device=device))

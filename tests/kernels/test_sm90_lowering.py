@@ -3,7 +3,7 @@ int_gemv converts no integer weight (its point), and the skinny FP8 GEMM runs on
 E4M3 operands, its "serial" split-K with a gpu-scope fence and an atomic counter, and the
 decode attention on an FP8 cache (V dims-major, attention.value_view) widens K and V from
 two-byte pairs (no byte loads from shared memory), or in E4M3 dots runs on E4M3 wgmma with
-nothing converted. The interpreter runs these kernels' Python, not Triton's compiler, so a compile error that only
+no K or V element converted. The interpreter runs these kernels' Python, not Triton's compiler, so a compile error that only
 the GPU would raise is caught here (tests/kernels/sm90_lowering.py does the compiling, in a
 process without TRITON_INTERPRET)."""
 
@@ -53,5 +53,7 @@ def test_fp8_decode_widens_k_and_v_from_byte_pairs(lowering):
 def test_fp8_decode_in_e4m3_dots_runs_on_e4m3_wgmma_without_conversions(lowering):
     found = lowering["fp8_decode"]
     assert found["e4m3_wgmma"]
-    assert found["e4m3_conversions"] == 0
+    # Only the query's split (its first E4M3 rounding widened once, outside the key loop:
+    # 128 dims x 16 heads, 128 threads, two a conversion); a tile's K or V would be 64 more.
+    assert found["e4m3_conversions"] <= 128 * 16 // (128 * 2)
     assert found["e4m3_async_copies"] > 0
