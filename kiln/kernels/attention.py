@@ -161,6 +161,26 @@ def from_cache(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x.float() * scale.float()
 
 
+def context_kv(
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+    block_tables: torch.Tensor,  # (S, max_blocks) int32
+    seq: int,
+    seq_len: int,
+    num_heads: int,  # query heads: each KV head repeated for its group
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values (seq_len, num_heads, D) float32
+    """Sequence `seq`'s cached keys and values, gathered from its blocks and scaled back."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    num_seq_blocks = -(-seq_len // block_size)
+    blocks = block_tables[seq, :num_seq_blocks].long()
+    keys = kv_cache[0, blocks].reshape(num_seq_blocks * block_size, num_kv_heads, head_dim)
+    values = value_view(kv_cache)[blocks].reshape(keys.shape)
+    group = num_heads // num_kv_heads
+    return (from_cache(keys[:seq_len], k_scale).repeat_interleave(group, dim=1),
+            from_cache(values[:seq_len], v_scale).repeat_interleave(group, dim=1))
+
+
 def paged_attention_reference(
     query: torch.Tensor,  # (T, Hq, D) all scheduled tokens of all sequences, concatenated
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), already holding this step's KV
@@ -178,21 +198,13 @@ def paged_attention_reference(
     `seq_len - q_len + i`) sees keys at positions p with p <= its own and, with a sliding
     window W, p > own - W (the Hugging Face convention: W keys including itself).
     """
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(query)
     for seq, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[seq], query_start_loc[seq + 1]
         q_len = end - start
         if q_len == 0:
             continue
-        num_seq_blocks = -(-seq_len // block_size)
-        blocks = block_tables[seq, :num_seq_blocks].long()
-        keys = kv_cache[0, blocks].reshape(num_seq_blocks * block_size, num_kv_heads, head_dim)
-        values = value_view(kv_cache)[blocks].reshape(keys.shape)
-        k = from_cache(keys[:seq_len], k_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
-        v = from_cache(values[:seq_len], v_scale).repeat_interleave(group, dim=1)  # (L, Hq, D)
+        k, v = context_kv(kv_cache, block_tables, seq, seq_len, query.shape[1], k_scale, v_scale)
         q = query[start:end].float()  # (q_len, Hq, D)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (Hq, q_len, L)
         device = query.device
@@ -781,7 +793,9 @@ def _check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None
 # "e4m3" = E4M3 dots (_paged_decode_e4m3_kernel: the query scaled to E4M3 per head and split
 # into two E4M3 terms, p to E4M3 after E4M3_P_SCALE, no K or V element converted;
 # TensorRT-LLM's XQA does the same on sm_90 with the query rounded once, which on SmolLM2
-# cost +1.07 % perplexity against "fp16"'s +0.61 %, H200); "model" = the query's dtype and the 16-bit caches'
+# cost +1.07 % perplexity against "fp16"'s +0.61 % and the split's +0.75 %, H200; the split
+# reads 0.77 ms a layer at 448 rows x 2-4 k against 0.75 rounded once and 0.84 "fp16"), not
+# the default for those 0.14 points; "model" = the query's dtype and the 16-bit caches'
 # tiling, as before both (sm_90 converts E4M3 pairs to float16 only, so bfloat16 takes a
 # second conversion). float16 holds every E4M3 value exactly and p in [0, 1] with more
 # mantissa than bfloat16; a bfloat16 query past float16's range saturates (Q_TO_F16).
