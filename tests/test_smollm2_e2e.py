@@ -84,3 +84,24 @@ def test_interactive_chat_streams_answers(llm):
     transcript = stdout.getvalue()
     assert transcript.count("kiln> ") == 2
     assert "Paris" in transcript and "Rome" in transcript
+
+
+def test_kiln_build_takes_the_smollm2_alias(gguf_path, tmp_path, monkeypatch, capsys):
+    # `kiln build smollm2 -o DIR` builds the embedded GGUF, as generate/chat/serve read the
+    # name; only with --random-weights is a source a preset name instead.
+    import types
+
+    import kiln.compiler.builder as builder
+    from kiln.cli import main
+
+    sources = []
+
+    def record(source, output, config, **kwargs):
+        sources.append(source)
+        return types.SimpleNamespace(describe=lambda: "built")
+
+    monkeypatch.setattr(builder, "build_engine", record)
+    assert main(["build", "smollm2", "-o", str(tmp_path / "engine")]) == 0
+    assert sources == [gguf_path]
+    assert main(["build", "smollm2", "--random-weights", "-o", str(tmp_path / "random")]) != 0
+    assert "smollm2" in capsys.readouterr().err
