@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.evaluate import EVAL_PATHS
 
 DEFAULT_NUM_TOKENS = 50_000
 DEFAULT_WINDOW = 1024
@@ -89,8 +90,6 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 def add_eval_parsers(commands) -> None:
     """Register `kiln eval` and `kiln verify` on the top-level subparsers."""
-    from kiln.evaluate.forward import EVAL_PATHS
-
     evaluate = commands.add_parser(
         "eval", help="perplexity on held-out text; --compare: agreement, KL, perplexity delta"
     )

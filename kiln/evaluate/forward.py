@@ -33,7 +33,6 @@ from kiln.runtime.kv_tensors import (
 BLOCK_SIZE = 16
 
 _KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
-EVAL_PATHS = ("prefill", "decode")
 
 
 def compute_dtype_for(engine: EngineInfo, device: torch.device, dtype: str = "auto") -> torch.dtype:

@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from kiln.errors import KilnError
-from kiln.evaluate.forward import EVAL_PATHS, TeacherForcedModel
+from kiln.evaluate import EVAL_PATHS
+from kiln.evaluate.forward import TeacherForcedModel
 
 
 @dataclass
