@@ -34,8 +34,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise KilnError(f"--window must be at least 2 tokens, got {args.window}")
     if args.decode_batch < 1:
         raise KilnError(f"--decode-batch must be at least 1, got {args.decode_batch}")
-    # The decode path holds a batch of windows in each model's cache at once.
-    max_windows = args.decode_batch if args.path == "decode" else 1
+    # The decode path holds a batch of windows in each model's cache at once: no more than
+    # the text needs (a window predicts window - 1 tokens), so a large --decode-batch costs
+    # no memory it cannot use.
+    windows_needed = -(-args.num_tokens // (args.window - 1))
+    max_windows = min(args.decode_batch, windows_needed) if args.path == "decode" else 1
     model = TeacherForcedModel(
         _engine_dir(args.engine), device=args.device, dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype, max_window=args.window, max_windows=max_windows,

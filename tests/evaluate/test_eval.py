@@ -257,3 +257,8 @@ def test_cli_eval_decode_path(tiny, tmp_path, capsys):
     assert runs["decode"]["perplexity"] == pytest.approx(runs["prefill"]["perplexity"], rel=1e-5)
     assert main(["eval", str(engine), "--path", "decode", "--decode-batch", "0"]) == 1
     assert "--decode-batch must be at least 1, got 0" in capsys.readouterr().err
+    # A batch past the text's windows (100 tokens, 31 a window: 4) allocates only those.
+    assert main(["eval", str(engine), "--dataset-path", str(text), "--num-tokens", "100",
+                 "--window", "32", "--path", "decode", "--decode-batch", "1000000000",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert "decode path (4 at a time)" in capsys.readouterr().err
