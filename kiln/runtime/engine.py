@@ -53,7 +53,7 @@ import torch
 
 from kiln.compiler.manifest import EngineInfo, open_engine
 from kiln.checkpoint.tokenizer import load_tokenizer
-from kiln.config import FP8_KV_DEFAULT_BLOCK_SIZE, EngineConfig
+from kiln.config import EngineConfig
 from kiln.errors import KilnError
 from kiln.parallel.state import SINGLE_PROCESS
 from kiln.runtime.detokenizer import IncrementalDetokenizer
@@ -64,7 +64,7 @@ from kiln.runtime.request_output import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.quant.fp8 import check_fp8_device
-from kiln.runtime.kv_tensors import FP8_KV_DTYPE, kv_cache_torch_dtype
+from kiln.runtime.kv_tensors import FP8_KV_DTYPE, default_block_size, kv_cache_torch_dtype
 
 if TYPE_CHECKING:
     from kiln.spec.config import SpeculativeConfig
@@ -212,11 +212,10 @@ class LLMEngine:
             config.kv_cache_dtype, self.dtype, engine_info.manifest.get("build", {}))
         if self.kv_cache_dtype == FP8_KV_DTYPE or engine_info.quant_config.scheme == "fp8":
             check_fp8_device(self.device)
-        # An FP8 cache's own default block size (config.FP8_KV_DEFAULT_BLOCK_SIZE: its decode
-        # reads each block's V as one run), unless the user chose one.
-        if self.kv_cache_dtype == FP8_KV_DTYPE and "block_size" not in config.model_fields_set:
+        # The cache dtype's default block size (an FP8 cache's own), unless the user chose one.
+        if "block_size" not in config.model_fields_set:
             self.config = config = config.model_copy(
-                update={"block_size": FP8_KV_DEFAULT_BLOCK_SIZE})
+                update={"block_size": default_block_size(self.kv_cache_dtype)})
         tokenizer_dir = engine_info.tokenizer_dir
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         eos = engine_info.generation_config.get("eos_token_id")

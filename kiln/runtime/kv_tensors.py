@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.config import DEFAULT_BLOCK_SIZE, FP8_KV_DEFAULT_BLOCK_SIZE
 from kiln.layers.attention import Attention
 
 NULL_BLOCK = 0
@@ -59,6 +60,15 @@ def allocate_kv_caches(
 
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def default_block_size(kv_cache_dtype: torch.dtype) -> int:
+    """Tokens per cache block when the user sets none: an FP8 cache's own default
+    (config.FP8_KV_DEFAULT_BLOCK_SIZE: its decode reads each block's V as one run), else
+    config.DEFAULT_BLOCK_SIZE."""
+    if kv_cache_dtype == FP8_KV_DTYPE:
+        return FP8_KV_DEFAULT_BLOCK_SIZE
+    return DEFAULT_BLOCK_SIZE
 
 
 def kv_cache_torch_dtype(name: str, compute_dtype: torch.dtype, build: dict) -> torch.dtype:
