@@ -22,6 +22,7 @@ from kiln.kernels import (
     quant_linear,
     rope as rope_kernels,
     skinny_fp8,
+    skinny_int4,
 )
 from kiln.kernels.activation import gelu_tanh_reference, silu_and_mul_reference
 from kiln.kernels.attention import (
@@ -252,11 +253,21 @@ INT8_TRITON_MAX_ROWS = 512
 
 
 def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.Tensor,
-                 zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+                 zero: torch.Tensor | None, bias: torch.Tensor | None,
+                 integer_zeros: bool = False) -> torch.Tensor:
     x = x.contiguous()
     rows = x.shape[0]
     triton_rows = (INT8_TRITON_MAX_ROWS if kind == quant_linear.KIND_INT8
                    else quant_linear.MAX_GEMV_ROWS)
+    # Decode int4 of 2-16 rows (groups of 128k, integer zero points) goes to the tensor
+    # cores, unpacked by LOP3 (kernels/skinny_int4.py: 2.5-5x quant_linear's kernel on the
+    # H200); one row stays on int_gemv, faster there (BENCHMARKS.md). KILN_SKINNY_INT4=0
+    # (the A/B switch) keeps the kernels below.
+    if (kind == quant_linear.KIND_INT4 and integer_zeros
+            and 2 <= rows <= skinny_int4.MAX_TOKENS
+            and env_flag("KILN_SKINNY_INT4", default=True)
+            and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
+        return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias)
     # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
     # conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel.
     if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)
@@ -286,8 +297,11 @@ def int4_weight_only_linear(
     scale: torch.Tensor,  # (N, K / G) float16
     zero: torch.Tensor,  # (N, K / G) float16
     bias: torch.Tensor | None,
+    *,
+    integer_zeros: bool = False,  # every zero point a whole number (the caller checked once)
 ) -> torch.Tensor:  # (T, N)
     if _fast(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-        return _weight_only(x, quant_linear.KIND_INT4, qweight, scale, zero, bias)
+        return _weight_only(x, quant_linear.KIND_INT4, qweight, scale, zero, bias,
+                            integer_zeros)
     w = quant_linear.dequantize_int4(qweight, scale, zero)
     return quant_linear.weight_only_linear_reference(x, w, bias)

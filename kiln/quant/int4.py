@@ -22,7 +22,7 @@ from kiln.kernels import ops
 from kiln.quant.base import QuantMethod, make_parameter
 from kiln.quant.config import register_quant_scheme
 from kiln.quant.int8 import check_group_size_value, scale_layout
-from kiln.quant.placement import FeatureLayout
+from kiln.quant.placement import FeatureLayout, ShardPlacement
 from kiln.quant.quantize import check_group_size, int4_grid, int4_levels, quantize_int4
 from kiln.quant.scheme_base import BuildQuantizedLinearMethod, QuantizedSchemeConfig, store
 
@@ -69,6 +69,11 @@ class Int4WeightOnlyLinearMethod(BuildQuantizedLinearMethod):
         scale, zero = grid[0][:, group], grid[1][:, group]
         return (int4_levels(columns, scale, zero) - zero) * scale
 
+    def load_checkpoint_tensor(self, layer: nn.Module, name: str, loaded: torch.Tensor,
+                               placement: ShardPlacement, source_name: str) -> None:
+        super().load_checkpoint_tensor(layer, name, loaded, placement, source_name)
+        layer.integer_zero_points = None  # new zero points: look again
+
     def store_quantized(self, layer: nn.Module, weight: torch.Tensor,
                         grid: tuple[torch.Tensor, ...]) -> None:
         packed, scale, zero = quantize_int4(weight, layer.quant_group_size,
@@ -76,8 +81,26 @@ class Int4WeightOnlyLinearMethod(BuildQuantizedLinearMethod):
         store(layer.qweight, packed)
         store(layer.weight_scale, scale)
         store(layer.weight_zero, zero)
+        layer.integer_zero_points = None
 
     def apply_quantized(self, layer: nn.Module, x: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
         return ops.int4_weight_only_linear(x, layer.qweight, layer.weight_scale,
-                                           layer.weight_zero, bias)
+                                           layer.weight_zero, bias,
+                                           integer_zeros=integer_zero_points(layer, x))
+
+
+def integer_zero_points(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether every zero point of the layer is a whole number, which the decode tensor-core
+    kernel needs (kernels/skinny_int4.py: it subtracts 128 + z in bf16, whose step is 1
+    there). True for kiln's builds, AWQ, GPTQ and compressed-tensors; GGUF Q4_1's are
+    fractional. Looked at once per layer on its first fast-path call (one device sync), never
+    inside a CUDA-graph capture (the answer is then False for that call: the other kernels)."""
+    known = getattr(layer, "integer_zero_points", None)
+    if known is not None:
+        return known
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return False
+    zero = layer.weight_zero
+    layer.integer_zero_points = bool(torch.equal(zero, zero.round()))
+    return layer.integer_zero_points

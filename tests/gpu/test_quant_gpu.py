@@ -78,7 +78,8 @@ def test_weight_only_linear_matches_reference(quantised, scheme, n, k, m):
         dequantised = dequantize_int8(weight, scale)
     else:
         packed, scale, zero = quantised("int4", n, k)
-        out = ops.int4_weight_only_linear(x, packed, scale, zero, None)
+        # integer_zeros: 2-16 rows on the tensor-core kernel (kernels/skinny_int4.py)
+        out = ops.int4_weight_only_linear(x, packed, scale, zero, None, integer_zeros=True)
         dequantised = dequantize_int4(packed, scale, zero)
     expected = weight_only_linear_reference(x, dequantised)
     # M > 1 rounds the dequantised weight to bf16 for tl.dot: a bf16 ulp per weight.
@@ -108,7 +109,7 @@ def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme):
             return ops.fp8_linear(x, *tensors, None, None)
         if scheme == "int8":
             return ops.int8_weight_only_linear(x, *tensors, None)
-        return ops.int4_weight_only_linear(x, *tensors, None)
+        return ops.int4_weight_only_linear(x, *tensors, None, integer_zeros=True)
 
     run()  # compile outside the capture
     torch.cuda.synchronize()

@@ -17,6 +17,7 @@ from kiln.kernels.attention import (E4M3_P_SCALE, MIN_DECODE_SPLIT_TOKENS,
                                     _paged_decode_e4m3_kernel, _paged_decode_kernel)
 from kiln.kernels.int_gemv import _int_gemv_kernel
 from kiln.kernels.skinny_fp8 import _skinny_fp8_kernel
+from kiln.kernels.skinny_int4 import _skinny_int4_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 ALIGNED = [["tt.divisibility", 16]]
@@ -69,6 +70,31 @@ def skinny_fp8_variants() -> dict:
     return out
 
 
+def skinny_int4_variants() -> dict:
+    """The decode W4A16 GEMM at its default tiling, bf16 and fp16 activations, paired and
+    natural column orders: bf16/fp16 wgmma, the LOP3 unpacking (4 a word), no integer
+    conversions."""
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
+                 "stride_s": "i32", "bias_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32",
+                 "N": "i32", "K": "i32", "SPLIT_K": "i32"}
+    out = {}
+    for name, float16, paired in (("bf16", False, True), ("fp16", True, True),
+                                  ("bf16_natural", False, False)):
+        x_type = "*fp16" if float16 else "*bf16"
+        ptx = compile_ptx(_skinny_int4_kernel, {**signature, "x_ptr": x_type}, {
+            "GROUP": 128, "HAS_BIAS": False, "SPLIT": True, "BLOCK_N": 64, "SUBTILES": 1,
+            "TOKENS": 16, "PREFETCH_TILES": 2, "USE_PDL": True, "GPU_ASM": True,
+            "FLOAT16": float16, "PAIRED": paired,
+        })
+        kind = "f16" if float16 else "bf16"
+        out[name] = {"wgmma": f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{kind}.{kind}" in ptx,
+                     "nibble_lop3": ptx.count("0x000F000F"),
+                     "packed_fma": ptx.count(f"fma.rn.{kind}x2"),
+                     "conversions_from_int": ptx.count("cvt.rn.f32.s") + ptx.count("cvt.rn.f32.u"),
+                     "griddepcontrol": "griddepcontrol.wait" in ptx}
+    return out
+
+
 def fp8_decode_variants() -> dict:
     """The decode kernel on an FP8 cache (V dims-major, 32-token blocks) in float16 dots, at
     its default tiling: K and V both widened from two-byte pairs, no byte loads from shared
@@ -99,4 +125,5 @@ def fp8_decode_variants() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({"int_gemv": int_gemv_variants(), "skinny_fp8": skinny_fp8_variants(),
+                      "skinny_int4": skinny_int4_variants(),
                       "fp8_decode": fp8_decode_variants()}))

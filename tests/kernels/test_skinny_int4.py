@@ -1,0 +1,165 @@
+"""The decode W4A16 tensor-core GEMM (kernels/skinny_int4.py) against its torch reference: on
+the CPU through the interpreter (shifts and masks, fp32 products: the unpacking twin and
+every index), on a GPU the same tests run the PTX unpacking at these shapes and
+tests/gpu/test_quant_gpu.py at real ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels import ops, skinny_int4 as skinny_int4_module
+from kiln.kernels.quant_linear import dequantize_int4, weight_only_linear_reference
+from kiln.kernels.skinny_int4 import (
+    SkinnyInt4Config,
+    default_skinny_int4_config,
+    skinny_int4_linear,
+    skinny_int4_unsupported_reason,
+)
+from kiln.quant.quantize import pack_int4, quantize_int4
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+# 16-row programs so the interpreter runs a partial last block (N = 40) and several K tiles.
+SMALL = SkinnyInt4Config(block_n=16, subtiles=1, tokens=8)
+
+
+def _inputs(m: int, n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator) * 0.05
+    bias = (torch.randn(n, generator=generator) * 0.1).to(dtype)
+    return x, weight, bias
+
+
+def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.float() - expected.float()).abs().max()
+            / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("m,group_size,config", [
+    (1, 128, SMALL),
+    (3, 256, SkinnyInt4Config(block_n=16, subtiles=2, tokens=8, paired=False)),
+    (9, 128, SkinnyInt4Config(block_n=16, subtiles=1, tokens=8, split_k=3)),  # tokens → 16
+    (16, 512, SkinnyInt4Config(block_n=32, subtiles=2, tokens=16, split_k=2)),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference(m, group_size, config, dtype, device, poison_outputs):
+    x, weight, bias = _inputs(m, 40, 512, dtype, seed=m)
+    packed, scale, zero = quantize_int4(weight, group_size)
+    out = skinny_int4_linear(x.to(device), packed.to(device), scale.to(device),
+                             zero.to(device), bias.to(device), config=config)
+    expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero), bias)
+    assert out.dtype == dtype and out.shape == (m, 40)
+    assert _relative(out.cpu(), expected) < 2**-7
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_every_nibble_in_every_position_reaches_its_column(paired, device):
+    """x one-hot per column: y[n] is exactly q[n, column] − z (small integers, no rounding),
+    so a nibble unpacked into the wrong column (or x permuted differently from the weights)
+    fails here, in both column orders."""
+    k, n = 128, 16
+    q = torch.arange(n * k).remainder(16).reshape(n, k)
+    q = q[:, torch.randperm(k, generator=torch.Generator().manual_seed(0))]
+    ones = torch.ones(n, 1, dtype=torch.float16, device=device)
+    zero = torch.full((n, 1), 3.0, dtype=torch.float16, device=device)
+    config = SkinnyInt4Config(block_n=16, subtiles=1, tokens=8, paired=paired)
+    packed = pack_int4(q).to(device)
+    for column in range(k):
+        x = torch.zeros(1, k, dtype=torch.bfloat16)
+        x[0, column] = 1.0
+        y = skinny_int4_linear(x.to(device), packed, ones, zero, config=config)
+        assert torch.equal(y.cpu()[0].float(), (q[:, column] - 3).float()), column
+
+
+def test_default_config_splits_short_matrices():
+    """Few column blocks split K (the H200 has 132 SMs); a wide matrix does not."""
+    assert default_skinny_int4_config(1, 4096, 4096).split_k > 1
+    assert default_skinny_int4_config(1, 28672, 4096).split_k == 1
+    assert default_skinny_int4_config(1, 64, 256).split_k == 1  # too few tiles to split
+
+
+def test_ops_dispatch(device, monkeypatch):
+    """ops sends int4 linears of 2-16 rows with 128-multiple groups and integer zero points
+    here; one row stays on int_gemv; KILN_SKINNY_INT4=0 keeps the previous kernels; other
+    group sizes, and zero points not known to be integers, never come here."""
+    x, weight, bias = _inputs(4, 24, 256, seed=4)
+    packed, scale, zero = quantize_int4(weight, 128)
+    args = [t.to(device) for t in (x, packed, scale, zero, bias)]
+    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
+    calls = []
+    real = skinny_int4_module.launch_skinny_int4
+    monkeypatch.setattr(skinny_int4_module, "launch_skinny_int4",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero), bias)
+
+    def run(rows=4, **kwargs):
+        out = ops.int4_weight_only_linear(args[0][:rows], *args[1:], **kwargs)
+        assert _relative(out.cpu(), expected[:rows]) < 2**-7
+
+    run(integer_zeros=True)
+    run(rows=1, integer_zeros=True)
+    run()  # integer zero points not vouched for
+    assert calls == [4]
+    monkeypatch.setenv("KILN_SKINNY_INT4", "0")
+    run(integer_zeros=True)
+    monkeypatch.delenv("KILN_SKINNY_INT4")
+    packed64, scale64, zero64 = quantize_int4(weight, 64)
+    ops.int4_weight_only_linear(args[0], packed64.to(device), scale64.to(device),
+                                zero64.to(device), args[4], integer_zeros=True)
+    assert calls == [4]
+
+
+def test_layers_vouch_for_integer_zero_points_once(monkeypatch):
+    """kiln/quant/int4.integer_zero_points: whole-number zero points are found once per layer
+    and remembered; fractional ones (GGUF Q4_1) are not vouched for; nothing is looked at for
+    CPU tensors or inside a CUDA-graph capture; new weights are looked at again."""
+    from types import SimpleNamespace
+
+    from kiln.quant.int4 import integer_zero_points
+
+    layer = SimpleNamespace(weight_zero=torch.tensor([[3.0, 8.0]], dtype=torch.float16))
+    cpu_x = torch.zeros(1, 2)
+    assert integer_zero_points(layer, cpu_x) is False
+    assert getattr(layer, "integer_zero_points", None) is None
+    cuda_like = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert integer_zero_points(layer, cuda_like) is False
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert integer_zero_points(layer, cuda_like) is True and layer.integer_zero_points is True
+    layer.weight_zero = torch.tensor([[3.5, 8.0]], dtype=torch.float16)
+    assert integer_zero_points(layer, cuda_like) is True  # remembered
+    layer.integer_zero_points = None  # what loading or quantising a layer's weights does
+    assert integer_zero_points(layer, cuda_like) is False
+
+
+def test_unsupported_inputs_are_named(device):
+    n, k = 8, 256
+    packed = torch.zeros(n, k // 2, dtype=torch.uint8)
+    scale = torch.ones(n, 2, dtype=torch.float16)
+    x = torch.zeros(1, k, dtype=torch.bfloat16)
+    assert skinny_int4_unsupported_reason(x.to(device), packed.to(device), scale.to(device),
+                                          scale.to(device)) is None
+    for bad_x, message in ((torch.zeros(17, k, dtype=torch.bfloat16), "1 ≤ M ≤ 16"),
+                           (torch.zeros(1, k), "bfloat16 or float16"),
+                           (torch.zeros(1, k, dtype=torch.bfloat16, device="meta"),
+                            "Triton runs on CUDA")):
+        assert message in skinny_int4_unsupported_reason(bad_x, packed, scale, scale)
+    assert "uint8 (N, 128)" in skinny_int4_unsupported_reason(x, packed[:, :64], scale, scale)
+    x192 = torch.zeros(1, 192, dtype=torch.bfloat16)
+    assert "multiple of 128" in skinny_int4_unsupported_reason(
+        x192, torch.zeros(n, 96, dtype=torch.uint8), scale[:, :1], scale[:, :1])
+    four = torch.ones(n, 4, dtype=torch.float16)
+    assert "group size must be a multiple of 128" in skinny_int4_unsupported_reason(
+        x, packed, four, four)
+    assert "zero must be float16" in skinny_int4_unsupported_reason(x, packed, scale,
+                                                                     scale.float())
+    misaligned = torch.zeros(n * k // 2 + 1, dtype=torch.uint8)[1:].view(n, k // 2)
+    assert "4-byte boundary" in skinny_int4_unsupported_reason(x, misaligned, scale, scale)
+    with pytest.raises(ValueError, match="skinny_int4_linear: x must be"):
+        skinny_int4_linear(torch.zeros(17, k, device=device, dtype=torch.bfloat16),
+                           packed.to(device), scale.to(device), scale.to(device))
+    for bad in (dict(block_n=48), dict(subtiles=3), dict(tokens=4), dict(split_k=0)):
+        with pytest.raises(ValueError):
+            SkinnyInt4Config(**bad)
