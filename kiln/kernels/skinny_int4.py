@@ -42,9 +42,11 @@ Measured on the H200 (benchmarks/skinny_int4_sweep.py, BENCHMARKS.md): ~1.0 TB/s
 at M = 1, 4 and 16 alike (gate|up 60 µs, down 32, q|k|v 16, o 12), against quant_linear's
 0.2-0.6 TB/s above one row: random Llama-3.1-8B int4-wo decode at batch 4 393 → 808 tok/s,
 batch 16 826 → 2,872. At one row int_gemv stays faster (1.05-1.5 TB/s) and keeps it. The
-kernel is latency-bound, not issue-bound (4.7 instructions a weight would allow ~3.5 TB/s):
-one program's chain (shared-memory words → unpack → shared-memory layout change → wgmma →
-wait) runs serially, and the grid gives each SM only ~3 programs to overlap.
+kernel waits on shared memory, not on DRAM or issue (4.7 instructions a weight would allow
+~3.5 TB/s): Nsight Compute has the L1/shared pipe 69 % busy at 1.04 TB/s, as the unpacked bf16
+tile (4x the packed bytes) goes through shared memory to become the wgmma operand, and x's
+16 token rows with it: ~56 KB of shared-memory traffic per 4 KB of weights (BENCHMARKS.md).
+Weights repacked at load into the MMA fragment order would remove the round trip.
 
 Under the CPU interpreter (no inline assembly, and bf16 arithmetic that is wrong) the same
 kernel unpacks with shifts and masks, joins and permutes in the same orders, and multiplies
@@ -99,8 +101,8 @@ class SkinnyInt4Config:
 def default_skinny_int4_config(m: int, n: int, k: int) -> SkinnyInt4Config:
     """The H200 sweep's rule (benchmarks/skinny_int4_sweep.py, results/s16-h200-skinny-int4-
     sweep.json; 77 tilings x 4 Llama-3.1-8B shapes x M = 1, 4, 16): 64-row programs, one
-    128-column sub-tile per stage, 3 stages (small programs, several per SM: the unpack →
-    MMA chain of one program is latency-bound), and K split until there are about three
+    128-column sub-tile per stage, 3 stages (small programs, four per SM, to overlap one
+    another's waits on shared memory), and K split until there are about three
     programs per SM while each keeps ≥ 8 tiles: q|k|v and o in 4, down in 8, gate|up
     unsplit. Within 5 % of each shape's best at M = 4 and 16."""
     block_n, subtiles = 64, 1
