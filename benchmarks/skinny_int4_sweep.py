@@ -5,7 +5,7 @@ quant_linear's tl.dot kernel above) and bf16 (ops.linear). Every timed output is
 against the torch reference first. Weights rotate through copies so that L2 holds none.
 
 Usage: python benchmarks/skinny_int4_sweep.py --out DIR [--rows 1 4 16] [--budget-s 240]
-           [--grid wgmma|mma8]
+           [--grid wgmma|mma8|wide]
 Writes DIR/skinny_int4_sweep-GRID.json and prints the best tiling per shape and M.
 """
 
@@ -40,6 +40,11 @@ def grid(name: str) -> list[SkinnyInt4Config]:
                 for block_n, warps, stages, split_k in itertools.product(
                     (16, 32, 64), (1, 2, 4), (3, 4), (1, 2, 4, 8))
                 if block_n >= 16 * warps]
+    if name == "wide":  # 128-row programs of two warpgroups sharing each x tile
+        return [SkinnyInt4Config(128, subtiles, split_k=split_k, num_warps=8,
+                                 num_stages=stages)
+                for subtiles, stages, split_k in itertools.product((1, 2), (2, 3, 4),
+                                                                    (1, 2, 4, 8))]
     configs = []
     for block_n, subtiles, stages, paired in itertools.product((64, 128), (1, 2, 4), (3, 4, 6),
                                                                 (True, False)):
@@ -53,7 +58,8 @@ def grid(name: str) -> list[SkinnyInt4Config]:
 
 def label(config: SkinnyInt4Config) -> str:
     return (f"n{config.block_n} s{config.subtiles} k{config.split_k} st{config.num_stages}"
-            + (f" t{config.tokens} w{config.num_warps}" if config.tokens != 16 else "")
+            + (f" t{config.tokens}" if config.tokens != 16 else "")
+            + (f" w{config.num_warps}" if config.num_warps != 4 else "")
             + ("" if config.paired else " unpaired"))
 
 
@@ -85,7 +91,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    parser.add_argument("--grid", choices=("wgmma", "mma8"), default="wgmma",
+    parser.add_argument("--grid", choices=("wgmma", "mma8", "wide"), default="wgmma",
                         help="wgmma: 16 token columns, 64-128-row programs (the default's "
                              "family); mma8: 8 token columns on mma.sync, 16-64 rows, 1-4 warps")
     args = parser.parse_args()
