@@ -5,13 +5,14 @@ quant_linear's tl.dot kernel above) and bf16 (ops.linear). Every timed output is
 against the torch reference first. Weights rotate through copies so that L2 holds none.
 
 Usage: python benchmarks/skinny_int4_sweep.py --out DIR [--rows 1 4 16] [--budget-s 240]
-           [--grid wgmma|mma8|wide]
+           [--grid wgmma|mma8|wide|gluon]
 Writes DIR/skinny_int4_sweep-GRID.json and prints the best tiling per shape and M.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -34,15 +35,18 @@ COPIES = 6
 
 
 def grid(name: str) -> list[SkinnyInt4Config]:
+    if name == "gluon":  # kernels/skinny_int4_gluon.py: 64-row programs; tokens and split
+        return [SkinnyInt4Config(tokens=tokens, split_k=split_k, gluon=True)
+                for tokens, split_k in itertools.product((8, 16), (1, 2, 4, 8, 16))]
     if name == "mma8":  # 8 token columns (M ≤ 8): mma.sync, programs of 1-4 warps
         return [SkinnyInt4Config(block_n, 1, tokens=8, split_k=split_k, num_warps=warps,
-                                 num_stages=stages)
+                                 num_stages=stages, gluon=False)
                 for block_n, warps, stages, split_k in itertools.product(
                     (16, 32, 64), (1, 2, 4), (3, 4), (1, 2, 4, 8))
                 if block_n >= 16 * warps]
     if name == "wide":  # 128-row programs of two warpgroups sharing each x tile
         return [SkinnyInt4Config(128, subtiles, split_k=split_k, num_warps=8,
-                                 num_stages=stages)
+                                 num_stages=stages, gluon=False)
                 for subtiles, stages, split_k in itertools.product((1, 2), (2, 3, 4),
                                                                     (1, 2, 4, 8))]
     configs = []
@@ -52,11 +56,13 @@ def grid(name: str) -> list[SkinnyInt4Config]:
             continue  # the unpaired order only at one tiling per block_n: the A/B
         for split_k in (1, 2, 4, 8):
             configs.append(SkinnyInt4Config(block_n, subtiles, split_k=split_k,
-                                            num_stages=stages, paired=paired))
+                                            num_stages=stages, paired=paired, gluon=False))
     return configs
 
 
 def label(config: SkinnyInt4Config) -> str:
+    if config.gluon:
+        return f"gluon k{config.split_k} t{config.tokens}"
     return (f"n{config.block_n} s{config.subtiles} k{config.split_k} st{config.num_stages}"
             + (f" t{config.tokens}" if config.tokens != 16 else "")
             + (f" w{config.num_warps}" if config.num_warps != 4 else "")
@@ -91,7 +97,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    parser.add_argument("--grid", choices=("wgmma", "mma8", "wide"), default="wgmma",
+    parser.add_argument("--grid", choices=("wgmma", "mma8", "wide", "gluon"), default="wgmma",
                         help="wgmma: 16 token columns, 64-128-row programs (the default's "
                              "family); mma8: 8 token columns on mma.sync, 16-64 rows, 1-4 warps")
     args = parser.parse_args()
@@ -137,6 +143,11 @@ def main() -> None:
             default = default_skinny_int4_config(m, n, k)
             record("skinny default " + label(default), lambda i: launch_skinny_int4(
                 x, *copies[i % COPIES], None, config=default))
+            if default.gluon:  # and the Triton kernel at its own default
+                triton_default = dataclasses.replace(default, gluon=False)
+                record("skinny triton default " + label(triton_default),
+                       lambda i: launch_skinny_int4(x, *copies[i % COPIES], None,
+                                                    config=triton_default))
             for config in configs:
                 if time.monotonic() > deadline:
                     break
@@ -152,7 +163,9 @@ def main() -> None:
             base = [r for r in rows if not r["kernel"].startswith("skinny")]
             print(f"{shape:8s} M={m:2d} " + "  ".join(f"{r['kernel']} {r['us']} µs "
                                                      f"({r['gb_s']} GB/s)" for r in base))
-            for r in [r for r in rows if r["kernel"].startswith("skinny default")] + skinny[:4]:
+            defaults = [r for r in rows if r["kernel"].startswith(("skinny default",
+                                                                    "skinny triton default"))]
+            for r in defaults + skinny[:4]:
                 print(f"{'':13s} {r['kernel']:40s} {r['us']:7.2f} µs {r['gb_s']:7.1f} GB/s")
         del copies, denses
         torch.cuda.empty_cache()

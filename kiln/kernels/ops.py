@@ -260,12 +260,13 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
     triton_rows = (INT8_TRITON_MAX_ROWS if kind == quant_linear.KIND_INT8
                    else quant_linear.MAX_GEMV_ROWS)
     # Decode int4 of 2-16 rows (groups of 128k, integer zero points) goes to the tensor
-    # cores, unpacked by LOP3 (kernels/skinny_int4.py: 2.5-5x quant_linear's kernel on the
-    # H200); one row stays on int_gemv, faster there (BENCHMARKS.md). KILN_SKINNY_INT4=0
-    # (the A/B switch) keeps the kernels below.
-    if (kind == quant_linear.KIND_INT4 and integer_zeros
-            and 2 <= rows <= skinny_int4.MAX_TOKENS
+    # cores, unpacked by LOP3 (kernels/skinny_int4.py and its Gluon twin: 3-8x quant_linear's
+    # kernel on the H200); one row too where the Gluon twin beat int_gemv (large matrices on
+    # sm_90, skinny_int4.takes_batch1). KILN_SKINNY_INT4=0 (the A/B switch) keeps the
+    # kernels below.
+    if (kind == quant_linear.KIND_INT4 and integer_zeros and rows <= skinny_int4.MAX_TOKENS
             and env_flag("KILN_SKINNY_INT4", default=True)
+            and (rows > 1 or skinny_int4.takes_batch1(x, weight.shape[0], x.shape[1]))
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
         return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias)
     # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of

@@ -1,4 +1,4 @@
-"""W4A16 linear for decode (2-16 tokens) on the tensor cores: a swap-AB skinny GEMM whose
+"""W4A16 linear for decode (≤ 16 tokens) on the tensor cores: a swap-AB skinny GEMM whose
 int4 weights become bf16 with one LOP3 per two weights.
 
     y (M, N) = x (M, K) · W^T,   W = (q − z) · s,  q int4 packed 8 to a 32-bit word
@@ -38,15 +38,16 @@ Split-K (the H200 has 132 SMs; q|k|v, o and down have 64-96 column blocks of 64 
 skinny_fp8's "reduce": fp32 partials and skinny_fp8's combining kernel. PDL: the weights of
 the first tiles are asked of L2 before the wait on the previous kernel (which produces x).
 
-Measured on the H200 (benchmarks/skinny_int4_sweep.py, BENCHMARKS.md): ~1.0 TB/s of weights
-at M = 1, 4 and 16 alike (gate|up 60 µs, down 32, q|k|v 16, o 12), against quant_linear's
-0.2-0.6 TB/s above one row: random Llama-3.1-8B int4-wo decode at batch 4 393 → 808 tok/s,
-batch 16 826 → 2,872. At one row int_gemv stays faster (1.05-1.5 TB/s) and keeps it. The
-kernel waits on shared memory, not on DRAM or issue (4.7 instructions a weight would allow
-~3.5 TB/s): Nsight Compute has the L1/shared pipe 69 % busy at 1.04 TB/s, as the unpacked bf16
-tile (4x the packed bytes) goes through shared memory to become the wgmma operand, and x's
-16 token rows with it: ~56 KB of shared-memory traffic per 4 KB of weights (BENCHMARKS.md).
-Weights repacked at load into the MMA fragment order would remove the round trip.
+Measured on the H200 (benchmarks/skinny_int4_sweep.py, BENCHMARKS.md): this Triton kernel
+streams ~1.0 TB/s of weights at M = 1, 4 and 16 alike, against quant_linear's 0.2-0.6 TB/s
+above one row, and waits on shared memory (Nsight Compute: the L1/shared pipe 69 % busy),
+because the compiler routes the unpacked bf16 tile (4x the packed bytes) through shared
+memory into the wgmma operand layout. On sm_90 the launcher therefore runs the Gluon twin
+(kernels/skinny_int4_gluon.py: explicit layouts, each thread loads the words of its own
+fragment, no round trip; 1.2-1.9 TB/s), which also takes one-row linears larger than
+4096 x 4096 from int_gemv (takes_batch1). Random Llama-3.1-8B int4-wo decode: batch 1 287 →
+313 tok/s, batch 4 394 → 1,231, batch 16 826 → 4,049. This kernel stays for other GPUs,
+for KILN_SKINNY_INT4_GLUON=0, and as the CPU-tested twin.
 
 Under the CPU interpreter (no inline assembly, and bf16 arithmetic that is wrong) the same
 kernel unpacks with shifts and masks, joins and permutes in the same orders, and multiplies
@@ -66,7 +67,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, _split_k_sum_kernel
-from kiln.kernels.triton_utils import interpreter_active, use_pdl
+from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
 MAX_TOKENS = 16  # the MMA's N at most
 SUBTILE = 128  # input columns per sub-tile: 16 words, one K = 16 dot per nibble position
@@ -85,6 +86,9 @@ class SkinnyInt4Config:
     num_stages: int = 3
     paired: bool = True  # x permuted to the unpacked weights' pairs (no permutes per weight)
     pdl: bool = True
+    # On sm_90 CUDA: the Gluon twin (kernels/skinny_int4_gluon.py: split_k and tokens apply,
+    # 64-row programs), which unpacks straight into the wgmma operand registers.
+    gluon: bool = True
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -98,20 +102,50 @@ class SkinnyInt4Config:
                              f"≥ 1; got {self}")
 
 
-def default_skinny_int4_config(m: int, n: int, k: int) -> SkinnyInt4Config:
-    """The H200 sweep's rule (benchmarks/skinny_int4_sweep.py, results/s16-h200-skinny-int4-
-    sweep.json; 77 tilings x 4 Llama-3.1-8B shapes x M = 1, 4, 16): 64-row programs, one
-    128-column sub-tile per stage, 3 stages (small programs, four per SM, to overlap one
-    another's waits on shared memory), and K split until there are about three
-    programs per SM while each keeps ≥ 8 tiles: q|k|v and o in 4, down in 8, gate|up
-    unsplit. Within 5 % of each shape's best at M = 4 and 16."""
+def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> SkinnyInt4Config:
+    """The H200 sweeps' rules (benchmarks/skinny_int4_sweep.py; Llama-3.1-8B shapes, M = 1, 4,
+    16). The Gluon twin (results/s16-h200-skinny-int4-gluon-sweep-summary.txt): 8 token
+    columns up to 8 rows, and K split while that keeps the programs at most ~4 per SM (512)
+    and each ≥ 4 tiles: q|k|v in 4, o and down in 8, gate|up unsplit; within 3 % of each
+    shape's best at M = 1 and 4. The Triton kernel (results/s16-h200-skinny-int4-sweep.json,
+    77 tilings): 64-row programs, one 128-column sub-tile per stage, 3 stages (small programs,
+    four per SM, to overlap one another's waits on shared memory), and K split until there
+    are about three programs per SM while each keeps ≥ 8 tiles: q|k|v and o in 4, down in
+    8, gate|up unsplit; within 5 % of each shape's best at M = 4 and 16."""
     block_n, subtiles = 64, 1
     tiles = max(1, k // (SUBTILE * subtiles))
     column_blocks = triton.cdiv(n, block_n)
     split_k = 1
+    if gluon:
+        while column_blocks * split_k * 2 <= 4 * 128 and tiles // (2 * split_k) >= 4:
+            split_k *= 2
+        return SkinnyInt4Config(split_k=split_k, tokens=8 if m <= 8 else 16, gluon=True)
     while column_blocks * split_k < 3 * NUM_SMS and tiles // (2 * split_k) >= 8:
         split_k *= 2
-    return SkinnyInt4Config(block_n, subtiles, split_k=split_k, num_stages=3)
+    return SkinnyInt4Config(block_n, subtiles, split_k=split_k, num_stages=3, gluon=False)
+
+
+def gluon_usable(x: torch.Tensor) -> bool:
+    """Whether the Gluon twin runs for x: sm_90+ CUDA, a Triton with Gluon, and
+    KILN_SKINNY_INT4_GLUON not 0 (the A/B switch to the Triton kernel)."""
+    if not (has_sm90(x) and env_flag("KILN_SKINNY_INT4_GLUON", default=True)):
+        return False
+    from kiln.kernels import skinny_int4_gluon  # imports this module's assembly
+
+    return skinny_int4_gluon.available()
+
+
+# One row goes to the Gluon twin only for matrices larger than this (weights): the H200 had
+# int_gemv faster on o (4096 x 4096: 7.6 vs 9.2 µs) and the Gluon kernel on q|k|v, gate|up and
+# down (11.4 vs 12.8, 33.2 vs 40.9, 19.2 vs 23.5 µs).
+BATCH1_MIN_WEIGHTS = 4096 * 4096
+
+
+def takes_batch1(x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether a one-row int4 linear of N x K weights is faster here than on int_gemv
+    (KILN_SKINNY_INT4_BATCH1=0 keeps int_gemv for every one-row linear)."""
+    return (n * k > BATCH1_MIN_WEIGHTS and env_flag("KILN_SKINNY_INT4_BATCH1", default=True)
+            and gluon_usable(x))
 
 
 def _unpack_assembly(float16: bool) -> str:
@@ -316,7 +350,13 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y
-    config = config or default_skinny_int4_config(m, n, k)
+    gluon = gluon_usable(x)
+    config = config or default_skinny_int4_config(m, n, k, gluon)
+    if config.gluon and gluon:
+        from kiln.kernels import skinny_int4_gluon
+
+        return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
+                                        config.tokens)
     group = k // scale.shape[1]
     subtiles = config.subtiles
     while k % (SUBTILE * subtiles):

@@ -95,6 +95,39 @@ def skinny_int4_variants() -> dict:
     return out
 
 
+def skinny_int4_gluon_variants() -> dict:
+    """The Gluon twin compiles (its convert_layout(assert_trivial=True) is checked by the
+    compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
+    fp16, 8 and 16 token columns, split and unsplit; no shared-memory round trip for weights
+    (ldmatrix) and 16-byte weight loads."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kiln.kernels.skinny_int4_gluon import _skinny_int4_gluon_kernel as kernel
+
+    out = {}
+    for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),
+                                         ("bf16_t8_unsplit", False, 8, False),
+                                         ("fp16_t16_unsplit", True, 16, False)):
+        signature = {"x_ptr": "*fp16" if float16 else "*bf16", "w_ptr": "*i32",
+                     "scale_ptr": "*fp16", "zero_ptr": "*fp16", "stride_s": "i32",
+                     "bias_ptr": "*bf16", "out_ptr": "*fp32" if split else "*bf16",
+                     "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
+        constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
+                     "FLOAT16": float16}
+        attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
+                 if not kind.startswith("fp")}
+        source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
+                                                                      constants}},
+                                constexprs=constants, attrs=attrs)
+        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
+        kind = "f16" if float16 else "bf16"
+        out[name] = {"wgmma": f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}" in ptx,
+                     "ldmatrix": ptx.count("ldmatrix"),
+                     "wide_weight_loads": ptx.count("ld.global.v4.b32") + ptx.count("ld.global.v4.u32"),
+                     "nibble_lop3": ptx.count("0x000F000F")}
+    return out
+
+
 def fp8_decode_variants() -> dict:
     """The decode kernel on an FP8 cache (V dims-major, 32-token blocks) in float16 dots, at
     its default tiling: K and V both widened from two-byte pairs, no byte loads from shared
@@ -126,4 +159,5 @@ def fp8_decode_variants() -> dict:
 if __name__ == "__main__":
     print(json.dumps({"int_gemv": int_gemv_variants(), "skinny_fp8": skinny_fp8_variants(),
                       "skinny_int4": skinny_int4_variants(),
+                      "skinny_int4_gluon": skinny_int4_gluon_variants(),
                       "fp8_decode": fp8_decode_variants()}))

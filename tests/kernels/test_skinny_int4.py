@@ -1,9 +1,12 @@
 """The decode W4A16 tensor-core GEMM (kernels/skinny_int4.py) against its torch reference: on
 the CPU through the interpreter (shifts and masks, fp32 products: the unpacking twin and
-every index), on a GPU the same tests run the PTX unpacking at these shapes and
-tests/gpu/test_quant_gpu.py at real ones."""
+every index), on a GPU the same tests run the PTX unpacking, in the Triton kernel and in its
+Gluon twin (kernels/skinny_int4_gluon.py), at these shapes, and tests/gpu/test_quant_gpu.py
+at real ones."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -44,7 +47,9 @@ def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
     (16, 512, SkinnyInt4Config(block_n=32, subtiles=2, tokens=16, split_k=2)),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matches_reference(m, group_size, config, dtype, device, poison_outputs):
+@pytest.mark.parametrize("gluon", [True, False])  # the Gluon twin on sm_90 (CPU: the same)
+def test_matches_reference(m, group_size, config, dtype, gluon, device, poison_outputs):
+    config = dataclasses.replace(config, gluon=gluon)
     x, weight, bias = _inputs(m, 40, 512, dtype, seed=m)
     packed, scale, zero = quantize_int4(weight, group_size)
     out = skinny_int4_linear(x.to(device), packed.to(device), scale.to(device),
@@ -54,8 +59,8 @@ def test_matches_reference(m, group_size, config, dtype, device, poison_outputs)
     assert _relative(out.cpu(), expected) < 2**-7
 
 
-@pytest.mark.parametrize("paired", [True, False])
-def test_every_nibble_in_every_position_reaches_its_column(paired, device):
+@pytest.mark.parametrize("paired,gluon", [(True, False), (False, False), (True, True)])
+def test_every_nibble_in_every_position_reaches_its_column(paired, gluon, device):
     """x one-hot per column: y[n] is exactly q[n, column] − z (small integers, no rounding),
     so a nibble unpacked into the wrong column (or x permuted differently from the weights)
     fails here, in both column orders."""
@@ -64,7 +69,7 @@ def test_every_nibble_in_every_position_reaches_its_column(paired, device):
     q = q[:, torch.randperm(k, generator=torch.Generator().manual_seed(0))]
     ones = torch.ones(n, 1, dtype=torch.float16, device=device)
     zero = torch.full((n, 1), 3.0, dtype=torch.float16, device=device)
-    config = SkinnyInt4Config(block_n=16, subtiles=1, tokens=8, paired=paired)
+    config = SkinnyInt4Config(block_n=16, subtiles=1, tokens=8, paired=paired, gluon=gluon)
     packed = pack_int4(q).to(device)
     for column in range(k):
         x = torch.zeros(1, k, dtype=torch.bfloat16)
@@ -73,11 +78,32 @@ def test_every_nibble_in_every_position_reaches_its_column(paired, device):
         assert torch.equal(y.cpu()[0].float(), (q[:, column] - 3).float()), column
 
 
-def test_default_config_splits_short_matrices():
-    """Few column blocks split K (the H200 has 132 SMs); a wide matrix does not."""
-    assert default_skinny_int4_config(1, 4096, 4096).split_k > 1
-    assert default_skinny_int4_config(1, 28672, 4096).split_k == 1
+def test_default_configs_split_short_matrices():
+    """Few column blocks split K (the H200 has 132 SMs); a wide matrix does not. Each kernel
+    has its measured rule; the Gluon twin takes 8 token columns up to 8 rows."""
+    splits = {shape: default_skinny_int4_config(4, *shape).split_k
+              for shape in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))}
+    assert list(splits.values()) == [4, 8, 1, 8]
+    assert default_skinny_int4_config(4, 4096, 4096).tokens == 8
+    assert default_skinny_int4_config(9, 4096, 4096).tokens == 16
+    triton_splits = [default_skinny_int4_config(4, *shape, gluon=False).split_k
+                     for shape in splits]
+    assert triton_splits == [4, 4, 1, 8]
+    assert not default_skinny_int4_config(1, 64, 256, gluon=False).gluon
     assert default_skinny_int4_config(1, 64, 256).split_k == 1  # too few tiles to split
+
+
+def test_one_row_goes_to_the_gluon_twin_only_for_large_matrices(monkeypatch):
+    """skinny_int4.takes_batch1: one row comes here only where the Gluon twin runs and the
+    matrix is larger than 4096 x 4096 (int_gemv measured faster at that size), unless
+    KILN_SKINNY_INT4_BATCH1=0."""
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    assert not skinny_int4_module.takes_batch1(x, 6144, 4096)  # CPU: no Gluon
+    monkeypatch.setattr(skinny_int4_module, "gluon_usable", lambda tensor: True)
+    assert skinny_int4_module.takes_batch1(x, 6144, 4096)
+    assert not skinny_int4_module.takes_batch1(x, 4096, 4096)
+    monkeypatch.setenv("KILN_SKINNY_INT4_BATCH1", "0")
+    assert not skinny_int4_module.takes_batch1(x, 6144, 4096)
 
 
 def test_ops_dispatch(device, monkeypatch):

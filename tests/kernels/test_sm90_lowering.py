@@ -1,7 +1,8 @@
 """The GPU-only kernels compile for sm_90 on this (GPU-less) machine, and lower as designed:
 int_gemv converts no integer weight (its point), and the skinny FP8 GEMM runs on wgmma with
 E4M3 operands and its "serial" split-K with a gpu-scope fence and an atomic counter, the
-skinny int4 GEMM on bf16/fp16 wgmma after LOP3 unpacking (no integer conversions), and the
+skinny int4 GEMM on bf16/fp16 wgmma after LOP3 unpacking (no integer conversions; its Gluon
+twin with no shared-memory round trip for the weights), and the
 decode attention on an FP8 cache (V dims-major, attention.value_view) widens K and V from
 two-byte pairs (no byte loads from shared memory), or in E4M3 dots runs on E4M3 wgmma with
 no K or V element converted. The interpreter runs these kernels' Python, not Triton's compiler, so a compile error that only
@@ -50,6 +51,13 @@ def test_skinny_int4_lowers_to_wgmma_with_lop3_unpacking(lowering):
         # The inline assembly, once in the PTX per unrolled sub-tile: 4 LOP3 and 4 packed
         # FMAs a word
         assert found["nibble_lop3"] >= 4 and found["packed_fma"] >= 4, name
+
+
+def test_skinny_int4_gluon_unpacks_into_the_wgmma_operand(lowering):
+    for name, found in lowering["skinny_int4_gluon"].items():
+        assert found["wgmma"] and found["nibble_lop3"] >= 4, name
+        assert found["ldmatrix"] == 0, name  # no shared-memory round trip for the weights
+        assert found["wide_weight_loads"] >= 1, name  # 16 bytes of a row a thread
 
 
 def test_fp8_decode_widens_k_and_v_from_byte_pairs(lowering):

@@ -1,0 +1,197 @@
+"""The decode W4A16 GEMM of kernels/skinny_int4.py written in Gluon (Triton's explicit-layout
+dialect), so that unpacked weights land in the wgmma operand registers directly. Hopper only.
+
+Why: the Triton kernel lets the compiler pick layouts, and it loads the packed words in one
+layout and needs the unpacked bf16 tile in the wgmma A-operand layout, so every tile goes
+through shared memory (stored and read back: four times the packed bytes). Nsight Compute put
+that kernel's shared-memory pipe at 69 % busy while DRAM ran at 22 % (BENCHMARKS.md). Here each
+thread loads exactly the words that hold its own fragment:
+
+    A operand (64 rows x 128 K, bf16, wgmma m64nNk16): thread (warp w, lane l) holds rows
+    16w + l/4 and +8; within each 16-deep K step, the pairs k = 2(l%4) + {0, 1} and +8.
+    words (64 rows x 16 words of a 128-column sub-tile): thread (w, l) loads words
+    4(l%4) .. 4(l%4)+3 of the same two rows: 16 bytes a row.
+
+and the K order of the MMA is chosen (x is gathered in the same order) so that the four
+registers the unpacking writes per word, bf16 pairs (nibble n, nibble n + 4), are four of the
+thread's fragment registers. `gl.convert_layout(..., assert_trivial=True)` proves at compile
+time that no data moves between threads. Fragment-order column c of a sub-tile (bits from
+low: h, w_hi (2), l0, l1, w_lo (2)) is the actual column 8 (w_lo + 4 w_hi) + l0 + 2 l1 + 4 h
+(_actual_column): nibble l0 + 2 l1 + 4 h of word w_lo + 4 w_hi.
+
+Everything else is kernels/skinny_int4.py's design: swap-AB (weight rows on M, tokens on N =
+8 or 16), q − z by the same inline assembly, each 128-column group's partial scaled in fp32,
+split-K partials summed by skinny_fp8's combining kernel. The weights of the next sub-tile
+(and its x) are loaded while this one is unpacked and multiplied: registers, not shared
+memory, hold them. Only x goes through shared memory (the wgmma B operand must).
+
+No CPU twin: Gluon does not run under Triton's interpreter. The Triton kernel's CPU tests
+cover the arithmetic; tests/kernels/test_sm90_lowering.py compiles this one for sm_90 on the
+CPU machine (the trivial layout conversion is checked then); the GPU tests run it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon arrived in Triton 3.5; older Tritons keep the Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        warpgroup_mma,
+    )
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+from kiln.kernels.skinny_fp8 import _split_k_sum_kernel
+
+ROWS = 64  # weight rows per program: one warpgroup's wgmma M
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+if gluon is not None:
+    from kiln.kernels.skinny_int4 import _ASM_BF16, _ASM_F16
+
+    @gluon.jit
+    def _actual_column(c):
+        """The actual column (within a 128-column sub-tile) of fragment-order column c."""
+        w_lo = c >> 5
+        l1 = (c >> 4) & 1
+        l0 = (c >> 3) & 1
+        w_hi = (c >> 1) & 3
+        h = c & 1
+        return 8 * (w_lo + 4 * w_hi) + l0 + 2 * l1 + 4 * h
+
+    @gluon.jit
+    def _operand(word, zero, A_LAYOUT: gl.constexpr, FLOAT16: gl.constexpr):
+        """word (ROWS, 16) int32 (the words layout), zero (ROWS,) fp32 → (ROWS, 128) q − z,
+        16-bit floats in the wgmma A layout, K in fragment order."""
+        if FLOAT16:
+            magic: gl.constexpr = 1024.0
+            half_dtype: gl.constexpr = gl.float16
+            asm: gl.constexpr = _ASM_F16
+        else:
+            magic: gl.constexpr = 128.0
+            half_dtype: gl.constexpr = gl.bfloat16
+            asm: gl.constexpr = _ASM_BF16
+        half = (-(zero + magic)).to(half_dtype).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        pair = gl.broadcast(gl.expand_dims(half | (half << 16), 1), word)[0]
+        p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, pair], dtype=(gl.int16,) * 8,
+            is_pure=True, pack=1)
+        rows: gl.constexpr = word.shape[0]
+        split: gl.constexpr = [rows, 4, 4]  # word = w_lo + 4 w_hi → (rows, w_hi, w_lo)
+        # Nibble n = l0 + 2 l1 + 4 h; joined innermost h (the assembly's register pairs).
+        j0 = gl.join(p0.reshape(split), p4.reshape(split))
+        j1 = gl.join(p1.reshape(split), p5.reshape(split))
+        j2 = gl.join(p2.reshape(split), p6.reshape(split))
+        j3 = gl.join(p3.reshape(split), p7.reshape(split))
+        full = gl.join(gl.join(j0, j1), gl.join(j2, j3))  # (rows, w_hi, w_lo, h, l0, l1)
+        full = gl.permute(full, (0, 2, 5, 4, 1, 3))  # (rows, w_lo, l1, l0, w_hi, h)
+        flat = gl.reshape(full, [rows, 128]).to(half_dtype, bitcast=True)
+        return gl.convert_layout(flat, A_LAYOUT, assert_trivial=True)
+
+    @gluon.jit(do_not_specialize=["M"])
+    def _skinny_int4_gluon_kernel(
+        x_ptr,  # (M, K) bfloat16 / float16
+        w_ptr,  # (N, K / 8) int32
+        scale_ptr, zero_ptr, stride_s,  # (N, K / G) float16 each
+        bias_ptr,  # (N,) when HAS_BIAS (unsplit only)
+        out_ptr,  # split: fp32 partials (SPLIT_K, M, N); unsplit: y (M, N)
+        M, N, K, K_WORDS, SPLIT_K,
+        GROUP: gl.constexpr, TOKENS: gl.constexpr, SPLIT: gl.constexpr,
+        HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr,
+    ):
+        WORDS: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]],
+            lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16])
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOKENS, 16])
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        # TOKENS x 128, no element twice: 8 consecutive (gathered) columns a thread
+        X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [TOKENS // 4, 128 // TOKENS],
+                                                  [4, 1], [1, 0])
+        x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
+        X_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOKENS, 128], x_dtype)
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
+        rows = gl.minimum(rows, N - 1).to(gl.int64)  # unmasked loads; the store drops them
+        words = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
+        w_tile = w_ptr + gl.expand_dims(rows * K_WORDS, 1) + gl.expand_dims(words, 0)
+        z_rows = zero_ptr + rows * stride_s
+        out_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        s_rows = scale_ptr + gl.minimum(out_rows, N - 1).to(gl.int64) * stride_s
+
+        x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
+        x_columns = _actual_column(gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT)))
+        x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
+        x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
+        x_smem = gl.allocate_shared_memory(x_dtype, [TOKENS, 128], X_SHARED)
+
+        tiles = K // 128
+        tile_begin = pid_k * tiles // SPLIT_K
+        tile_end = (pid_k + 1) * tiles // SPLIT_K
+        acc = gl.zeros([64, TOKENS], gl.float32, MMA)
+        word = gl.load(w_tile + tile_begin * 16)
+        x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
+        for t in range(tile_begin, tile_end):
+            ahead = gl.minimum(t + 1, tile_end - 1)  # the last tile re-reads itself
+            next_word = gl.load(w_tile + ahead * 16)
+            next_x = gl.load(x_tile + ahead * 128, mask=x_mask, other=0.0)
+            group = (t * 128) // GROUP
+            z = gl.load(z_rows + group).to(gl.float32)
+            s = gl.load(s_rows + group).to(gl.float32)
+            a = _operand(word, z, A_LAYOUT, FLOAT16)
+            x_smem.store(x)
+            fence_async_shared()
+            gl.thread_barrier()
+            part = warpgroup_mma(a, x_smem.permute((1, 0)),
+                                 gl.zeros([64, TOKENS], gl.float32, MMA), use_acc=False)
+            acc += gl.expand_dims(s, 1) * part
+            word = next_word
+            x = next_x
+
+        tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
+        mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
+        offsets = gl.expand_dims(tokens * N, 0) + gl.expand_dims(out_rows, 1)
+        if SPLIT:
+            gl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0)
+                acc += gl.expand_dims(bias.to(gl.float32), 1)
+            gl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+           bias: torch.Tensor | None, split_k: int, tokens: int = 16) -> torch.Tensor:
+    """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    tokens = 16 if m > 8 else tokens
+    split_k = max(1, min(split_k, k // 128))
+    out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    _skinny_int4_gluon_kernel[(triton.cdiv(n, ROWS), split_k)](
+        x, qweight.view(torch.int32), scale, zero, scale.stride(0),
+        bias if bias is not None else scale, out, m, n, k, k // 8, split_k,
+        GROUP=k // scale.shape[1], TOKENS=tokens, SPLIT=split_k > 1,
+        HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, num_warps=4,
+    )
+    if split_k > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            out, bias if bias is not None else scale, y, m * n, n, split_k,
+            HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=False, num_warps=4, launch_pdl=False,
+        )
+    return y
