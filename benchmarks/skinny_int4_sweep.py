@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from quant_bench import timed as graph_timed  # benchmarks/ is the script's directory
 
 from kiln.kernels import int_gemv, ops, quant_linear
 from kiln.kernels.quant_linear import dequantize_int4, weight_only_linear_reference
@@ -70,25 +71,10 @@ def label(config: SkinnyInt4Config) -> str:
 
 
 def timed(fn, iterations: int = 30) -> float:
-    """µs per call: calls captured in one CUDA graph, replayed, timed by CUDA events."""
-    for _ in range(2):
-        fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iterations):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / iterations)
-    return sorted(times)[len(times) // 2]
+    """µs per call of fn(i), i counting calls (the weight copy to use): quant_bench's CUDA-graph
+    timing."""
+    calls = itertools.count()
+    return graph_timed(lambda: fn(next(calls)), iterations)
 
 
 def main() -> None:

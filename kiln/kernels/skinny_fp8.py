@@ -391,10 +391,17 @@ def skinny_fp8_linear(
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if mode in ("reduce", "atomic"):
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            out, bias if bias is not None else weight_scale, y, m * n, n,
-            1 if mode == "atomic" else split_k,
-            HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
-        )
+        sum_split_k_partials(out, 1 if mode == "atomic" else split_k, bias, y, pdl)
     return y
+
+
+def sum_split_k_partials(partials: torch.Tensor, parts: int, bias: torch.Tensor | None,
+                         y: torch.Tensor, pdl: bool) -> None:
+    """y (M, N) = Σ of the first `parts` fp32 partials (·, M, N) in index order, + bias: the
+    combining launch of a "reduce" split-K (also the skinny int4 kernels')."""
+    m, n = y.shape
+    block = 1024
+    _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+        partials, bias if bias is not None else partials, y, m * n, n, parts,
+        HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+    )

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, _split_k_sum_kernel
+from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, sum_split_k_partials
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
 MAX_TOKENS = 16  # the MMA's N at most
@@ -379,9 +379,5 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if split_k > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            out, bias if bias is not None else scale, y, m * n, n, split_k,
-            HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
-        )
+        sum_split_k_partials(out, split_k, bias, y, pdl)
     return y

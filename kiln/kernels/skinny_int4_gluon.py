@@ -45,7 +45,7 @@ try:  # Gluon arrived in Triton 3.5; older Tritons keep the Triton kernel
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
-from kiln.kernels.skinny_fp8 import _split_k_sum_kernel
+from kiln.kernels.skinny_fp8 import sum_split_k_partials
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
 
@@ -189,9 +189,5 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, num_warps=4,
     )
     if split_k > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            out, bias if bias is not None else scale, y, m * n, n, split_k,
-            HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=False, num_warps=4, launch_pdl=False,
-        )
+        sum_split_k_partials(out, split_k, bias, y, pdl=False)
     return y

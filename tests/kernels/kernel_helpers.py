@@ -1,5 +1,5 @@
-"""Shared by the kernel tests (CPU interpreter and GPU): comparison tolerances, and a random
-ragged batch over a paged KV cache.
+"""Shared by the kernel tests (CPU interpreter and GPU): comparison tolerances, random
+weight-only linear inputs, and a random ragged batch over a paged KV cache.
 
 In that batch every cache slot that holds no token of a sequence is NaN: a kernel that reads
 past a sequence's end, or outside its block table, turns its output NaN instead of passing by
@@ -150,3 +150,18 @@ def attention_tolerance(dtype: torch.dtype, device: str) -> dict:
     if dtype == torch.float32:
         return {"atol": 1e-4, "rtol": 1e-4}
     return {"atol": 1e-2, "rtol": 2.0**-7}
+
+
+def weight_only_inputs(m: int, n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
+    """x (m, k), a float32 weight (n, k) to quantise and a bias (n,), seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator) * 0.05
+    bias = (torch.randn(n, generator=generator) * 0.1).to(dtype)
+    return x, weight, bias
+
+
+def max_relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |out − expected| over max |expected|."""
+    return ((out.float() - expected.float()).abs().max()
+            / expected.float().abs().max()).item()

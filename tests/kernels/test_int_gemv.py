@@ -15,6 +15,7 @@ from kiln.kernels.quant_linear import (
     weight_only_linear_reference,
 )
 from kiln.quant.quantize import pack_int4, quantize_int4, quantize_int8
+from tests.kernels.kernel_helpers import max_relative_error, weight_only_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
@@ -24,16 +25,10 @@ SMALL = IntGemvConfig(block_n=16, tile_words=16, num_warps=4)
 
 
 def _inputs(n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, k, generator=generator).to(dtype)
-    weight = torch.randn(n, k, generator=generator) * 0.05
-    bias = (torch.randn(n, generator=generator) * 0.1).to(dtype)
-    return x, weight, bias
+    return weight_only_inputs(1, n, k, dtype, seed)
 
 
-def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((out.float() - expected.float()).abs().max()
-            / expected.float().abs().max()).item()
+_relative = max_relative_error
 
 
 @pytest.mark.parametrize("group_size", [-1, 32, 128])

@@ -20,24 +20,14 @@ from kiln.kernels.skinny_int4 import (
     skinny_int4_unsupported_reason,
 )
 from kiln.quant.quantize import pack_int4, quantize_int4
+from tests.kernels.kernel_helpers import max_relative_error, weight_only_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
 # 16-row programs so the interpreter runs a partial last block (N = 40) and several K tiles.
 SMALL = SkinnyInt4Config(block_n=16, subtiles=1, tokens=8)
-
-
-def _inputs(m: int, n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=generator).to(dtype)
-    weight = torch.randn(n, k, generator=generator) * 0.05
-    bias = (torch.randn(n, generator=generator) * 0.1).to(dtype)
-    return x, weight, bias
-
-
-def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((out.float() - expected.float()).abs().max()
-            / expected.float().abs().max()).item()
+_inputs = weight_only_inputs
+_relative = max_relative_error
 
 
 @pytest.mark.parametrize("m,group_size,config", [
