@@ -12,7 +12,6 @@ Writes DIR/skinny_int4_sweep-GRID.json and prints the best tiling per shape and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -130,7 +129,7 @@ def main() -> None:
             record("skinny default " + label(default), lambda i: launch_skinny_int4(
                 x, *copies[i % COPIES], None, config=default))
             if default.gluon:  # and the Triton kernel at its own default
-                triton_default = dataclasses.replace(default, gluon=False)
+                triton_default = default_skinny_int4_config(m, n, k, gluon=False)
                 record("skinny triton default " + label(triton_default),
                        lambda i: launch_skinny_int4(x, *copies[i % COPIES], None,
                                                     config=triton_default))
