@@ -100,9 +100,13 @@ def skinny_int4_gluon_variants() -> dict:
     compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
     fp16, 8 and 16 token columns, split and unsplit; no shared-memory round trip for weights
     (ldmatrix) and 16-byte weight loads."""
+    from kiln.kernels import skinny_int4_gluon
+
+    if not skinny_int4_gluon.available():  # a Triton before Gluon (3.5)
+        return {}
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from kiln.kernels.skinny_int4_gluon import _skinny_int4_gluon_kernel as kernel
+    kernel = skinny_int4_gluon._skinny_int4_gluon_kernel
 
     out = {}
     for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),

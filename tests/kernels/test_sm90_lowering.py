@@ -54,6 +54,8 @@ def test_skinny_int4_lowers_to_wgmma_with_lop3_unpacking(lowering):
 
 
 def test_skinny_int4_gluon_unpacks_into_the_wgmma_operand(lowering):
+    if not lowering["skinny_int4_gluon"]:
+        pytest.skip("this Triton has no Gluon (3.5+): the Triton kernel runs instead")
     for name, found in lowering["skinny_int4_gluon"].items():
         assert found["wgmma"] and found["nibble_lop3"] >= 4, name
         assert found["ldmatrix"] == 0, name  # no shared-memory round trip for the weights
