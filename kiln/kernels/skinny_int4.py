@@ -89,6 +89,10 @@ class SkinnyInt4Config:
     # On sm_90 CUDA: the Gluon twin (kernels/skinny_int4_gluon.py: split_k and tokens apply,
     # 64-row programs), which unpacks straight into the wgmma operand registers.
     gluon: bool = True
+    # Gluon: sub-tiles of weights (and x) loaded ahead into registers, 1 or 2. Two measured
+    # 1-5 % slower per linear and 3 % slower end to end on the H200 (results/s16-h200-skinny-
+    # int4-sweep-gluon-depth.json): more bytes in flight did not pay for the registers.
+    depth: int = 1
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -97,6 +101,8 @@ class SkinnyInt4Config:
             raise ValueError(f"subtiles must be a power of 2 ≥ 1; got {self.subtiles}")
         if self.tokens not in (8, 16):
             raise ValueError(f"tokens must be 8 or 16 (the MMA's N); got {self.tokens}")
+        if self.depth not in (1, 2):
+            raise ValueError(f"depth must be 1 or 2; got {self.depth}")
         if not 1 <= self.split_k <= MAX_SPLIT_K or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"split_k must be 1..{MAX_SPLIT_K}, num_warps and num_stages "
                              f"≥ 1; got {self}")
@@ -356,7 +362,7 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
         from kiln.kernels import skinny_int4_gluon
 
         return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
-                                        config.tokens)
+                                        config.tokens, config.depth)
     group = k // scale.shape[1]
     subtiles = config.subtiles
     while k % (SUBTILE * subtiles):

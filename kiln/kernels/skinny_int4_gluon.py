@@ -105,7 +105,7 @@ if gluon is not None:
         out_ptr,  # split: fp32 partials (SPLIT_K, M, N); unsplit: y (M, N)
         M, N, K, K_WORDS, SPLIT_K,
         GROUP: gl.constexpr, TOKENS: gl.constexpr, SPLIT: gl.constexpr,
-        HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr,
+        HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr, DEPTH: gl.constexpr,
     ):
         WORDS: gl.constexpr = gl.DistributedLinearLayout(
             reg_bases=[[0, 1], [0, 2], [8, 0]],
@@ -142,8 +142,12 @@ if gluon is not None:
         acc = gl.zeros([64, TOKENS], gl.float32, MMA)
         word = gl.load(w_tile + tile_begin * 16)
         x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
+        if DEPTH == 2:  # a second sub-tile in flight: twice the bytes a program has asked for
+            second = gl.minimum(tile_begin + 1, tile_end - 1)
+            word_b = gl.load(w_tile + second * 16)
+            x_b = gl.load(x_tile + second * 128, mask=x_mask, other=0.0)
         for t in range(tile_begin, tile_end):
-            ahead = gl.minimum(t + 1, tile_end - 1)  # the last tile re-reads itself
+            ahead = gl.minimum(t + DEPTH, tile_end - 1)  # the last tiles re-read themselves
             next_word = gl.load(w_tile + ahead * 16)
             next_x = gl.load(x_tile + ahead * 128, mask=x_mask, other=0.0)
             group = (t * 128) // GROUP
@@ -156,8 +160,10 @@ if gluon is not None:
             part = warpgroup_mma(a, x_smem.permute((1, 0)),
                                  gl.zeros([64, TOKENS], gl.float32, MMA), use_acc=False)
             acc += gl.expand_dims(s, 1) * part
-            word = next_word
-            x = next_x
+            if DEPTH == 2:
+                word, x, word_b, x_b = word_b, x_b, next_word, next_x
+            else:
+                word, x = next_word, next_x
 
         tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
         mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
@@ -172,7 +178,8 @@ if gluon is not None:
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-           bias: torch.Tensor | None, split_k: int, tokens: int = 16) -> torch.Tensor:
+           bias: torch.Tensor | None, split_k: int, tokens: int = 16,
+           depth: int = 1) -> torch.Tensor:
     """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -186,7 +193,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         x, qweight.view(torch.int32), scale, zero, scale.stride(0),
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,
         GROUP=k // scale.shape[1], TOKENS=tokens, SPLIT=split_k > 1,
-        HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, num_warps=4,
+        HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, DEPTH=depth, num_warps=4,
     )
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl=False)

@@ -117,7 +117,7 @@ def skinny_int4_gluon_variants() -> dict:
                      "bias_ptr": "*bf16", "out_ptr": "*fp32" if split else "*bf16",
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
-                     "FLOAT16": float16}
+                     "FLOAT16": float16, "DEPTH": 1 if split else 2}
         attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
                  if not kind.startswith("fp")}
         source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
