@@ -59,6 +59,7 @@ The torch reference is quant_linear.dequantize_int4 + weight_only_linear_referen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kiln.kernels import skinny_int4_gluon
+from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, sum_split_k_partials
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
@@ -108,6 +111,7 @@ class SkinnyInt4Config:
                              f"≥ 1; got {self}")
 
 
+@functools.lru_cache(maxsize=256)  # per linear call at decode: computed once per shape
 def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> SkinnyInt4Config:
     """The H200 sweeps' rules (benchmarks/skinny_int4_sweep.py; Llama-3.1-8B shapes, M = 1, 4,
     16). The Gluon twin (results/s16-h200-skinny-int4-gluon-sweep-summary.txt): 8 token
@@ -134,11 +138,8 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
 def gluon_usable(x: torch.Tensor) -> bool:
     """Whether the Gluon twin runs for x: sm_90+ CUDA, a Triton with Gluon, and
     KILN_SKINNY_INT4_GLUON not 0 (the A/B switch to the Triton kernel)."""
-    if not (has_sm90(x) and env_flag("KILN_SKINNY_INT4_GLUON", default=True)):
-        return False
-    from kiln.kernels import skinny_int4_gluon  # imports this module's assembly
-
-    return skinny_int4_gluon.available()
+    return (has_sm90(x) and env_flag("KILN_SKINNY_INT4_GLUON", default=True)
+            and skinny_int4_gluon.available())
 
 
 # One row goes to the Gluon twin only for matrices larger than this (weights): the H200 had
@@ -154,26 +155,6 @@ def takes_batch1(x: torch.Tensor, n: int, k: int) -> bool:
             and gluon_usable(x))
 
 
-def _unpack_assembly(float16: bool) -> str:
-    """PTX: a word ($8) → its 8 nibbles as 16-bit floats q − z ($0..$7 = nibbles 0..7), with
-    $9 holding −(magic + z) in both halves: (magic + q) · 1 + (−(magic + z)), one packed FMA
-    per two weights (sm_80+ for bf16)."""
-    magic = "0x64006400" if float16 else "0x43004300"
-    kind = "f16x2" if float16 else "bf16x2"
-    lines = ["{", ".reg .b32 t0, t1, t2, t3, s1, s2, s3, one;",
-             f"mov.b32 one, {'0x3C003C00' if float16 else '0x3F803F80'};"]
-    lines += [f"shr.u32 s{i}, $8, {4 * i};" for i in (1, 2, 3)]
-    lines += [f"lop3.b32 t{i}, {'$8' if i == 0 else f's{i}'}, 0x000F000F, {magic}, 0xEA;"
-              for i in range(4)]
-    lines += [f"fma.rn.{kind} t{i}, t{i}, one, $9;" for i in range(4)]
-    lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
-    return "\n".join(lines + ["}"])
-
-
-_ASM_BF16 = tl.constexpr(_unpack_assembly(float16=False))
-_ASM_F16 = tl.constexpr(_unpack_assembly(float16=True))
-
-
 @triton.jit
 def _nibbles(word, zero, GPU_ASM: tl.constexpr, FLOAT16: tl.constexpr):
     """word (BLOCK_N, 16) int32, zero (BLOCK_N,) fp32 → the 8 nibble planes q_i − z, i = 0..7,
@@ -182,7 +163,7 @@ def _nibbles(word, zero, GPU_ASM: tl.constexpr, FLOAT16: tl.constexpr):
     if GPU_ASM:
         magic = 1024.0 if FLOAT16 else 128.0
         half_dtype: tl.constexpr = tl.float16 if FLOAT16 else tl.bfloat16
-        asm: tl.constexpr = _ASM_F16 if FLOAT16 else _ASM_BF16
+        asm: tl.constexpr = ASM_F16 if FLOAT16 else ASM_BF16
         half = (-(zero + magic)).to(half_dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
             asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, (half | (half << 16))[:, None]],
@@ -353,16 +334,14 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     """skinny_int4_linear for inputs skinny_int4_unsupported_reason already accepted."""
     m, k = x.shape
     n = qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if n == 0:
-        return y
     gluon = gluon_usable(x)
     config = config or default_skinny_int4_config(m, n, k, gluon)
     if config.gluon and gluon:
-        from kiln.kernels import skinny_int4_gluon
-
         return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
                                         config.tokens, config.depth)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
     group = k // scale.shape[1]
     subtiles = config.subtiles
     while k % (SUBTILE * subtiles):

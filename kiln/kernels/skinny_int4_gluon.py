@@ -51,6 +51,7 @@ try:  # Gluon arrived in Triton 3.5; older Tritons keep the Triton kernel
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
+from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import sum_split_k_partials
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
@@ -61,7 +62,6 @@ def available() -> bool:
 
 
 if gluon is not None:
-    from kiln.kernels.skinny_int4 import _ASM_BF16, _ASM_F16
 
     @gluon.jit
     def _actual_column(c):
@@ -80,11 +80,11 @@ if gluon is not None:
         if FLOAT16:
             magic: gl.constexpr = 1024.0
             half_dtype: gl.constexpr = gl.float16
-            asm: gl.constexpr = _ASM_F16
+            asm: gl.constexpr = ASM_F16
         else:
             magic: gl.constexpr = 128.0
             half_dtype: gl.constexpr = gl.bfloat16
-            asm: gl.constexpr = _ASM_BF16
+            asm: gl.constexpr = ASM_BF16
         half = (-(zero + magic)).to(half_dtype).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
         pair = gl.broadcast(gl.expand_dims(half | (half << 16), 1), word)[0]
         p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(

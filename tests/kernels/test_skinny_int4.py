@@ -176,6 +176,10 @@ def test_unsupported_inputs_are_named(device):
     with pytest.raises(ValueError, match="skinny_int4_linear: x must be"):
         skinny_int4_linear(torch.zeros(17, k, device=device, dtype=torch.bfloat16),
                            packed.to(device), scale.to(device), scale.to(device))
-    for bad in (dict(block_n=48), dict(subtiles=3), dict(tokens=4), dict(split_k=0)):
-        with pytest.raises(ValueError):
+    for bad, message in ((dict(block_n=48), "block_n must be a power of 2"),
+                         (dict(subtiles=3), "subtiles must be a power of 2"),
+                         (dict(tokens=4), "tokens must be 8 or 16"),
+                         (dict(split_k=0), "split_k must be 1..16"),
+                         (dict(depth=3), "depth must be 1 or 2")):
+        with pytest.raises(ValueError, match=message):
             SkinnyInt4Config(**bad)

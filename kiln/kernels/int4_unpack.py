@@ -1,0 +1,31 @@
+"""The PTX that unpacks a 32-bit word of eight int4 weights into 16-bit floats, shared by the
+decode int4 kernels (kernels/skinny_int4.py and its Gluon twin kernels/skinny_int4_gluon.py).
+
+The "magic number" conversion of FasterTransformer and Marlin: a nibble OR-ed into the
+mantissa of bf16 128.0 (float16: 1024.0), whose mantissa counts in steps of 1 there, reads as
+128 + q; one LOP3 does it for two nibbles, (q_l, q_{l+4}) into the two halves of a register.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+
+def unpack_assembly(float16: bool) -> str:
+    """PTX: a word ($8) → its 8 nibbles as 16-bit floats q − z ($0..$7 = nibbles 0..7), with
+    $9 holding −(magic + z) in both halves: (magic + q) · 1 + (−(magic + z)), one packed FMA
+    per two weights (sm_80+ for bf16)."""
+    magic = "0x64006400" if float16 else "0x43004300"
+    kind = "f16x2" if float16 else "bf16x2"
+    lines = ["{", ".reg .b32 t0, t1, t2, t3, s1, s2, s3, one;",
+             f"mov.b32 one, {'0x3C003C00' if float16 else '0x3F803F80'};"]
+    lines += [f"shr.u32 s{i}, $8, {4 * i};" for i in (1, 2, 3)]
+    lines += [f"lop3.b32 t{i}, {'$8' if i == 0 else f's{i}'}, 0x000F000F, {magic}, 0xEA;"
+              for i in range(4)]
+    lines += [f"fma.rn.{kind} t{i}, t{i}, one, $9;" for i in range(4)]
+    lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+ASM_BF16 = tl.constexpr(unpack_assembly(float16=False))
+ASM_F16 = tl.constexpr(unpack_assembly(float16=True))
