@@ -35,9 +35,10 @@ COPIES = 6
 
 
 def grid(name: str) -> list[SkinnyInt4Config]:
-    if name == "gluon":  # kernels/skinny_int4_gluon.py: 64-row programs; tokens and split
-        return [SkinnyInt4Config(tokens=tokens, split_k=split_k, gluon=True, depth=depth)
-                for depth, tokens, split_k in itertools.product((2, 1), (8, 16), (1, 2, 4, 8))]
+    if name == "gluon":  # kernels/skinny_int4_gluon.py: 64-row programs; tokens, split, stages
+        return [SkinnyInt4Config(tokens=tokens, split_k=split_k, gluon=True, stages=stages)
+                for stages, tokens, split_k in itertools.product((0, 2, 3, 4, 6), (8, 16),
+                                                                 (1, 2, 4, 8))]
     if name == "mma8":  # 8 token columns (M ≤ 8): mma.sync, programs of 1-4 warps
         return [SkinnyInt4Config(block_n, 1, tokens=8, split_k=split_k, num_warps=warps,
                                  num_stages=stages, gluon=False)
@@ -62,7 +63,7 @@ def grid(name: str) -> list[SkinnyInt4Config]:
 
 def label(config: SkinnyInt4Config) -> str:
     if config.gluon:
-        return f"gluon k{config.split_k} t{config.tokens} d{config.depth}"
+        return f"gluon k{config.split_k} t{config.tokens} st{config.stages}"
     return (f"n{config.block_n} s{config.subtiles} k{config.split_k} st{config.num_stages}"
             + (f" t{config.tokens}" if config.tokens != 16 else "")
             + (f" w{config.num_warps}" if config.num_warps != 4 else "")

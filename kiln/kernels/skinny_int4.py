@@ -92,10 +92,10 @@ class SkinnyInt4Config:
     # On sm_90 CUDA: the Gluon twin (kernels/skinny_int4_gluon.py: split_k and tokens apply,
     # 64-row programs), which unpacks straight into the wgmma operand registers.
     gluon: bool = True
-    # Gluon: sub-tiles of weights (and x) loaded ahead into registers, 1 or 2. Two measured
-    # 1-5 % slower per linear and 3 % slower end to end on the H200 (results/s16-h200-skinny-
-    # int4-sweep-gluon-depth.json): more bytes in flight did not pay for the registers.
-    depth: int = 1
+    # Gluon: 0 loads each sub-tile's weights one ahead into registers; 2..8 stream them
+    # through a ring of that many sub-tiles in shared memory (asynchronous copies, stages - 1
+    # in flight).
+    stages: int = 0
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -104,8 +104,8 @@ class SkinnyInt4Config:
             raise ValueError(f"subtiles must be a power of 2 ≥ 1; got {self.subtiles}")
         if self.tokens not in (8, 16):
             raise ValueError(f"tokens must be 8 or 16 (the MMA's N); got {self.tokens}")
-        if self.depth not in (1, 2):
-            raise ValueError(f"depth must be 1 or 2; got {self.depth}")
+        if self.stages != 0 and not 2 <= self.stages <= 8:
+            raise ValueError(f"stages must be 0 (registers) or 2..8; got {self.stages}")
         if not 1 <= self.split_k <= MAX_SPLIT_K or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"split_k must be 1..{MAX_SPLIT_K}, num_warps and num_stages "
                              f"≥ 1; got {self}")
@@ -116,8 +116,9 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
     """The H200 sweeps' rules (benchmarks/skinny_int4_sweep.py; Llama-3.1-8B shapes, M = 1, 4,
     16). The Gluon twin (results/s16-h200-skinny-int4-gluon-sweep-summary.txt): 8 token
     columns up to 8 rows, and K split while that keeps the programs at most ~4 per SM (512)
-    and each ≥ 4 tiles: q|k|v in 4, o and down in 8, gate|up unsplit; within 3 % of each
-    shape's best at M = 1 and 4. The Triton kernel (results/s16-h200-skinny-int4-sweep.json,
+    and each ≥ 4 tiles: q|k|v in 4, o and down in 8; within 3 % of each shape's best at M = 1
+    and 4. Up to 8 rows, a matrix of ≥ 2 column blocks per SM (gate|up) takes the staged
+    variant instead (stages=3, K split to ≤ 8 sub-tiles a program: 4). The Triton kernel (results/s16-h200-skinny-int4-sweep.json,
     77 tilings): 64-row programs, one 128-column sub-tile per stage, 3 stages (small programs,
     four per SM, to overlap one another's waits on shared memory), and K split until there
     are about three programs per SM while each keeps ≥ 8 tiles: q|k|v and o in 4, down in
@@ -127,6 +128,13 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
     column_blocks = triton.cdiv(n, block_n)
     split_k = 1
     if gluon:
+        if m <= 8 and column_blocks >= 2 * NUM_SMS:
+            # Wide matrices (gate|up): x and the groups' scales staged once per program, the
+            # weights through a 3-sub-tile ring, K split so a program holds ≤ 8 sub-tiles of
+            # x. H200 (results/s17-h200-skinny-int4-ring-ab.json): 33.3 → 29.3 µs at one row,
+            # 34.0 → 30.8 at four; on q|k|v, o and down within ±3 % either way, so not there.
+            return SkinnyInt4Config(split_k=min(MAX_SPLIT_K, max(1, tiles // 8)), tokens=8,
+                                    gluon=True, stages=3)
         while column_blocks * split_k * 2 <= 4 * 128 and tiles // (2 * split_k) >= 4:
             split_k *= 2
         return SkinnyInt4Config(split_k=split_k, tokens=8 if m <= 8 else 16, gluon=True)
@@ -338,7 +346,7 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     config = config or default_skinny_int4_config(m, n, k, gluon)
     if config.gluon and gluon:
         return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
-                                        config.tokens, config.depth)
+                                        config.tokens, config.stages)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y

@@ -45,6 +45,7 @@ try:  # Gluon arrived in Triton 3.5; older Tritons keep the Triton kernel
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
         fence_async_shared,
         warpgroup_mma,
     )
@@ -111,7 +112,8 @@ if gluon is not None:
         out_ptr,  # split: fp32 partials (SPLIT_K, M, N); unsplit: y (M, N)
         M, N, K, K_WORDS, SPLIT_K,
         GROUP: gl.constexpr, TOKENS: gl.constexpr, SPLIT: gl.constexpr,
-        HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr, DEPTH: gl.constexpr,
+        HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr, STAGES: gl.constexpr,
+        X_TILES: gl.constexpr,  # STAGES ≥ 2: the most sub-tiles a program has
     ):
         WORDS: gl.constexpr = gl.DistributedLinearLayout(
             reg_bases=[[0, 1], [0, 2], [8, 0]],
@@ -140,36 +142,93 @@ if gluon is not None:
         x_columns = _actual_column(gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT)))
         x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
         x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
-        x_smem = gl.allocate_shared_memory(x_dtype, [TOKENS, 128], X_SHARED)
 
         tiles = K // 128
         tile_begin = pid_k * tiles // SPLIT_K
         tile_end = (pid_k + 1) * tiles // SPLIT_K
         acc = gl.zeros([64, TOKENS], gl.float32, MMA)
-        word = gl.load(w_tile + tile_begin * 16)
-        x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
-        if DEPTH == 2:  # a second sub-tile in flight: twice the bytes a program has asked for
-            second = gl.minimum(tile_begin + 1, tile_end - 1)
-            word_b = gl.load(w_tile + second * 16)
-            x_b = gl.load(x_tile + second * 128, mask=x_mask, other=0.0)
-        for t in range(tile_begin, tile_end):
-            ahead = gl.minimum(t + DEPTH, tile_end - 1)  # the last tiles re-read themselves
-            next_word = gl.load(w_tile + ahead * 16)
-            next_x = gl.load(x_tile + ahead * 128, mask=x_mask, other=0.0)
-            group = (t * 128) // GROUP
-            z = gl.load(z_rows + group).to(gl.float32)
-            s = gl.load(s_rows + group).to(gl.float32)
-            a = _operand(word, z, A_LAYOUT, FLOAT16)
-            x_smem.store(x)
-            fence_async_shared()
-            gl.thread_barrier()
-            part = warpgroup_mma(a, x_smem.permute((1, 0)),
-                                 gl.zeros([64, TOKENS], gl.float32, MMA), use_acc=False)
-            acc += gl.expand_dims(s, 1) * part
-            if DEPTH == 2:
-                word, x, word_b, x_b = word_b, x_b, next_word, next_x
-            else:
+        if STAGES == 0:
+            # x through one shared-memory tile, stored each step; weights one step ahead in
+            # registers. The store needs a generic-to-async proxy fence before the wgmma reads
+            # it, and that fence is a memory barrier: it waits for every load in flight, the
+            # next step's weights included, so each step pays a DRAM latency.
+            x_smem = gl.allocate_shared_memory(x_dtype, [TOKENS, 128], X_SHARED)
+            word = gl.load(w_tile + tile_begin * 16)
+            x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
+            for t in range(tile_begin, tile_end):
+                ahead = gl.minimum(t + 1, tile_end - 1)  # the last tile re-reads itself
+                next_word = gl.load(w_tile + ahead * 16)
+                next_x = gl.load(x_tile + ahead * 128, mask=x_mask, other=0.0)
+                group = (t * 128) // GROUP
+                z = gl.load(z_rows + group).to(gl.float32)
+                s = gl.load(s_rows + group).to(gl.float32)
+                a = _operand(word, z, A_LAYOUT, FLOAT16)
+                x_smem.store(x)
+                fence_async_shared()
+                gl.thread_barrier()
+                part = warpgroup_mma(a, x_smem.permute((1, 0)),
+                                     gl.zeros([64, TOKENS], gl.float32, MMA), use_acc=False)
+                acc += gl.expand_dims(s, 1) * part
                 word, x = next_word, next_x
+        else:
+            # The program's whole x (X_TILES sub-tiles) stored in shared memory once, behind one
+            # fence; the weights through a ring of STAGES sub-tiles (asynchronous copies,
+            # STAGES - 1 in flight), so no memory barrier is left inside the loop.
+            COPY: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
+            W_SHARED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+            w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 64, 16], W_SHARED)
+            copy_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, COPY))
+            copy_rows = gl.minimum(copy_rows, N - 1).to(gl.int64)
+            copy_words = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY))
+            copy_tile = (w_ptr + gl.expand_dims(copy_rows * K_WORDS, 1)
+                         + gl.expand_dims(copy_words, 0))
+            for first in gl.static_range(STAGES - 1):
+                _copy_subtile(w_smem.index(first), copy_tile, copy_words, tile_begin + first,
+                              tile_end)
+            # x loaded a chunk of sub-tiles at a time before any is stored (one latency per
+            # chunk; 32 registers of x a thread).
+            x_all = gl.allocate_shared_memory(x_dtype, [X_TILES, TOKENS, 128], X_SHARED)
+            CHUNK: gl.constexpr = 64 // TOKENS
+            for chunk in gl.static_range(0, X_TILES, CHUNK):
+                pieces = ()
+                for i in gl.static_range(chunk, chunk + CHUNK):
+                    if i < X_TILES:
+                        present = x_mask & (tile_begin + i < tile_end)
+                        pieces = pieces + (gl.load(x_tile + (tile_begin + i) * 128,
+                                                   mask=present, other=0.0),)
+                for i in gl.static_range(chunk, chunk + CHUNK):
+                    if i < X_TILES:
+                        x_all.index(i).store(pieces[i - chunk])
+            # The zero points and scales of every sub-tile too: loaded once (their latency, a new
+            # sector every 16 groups, otherwise stalls a step), read back per step.
+            GROUPS_SHARED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+            z_all = gl.allocate_shared_memory(zero_ptr.dtype.element_ty, [X_TILES, 64],
+                                              GROUPS_SHARED)
+            s_all = gl.allocate_shared_memory(scale_ptr.dtype.element_ty, [X_TILES, 64],
+                                              GROUPS_SHARED)
+            zeros = ()
+            scales = ()
+            for i in gl.static_range(X_TILES):
+                group = (gl.minimum(tile_begin + i, tile_end - 1) * 128) // GROUP
+                zeros = zeros + (gl.load(z_rows + group),)
+                scales = scales + (gl.load(s_rows + group),)
+            for i in gl.static_range(X_TILES):
+                z_all.index(i).store(zeros[i])
+                s_all.index(i).store(scales[i])
+            fence_async_shared()
+            for t in range(tile_begin, tile_end):
+                step = t - tile_begin
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of sub-tile t landed
+                gl.thread_barrier()  # everyone's did; the stage read last step is free
+                z = z_all.index(step).load(gl.SliceLayout(1, WORDS)).to(gl.float32)
+                s = s_all.index(step).load(gl.SliceLayout(1, MMA)).to(gl.float32)
+                _copy_subtile(w_smem.index((step + STAGES - 1) % STAGES), copy_tile,
+                              copy_words, t + STAGES - 1, tile_end)
+                word = w_smem.index(step % STAGES).load(WORDS)
+                a = _operand(word, z, A_LAYOUT, FLOAT16)
+                part = warpgroup_mma(a, x_all.index(step).permute((1, 0)),
+                                     gl.zeros([64, TOKENS], gl.float32, MMA), use_acc=False)
+                acc += gl.expand_dims(s, 1) * part
 
         tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
         mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
@@ -182,10 +241,18 @@ if gluon is not None:
                 acc += gl.expand_dims(bias.to(gl.float32), 1)
             gl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @gluon.jit
+    def _copy_subtile(stage, copy_tile, copy_words, t, tile_end):
+        """Starts the asynchronous copy of sub-tile t's words into a shared-memory stage (one
+        commit group; past the program's last tile, an empty group: nothing is read)."""
+        present = gl.expand_dims(copy_words < (t < tile_end).to(gl.int32) * 16, 0)
+        async_copy.async_copy_global_to_shared(stage, copy_tile + t * 16, mask=present)
+        async_copy.commit_group()
+
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            bias: torch.Tensor | None, split_k: int, tokens: int = 16,
-           depth: int = 1) -> torch.Tensor:
+           stages: int = 0) -> torch.Tensor:
     """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -195,11 +262,13 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     tokens = 16 if m > 8 else tokens
     split_k = max(1, min(split_k, k // 128))
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    x_tiles = triton.cdiv(k // 128, split_k) if stages else 1
     _skinny_int4_gluon_kernel[(triton.cdiv(n, ROWS), split_k)](
         x, qweight.view(torch.int32), scale, zero, scale.stride(0),
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,
         GROUP=k // scale.shape[1], TOKENS=tokens, SPLIT=split_k > 1,
-        HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, DEPTH=depth, num_warps=4,
+        HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, STAGES=stages,
+        X_TILES=x_tiles, num_warps=4,
     )
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -99,7 +101,8 @@ def skinny_int4_gluon_variants() -> dict:
     """The Gluon twin compiles (its convert_layout(assert_trivial=True) is checked by the
     compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
     fp16, 8 and 16 token columns, split and unsplit; no shared-memory round trip for weights
-    (ldmatrix) and 16-byte weight loads."""
+    (ldmatrix) and 16-byte weight loads: from global memory into registers (stages 0), or
+    16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (stages ≥ 2)."""
     from kiln.kernels import skinny_int4_gluon
 
     if not skinny_int4_gluon.available():  # a Triton before Gluon (3.5)
@@ -117,7 +120,7 @@ def skinny_int4_gluon_variants() -> dict:
                      "bias_ptr": "*bf16", "out_ptr": "*fp32" if split else "*bf16",
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
-                     "FLOAT16": float16, "DEPTH": 1 if split else 2}
+                     "FLOAT16": float16, "STAGES": 0 if split else 3, "X_TILES": 7}
         attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
                  if not kind.startswith("fp")}
         source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
@@ -126,8 +129,12 @@ def skinny_int4_gluon_variants() -> dict:
         ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
         kind = "f16" if float16 else "bf16"
         out[name] = {"wgmma": f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}" in ptx,
-                     "ldmatrix": ptx.count("ldmatrix"),
+                     # (one-row ldmatrix.x1 reads the per-step zero points and scales at stages ≥ 2)
+                     "weight_ldmatrix": ptx.count("ldmatrix") - ptx.count("ldmatrix.sync.aligned.m8n8.x1."),
+                     "stages": constants["STAGES"],
                      "wide_weight_loads": ptx.count("ld.global.v4.b32") + ptx.count("ld.global.v4.u32"),
+                     "wide_async_copies": len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
+                     "wide_shared_reads": ptx.count("ld.shared.v4.b32"),
                      "nibble_lop3": ptx.count("0x000F000F")}
     return out
 

@@ -33,8 +33,9 @@ _relative = max_relative_error
 @pytest.mark.parametrize("m,group_size,config", [
     (1, 128, SMALL),
     (3, 256, SkinnyInt4Config(block_n=16, subtiles=2, tokens=8, paired=False)),
-    (9, 128, SkinnyInt4Config(block_n=16, subtiles=1, tokens=8, split_k=3)),  # tokens → 16
-    (16, 512, SkinnyInt4Config(block_n=32, subtiles=2, tokens=16, split_k=2)),
+    # tokens → 16; Gluon: a 3-stage ring over programs of 1-2 tiles (copies past the end)
+    (9, 128, SkinnyInt4Config(block_n=16, subtiles=1, tokens=8, split_k=3, stages=3)),
+    (16, 512, SkinnyInt4Config(block_n=32, subtiles=2, tokens=16, split_k=2, stages=2)),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gluon", [True, False])  # the Gluon twin on sm_90 (CPU: the same)
@@ -73,9 +74,15 @@ def test_default_configs_split_short_matrices():
     has its measured rule; the Gluon twin takes 8 token columns up to 8 rows."""
     splits = {shape: default_skinny_int4_config(4, *shape).split_k
               for shape in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))}
-    assert list(splits.values()) == [4, 8, 1, 8]
+    assert list(splits.values()) == [4, 8, 4, 8]
     assert default_skinny_int4_config(4, 4096, 4096).tokens == 8
     assert default_skinny_int4_config(9, 4096, 4096).tokens == 16
+    # gate|up (448 column blocks) alone takes the staged ring, ≤ 8 sub-tiles a program;
+    # above 8 rows (16 token columns, x twice the size) it keeps the register path unsplit.
+    stages = [default_skinny_int4_config(4, *shape).stages for shape in splits]
+    assert stages == [0, 0, 3, 0]
+    assert default_skinny_int4_config(16, 28672, 4096).stages == 0
+    assert default_skinny_int4_config(16, 28672, 4096).split_k == 1
     triton_splits = [default_skinny_int4_config(4, *shape, gluon=False).split_k
                      for shape in splits]
     assert triton_splits == [4, 4, 1, 8]
@@ -180,6 +187,6 @@ def test_unsupported_inputs_are_named(device):
                          (dict(subtiles=3), "subtiles must be a power of 2"),
                          (dict(tokens=4), "tokens must be 8 or 16"),
                          (dict(split_k=0), "split_k must be 1..16"),
-                         (dict(depth=3), "depth must be 1 or 2")):
+                         (dict(stages=1), r"stages must be 0 \(registers\) or 2..8")):
         with pytest.raises(ValueError, match=message):
             SkinnyInt4Config(**bad)
