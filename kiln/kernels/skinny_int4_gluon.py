@@ -21,15 +21,28 @@ low: h, w_hi (2), l0, l1, w_lo (2)) is the actual column 8 (w_lo + 4 w_hi) + l0 
 
 Everything else is kernels/skinny_int4.py's design: swap-AB (weight rows on M, tokens on N =
 8 or 16), q − z by the same inline assembly, each 128-column group's partial scaled in fp32,
-split-K partials summed by skinny_fp8's combining kernel. The weights of the next sub-tile
-(and its x) are loaded while this one is unpacked and multiplied: registers, not shared
-memory, hold them. Only x goes through shared memory (the wgmma B operand must).
+split-K partials summed by skinny_fp8's combining kernel. Only x goes through shared memory
+(the wgmma B operand must), and two variants differ in how:
+
+- stages = 0: x stored each step into one tile, the next sub-tile's weights and x loaded one
+  step ahead into registers. The store needs a generic-to-async proxy fence before the wgmma
+  reads it, which ptxas emits as MEMBAR.ALL.CTA, and a MEMBAR waits for the thread's memory
+  operations in flight, the prefetch included. That fits what was measured: ~1 µs a step on
+  gate|up (about a DRAM latency) whatever the prefetch depth (two sub-tiles ahead, a cp.async
+  ring of 2-8, or the prefetch issued after the fence: none faster).
+- stages ≥ 2 (default for wide matrices up to 8 rows): the program's whole x, zero points
+  and scales stored in shared memory once behind one fence, the weights through a ring of
+  `stages` sub-tiles filled by cp.async; the loop keeps two CTA barriers and no fence. It
+  needs x for the program's K range in shared memory (8 tokens x 1,024 columns = 16 KB at the
+  default split), so K is split to ≤ 8 sub-tiles a program.
 
 Measured on the H200 (BENCHMARKS.md): 1.2-1.9 TB/s of weights at one to eight rows, against
 the Triton kernel's ~1.0 and int_gemv's 1.05-1.5; random Llama-3.1-8B int4-wo decode 287 →
 313 tok/s at batch 1 (with int_gemv keeping the 4096 x 4096 linear), 394 → 1,231 at batch 4,
-826 → 4,049 at batch 16. Not yet done here: programmatic dependent launch (the Triton kernels'
-PDL prologue), and x read once per program instead of gathered per sub-tile.
+826 → 4,049 at batch 16. The staged variant: gate|up 33.3 → 29.3 µs at one row (2.0 TB/s);
+Nsight Compute still finds the warps waiting at the barriers and on loads (8-11 cycles an
+instruction, ~25 warps an SM). Not done here: programmatic dependent launch (the Triton
+kernels' PDL prologue), and asynchronous wgmma across steps.
 
 No CPU twin: Gluon does not run under Triton's interpreter. The Triton kernel's CPU tests
 cover the arithmetic; tests/kernels/test_sm90_lowering.py compiles this one for sm_90 on the
