@@ -263,6 +263,27 @@ if gluon is not None:
         async_copy.commit_group()
 
 
+# Shared memory a program of the staged variant may take (the H200 allows 227 KB a block; at
+# most this leaves room for two programs an SM).
+STAGED_SHARED_LIMIT = 112 * 1024
+
+
+def staged_shared_bytes(k: int, split_k: int, tokens: int, stages: int) -> int:
+    """Shared memory of one staged program: x for its K range, one zero point and one scale a
+    row per sub-tile, and the weights' ring."""
+    x_tiles = -(-(k // 128) // split_k)
+    return x_tiles * (tokens * 128 * 2 + 64 * 2 * 2) + stages * 64 * 16 * 4
+
+
+def staged_unsupported_reason(k: int, split_k: int, tokens: int, stages: int) -> str | None:
+    if stages and staged_shared_bytes(k, split_k, tokens, stages) > STAGED_SHARED_LIMIT:
+        need = staged_shared_bytes(k, split_k, tokens, stages) // 1024
+        return (f"stages={stages} keeps x for {-(-(k // 128) // split_k) * 128} columns of "
+                f"{tokens} tokens in shared memory ({need} KB > {STAGED_SHARED_LIMIT // 1024} KB "
+                f"a program): raise split_k or use stages=0")
+    return None
+
+
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            bias: torch.Tensor | None, split_k: int, tokens: int = 16,
            stages: int = 0) -> torch.Tensor:
@@ -274,6 +295,9 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         return y
     tokens = 16 if m > 8 else tokens
     split_k = max(1, min(split_k, k // 128))
+    reason = staged_unsupported_reason(k, split_k, tokens, stages)
+    if reason:
+        raise ValueError(f"skinny_int4 (Gluon): {reason}")
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     x_tiles = triton.cdiv(k // 128, split_k) if stages else 1
     _skinny_int4_gluon_kernel[(triton.cdiv(n, ROWS), split_k)](

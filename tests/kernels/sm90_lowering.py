@@ -102,7 +102,7 @@ def skinny_int4_gluon_variants() -> dict:
     compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
     fp16, 8 and 16 token columns, split and unsplit; no shared-memory round trip for weights
     (ldmatrix) and 16-byte weight loads: from global memory into registers (stages 0), or
-    16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (stages ≥ 2)."""
+    16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (staged)."""
     from kiln.kernels import skinny_int4_gluon
 
     if not skinny_int4_gluon.available():  # a Triton before Gluon (3.5)
@@ -128,12 +128,16 @@ def skinny_int4_gluon_variants() -> dict:
                                 constexprs=constants, attrs=attrs)
         ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
         kind = "f16" if float16 else "bf16"
-        out[name] = {"wgmma": f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}" in ptx,
-                     # (one-row ldmatrix.x1 reads the per-step zero points and scales at stages ≥ 2)
-                     "weight_ldmatrix": ptx.count("ldmatrix") - ptx.count("ldmatrix.sync.aligned.m8n8.x1."),
+        wgmma = f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}"
+        wide_copy = r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10"
+        out[name] = {"wgmma": wgmma in ptx,
+                     # (one-row ldmatrix.x1 reads the per-step zero points and scales when staged)
+                     "weight_ldmatrix": (ptx.count("ldmatrix")
+                                         - ptx.count("ldmatrix.sync.aligned.m8n8.x1.")),
                      "stages": constants["STAGES"],
-                     "wide_weight_loads": ptx.count("ld.global.v4.b32") + ptx.count("ld.global.v4.u32"),
-                     "wide_async_copies": len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
+                     "wide_weight_loads": (ptx.count("ld.global.v4.b32")
+                                           + ptx.count("ld.global.v4.u32")),
+                     "wide_async_copies": len(re.findall(wide_copy, ptx)),
                      "wide_shared_reads": ptx.count("ld.shared.v4.b32"),
                      "nibble_lop3": ptx.count("0x000F000F")}
     return out

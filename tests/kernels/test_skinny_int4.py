@@ -190,3 +190,18 @@ def test_unsupported_inputs_are_named(device):
                          (dict(stages=1), r"stages must be 0 \(registers\) or 2..8")):
         with pytest.raises(ValueError, match=message):
             SkinnyInt4Config(**bad)
+
+
+def test_staged_variant_refuses_x_larger_than_its_shared_memory():
+    """The staged Gluon variant keeps a program's x in shared memory: a config whose K range
+    does not fit is refused with the fix named, before any launch (the defaults always fit)."""
+    from kiln.kernels.skinny_int4_gluon import staged_shared_bytes, staged_unsupported_reason
+
+    reason = staged_unsupported_reason(4096, 1, 16, 3)
+    assert "4096 columns of 16 tokens" in reason and "raise split_k or use stages=0" in reason
+    assert staged_unsupported_reason(4096, 1, 16, 0) is None  # the register path keeps no x
+    for m, n, k in ((1, 28672, 4096), (4, 28672, 4096), (8, 28672, 4096), (8, 6144, 4096),
+                    (8, 4096, 14336)):
+        config = default_skinny_int4_config(m, n, k)
+        assert staged_unsupported_reason(k, config.split_k, config.tokens, config.stages) is None
+    assert staged_shared_bytes(4096, 4, 8, 3) < 32 * 1024  # gate|up's default: ~3 programs/SM

@@ -58,7 +58,8 @@ def test_skinny_int4_gluon_unpacks_into_the_wgmma_operand(lowering):
         pytest.skip("this Triton has no Gluon (3.5+): the Triton kernel runs instead")
     for name, found in lowering["skinny_int4_gluon"].items():
         assert found["wgmma"] and found["nibble_lop3"] >= 4, name
-        assert found["weight_ldmatrix"] == 0, name  # unpacked weights never pass through shared memory
+        # unpacked weights never pass through shared memory
+        assert found["weight_ldmatrix"] == 0, name
         if found["stages"] == 0:  # 16 bytes of a row a thread, straight into registers
             assert found["wide_weight_loads"] >= 1, name
         else:  # through the ring: 16-byte copies in, the fragment's 16 bytes a row read out
