@@ -117,8 +117,8 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
     16). The Gluon twin (results/s16-h200-skinny-int4-gluon-sweep-summary.txt): 8 token
     columns up to 8 rows, and K split while that keeps the programs at most ~4 per SM (512)
     and each ≥ 4 tiles: q|k|v in 4, o and down in 8; within 3 % of each shape's best at M = 1
-    and 4. Up to 8 rows, a matrix of ≥ 2 column blocks per SM (gate|up) takes the staged
-    variant instead (stages=3, K split to ≤ 8 sub-tiles a program: 4). The Triton kernel
+    and 4. Up to 8 rows, programs of ≥ 12 sub-tiles (gate|up, down) take the staged variant
+    instead (stages=4; gate|up's K split in 4). The Triton kernel
     (results/s16-h200-skinny-int4-sweep.json, 77 tilings): 64-row programs, one 128-column sub-tile per stage, 3 stages (small programs,
     four per SM, to overlap one another's waits on shared memory), and K split until there
     are about three programs per SM while each keeps ≥ 8 tiles: q|k|v and o in 4, down in
@@ -128,15 +128,17 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
     column_blocks = triton.cdiv(n, block_n)
     split_k = 1
     if gluon:
-        if m <= 8 and column_blocks >= 2 * NUM_SMS:
-            # Wide matrices (gate|up): x and the groups' scales staged once per program, the
-            # weights through a 3-sub-tile ring, K split so a program holds ≤ 8 sub-tiles of
-            # x. H200 (results/s17-h200-skinny-int4-ring-ab.json): 33.3 → 29.3 µs at one row,
-            # 34.0 → 30.8 at four; on q|k|v, o and down within ±3 % either way, so not there.
-            return SkinnyInt4Config(split_k=min(MAX_SPLIT_K, max(1, tiles // 8)), tokens=8,
-                                    gluon=True, stages=3)
         while column_blocks * split_k * 2 <= 4 * 128 and tiles // (2 * split_k) >= 4:
             split_k *= 2
+        if m <= 8 and tiles // split_k >= 12:
+            # Long programs (gate|up unsplit, down in 8): x and the groups' scales staged once
+            # a program, the weights through a 4-sub-tile ring; gate|up split to 8 sub-tiles
+            # a program. H200 (results/s17-h200-skinny-int4-one-barrier-ab.json): gate|up
+            # 31.6 → 28.3 µs at one row, down 18.9 → 17.8; q|k|v and o (programs of 8 and 4
+            # sub-tiles) within ±3 % either way, so they keep the register path.
+            if split_k == 1:
+                split_k = min(MAX_SPLIT_K, max(1, tiles // 8))
+            return SkinnyInt4Config(split_k=split_k, tokens=8, gluon=True, stages=4)
         return SkinnyInt4Config(split_k=split_k, tokens=8 if m <= 8 else 16, gluon=True)
     while column_blocks * split_k < 3 * NUM_SMS and tiles // (2 * split_k) >= 8:
         split_k *= 2

@@ -30,18 +30,21 @@ split-K partials summed by skinny_fp8's combining kernel. Only x goes through sh
   operations in flight, the prefetch included. That fits what was measured: ~1 µs a step on
   gate|up (about a DRAM latency) whatever the prefetch depth (two sub-tiles ahead, a cp.async
   ring of 2-8, or the prefetch issued after the fence: none faster).
-- stages ≥ 2 (default for wide matrices up to 8 rows): the program's whole x, zero points
-  and scales stored in shared memory once behind one fence, the weights through a ring of
-  `stages` sub-tiles filled by cp.async; the loop keeps two CTA barriers and no fence. It
-  needs x for the program's K range in shared memory (8 tokens x 1,024 columns = 16 KB at the
-  default split), so K is split to ≤ 8 sub-tiles a program.
+- stages ≥ 2 (default up to 8 rows for long programs: gate|up, down): the program's whole x,
+  zero points and scales stored in shared memory once behind one fence, the weights through a
+  ring of `stages` sub-tiles filled by cp.async. Each stage is its own allocation and the loop
+  is unrolled over one turn of the ring, so the compiler's hazard analysis sees a copy into one
+  stage and the read of another as independent: one CTA barrier a step and no fence (a ring
+  indexed at run time got a second, compiler-inserted barrier: down 18.5 → 17.8 µs without
+  it). x for the program's K range must fit in shared memory (staged_unsupported_reason).
 
 Measured on the H200 (BENCHMARKS.md): 1.2-1.9 TB/s of weights at one to eight rows, against
 the Triton kernel's ~1.0 and int_gemv's 1.05-1.5; random Llama-3.1-8B int4-wo decode 287 →
 313 tok/s at batch 1 (with int_gemv keeping the 4096 x 4096 linear), 394 → 1,231 at batch 4,
-826 → 4,049 at batch 16. The staged variant: gate|up 33.3 → 29.3 µs at one row (2.0 TB/s);
-Nsight Compute still finds the warps waiting at the barriers and on loads (8-11 cycles an
-instruction, ~25 warps an SM). Not done here: programmatic dependent launch (the Triton
+826 → 4,049 at batch 16. The staged variant: gate|up 31.6 → 28.3 µs at one row (2.1 TB/s),
+down 18.9 → 17.8; Nsight Compute (its two-barrier version) still finds the warps waiting at
+the barrier and on loads (8-11 cycles an instruction, ~25 warps an SM), and fewer
+instructions (the zero point taken off after the MMA) did not make it faster. Not done here: programmatic dependent launch (the Triton
 kernels' PDL prologue), and asynchronous wgmma across steps.
 
 No CPU twin: Gluon does not run under Triton's interpreter. The Triton kernel's CPU tests
@@ -189,14 +192,19 @@ if gluon is not None:
             # STAGES - 1 in flight), so no memory barrier is left inside the loop.
             COPY: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
             W_SHARED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-            w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 64, 16], W_SHARED)
+            # One allocation a stage (not one indexed at run time): the compiler's hazard
+            # analysis then sees a copy into one stage and the read of another as independent,
+            # and the loop keeps a single CTA barrier a step.
+            rings = ()
+            for first in gl.static_range(STAGES):
+                rings = rings + (gl.allocate_shared_memory(gl.int32, [64, 16], W_SHARED),)
             copy_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, COPY))
             copy_rows = gl.minimum(copy_rows, N - 1).to(gl.int64)
             copy_words = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY))
             copy_tile = (w_ptr + gl.expand_dims(copy_rows * K_WORDS, 1)
                          + gl.expand_dims(copy_words, 0))
             for first in gl.static_range(STAGES - 1):
-                _copy_subtile(w_smem.index(first), copy_tile, copy_words, tile_begin + first,
+                _copy_subtile(rings[first], copy_tile, copy_words, tile_begin + first,
                               tile_end)
             # x loaded a chunk of sub-tiles at a time before any is stored (one latency per
             # chunk; 32 registers of x a thread).
@@ -229,19 +237,23 @@ if gluon is not None:
                 z_all.index(i).store(zeros[i])
                 s_all.index(i).store(scales[i])
             fence_async_shared()
-            for t in range(tile_begin, tile_end):
-                step = t - tile_begin
-                async_copy.wait_group(STAGES - 2)  # this thread's copies of sub-tile t landed
-                gl.thread_barrier()  # everyone's did; the stage read last step is free
-                z = z_all.index(step).load(gl.SliceLayout(1, WORDS)).to(gl.float32)
-                s = s_all.index(step).load(gl.SliceLayout(1, MMA)).to(gl.float32)
-                _copy_subtile(w_smem.index((step + STAGES - 1) % STAGES), copy_tile,
-                              copy_words, t + STAGES - 1, tile_end)
-                word = w_smem.index(step % STAGES).load(WORDS)
-                a = _operand(word, z, A_LAYOUT, FLOAT16)
-                part = warpgroup_mma(a, x_all.index(step).permute((1, 0)),
-                                     gl.zeros([64, TOKENS], gl.float32, MMA), use_acc=False)
-                acc += gl.expand_dims(s, 1) * part
+            for base in range(tile_begin, tile_end, STAGES):  # unrolled a ring's turn
+                for j in gl.static_range(STAGES):
+                    t = base + j
+                    if t < tile_end:
+                        step = t - tile_begin
+                        async_copy.wait_group(STAGES - 2)  # this thread's copies of t landed
+                        gl.thread_barrier()  # everyone's did; the stage read last step is free
+                        z = z_all.index(step).load(gl.SliceLayout(1, WORDS)).to(gl.float32)
+                        s = s_all.index(step).load(gl.SliceLayout(1, MMA)).to(gl.float32)
+                        _copy_subtile(rings[(j + STAGES - 1) % STAGES], copy_tile, copy_words,
+                                      t + STAGES - 1, tile_end)
+                        word = rings[j].load(WORDS)
+                        a = _operand(word, z, A_LAYOUT, FLOAT16)
+                        part = warpgroup_mma(a, x_all.index(step).permute((1, 0)),
+                                             gl.zeros([64, TOKENS], gl.float32, MMA),
+                                             use_acc=False)
+                        acc += gl.expand_dims(s, 1) * part
 
         tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
         mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)

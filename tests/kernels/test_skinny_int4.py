@@ -77,10 +77,11 @@ def test_default_configs_split_short_matrices():
     assert list(splits.values()) == [4, 8, 4, 8]
     assert default_skinny_int4_config(4, 4096, 4096).tokens == 8
     assert default_skinny_int4_config(9, 4096, 4096).tokens == 16
-    # gate|up (448 column blocks) alone takes the staged ring, ≤ 8 sub-tiles a program;
-    # above 8 rows (16 token columns, x twice the size) it keeps the register path unsplit.
+    # Programs of ≥ 12 sub-tiles (gate|up unsplit, down in 8) take the staged ring, gate|up
+    # split to 8 sub-tiles a program; above 8 rows (16 token columns, x twice the size)
+    # gate|up keeps the register path unsplit.
     stages = [default_skinny_int4_config(4, *shape).stages for shape in splits]
-    assert stages == [0, 0, 3, 0]
+    assert stages == [0, 0, 4, 4]
     assert default_skinny_int4_config(16, 28672, 4096).stages == 0
     assert default_skinny_int4_config(16, 28672, 4096).split_k == 1
     triton_splits = [default_skinny_int4_config(4, *shape, gluon=False).split_k
