@@ -119,10 +119,11 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
     and each ≥ 4 tiles: q|k|v in 4, o and down in 8; within 3 % of each shape's best at M = 1
     and 4. Up to 8 rows, programs of ≥ 12 sub-tiles (gate|up, down) take the staged variant
     instead (stages=4; gate|up's K split in 4). The Triton kernel
-    (results/s16-h200-skinny-int4-sweep.json, 77 tilings): 64-row programs, one 128-column sub-tile per stage, 3 stages (small programs,
-    four per SM, to overlap one another's waits on shared memory), and K split until there
-    are about three programs per SM while each keeps ≥ 8 tiles: q|k|v and o in 4, down in
-    8, gate|up unsplit; within 5 % of each shape's best at M = 4 and 16."""
+    (results/s16-h200-skinny-int4-sweep.json, 77 tilings): 64-row programs, one 128-column
+    sub-tile per stage, 3 stages (small programs, four per SM, to overlap one another's waits
+    on shared memory), and K split until there are about three programs per SM while each
+    keeps ≥ 8 tiles: q|k|v and o in 4, down in 8, gate|up unsplit; within 5 % of each shape's
+    best at M = 4 and 16."""
     block_n, subtiles = 64, 1
     tiles = max(1, k // (SUBTILE * subtiles))
     column_blocks = triton.cdiv(n, block_n)

@@ -44,8 +44,9 @@ the Triton kernel's ~1.0 and int_gemv's 1.05-1.5; random Llama-3.1-8B int4-wo de
 826 → 4,049 at batch 16. The staged variant: gate|up 31.6 → 28.3 µs at one row (2.1 TB/s),
 down 18.9 → 17.8; Nsight Compute (its two-barrier version) still finds the warps waiting at
 the barrier and on loads (8-11 cycles an instruction, ~25 warps an SM), and fewer
-instructions (the zero point taken off after the MMA) did not make it faster. Not done here: programmatic dependent launch (the Triton
-kernels' PDL prologue), and asynchronous wgmma across steps.
+instructions (the zero point taken off after the MMA) did not make it faster. Not done here:
+programmatic dependent launch (the Triton kernels' PDL prologue), and asynchronous wgmma
+across steps.
 
 No CPU twin: Gluon does not run under Triton's interpreter. The Triton kernel's CPU tests
 cover the arithmetic; tests/kernels/test_sm90_lowering.py compiles this one for sm_90 on the
@@ -280,20 +281,28 @@ if gluon is not None:
 STAGED_SHARED_LIMIT = 112 * 1024
 
 
+def program_subtiles(k: int, split_k: int) -> int:
+    """The most 128-column sub-tiles one program of a K-split launch takes."""
+    return triton.cdiv(k // 128, split_k)
+
+
 def staged_shared_bytes(k: int, split_k: int, tokens: int, stages: int) -> int:
     """Shared memory of one staged program: x for its K range, one zero point and one scale a
     row per sub-tile, and the weights' ring."""
-    x_tiles = -(-(k // 128) // split_k)
-    return x_tiles * (tokens * 128 * 2 + 64 * 2 * 2) + stages * 64 * 16 * 4
+    return (program_subtiles(k, split_k) * (tokens * 128 * 2 + 64 * 2 * 2)
+            + stages * 64 * 16 * 4)
 
 
 def staged_unsupported_reason(k: int, split_k: int, tokens: int, stages: int) -> str | None:
-    if stages and staged_shared_bytes(k, split_k, tokens, stages) > STAGED_SHARED_LIMIT:
-        need = staged_shared_bytes(k, split_k, tokens, stages) // 1024
-        return (f"stages={stages} keeps x for {-(-(k // 128) // split_k) * 128} columns of "
-                f"{tokens} tokens in shared memory ({need} KB > {STAGED_SHARED_LIMIT // 1024} KB "
-                f"a program): raise split_k or use stages=0")
-    return None
+    """Why a staged launch cannot keep its x in a program's shared memory, or None."""
+    if not stages:
+        return None
+    need = staged_shared_bytes(k, split_k, tokens, stages)
+    if need <= STAGED_SHARED_LIMIT:
+        return None
+    return (f"stages={stages} keeps x for {program_subtiles(k, split_k) * 128} columns of "
+            f"{tokens} tokens in shared memory ({need // 1024} KB > "
+            f"{STAGED_SHARED_LIMIT // 1024} KB a program): raise split_k or use stages=0")
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -311,7 +320,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     if reason:
         raise ValueError(f"skinny_int4 (Gluon): {reason}")
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    x_tiles = triton.cdiv(k // 128, split_k) if stages else 1
+    x_tiles = program_subtiles(k, split_k) if stages else 1
     _skinny_int4_gluon_kernel[(triton.cdiv(n, ROWS), split_k)](
         x, qweight.view(torch.int32), scale, zero, scale.stride(0),
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,

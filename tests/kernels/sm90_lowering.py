@@ -8,7 +8,6 @@ A GPU-only compile error (one the interpreter does not raise: Triton traces the 
 from __future__ import annotations
 
 import json
-
 import re
 
 import triton
