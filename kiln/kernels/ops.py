@@ -245,20 +245,11 @@ def _scaled_mm_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
 
 
-# Rows up to which the int8 Triton GEMM beats dequantise → cuBLAS (H200, 8B shapes: at 512
-# rows 148–694 µs against 171–1,010; at 4,096 the other way round). int4's Triton GEMM loses
-# from 17 rows on (8k-token TTFT 2,743 ms → 315 ms by dequantising), so int4 dequantises
-# for every M > 16.
-INT8_TRITON_MAX_ROWS = 512
-
-
 def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, bias: torch.Tensor | None,
                  integer_zeros: bool = False) -> torch.Tensor:
     x = x.contiguous()
     rows = x.shape[0]
-    triton_rows = (INT8_TRITON_MAX_ROWS if kind == quant_linear.KIND_INT8
-                   else quant_linear.MAX_GEMV_ROWS)
     # Decode int4 of 2-16 rows (groups of 128k, integer zero points) goes to the tensor
     # cores, unpacked by LOP3 (kernels/skinny_int4.py and its Gluon twin: 3-8x quant_linear's
     # kernel on the H200); one row too where the Gluon twin beat int_gemv (large matrices on
@@ -274,8 +265,13 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
     if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)
             and int_gemv.int_gemv_unsupported_reason(x, weight, scale, zero is not None) is None):
         return int_gemv.launch_int_gemv(x, weight, scale, zero, bias)
-    if rows <= triton_rows:
+    if rows <= quant_linear.MAX_GEMV_ROWS:
         return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
+    # Above 16 rows, dequantise to x's dtype and multiply on cuBLAS. H200, Llama-3.1-8B
+    # shapes, one call (results/s18-h200-dequantize-bench.json): a layer's four int8 linears
+    # took 67 / 60 / 42 % of quant_linear's Triton GEMM time at 32 / 128 / 512 rows (only
+    # gate|up at 32 rows was faster there: 89 vs 150 µs); the dequantise kernel streams at
+    # 3.2-4.2 TB/s.
     dense = quant_linear.dequantize(kind, weight, scale, zero, x.dtype)
     return torch.nn.functional.linear(x, dense, bias)
 

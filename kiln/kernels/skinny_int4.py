@@ -349,7 +349,7 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     config = config or default_skinny_int4_config(m, n, k, gluon)
     if config.gluon and gluon:
         return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
-                                        config.tokens, config.stages)
+                                        config.tokens, config.stages, config.pdl)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y

@@ -44,9 +44,14 @@ the Triton kernel's ~1.0 and int_gemv's 1.05-1.5; random Llama-3.1-8B int4-wo de
 826 → 4,049 at batch 16. The staged variant: gate|up 31.6 → 28.3 µs at one row (2.1 TB/s),
 down 18.9 → 17.8; Nsight Compute (its two-barrier version) still finds the warps waiting at
 the barrier and on loads (8-11 cycles an instruction, ~25 warps an SM), and fewer
-instructions (the zero point taken off after the MMA) did not make it faster. Not done here:
-programmatic dependent launch (the Triton kernels' PDL prologue), and asynchronous wgmma
-across steps.
+instructions (the zero point taken off after the MMA) did not make it faster.
+
+PDL (programmatic dependent launch, as the Triton kernels): only x comes from the previous
+kernel, so the staged variant starts its ring's first copies and loads its zero points and
+scales, and the register path loads its first words, before `griddepcontrol.wait`; then it
+lets the next kernel launch. H200, random Llama-3.1-8B int4-wo: batch 1 329 → 352 tok/s,
+batch 4 1,272 → 1,374, batch 16 4,054 → 4,154 (results/s18-h200-int4-pdl-latency-*.json).
+Not done: asynchronous wgmma across steps.
 
 No CPU twin: Gluon does not run under Triton's interpreter. The Triton kernel's CPU tests
 cover the arithmetic; tests/kernels/test_sm90_lowering.py compiles this one for sm_90 on the
@@ -71,6 +76,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import sum_split_k_partials
+from kiln.kernels.triton_utils import has_sm90
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
 
@@ -90,6 +96,18 @@ if gluon is not None:
         w_hi = (c >> 1) & 3
         h = c & 1
         return 8 * (w_lo + 4 * w_hi) + l0 + 2 * l1 + 4 * h
+
+    @gluon.jit
+    def _pdl_wait_then_release(USE_PDL: gl.constexpr):
+        """Programmatic dependent launch (kernels/triton_utils.pdl_prologue's two
+        instructions): wait until the previous kernel has finished and its writes (our x) are
+        visible, then let the next kernel launch. Only x depends on the previous kernel: the
+        weights, zero points and scales are requested before this."""
+        if USE_PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _operand(word, zero, A_LAYOUT: gl.constexpr, FLOAT16: gl.constexpr):
@@ -131,6 +149,7 @@ if gluon is not None:
         GROUP: gl.constexpr, TOKENS: gl.constexpr, SPLIT: gl.constexpr,
         HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr, STAGES: gl.constexpr,
         X_TILES: gl.constexpr,  # STAGES ≥ 2: the most sub-tiles a program has
+        USE_PDL: gl.constexpr,  # launched as a programmatic dependent launch (launch_pdl)
     ):
         WORDS: gl.constexpr = gl.DistributedLinearLayout(
             reg_bases=[[0, 1], [0, 2], [8, 0]],
@@ -171,6 +190,7 @@ if gluon is not None:
             # weights included): that fits the ~1 µs a step measured (the notes above).
             x_smem = gl.allocate_shared_memory(x_dtype, [TOKENS, 128], X_SHARED)
             word = gl.load(w_tile + tile_begin * 16)
+            _pdl_wait_then_release(USE_PDL)
             x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
             for t in range(tile_begin, tile_end):
                 ahead = gl.minimum(t + 1, tile_end - 1)  # the last tile re-reads itself
@@ -207,22 +227,9 @@ if gluon is not None:
             for first in gl.static_range(STAGES - 1):
                 _copy_subtile(rings[first], copy_tile, copy_words, tile_begin + first,
                               tile_end)
-            # x loaded a chunk of sub-tiles at a time before any is stored (one latency per
-            # chunk; 32 registers of x a thread).
-            x_all = gl.allocate_shared_memory(x_dtype, [X_TILES, TOKENS, 128], X_SHARED)
-            CHUNK: gl.constexpr = 64 // TOKENS
-            for chunk in gl.static_range(0, X_TILES, CHUNK):
-                pieces = ()
-                for i in gl.static_range(chunk, chunk + CHUNK):
-                    if i < X_TILES:
-                        present = x_mask & (tile_begin + i < tile_end)
-                        pieces = pieces + (gl.load(x_tile + (tile_begin + i) * 128,
-                                                   mask=present, other=0.0),)
-                for i in gl.static_range(chunk, chunk + CHUNK):
-                    if i < X_TILES:
-                        x_all.index(i).store(pieces[i - chunk])
-            # The zero points and scales of every sub-tile too: loaded once (their latency, a new
-            # sector every 16 groups, otherwise stalls a step), read back per step.
+            # The zero points and scales of every sub-tile: loaded once (their latency, a new
+            # sector every 16 groups, otherwise stalls a step), read back per step. Like the
+            # ring's first copies they do not depend on the previous kernel: before the wait.
             GROUPS_SHARED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
             z_all = gl.allocate_shared_memory(zero_ptr.dtype.element_ty, [X_TILES, 64],
                                               GROUPS_SHARED)
@@ -237,6 +244,21 @@ if gluon is not None:
             for i in gl.static_range(X_TILES):
                 z_all.index(i).store(zeros[i])
                 s_all.index(i).store(scales[i])
+            _pdl_wait_then_release(USE_PDL)
+            # x loaded a chunk of sub-tiles at a time before any is stored (one latency per
+            # chunk; 32 registers of x a thread).
+            x_all = gl.allocate_shared_memory(x_dtype, [X_TILES, TOKENS, 128], X_SHARED)
+            CHUNK: gl.constexpr = 64 // TOKENS
+            for chunk in gl.static_range(0, X_TILES, CHUNK):
+                pieces = ()
+                for i in gl.static_range(chunk, chunk + CHUNK):
+                    if i < X_TILES:
+                        present = x_mask & (tile_begin + i < tile_end)
+                        pieces = pieces + (gl.load(x_tile + (tile_begin + i) * 128,
+                                                   mask=present, other=0.0),)
+                for i in gl.static_range(chunk, chunk + CHUNK):
+                    if i < X_TILES:
+                        x_all.index(i).store(pieces[i - chunk])
             fence_async_shared()
             for base in range(tile_begin, tile_end, STAGES):  # unrolled a ring's turn
                 for j in gl.static_range(STAGES):
@@ -307,8 +329,10 @@ def staged_unsupported_reason(k: int, split_k: int, tokens: int, stages: int) ->
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            bias: torch.Tensor | None, split_k: int, tokens: int = 16,
-           stages: int = 0) -> torch.Tensor:
-    """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+."""
+           stages: int = 0, pdl: bool = True) -> torch.Tensor:
+    """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+;
+    with `pdl`, launched as a programmatic dependent launch (the weights start loading while
+    the previous kernel finishes)."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -321,13 +345,14 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         raise ValueError(f"skinny_int4 (Gluon): {reason}")
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     x_tiles = program_subtiles(k, split_k) if stages else 1
+    pdl = pdl and has_sm90(x)
     _skinny_int4_gluon_kernel[(triton.cdiv(n, ROWS), split_k)](
         x, qweight.view(torch.int32), scale, zero, scale.stride(0),
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,
         GROUP=k // scale.shape[1], TOKENS=tokens, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, STAGES=stages,
-        X_TILES=x_tiles, num_warps=4,
+        X_TILES=x_tiles, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     if split_k > 1:
-        sum_split_k_partials(out, split_k, bias, y, pdl=False)
+        sum_split_k_partials(out, split_k, bias, y, pdl)
     return y

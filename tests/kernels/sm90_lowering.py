@@ -101,7 +101,9 @@ def skinny_int4_gluon_variants() -> dict:
     compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
     fp16, 8 and 16 token columns, split and unsplit; no shared-memory round trip for weights
     (ldmatrix) and 16-byte weight loads: from global memory into registers (stages 0), or
-    16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (staged)."""
+    16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (staged);
+    as a programmatic dependent launch, the first weights requested before the wait for the
+    previous kernel and x read after it."""
     from kiln.kernels import skinny_int4_gluon
 
     if not skinny_int4_gluon.available():  # a Triton before Gluon (3.5)
@@ -119,7 +121,8 @@ def skinny_int4_gluon_variants() -> dict:
                      "bias_ptr": "*bf16", "out_ptr": "*fp32" if split else "*bf16",
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
-                     "FLOAT16": float16, "STAGES": 0 if split else 3, "X_TILES": 7}
+                     "FLOAT16": float16, "STAGES": 0 if split else 3, "X_TILES": 7,
+                     "USE_PDL": True}
         attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
                  if not kind.startswith("fp")}
         source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
@@ -129,6 +132,10 @@ def skinny_int4_gluon_variants() -> dict:
         kind = "f16" if float16 else "bf16"
         wgmma = f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}"
         wide_copy = r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10"
+        wait = ptx.find("griddepcontrol.wait")
+        first_weight = min(i for i in (ptx.find("cp.async.cg"), ptx.find("ld.global.v4"))
+                           if i >= 0)
+        first_masked_load = re.search(r"@%p\d+ ld\.global", ptx).start()  # x (tokens ≥ M: 0)
         out[name] = {"wgmma": wgmma in ptx,
                      # (one-row ldmatrix.x1 reads the per-step zero points and scales when staged)
                      "weight_ldmatrix": (ptx.count("ldmatrix")
@@ -138,7 +145,10 @@ def skinny_int4_gluon_variants() -> dict:
                                            + ptx.count("ld.global.v4.u32")),
                      "wide_async_copies": len(re.findall(wide_copy, ptx)),
                      "wide_shared_reads": ptx.count("ld.shared.v4.b32"),
-                     "nibble_lop3": ptx.count("0x000F000F")}
+                     "nibble_lop3": ptx.count("0x000F000F"),
+                     # PDL: weights requested before the wait, x read after it
+                     "pdl_weights_before_x": 0 <= wait and first_weight < wait < first_masked_load,
+                     "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
     return out
 
 

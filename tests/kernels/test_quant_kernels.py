@@ -367,13 +367,23 @@ def test_fp8_cache_needs_its_scales(device):
 
 
 @pytest.mark.parametrize("kind", [KIND_INT8, KIND_INT4])
-def test_dequantize_kernel_matches_reference(kind, device):
-    _, weight, _ = _inputs(1, n=40, seed=8)
+@pytest.mark.parametrize("group", [64, 512])  # 512: one group a row (per channel)
+@pytest.mark.parametrize("block_n,block_k", [(32, 256), (16, 128), (64, 512)])
+def test_dequantize_kernel_matches_reference(kind, group, block_n, block_k, device):
+    # 40 rows: a partial tile of rows; K = 512: tiles of 128-512 columns, within a group or not
+    _, weight, _ = _inputs(1, n=40, k=512, seed=8)
     if kind == KIND_INT8:
-        tensors = [t.to(device) for t in quantize_int8(weight, 64)] + [None]
+        tensors = [t.to(device) for t in quantize_int8(weight, group)] + [None]
         expected = dequantize_int8(*tensors[:2])
     else:
-        tensors = [t.to(device) for t in quantize_int4(weight, 64)]
+        tensors = [t.to(device) for t in quantize_int4(weight, group)]
         expected = dequantize_int4(*tensors)
-    out = quant_linear.dequantize(kind, *tensors, torch.float32)
+    out = quant_linear.dequantize(kind, *tensors, torch.float32, block_n=block_n,
+                                  block_k=block_k)
     torch.testing.assert_close(out, expected)
+    # in bfloat16 (what the prefill path writes): the float32 value within a bfloat16 step
+    # (the CPU interpreter truncates to bfloat16 where the GPU rounds)
+    out = quant_linear.dequantize(kind, *tensors, torch.bfloat16, block_n=block_n,
+                                  block_k=block_k)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-7)

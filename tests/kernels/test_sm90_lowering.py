@@ -58,6 +58,7 @@ def test_skinny_int4_gluon_unpacks_into_the_wgmma_operand(lowering):
         pytest.skip("this Triton has no Gluon (3.5+): the Triton kernel runs instead")
     for name, found in lowering["skinny_int4_gluon"].items():
         assert found["wgmma"] and found["nibble_lop3"] >= 4, name
+        assert found["pdl_weights_before_x"] and found["launch_dependents"], name
         # unpacked weights never pass through shared memory
         assert found["weight_ldmatrix"] == 0, name
         if found["stages"] == 0:  # 16 bytes of a row a thread, straight into registers
