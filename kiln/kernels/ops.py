@@ -255,7 +255,7 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
     # kernel on the H200); one row too where the Gluon twin beat int_gemv (large matrices on
     # sm_90, skinny_int4.takes_batch1). KILN_SKINNY_INT4=0 (the A/B switch) keeps the
     # kernels below.
-    if (kind == quant_linear.KIND_INT4 and integer_zeros and rows <= skinny_int4.MAX_TOKENS
+    if (kind == quant_linear.KIND_INT4 and integer_zeros and rows <= skinny_int4.max_rows(x)
             and env_flag("KILN_SKINNY_INT4", default=True)
             and (rows > 1 or skinny_int4.takes_batch1(x, weight.shape[0], x.shape[1]))
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):

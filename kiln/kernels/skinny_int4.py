@@ -1,5 +1,5 @@
-"""W4A16 linear for decode (≤ 16 tokens) on the tensor cores: a swap-AB skinny GEMM whose
-int4 weights become bf16 with one LOP3 per two weights.
+"""W4A16 linear for decode (≤ 16 tokens; ≤ 32 in the Gluon twin) on the tensor cores: a
+swap-AB skinny GEMM whose int4 weights become bf16 with one LOP3 per two weights.
 
     y (M, N) = x (M, K) · W^T,   W = (q − z) · s,  q int4 packed 8 to a 32-bit word
     (nibble i of word j = input column 8j + i: kiln/quant/quantize.pack_int4), s and z
@@ -72,7 +72,14 @@ from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, sum_split_k_partials
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
-MAX_TOKENS = 16  # the MMA's N at most
+MAX_TOKENS = 16  # the MMA's N at most (the Triton kernel)
+# The Gluon twin's N goes to 32: 17-32 rows (decode batches, short prefills) stay on packed
+# weights instead of dequantising all of them for cuBLAS (kernels/ops.py). H200, Llama-3.1-8B
+# shapes (results/s18-h200-skinny-int4-wide-bench.json): a layer's four linears at 17 / 32
+# rows 160 / 221 µs against 292 / 292 dequantised; at 64 token columns the kernel took
+# 390-705 µs a layer against 302 (x gathered two bytes at a time, 64 of them a thread a step).
+GLUON_MAX_TOKENS = 32
+TOKEN_COLUMNS = (8, 16, 32)
 SUBTILE = 128  # input columns per sub-tile: 16 words, one K = 16 dot per nibble position
 MAX_SPLIT_K = 16
 
@@ -83,7 +90,8 @@ class SkinnyInt4Config:
 
     block_n: int = 64  # weight rows per program: the MMA's M (wgmma: 64 per warpgroup)
     subtiles: int = 1  # 128-column sub-tiles per pipelined tile
-    tokens: int = 16  # the MMA's N: M padded to 8 or 16 (raised to 16 when M > 8)
+    tokens: int = 16  # the MMA's N: M padded to 8 or 16 (raised to 16 when M > 8); the
+    # Gluon twin also 32 (raised to the smallest that holds M)
     split_k: int = 1  # programs per column block along K (clipped to the tiles)
     num_warps: int = 4
     num_stages: int = 3
@@ -102,8 +110,9 @@ class SkinnyInt4Config:
             raise ValueError(f"block_n must be a power of 2 ≥ 16; got {self.block_n}")
         if self.subtiles < 1 or self.subtiles & (self.subtiles - 1):
             raise ValueError(f"subtiles must be a power of 2 ≥ 1; got {self.subtiles}")
-        if self.tokens not in (8, 16):
-            raise ValueError(f"tokens must be 8 or 16 (the MMA's N); got {self.tokens}")
+        if self.tokens not in TOKEN_COLUMNS:
+            raise ValueError(f"tokens must be 8, 16 or 32 (the MMA's N; 32 the Gluon twin "
+                             f"only); got {self.tokens}")
         if self.stages != 0 and not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be 0 (registers) or 2..8; got {self.stages}")
         if not 1 <= self.split_k <= MAX_SPLIT_K or self.num_warps < 1 or self.num_stages < 1:
@@ -140,10 +149,25 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
             if split_k == 1:
                 split_k = min(MAX_SPLIT_K, max(1, tiles // 8))
             return SkinnyInt4Config(split_k=split_k, tokens=8, gluon=True, stages=4)
-        return SkinnyInt4Config(split_k=split_k, tokens=8 if m <= 8 else 16, gluon=True)
+        if m > MAX_TOKENS:
+            # 32 token columns: K in 4, the fastest of splits 1, 2, 4 (and the rule above's 8)
+            # on every Llama-3.1-8B shape at 17 and 32 rows; the rule above was 10-30 % slower
+            # on o, gate|up and down (results/s18-h200-skinny-int4-wide-bench.json)
+            return SkinnyInt4Config(split_k=max(1, min(4, tiles // 4)), tokens=32, gluon=True)
+        return SkinnyInt4Config(split_k=split_k, tokens=token_columns(m), gluon=True)
     while column_blocks * split_k < 3 * NUM_SMS and tiles // (2 * split_k) >= 8:
         split_k *= 2
     return SkinnyInt4Config(block_n, subtiles, split_k=split_k, num_stages=3, gluon=False)
+
+
+def token_columns(m: int) -> int:
+    """The MMA's N for m rows: the smallest of TOKEN_COLUMNS that holds them."""
+    return next((tokens for tokens in TOKEN_COLUMNS if m <= tokens), GLUON_MAX_TOKENS)
+
+
+def max_rows(x: torch.Tensor) -> int:
+    """The most rows this kernel takes for x: 32 where the Gluon twin runs, else 16."""
+    return GLUON_MAX_TOKENS if gluon_usable(x) else MAX_TOKENS
 
 
 def gluon_usable(x: torch.Tensor) -> bool:
@@ -293,9 +317,11 @@ def skinny_int4_unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, scale
                                    zero: torch.Tensor) -> str | None:
     """Why skinny_int4 cannot take these inputs (the dispatcher then uses another kernel), or
     None."""
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS or x.stride(1) != 1:
-        return (f"x must be (M, K) with 1 ≤ M ≤ {MAX_TOKENS}, contiguous along K; got "
-                f"{tuple(x.shape)}")
+    if x.dim() != 2 or x.stride(-1) != 1:
+        return f"x must be (M, K), contiguous along K; got {tuple(x.shape)}"
+    if not 1 <= x.shape[0] <= max_rows(x):
+        return (f"x has {x.shape[0]} rows; this kernel takes 1-{max_rows(x)} here (32 with the "
+                f"Gluon twin on sm_90, 16 otherwise)")
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x must be bfloat16 or float16; got {x.dtype}"
     k = x.shape[1]
@@ -359,7 +385,7 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
         subtiles //= 2
     tiles = k // (SUBTILE * subtiles)
     split_k = min(config.split_k, tiles)
-    tokens = config.tokens if m <= config.tokens else MAX_TOKENS
+    tokens = min(config.tokens, MAX_TOKENS) if m <= config.tokens else MAX_TOKENS
     pdl = config.pdl and use_pdl(x)
     prefetch = min(config.num_stages - 1, tiles // split_k) if pdl else 0
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)

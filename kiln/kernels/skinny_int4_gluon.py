@@ -79,6 +79,7 @@ from kiln.kernels.skinny_fp8 import sum_split_k_partials
 from kiln.kernels.triton_utils import has_sm90
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
+MAX_TOKENS = 32  # token columns at most: the wgmma's N (x is stored TOKENS x 128 a step)
 
 
 def available() -> bool:
@@ -338,7 +339,10 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y
-    tokens = 16 if m > 8 else tokens
+    if not 1 <= m <= MAX_TOKENS:
+        raise ValueError(f"skinny_int4 (Gluon): x has {m} rows; it takes 1-{MAX_TOKENS}")
+    while tokens < m:  # the smallest of 8, 16, 32 token columns that holds the rows
+        tokens *= 2
     split_k = max(1, min(split_k, k // 128))
     reason = staged_unsupported_reason(k, split_k, tokens, stages)
     if reason:

@@ -114,6 +114,7 @@ def skinny_int4_gluon_variants() -> dict:
 
     out = {}
     for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),
+                                         ("bf16_t32_split", False, 32, True),
                                          ("bf16_t8_unsplit", False, 8, False),
                                          ("fp16_t16_unsplit", True, 16, False)):
         signature = {"x_ptr": "*fp16" if float16 else "*bf16", "w_ptr": "*i32",
