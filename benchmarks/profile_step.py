@@ -1,6 +1,9 @@
 """Where one step's GPU time goes: torch.profiler over prefills, a few batch-1 decode steps,
 decode steps at --batch rows of --batch-prompt-len context, and (--mixed) the eager mixed
 steps after new prompts arrive among decoding requests; top kernels by total CUDA time.
+On sm_90 the kernels launch with PDL, so each one's time includes its wait for the kernel
+before it and the rows do not add up to the step: run with KILN_PDL=0 for a breakdown that
+does (the step itself is then slower by the launch gaps PDL hides).
 Usage (GPU machine):
     python3 benchmarks/profile_step.py ENGINE_DIR [--prefill 512 8192] [--batch 1024
         --batch-prompt-len 192] [--mixed 900 111] [--max-num-seqs 1024

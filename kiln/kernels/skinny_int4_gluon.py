@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import sum_split_k_partials
-from kiln.kernels.triton_utils import has_sm90
+from kiln.kernels.triton_utils import use_pdl
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
 MAX_TOKENS = 32  # token columns at most: the wgmma's N (x is stored TOKENS x 128 a step)
@@ -349,7 +349,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         raise ValueError(f"skinny_int4 (Gluon): {reason}")
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     x_tiles = program_subtiles(k, split_k) if stages else 1
-    pdl = pdl and has_sm90(x)
+    pdl = pdl and use_pdl(x)
     _skinny_int4_gluon_kernel[(triton.cdiv(n, ROWS), split_k)](
         x, qweight.view(torch.int32), scale, zero, scale.stride(0),
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,

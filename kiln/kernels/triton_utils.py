@@ -82,8 +82,11 @@ def has_sm90(tensor: torch.Tensor) -> bool:
 
 def use_pdl(tensor: torch.Tensor) -> bool:
     """Whether a kernel on `tensor` launches as a programmatic dependent launch (PDL): sm_90+
-    GPUs, never under the interpreter. Pass it as the kernel's USE_PDL and as `launch_pdl`."""
-    return has_sm90(tensor) and not interpreter_active()
+    GPUs, never under the interpreter, unless KILN_PDL=0. Pass it as the kernel's USE_PDL and
+    as `launch_pdl`. KILN_PDL=0 is for profiling: under PDL a kernel starts while the one
+    before it runs, so a profiler's per-kernel times include that wait and do not add up to
+    the step (benchmarks/profile_step.py). Read when a kernel is launched or captured."""
+    return has_sm90(tensor) and not interpreter_active() and env_flag("KILN_PDL", default=True)
 
 
 @triton.jit
