@@ -50,8 +50,13 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels.triton_utils import dot_dtype, dot_precision, has_sm90, interpreter_active
-from kiln.kernels.triton_utils import use_pdl as pdl_allowed
+from kiln.kernels.triton_utils import (
+    dot_dtype,
+    dot_precision,
+    has_sm90,
+    interpreter_active,
+    use_pdl,
+)
 
 MAX_ROWS = 16  # M up to one tl.dot tile; larger batches are cuBLAS's job
 K_MULTIPLE = 64  # every BLOCK_K is a power of 2 ≥ 64 dividing K: no K masks, 16-byte loads
@@ -297,7 +302,7 @@ def _launch(x, weight, bias, out_features: int, gate_up: bool, pdl: bool,
     block_n = max(16, config.block_n) if dot else config.block_n  # tl.dot needs ≥ 16
     block_k = min(config.block_k, k & -k)  # k & -k: the largest power of 2 dividing k (≥ 64)
     sm90 = has_sm90(x)
-    use_pdl = pdl and pdl_allowed(x)
+    pdl = pdl and use_pdl(x)
     # L2 prefetch: each warp takes whole rows of a tile, or 1/pieces of one row.
     warps = config.num_warps
     l2_pieces, l2_rows_per_warp = max(1, warps // block_n), max(1, block_n // warps)
@@ -311,10 +316,10 @@ def _launch(x, weight, bias, out_features: int, gate_up: bool, pdl: bool,
         m, out_features, k,
         HAS_BIAS=bias is not None, GATE_UP=gate_up,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_DTYPE=dot_dtype(x), PRECISION=dot_precision(x), USE_PDL=use_pdl,
+        DOT_DTYPE=dot_dtype(x), PRECISION=dot_precision(x), USE_PDL=pdl,
         L2_AHEAD=l2_ahead, NUM_THREADS=32 * warps, L2_PIECES=l2_pieces,
         L2_ROWS_PER_WARP=l2_rows_per_warp, L2_ROW_STEP=warps // l2_pieces,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return y
 

@@ -72,13 +72,7 @@ from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, sum_split_k_partials
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
-MAX_TOKENS = 16  # the MMA's N at most (the Triton kernel)
-# The Gluon twin's N goes to 32: 17-32 rows (decode batches, short prefills) stay on packed
-# weights instead of dequantising all of them for cuBLAS (kernels/ops.py). H200, Llama-3.1-8B
-# shapes (results/s18-h200-skinny-int4-wide-bench.json): a layer's four linears at 17 / 32
-# rows 160 / 221 µs against 292 / 292 dequantised; at 64 token columns the kernel took
-# 390-705 µs a layer against 302 (x gathered two bytes at a time, 64 of them a thread a step).
-GLUON_MAX_TOKENS = 32
+MAX_TOKENS = 16  # the MMA's N at most (the Triton kernel; the Gluon twin's is its MAX_TOKENS)
 TOKEN_COLUMNS = (8, 16, 32)
 SUBTILE = 128  # input columns per sub-tile: 16 words, one K = 16 dot per nibble position
 MAX_SPLIT_K = 16
@@ -154,20 +148,15 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
             # on every Llama-3.1-8B shape at 17 and 32 rows; the rule above was 10-30 % slower
             # on o, gate|up and down (results/s18-h200-skinny-int4-wide-bench.json)
             return SkinnyInt4Config(split_k=max(1, min(4, tiles // 4)), tokens=32, gluon=True)
-        return SkinnyInt4Config(split_k=split_k, tokens=token_columns(m), gluon=True)
+        return SkinnyInt4Config(split_k=split_k, tokens=8 if m <= 8 else 16, gluon=True)
     while column_blocks * split_k < 3 * NUM_SMS and tiles // (2 * split_k) >= 8:
         split_k *= 2
     return SkinnyInt4Config(block_n, subtiles, split_k=split_k, num_stages=3, gluon=False)
 
 
-def token_columns(m: int) -> int:
-    """The MMA's N for m rows: the smallest of TOKEN_COLUMNS that holds them."""
-    return next((tokens for tokens in TOKEN_COLUMNS if m <= tokens), GLUON_MAX_TOKENS)
-
-
 def max_rows(x: torch.Tensor) -> int:
     """The most rows this kernel takes for x: 32 where the Gluon twin runs, else 16."""
-    return GLUON_MAX_TOKENS if gluon_usable(x) else MAX_TOKENS
+    return skinny_int4_gluon.MAX_TOKENS if gluon_usable(x) else MAX_TOKENS
 
 
 def gluon_usable(x: torch.Tensor) -> bool:
@@ -319,9 +308,10 @@ def skinny_int4_unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, scale
     None."""
     if x.dim() != 2 or x.stride(-1) != 1:
         return f"x must be (M, K), contiguous along K; got {tuple(x.shape)}"
-    if not 1 <= x.shape[0] <= max_rows(x):
-        return (f"x has {x.shape[0]} rows; this kernel takes 1-{max_rows(x)} here (32 with the "
-                f"Gluon twin on sm_90, 16 otherwise)")
+    limit = max_rows(x)
+    if not 1 <= x.shape[0] <= limit:
+        return (f"x has {x.shape[0]} rows; this kernel takes 1-{limit} here (32 with the Gluon "
+                f"twin on sm_90, 16 otherwise)")
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x must be bfloat16 or float16; got {x.dtype}"
     k = x.shape[1]

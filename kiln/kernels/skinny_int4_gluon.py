@@ -79,7 +79,13 @@ from kiln.kernels.skinny_fp8 import sum_split_k_partials
 from kiln.kernels.triton_utils import use_pdl
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
-MAX_TOKENS = 32  # token columns at most: the wgmma's N (x is stored TOKENS x 128 a step)
+# Token columns at most (the wgmma's N; x is stored TOKENS x 128 a step): 17-32 rows (decode
+# batches, short prefills) stay on packed weights instead of dequantising all of them for
+# cuBLAS (kernels/ops.py). H200, Llama-3.1-8B shapes (results/s18-h200-skinny-int4-wide-
+# bench.json): a layer's four linears at 17 / 32 rows 160 / 221 µs against 292 / 292
+# dequantised; at 64 columns 692 µs against 297 (x gathered two bytes at a time, 64 of them
+# a thread a step).
+MAX_TOKENS = 32
 
 
 def available() -> bool:
