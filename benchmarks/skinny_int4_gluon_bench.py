@@ -66,19 +66,19 @@ def main() -> None:
         config = default_skinny_int4_config(m, *SHAPES[shape], True)
         variants = {}
         if args.mode == "pdl":
-            for pdl in (False, True):
-                variants[f"PDL {'on' if pdl else 'off'}"] = (
-                    lambda i, pdl=pdl: skinny_int4_gluon.launch(
+            for pdl, x_runs in itertools.product((False, True), (False, True)):
+                variants[f"PDL {'on' if pdl else 'off'}{' x runs' if x_runs else ''}"] = (
+                    lambda i, pdl=pdl, x_runs=x_runs: skinny_int4_gluon.launch(
                         x, *copies[i % COPIES], None, config.split_k, config.tokens,
-                        config.stages, pdl))
+                        config.stages, pdl, x_runs))
         else:
             variants["dequantise+cuBLAS"] = lambda i: torch.nn.functional.linear(
                 x, quant_linear.dequantize(quant_linear.KIND_INT4, *copies[i % COPIES],
                                            x.dtype))
-            for split in (1, 2, 4, 8):
-                variants[f"gluon split {split}"] = (
-                    lambda i, split=split: skinny_int4_gluon.launch(
-                        x, *copies[i % COPIES], None, split, config.tokens, 0))
+            for split, x_runs in itertools.product((1, 2, 4, 8), (False, True)):
+                variants[f"gluon split {split}{' x runs' if x_runs else ''}"] = (
+                    lambda i, split=split, x_runs=x_runs: skinny_int4_gluon.launch(
+                        x, *copies[i % COPIES], None, split, config.tokens, 0, True, x_runs))
         line = []
         for name, call in variants.items():
             error = check(call(0))

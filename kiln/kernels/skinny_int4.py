@@ -98,6 +98,9 @@ class SkinnyInt4Config:
     # through a ring of that many sub-tiles in shared memory (asynchronous copies, stages - 1
     # in flight).
     stages: int = 0
+    # Gluon: x loaded in 16-byte runs and permuted to the fragment order in registers, instead
+    # of gathered two bytes at a time (NOT YET MEASURED on a GPU: branch next/gluon-x-natural-loads)
+    x_runs: bool = True
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -365,7 +368,8 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     config = config or default_skinny_int4_config(m, n, k, gluon)
     if config.gluon and gluon:
         return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
-                                        config.tokens, config.stages, config.pdl)
+                                        config.tokens, config.stages, config.pdl,
+                                        config.x_runs)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y

@@ -117,6 +117,20 @@ if gluon is not None:
                                       dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _fragment_order(x, X_RUNS: gl.constexpr):
+        """x (TOKENS, 128) of one sub-tile → its columns in fragment order (what the shared
+        tile the wgmma reads must hold). X_RUNS: x was loaded in natural order (16-byte runs)
+        and is permuted here in registers: natural column bits (high to low) w_hi, w_lo, h,
+        l1, l0 → fragment order w_lo, l1, l0, w_hi, h (_actual_column's inverse). Otherwise x
+        was gathered in fragment order already."""
+        if X_RUNS:
+            tokens: gl.constexpr = x.shape[0]
+            x = gl.reshape(x, [tokens, 4, 4, 2, 2, 2])
+            x = gl.permute(x, (0, 2, 4, 5, 1, 3))
+            x = gl.reshape(x, [tokens, 128])
+        return x
+
+    @gluon.jit
     def _operand(word, zero, A_LAYOUT: gl.constexpr, FLOAT16: gl.constexpr):
         """word (ROWS, 16) int32 (the words layout), zero (ROWS,) fp32 → (ROWS, 128) q − z,
         16-bit floats in the wgmma A layout, K in fragment order."""
@@ -157,6 +171,7 @@ if gluon is not None:
         HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr, STAGES: gl.constexpr,
         X_TILES: gl.constexpr,  # STAGES ≥ 2: the most sub-tiles a program has
         USE_PDL: gl.constexpr,  # launched as a programmatic dependent launch (launch_pdl)
+        X_RUNS: gl.constexpr = False,  # x loaded in 16-byte runs, permuted in registers
     ):
         WORDS: gl.constexpr = gl.DistributedLinearLayout(
             reg_bases=[[0, 1], [0, 2], [8, 0]],
@@ -182,7 +197,9 @@ if gluon is not None:
         s_rows = scale_ptr + gl.minimum(out_rows, N - 1).to(gl.int64) * stride_s
 
         x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
-        x_columns = _actual_column(gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT)))
+        x_columns = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
+        if not X_RUNS:  # gathered in fragment order, two bytes at a time
+            x_columns = _actual_column(x_columns)
         x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
         x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
 
@@ -207,7 +224,7 @@ if gluon is not None:
                 z = gl.load(z_rows + group).to(gl.float32)
                 s = gl.load(s_rows + group).to(gl.float32)
                 a = _operand(word, z, A_LAYOUT, FLOAT16)
-                x_smem.store(x)
+                x_smem.store(_fragment_order(x, X_RUNS))
                 fence_async_shared()
                 gl.thread_barrier()
                 part = warpgroup_mma(a, x_smem.permute((1, 0)),
@@ -265,7 +282,7 @@ if gluon is not None:
                                                    mask=present, other=0.0),)
                 for i in gl.static_range(chunk, chunk + CHUNK):
                     if i < X_TILES:
-                        x_all.index(i).store(pieces[i - chunk])
+                        x_all.index(i).store(_fragment_order(pieces[i - chunk], X_RUNS))
             fence_async_shared()
             for base in range(tile_begin, tile_end, STAGES):  # unrolled a ring's turn
                 for j in gl.static_range(STAGES):
@@ -336,7 +353,7 @@ def staged_unsupported_reason(k: int, split_k: int, tokens: int, stages: int) ->
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            bias: torch.Tensor | None, split_k: int, tokens: int = 16,
-           stages: int = 0, pdl: bool = True) -> torch.Tensor:
+           stages: int = 0, pdl: bool = True, x_runs: bool = False) -> torch.Tensor:
     """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+;
     with `pdl`, launched as a programmatic dependent launch (the weights start loading while
     the previous kernel finishes)."""
@@ -361,7 +378,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,
         GROUP=k // scale.shape[1], TOKENS=tokens, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, STAGES=stages,
-        X_TILES=x_tiles, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+        X_TILES=x_tiles, USE_PDL=pdl, X_RUNS=x_runs, num_warps=4, launch_pdl=pdl,
     )
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl)

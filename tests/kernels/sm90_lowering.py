@@ -123,7 +123,7 @@ def skinny_int4_gluon_variants() -> dict:
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
                      "FLOAT16": float16, "STAGES": 0 if split else 3, "X_TILES": 7,
-                     "USE_PDL": True}
+                     "USE_PDL": True, "X_RUNS": tokens == 32}
         attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
                  if not kind.startswith("fp")}
         source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
@@ -149,7 +149,11 @@ def skinny_int4_gluon_variants() -> dict:
                      "nibble_lop3": ptx.count("0x000F000F"),
                      # PDL: weights requested before the wait, x read after it
                      "pdl_weights_before_x": 0 <= wait and first_weight < wait < first_masked_load,
-                     "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
+                     "launch_dependents": "griddepcontrol.launch_dependents" in ptx,
+                     "x_runs": constants["X_RUNS"],
+                     # x's loads are the masked ones (tokens ≥ M read as 0)
+                     "x_two_byte_loads": len(re.findall(r"@%p\d+ ld\.global\.b16", ptx)),
+                     "x_wide_loads": len(re.findall(r"@%p\d+ ld\.global\.v4", ptx))}
     return out
 
 
