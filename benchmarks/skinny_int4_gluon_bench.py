@@ -4,10 +4,11 @@ checked against the torch reference first. Two comparisons:
 
   --mode pdl   its default configs at M = 1, 4, 8, 16, launched with and without
                programmatic dependent launch (same code)
-  --mode wide  17 and 32 rows at 32 token columns, K split 1, 2, 4, 8, against what runs
-               above its limit (dequantise to bf16 + cuBLAS). (The 64-column rows of
-               results/s18-h200-skinny-int4-wide-bench.json were taken with the kernel's
-               limit raised to 64, since lowered to 32 by that measurement.)
+  --mode wide  17, 32, 48 and 64 rows at 32 or 64 token columns, K split 1, 2, 4, 8,
+               against what runs above its limit (dequantise to bf16 + cuBLAS). (x was
+               gathered two bytes at a time in results/s18-h200-skinny-int4-wide-bench.json;
+               the s19-h200-skinny-int4-xruns-* logs compare both loads, from this script at
+               commit 059ffe5, and s19-h200-skinny-int4-wide64.log 48 and 64 rows.)
 
 Usage (GPU machine): python3 benchmarks/skinny_int4_gluon_bench.py --mode pdl|wide OUT_DIR"""
 
@@ -61,24 +62,24 @@ def main() -> None:
         shapes = {name: SHAPES[name] for name in ("qkv", "gate_up", "down")}
         row_counts = (1, 4, 8, 16)
     else:
-        shapes, row_counts = SHAPES, (17, 32)
+        shapes, row_counts = SHAPES, (17, 32, 48, 64)
     for shape, m, x, copies, check in cases(shapes, row_counts):
         config = default_skinny_int4_config(m, *SHAPES[shape], True)
         variants = {}
         if args.mode == "pdl":
-            for pdl, x_runs in itertools.product((False, True), (False, True)):
-                variants[f"PDL {'on' if pdl else 'off'}{' x runs' if x_runs else ''}"] = (
-                    lambda i, pdl=pdl, x_runs=x_runs: skinny_int4_gluon.launch(
+            for pdl in (False, True):
+                variants[f"PDL {'on' if pdl else 'off'}"] = (
+                    lambda i, pdl=pdl: skinny_int4_gluon.launch(
                         x, *copies[i % COPIES], None, config.split_k, config.tokens,
-                        config.stages, pdl, x_runs))
+                        config.stages, pdl))
         else:
             variants["dequantise+cuBLAS"] = lambda i: torch.nn.functional.linear(
                 x, quant_linear.dequantize(quant_linear.KIND_INT4, *copies[i % COPIES],
                                            x.dtype))
-            for split, x_runs in itertools.product((1, 2, 4, 8), (False, True)):
-                variants[f"gluon split {split}{' x runs' if x_runs else ''}"] = (
-                    lambda i, split=split, x_runs=x_runs: skinny_int4_gluon.launch(
-                        x, *copies[i % COPIES], None, split, config.tokens, 0, True, x_runs))
+            for split in (1, 2, 4, 8):
+                variants[f"gluon split {split}"] = (
+                    lambda i, split=split: skinny_int4_gluon.launch(
+                        x, *copies[i % COPIES], None, split, config.tokens, 0))
         line = []
         for name, call in variants.items():
             error = check(call(0))

@@ -73,7 +73,7 @@ from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, sum_split_k_partials
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
 MAX_TOKENS = 16  # the MMA's N at most (the Triton kernel; the Gluon twin's is its MAX_TOKENS)
-TOKEN_COLUMNS = (8, 16, 32)
+TOKEN_COLUMNS = (8, 16, 32, 64)
 SUBTILE = 128  # input columns per sub-tile: 16 words, one K = 16 dot per nibble position
 MAX_SPLIT_K = 16
 
@@ -98,9 +98,6 @@ class SkinnyInt4Config:
     # through a ring of that many sub-tiles in shared memory (asynchronous copies, stages - 1
     # in flight).
     stages: int = 0
-    # Gluon: x loaded in 16-byte runs and permuted to the fragment order in registers, instead
-    # of gathered two bytes at a time (NOT YET MEASURED on a GPU: branch next/gluon-x-natural-loads)
-    x_runs: bool = True
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -108,8 +105,8 @@ class SkinnyInt4Config:
         if self.subtiles < 1 or self.subtiles & (self.subtiles - 1):
             raise ValueError(f"subtiles must be a power of 2 ≥ 1; got {self.subtiles}")
         if self.tokens not in TOKEN_COLUMNS:
-            raise ValueError(f"tokens must be 8, 16 or 32 (the MMA's N; 32 the Gluon twin "
-                             f"only); got {self.tokens}")
+            raise ValueError(f"tokens must be 8, 16, 32 or 64 (the MMA's N; 32 and 64 the "
+                             f"Gluon twin only); got {self.tokens}")
         if self.stages != 0 and not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be 0 (registers) or 2..8; got {self.stages}")
         if not 1 <= self.split_k <= MAX_SPLIT_K or self.num_warps < 1 or self.num_stages < 1:
@@ -146,10 +143,18 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
             if split_k == 1:
                 split_k = min(MAX_SPLIT_K, max(1, tiles // 8))
             return SkinnyInt4Config(split_k=split_k, tokens=8, gluon=True, stages=4)
+        if m > 32:
+            # 64 token columns: K split while there are fewer than 256 programs, at most in 4:
+            # q|k|v in 2, o and down in 4, gate|up unsplit, the fastest of splits 1, 2, 4, 8
+            # on each Llama-3.1-8B shape at 48 and 64 rows (results/s19-h200-skinny-int4-
+            # wide64.log)
+            split = max(1, min(4, 256 // column_blocks, tiles // 4))
+            return SkinnyInt4Config(split_k=split, tokens=64, gluon=True)
         if m > MAX_TOKENS:
             # 32 token columns: K in 4, the fastest of splits 1, 2, 4 (and the rule above's 8)
-            # on every Llama-3.1-8B shape at 17 and 32 rows; the rule above was 10-30 % slower
-            # on o, gate|up and down (results/s18-h200-skinny-int4-wide-bench.json)
+            # on every Llama-3.1-8B shape at 17 and 32 rows (results/s18-h200-skinny-int4-
+            # wide-bench.json; again with x in 16-byte runs, s19-h200-skinny-int4-xruns-
+            # wide.log, gate|up's split 2 within 1 %)
             return SkinnyInt4Config(split_k=max(1, min(4, tiles // 4)), tokens=32, gluon=True)
         return SkinnyInt4Config(split_k=split_k, tokens=8 if m <= 8 else 16, gluon=True)
     while column_blocks * split_k < 3 * NUM_SMS and tiles // (2 * split_k) >= 8:
@@ -158,7 +163,7 @@ def default_skinny_int4_config(m: int, n: int, k: int, gluon: bool = True) -> Sk
 
 
 def max_rows(x: torch.Tensor) -> int:
-    """The most rows this kernel takes for x: 32 where the Gluon twin runs, else 16."""
+    """The most rows this kernel takes for x: 64 where the Gluon twin runs, else 16."""
     return skinny_int4_gluon.MAX_TOKENS if gluon_usable(x) else MAX_TOKENS
 
 
@@ -313,8 +318,9 @@ def skinny_int4_unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, scale
         return f"x must be (M, K), contiguous along K; got {tuple(x.shape)}"
     limit = max_rows(x)
     if not 1 <= x.shape[0] <= limit:
-        return (f"x has {x.shape[0]} rows; this kernel takes 1-{limit} here (32 with the Gluon "
-                f"twin on sm_90, 16 otherwise)")
+        return (f"x has {x.shape[0]} rows; this kernel takes 1-{limit} here "
+                f"({skinny_int4_gluon.MAX_TOKENS} with the Gluon twin on sm_90, {MAX_TOKENS} "
+                f"otherwise)")
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x must be bfloat16 or float16; got {x.dtype}"
     k = x.shape[1]
@@ -368,8 +374,7 @@ def launch_skinny_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     config = config or default_skinny_int4_config(m, n, k, gluon)
     if config.gluon and gluon:
         return skinny_int4_gluon.launch(x, qweight, scale, zero, bias, config.split_k,
-                                        config.tokens, config.stages, config.pdl,
-                                        config.x_runs)
+                                        config.tokens, config.stages, config.pdl)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y

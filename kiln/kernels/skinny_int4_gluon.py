@@ -12,12 +12,17 @@ thread loads exactly the words that hold its own fragment:
     words (64 rows x 16 words of a 128-column sub-tile): thread (w, l) loads words
     4(l%4) .. 4(l%4)+3 of the same two rows: 16 bytes a row.
 
-and the K order of the MMA is chosen (x is gathered in the same order) so that the four
-registers the unpacking writes per word, bf16 pairs (nibble n, nibble n + 4), are four of the
-thread's fragment registers. `gl.convert_layout(..., assert_trivial=True)` proves at compile
-time that no data moves between threads. Fragment-order column c of a sub-tile (bits from
-low: h, w_hi (2), l0, l1, w_lo (2)) is the actual column 8 (w_lo + 4 w_hi) + l0 + 2 l1 + 4 h
-(_actual_column): nibble l0 + 2 l1 + 4 h of word w_lo + 4 w_hi.
+and the K order of the MMA is chosen so that the four registers the unpacking writes per
+word, bf16 pairs (nibble n, nibble n + 4), are four of the thread's fragment registers.
+`gl.convert_layout(..., assert_trivial=True)` proves at compile time that no data moves
+between threads. Fragment-order column c of a sub-tile (bits from low: h, w_hi (2), l0, l1,
+w_lo (2)) is the actual column 8 (w_lo + 4 w_hi) + l0 + 2 l1 + 4 h: nibble l0 + 2 l1 + 4 h of
+word w_lo + 4 w_hi. x must reach the wgmma's shared tile in that order: it is loaded in
+natural order, 16-byte runs, and permuted in registers (_fragment_order; no data crosses
+threads). Gathering it in fragment order from global memory instead (two bytes a load, 32-64
+loads a thread a step at 32-64 token columns) made the kernel x-bound past 16 rows: H200,
+Llama-3.1-8B shapes, a layer's four linears at 32 rows 218 → 123 µs, gate|up at 16 rows 41.8
+→ 34.7, batch-32 decode 3,655 → 6,475 tok/s (results/s19-h200-*xruns*).
 
 Everything else is kernels/skinny_int4.py's design: swap-AB (weight rows on M, tokens on N =
 8 or 16), q − z by the same inline assembly, each 128-column group's partial scaled in fp32,
@@ -79,13 +84,13 @@ from kiln.kernels.skinny_fp8 import sum_split_k_partials
 from kiln.kernels.triton_utils import use_pdl
 
 ROWS = 64  # weight rows per program: one warpgroup's wgmma M
-# Token columns at most (the wgmma's N; x is stored TOKENS x 128 a step): 17-32 rows (decode
+# Token columns at most (the wgmma's N; x is stored TOKENS x 128 a step): 17-64 rows (decode
 # batches, short prefills) stay on packed weights instead of dequantising all of them for
-# cuBLAS (kernels/ops.py). H200, Llama-3.1-8B shapes (results/s18-h200-skinny-int4-wide-
-# bench.json): a layer's four linears at 17 / 32 rows 160 / 221 µs against 292 / 292
-# dequantised; at 64 columns 692 µs against 297 (x gathered two bytes at a time, 64 of them
-# a thread a step).
-MAX_TOKENS = 32
+# cuBLAS (kernels/ops.py). H200, Llama-3.1-8B shapes, a layer's four linears (results/s19-
+# h200-skinny-int4-xruns-wide.log, -wide64.log): 123 µs at 32 rows, 169 / 192 at 48 / 64
+# (64 columns) against 295-297 dequantised. 128 columns would hold 64 fp32 accumulators a
+# thread and was not tried.
+MAX_TOKENS = 64
 
 
 def available() -> bool:
@@ -93,16 +98,6 @@ def available() -> bool:
 
 
 if gluon is not None:
-
-    @gluon.jit
-    def _actual_column(c):
-        """The actual column (within a 128-column sub-tile) of fragment-order column c."""
-        w_lo = c >> 5
-        l1 = (c >> 4) & 1
-        l0 = (c >> 3) & 1
-        w_hi = (c >> 1) & 3
-        h = c & 1
-        return 8 * (w_lo + 4 * w_hi) + l0 + 2 * l1 + 4 * h
 
     @gluon.jit
     def _pdl_wait_then_release(USE_PDL: gl.constexpr):
@@ -117,18 +112,15 @@ if gluon is not None:
                                       dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _fragment_order(x, X_RUNS: gl.constexpr):
-        """x (TOKENS, 128) of one sub-tile → its columns in fragment order (what the shared
-        tile the wgmma reads must hold). X_RUNS: x was loaded in natural order (16-byte runs)
-        and is permuted here in registers: natural column bits (high to low) w_hi, w_lo, h,
-        l1, l0 → fragment order w_lo, l1, l0, w_hi, h (_actual_column's inverse). Otherwise x
-        was gathered in fragment order already."""
-        if X_RUNS:
-            tokens: gl.constexpr = x.shape[0]
-            x = gl.reshape(x, [tokens, 4, 4, 2, 2, 2])
-            x = gl.permute(x, (0, 2, 4, 5, 1, 3))
-            x = gl.reshape(x, [tokens, 128])
-        return x
+    def _fragment_order(x):
+        """x (TOKENS, 128) of one sub-tile, loaded in natural order (16-byte runs) → its
+        columns in fragment order (what the shared tile the wgmma reads must hold), permuted
+        in registers: natural column bits (high to low) w_hi (2), w_lo (2), h, l1, l0 →
+        fragment order w_lo, l1, l0, w_hi, h (see the module docstring)."""
+        tokens: gl.constexpr = x.shape[0]
+        x = gl.reshape(x, [tokens, 4, 4, 2, 2, 2])
+        x = gl.permute(x, (0, 2, 4, 5, 1, 3))
+        return gl.reshape(x, [tokens, 128])
 
     @gluon.jit
     def _operand(word, zero, A_LAYOUT: gl.constexpr, FLOAT16: gl.constexpr):
@@ -171,7 +163,6 @@ if gluon is not None:
         HAS_BIAS: gl.constexpr, FLOAT16: gl.constexpr, STAGES: gl.constexpr,
         X_TILES: gl.constexpr,  # STAGES ≥ 2: the most sub-tiles a program has
         USE_PDL: gl.constexpr,  # launched as a programmatic dependent launch (launch_pdl)
-        X_RUNS: gl.constexpr = False,  # x loaded in 16-byte runs, permuted in registers
     ):
         WORDS: gl.constexpr = gl.DistributedLinearLayout(
             reg_bases=[[0, 1], [0, 2], [8, 0]],
@@ -180,7 +171,7 @@ if gluon is not None:
         MMA: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOKENS, 16])
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        # TOKENS x 128, no element twice: 8 consecutive (gathered) columns a thread
+        # TOKENS x 128, no element twice: 8 consecutive columns (16 bytes) a thread
         X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [TOKENS // 4, 128 // TOKENS],
                                                   [4, 1], [1, 0])
         x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
@@ -198,8 +189,6 @@ if gluon is not None:
 
         x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
         x_columns = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
-        if not X_RUNS:  # gathered in fragment order, two bytes at a time
-            x_columns = _actual_column(x_columns)
         x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
         x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
 
@@ -224,7 +213,7 @@ if gluon is not None:
                 z = gl.load(z_rows + group).to(gl.float32)
                 s = gl.load(s_rows + group).to(gl.float32)
                 a = _operand(word, z, A_LAYOUT, FLOAT16)
-                x_smem.store(_fragment_order(x, X_RUNS))
+                x_smem.store(_fragment_order(x))
                 fence_async_shared()
                 gl.thread_barrier()
                 part = warpgroup_mma(a, x_smem.permute((1, 0)),
@@ -282,7 +271,7 @@ if gluon is not None:
                                                    mask=present, other=0.0),)
                 for i in gl.static_range(chunk, chunk + CHUNK):
                     if i < X_TILES:
-                        x_all.index(i).store(_fragment_order(pieces[i - chunk], X_RUNS))
+                        x_all.index(i).store(_fragment_order(pieces[i - chunk]))
             fence_async_shared()
             for base in range(tile_begin, tile_end, STAGES):  # unrolled a ring's turn
                 for j in gl.static_range(STAGES):
@@ -353,7 +342,7 @@ def staged_unsupported_reason(k: int, split_k: int, tokens: int, stages: int) ->
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            bias: torch.Tensor | None, split_k: int, tokens: int = 16,
-           stages: int = 0, pdl: bool = True, x_runs: bool = False) -> torch.Tensor:
+           stages: int = 0, pdl: bool = True) -> torch.Tensor:
     """y = x · dequant(W)^T for inputs skinny_int4_unsupported_reason accepted, on sm_90+;
     with `pdl`, launched as a programmatic dependent launch (the weights start loading while
     the previous kernel finishes)."""
@@ -364,7 +353,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         return y
     if not 1 <= m <= MAX_TOKENS:
         raise ValueError(f"skinny_int4 (Gluon): x has {m} rows; it takes 1-{MAX_TOKENS}")
-    while tokens < m:  # the smallest of 8, 16, 32 token columns that holds the rows
+    while tokens < m:  # the smallest of 8, 16, 32, 64 token columns that holds the rows
         tokens *= 2
     split_k = max(1, min(split_k, k // 128))
     reason = staged_unsupported_reason(k, split_k, tokens, stages)
@@ -378,7 +367,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         bias if bias is not None else scale, out, m, n, k, k // 8, split_k,
         GROUP=k // scale.shape[1], TOKENS=tokens, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, STAGES=stages,
-        X_TILES=x_tiles, USE_PDL=pdl, X_RUNS=x_runs, num_warps=4, launch_pdl=pdl,
+        X_TILES=x_tiles, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl)

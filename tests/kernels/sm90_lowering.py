@@ -99,8 +99,8 @@ def skinny_int4_variants() -> dict:
 def skinny_int4_gluon_variants() -> dict:
     """The Gluon twin compiles (its convert_layout(assert_trivial=True) is checked by the
     compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
-    fp16, 8 and 16 token columns, split and unsplit; no shared-memory round trip for weights
-    (ldmatrix) and 16-byte weight loads: from global memory into registers (stages 0), or
+    fp16, 8-64 token columns, split and unsplit; x in 16-byte loads; no shared-memory round
+    trip for weights (ldmatrix) and 16-byte weight loads: from global memory into registers (stages 0), or
     16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (staged);
     as a programmatic dependent launch, the first weights requested before the wait for the
     previous kernel and x read after it."""
@@ -115,6 +115,7 @@ def skinny_int4_gluon_variants() -> dict:
     out = {}
     for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),
                                          ("bf16_t32_split", False, 32, True),
+                                         ("bf16_t64_split", False, 64, True),
                                          ("bf16_t8_unsplit", False, 8, False),
                                          ("fp16_t16_unsplit", True, 16, False)):
         signature = {"x_ptr": "*fp16" if float16 else "*bf16", "w_ptr": "*i32",
@@ -123,7 +124,7 @@ def skinny_int4_gluon_variants() -> dict:
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
                      "FLOAT16": float16, "STAGES": 0 if split else 3, "X_TILES": 7,
-                     "USE_PDL": True, "X_RUNS": tokens == 32}
+                     "USE_PDL": True}
         attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
                  if not kind.startswith("fp")}
         source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
@@ -137,6 +138,7 @@ def skinny_int4_gluon_variants() -> dict:
         first_weight = min(i for i in (ptx.find("cp.async.cg"), ptx.find("ld.global.v4"))
                            if i >= 0)
         first_masked_load = re.search(r"@%p\d+ ld\.global", ptx).start()  # x (tokens ≥ M: 0)
+        before_mma = ptx[:ptx.find("wgmma.mma_async")]
         out[name] = {"wgmma": wgmma in ptx,
                      # (one-row ldmatrix.x1 reads the per-step zero points and scales when staged)
                      "weight_ldmatrix": (ptx.count("ldmatrix")
@@ -150,10 +152,11 @@ def skinny_int4_gluon_variants() -> dict:
                      # PDL: weights requested before the wait, x read after it
                      "pdl_weights_before_x": 0 <= wait and first_weight < wait < first_masked_load,
                      "launch_dependents": "griddepcontrol.launch_dependents" in ptx,
-                     "x_runs": constants["X_RUNS"],
-                     # x's loads are the masked ones (tokens ≥ M read as 0)
-                     "x_two_byte_loads": len(re.findall(r"@%p\d+ ld\.global\.b16", ptx)),
-                     "x_wide_loads": len(re.findall(r"@%p\d+ ld\.global\.v4", ptx))}
+                     # x's loads are the masked ones (tokens ≥ M read as 0) before the
+                     # first MMA (the bias's come after it)
+                     "x_two_byte_loads": len(re.findall(r"@%p\d+ ld\.global\.b16",
+                                                        before_mma)),
+                     "x_wide_loads": len(re.findall(r"@%p\d+ ld\.global\.v4", before_mma))}
     return out
 
 

@@ -80,6 +80,11 @@ def test_default_configs_split_short_matrices():
     # the Gluon twin at 17-32 rows: 32 token columns, K in 4 on every shape, register path
     wide = [default_skinny_int4_config(m, *shape) for m in (17, 32) for shape in splits]
     assert {(c.tokens, c.split_k, c.stages) for c in wide} == {(32, 4, 0)}
+    # at 33-64 rows: 64 token columns, K split while under 256 programs (at most in 4)
+    for m in (33, 64):
+        widest = [default_skinny_int4_config(m, *shape) for shape in splits]
+        assert [(c.tokens, c.split_k, c.stages) for c in widest] == [
+            (64, 2, 0), (64, 4, 0), (64, 1, 0), (64, 4, 0)]
     # Programs of ≥ 12 sub-tiles (gate|up unsplit, down in 8) take the staged ring, gate|up
     # split to 8 sub-tiles a program; above 8 rows (16 token columns, x twice the size)
     # gate|up keeps the register path unsplit.
@@ -184,10 +189,10 @@ def test_unsupported_inputs_are_named(device, monkeypatch):
                                                                      scale.float())
     misaligned = torch.zeros(n * k // 2 + 1, dtype=torch.uint8)[1:].view(n, k // 2)
     assert "4-byte boundary" in skinny_int4_unsupported_reason(x, misaligned, scale, scale)
-    with pytest.raises(ValueError, match="skinny_int4_linear: x has 33 rows"):
-        skinny_int4_linear(torch.zeros(33, k, device=device, dtype=torch.bfloat16),
+    with pytest.raises(ValueError, match="skinny_int4_linear: x has 65 rows"):
+        skinny_int4_linear(torch.zeros(65, k, device=device, dtype=torch.bfloat16),
                            packed.to(device), scale.to(device), scale.to(device))
-    # 17-32 rows only where the Gluon twin runs (its token columns go to 32)
+    # 17-64 rows only where the Gluon twin runs (its token columns go to 64)
     on_device = [t.to(device) for t in (torch.zeros(17, k, dtype=torch.bfloat16), packed, scale)]
     x17, packed_on_device, scale_on_device = on_device
     monkeypatch.setattr(skinny_int4_module, "gluon_usable", lambda tensor: False)
@@ -196,13 +201,13 @@ def test_unsupported_inputs_are_named(device, monkeypatch):
     monkeypatch.setattr(skinny_int4_module, "gluon_usable", lambda tensor: True)
     assert skinny_int4_unsupported_reason(x17, packed_on_device, scale_on_device,
                                           scale_on_device) is None
-    assert "takes 1-32" in skinny_int4_unsupported_reason(
-        torch.zeros(33, k, dtype=torch.bfloat16, device=device), packed_on_device,
+    assert "takes 1-64" in skinny_int4_unsupported_reason(
+        torch.zeros(65, k, dtype=torch.bfloat16, device=device), packed_on_device,
         scale_on_device, scale_on_device)
     monkeypatch.undo()
     for bad, message in ((dict(block_n=48), "block_n must be a power of 2"),
                          (dict(subtiles=3), "subtiles must be a power of 2"),
-                         (dict(tokens=4), "tokens must be 8, 16 or 32"),
+                         (dict(tokens=4), "tokens must be 8, 16, 32 or 64"),
                          (dict(split_k=0), "split_k must be 1..16"),
                          (dict(stages=1), r"stages must be 0 \(registers\) or 2..8")):
         with pytest.raises(ValueError, match=message):

@@ -59,10 +59,8 @@ def test_skinny_int4_gluon_unpacks_into_the_wgmma_operand(lowering):
     for name, found in lowering["skinny_int4_gluon"].items():
         assert found["wgmma"] and found["nibble_lop3"] >= 4, name
         assert found["pdl_weights_before_x"] and found["launch_dependents"], name
-        if found["x_runs"]:  # x in 16-byte runs, permuted in registers: no two-byte gathers
-            assert found["x_two_byte_loads"] == 0 and found["x_wide_loads"] >= 1, name
-        else:
-            assert found["x_two_byte_loads"] > 0, name
+        # x in 16-byte runs, permuted in registers: no two-byte gathers
+        assert found["x_two_byte_loads"] == 0 and found["x_wide_loads"] >= 1, name
         # unpacked weights never pass through shared memory
         assert found["weight_ldmatrix"] == 0, name
         if found["stages"] == 0:  # 16 bytes of a row a thread, straight into registers
