@@ -23,6 +23,7 @@ from kiln.kernels import (
     rope as rope_kernels,
     skinny_fp8,
     skinny_int4,
+    skinny_int8,
 )
 from kiln.kernels.activation import gelu_tanh_reference, silu_and_mul_reference
 from kiln.kernels.attention import (
@@ -260,6 +261,13 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
             and (rows > 1 or skinny_int4.takes_batch1(x, weight.shape[0], x.shape[1]))
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
         return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias)
+    # Decode int8 of 2-16 rows (per-channel scales) goes to the tensor cores (kernels/
+    # skinny_int8.py: skinny_fp8's GEMM with int8 weights); KILN_SKINNY_INT8=0 (the A/B
+    # switch) keeps the kernels below.
+    if (kind == quant_linear.KIND_INT8 and 1 < rows <= skinny_int8.MAX_TOKENS
+            and env_flag("KILN_SKINNY_INT8", default=True)
+            and skinny_int8.takes(x, weight, scale, bias)):
+        return skinny_int8.skinny_int8_linear(x, weight, scale, bias)
     # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
     # conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel.
     if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)

@@ -160,10 +160,10 @@ def _release_fence_gpu():
 
 @triton.jit(do_not_specialize=["M"])
 def _skinny_fp8_kernel(
-    xq_ptr,  # (M, K) E4M3, contiguous
-    x_scale_ptr,  # (M,) float32
-    w_ptr,  # (N, K) E4M3, contiguous
-    w_scale_ptr,  # (N,) float32
+    xq_ptr,  # (M, K) E4M3, contiguous; W8A16: bfloat16 / float16
+    x_scale_ptr,  # (M,) float32 (unused by W8A16)
+    w_ptr,  # (N, K) E4M3, contiguous; W8A16: int8
+    w_scale_ptr,  # (N,) float32; W8A16: float16, one per output channel
     bias_ptr,  # (N,) when HAS_BIAS (read unsplit and by "serial"'s last program)
     out_ptr,  # split: fp32 partials (SPLIT_K, M, N), or (M, N) if "atomic"; unsplit: y (M, N)
     y_ptr,  # (M, N): "serial" only (its last program per column block writes y)
@@ -174,6 +174,7 @@ def _skinny_fp8_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKENS: tl.constexpr,
     PROMOTE: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     GPU_FENCE: tl.constexpr,  # False under the interpreter (no inline assembly there)
+    W8A16: tl.constexpr = False,  # int8 weights, 16-bit x (kernels/skinny_int8.py)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -205,13 +206,27 @@ def _skinny_fp8_kernel(
     for t in range(tile_begin, tile_end):  # pipelined num_stages deep by the compiler
         w = tl.load(w_tile + t * BLOCK_K)
         x = tl.load(x_tile + t * BLOCK_K, mask=x_mask, other=0.0)
-        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=PROMOTE)
+        if W8A16:
+            # Every int8 is exactly a bf16 and an fp16. Triton converts in registers after
+            # the shared-memory pipeline with bit operations (a PRMT puts a byte under the
+            # exponent of 128, two LOP3s and a packed subtraction finish two weights), no
+            # conversion instructions; fp32 accumulation needs no promotion.
+            # (The interpreter computes bf16 on its raw bits: fp32 there, as exact.)
+            if GPU_FENCE:
+                acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
+            else:
+                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=PROMOTE)
 
     # Scaled here, in the reference's order ((x_q · w^T) · x_scale · w_scale): partials of a
     # split sum to the same y, and the second kernel needs no scales.
-    x_scale = tl.load(x_scale_ptr + tokens, mask=tokens < M, other=0.0)
-    w_scale = tl.load(w_scale_ptr + rows)
-    out = acc * x_scale[None, :] * w_scale[:, None]  # (BLOCK_N, TOKENS)
+    w_scale = tl.load(w_scale_ptr + rows).to(tl.float32)
+    if W8A16:
+        out = acc * w_scale[:, None]
+    else:
+        x_scale = tl.load(x_scale_ptr + tokens, mask=tokens < M, other=0.0)
+        out = acc * x_scale[None, :] * w_scale[:, None]  # (BLOCK_N, TOKENS)
     mask = (tokens[None, :] < M) & (cols[:, None] < N)
     offsets = tokens[None, :] * N + cols[:, None]  # y[m, n] of the (M, N) output
     if MODE == "atomic":

@@ -71,6 +71,22 @@ def skinny_fp8_variants() -> dict:
     return out
 
 
+def skinny_int8_variants() -> dict:
+    """skinny_fp8's kernel with int8 weights (kernels/skinny_int8.py), bf16 x: bf16 wgmma,
+    the weights turned into bf16 by bit operations, no integer-to-float conversion
+    instructions."""
+    signature = {"xq_ptr": "*bf16", "x_scale_ptr": "*fp16", "w_ptr": "*i8",
+                 "w_scale_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
+                 "y_ptr": "*bf16", "counter_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                 "SPLIT_K": "i32"}
+    ptx = compile_ptx(_skinny_fp8_kernel, signature, {
+        "HAS_BIAS": False, "MODE": "reduce", "BLOCK_N": 64, "BLOCK_K": 256, "TOKENS": 16,
+        "PROMOTE": 0, "PREFETCH_TILES": 3, "USE_PDL": True, "GPU_FENCE": True, "W8A16": True})
+    return {"wgmma_bf16": "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx,
+            "int_conversions": len(re.findall(r"cvt\.rn\.(?:bf16|f16|f32)\.s", ptx)),
+            "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", ptx))}
+
+
 def skinny_int4_variants() -> dict:
     """The decode W4A16 GEMM at its default tiling, bf16 and fp16 activations, paired and
     natural column orders: bf16/fp16 wgmma, the LOP3 unpacking (4 a word), no integer
@@ -190,6 +206,7 @@ def fp8_decode_variants() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({"int_gemv": int_gemv_variants(), "skinny_fp8": skinny_fp8_variants(),
+                      "skinny_int8": skinny_int8_variants(),
                       "skinny_int4": skinny_int4_variants(),
                       "skinny_int4_gluon": skinny_int4_gluon_variants(),
                       "fp8_decode": fp8_decode_variants()}))

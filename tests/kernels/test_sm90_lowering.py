@@ -44,6 +44,12 @@ def test_skinny_fp8_lowers_to_wgmma_and_serial_split_k_to_fence_and_atomic(lower
     assert not modes["reduce"]["atomic"] and not modes["unsplit"]["fence"]
 
 
+def test_skinny_int8_converts_weights_by_bit_operations_into_bf16_wgmma(lowering):
+    found = lowering["skinny_int8"]
+    assert found["wgmma_bf16"] and found["weight_copies"] > 0
+    assert found["int_conversions"] == 0
+
+
 def test_skinny_int4_lowers_to_wgmma_with_lop3_unpacking(lowering):
     for name, found in lowering["skinny_int4"].items():
         assert found["wgmma"] and found["griddepcontrol"], name

@@ -1,0 +1,81 @@
+"""int8 weight-only linears at decode rows on Llama-3.1-8B shapes, µs per call (30 calls in one
+CUDA graph, weights rotating through copies so that L2 holds none), every output checked
+against the torch reference first: the tensor-core kernel (kernels/skinny_int8.py) at its
+default config and at K split 1, 2, 4, 8, against quant_linear's converting kernel (what ran at
+2-16 rows before it) and, at one row, int_gemv (what runs there).
+
+Usage (GPU machine): python3 benchmarks/skinny_int8_bench.py OUT_DIR"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from quant_bench import timed  # benchmarks/ is the script's directory
+
+from kiln.kernels import int_gemv, quant_linear
+from kiln.kernels.quant_linear import dequantize_int8, weight_only_linear_reference
+from kiln.kernels.skinny_fp8 import default_skinny_fp8_config
+from kiln.kernels.skinny_int8 import skinny_int8_linear
+from kiln.quant.quantize import quantize_int8
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+ROWS = (1, 2, 4, 8, 16)
+COPIES = 6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for shape, (n, k) in SHAPES.items():
+        weight = torch.randn(n, k, device="cuda") * 0.02
+        q, scale = quantize_int8(weight, k)
+        del weight
+        copies = [(q.clone(), scale.clone()) for _ in range(COPIES)]
+        reference_weight = dequantize_int8(q, scale)
+        weight_bytes = q.numel() + scale.numel() * 2
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            expected = weight_only_linear_reference(x, reference_weight).float()
+            norm = expected.abs().max().item()
+            config = default_skinny_fp8_config(m, n, k)
+            variants = {
+                "quant_linear": lambda i: quant_linear.quant_linear(
+                    x, quant_linear.KIND_INT8, *copies[i % COPIES], None),
+                f"skinny default (split {config.split_k})": lambda i: skinny_int8_linear(
+                    x, *copies[i % COPIES]),
+            }
+            for split in (1, 2, 4, 8):
+                if split != config.split_k:
+                    variants[f"skinny split {split}"] = (
+                        lambda i, c=dataclasses.replace(config, split_k=split):
+                        skinny_int8_linear(x, *copies[i % COPIES], config=c))
+            if m == 1:
+                variants["int_gemv"] = lambda i: int_gemv.launch_int_gemv(
+                    x, *copies[i % COPIES], None, None)
+            line = []
+            for name, call in variants.items():
+                error = (call(0).float() - expected).abs().max().item() / norm
+                assert error < 2**-7, (shape, m, name, error)
+                us = timed(lambda counter=itertools.count(), call=call: call(next(counter)), 30)
+                rows.append({"shape": shape, "m": m, "kernel": name, "us": round(us, 2),
+                             "weight_tb_s": round(weight_bytes / us / 1e6, 2),
+                             "max_rel_err": error})
+                line.append(f"{name} {us:.1f}")
+            print(f"{shape:8s} M={m:2d}: " + ", ".join(line), flush=True)
+        del copies, reference_weight
+        torch.cuda.empty_cache()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "skinny_int8_bench.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

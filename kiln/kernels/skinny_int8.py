@@ -1,0 +1,111 @@
+"""int8 weight-only linear (W8A16) for decode rows (M ≤ 16) on the tensor cores: skinny_fp8's
+swap-AB GEMM with int8 weights turned into exact 16-bit floats in registers and x as it is.
+
+    y (M, N) = x (M, K) · (q · s)^T,   q int8 (N, K), s float16 (N, 1) per output channel
+
+Why: the general kernel (quant_linear.py) converted every weight with `cvt` and multiplied on
+the CUDA cores; at 2-16 rows it streamed int8 weights at 0.7-1.5 TB/s (H200, Llama-3.1-8B
+shapes; results/s19-h200-int8-small-rows-linears.log), so a batch-2 decode step took 2.2x a
+batch-1 step (int_gemv) and batch 2 gave fewer tokens a second than batch 1. Here the weights
+stream through skinny_fp8's cp.async pipeline into bf16 (or fp16) wgmma, converted exactly
+in registers by Triton's bit-operation lowering of int8 → 16-bit float, with the same
+tilings, split-K, combining kernel and PDL as the FP8 kernel: one byte a weight either way.
+
+Per-channel scales only (int8-wo's default; `--group-size` builds keep quant_linear's kernel):
+a group scale would have to be applied per K tile inside the MMA loop.
+
+The torch reference is quant_linear.dequantize_int8 then weight_only_linear_reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kiln.kernels.skinny_fp8 import (
+    MAX_TOKENS,
+    MIN_BLOCK_K,
+    SkinnyFp8Config,
+    _skinny_fp8_kernel,
+    default_skinny_fp8_config,
+    sum_split_k_partials,
+)
+from kiln.kernels.triton_utils import has_sm90, interpreter_active, use_pdl
+
+__all__ = ["MAX_TOKENS", "skinny_int8_linear", "skinny_int8_unsupported_reason"]
+
+
+def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                   bias: torch.Tensor | None) -> str | None:
+    """Why skinny_int8_linear cannot take these inputs (the caller then uses another kernel),
+    or None."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        return f"x must be (M, K), contiguous along K; got {tuple(x.shape)}"
+    if not 1 <= x.shape[0] <= MAX_TOKENS:
+        return f"x has {x.shape[0]} rows; this kernel takes 1-{MAX_TOKENS}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"x must be bfloat16 or float16; got {x.dtype}"
+    if not (x.is_cuda or interpreter_active()):
+        return (f"x is on {x.device}: the Triton kernels run on CUDA tensors, or on the CPU "
+                "under TRITON_INTERPRET=1")
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
+        return (f"weight must be a contiguous 2-D int8 (N, K) tensor; got "
+                f"{tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        return f"x has K={x.shape[1]} but weight has K={k}"
+    if k % MIN_BLOCK_K:
+        return f"K={k} must be a multiple of {MIN_BLOCK_K} (the pipeline's smallest tile)"
+    if scale.shape != (n, 1) or scale.dtype != torch.float16 or not scale.is_contiguous():
+        return (f"scale must be contiguous float16 ({n}, 1) (per output channel); got "
+                f"{tuple(scale.shape)} {scale.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        return f"bias must be a contiguous ({n},) tensor; got {tuple(bias.shape)}"
+    for name, tensor in (("weight", weight), ("scale", scale), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            return f"{name} is on {tensor.device} but x is on {x.device}"
+    return None
+
+
+def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, *,
+                       config: SkinnyFp8Config | None = None) -> torch.Tensor:
+    """Triton twin of weight_only_linear_reference(x, dequantize_int8(weight, scale), bias)
+    for 1-16 rows: the GEMM and, with split-K, skinny_fp8's combining launch."""
+    reason = skinny_int8_unsupported_reason(x, weight, scale, bias)
+    if reason is not None:
+        raise ValueError(f"skinny_int8_linear: {reason}")
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    config = config or default_skinny_fp8_config(m, n, k)  # one byte a weight, as FP8
+    if config.split_k_mode != "reduce":
+        raise ValueError(f"skinny_int8_linear combines split-K partials by 'reduce' only; "
+                         f"got split_k_mode={config.split_k_mode!r}")
+    block_k = min(config.block_k, k & -k)
+    tiles = k // block_k
+    split_k = min(config.split_k, tiles)
+    tokens = config.tokens if m <= config.tokens else MAX_TOKENS
+    pdl = config.pdl and use_pdl(x)
+    prefetch = min(config.num_stages - 1, tiles // split_k) if pdl and block_k >= 128 else 0
+    out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32,
+                                             device=x.device)
+    _skinny_fp8_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x, scale, weight, scale, bias if bias is not None else scale, out, y, scale, m, n, k,
+        split_k, HAS_BIAS=bias is not None, MODE="unsplit" if split_k == 1 else "reduce",
+        BLOCK_N=config.block_n, BLOCK_K=block_k, TOKENS=tokens, PROMOTE=0,
+        PREFETCH_TILES=prefetch, USE_PDL=pdl, GPU_FENCE=not interpreter_active(), W8A16=True,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+    )
+    if split_k > 1:
+        sum_split_k_partials(out, split_k, bias, y, pdl)
+    return y
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+          bias: torch.Tensor | None) -> bool:
+    """Whether the dispatcher (kernels/ops.py) sends this int8 linear here: Hopper (wgmma
+    from registers), and inputs the kernel takes."""
+    return has_sm90(x) and skinny_int8_unsupported_reason(x, weight, scale, bias) is None

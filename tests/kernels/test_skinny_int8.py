@@ -1,0 +1,100 @@
+"""The W8A16 skinny GEMM (kiln/kernels/skinny_int8.py: skinny_fp8's kernel with int8 weights)
+against dequantize_int8 + weight_only_linear_reference (the CPU interpreter here, small
+shapes; the same tests run on a GPU).
+
+Tolerance. int8 weights are exact in bf16 and fp16, and a weight times a 16-bit activation is
+exact in fp32, so kernel and reference differ only in the order their fp32 sums round (tiles,
+the MMA's internal order, split-K partials): each side within (K-1)·2^-24 of Σ|q·x|·s, the
+two within (2K + 8)·2^-24·Σ|q·x|·s (the 8: scaling and the bias add); then the rounding to
+x's dtype, where the interpreter truncates and torch rounds: two units in the last place
+(2^-6 of the value for bf16; fp16's 2^-9 is inside that).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels.quant_linear import dequantize_int8, weight_only_linear_reference
+from kiln.kernels.skinny_fp8 import SkinnyFp8Config
+from kiln.kernels.skinny_int8 import skinny_int8_linear, skinny_int8_unsupported_reason
+from kiln.quant.quantize import quantize_int8
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+# (N, K, bias): N = 80 leaves a partial 64-row block; K = 384 is 3 tiles of 128, which a
+# split of 2 divides unevenly.
+SHAPES = [(80, 512, True), (128, 384, False)]
+
+
+def _weights(n: int, k: int, device: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator) * 0.05
+    q, scale = quantize_int8(w, k)  # per output channel: scale (N, 1) float16
+    bias = torch.randn(n, generator=generator) * 0.1
+    return q.to(device), scale.to(device), bias.to(device)
+
+
+def _x(m: int, k: int, dtype, device: str, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if m > 2:
+        x[1] = 0
+    return x.to(device)
+
+
+def _assert_matches(out, x, weight, scale, bias):
+    expected = weight_only_linear_reference(x, dequantize_int8(weight, scale), bias)
+    magnitude = x.float().abs() @ dequantize_int8(weight, scale).abs().T
+    allowed = magnitude * (2 * x.shape[1] + 8) * 2.0**-24 + expected.float().abs() * 2.0**-6
+    difference = (out.float() - expected.float()).abs()
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert (difference <= allowed).all(), (difference - allowed).max().item()
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("n,k,has_bias", SHAPES)
+def test_matches_reference(m, split_k, n, k, has_bias, device, poison_outputs):
+    weight, scale, bias = _weights(n, k, device)
+    bias = bias.to(torch.bfloat16) if has_bias else None
+    x = _x(m, k, torch.bfloat16, device)
+    config = SkinnyFp8Config(64, 128, 16, split_k, num_stages=2)
+    _assert_matches(skinny_int8_linear(x, weight, scale, bias, config=config), x, weight,
+                    scale, bias)
+
+
+@pytest.mark.parametrize("m", [2, 8, 11])
+def test_eight_token_tiles_and_float16(m, device, poison_outputs):
+    """tokens = 8 up to 8 rows; more are raised to 16 columns, not truncated; fp16 x."""
+    weight, scale, bias = _weights(64, 256, device, seed=2)
+    x = _x(m, 256, torch.float16, device, seed=3)
+    config = SkinnyFp8Config(64, 128, tokens=8, split_k=2, num_stages=2)
+    out = skinny_int8_linear(x, weight, scale, bias.to(torch.float16), config=config)
+    _assert_matches(out, x, weight, scale, bias.to(torch.float16))
+
+
+def test_default_config(device, poison_outputs):
+    weight, scale, _ = _weights(192, 1024, device, seed=4)
+    x = _x(5, 1024, torch.bfloat16, device, seed=5)
+    _assert_matches(skinny_int8_linear(x, weight, scale), x, weight, scale, None)
+
+
+def test_unsupported_inputs_are_named(device):
+    weight, scale, bias = _weights(64, 256, device, seed=6)
+    x = _x(4, 256, torch.bfloat16, device)
+    grouped = torch.ones(64, 2, dtype=torch.float16, device=device)
+    for arguments, message in (
+            ((x, weight, grouped, None), "per output channel"),
+            ((x.float(), weight, scale, None), "x must be bfloat16 or float16"),
+            ((_x(17, 256, torch.bfloat16, device), weight, scale, None),
+             "x has 17 rows; this kernel takes 1-16"),
+            ((x[:, :128], weight, scale, None), "x has K=128 but weight has K=256"),
+            ((x, weight.float(), scale, None), "weight must be a contiguous 2-D int8"),
+            ((x, weight, scale, bias[:10]), "bias must be a contiguous (64,)")):
+        assert message in skinny_int8_unsupported_reason(*arguments)
+        with pytest.raises(ValueError, match="skinny_int8_linear: "):
+            skinny_int8_linear(*arguments)
+    assert skinny_int8_unsupported_reason(x, weight, scale, bias) is None
+    with pytest.raises(ValueError, match="'reduce' only"):
+        skinny_int8_linear(x, weight, scale, config=SkinnyFp8Config(
+            64, 128, 16, 2, split_k_mode="serial"))
