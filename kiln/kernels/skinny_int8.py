@@ -14,6 +14,10 @@ tilings, split-K, combining kernel and PDL as the FP8 kernel: one byte a weight 
 Per-channel scales only (int8-wo's default; `--group-size` builds keep quant_linear's kernel):
 a group scale would have to be applied per K tile inside the MMA loop.
 
+On sm_90, with K a multiple of 128, the Gluon twin (kernels/skinny_int8_gluon.py) runs
+instead: each thread loads its own fragment's bytes from global memory in a permuted K order,
+no shared-memory round trip for the weights (KILN_SKINNY_INT8_GLUON=0 keeps this kernel).
+
 The torch reference is quant_linear.dequantize_int8 then weight_only_linear_reference.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kiln.kernels import skinny_int8_gluon
 from kiln.kernels.skinny_fp8 import (
     MAX_TOKENS,
     MIN_BLOCK_K,
@@ -30,7 +35,7 @@ from kiln.kernels.skinny_fp8 import (
     default_skinny_fp8_config,
     sum_split_k_partials,
 )
-from kiln.kernels.triton_utils import has_sm90, interpreter_active, use_pdl
+from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
 __all__ = ["MAX_TOKENS", "skinny_int8_linear", "skinny_int8_unsupported_reason"]
 
@@ -39,8 +44,8 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
                                    bias: torch.Tensor | None) -> str | None:
     """Why skinny_int8_linear cannot take these inputs (the caller then uses another kernel),
     or None."""
-    if x.dim() != 2 or x.stride(-1) != 1:
-        return f"x must be (M, K), contiguous along K; got {tuple(x.shape)}"
+    if x.dim() != 2 or not x.is_contiguous():
+        return f"x must be a contiguous (M, K) tensor; got {tuple(x.shape)}"
     if not 1 <= x.shape[0] <= MAX_TOKENS:
         return f"x has {x.shape[0]} rows; this kernel takes 1-{MAX_TOKENS}"
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -69,9 +74,11 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
 
 def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None, *,
-                       config: SkinnyFp8Config | None = None) -> torch.Tensor:
+                       config: SkinnyFp8Config | None = None,
+                       gluon: bool = True) -> torch.Tensor:
     """Triton twin of weight_only_linear_reference(x, dequantize_int8(weight, scale), bias)
-    for 1-16 rows: the GEMM and, with split-K, skinny_fp8's combining launch."""
+    for 1-16 rows: the GEMM and, with split-K, skinny_fp8's combining launch. `gluon`: the
+    Gluon twin where it runs (gluon_usable; config's split_k and tokens then apply to it)."""
     reason = skinny_int8_unsupported_reason(x, weight, scale, bias)
     if reason is not None:
         raise ValueError(f"skinny_int8_linear: {reason}")
@@ -80,6 +87,11 @@ def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y
+    if gluon and gluon_usable(x, weight):
+        split_k, tokens = ((config.split_k, config.tokens) if config
+                           else default_gluon_split_and_tokens(m, n, k))
+        return skinny_int8_gluon.launch(x, weight, scale, bias, split_k, tokens,
+                                        config.pdl if config else True)
     config = config or default_skinny_fp8_config(m, n, k)  # one byte a weight, as FP8
     if config.split_k_mode != "reduce":
         raise ValueError(f"skinny_int8_linear combines split-K partials by 'reduce' only; "
@@ -102,6 +114,27 @@ def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl)
     return y
+
+
+def gluon_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Gluon twin runs for x: sm_90+ CUDA, a Triton with Gluon, K a multiple of
+    its 128-column sub-tile, weights read as 4-byte words, and KILN_SKINNY_INT8_GLUON not 0
+    (the A/B switch)."""
+    return (has_sm90(x) and weight.shape[1] % 128 == 0 and weight.data_ptr() % 4 == 0
+            and env_flag("KILN_SKINNY_INT8_GLUON", default=True)
+            and skinny_int8_gluon.available())
+
+
+def default_gluon_split_and_tokens(m: int, n: int, k: int) -> tuple[int, int]:
+    """The Gluon twin's K split and token columns: 8 columns up to 8 rows, K split while the
+    programs stay at most 512 (about four an SM) and each keeps ≥ 4 sub-tiles (the int4
+    twin's measured rule; NOT YET MEASURED for int8)."""
+    column_blocks = triton.cdiv(n, 64)
+    tiles = k // 128
+    split_k = 1
+    while column_blocks * split_k * 2 <= 512 and tiles // (2 * split_k) >= 4:
+        split_k *= 2
+    return split_k, 8 if m <= 8 else 16
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

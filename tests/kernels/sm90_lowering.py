@@ -176,6 +176,47 @@ def skinny_int4_gluon_variants() -> dict:
     return out
 
 
+def skinny_int8_gluon_variants() -> dict:
+    """The Gluon int8 twin compiles (its convert_layout(assert_trivial=True): the converted
+    weights need no data movement into the wgmma operand), bf16 and fp16, 8 and 16 token
+    columns: 16-byte weight and x loads, no two-byte x loads, no integer-to-float
+    conversions, no shared-memory reads but the MMA's."""
+    from kiln.kernels import skinny_int8_gluon
+
+    if not skinny_int8_gluon.available():  # a Triton before Gluon (3.5)
+        return {}
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = skinny_int8_gluon._skinny_int8_gluon_kernel
+    out = {}
+    for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),
+                                         ("bf16_t8_unsplit", False, 8, False),
+                                         ("fp16_t16_split", True, 16, True)):
+        x_type = "*fp16" if float16 else "*bf16"
+        signature = {"x_ptr": x_type, "w_ptr": "*i32", "scale_ptr": "*fp16",
+                     "bias_ptr": x_type, "out_ptr": "*fp32" if split else x_type,
+                     "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
+        constants = {"TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
+                     "FLOAT16": float16, "USE_PDL": True}
+        attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
+                 if not kind.startswith("fp")}
+        source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
+                                                                      constants}},
+                                constexprs=constants, attrs=attrs)
+        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
+        kind = "f16" if float16 else "bf16"
+        before_mma = ptx[:ptx.find("wgmma.mma_async")]
+        out[name] = {"wgmma": f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}"
+                              in ptx,
+                     "wide_loads": ptx.count("ld.global.v4.b32"),
+                     "x_two_byte_loads": len(re.findall(r"@%p\d+ ld\.global\.b16",
+                                                        before_mma)),
+                     "int_conversions": len(re.findall(r"cvt\.rn\.(?:bf16|f16|f32)\.s", ptx)),
+                     "shared_reads": len(re.findall(r"ld\.shared|ldmatrix", ptx)),
+                     "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
+    return out
+
+
 def fp8_decode_variants() -> dict:
     """The decode kernel on an FP8 cache (V dims-major, 32-token blocks) in float16 dots, at
     its default tiling: K and V both widened from two-byte pairs, no byte loads from shared
@@ -209,4 +250,5 @@ if __name__ == "__main__":
                       "skinny_int8": skinny_int8_variants(),
                       "skinny_int4": skinny_int4_variants(),
                       "skinny_int4_gluon": skinny_int4_gluon_variants(),
+                      "skinny_int8_gluon": skinny_int8_gluon_variants(),
                       "fp8_decode": fp8_decode_variants()}))

@@ -1,6 +1,7 @@
-"""The W8A16 skinny GEMM (kiln/kernels/skinny_int8.py: skinny_fp8's kernel with int8 weights)
-against dequantize_int8 + weight_only_linear_reference (the CPU interpreter here, small
-shapes; the same tests run on a GPU).
+"""The W8A16 skinny GEMM (kiln/kernels/skinny_int8.py: skinny_fp8's kernel with int8 weights,
+and on sm_90 its Gluon twin, kernels/skinny_int8_gluon.py) against dequantize_int8 +
+weight_only_linear_reference (the CPU interpreter here, small shapes, where `gluon=True` falls
+back to the Triton kernel; the same tests run on a GPU, both kernels).
 
 Tolerance. int8 weights are exact in bf16 and fp16, and a weight times a 16-bit activation is
 exact in fp32, so kernel and reference differ only in the order their fp32 sums round (tiles,
@@ -17,7 +18,11 @@ import torch
 
 from kiln.kernels.quant_linear import dequantize_int8, weight_only_linear_reference
 from kiln.kernels.skinny_fp8 import SkinnyFp8Config
-from kiln.kernels.skinny_int8 import skinny_int8_linear, skinny_int8_unsupported_reason
+from kiln.kernels.skinny_int8 import (
+    default_gluon_split_and_tokens,
+    skinny_int8_linear,
+    skinny_int8_unsupported_reason,
+)
 from kiln.quant.quantize import quantize_int8
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
@@ -51,32 +56,48 @@ def _assert_matches(out, x, weight, scale, bias):
     assert (difference <= allowed).all(), (difference - allowed).max().item()
 
 
+@pytest.mark.parametrize("gluon", [True, False])
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("n,k,has_bias", SHAPES)
-def test_matches_reference(m, split_k, n, k, has_bias, device, poison_outputs):
+def test_matches_reference(m, split_k, n, k, has_bias, gluon, device, poison_outputs):
     weight, scale, bias = _weights(n, k, device)
     bias = bias.to(torch.bfloat16) if has_bias else None
     x = _x(m, k, torch.bfloat16, device)
     config = SkinnyFp8Config(64, 128, 16, split_k, num_stages=2)
-    _assert_matches(skinny_int8_linear(x, weight, scale, bias, config=config), x, weight,
-                    scale, bias)
+    out = skinny_int8_linear(x, weight, scale, bias, config=config, gluon=gluon)
+    _assert_matches(out, x, weight, scale, bias)
 
 
+@pytest.mark.parametrize("gluon", [True, False])
 @pytest.mark.parametrize("m", [2, 8, 11])
-def test_eight_token_tiles_and_float16(m, device, poison_outputs):
+def test_eight_token_tiles_and_float16(m, gluon, device, poison_outputs):
     """tokens = 8 up to 8 rows; more are raised to 16 columns, not truncated; fp16 x."""
     weight, scale, bias = _weights(64, 256, device, seed=2)
     x = _x(m, 256, torch.float16, device, seed=3)
     config = SkinnyFp8Config(64, 128, tokens=8, split_k=2, num_stages=2)
-    out = skinny_int8_linear(x, weight, scale, bias.to(torch.float16), config=config)
+    out = skinny_int8_linear(x, weight, scale, bias.to(torch.float16), config=config,
+                             gluon=gluon)
     _assert_matches(out, x, weight, scale, bias.to(torch.float16))
 
 
-def test_default_config(device, poison_outputs):
-    weight, scale, _ = _weights(192, 1024, device, seed=4)
-    x = _x(5, 1024, torch.bfloat16, device, seed=5)
-    _assert_matches(skinny_int8_linear(x, weight, scale), x, weight, scale, None)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_default_config(m, device, poison_outputs):
+    """The default configs (the Gluon twin's on sm_90); K = 1152 is 9 sub-tiles of 128, which
+    the default splits unevenly; N = 200 a partial 64-row block."""
+    weight, scale, bias = _weights(200, 1152, device, seed=4)
+    x = _x(m, 1152, torch.bfloat16, device, seed=5)
+    out = skinny_int8_linear(x, weight, scale, bias.to(torch.bfloat16))
+    _assert_matches(out, x, weight, scale, bias.to(torch.bfloat16))
+
+
+def test_gluon_defaults():
+    """8 token columns up to 8 rows, 16 above; K split while ≤ 512 programs of ≥ 4 sub-tiles
+    (Llama-3.1-8B's q|k|v in 4, o and down in 8, gate|up unsplit)."""
+    shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+    assert [default_gluon_split_and_tokens(4, *shape) for shape in shapes] == [
+        (4, 8), (8, 8), (1, 8), (8, 8)]
+    assert default_gluon_split_and_tokens(9, 4096, 4096) == (8, 16)
 
 
 def test_unsupported_inputs_are_named(device):
@@ -88,7 +109,9 @@ def test_unsupported_inputs_are_named(device):
             ((x.float(), weight, scale, None), "x must be bfloat16 or float16"),
             ((_x(17, 256, torch.bfloat16, device), weight, scale, None),
              "x has 17 rows; this kernel takes 1-16"),
-            ((x[:, :128], weight, scale, None), "x has K=128 but weight has K=256"),
+            ((x[:, :128].contiguous(), weight, scale, None),
+             "x has K=128 but weight has K=256"),
+            ((x[:, :128], weight, scale, None), "x must be a contiguous (M, K) tensor"),
             ((x, weight.float(), scale, None), "weight must be a contiguous 2-D int8"),
             ((x, weight, scale, bias[:10]), "bias must be a contiguous (64,)")):
         assert message in skinny_int8_unsupported_reason(*arguments)

@@ -75,6 +75,16 @@ def test_skinny_int4_gluon_unpacks_into_the_wgmma_operand(lowering):
             assert found["wide_async_copies"] >= 2 and found["wide_shared_reads"] >= 2, name
 
 
+def test_skinny_int8_gluon_converts_into_the_wgmma_operand(lowering):
+    if not lowering["skinny_int8_gluon"]:
+        pytest.skip("this Triton has no Gluon (3.5+): the Triton kernel runs instead")
+    for name, found in lowering["skinny_int8_gluon"].items():
+        assert found["wgmma"] and found["launch_dependents"], name
+        # weights (two 16-byte loads a row a step) and x (16-byte runs)
+        assert found["wide_loads"] >= 3 and found["x_two_byte_loads"] == 0, name
+        assert found["int_conversions"] == 0 and found["shared_reads"] == 0, name
+
+
 def test_fp8_decode_widens_k_and_v_from_byte_pairs(lowering):
     found = lowering["fp8_decode"]
     assert found["byte_loads_from_shared"] == 0

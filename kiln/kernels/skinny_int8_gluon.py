@@ -1,0 +1,204 @@
+"""The decode W8A16 GEMM of kernels/skinny_int8.py written in Gluon, as kernels/
+skinny_int4_gluon.py is for int4: each thread loads the int8 words of its own wgmma fragment,
+and the bit-operation conversion to bf16 (or fp16) lands in the operand registers. Hopper only.
+
+Why: Triton's skinny_int8 streams the weights through its cp.async pipeline into shared memory
+and reads them back in the bf16 operand's layout, two bytes a load (`ld.shared.v2.b8`: the
+fragment holds K pairs), repacking them before converting: about four instructions a weight,
+1.6-2.1 TB/s on the H200 at 2-16 rows (results/s19-h200-skinny-int8-bench.log) against
+int_gemv's 2.3-3.6 at one row.
+
+    A operand (64 rows x 128 K, 16-bit, wgmma m64nNk16): thread (warp w, lane l) holds rows
+    16w + l/4 and +8; in each 16-deep K step s, the pairs k = 2(l%4) + {0, 1} and +8.
+    words (64 rows x 32 words of a 128-column sub-tile): thread (w, l) loads words
+    8(l%4) .. 8(l%4)+7 of the same two rows: 32 bytes a row, two 16-byte loads.
+
+The K order of the MMA is chosen so that the thread's own bytes are its fragment: fragment
+column c = e + 2q + 8h + 16j (e the element of a bf16 pair, q = l%4, h the k / k+8 half, j
+the step) holds the byte at natural column 32q + 4j + 2h + e, i.e. word j + 8q, byte e + 2h,
+of the row. A word's bytes (0, 1) and (2, 3) are the bf16 pairs of halves h = 0 and 1 of
+step j. x is loaded in natural order (16-byte runs) and permuted to the same order in
+registers before it is stored for the MMA (_fragment_order). `gl.convert_layout(...,
+assert_trivial=True)` proves at compile time that no data moves between threads.
+
+Conversion, per word (four weights), as Triton lowers int8 → bf16: a PRMT puts bytes 0, 1
+(then 2, 3) under the bf16 exponent of 128 (0x43), so a pair reads as 128 + (b & 127) or
+256 + (b & 127) by the byte's sign bit; two LOP3s split that into (128 + low 7 bits) and
+(128 or 256), and one packed bf16 subtraction leaves the signed byte: 8 instructions per four
+weights, exact. float16 x: the byte XOR 0x80 (q + 128) under 1024's exponent (0x64), minus
+1152, 5 instructions.
+
+Scales are per output channel (int8-wo's default): the MMA accumulates the whole K range
+and the scale is applied once at the end. Split-K partials are summed by skinny_fp8's
+combining kernel; PDL as the int4 twin (the first words before `griddepcontrol.wait`, x after).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels import skinny_int4_gluon
+from kiln.kernels.skinny_fp8 import sum_split_k_partials
+from kiln.kernels.triton_utils import use_pdl
+
+MAX_TOKENS = 16  # the rows skinny_int8 takes (its callers: decode batches of 2-16)
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+ASM_BF16 = tl.constexpr("\n".join([
+    "{", ".reg .b32 l0, h0, l1, h1, l2, h2;",
+    "prmt.b32 l0, $4, 0x43, 0x4140;", "prmt.b32 h0, $4, 0x43, 0x4342;",
+    "and.b32 l1, l0, 0xff7fff7f;", "and.b32 h1, h0, 0xff7fff7f;",
+    "and.b32 l2, l0, 0xff80ff80;", "and.b32 h2, h0, 0xff80ff80;",
+    "sub.bf16x2 l1, l1, l2;", "sub.bf16x2 h1, h1, h2;",
+    "mov.b32 {$0, $1}, l1;", "mov.b32 {$2, $3}, h1;", "}"]))
+ASM_F16 = tl.constexpr("\n".join([
+    "{", ".reg .b32 u, l, h, c;", "xor.b32 u, $4, 0x80808080;", "mov.b32 c, 0x64806480;",
+    "prmt.b32 l, u, 0x64, 0x4140;", "prmt.b32 h, u, 0x64, 0x4342;",
+    "sub.rn.f16x2 l, l, c;", "sub.rn.f16x2 h, h, c;",
+    "mov.b32 {$0, $1}, l;", "mov.b32 {$2, $3}, h;", "}"]))
+
+gluon = skinny_int4_gluon.gluon  # None on a Triton without Gluon (before 3.5)
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        warpgroup_mma,
+    )
+
+    _pdl_wait_then_release = skinny_int4_gluon._pdl_wait_then_release
+
+    @gluon.jit
+    def _fragment_order(x):
+        """x (TOKENS, 128) of one sub-tile in natural order → fragment order: natural column
+        bits (high to low) q (2), j (3), h, e → j, h, q, e (the module docstring)."""
+        tokens: gl.constexpr = x.shape[0]
+        x = gl.reshape(x, [tokens, 4, 8, 2, 2])
+        x = gl.permute(x, (0, 2, 3, 1, 4))
+        return gl.reshape(x, [tokens, 128])
+
+    @gluon.jit
+    def _operand(word, A_LAYOUT: gl.constexpr, FLOAT16: gl.constexpr):
+        """word (64, 32) int32 (the words layout) → (64, 128) 16-bit floats in the wgmma A
+        layout, K in fragment order."""
+        if FLOAT16:
+            half_dtype: gl.constexpr = gl.float16
+            asm: gl.constexpr = ASM_F16
+        else:
+            half_dtype: gl.constexpr = gl.bfloat16
+            asm: gl.constexpr = ASM_BF16
+        p0, p1, p2, p3 = gl.inline_asm_elementwise(
+            asm, "=h,=h,=h,=h,r", [word], dtype=(gl.int16,) * 4, is_pure=True, pack=1)
+        rows: gl.constexpr = word.shape[0]
+        split: gl.constexpr = [rows, 4, 8]  # word = j + 8 q → (rows, q, j)
+        low = gl.join(p0.reshape(split), p1.reshape(split))  # bytes 0, 1: h = 0, (.., e)
+        high = gl.join(p2.reshape(split), p3.reshape(split))  # bytes 2, 3: h = 1
+        full = gl.join(low, high)  # (rows, q, j, e, h)
+        full = gl.permute(full, (0, 2, 4, 1, 3))  # (rows, j, h, q, e)
+        flat = gl.reshape(full, [rows, 128]).to(half_dtype, bitcast=True)
+        return gl.convert_layout(flat, A_LAYOUT, assert_trivial=True)
+
+    @gluon.jit(do_not_specialize=["M"])
+    def _skinny_int8_gluon_kernel(
+        x_ptr,  # (M, K) bfloat16 / float16
+        w_ptr,  # (N, K / 4) int32: four int8 weights a word
+        scale_ptr,  # (N, 1) float16
+        bias_ptr,  # (N,) when HAS_BIAS (unsplit only)
+        out_ptr,  # split: fp32 partials (SPLIT_K, M, N); unsplit: y (M, N)
+        M, N, K, K_WORDS, SPLIT_K,
+        TOKENS: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+        FLOAT16: gl.constexpr, USE_PDL: gl.constexpr,
+    ):
+        WORDS: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
+            lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 32])
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOKENS, 16])
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [TOKENS // 4, 128 // TOKENS],
+                                                  [4, 1], [1, 0])
+        x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
+        X_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOKENS, 128], x_dtype)
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
+        rows = gl.minimum(rows, N - 1).to(gl.int64)  # unmasked loads; the store drops them
+        words = gl.arange(0, 32, layout=gl.SliceLayout(0, WORDS))
+        w_tile = w_ptr + gl.expand_dims(rows * K_WORDS, 1) + gl.expand_dims(words, 0)
+        out_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+
+        x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
+        x_columns = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
+        x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
+        x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
+
+        tiles = K // 128
+        tile_begin = pid_k * tiles // SPLIT_K
+        tile_end = (pid_k + 1) * tiles // SPLIT_K
+        acc = gl.zeros([64, TOKENS], gl.float32, MMA)
+        # x through one shared-memory tile, stored each step; weights one step ahead in
+        # registers (the int4 twin's register path).
+        x_smem = gl.allocate_shared_memory(x_dtype, [TOKENS, 128], X_SHARED)
+        word = gl.load(w_tile + tile_begin * 32)
+        _pdl_wait_then_release(USE_PDL)
+        x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
+        for t in range(tile_begin, tile_end):
+            ahead = gl.minimum(t + 1, tile_end - 1)  # the last tile re-reads itself
+            next_word = gl.load(w_tile + ahead * 32)
+            next_x = gl.load(x_tile + ahead * 128, mask=x_mask, other=0.0)
+            a = _operand(word, A_LAYOUT, FLOAT16)
+            x_smem.store(_fragment_order(x))
+            fence_async_shared()
+            gl.thread_barrier()
+            acc = warpgroup_mma(a, x_smem.permute((1, 0)), acc)
+            word, x = next_word, next_x
+
+        scale = gl.load(scale_ptr + gl.minimum(out_rows, N - 1)).to(gl.float32)
+        acc = acc * gl.expand_dims(scale, 1)
+        tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
+        mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
+        offsets = gl.expand_dims(tokens * N, 0) + gl.expand_dims(out_rows, 1)
+        if SPLIT:
+            gl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0)
+                acc += gl.expand_dims(bias.to(gl.float32), 1)
+            gl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+           bias: torch.Tensor | None, split_k: int, tokens: int = 16,
+           pdl: bool = True) -> torch.Tensor:
+    """y = x · (weight · scale)^T for inputs skinny_int8_unsupported_reason accepted, with K a
+    multiple of 128, on sm_90+; with `pdl`, a programmatic dependent launch."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    if not 1 <= m <= MAX_TOKENS:
+        raise ValueError(f"skinny_int8 (Gluon): x has {m} rows; it takes 1-{MAX_TOKENS}")
+    if k % 128:
+        raise ValueError(f"skinny_int8 (Gluon): K={k} must be a multiple of 128")
+    while tokens < m:  # the smallest of 8, 16 token columns that holds the rows
+        tokens *= 2
+    split_k = max(1, min(split_k, k // 128))
+    out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    pdl = pdl and use_pdl(x)
+    _skinny_int8_gluon_kernel[(triton.cdiv(n, 64), split_k)](
+        x, weight.view(torch.int32), scale, bias if bias is not None else scale, out,
+        m, n, k, k // 4, split_k, TOKENS=tokens, SPLIT=split_k > 1,
+        HAS_BIAS=bias is not None, FLOAT16=x.dtype == torch.float16, USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
+    )
+    if split_k > 1:
+        sum_split_k_partials(out, split_k, bias, y, pdl)
+    return y
