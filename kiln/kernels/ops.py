@@ -262,11 +262,11 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
         return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias)
     # Decode int8 of 2-16 rows (per-channel scales) goes to the tensor cores (kernels/
-    # skinny_int8.py: skinny_fp8's GEMM with int8 weights, or its Gluon twin on sm_90);
-    # KILN_SKINNY_INT8=0 (the A/B switch) keeps the kernels below; KILN_SKINNY_INT8_BATCH1=1
-    # sends one row there too instead of int_gemv.
+    # skinny_int8.py: skinny_fp8's GEMM with int8 weights, or its Gluon twin on sm_90), one
+    # row too where the Gluon twin beat int_gemv (long rows, skinny_int8.takes_batch1);
+    # KILN_SKINNY_INT8=0 (the A/B switch) keeps the kernels below.
     if (kind == quant_linear.KIND_INT8 and rows <= skinny_int8.MAX_TOKENS
-            and (rows > 1 or env_flag("KILN_SKINNY_INT8_BATCH1", default=False))
+            and (rows > 1 or skinny_int8.takes_batch1(x, weight))
             and env_flag("KILN_SKINNY_INT8", default=True)
             and skinny_int8.takes(x, weight, scale, bias)):
         return skinny_int8.skinny_int8_linear(x, weight, scale, bias)

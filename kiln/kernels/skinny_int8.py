@@ -87,15 +87,15 @@ def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y
+    if config is not None and config.split_k_mode != "reduce":
+        raise ValueError(f"skinny_int8_linear combines split-K partials by 'reduce' only; "
+                         f"got split_k_mode={config.split_k_mode!r}")
     if gluon and gluon_usable(x, weight):
         split_k, tokens = ((config.split_k, config.tokens) if config
                            else default_gluon_split_and_tokens(m, n, k))
         return skinny_int8_gluon.launch(x, weight, scale, bias, split_k, tokens,
                                         config.pdl if config else True)
     config = config or default_skinny_fp8_config(m, n, k)  # one byte a weight, as FP8
-    if config.split_k_mode != "reduce":
-        raise ValueError(f"skinny_int8_linear combines split-K partials by 'reduce' only; "
-                         f"got split_k_mode={config.split_k_mode!r}")
     block_k = min(config.block_k, k & -k)
     tiles = k // block_k
     split_k = min(config.split_k, tiles)
@@ -128,13 +128,28 @@ def gluon_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def default_gluon_split_and_tokens(m: int, n: int, k: int) -> tuple[int, int]:
     """The Gluon twin's K split and token columns: 8 columns up to 8 rows, K split while the
     programs stay at most 512 (about four an SM) and each keeps ≥ 4 sub-tiles (the int4
-    twin's measured rule; NOT YET MEASURED for int8)."""
+    twin's rule; for int8 within 5 % of the fastest of splits 1, 2, 4, 8 on every Llama-3.1-8B
+    shape at 1-16 rows, results/s19-h200-skinny-int8-gluon-bench.log)."""
     column_blocks = triton.cdiv(n, 64)
     tiles = k // 128
     split_k = 1
     while column_blocks * split_k * 2 <= 512 and tiles // (2 * split_k) >= 4:
         split_k *= 2
     return split_k, 8 if m <= 8 else 16
+
+
+# One row goes to the Gluon twin only for rows at least this long: on the H200 it beat
+# int_gemv on Llama-3.1-8B's down (K = 14,336: 19.4 vs 21.9 µs) and lost on q|k|v, o and
+# gate|up (K = 4,096: 10.0 vs 9.0, 8.4 vs 7.3, 34.4 vs 31.9; results/s19-h200-skinny-int8-
+# gluon-bench.log).
+BATCH1_MIN_K = 8192
+
+
+def takes_batch1(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a one-row int8 linear is faster here than on int_gemv (KILN_SKINNY_INT8_BATCH1=0
+    keeps int_gemv for every one-row linear)."""
+    return (weight.shape[1] >= BATCH1_MIN_K
+            and env_flag("KILN_SKINNY_INT8_BATCH1", default=True) and gluon_usable(x, weight))
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

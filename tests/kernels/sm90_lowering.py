@@ -116,8 +116,9 @@ def skinny_int4_gluon_variants() -> dict:
     """The Gluon twin compiles (its convert_layout(assert_trivial=True) is checked by the
     compiler: the unpacked weights need no data movement into the wgmma operand): bf16 and
     fp16, 8-64 token columns, split and unsplit; x in 16-byte loads; no shared-memory round
-    trip for weights (ldmatrix) and 16-byte weight loads: from global memory into registers (stages 0), or
-    16-byte asynchronous copies into the shared-memory ring and 16-byte reads back (staged);
+    trip for weights (ldmatrix) and 16-byte weight loads: from global memory into registers
+    (stages 0), or 16-byte asynchronous copies into the shared-memory ring and 16-byte reads
+    back (staged);
     as a programmatic dependent launch, the first weights requested before the wait for the
     previous kernel and x read after it."""
     from kiln.kernels import skinny_int4_gluon

@@ -121,3 +121,19 @@ def test_unsupported_inputs_are_named(device):
     with pytest.raises(ValueError, match="'reduce' only"):
         skinny_int8_linear(x, weight, scale, config=SkinnyFp8Config(
             64, 128, 16, 2, split_k_mode="serial"))
+
+
+def test_one_row_goes_to_the_gluon_twin_only_for_long_rows(monkeypatch):
+    """skinny_int8.takes_batch1: one row comes here only where the Gluon twin runs and K is at
+    least BATCH1_MIN_K (int_gemv measured faster below), unless KILN_SKINNY_INT8_BATCH1=0."""
+    from kiln.kernels import skinny_int8
+
+    x = torch.zeros(1, 14336, dtype=torch.bfloat16)
+    long_rows = torch.zeros(64, 14336, dtype=torch.int8)
+    short_rows = torch.zeros(64, 4096, dtype=torch.int8)
+    assert not skinny_int8.takes_batch1(x, long_rows)  # CPU: no Gluon
+    monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: True)
+    assert skinny_int8.takes_batch1(x, long_rows)
+    assert not skinny_int8.takes_batch1(x[:, :4096], short_rows)
+    monkeypatch.setenv("KILN_SKINNY_INT8_BATCH1", "0")
+    assert not skinny_int8.takes_batch1(x, long_rows)
