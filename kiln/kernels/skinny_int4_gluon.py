@@ -112,6 +112,31 @@ if gluon is not None:
                                       dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _x_subtile(x_ptr, M, K, TOKENS: gl.constexpr, X_LAYOUT: gl.constexpr):
+        """Pointers to x's first 128-column sub-tile (TOKENS x 128 in natural order, 16 bytes
+        a thread in X_LAYOUT) and the mask that reads the padding tokens (≥ M) as 0."""
+        x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
+        x_columns = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
+        x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
+        return x_tile, gl.expand_dims(x_tokens < M, 1)
+
+    @gluon.jit
+    def _store_output(acc, out_ptr, bias_ptr, out_rows, pid_k, M, N, TOKENS: gl.constexpr,
+                      MMA: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
+        """acc (64 weight rows out_rows x TOKENS, fp32, the MMA layout) = y^T's block → split
+        pid_k's fp32 partial (SPLIT_K, M, N), or y (M, N) in out's dtype with the bias added."""
+        tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
+        mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
+        offsets = gl.expand_dims(tokens * N, 0) + gl.expand_dims(out_rows, 1)
+        if SPLIT:
+            gl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0)
+                acc += gl.expand_dims(bias.to(gl.float32), 1)
+            gl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
     def _fragment_order(x):
         """x (TOKENS, 128) of one sub-tile, loaded in natural order (16-byte runs) → its
         columns in fragment order (what the shared tile the wgmma reads must hold), permuted
@@ -187,10 +212,7 @@ if gluon is not None:
         out_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
         s_rows = scale_ptr + gl.minimum(out_rows, N - 1).to(gl.int64) * stride_s
 
-        x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
-        x_columns = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
-        x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
-        x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
+        x_tile, x_mask = _x_subtile(x_ptr, M, K, TOKENS, X_LAYOUT)
 
         tiles = K // 128
         tile_begin = pid_k * tiles // SPLIT_K
@@ -291,16 +313,8 @@ if gluon is not None:
                                              use_acc=False)
                         acc += gl.expand_dims(s, 1) * part
 
-        tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
-        mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
-        offsets = gl.expand_dims(tokens * N, 0) + gl.expand_dims(out_rows, 1)
-        if SPLIT:
-            gl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0)
-                acc += gl.expand_dims(bias.to(gl.float32), 1)
-            gl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_output(acc, out_ptr, bias_ptr, out_rows, pid_k, M, N, TOKENS, MMA, SPLIT,
+                      HAS_BIAS)
 
     @gluon.jit
     def _copy_subtile(stage, copy_tile, copy_words, t, tile_end):

@@ -71,7 +71,10 @@ if gluon is not None:
         warpgroup_mma,
     )
 
+    # shared with the int4 twin
     _pdl_wait_then_release = skinny_int4_gluon._pdl_wait_then_release
+    _store_output = skinny_int4_gluon._store_output
+    _x_subtile = skinny_int4_gluon._x_subtile
 
     @gluon.jit
     def _fragment_order(x):
@@ -134,10 +137,7 @@ if gluon is not None:
         w_tile = w_ptr + gl.expand_dims(rows * K_WORDS, 1) + gl.expand_dims(words, 0)
         out_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
 
-        x_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, X_LAYOUT))
-        x_columns = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
-        x_tile = x_ptr + gl.expand_dims(x_tokens * K, 1) + gl.expand_dims(x_columns, 0)
-        x_mask = gl.expand_dims(x_tokens < M, 1)  # padding tokens read as 0
+        x_tile, x_mask = _x_subtile(x_ptr, M, K, TOKENS, X_LAYOUT)
 
         tiles = K // 128
         tile_begin = pid_k * tiles // SPLIT_K
@@ -162,16 +162,8 @@ if gluon is not None:
 
         scale = gl.load(scale_ptr + gl.minimum(out_rows, N - 1)).to(gl.float32)
         acc = acc * gl.expand_dims(scale, 1)
-        tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, MMA))
-        mask = gl.expand_dims(tokens < M, 0) & gl.expand_dims(out_rows < N, 1)
-        offsets = gl.expand_dims(tokens * N, 0) + gl.expand_dims(out_rows, 1)
-        if SPLIT:
-            gl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0)
-                acc += gl.expand_dims(bias.to(gl.float32), 1)
-            gl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_output(acc, out_ptr, bias_ptr, out_rows, pid_k, M, N, TOKENS, MMA, SPLIT,
+                      HAS_BIAS)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

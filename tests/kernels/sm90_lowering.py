@@ -35,6 +35,18 @@ def compile_ptx(kernel, signature: dict, constants: dict, num_warps: int = 4) ->
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
 
 
+def compile_gluon_ptx(kernel, signature: dict, constants: dict) -> str:
+    """compile_ptx for a Gluon kernel (4 warps)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
+             if not kind.startswith("fp")}
+    source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
+                                                                  constants}},
+                            constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
+
+
 def int_gemv_variants() -> dict:
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_sn": "i32",
                  "zero_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
@@ -125,8 +137,6 @@ def skinny_int4_gluon_variants() -> dict:
 
     if not skinny_int4_gluon.available():  # a Triton before Gluon (3.5)
         return {}
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     kernel = skinny_int4_gluon._skinny_int4_gluon_kernel
 
     out = {}
@@ -142,12 +152,7 @@ def skinny_int4_gluon_variants() -> dict:
         constants = {"GROUP": 128, "TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
                      "FLOAT16": float16, "STAGES": 0 if split else 3, "X_TILES": 7,
                      "USE_PDL": True}
-        attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
-                 if not kind.startswith("fp")}
-        source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
-                                                                      constants}},
-                                constexprs=constants, attrs=attrs)
-        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
+        ptx = compile_gluon_ptx(kernel, signature, constants)
         kind = "f16" if float16 else "bf16"
         wgmma = f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}"
         wide_copy = r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10"
@@ -186,8 +191,6 @@ def skinny_int8_gluon_variants() -> dict:
 
     if not skinny_int8_gluon.available():  # a Triton before Gluon (3.5)
         return {}
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     kernel = skinny_int8_gluon._skinny_int8_gluon_kernel
     out = {}
     for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),
@@ -199,12 +202,7 @@ def skinny_int8_gluon_variants() -> dict:
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
                      "FLOAT16": float16, "USE_PDL": True}
-        attrs = {(kernel.arg_names.index(arg),): ALIGNED for arg, kind in signature.items()
-                 if not kind.startswith("fp")}
-        source = GluonASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in
-                                                                      constants}},
-                                constexprs=constants, attrs=attrs)
-        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
+        ptx = compile_gluon_ptx(kernel, signature, constants)
         kind = "f16" if float16 else "bf16"
         before_mma = ptx[:ptx.find("wgmma.mma_async")]
         out[name] = {"wgmma": f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{kind}.{kind}"
