@@ -137,3 +137,38 @@ def test_one_row_goes_to_the_gluon_twin_only_for_long_rows(monkeypatch):
     assert not skinny_int8.takes_batch1(x[:, :4096], short_rows)
     monkeypatch.setenv("KILN_SKINNY_INT8_BATCH1", "0")
     assert not skinny_int8.takes_batch1(x, long_rows)
+
+
+def test_ops_dispatch(device, monkeypatch):
+    """ops sends int8 linears of 2-16 rows here where the kernel runs (Hopper: has_sm90,
+    stood in for by the interpreter); one row stays on int_gemv unless takes_batch1;
+    KILN_SKINNY_INT8=0 keeps the previous kernels; 17 rows never come here."""
+    from kiln.kernels import ops, skinny_int8
+
+    weight, scale, bias = _weights(80, 512, device, seed=7)
+    x = _x(17, 512, torch.bfloat16, device, seed=8)
+    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
+    monkeypatch.setattr(skinny_int8, "has_sm90", lambda tensor: True)
+    monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: False)
+    calls = []
+    real = skinny_int8.skinny_int8_linear
+    monkeypatch.setattr(skinny_int8, "skinny_int8_linear",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+
+    expected = weight_only_linear_reference(x, dequantize_int8(weight, scale),
+                                            bias.to(torch.bfloat16)).float()
+
+    def run(rows):  # any kernel: within the bf16 rounding of weights or output
+        out = ops.int8_weight_only_linear(x[:rows], weight, scale, bias.to(torch.bfloat16))
+        error = (out.float() - expected[:rows]).abs().max() / expected.abs().max()
+        assert error < 2**-7, (rows, error.item())
+
+    for rows in (4, 1, 16, 17):
+        run(rows)
+    assert calls == [4, 16]
+    monkeypatch.setattr(skinny_int8, "takes_batch1", lambda *args: True)
+    run(1)
+    assert calls == [4, 16, 1]
+    monkeypatch.setenv("KILN_SKINNY_INT8", "0")
+    run(4)
+    assert calls == [4, 16, 1]
