@@ -111,6 +111,18 @@ if gluon is not None:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
                                       dtype=gl.int32, is_pure=False, pack=1)
 
+    @gluon.constexpr_function
+    def _mma_layout(tokens):
+        """One warpgroup's wgmma accumulator: 64 weight rows x `tokens` columns."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                         instr_shape=[16, tokens, 16])
+
+    @gluon.constexpr_function
+    def _x_layout(tokens):
+        """x's sub-tile, tokens x 128, no element twice: 8 consecutive columns (16 bytes) a
+        thread."""
+        return gl.BlockedLayout([1, 8], [tokens // 4, 128 // tokens], [4, 1], [1, 0])
+
     @gluon.jit
     def _x_subtile(x_ptr, M, K, TOKENS: gl.constexpr, X_LAYOUT: gl.constexpr):
         """Pointers to x's first 128-column sub-tile (TOKENS x 128 in natural order, 16 bytes
@@ -193,12 +205,9 @@ if gluon is not None:
             reg_bases=[[0, 1], [0, 2], [8, 0]],
             lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16])
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOKENS, 16])
+        MMA: gl.constexpr = _mma_layout(TOKENS)
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        # TOKENS x 128, no element twice: 8 consecutive columns (16 bytes) a thread
-        X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [TOKENS // 4, 128 // TOKENS],
-                                                  [4, 1], [1, 0])
+        X_LAYOUT: gl.constexpr = _x_layout(TOKENS)
         x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
         X_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOKENS, 128], x_dtype)
 

@@ -75,6 +75,8 @@ if gluon is not None:
     _pdl_wait_then_release = skinny_int4_gluon._pdl_wait_then_release
     _store_output = skinny_int4_gluon._store_output
     _x_subtile = skinny_int4_gluon._x_subtile
+    _mma_layout = skinny_int4_gluon._mma_layout
+    _x_layout = skinny_int4_gluon._x_layout
 
     @gluon.jit
     def _fragment_order(x):
@@ -121,11 +123,9 @@ if gluon is not None:
             reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
             lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 32])
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOKENS, 16])
+        MMA: gl.constexpr = _mma_layout(TOKENS)
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [TOKENS // 4, 128 // TOKENS],
-                                                  [4, 1], [1, 0])
+        X_LAYOUT: gl.constexpr = _x_layout(TOKENS)
         x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
         X_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOKENS, 128], x_dtype)
 
