@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_bench import timed  # noqa: E402
+from quant_bench import timed, write_results  # noqa: E402
 
 from kiln.kernels import quant_linear  # noqa: E402
 from kiln.quant.quantize import quantize_int4, quantize_int8  # noqa: E402
@@ -89,9 +88,7 @@ def main() -> None:
         print(f"{shape}: " + " | ".join(line), flush=True)
         del dense
         torch.cuda.empty_cache()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "dequantize_bench.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_results(args.out, "dequantize_bench", rows)
 
 
 if __name__ == "__main__":

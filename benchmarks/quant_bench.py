@@ -65,6 +65,19 @@ def timed(fn, iterations: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def write_results(out_dir, name: str, rows: list, **extra) -> Path:
+    """OUT_DIR/NAME.json: the card, torch and triton versions, `extra` and the rows (what every
+    quantised-kernel micro-benchmark here writes)."""
+    import triton
+
+    path = Path(out_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, **extra, "rows": rows}
+    path.write_text(json.dumps(report, indent=1))
+    return path
+
+
 def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

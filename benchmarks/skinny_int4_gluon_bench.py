@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
-from quant_bench import timed  # benchmarks/ is the script's directory
+from quant_bench import timed, write_results  # benchmarks/ is the script's directory
 
 from kiln.kernels import quant_linear, skinny_int4_gluon
 from kiln.kernels.quant_linear import dequantize_int4, weight_only_linear_reference
@@ -90,9 +88,7 @@ def main() -> None:
             line.append(f"{name} {us:.2f}")
         print(f"{shape:8s} M={m:2d} (default split {config.split_k}, stages {config.stages}): "
               + ", ".join(line), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"skinny_int4_gluon_{args.mode}.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_results(args.out, f"skinny_int4_gluon_{args.mode}", rows)
 
 
 if __name__ == "__main__":

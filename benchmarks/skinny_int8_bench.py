@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-from pathlib import Path
 
 import torch
-from quant_bench import timed  # benchmarks/ is the script's directory
+from quant_bench import timed, write_results  # benchmarks/ is the script's directory
 
 from kiln.kernels import int_gemv, quant_linear
 from kiln.kernels.quant_linear import dequantize_int8, weight_only_linear_reference
@@ -80,9 +78,7 @@ def main() -> None:
             print(f"{shape:8s} M={m:2d}: " + ", ".join(line), flush=True)
         del copies, reference_weight
         torch.cuda.empty_cache()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "skinny_int8_bench.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_results(args.out, "skinny_int8_bench", rows)
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
             and (rows > 1 or skinny_int8.takes_batch1(x, weight))
             and env_flag("KILN_SKINNY_INT8", default=True)
             and skinny_int8.takes(x, weight, scale, bias)):
-        return skinny_int8.skinny_int8_linear(x, weight, scale, bias)
+        return skinny_int8.launch_skinny_int8(x, weight, scale, bias)
     # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
     # conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel.
     if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)

@@ -173,7 +173,8 @@ def _skinny_fp8_kernel(
     MODE: tl.constexpr,  # "unsplit", or the split-K mode: "reduce", "atomic" or "serial"
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKENS: tl.constexpr,
     PROMOTE: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
-    GPU_FENCE: tl.constexpr,  # False under the interpreter (no inline assembly there)
+    # False under the interpreter: no inline assembly there (and W8A16 dots in fp32)
+    GPU_FENCE: tl.constexpr,
     W8A16: tl.constexpr = False,  # int8 weights, 16-bit x (kernels/skinny_int8.py)
 ):
     pid_n = tl.program_id(0)

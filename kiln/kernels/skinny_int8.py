@@ -82,6 +82,15 @@ def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     reason = skinny_int8_unsupported_reason(x, weight, scale, bias)
     if reason is not None:
         raise ValueError(f"skinny_int8_linear: {reason}")
+    return launch_skinny_int8(x, weight, scale, bias, config=config, gluon=gluon)
+
+
+def launch_skinny_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, *,
+                       config: SkinnyFp8Config | None = None,
+                       gluon: bool = True) -> torch.Tensor:
+    """skinny_int8_linear for inputs skinny_int8_unsupported_reason already accepted (the
+    dispatcher checked them once, in `takes`)."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -40,15 +40,8 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import skinny_int4_gluon
-from kiln.kernels.skinny_fp8 import sum_split_k_partials
+from kiln.kernels.skinny_fp8 import MAX_TOKENS, sum_split_k_partials
 from kiln.kernels.triton_utils import use_pdl
-
-MAX_TOKENS = 16  # the rows skinny_int8 takes (its callers: decode batches of 2-16)
-
-
-def available() -> bool:
-    return gluon is not None
-
 
 ASM_BF16 = tl.constexpr("\n".join([
     "{", ".reg .b32 l0, h0, l1, h1, l2, h2;",
@@ -64,6 +57,12 @@ ASM_F16 = tl.constexpr("\n".join([
     "mov.b32 {$0, $1}, l;", "mov.b32 {$2, $3}, h;", "}"]))
 
 gluon = skinny_int4_gluon.gluon  # None on a Triton without Gluon (before 3.5)
+
+
+def available() -> bool:
+    return gluon is not None
+
+
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (

@@ -151,8 +151,8 @@ def test_ops_dispatch(device, monkeypatch):
     monkeypatch.setattr(skinny_int8, "has_sm90", lambda tensor: True)
     monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: False)
     calls = []
-    real = skinny_int8.skinny_int8_linear
-    monkeypatch.setattr(skinny_int8, "skinny_int8_linear",
+    real = skinny_int8.launch_skinny_int8  # what ops calls once `takes` said yes
+    monkeypatch.setattr(skinny_int8, "launch_skinny_int8",
                         lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
 
     expected = weight_only_linear_reference(x, dequantize_int8(weight, scale),
