@@ -5,7 +5,10 @@ Gluon twin (skinny_int8_gluon.py), each at its default config and at K split 1, 
 against quant_linear's converting kernel (what ran at 2-16 rows before them) and, at one
 row, int_gemv (what runs there).
 
-Usage (GPU machine): python3 benchmarks/skinny_int8_bench.py OUT_DIR"""
+--group-size N: group scales (GGUF Q8_0's 32, `--group-size`), which only the Gluon twin
+takes at 2-16 rows (and int_gemv at one row); quant_linear is what they ran on before.
+
+Usage (GPU machine): python3 benchmarks/skinny_int8_bench.py OUT_DIR [--group-size N]"""
 
 from __future__ import annotations
 
@@ -30,12 +33,13 @@ COPIES = 6
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
+    parser.add_argument("--group-size", type=int, default=-1, help="-1: per output channel")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for shape, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, device="cuda") * 0.02
-        q, scale = quantize_int8(weight, k)
+        q, scale = quantize_int8(weight, k if args.group_size == -1 else args.group_size)
         del weight
         copies = [(q.clone(), scale.clone()) for _ in range(COPIES)]
         reference_weight = dequantize_int8(q, scale)
@@ -50,7 +54,10 @@ def main() -> None:
                     x, quant_linear.KIND_INT8, *copies[i % COPIES], None),
             }
             gluon_split, tokens = default_gluon_split_and_tokens(m, n, k)
-            for gluon, default in ((False, config.split_k), (True, gluon_split)):
+            kernels = ((False, config.split_k), (True, gluon_split))
+            if args.group_size != -1:  # the Triton kernel takes per-channel scales only
+                kernels = kernels[1:]
+            for gluon, default in kernels:
                 kernel = "gluon" if gluon else "triton"
                 variants[f"{kernel} default (split {default})"] = (
                     lambda i, gluon=gluon: skinny_int8_linear(x, *copies[i % COPIES],
@@ -78,7 +85,7 @@ def main() -> None:
             print(f"{shape:8s} M={m:2d}: " + ", ".join(line), flush=True)
         del copies, reference_weight
         torch.cuda.empty_cache()
-    write_results(args.out, "skinny_int8_bench", rows)
+    write_results(args.out, "skinny_int8_bench", rows, group_size=args.group_size)
 
 
 if __name__ == "__main__":

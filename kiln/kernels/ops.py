@@ -261,12 +261,12 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
             and (rows > 1 or skinny_int4.takes_batch1(x, weight.shape[0], x.shape[1]))
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
         return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias)
-    # Decode int8 of 2-16 rows (per-channel scales) goes to the tensor cores (kernels/
-    # skinny_int8.py: skinny_fp8's GEMM with int8 weights, or its Gluon twin on sm_90), one
+    # Decode int8 of 2-16 rows goes to the tensor cores (kernels/skinny_int8.py: skinny_fp8's
+    # GEMM with int8 weights, or its Gluon twin on sm_90, which also takes group scales), one
     # row too where the Gluon twin beat int_gemv (long rows, skinny_int8.takes_batch1);
     # KILN_SKINNY_INT8=0 (the A/B switch) keeps the kernels below.
     if (kind == quant_linear.KIND_INT8 and rows <= skinny_int8.MAX_TOKENS
-            and (rows > 1 or skinny_int8.takes_batch1(x, weight))
+            and (rows > 1 or skinny_int8.takes_batch1(x, weight, scale))
             and env_flag("KILN_SKINNY_INT8", default=True)
             and skinny_int8.takes(x, weight, scale, bias)):
         return skinny_int8.launch_skinny_int8(x, weight, scale, bias)

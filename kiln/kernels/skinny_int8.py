@@ -11,8 +11,10 @@ stream through skinny_fp8's cp.async pipeline into bf16 (or fp16) wgmma, convert
 in registers by Triton's bit-operation lowering of int8 → 16-bit float, with the same
 tilings, split-K, combining kernel and PDL as the FP8 kernel: one byte a weight either way.
 
-Per-channel scales only (int8-wo's default; `--group-size` builds keep quant_linear's kernel):
-a group scale would have to be applied per K tile inside the MMA loop.
+Scales per output channel (int8-wo's default) are applied once, after the MMA. Group scales
+(`--group-size`, and GGUF Q8_0 kept quantised: groups of 32) only on the Gluon twin below,
+which multiplies each weight by its group's scale in registers before the MMA (rounded once
+to the 16-bit float, as the dequantise path's weights are); groups of any multiple of 32.
 
 On sm_90, with K a multiple of 128, the Gluon twin (kernels/skinny_int8_gluon.py) runs
 instead: each thread loads its own fragment's bytes from global memory in a permuted K order,
@@ -37,13 +39,18 @@ from kiln.kernels.skinny_fp8 import (
 )
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
+# Group sizes the Gluon twin takes: a thread's 32 bytes of a row in a sub-tile must share a
+# group (kernels/skinny_int8_gluon.py).
+GROUP_MULTIPLE = 32
+
 __all__ = ["MAX_TOKENS", "skinny_int8_linear", "skinny_int8_unsupported_reason"]
 
 
 def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                                   bias: torch.Tensor | None) -> str | None:
-    """Why skinny_int8_linear cannot take these inputs (the caller then uses another kernel),
-    or None."""
+                                   bias: torch.Tensor | None,
+                                   gluon: bool = True) -> str | None:
+    """Why skinny_int8_linear (with `gluon` as given to it) cannot take these inputs (the
+    caller then uses another kernel), or None."""
     if x.dim() != 2 or not x.is_contiguous():
         return f"x must be a contiguous (M, K) tensor; got {tuple(x.shape)}"
     if not 1 <= x.shape[0] <= MAX_TOKENS:
@@ -61,9 +68,18 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
         return f"x has K={x.shape[1]} but weight has K={k}"
     if k % MIN_BLOCK_K:
         return f"K={k} must be a multiple of {MIN_BLOCK_K} (the pipeline's smallest tile)"
-    if scale.shape != (n, 1) or scale.dtype != torch.float16 or not scale.is_contiguous():
-        return (f"scale must be contiguous float16 ({n}, 1) (per output channel); got "
-                f"{tuple(scale.shape)} {scale.dtype}")
+    if (scale.dim() != 2 or scale.shape[0] != n or scale.dtype != torch.float16
+            or not scale.is_contiguous()):
+        return (f"scale must be contiguous float16 ({n}, K / G); got {tuple(scale.shape)} "
+                f"{scale.dtype}")
+    groups = scale.shape[1]
+    if groups > 1:
+        if k % groups or (k // groups) % GROUP_MULTIPLE:
+            return (f"scale has {groups} groups over K={k}: this kernel takes one per output "
+                    f"channel or groups of a multiple of {GROUP_MULTIPLE} inputs")
+        if not (gluon and gluon_usable(x, weight)):
+            return (f"grouped scales (groups of {k // groups}) run on the Gluon twin only "
+                    "(sm_90, K a multiple of 128); per output channel runs everywhere")
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         return f"bias must be a contiguous ({n},) tensor; got {tuple(bias.shape)}"
     for name, tensor in (("weight", weight), ("scale", scale), ("bias", bias)):
@@ -79,7 +95,7 @@ def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     """Triton twin of weight_only_linear_reference(x, dequantize_int8(weight, scale), bias)
     for 1-16 rows: the GEMM and, with split-K, skinny_fp8's combining launch. `gluon`: the
     Gluon twin where it runs (gluon_usable; config's split_k and tokens then apply to it)."""
-    reason = skinny_int8_unsupported_reason(x, weight, scale, bias)
+    reason = skinny_int8_unsupported_reason(x, weight, scale, bias, gluon)
     if reason is not None:
         raise ValueError(f"skinny_int8_linear: {reason}")
     return launch_skinny_int8(x, weight, scale, bias, config=config, gluon=gluon)
@@ -154,10 +170,11 @@ def default_gluon_split_and_tokens(m: int, n: int, k: int) -> tuple[int, int]:
 BATCH1_MIN_K = 8192
 
 
-def takes_batch1(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def takes_batch1(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether a one-row int8 linear is faster here than on int_gemv (KILN_SKINNY_INT8_BATCH1=0
-    keeps int_gemv for every one-row linear)."""
-    return (weight.shape[1] >= BATCH1_MIN_K
+    keeps int_gemv for every one-row linear). Per-channel scales only: grouped ones were not
+    measured at one row."""
+    return (weight.shape[1] >= BATCH1_MIN_K and scale.shape[1] == 1
             and env_flag("KILN_SKINNY_INT8_BATCH1", default=True) and gluon_usable(x, weight))
 
 

@@ -40,6 +40,8 @@ def quantised():
                 cache[key] = quantize_fp8_per_channel(weight)
             elif scheme == "int8":
                 cache[key] = quantize_int8(weight, k)
+            elif scheme == "int8_g32":  # GGUF Q8_0's groups
+                cache[key] = quantize_int8(weight, 32)
             else:
                 cache[key] = quantize_int4(weight, 128)
         return cache[key]
@@ -67,13 +69,13 @@ def test_fp8_linear_matches_reference(quantised, n, k, m):
     assert _relative(out, expected) < 5e-3
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int8_g32", "int4"])
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", ROWS)
 def test_weight_only_linear_matches_reference(quantised, scheme, n, k, m):
     x = _x(m, k)
-    if scheme == "int8":
-        weight, scale = quantised("int8", n, k)
+    if scheme.startswith("int8"):
+        weight, scale = quantised(scheme, n, k)
         out = ops.int8_weight_only_linear(x, weight, scale, None)
         dequantised = dequantize_int8(weight, scale)
     else:
@@ -99,7 +101,7 @@ def test_static_fp8_and_per_token_quantiser(quantised):
     assert (q.float() == q_ref.float()).float().mean() > 0.999  # rounding ties aside
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8_g32", "int4"])
 @pytest.mark.parametrize("rows", [4, 24, 48])  # 24, 48: _scaled_mm, dequantise, Gluon int4
 def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme, rows):
     tensors = quantised(scheme, 4096, 4096)
@@ -108,7 +110,7 @@ def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme, rows):
     def run():
         if scheme == "fp8":
             return ops.fp8_linear(x, *tensors, None, None)
-        if scheme == "int8":
+        if scheme.startswith("int8"):
             return ops.int8_weight_only_linear(x, *tensors, None)
         return ops.int4_weight_only_linear(x, *tensors, None, integer_zeros=True)
 

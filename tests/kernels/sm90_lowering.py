@@ -184,24 +184,27 @@ def skinny_int4_gluon_variants() -> dict:
 
 def skinny_int8_gluon_variants() -> dict:
     """The Gluon int8 twin compiles (its convert_layout(assert_trivial=True): the converted
-    weights need no data movement into the wgmma operand), bf16 and fp16, 8 and 16 token
-    columns: 16-byte weight and x loads, no two-byte x loads, no integer-to-float
-    conversions, no shared-memory reads but the MMA's."""
+    weights, and grouped scales broadcast over a thread's words, need no data movement), bf16
+    and fp16, 8 and 16 token columns, per channel and grouped: 16-byte weight and x loads, no
+    two-byte x loads, no integer-to-float conversions, no shared-memory reads but the MMA's,
+    grouped scales loaded once a row a step."""
     from kiln.kernels import skinny_int8_gluon
 
     if not skinny_int8_gluon.available():  # a Triton before Gluon (3.5)
         return {}
     kernel = skinny_int8_gluon._skinny_int8_gluon_kernel
     out = {}
-    for name, float16, tokens, split in (("bf16_t16_split", False, 16, True),
-                                         ("bf16_t8_unsplit", False, 8, False),
-                                         ("fp16_t16_split", True, 16, True)):
+    for name, float16, tokens, split, group in (("bf16_t16_split", False, 16, True, 0),
+                                                ("bf16_t8_unsplit", False, 8, False, 0),
+                                                ("fp16_t16_split", True, 16, True, 0),
+                                                ("bf16_t16_split_g32", False, 16, True, 32),
+                                                ("fp16_t8_unsplit_g128", True, 8, False, 128)):
         x_type = "*fp16" if float16 else "*bf16"
-        signature = {"x_ptr": x_type, "w_ptr": "*i32", "scale_ptr": "*fp16",
+        signature = {"x_ptr": x_type, "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_s": "i32",
                      "bias_ptr": x_type, "out_ptr": "*fp32" if split else x_type,
                      "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "SPLIT_K": "i32"}
         constants = {"TOKENS": tokens, "SPLIT": split, "HAS_BIAS": not split,
-                     "FLOAT16": float16, "USE_PDL": True}
+                     "FLOAT16": float16, "USE_PDL": True, "GROUP": group}
         ptx = compile_gluon_ptx(kernel, signature, constants)
         kind = "f16" if float16 else "bf16"
         before_mma = ptx[:ptx.find("wgmma.mma_async")]
@@ -212,6 +215,10 @@ def skinny_int8_gluon_variants() -> dict:
                                                         before_mma)),
                      "int_conversions": len(re.findall(r"cvt\.rn\.(?:bf16|f16|f32)\.s", ptx)),
                      "shared_reads": len(re.findall(r"ld\.shared|ldmatrix", ptx)),
+                     "grouped": bool(group),
+                     # two-byte loads, x's being 16-byte: the scales (per channel: one a
+                     # row after the loop; grouped: one a row a step) and the bias
+                     "scale_loads": len(re.findall(r"ld\.global\.b16", ptx)),
                      "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
     return out
 

@@ -47,10 +47,14 @@ def _x(m: int, k: int, dtype, device: str, seed: int = 1) -> torch.Tensor:
     return x.to(device)
 
 
-def _assert_matches(out, x, weight, scale, bias):
+def _assert_matches(out, x, weight, scale, bias, rounded_weights: bool = False):
+    """rounded_weights: the kernel rounds each dequantised weight to x's dtype (group scales),
+    2^-9 of it for bf16."""
     expected = weight_only_linear_reference(x, dequantize_int8(weight, scale), bias)
     magnitude = x.float().abs() @ dequantize_int8(weight, scale).abs().T
     allowed = magnitude * (2 * x.shape[1] + 8) * 2.0**-24 + expected.float().abs() * 2.0**-6
+    if rounded_weights:
+        allowed += magnitude * 2.0**-9
     difference = (out.float() - expected.float()).abs()
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert (difference <= allowed).all(), (difference - allowed).max().item()
@@ -103,9 +107,11 @@ def test_gluon_defaults():
 def test_unsupported_inputs_are_named(device):
     weight, scale, bias = _weights(64, 256, device, seed=6)
     x = _x(4, 256, torch.bfloat16, device)
-    grouped = torch.ones(64, 2, dtype=torch.float16, device=device)
+    grouped = torch.ones(64, 2, dtype=torch.float16, device=device)  # groups of 128
+    odd_groups = torch.ones(64, 16, dtype=torch.float16, device=device)  # groups of 16
     for arguments, message in (
-            ((x, weight, grouped, None), "per output channel"),
+            ((x, weight, odd_groups, None), "groups of a multiple of 32 inputs"),
+            ((x, weight, grouped[:, :1].T, None), "scale must be contiguous float16 (64, K / G)"),
             ((x.float(), weight, scale, None), "x must be bfloat16 or float16"),
             ((_x(17, 256, torch.bfloat16, device), weight, scale, None),
              "x has 17 rows; this kernel takes 1-16"),
@@ -118,6 +124,11 @@ def test_unsupported_inputs_are_named(device):
         with pytest.raises(ValueError, match="skinny_int8_linear: "):
             skinny_int8_linear(*arguments)
     assert skinny_int8_unsupported_reason(x, weight, scale, bias) is None
+    # group scales on the Gluon twin only: named where it cannot run (or is not asked for)
+    assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None,
+                                                               gluon=False)
+    if device == "cpu":
+        assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None)
     with pytest.raises(ValueError, match="'reduce' only"):
         skinny_int8_linear(x, weight, scale, config=SkinnyFp8Config(
             64, 128, 16, 2, split_k_mode="serial"))
@@ -131,12 +142,14 @@ def test_one_row_goes_to_the_gluon_twin_only_for_long_rows(monkeypatch):
     x = torch.zeros(1, 14336, dtype=torch.bfloat16)
     long_rows = torch.zeros(64, 14336, dtype=torch.int8)
     short_rows = torch.zeros(64, 4096, dtype=torch.int8)
-    assert not skinny_int8.takes_batch1(x, long_rows)  # CPU: no Gluon
+    channel, grouped = torch.ones(64, 1), torch.ones(64, 14336 // 32)
+    assert not skinny_int8.takes_batch1(x, long_rows, channel)  # CPU: no Gluon
     monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: True)
-    assert skinny_int8.takes_batch1(x, long_rows)
-    assert not skinny_int8.takes_batch1(x[:, :4096], short_rows)
+    assert skinny_int8.takes_batch1(x, long_rows, channel)
+    assert not skinny_int8.takes_batch1(x, long_rows, grouped)  # not measured at one row
+    assert not skinny_int8.takes_batch1(x[:, :4096], short_rows, channel)
     monkeypatch.setenv("KILN_SKINNY_INT8_BATCH1", "0")
-    assert not skinny_int8.takes_batch1(x, long_rows)
+    assert not skinny_int8.takes_batch1(x, long_rows, channel)
 
 
 def test_ops_dispatch(device, monkeypatch):
@@ -172,3 +185,24 @@ def test_ops_dispatch(device, monkeypatch):
     monkeypatch.setenv("KILN_SKINNY_INT8", "0")
     run(4)
     assert calls == [4, 16, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [2, 16])
+def test_group_scales_on_the_gluon_twin(m, group, dtype, device, poison_outputs):
+    """Group scales (GGUF Q8_0's 32, `--group-size`) run on the Gluon twin: each weight times
+    its group's scale, rounded once to x's dtype before the MMA. K = 1152 is 9 sub-tiles, which
+    the split below cuts unevenly; N = 200 a partial block."""
+    from kiln.kernels.skinny_int8 import gluon_usable
+
+    generator = torch.Generator().manual_seed(group + m)
+    w = torch.randn(200, 1152, generator=generator) * 0.05
+    weight, scale = (t.to(device) for t in quantize_int8(w, group))
+    bias = (torch.randn(200, generator=generator) * 0.1).to(dtype).to(device)
+    x = _x(m, 1152, dtype, device, seed=group)
+    if not gluon_usable(x, weight):
+        pytest.skip("the Gluon twin runs on sm_90 GPUs only (CPU: the reasons test above)")
+    for config in (None, SkinnyFp8Config(64, 128, 8 if m <= 8 else 16, 2)):
+        out = skinny_int8_linear(x, weight, scale, bias, config=config)
+        _assert_matches(out, x, weight, scale, bias, rounded_weights=True)
