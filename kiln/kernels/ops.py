@@ -251,6 +251,8 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
                  integer_zeros: bool = False) -> torch.Tensor:
     x = x.contiguous()
     rows = x.shape[0]
+    if batch_invariant() and rows <= BATCH_INVARIANT_ROWS:
+        return _weight_only_batch_invariant(x, kind, weight, scale, zero, bias, integer_zeros)
     # Decode int4 of 2-16 rows (groups of 128k, integer zero points) goes to the tensor
     # cores, unpacked by LOP3 (kernels/skinny_int4.py and its Gluon twin: 3-8x quant_linear's
     # kernel on the H200); one row too where the Gluon twin beat int_gemv (large matrices on
@@ -284,6 +286,31 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
     # 3.2-4.2 TB/s.
     dense = quant_linear.dequantize(kind, weight, scale, zero, x.dtype)
     return torch.nn.functional.linear(x, dense, bias)
+
+
+# Rows that KILN_BATCH_INVARIANT=1 computes on one fixed tiling whatever their count (the
+# decode and verify steps': gemv.MAX_ROWS for bf16, the skinny kernels' 16 token columns).
+BATCH_INVARIANT_ROWS = 16
+
+
+def _weight_only_batch_invariant(x: torch.Tensor, kind: int, weight: torch.Tensor,
+                                 scale: torch.Tensor, zero: torch.Tensor | None,
+                                 bias: torch.Tensor | None, integer_zeros: bool) -> torch.Tensor:
+    """KILN_BATCH_INVARIANT=1, 1-16 rows: every row count on the same kernel and tiling (16
+    token columns, the K split of 16 rows), so a row's bits do not depend on the other rows
+    of its step (a verify step's rows equal the batch-1 steps'): the skinny tensor-core kernels
+    where they take the linear, else quant_linear's kernel for one row too (never int_gemv,
+    which only takes one)."""
+    n, k = weight.shape[0], x.shape[1]
+    if (kind == quant_linear.KIND_INT4 and integer_zeros
+            and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
+        config = skinny_int4.default_skinny_int4_config(BATCH_INVARIANT_ROWS, n, k,
+                                                        skinny_int4.gluon_usable(x))
+        return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias, config=config)
+    if kind == quant_linear.KIND_INT8 and skinny_int8.takes(x, weight, scale, bias):
+        return skinny_int8.skinny_int8_linear(
+            x, weight, scale, bias, config=skinny_int8.batch_invariant_config(x, weight))
+    return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
 
 
 def int8_weight_only_linear(

@@ -163,6 +163,16 @@ def default_gluon_split_and_tokens(m: int, n: int, k: int) -> tuple[int, int]:
     return split_k, 8 if m <= 8 else 16
 
 
+def batch_invariant_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyFp8Config:
+    """One tiling for every row count up to 16 (KILN_BATCH_INVARIANT=1, kernels/ops.py): 16
+    token columns and the K split of 16 rows, on whichever kernel runs."""
+    n, k = weight.shape
+    if gluon_usable(x, weight):
+        split_k, tokens = default_gluon_split_and_tokens(MAX_TOKENS, n, k)
+        return SkinnyFp8Config(split_k=split_k, tokens=tokens)
+    return default_skinny_fp8_config(MAX_TOKENS, n, k)
+
+
 # One row goes to the Gluon twin only for rows at least this long: on the H200 it beat
 # int_gemv on Llama-3.1-8B's down (K = 14,336: 19.4 vs 21.9 µs) and lost on q|k|v, o and
 # gate|up (K = 4,096: 10.0 vs 9.0, 8.4 vs 7.3, 34.4 vs 31.9; results/s19-h200-skinny-int8-

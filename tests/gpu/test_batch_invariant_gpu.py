@@ -34,6 +34,38 @@ def test_linear_rows_do_not_depend_on_the_row_count(invariant, shape):
     torch.testing.assert_close(alone, expected, rtol=1.6e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336)])
+def test_quantised_linear_rows_do_not_depend_on_the_row_count(invariant, scheme, shape):
+    """The quantised decode linears too (kernels/ops.py _weight_only_batch_invariant; fp8's
+    skinny GEMM keeps 16 token columns whatever the rows): one row alone gives the bits it
+    gets among 2, 5, 8 or 16."""
+    from kiln.quant.quantize import quantize_fp8_per_channel, quantize_int4, quantize_int8
+
+    generator = torch.Generator(device="cuda").manual_seed(shape[0] + len(scheme))
+    n, k = shape
+    weight = torch.randn(n, k, generator=generator, device="cuda") * k**-0.5
+    x = torch.randn(16, k, generator=generator, device="cuda").bfloat16()
+    if scheme == "fp8":
+        tensors = quantize_fp8_per_channel(weight)
+
+        def linear(rows):
+            return ops.fp8_linear(rows, *tensors, None, None)
+    elif scheme == "int8":
+        tensors = quantize_int8(weight, k)
+
+        def linear(rows):
+            return ops.int8_weight_only_linear(rows, *tensors, None)
+    else:
+        tensors = quantize_int4(weight, 128)
+
+        def linear(rows):
+            return ops.int4_weight_only_linear(rows, *tensors, None, integer_zeros=True)
+    alone = torch.cat([linear(x[i : i + 1]) for i in range(16)])
+    for m in (2, 5, 8, 16):
+        assert torch.equal(linear(x[:m]), alone[:m]), m
+
+
 def test_decode_attention_alone_equals_among_others(invariant):
     heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
     contexts = [5000, 37, 900, 130, 4096, 1, 2500, 64]

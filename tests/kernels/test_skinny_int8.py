@@ -206,3 +206,40 @@ def test_group_scales_on_the_gluon_twin(m, group, dtype, device, poison_outputs)
     for config in (None, SkinnyFp8Config(64, 128, 8 if m <= 8 else 16, 2)):
         out = skinny_int8_linear(x, weight, scale, bias, config=config)
         _assert_matches(out, x, weight, scale, bias, rounded_weights=True)
+
+
+def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_outputs):
+    """KILN_BATCH_INVARIANT=1: int8 linears of 1-16 rows all run here on 16 token columns
+    and one K split (never int_gemv at one row), and a row's bits do not depend on the
+    others' (the interpreter's dot here; the GPU kernels in tests/gpu/
+    test_batch_invariant_gpu.py); group scales the kernel does not take go to quant_linear's
+    kernel for every row count."""
+    from kiln.kernels import int_gemv, ops, skinny_int8
+
+    weight, scale, bias = _weights(80, 512, device, seed=9)
+    x = _x(16, 512, torch.bfloat16, device, seed=10)
+    monkeypatch.setenv("KILN_BATCH_INVARIANT", "1")
+    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
+    monkeypatch.setattr(skinny_int8, "has_sm90", lambda tensor: True)
+    monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: False)
+    monkeypatch.setattr(int_gemv, "launch_int_gemv", lambda *a, **kw: pytest.fail("int_gemv"))
+    configs = []
+    real = skinny_int8.skinny_int8_linear
+    monkeypatch.setattr(skinny_int8, "skinny_int8_linear",
+                        lambda *a, config=None, **kw: configs.append(config)
+                        or real(*a, config=config, **kw))
+    alone = torch.cat([ops.int8_weight_only_linear(x[i:i + 1], weight, scale, bias)
+                       for i in range(16)])
+    for rows in (2, 5, 16):
+        assert torch.equal(ops.int8_weight_only_linear(x[:rows], weight, scale, bias),
+                           alone[:rows]), rows
+    assert len(configs) == 19 and len(set(configs)) == 1 and configs[0].tokens == 16
+    grouped_weight, grouped_scale = (t.to(device) for t in quantize_int8(
+        torch.randn(80, 512, generator=torch.Generator().manual_seed(11)), 128))
+    calls = []
+    monkeypatch.setattr(ops.quant_linear, "quant_linear",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or a[0].new_zeros(
+                            a[0].shape[0], 80))
+    for rows in (1, 4):
+        ops.int8_weight_only_linear(x[:rows], grouped_weight, grouped_scale, None)
+    assert calls == [1, 4]
