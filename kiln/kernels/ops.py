@@ -264,10 +264,10 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
         return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias)
     # Decode int8 of 2-16 rows goes to the tensor cores (kernels/skinny_int8.py: skinny_fp8's
-    # GEMM with int8 weights, or its Gluon twin on sm_90, which also takes group scales), one
-    # row too where the Gluon twin beat int_gemv (long rows, skinny_int8.takes_batch1);
-    # KILN_SKINNY_INT8=0 (the A/B switch) keeps the kernels below.
-    if (kind == quant_linear.KIND_INT8 and rows <= skinny_int8.MAX_TOKENS
+    # GEMM with int8 weights, or its Gluon twin on sm_90, which also takes group scales and
+    # 17-64 rows), one row too where the Gluon twin beat int_gemv (long rows,
+    # skinny_int8.takes_batch1); KILN_SKINNY_INT8=0 (the A/B switch) keeps the kernels below.
+    if (kind == quant_linear.KIND_INT8 and rows <= skinny_int8.max_rows(x, weight)
             and (rows > 1 or skinny_int8.takes_batch1(x, weight, scale))
             and env_flag("KILN_SKINNY_INT8", default=True)
             and skinny_int8.takes(x, weight, scale, bias)):
@@ -308,8 +308,8 @@ def _weight_only_batch_invariant(x: torch.Tensor, kind: int, weight: torch.Tenso
                                                         skinny_int4.gluon_usable(x))
         return skinny_int4.launch_skinny_int4(x, weight, scale, zero, bias, config=config)
     if kind == quant_linear.KIND_INT8 and skinny_int8.takes(x, weight, scale, bias):
-        return skinny_int8.skinny_int8_linear(
-            x, weight, scale, bias, config=skinny_int8.batch_invariant_config(x, weight))
+        config = skinny_int8.batch_invariant_config(x, weight, scale)
+        return skinny_int8.skinny_int8_linear(x, weight, scale, bias, config=config)
     return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
 
 

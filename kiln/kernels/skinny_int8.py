@@ -1,5 +1,6 @@
-"""int8 weight-only linear (W8A16) for decode rows (M ≤ 16) on the tensor cores: skinny_fp8's
-swap-AB GEMM with int8 weights turned into exact 16-bit floats in registers and x as it is.
+"""int8 weight-only linear (W8A16) for decode rows (M ≤ 16; ≤ 64 on the Gluon twin) on the
+tensor cores: skinny_fp8's swap-AB GEMM with int8 weights turned into exact 16-bit floats in
+registers and x as it is.
 
     y (M, N) = x (M, K) · (q · s)^T,   q int8 (N, K), s float16 (N, 1) per output channel
 
@@ -53,8 +54,10 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
     caller then uses another kernel), or None."""
     if x.dim() != 2 or not x.is_contiguous():
         return f"x must be a contiguous (M, K) tensor; got {tuple(x.shape)}"
-    if not 1 <= x.shape[0] <= MAX_TOKENS:
-        return f"x has {x.shape[0]} rows; this kernel takes 1-{MAX_TOKENS}"
+    rows = x.shape[0]
+    if not 1 <= rows <= skinny_int8_gluon.MAX_TOKENS:
+        return (f"x has {rows} rows; this kernel takes 1-{skinny_int8_gluon.MAX_TOKENS} "
+                f"({MAX_TOKENS} unless the Gluon twin runs)")
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x must be bfloat16 or float16; got {x.dtype}"
     if not (x.is_cuda or interpreter_active()):
@@ -72,6 +75,9 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
             or not scale.is_contiguous()):
         return (f"scale must be contiguous float16 ({n}, K / G); got {tuple(scale.shape)} "
                 f"{scale.dtype}")
+    if rows > MAX_TOKENS and not (gluon and gluon_usable(x, weight)):
+        return (f"x has {rows} rows: more than {MAX_TOKENS} run on the Gluon twin only (sm_90, "
+                "K a multiple of 128)")
     groups = scale.shape[1]
     if groups > 1:
         if k % groups or (k // groups) % GROUP_MULTIPLE:
@@ -93,8 +99,9 @@ def skinny_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        config: SkinnyFp8Config | None = None,
                        gluon: bool = True) -> torch.Tensor:
     """Triton twin of weight_only_linear_reference(x, dequantize_int8(weight, scale), bias)
-    for 1-16 rows: the GEMM and, with split-K, skinny_fp8's combining launch. `gluon`: the
-    Gluon twin where it runs (gluon_usable; config's split_k and tokens then apply to it)."""
+    for 1-16 rows (1-64 on the Gluon twin): the GEMM and, with split-K, skinny_fp8's
+    combining launch. `gluon`: the Gluon twin where it runs (gluon_usable; config's split_k
+    and tokens then apply to it)."""
     reason = skinny_int8_unsupported_reason(x, weight, scale, bias, gluon)
     if reason is not None:
         raise ValueError(f"skinny_int8_linear: {reason}")
@@ -117,7 +124,7 @@ def launch_skinny_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                          f"got split_k_mode={config.split_k_mode!r}")
     if gluon and gluon_usable(x, weight):
         split_k, tokens = ((config.split_k, config.tokens) if config
-                           else default_gluon_split_and_tokens(m, n, k))
+                           else default_gluon_split_and_tokens(m, n, k, scale.shape[1] > 1))
         return skinny_int8_gluon.launch(x, weight, scale, bias, split_k, tokens,
                                         config.pdl if config else True)
     config = config or default_skinny_fp8_config(m, n, k)  # one byte a weight, as FP8
@@ -150,42 +157,70 @@ def gluon_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and skinny_int8_gluon.available())
 
 
-def default_gluon_split_and_tokens(m: int, n: int, k: int) -> tuple[int, int]:
-    """The Gluon twin's K split and token columns: 8 columns up to 8 rows, K split while the
-    programs stay at most 512 (about four an SM) and each keeps ≥ 4 sub-tiles (the int4
-    twin's rule; for int8 within 5 % of the fastest of splits 1, 2, 4, 8 on every Llama-3.1-8B
-    shape at 1-16 rows, results/s19-h200-skinny-int8-gluon-bench.log)."""
+def default_gluon_split_and_tokens(m: int, n: int, k: int,
+                                   grouped: bool = False) -> tuple[int, int]:
+    """The Gluon twin's K split and token columns (the smallest of 8, 16, 32, 64 holding the
+    rows). Up to 16 rows, K split while the programs stay at most 512 (about four an SM) and
+    each keeps ≥ 4 sub-tiles (the int4 twin's rule; for int8 within 5 % of the fastest of
+    splits 1, 2, 4, 8 on every Llama-3.1-8B shape at 1-16 rows, results/s19-h200-skinny-int8-
+    gluon-bench.log). One row with group scales (`grouped`) splits K in at least 4: their
+    conversion costs about twice the per-channel one (15 instructions per four weights
+    against 8); gate|up (unsplit by the rule) took 40.8 µs in 4 against 45.7 unsplit
+    (results/s20-h200-callB/g8-bench-32.log), and a group-32 engine's batch 1 289.4 → 292.3
+    tok/s. Forced at 2-16 rows too, the kernel alone was faster (gate|up 41.8-46.9 against
+    45.6-50.5 µs) but the engine slower (batch 8 2,192 → 2,146, batch 16 4,065 → 4,004; both
+    twice, s20-h200-callD), so there it is not. 17-32 rows (32 columns): the same rule, K in
+    at most 4 (gate|up unsplit: 37.0-39.9 µs at 17-32 rows against 50.1-55.8 in 4, s20-h200-
+    callC/wide-bench.log; batch 32 6,822 → 7,678 tok/s, callD). 33-64 rows (64 columns):
+    the int4 twin's rule, K split while under 256 programs, at most 4 (the fastest of splits
+    1-8 on every shape at 48 and 64 rows, callC)."""
     column_blocks = triton.cdiv(n, 64)
     tiles = k // 128
+    tokens = 8
+    while tokens < m:
+        tokens *= 2
+    if tokens == 64:
+        return max(1, min(4, 256 // column_blocks, tiles // 4)), tokens
     split_k = 1
-    while column_blocks * split_k * 2 <= 512 and tiles // (2 * split_k) >= 4:
+    while ((column_blocks * split_k * 2 <= 512 or (grouped and m == 1 and split_k < 4))
+           and tiles // (2 * split_k) >= 4 and (tokens < 32 or split_k < 4)):
         split_k *= 2
-    return split_k, 8 if m <= 8 else 16
+    return split_k, tokens
 
 
-def batch_invariant_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyFp8Config:
+def batch_invariant_config(x: torch.Tensor, weight: torch.Tensor,
+                           scale: torch.Tensor) -> SkinnyFp8Config:
     """One tiling for every row count up to 16 (KILN_BATCH_INVARIANT=1, kernels/ops.py): 16
     token columns and the K split of 16 rows, on whichever kernel runs."""
     n, k = weight.shape
     if gluon_usable(x, weight):
-        split_k, tokens = default_gluon_split_and_tokens(MAX_TOKENS, n, k)
+        split_k, tokens = default_gluon_split_and_tokens(MAX_TOKENS, n, k, scale.shape[1] > 1)
         return SkinnyFp8Config(split_k=split_k, tokens=tokens)
     return default_skinny_fp8_config(MAX_TOKENS, n, k)
 
 
-# One row goes to the Gluon twin only for rows at least this long: on the H200 it beat
-# int_gemv on Llama-3.1-8B's down (K = 14,336: 19.4 vs 21.9 µs) and lost on q|k|v, o and
-# gate|up (K = 4,096: 10.0 vs 9.0, 8.4 vs 7.3, 34.4 vs 31.9; results/s19-h200-skinny-int8-
-# gluon-bench.log).
+# One row goes to the Gluon twin for rows at least this long: on the H200 it beat int_gemv on
+# Llama-3.1-8B's down (K = 14,336: 19.4 vs 21.9 µs per channel, 22.1 vs 28.3 in groups of 128)
+# and lost on q|k|v, o and gate|up per channel (K = 4,096: 10.0 vs 9.0, 8.4 vs 7.3, 34.4 vs
+# 31.9; results/s19-h200-skinny-int8-gluon-bench.log). Groups of 32 (GGUF Q8_0): the Gluon
+# twin on every shape (11.3 vs 14.8, 9.5 vs 10.8, 45.7 vs 51.0, 23.1 vs 37.5; results/
+# s20-h200-callB/g8-bench-32.log); int8-wo batch 1, Llama-3.1-8B, per channel: 335.0 → 340.1
+# tok/s with the long-rows rule (two alternations, s20-h200-callB).
 BATCH1_MIN_K = 8192
+BATCH1_MAX_GROUP = 32
 
 
 def takes_batch1(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether a one-row int8 linear is faster here than on int_gemv (KILN_SKINNY_INT8_BATCH1=0
-    keeps int_gemv for every one-row linear). Per-channel scales only: grouped ones were not
-    measured at one row."""
-    return (weight.shape[1] >= BATCH1_MIN_K and scale.shape[1] == 1
+    keeps int_gemv for every one-row linear): long rows, or groups of at most 32."""
+    k = weight.shape[1]
+    return ((k >= BATCH1_MIN_K or k // scale.shape[1] <= BATCH1_MAX_GROUP)
             and env_flag("KILN_SKINNY_INT8_BATCH1", default=True) and gluon_usable(x, weight))
+
+
+def max_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The most rows this kernel takes for x: 64 where the Gluon twin runs, else 16."""
+    return skinny_int8_gluon.MAX_TOKENS if gluon_usable(x, weight) else MAX_TOKENS
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

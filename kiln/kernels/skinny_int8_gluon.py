@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import skinny_int4_gluon
-from kiln.kernels.skinny_fp8 import MAX_TOKENS, sum_split_k_partials
+from kiln.kernels.skinny_fp8 import sum_split_k_partials
 from kiln.kernels.triton_utils import use_pdl
 
 def int8_assembly(float16: bool, scaled: bool) -> str:
@@ -86,6 +86,11 @@ ASM_BF16_SCALED = tl.constexpr(int8_assembly(float16=False, scaled=True))
 ASM_F16_SCALED = tl.constexpr(int8_assembly(float16=True, scaled=True))
 
 gluon = skinny_int4_gluon.gluon  # None on a Triton without Gluon (before 3.5)
+
+# Token columns at most (the wgmma's N), as the int4 twin: 17-64 rows (decode batches, short
+# prefills) stay on int8 weights instead of dequantising all of them for cuBLAS (kernels/
+# ops.py). The Triton kernel (skinny_fp8's) takes 16.
+MAX_TOKENS = skinny_int4_gluon.MAX_TOKENS
 
 
 def available() -> bool:
@@ -192,9 +197,6 @@ if gluon is not None:
         _pdl_wait_then_release(USE_PDL)
         x = gl.load(x_tile + tile_begin * 128, mask=x_mask, other=0.0)
         # GROUP: a thread's 32 bytes of a row in a sub-tile (natural columns 32 (l % 4) + 0..31)
-        # lie in one group, so each word's scale is that group's: loaded per word, the same
-        # address for a thread's eight words of a row.
-        # GROUP: a thread's 32 bytes of a row in a sub-tile (natural columns 32 (l % 4) + 0..31)
         # lie in one group, so its eight words of a row share one scale: loaded once a row as
         # (64 rows, 4 runs) in a slice of the words' layout seen as (rows, runs, words of a
         # run), then broadcast over the words (registers only).
@@ -243,7 +245,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"skinny_int8 (Gluon): x has {m} rows; it takes 1-{MAX_TOKENS}")
     if k % 128:
         raise ValueError(f"skinny_int8 (Gluon): K={k} must be a multiple of 128")
-    while tokens < m:  # the smallest of 8, 16 token columns that holds the rows
+    while tokens < m:  # the smallest of 8, 16, 32, 64 token columns that holds the rows
         tokens *= 2
     split_k = max(1, min(split_k, k // 128))
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)

@@ -185,7 +185,7 @@ def skinny_int4_gluon_variants() -> dict:
 def skinny_int8_gluon_variants() -> dict:
     """The Gluon int8 twin compiles (its convert_layout(assert_trivial=True): the converted
     weights, and grouped scales broadcast over a thread's words, need no data movement), bf16
-    and fp16, 8 and 16 token columns, per channel and grouped: 16-byte weight and x loads, no
+    and fp16, 8 to 64 token columns, per channel and grouped: 16-byte weight and x loads, no
     two-byte x loads, no integer-to-float conversions, no shared-memory reads but the MMA's,
     grouped scales loaded once a row a step."""
     from kiln.kernels import skinny_int8_gluon
@@ -198,7 +198,10 @@ def skinny_int8_gluon_variants() -> dict:
                                                 ("bf16_t8_unsplit", False, 8, False, 0),
                                                 ("fp16_t16_split", True, 16, True, 0),
                                                 ("bf16_t16_split_g32", False, 16, True, 32),
-                                                ("fp16_t8_unsplit_g128", True, 8, False, 128)):
+                                                ("fp16_t8_unsplit_g128", True, 8, False, 128),
+                                                ("bf16_t32_split", False, 32, True, 0),
+                                                ("bf16_t64_unsplit", False, 64, False, 0),
+                                                ("fp16_t64_split_g32", True, 64, True, 32)):
         x_type = "*fp16" if float16 else "*bf16"
         signature = {"x_ptr": x_type, "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_s": "i32",
                      "bias_ptr": x_type, "out_ptr": "*fp32" if split else x_type,

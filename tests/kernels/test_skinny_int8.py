@@ -102,6 +102,18 @@ def test_gluon_defaults():
     assert [default_gluon_split_and_tokens(4, *shape) for shape in shapes] == [
         (4, 8), (8, 8), (1, 8), (8, 8)]
     assert default_gluon_split_and_tokens(9, 4096, 4096) == (8, 16)
+    # 17-32 rows: 32 columns, the same rule but K in at most 4; 33-64: 64 columns, split
+    # while under 256 programs
+    assert [default_gluon_split_and_tokens(17, *shape) for shape in shapes] == [
+        (4, 32), (4, 32), (1, 32), (4, 32)]
+    assert [default_gluon_split_and_tokens(64, *shape) for shape in shapes] == [
+        (2, 64), (4, 64), (1, 64), (4, 64)]
+    assert default_gluon_split_and_tokens(33, 64, 256) == (1, 64)  # ≥ 4 sub-tiles a split
+    # one row with group scales: K in at least 4 (gate|up), the rule's 8 kept (o, down)
+    assert [default_gluon_split_and_tokens(1, *shape, grouped=True) for shape in shapes] == [
+        (4, 8), (8, 8), (4, 8), (8, 8)]
+    assert default_gluon_split_and_tokens(1, 28672, 1024, grouped=True) == (2, 8)
+    assert default_gluon_split_and_tokens(2, 28672, 4096, grouped=True) == (1, 8)
 
 
 def test_unsupported_inputs_are_named(device):
@@ -113,8 +125,8 @@ def test_unsupported_inputs_are_named(device):
             ((x, weight, odd_groups, None), "groups of a multiple of 32 inputs"),
             ((x, weight, grouped[:, :1].T, None), "scale must be contiguous float16 (64, K / G)"),
             ((x.float(), weight, scale, None), "x must be bfloat16 or float16"),
-            ((_x(17, 256, torch.bfloat16, device), weight, scale, None),
-             "x has 17 rows; this kernel takes 1-16"),
+            ((_x(65, 256, torch.bfloat16, device), weight, scale, None),
+             "x has 65 rows; this kernel takes 1-64 (16 unless the Gluon twin runs)"),
             ((x[:, :128].contiguous(), weight, scale, None),
              "x has K=128 but weight has K=256"),
             ((x[:, :128], weight, scale, None), "x must be a contiguous (M, K) tensor"),
@@ -127,27 +139,35 @@ def test_unsupported_inputs_are_named(device):
     # group scales on the Gluon twin only: named where it cannot run (or is not asked for)
     assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None,
                                                                gluon=False)
+    # so are 17-64 rows
+    wide = _x(17, 256, torch.bfloat16, device)
+    assert "more than 16 run on the Gluon twin only" in skinny_int8_unsupported_reason(
+        wide, weight, scale, None, gluon=False)
     if device == "cpu":
         assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None)
+        assert "Gluon twin only" in skinny_int8_unsupported_reason(wide, weight, scale, None)
     with pytest.raises(ValueError, match="'reduce' only"):
         skinny_int8_linear(x, weight, scale, config=SkinnyFp8Config(
             64, 128, 16, 2, split_k_mode="serial"))
 
 
-def test_one_row_goes_to_the_gluon_twin_only_for_long_rows(monkeypatch):
-    """skinny_int8.takes_batch1: one row comes here only where the Gluon twin runs and K is at
-    least BATCH1_MIN_K (int_gemv measured faster below), unless KILN_SKINNY_INT8_BATCH1=0."""
+def test_one_row_goes_to_the_gluon_twin_for_long_rows_or_small_groups(monkeypatch):
+    """skinny_int8.takes_batch1: one row comes here only where the Gluon twin runs, and K is
+    at least BATCH1_MIN_K or the groups are of at most 32 (int_gemv measured faster on the
+    rest), unless KILN_SKINNY_INT8_BATCH1=0."""
     from kiln.kernels import skinny_int8
 
     x = torch.zeros(1, 14336, dtype=torch.bfloat16)
     long_rows = torch.zeros(64, 14336, dtype=torch.int8)
     short_rows = torch.zeros(64, 4096, dtype=torch.int8)
-    channel, grouped = torch.ones(64, 1), torch.ones(64, 14336 // 32)
+    channel = torch.ones(64, 1)
     assert not skinny_int8.takes_batch1(x, long_rows, channel)  # CPU: no Gluon
     monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: True)
     assert skinny_int8.takes_batch1(x, long_rows, channel)
-    assert not skinny_int8.takes_batch1(x, long_rows, grouped)  # not measured at one row
+    assert skinny_int8.takes_batch1(x, long_rows, torch.ones(64, 14336 // 128))
     assert not skinny_int8.takes_batch1(x[:, :4096], short_rows, channel)
+    assert not skinny_int8.takes_batch1(x[:, :4096], short_rows, torch.ones(64, 4096 // 128))
+    assert skinny_int8.takes_batch1(x[:, :4096], short_rows, torch.ones(64, 4096 // 32))
     monkeypatch.setenv("KILN_SKINNY_INT8_BATCH1", "0")
     assert not skinny_int8.takes_batch1(x, long_rows, channel)
 
@@ -243,3 +263,26 @@ def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_output
     for rows in (1, 4):
         ops.int8_weight_only_linear(x[:rows], grouped_weight, grouped_scale, None)
     assert calls == [1, 4]
+
+
+@pytest.mark.parametrize("group", [0, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [17, 33, 64])
+def test_wide_rows_on_the_gluon_twin(m, dtype, group, device, poison_outputs):
+    """17-64 rows (decode batches, short prefills) on the Gluon twin's 32 and 64 token
+    columns, per channel and grouped, the default split and an uneven one (K = 1152: 9
+    sub-tiles), N = 200 a partial block."""
+    from kiln.kernels import skinny_int8_gluon
+    from kiln.kernels.skinny_int8 import gluon_usable
+
+    generator = torch.Generator().manual_seed(m + group)
+    w = torch.randn(200, 1152, generator=generator) * 0.05
+    weight, scale = (t.to(device) for t in quantize_int8(w, group or 1152))
+    bias = (torch.randn(200, generator=generator) * 0.1).to(dtype).to(device)
+    x = _x(m, 1152, dtype, device, seed=m)
+    if not gluon_usable(x, weight):
+        pytest.skip("the Gluon twin runs on sm_90 GPUs only (CPU: the reasons test above)")
+    out = skinny_int8_linear(x, weight, scale, bias)
+    _assert_matches(out, x, weight, scale, bias, rounded_weights=bool(group))
+    out = skinny_int8_gluon.launch(x, weight, scale, None, split_k=2, tokens=8)
+    _assert_matches(out, x, weight, scale, None, rounded_weights=bool(group))
