@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from kiln.kernels.attention import paged_attention_reference
@@ -165,3 +166,24 @@ def max_relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     """max |out − expected| over max |expected|."""
     return ((out.float() - expected.float()).abs().max()
             / expected.float().abs().max()).item()
+
+
+def assert_rows_do_not_depend_on_the_batch(monkeypatch, module, launcher: str, linear,
+                                           x: torch.Tensor) -> list:
+    """KILN_BATCH_INVARIANT=1 on the interpreter standing in for CUDA: a quantised linear's
+    rows 0..15 computed alone equal the same rows among 2, 5 and 16, int_gemv never runs, and
+    module.launcher is called with one config for all 19 calls (returned)."""
+    from kiln.kernels import int_gemv, ops
+
+    monkeypatch.setenv("KILN_BATCH_INVARIANT", "1")
+    monkeypatch.setattr(ops, "_fast", lambda tensor: True)
+    monkeypatch.setattr(int_gemv, "launch_int_gemv", lambda *a, **kw: pytest.fail("int_gemv"))
+    configs = []
+    real = getattr(module, launcher)
+    monkeypatch.setattr(module, launcher, lambda *a, config=None, **kw: configs.append(config)
+                        or real(*a, config=config, **kw))
+    alone = torch.cat([linear(x[i:i + 1]) for i in range(16)])
+    for rows in (2, 5, 16):
+        assert torch.equal(linear(x[:rows]), alone[:rows]), rows
+    assert len(configs) == 19 and len(set(configs)) == 1
+    return configs

@@ -20,7 +20,11 @@ from kiln.kernels.skinny_int4 import (
     skinny_int4_unsupported_reason,
 )
 from kiln.quant.quantize import pack_int4, quantize_int4
-from tests.kernels.kernel_helpers import max_relative_error, weight_only_inputs
+from tests.kernels.kernel_helpers import (
+    assert_rows_do_not_depend_on_the_batch,
+    max_relative_error,
+    weight_only_inputs,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
@@ -234,26 +238,11 @@ def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_output
     16 token columns and one K split (never int_gemv at one row), and a row's bits do not
     depend on the others' (the interpreter's dot here; the GPU kernels in tests/gpu/
     test_batch_invariant_gpu.py)."""
-    from kiln.kernels import int_gemv
-
     x, weight, bias = _inputs(16, 80, 512, seed=12)
     packed, scale, zero = (t.to(device) for t in quantize_int4(weight, 128))
     x, bias = x.to(device), bias.to(device)
-    monkeypatch.setenv("KILN_BATCH_INVARIANT", "1")
-    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
-    monkeypatch.setattr(int_gemv, "launch_int_gemv", lambda *a, **kw: pytest.fail("int_gemv"))
-    configs = []
-    real = skinny_int4_module.launch_skinny_int4
-    monkeypatch.setattr(skinny_int4_module, "launch_skinny_int4",
-                        lambda *a, config=None, **kw: configs.append(config)
-                        or real(*a, config=config, **kw))
-
-    def run(rows):
-        return ops.int4_weight_only_linear(x[:rows], packed, scale, zero, bias,
-                                           integer_zeros=True)
-
-    alone = torch.cat([ops.int4_weight_only_linear(x[i:i + 1], packed, scale, zero, bias,
-                                                   integer_zeros=True) for i in range(16)])
-    for rows in (2, 5, 16):
-        assert torch.equal(run(rows), alone[:rows]), rows
-    assert len(configs) == 19 and len(set(configs)) == 1 and configs[0].tokens == 16
+    configs = assert_rows_do_not_depend_on_the_batch(
+        monkeypatch, skinny_int4_module, "launch_skinny_int4",
+        lambda rows: ops.int4_weight_only_linear(rows, packed, scale, zero, bias,
+                                                 integer_zeros=True), x)
+    assert configs[0].tokens == 16

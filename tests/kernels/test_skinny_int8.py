@@ -24,6 +24,7 @@ from kiln.kernels.skinny_int8 import (
     skinny_int8_unsupported_reason,
 )
 from kiln.quant.quantize import quantize_int8
+from tests.kernels.kernel_helpers import assert_rows_do_not_depend_on_the_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
@@ -234,26 +235,16 @@ def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_output
     others' (the interpreter's dot here; the GPU kernels in tests/gpu/
     test_batch_invariant_gpu.py); group scales the kernel does not take go to quant_linear's
     kernel for every row count."""
-    from kiln.kernels import int_gemv, ops, skinny_int8
+    from kiln.kernels import ops, skinny_int8
 
     weight, scale, bias = _weights(80, 512, device, seed=9)
     x = _x(16, 512, torch.bfloat16, device, seed=10)
-    monkeypatch.setenv("KILN_BATCH_INVARIANT", "1")
-    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
     monkeypatch.setattr(skinny_int8, "has_sm90", lambda tensor: True)
     monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: False)
-    monkeypatch.setattr(int_gemv, "launch_int_gemv", lambda *a, **kw: pytest.fail("int_gemv"))
-    configs = []
-    real = skinny_int8.skinny_int8_linear
-    monkeypatch.setattr(skinny_int8, "skinny_int8_linear",
-                        lambda *a, config=None, **kw: configs.append(config)
-                        or real(*a, config=config, **kw))
-    alone = torch.cat([ops.int8_weight_only_linear(x[i:i + 1], weight, scale, bias)
-                       for i in range(16)])
-    for rows in (2, 5, 16):
-        assert torch.equal(ops.int8_weight_only_linear(x[:rows], weight, scale, bias),
-                           alone[:rows]), rows
-    assert len(configs) == 19 and len(set(configs)) == 1 and configs[0].tokens == 16
+    configs = assert_rows_do_not_depend_on_the_batch(
+        monkeypatch, skinny_int8, "skinny_int8_linear",
+        lambda rows: ops.int8_weight_only_linear(rows, weight, scale, bias), x)
+    assert configs[0].tokens == 16
     grouped_weight, grouped_scale = (t.to(device) for t in quantize_int8(
         torch.randn(80, 512, generator=torch.Generator().manual_seed(11)), 128))
     calls = []
