@@ -299,8 +299,8 @@ def _weight_only_batch_invariant(x: torch.Tensor, kind: int, weight: torch.Tenso
     """KILN_BATCH_INVARIANT=1, 1-16 rows: every row count on the same kernel and tiling (16
     token columns, the K split of 16 rows), so a row's bits do not depend on the other rows
     of its step (a verify step's rows equal the batch-1 steps'): the skinny tensor-core kernels
-    where they take the linear, else quant_linear's kernel for one row too (never int_gemv,
-    which only takes one)."""
+    where they take the linear, else quant_linear's kernel at its 16-row tiling for one row
+    too (never int_gemv, which only takes one)."""
     n, k = weight.shape[0], x.shape[1]
     if (kind == quant_linear.KIND_INT4 and integer_zeros
             and skinny_int4.skinny_int4_unsupported_reason(x, weight, scale, zero) is None):
@@ -310,7 +310,8 @@ def _weight_only_batch_invariant(x: torch.Tensor, kind: int, weight: torch.Tenso
     if kind == quant_linear.KIND_INT8 and skinny_int8.takes(x, weight, scale, bias):
         config = skinny_int8.batch_invariant_config(x, weight, scale)
         return skinny_int8.skinny_int8_linear(x, weight, scale, bias, config=config)
-    return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias)
+    config = quant_linear.default_quant_config(BATCH_INVARIANT_ROWS, n)  # one row too
+    return quant_linear.quant_linear(x, kind, weight, scale, zero, bias=bias, config=config)
 
 
 def int8_weight_only_linear(

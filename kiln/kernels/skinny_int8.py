@@ -69,10 +69,10 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
     n, k = weight.shape
     if x.shape[1] != k:
         return f"x has K={x.shape[1]} but weight has K={k}"
-    if k % MIN_BLOCK_K:
-        return f"K={k} must be a multiple of {MIN_BLOCK_K} (the pipeline's smallest tile)"
-    if (scale.dim() != 2 or scale.shape[0] != n or scale.dtype != torch.float16
-            or not scale.is_contiguous()):
+    if k == 0 or k % MIN_BLOCK_K:
+        return f"K={k} must be a positive multiple of {MIN_BLOCK_K} (the pipeline's smallest tile)"
+    if (scale.dim() != 2 or scale.shape[0] != n or scale.shape[1] < 1
+            or scale.dtype != torch.float16 or not scale.is_contiguous()):
         return (f"scale must be contiguous float16 ({n}, K / G); got {tuple(scale.shape)} "
                 f"{scale.dtype}")
     if rows > MAX_TOKENS and not (gluon and gluon_usable(x, weight)):
@@ -163,7 +163,8 @@ def default_gluon_split_and_tokens(m: int, n: int, k: int,
     rows). Up to 16 rows, K split while the programs stay at most 512 (about four an SM) and
     each keeps ≥ 4 sub-tiles (the int4 twin's rule; for int8 within 5 % of the fastest of
     splits 1, 2, 4, 8 on every Llama-3.1-8B shape at 1-16 rows, results/s19-h200-skinny-int8-
-    gluon-bench.log). One row with group scales (`grouped`) splits K in at least 4: their
+    gluon-bench.log). One row with group scales (`grouped`) splits K in at least 4 (fewer
+    only where a split would keep under 4 sub-tiles: 2 at K = 1,024): their
     conversion costs about twice the per-channel one (15 instructions per four weights
     against 8); gate|up (unsplit by the rule) took 40.8 µs in 4 against 45.7 unsplit
     (results/s20-h200-callB/g8-bench-32.log), and a group-32 engine's batch 1 289.4 → 292.3

@@ -245,6 +245,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"skinny_int8 (Gluon): x has {m} rows; it takes 1-{MAX_TOKENS}")
     if k % 128:
         raise ValueError(f"skinny_int8 (Gluon): K={k} must be a multiple of 128")
+    if tokens not in (8, 16, 32, 64):
+        raise ValueError(f"skinny_int8 (Gluon): tokens must be 8, 16, 32 or 64; got {tokens}")
     while tokens < m:  # the smallest of 8, 16, 32, 64 token columns that holds the rows
         tokens *= 2
     split_k = max(1, min(split_k, k // 128))

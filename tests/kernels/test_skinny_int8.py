@@ -125,6 +125,8 @@ def test_unsupported_inputs_are_named(device):
     for arguments, message in (
             ((x, weight, odd_groups, None), "groups of a multiple of 32 inputs"),
             ((x, weight, grouped[:, :1].T, None), "scale must be contiguous float16 (64, K / G)"),
+            ((x, weight, grouped[:, :0], None), "scale must be contiguous float16 (64, K / G)"),
+            ((x[:, :0], weight[:, :0], scale, None), "K=0 must be a positive multiple of 32"),
             ((x.float(), weight, scale, None), "x must be bfloat16 or float16"),
             ((_x(65, 256, torch.bfloat16, device), weight, scale, None),
              "x has 65 rows; this kernel takes 1-64 (16 unless the Gluon twin runs)"),
@@ -147,6 +149,10 @@ def test_unsupported_inputs_are_named(device):
     if device == "cpu":
         assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None)
         assert "Gluon twin only" in skinny_int8_unsupported_reason(wide, weight, scale, None)
+    from kiln.kernels import skinny_int8_gluon
+
+    with pytest.raises(ValueError, match="tokens must be 8, 16, 32 or 64; got 12"):
+        skinny_int8_gluon.launch(x, weight, scale, None, split_k=1, tokens=12)
     with pytest.raises(ValueError, match="'reduce' only"):
         skinny_int8_linear(x, weight, scale, config=SkinnyFp8Config(
             64, 128, 16, 2, split_k_mode="serial"))
@@ -246,14 +252,11 @@ def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_output
         lambda rows: ops.int8_weight_only_linear(rows, weight, scale, bias), x)
     assert configs[0].tokens == 16
     grouped_weight, grouped_scale = (t.to(device) for t in quantize_int8(
-        torch.randn(80, 512, generator=torch.Generator().manual_seed(11)), 128))
-    calls = []
-    monkeypatch.setattr(ops.quant_linear, "quant_linear",
-                        lambda *a, **kw: calls.append(a[0].shape[0]) or a[0].new_zeros(
-                            a[0].shape[0], 80))
-    for rows in (1, 4):
-        ops.int8_weight_only_linear(x[:rows], grouped_weight, grouped_scale, None)
-    assert calls == [1, 4]
+        torch.randn(80, 512, generator=torch.Generator().manual_seed(11)) * 0.05, 128))
+    configs = assert_rows_do_not_depend_on_the_batch(
+        monkeypatch, ops.quant_linear, "quant_linear",
+        lambda rows: ops.int8_weight_only_linear(rows, grouped_weight, grouped_scale, None), x)
+    assert configs[0].block_m == 16  # one row on the 16-row tiling too
 
 
 @pytest.mark.parametrize("group", [0, 32])
