@@ -118,10 +118,44 @@ if gluon is not None:
                                          instr_shape=[16, tokens, 16])
 
     @gluon.constexpr_function
+    def _a_layout(tokens):
+        """The wgmma A operand (the converted weights) in registers, over _mma_layout."""
+        return gl.DotOperandLayout(operand_index=0, parent=_mma_layout(tokens), k_width=2)
+
+    @gluon.constexpr_function
+    def _x_shared_layout(tokens, float16):
+        """x's shared-memory tile (tokens x 128, 16-bit) as the wgmma B operand reads it."""
+        dtype = gl.float16 if float16 else gl.bfloat16
+        return gl.NVMMASharedLayout.get_default_for([tokens, 128], dtype)
+
+    @gluon.constexpr_function
     def _x_layout(tokens):
         """x's sub-tile, tokens x 128, no element twice: 8 consecutive columns (16 bytes) a
         thread."""
         return gl.BlockedLayout([1, 8], [tokens // 4, 128 // tokens], [4, 1], [1, 0])
+
+    @gluon.jit
+    def _program_rows(N, LAYOUT: gl.constexpr):
+        """This program's 64 weight rows (program_id(0)) in LAYOUT, those past N read as row
+        N - 1: the loads stay unmasked and the store drops them."""
+        rows = gl.program_id(0) * 64 + gl.arange(0, 64, layout=LAYOUT)
+        return gl.minimum(rows, N - 1).to(gl.int64)
+
+    @gluon.jit
+    def _weight_subtile(w_ptr, N, K_WORDS, WORDS: gl.constexpr, WORD_COLUMNS: gl.constexpr):
+        """(this program's weight rows, pointers to their first sub-tile's WORD_COLUMNS words
+        in the WORDS layout)."""
+        rows = _program_rows(N, gl.SliceLayout(1, WORDS))
+        words = gl.arange(0, WORD_COLUMNS, layout=gl.SliceLayout(0, WORDS))
+        return rows, w_ptr + gl.expand_dims(rows * K_WORDS, 1) + gl.expand_dims(words, 0)
+
+    @gluon.jit
+    def _program_subtiles(K, SPLIT_K):
+        """[first, end) of this program's 128-column sub-tiles: K split SPLIT_K ways
+        (program_id(1)), as evenly as whole sub-tiles allow."""
+        pid_k = gl.program_id(1)
+        tiles = K // 128
+        return pid_k * tiles // SPLIT_K, (pid_k + 1) * tiles // SPLIT_K
 
     @gluon.jit
     def _x_subtile(x_ptr, M, K, TOKENS: gl.constexpr, X_LAYOUT: gl.constexpr):
@@ -206,26 +240,18 @@ if gluon is not None:
             lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16])
         MMA: gl.constexpr = _mma_layout(TOKENS)
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        A_LAYOUT: gl.constexpr = _a_layout(TOKENS)
         X_LAYOUT: gl.constexpr = _x_layout(TOKENS)
         x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
-        X_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOKENS, 128], x_dtype)
+        X_SHARED: gl.constexpr = _x_shared_layout(TOKENS, FLOAT16)
 
-        pid_n = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
-        rows = gl.minimum(rows, N - 1).to(gl.int64)  # unmasked loads; the store drops them
-        words = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
-        w_tile = w_ptr + gl.expand_dims(rows * K_WORDS, 1) + gl.expand_dims(words, 0)
+        rows, w_tile = _weight_subtile(w_ptr, N, K_WORDS, WORDS, 16)
         z_rows = zero_ptr + rows * stride_s
-        out_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
-        s_rows = scale_ptr + gl.minimum(out_rows, N - 1).to(gl.int64) * stride_s
+        out_rows = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        s_rows = scale_ptr + _program_rows(N, gl.SliceLayout(1, MMA)) * stride_s
 
         x_tile, x_mask = _x_subtile(x_ptr, M, K, TOKENS, X_LAYOUT)
-
-        tiles = K // 128
-        tile_begin = pid_k * tiles // SPLIT_K
-        tile_end = (pid_k + 1) * tiles // SPLIT_K
+        tile_begin, tile_end = _program_subtiles(K, SPLIT_K)
         acc = gl.zeros([64, TOKENS], gl.float32, MMA)
         if STAGES == 0:
             # x through one shared-memory tile, stored each step; weights one step ahead in
@@ -263,8 +289,7 @@ if gluon is not None:
             rings = ()
             for first in gl.static_range(STAGES):
                 rings = rings + (gl.allocate_shared_memory(gl.int32, [64, 16], W_SHARED),)
-            copy_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, COPY))
-            copy_rows = gl.minimum(copy_rows, N - 1).to(gl.int64)
+            copy_rows = _program_rows(N, gl.SliceLayout(1, COPY))
             copy_words = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY))
             copy_tile = (w_ptr + gl.expand_dims(copy_rows * K_WORDS, 1)
                          + gl.expand_dims(copy_words, 0))
@@ -322,8 +347,8 @@ if gluon is not None:
                                              use_acc=False)
                         acc += gl.expand_dims(s, 1) * part
 
-        _store_output(acc, out_ptr, bias_ptr, out_rows, pid_k, M, N, TOKENS, MMA, SPLIT,
-                      HAS_BIAS)
+        _store_output(acc, out_ptr, bias_ptr, out_rows, gl.program_id(1), M, N, TOKENS, MMA,
+                      SPLIT, HAS_BIAS)
 
     @gluon.jit
     def _copy_subtile(stage, copy_tile, copy_words, t, tile_end):

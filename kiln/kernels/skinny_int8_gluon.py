@@ -109,6 +109,11 @@ if gluon is not None:
     _store_output = skinny_int4_gluon._store_output
     _x_subtile = skinny_int4_gluon._x_subtile
     _mma_layout = skinny_int4_gluon._mma_layout
+    _a_layout = skinny_int4_gluon._a_layout
+    _x_shared_layout = skinny_int4_gluon._x_shared_layout
+    _program_rows = skinny_int4_gluon._program_rows
+    _program_subtiles = skinny_int4_gluon._program_subtiles
+    _weight_subtile = skinny_int4_gluon._weight_subtile
     _x_layout = skinny_int4_gluon._x_layout
 
     @gluon.jit
@@ -171,24 +176,16 @@ if gluon is not None:
             lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
             warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 4, 8])
         MMA: gl.constexpr = _mma_layout(TOKENS)
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        A_LAYOUT: gl.constexpr = _a_layout(TOKENS)
         X_LAYOUT: gl.constexpr = _x_layout(TOKENS)
         x_dtype: gl.constexpr = gl.float16 if FLOAT16 else gl.bfloat16
-        X_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOKENS, 128], x_dtype)
+        X_SHARED: gl.constexpr = _x_shared_layout(TOKENS, FLOAT16)
 
-        pid_n = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
-        rows = gl.minimum(rows, N - 1).to(gl.int64)  # unmasked loads; the store drops them
-        words = gl.arange(0, 32, layout=gl.SliceLayout(0, WORDS))
-        w_tile = w_ptr + gl.expand_dims(rows * K_WORDS, 1) + gl.expand_dims(words, 0)
-        out_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        _, w_tile = _weight_subtile(w_ptr, N, K_WORDS, WORDS, 32)
+        out_rows = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
 
         x_tile, x_mask = _x_subtile(x_ptr, M, K, TOKENS, X_LAYOUT)
-
-        tiles = K // 128
-        tile_begin = pid_k * tiles // SPLIT_K
-        tile_end = (pid_k + 1) * tiles // SPLIT_K
+        tile_begin, tile_end = _program_subtiles(K, SPLIT_K)
         acc = gl.zeros([64, TOKENS], gl.float32, MMA)
         # x through one shared-memory tile, stored each step; weights one step ahead in
         # registers (the int4 twin's register path).
@@ -201,8 +198,7 @@ if gluon is not None:
         # (64 rows, 4 runs) in a slice of the words' layout seen as (rows, runs, words of a
         # run), then broadcast over the words (registers only).
         RUNS: gl.constexpr = gl.SliceLayout(2, WORDS_3D)
-        run_rows = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, RUNS))
-        run_rows = gl.minimum(run_rows, N - 1).to(gl.int64)
+        run_rows = _program_rows(N, gl.SliceLayout(1, RUNS))
         runs = gl.arange(0, 4, layout=gl.SliceLayout(0, RUNS))
         s_rows = scale_ptr + gl.expand_dims(run_rows * stride_s, 1)
         for t in range(tile_begin, tile_end):
@@ -227,8 +223,8 @@ if gluon is not None:
         if not GROUP:  # per channel: once, after the MMA
             scale = gl.load(scale_ptr + gl.minimum(out_rows, N - 1) * stride_s)
             acc = acc * gl.expand_dims(scale.to(gl.float32), 1)
-        _store_output(acc, out_ptr, bias_ptr, out_rows, pid_k, M, N, TOKENS, MMA, SPLIT,
-                      HAS_BIAS)
+        _store_output(acc, out_ptr, bias_ptr, out_rows, gl.program_id(1), M, N, TOKENS, MMA,
+                      SPLIT, HAS_BIAS)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
