@@ -8,6 +8,8 @@ model while its quantised layers still hold their full-precision weights (the bu
                        input rows                                       for int4-wo, int8-wo
                        E[x xᵀ] over every token (with --gptq)       → GPTQ's rounding
                                                                        (kiln/quant/gptq.py)
+                       then, with --gptq, a second pass rounds the decoder layers one by
+                       one against the full-precision model (kiln/quant/gptq_sequential.py)
     per attention      the keys' per-channel mean as written to     → k_offset (FP8 KV
                        the cache (after RoPE), max |k - mean|,          subtracts it),
                        max |v|                                         k_scale, v_scale
@@ -40,6 +42,7 @@ from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
 from kiln.quant.awq import apply_awq, runs_awq
 from kiln.quant.gptq import CALIBRATION_GRAM
+from kiln.quant.gptq_sequential import gptq_layer_by_layer, layer_linears, rounds_layer_by_layer
 from kiln.quant.quantize import FP8_MAX, FULL_PRECISION
 
 DEFAULT_SAMPLES = 128
@@ -160,10 +163,11 @@ class _Capture:
     """Forward hooks recording every quantised linear's input and nothing else."""
 
     def __init__(self, model: nn.Module, keep_rows: bool, generator: torch.Generator,
-                 keep_gram: bool = False):
+                 keep_gram: bool = False, skip_gram: set[str] = frozenset()):
         self.linears: dict[str, LinearStatistics] = {}
         self.keep_rows = keep_rows
         self.keep_gram = keep_gram
+        self.skip_gram = skip_gram
         self.generator = generator
         self.rows_per_forward = 0
         self.handles = [
@@ -180,7 +184,7 @@ class _Capture:
             column_sum = x.abs().sum(0)
             stats.abs_sum = column_sum if stats.abs_sum is None else stats.abs_sum + column_sum
             stats.tokens += x.shape[0]
-            if self.keep_gram:
+            if self.keep_gram and prefix not in self.skip_gram:
                 gram = x.T @ x
                 stats.gram = gram if stats.gram is None else stats.gram.add_(gram)
             if self.keep_rows and self.rows_per_forward:
@@ -200,44 +204,64 @@ def _move_staged(model: nn.Module, device: torch.device) -> None:
             setattr(layer, FULL_PRECISION, staged.to(device))
 
 
-def _run(model: nn.Module, samples: list[list[int]], device: torch.device, dtype: torch.dtype,
-         capture: _Capture, progress: bool) -> list[KVStatistics]:
-    """Forward every sample (several per forward) over a zeroed cache; returns per attention
-    layer what was written to the cache."""
-    sample_tokens = len(samples[0])
-    from kiln.runtime.input_batch import BatchRow, prepare_inputs
-    from kiln.runtime.kv_tensors import KVCacheSpec
+class _Batches:
+    """The calibration samples cut into forwards of several samples each, every sample its
+    own blocks of one zeroed cache per layer; `run(i)` forwards batch i."""
 
-    per_forward = max(1, _TOKENS_PER_FORWARD[device.type] // sample_tokens)
-    blocks_per_sample = -(-sample_tokens // _BLOCK_SIZE)
-    spec = KVCacheSpec.of_model(model, dtype)
-    num_blocks = 1 + per_forward * blocks_per_sample
-    shape = (2, num_blocks, _BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
-    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-    kv: list[KVStatistics | None] = [None] * spec.num_layers
-    # About AWQ_ROWS rows per layer in all, spread over the forwards.
-    capture.rows_per_forward = -(-AWQ_ROWS * per_forward // len(samples))
-    bar = tqdm(total=len(samples), desc="calibrating", unit="sample", disable=not progress,
-               file=sys.stderr)
-    for start in range(0, len(samples), per_forward):
-        batch = samples[start : start + per_forward]
+    def __init__(self, model: nn.Module, samples: list[list[int]], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        from kiln.runtime.kv_tensors import KVCacheSpec
+
+        self.model, self.samples, self.device = model, samples, device
+        self.per_forward = max(1, _TOKENS_PER_FORWARD[device.type] // len(samples[0]))
+        self.blocks_per_sample = -(-len(samples[0]) // _BLOCK_SIZE)
+        self.spec = KVCacheSpec.of_model(model, dtype)
+        num_blocks = 1 + self.per_forward * self.blocks_per_sample
+        shape = (2, num_blocks, _BLOCK_SIZE, self.spec.num_kv_heads, self.spec.head_dim)
+        self.caches = [torch.zeros(shape, dtype=dtype, device=device)
+                       for _ in range(self.spec.num_layers)]
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.per_forward)
+
+    def batch(self, index: int) -> list[list[int]]:
+        return self.samples[index * self.per_forward : (index + 1) * self.per_forward]
+
+    def run(self, index: int):
+        """Forward batch `index`; returns its inputs (the slots it wrote)."""
+        from kiln.runtime.input_batch import BatchRow, prepare_inputs
+
+        per = self.blocks_per_sample
         rows = [
             BatchRow(request_id=str(i), token_ids=ids, num_computed_tokens=0,
-                     block_ids=list(range(1 + i * blocks_per_sample, 1 + (i + 1) * blocks_per_sample)),
-                     logits_offsets=())
-            for i, ids in enumerate(batch)
+                     block_ids=list(range(1 + i * per, 1 + (i + 1) * per)), logits_offsets=())
+            for i, ids in enumerate(self.batch(index))
         ]
-        inputs = prepare_inputs(rows, _BLOCK_SIZE, device)
-        for cache in caches:
+        inputs = prepare_inputs(rows, _BLOCK_SIZE, self.device)
+        for cache in self.caches:
             cache.zero_()
-        model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
+        self.model(inputs.input_ids, inputs.positions, self.caches, inputs.metadata)
+        return inputs
+
+
+def _run(batches: _Batches, capture: _Capture, progress: bool) -> list[KVStatistics]:
+    """Forward every sample over a zeroed cache; returns per attention layer what was
+    written to the cache."""
+    spec = batches.spec
+    kv: list[KVStatistics | None] = [None] * spec.num_layers
+    # About AWQ_ROWS rows per layer in all, spread over the forwards.
+    capture.rows_per_forward = -(-AWQ_ROWS * batches.per_forward // len(batches.samples))
+    bar = tqdm(total=len(batches.samples), desc="calibrating", unit="sample",
+               disable=not progress, file=sys.stderr)
+    for index in range(len(batches)):
+        inputs = batches.run(index)
         slots = inputs.metadata.slot_mapping
         slots = slots[slots >= 0]
-        for index, cache in enumerate(caches):
+        for layer, cache in enumerate(batches.caches):
             flat = cache.view(2, -1, spec.num_kv_heads, spec.head_dim)  # (2, slots, Hkv, D)
             seen = KVStatistics.of(flat[0, slots], flat[1, slots])
-            kv[index] = seen if kv[index] is None else kv[index].merged(seen)
-        bar.update(len(batch))
+            kv[layer] = seen if kv[layer] is None else kv[layer].merged(seen)
+        bar.update(len(batches.batch(index)))
     bar.close()
     return kv
 
@@ -280,16 +304,23 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
         b.data = b.data.to(device)
     _move_staged(model, device)
     gptq = bool(getattr(quant_config, "gptq", False))
-    capture = _Capture(model, keep_rows=awq, keep_gram=gptq,
+    # Decoder layers' linears are rounded layer by layer after this pass (gptq_sequential);
+    # any other (a quantised LM head) from this pass's second moment.
+    layer_by_layer = layer_linears(model) if gptq and rounds_layer_by_layer(model) else set()
+    capture = _Capture(model, keep_rows=awq, keep_gram=gptq, skip_gram=layer_by_layer,
                        generator=torch.Generator().manual_seed(build_config.seed))
+    batches = _Batches(model, samples, device, run_dtype)
     try:
-        kv = _run(model, samples, device, run_dtype, capture, progress)
+        kv = _run(batches, capture, progress)
     finally:
         capture.close()
     if gptq:  # before AWQ: its column scaling rescales them (kiln/quant/awq.py)
         _attach_grams(model, capture.linears)
     if awq:  # searches and folds on `device` (weights and statistics are there).
         apply_awq(model, capture.linears, progress=progress)
+    if layer_by_layer:  # on the folded model, as it will be built
+        gptq_layer_by_layer(model, len(batches), batches.run, progress=progress)
+    del batches  # its caches
     for p, original in originals:  # back to the build's device and dtype (AWQ folded norms)
         p.data = p.data.to(device=original.device, dtype=original.dtype)
     for b, original in buffers:

@@ -6,7 +6,9 @@ provenance, layers kept unquantised) and the build life of a layer quantised by 
     (calibration may run the model here: `apply` multiplies by the staged weight)
     process_weights_after_loading     → round-to-nearest into the scheme's parameters, or
                                         GPTQ's rounding when calibration left the layer its
-                                        inputs' second moment (--gptq, kiln/quant/gptq.py)
+                                        inputs' second moment (--gptq, kiln/quant/gptq.py),
+                                        or the weight calibration rounded already with its
+                                        grid (--gptq, kiln/quant/gptq_sequential.py)
 
 A pre-quantised checkpoint (prequantized=True) hands the scheme's own tensors instead, already
 in its layout; they are copied in place and never re-quantised.
@@ -22,7 +24,7 @@ from torch import nn
 
 from kiln.quant.base import QuantMethod, UnquantizedLinearMethod
 from kiln.quant.config import QuantConfig
-from kiln.quant.gptq import gptq_round, take_calibration_gram
+from kiln.quant.gptq import gptq_round, take_calibration_gram, take_calibration_grid
 from kiln.quant.placement import ShardPlacement, copy_into_place
 from kiln.quant.quantize import (
     FULL_PRECISION,
@@ -87,14 +89,21 @@ class BuildQuantizedLinearMethod(QuantMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = take_full_precision_weight(layer)
         gram = take_calibration_gram(layer)
+        grid = take_calibration_grid(layer)  # rounded already (gptq_sequential.py)
         if weight is None:
             return
-        grid = self.grid(layer, weight)
         if gram is not None:
-            weight = gptq_round(
-                weight, gram, lambda columns, index: self.round_columns(layer, grid, columns, index),
-                name=layer.prefix)
-        self.store_quantized(layer, weight, grid)
+            weight, grid = self.round_with_gptq(layer, weight, gram)
+        self.store_quantized(layer, weight, grid if grid is not None else self.grid(layer, weight))
+
+    def round_with_gptq(self, layer: nn.Module, weight: torch.Tensor, gram: torch.Tensor
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(the (out, in) float32 weight rounded by GPTQ onto its grid, that grid)."""
+        grid = self.grid(layer, weight)
+        rounded = gptq_round(
+            weight, gram, lambda columns, index: self.round_columns(layer, grid, columns, index),
+            name=layer.prefix)
+        return rounded, grid
 
     def fake_quantize_for(self, layer: nn.Module):
         """(out, in) float32 weight → the same rounded to nearest onto its own grid and
