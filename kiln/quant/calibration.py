@@ -279,7 +279,8 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     --gptq each quantised linear's input second moment for GPTQ's rounding."""
     quant_config = model.quant_config
     scheme = quant_config.scheme
-    awq = runs_awq(model, scheme)
+    gptq = bool(getattr(quant_config, "gptq", False))
+    awq = runs_awq(model, scheme, gptq)
     source = build_config.calibration
     num_samples = build_config.calibration_samples or DEFAULT_SAMPLES
     tokenizer = tokenizer_of(checkpoint)
@@ -303,7 +304,6 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     for b in model.buffers():
         b.data = b.data.to(device)
     _move_staged(model, device)
-    gptq = bool(getattr(quant_config, "gptq", False))
     # Decoder layers' linears are rounded layer by layer after this pass (gptq_sequential);
     # any other (a quantised LM head) from this pass's second moment.
     layer_by_layer = layer_linears(model) if gptq and rounds_layer_by_layer(model) else set()

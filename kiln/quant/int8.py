@@ -1,6 +1,7 @@
 """`int8-wo`: W8A16, symmetric int8 weights with float16 scales per output channel
 (group_size -1) or per group of group_size inputs; activations stay in the compute dtype.
-A calibrating build runs AWQ's scale search first (kiln/quant/awq.py, `awq`). The matmul
+A calibrating build runs AWQ's scale search first (kiln/quant/awq.py, `awq`), except with
+--gptq, whose layer-by-layer rounding does better alone (kiln/quant/gptq_sequential.py). The matmul
 dequantises in registers: kiln/kernels/quant_linear.py via ops.
 
 Parameters per linear layer (this rank's share, out × in; G = group size, in if -1):

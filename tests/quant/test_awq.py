@@ -131,6 +131,16 @@ def test_a_calibrating_build_runs_awq_for_integer_schemes_only(tiny, tmp_path, s
         assert errors[True] < errors[False]
 
 
+def test_int8_wo_with_gptq_rounds_without_awq(tiny, tmp_path):
+    # Layer-by-layer GPTQ does better alone at 8 bits (BENCHMARKS.md); int4-wo keeps AWQ.
+    for scheme, group, awq in (("int8-wo", {}, False), ("int4-wo", {"group_size": 32}, True)):
+        config = BuildConfig(dtype="float32", quant=scheme, calibration=str(tiny / "text.txt"),
+                             calibration_samples=8, gptq=True, **group)
+        build_engine(tiny / "tiny.gguf", tmp_path / scheme, config, progress=False)
+        quant = open_engine(tmp_path / scheme).manifest["quant"]
+        assert quant["gptq"] is True and quant.get("awq") is awq
+
+
 def test_a_model_awq_cannot_fold_into(tmp_path):
     save_tiny_hf_model(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
                                                n_positions=128, bos_token_id=0, eos_token_id=0),
