@@ -110,7 +110,9 @@ def gptq_layer_by_layer(model: nn.Module, num_batches: int, run_batch: RunBatch,
         linears = _staged(layer)
         full_inputs, full_carry = _full_precision_pass(layers, index, linears, full_carry,
                                                        num_batches, run_batch)
-        for linear in sorted(linears, key=lambda m: full_inputs[m]["order"]):
+        # A staged linear the forward never reached keeps no moments: rounded to nearest.
+        ran = [m for m in linears if full_inputs[m]["order"] is not None]
+        for linear in sorted(ran, key=lambda m: full_inputs[m]["order"]):
             gram, cross = _moments(layers, index, linear, full_inputs[linear]["rows"],
                                    quant_carry, num_batches, run_batch)
             weight = getattr(linear, FULL_PRECISION).float()
