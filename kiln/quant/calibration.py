@@ -42,7 +42,7 @@ from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
 from kiln.quant.awq import apply_awq, runs_awq
 from kiln.quant.gptq import CALIBRATION_GRAM
-from kiln.quant.gptq_sequential import gptq_layer_by_layer, layer_linears, rounds_layer_by_layer
+from kiln.quant.gptq_sequential import gptq_layer_by_layer, layer_linears
 from kiln.quant.quantize import FP8_MAX, FULL_PRECISION
 
 DEFAULT_SAMPLES = 128
@@ -306,7 +306,7 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
     _move_staged(model, device)
     # Decoder layers' linears are rounded layer by layer after this pass (gptq_sequential);
     # any other (a quantised LM head) from this pass's second moment.
-    layer_by_layer = layer_linears(model) if gptq and rounds_layer_by_layer(model) else set()
+    layer_by_layer = layer_linears(model) if gptq else set()
     capture = _Capture(model, keep_rows=awq, keep_gram=gptq, skip_gram=layer_by_layer,
                        generator=torch.Generator().manual_seed(build_config.seed))
     batches = _Batches(model, samples, device, run_dtype)

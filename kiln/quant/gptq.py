@@ -71,20 +71,23 @@ def asymmetric_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Ten
     if not bool(torch.isfinite(gram).all() and torch.isfinite(cross).all()):
         raise KilnError(f"GPTQ: {name}'s calibration moments are not finite (inf or NaN "
                         f"activations in calibration); build without --gptq")
-    diagonal_mean = float(torch.diagonal(gram).mean()) or 1.0
-    eye = torch.eye(in_features, device=gram.device, dtype=gram.dtype)
-    correction = torch.linalg.solve(gram + DAMPING * diagonal_mean * eye, (cross - gram).T).T
+    correction = torch.linalg.solve(gram + _damping_term(gram, DAMPING), (cross - gram).T).T
     weight = weight.double()
     return (weight + weight @ correction).float()
 
 
-def _inverse_cholesky(gram: torch.Tensor, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)⁻¹, float32; the damping grows until it works."""
+def _damping_term(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """damping · mean(diag H) · I, in H's dtype and device (1 · I for an all-zero H)."""
     diagonal_mean = float(torch.diagonal(gram).mean()) or 1.0
     eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+    return damping * diagonal_mean * eye
+
+
+def _inverse_cholesky(gram: torch.Tensor, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)⁻¹, float32; the damping grows until it works."""
     damping = DAMPING
     for _ in range(_DAMPING_RETRIES + 1):
-        factor, info = torch.linalg.cholesky_ex(gram + damping * diagonal_mean * eye)
+        factor, info = torch.linalg.cholesky_ex(gram + _damping_term(gram, damping))
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)

@@ -50,15 +50,12 @@ class _Stop(Exception):
     """Raised by a hook once a forward has given what it was run for."""
 
 
-def rounds_layer_by_layer(model: nn.Module) -> bool:
-    """Whether `model` has the decoder layers this pass walks."""
-    return bool(getattr(model.backbone, "stage_layers", None))
-
-
 def layer_linears(model: nn.Module) -> set[str]:
-    """Prefixes of the staged linears inside decoder layers (the rest, e.g. a quantised LM
-    head, keep the first pass's statistics)."""
-    return {m.prefix for layer in model.backbone.stage_layers for m in _staged(layer)}
+    """Prefixes of the staged linears inside decoder layers, which this pass rounds (none for
+    a model without `stage_layers`; the rest, e.g. a quantised LM head, keep the first
+    pass's statistics)."""
+    layers = getattr(model.backbone, "stage_layers", None) or []
+    return {m.prefix for layer in layers for m in _staged(layer)}
 
 
 def _staged(layer: nn.Module) -> list[nn.Module]:
