@@ -8,10 +8,12 @@ row, int_gemv (what runs there).
 --group-size N: group scales (GGUF Q8_0's 32, `--group-size`), which only the Gluon twin
 takes at 2-16 rows (and int_gemv at one row); quant_linear is what they ran on before.
 --rows: the row counts (default 1 2 4 8 16); above 16 only the Gluon twin runs (32 or 64
-token columns), timed against the dequantise-then-cuBLAS path that took those rows before.
+token columns), timed against the dequantise-then-cuBLAS path that took those rows before;
+above 64, kernels/int_gemm.py (128 token columns) at its default and a grid of tilings
+(weight rows 64 / 128, K tiles 64 / 128, splits 1, 2, 4), against the same.
 
 Usage (GPU machine): python3 benchmarks/skinny_int8_bench.py OUT_DIR [--group-size N]
-                     [--rows 17 32 48 64]"""
+                     [--rows 17 32 48 64 96 128] [--int4]"""
 
 from __future__ import annotations
 
@@ -23,10 +25,15 @@ import torch
 from quant_bench import timed, write_results  # benchmarks/ is the script's directory
 
 from kiln.kernels import int_gemv, quant_linear, skinny_int8_gluon
-from kiln.kernels.quant_linear import dequantize_int8, weight_only_linear_reference
+from kiln.kernels.int_gemm import MAX_ROWS, IntGemmConfig, default_int_gemm_config, int_gemm
+from kiln.kernels.quant_linear import (
+    dequantize_int4,
+    dequantize_int8,
+    weight_only_linear_reference,
+)
 from kiln.kernels.skinny_fp8 import MAX_TOKENS, default_skinny_fp8_config
 from kiln.kernels.skinny_int8 import default_gluon_split_and_tokens, skinny_int8_linear
-from kiln.quant.quantize import quantize_int8
+from kiln.quant.quantize import quantize_int4, quantize_int8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 COPIES = 6
@@ -37,12 +44,15 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--group-size", type=int, default=-1, help="-1: per output channel")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--int4", action="store_true",
+                        help="above 64 rows also int4-wo (groups of 128) through int_gemm")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for shape, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, device="cuda") * 0.02
         q, scale = quantize_int8(weight, k if args.group_size == -1 else args.group_size)
+        int4 = quantize_int4(weight, 128) if args.int4 else None
         del weight
         copies = [(q.clone(), scale.clone()) for _ in range(COPIES)]
         reference_weight = dequantize_int8(q, scale)
@@ -53,11 +63,29 @@ def main() -> None:
             norm = expected.abs().max().item()
             gluon_split, tokens = default_gluon_split_and_tokens(m, n, k,
                                                                  args.group_size != -1)
+            dequantised = {"dequantise+cuBLAS": lambda i: torch.nn.functional.linear(
+                x, quant_linear.dequantize(quant_linear.KIND_INT8, *copies[i % COPIES], None,
+                                           x.dtype))}
+            if m > skinny_int8_gluon.MAX_TOKENS:  # the int8 GEMM, against dequantising
+                if args.group_size != -1 or m > MAX_ROWS:  # int_gemm does not take these
+                    _time(dequantised, expected, norm, shape, m, weight_bytes, rows)
+                    continue
+                default = default_int_gemm_config(m, n, k)
+                variants = {**dequantised, f"int_gemm default (split {default.split_k})": (
+                    lambda i: int_gemm(x, *copies[i % COPIES]))}
+                for block_n, block_k, split in itertools.product((128, 64), (64, 128),
+                                                                 (1, 2, 4)):
+                    config = IntGemmConfig(block_n, block_k, 128, split, block_n // 16)
+                    if config != default:
+                        variants[f"int_gemm n{block_n} k{block_k} split {split}"] = (
+                            lambda i, c=config: int_gemm(x, *copies[i % COPIES], config=c))
+                _time(variants, expected, norm, shape, m, weight_bytes, rows)
+                if int4 is not None:
+                    _time_int4(int4, x, shape, m, default, rows)
+                continue
             if m > MAX_TOKENS:  # the Gluon twin only, against what ran these rows before
                 variants = {
-                    "dequantise+cuBLAS": lambda i: torch.nn.functional.linear(
-                        x, quant_linear.dequantize(quant_linear.KIND_INT8,
-                                                   *copies[i % COPIES], None, x.dtype)),
+                    **dequantised,
                     f"gluon default (split {gluon_split})": lambda i: skinny_int8_linear(
                         x, *copies[i % COPIES]),
                 }
@@ -94,6 +122,26 @@ def main() -> None:
         del copies, reference_weight
         torch.cuda.empty_cache()
     write_results(args.out, "skinny_int8_bench", rows, group_size=args.group_size)
+
+
+def _time_int4(int4: tuple, x: torch.Tensor, shape: str, m: int, default, rows: list) -> None:
+    """int4-wo (packed, scale, zero) at m rows: dequantise + cuBLAS against int_gemm at its
+    default and at splits 1, 2, 4 of 128 / 64 weight rows."""
+    copies4 = [tuple(t.clone() for t in int4) for _ in range(COPIES)]
+    expected = weight_only_linear_reference(x, dequantize_int4(*int4)).float()
+    variants = {
+        "int4 dequantise+cuBLAS": lambda i: torch.nn.functional.linear(
+            x, quant_linear.dequantize(quant_linear.KIND_INT4, *copies4[i % COPIES], x.dtype)),
+        f"int4 int_gemm default (split {default.split_k})": lambda i: int_gemm(
+            x, *copies4[i % COPIES]),
+    }
+    for block_n, split in itertools.product((128, 64), (1, 2, 4)):
+        config = IntGemmConfig(block_n, 128, 128, split, block_n // 16)
+        if (block_n, split) != (default.block_n, default.split_k):
+            variants[f"int4 int_gemm n{block_n} split {split}"] = (
+                lambda i, c=config: int_gemm(x, *copies4[i % COPIES], config=c))
+    weight_bytes = sum(t.numel() * t.element_size() for t in int4)
+    _time(variants, expected, expected.abs().max().item(), shape, m, weight_bytes, rows)
 
 
 def _time(variants: dict, expected, norm: float, shape: str, m: int, weight_bytes: int,

@@ -17,6 +17,7 @@ from kiln.kernels import (
     attention,
     dense_prefill,
     gemv,
+    int_gemm,
     int_gemv,
     norm,
     quant_linear,
@@ -272,6 +273,16 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
             and env_flag("KILN_SKINNY_INT8", default=True)
             and skinny_int8.takes(x, weight, scale, bias)):
         return skinny_int8.launch_skinny_int8(x, weight, scale, bias)
+    # Up to 128 rows the skinny kernels did not take (65-128: short prefills, mixed steps; or
+    # 17-64 where a Gluon twin does not run): one GEMM reading the int8 / int4 weights once
+    # (kernels/int_gemm.py; int4 only where measured faster) instead of dequantising all of
+    # them; KILN_INT_GEMM=0 keeps the dequantise path. One row stays on int_gemv, 2-16 on
+    # quant_linear, below.
+    int4 = kind == quant_linear.KIND_INT4
+    gemm_zero = zero if int4 else None
+    if (rows > quant_linear.MAX_GEMV_ROWS and (not int4 or integer_zeros)
+            and int_gemm.takes(x, weight, scale, gemm_zero, bias)):
+        return int_gemm.launch_int_gemm(x, weight, scale, gemm_zero, bias)
     # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
     # conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel.
     if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)

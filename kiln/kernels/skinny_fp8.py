@@ -183,7 +183,10 @@ def _skinny_fp8_kernel(
     # Rows past N re-read row N-1 instead of masking: the weight loads stay unmasked and
     # 16 bytes wide; the store drops those rows.
     rows = tl.minimum(cols, N - 1).to(tl.int64)
-    tokens = tl.arange(0, TOKENS)
+    # Token block: program_id(2). Every launch has one except kernels/int_gemm.py's given a
+    # config of fewer token columns than rows (unsplit or "reduce" only: "serial"'s counters
+    # are per column block and assume one).
+    tokens = tl.program_id(2) * TOKENS + tl.arange(0, TOKENS)
     offs_k = tl.arange(0, BLOCK_K)
     # This program's share of the K tiles: as even as whole tiles allow.
     tiles = K // BLOCK_K

@@ -264,7 +264,8 @@ def _skinny_int4_kernel(
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(cols, N - 1).to(tl.int64)  # unmasked weight loads; the store drops them
-    tokens = tl.arange(0, TOKENS)
+    # token block: program_id(2) (kernels/int_gemm.py's 65-128 rows; one elsewhere)
+    tokens = tl.program_id(2) * TOKENS + tl.arange(0, TOKENS)
     words = tl.arange(0, WORDS_PER_SUBTILE)
     k_words = K // 8
     tiles = K // TILE_K
@@ -311,14 +312,18 @@ def _skinny_int4_kernel(
 
 
 def skinny_int4_unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                                   zero: torch.Tensor) -> str | None:
+                                   zero: torch.Tensor,
+                                   rows_limit: int | None = None) -> str | None:
     """Why skinny_int4 cannot take these inputs (the dispatcher then uses another kernel), or
-    None."""
+    None. rows_limit: the most rows a caller launching the Triton kernel itself takes
+    (kernels/int_gemm.py); by default this module's max_rows."""
     if x.dim() != 2 or x.stride(-1) != 1:
         return f"x must be (M, K), contiguous along K; got {tuple(x.shape)}"
-    limit = max_rows(x)
-    if not 1 <= x.shape[0] <= limit:
-        return (f"x has {x.shape[0]} rows; this kernel takes 1-{limit} here "
+    if rows_limit is not None:
+        if not 1 <= x.shape[0] <= rows_limit:
+            return f"x has {x.shape[0]} rows; this kernel takes 1-{rows_limit}"
+    elif not 1 <= x.shape[0] <= max_rows(x):
+        return (f"x has {x.shape[0]} rows; this kernel takes 1-{max_rows(x)} here "
                 f"({skinny_int4_gluon.MAX_TOKENS} with the Gluon twin on sm_90, {MAX_TOKENS} "
                 f"otherwise)")
     if x.dtype not in (torch.bfloat16, torch.float16):

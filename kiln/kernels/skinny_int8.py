@@ -63,12 +63,10 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
     if not (x.is_cuda or interpreter_active()):
         return (f"x is on {x.device}: the Triton kernels run on CUDA tensors, or on the CPU "
                 "under TRITON_INTERPRET=1")
-    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
-        return (f"weight must be a contiguous 2-D int8 (N, K) tensor; got "
-                f"{tuple(weight.shape)} {weight.dtype}")
+    reason = int8_weight_reason(x, weight)
+    if reason is not None:
+        return reason
     n, k = weight.shape
-    if x.shape[1] != k:
-        return f"x has K={x.shape[1]} but weight has K={k}"
     if k == 0 or k % MIN_BLOCK_K:
         return f"K={k} must be a positive multiple of {MIN_BLOCK_K} (the pipeline's smallest tile)"
     if (scale.dim() != 2 or scale.shape[0] != n or scale.shape[1] < 1
@@ -91,6 +89,17 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
     for name, tensor in (("weight", weight), ("scale", scale), ("bias", bias)):
         if tensor is not None and tensor.device != x.device:
             return f"{name} is on {tensor.device} but x is on {x.device}"
+    return None
+
+
+def int8_weight_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """What the W8A16 kernels (here and kernels/int_gemm.py) ask of the weight: a contiguous
+    2-D int8 (N, K) tensor of x's K; None when it is one."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
+        return (f"weight must be a contiguous 2-D int8 (N, K) tensor; got "
+                f"{tuple(weight.shape)} {weight.dtype}")
+    if x.shape[1] != weight.shape[1]:
+        return f"x has K={x.shape[1]} but weight has K={weight.shape[1]}"
     return None
 
 

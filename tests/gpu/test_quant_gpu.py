@@ -19,7 +19,8 @@ from kiln.quant.quantize import quantize_fp8_per_channel, quantize_int4, quantiz
 
 # (N, K): o, gate|up halves, down, q|k|v.
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]
-ROWS = [1, 4, 16, 17, 32, 48, 64, 512, 4096]  # int4: 17-64 on the Gluon kernel's N = 32, 64
+# int4 / int8: 17-64 on the Gluon kernels, 65-128 on int_gemm, more dequantised
+ROWS = [1, 4, 16, 17, 32, 48, 64, 96, 128, 512, 4096]
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +103,8 @@ def test_static_fp8_and_per_token_quantiser(quantised):
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8", "int8_g32", "int4"])
-@pytest.mark.parametrize("rows", [4, 24, 48])  # 24, 48: _scaled_mm, dequantise, Gluon int4
+# 24, 48: _scaled_mm, the Gluon int4 / int8 kernels; 96: int_gemm (fp8: _scaled_mm)
+@pytest.mark.parametrize("rows", [4, 24, 48, 96])
 def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme, rows):
     tensors = quantised(scheme, 4096, 4096)
     x = torch.zeros(rows, 4096, device="cuda", dtype=torch.bfloat16)

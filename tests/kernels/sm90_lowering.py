@@ -99,6 +99,37 @@ def skinny_int8_variants() -> dict:
             "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", ptx))}
 
 
+def int_gemm_variants() -> dict:
+    """The kernels as the GEMM of 65-128 rows runs them (kernels/int_gemm.py's default: 128
+    weight rows, 128 tokens, 8 warps), int8 on skinny_fp8's, int4 on skinny_int4's: bf16
+    wgmma 128 tokens wide, no integer-to-float conversion instructions."""
+    from kiln.kernels.int_gemm import IntGemmConfig
+
+    config = IntGemmConfig()
+    signature = {"xq_ptr": "*bf16", "x_scale_ptr": "*fp16", "w_ptr": "*i8",
+                 "w_scale_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
+                 "y_ptr": "*bf16", "counter_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                 "SPLIT_K": "i32"}
+    ptx = compile_ptx(_skinny_fp8_kernel, signature, {
+        "HAS_BIAS": False, "MODE": "reduce", "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k, "TOKENS": config.tokens, "PROMOTE": 0, "PREFETCH_TILES": 0,
+        "USE_PDL": True, "GPU_FENCE": True, "W8A16": True}, num_warps=config.num_warps)
+    int4 = compile_ptx(_skinny_int4_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
+        "stride_s": "i32", "bias_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32", "N": "i32",
+        "K": "i32", "SPLIT_K": "i32"}, {
+        "GROUP": 128, "HAS_BIAS": False, "SPLIT": True, "BLOCK_N": config.block_n,
+        "SUBTILES": 1, "TOKENS": config.tokens, "PREFETCH_TILES": 0, "USE_PDL": True,
+        "GPU_ASM": True, "FLOAT16": False, "PAIRED": True}, num_warps=config.num_warps)
+    wgmma = f"wgmma.mma_async.sync.aligned.m64n{config.tokens}k16.f32.bf16.bf16"
+    out = {}
+    for name, found in (("int8", ptx), ("int4", int4)):
+        out[name] = {"wgmma_bf16": wgmma in found,
+                     "int_conversions": len(re.findall(r"cvt\.rn\.(?:bf16|f16|f32)\.s", found)),
+                     "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", found))}
+    return out
+
+
 def skinny_int4_variants() -> dict:
     """The decode W4A16 GEMM at its default tiling, bf16 and fp16 activations, paired and
     natural column orders: bf16/fp16 wgmma, the LOP3 unpacking (4 a word), no integer
@@ -257,6 +288,7 @@ def fp8_decode_variants() -> dict:
 if __name__ == "__main__":
     print(json.dumps({"int_gemv": int_gemv_variants(), "skinny_fp8": skinny_fp8_variants(),
                       "skinny_int8": skinny_int8_variants(),
+                      "int_gemm": int_gemm_variants(),
                       "skinny_int4": skinny_int4_variants(),
                       "skinny_int4_gluon": skinny_int4_gluon_variants(),
                       "skinny_int8_gluon": skinny_int8_gluon_variants(),

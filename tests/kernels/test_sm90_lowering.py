@@ -61,6 +61,12 @@ def test_skinny_int8_converts_weights_by_bit_operations_into_bf16_wgmma(lowering
     assert found["int_conversions"] == 0
 
 
+def test_int_gemm_runs_128_token_bf16_wgmma_without_conversions(lowering):
+    for name, found in lowering["int_gemm"].items():
+        assert found["wgmma_bf16"] and found["weight_copies"] > 0, name
+        assert found["int_conversions"] == 0, name
+
+
 def test_skinny_int4_lowers_to_wgmma_with_lop3_unpacking(lowering):
     for name, found in lowering["skinny_int4"].items():
         assert found["wgmma"] and found["griddepcontrol"], name
