@@ -1,8 +1,8 @@
 """int8 and int4 weight-only linears (W8A16, W4A16) of 17-128 rows that the skinny kernels'
 Gluon twins do not take (65-128: short prefills, mixed steps, big decode batches; 17-64 where
 a twin does not run, e.g. int8 with K not a multiple of 128): the skinny kernels' swap-AB
-Triton GEMMs at 128 token columns and 128 weight rows a program, with a token-block grid
-axis.
+Triton GEMMs at 128 token columns and 64 or 128 weight rows a program
+(`default_int_gemm_config`), with a token-block grid axis.
 
     int8  y (M, N) = x (M, K) · (q · s)^T          q int8 (N, K), s float16 (N, 1)
           on skinny_fp8's kernel with W8A16 (as kernels/skinny_int8.py at 1-16 rows)
@@ -21,10 +21,12 @@ LOP3 assembly), x (128 tokens x a K tile) from shared memory. A 128-token prompt
 
 so the GEMM is near balance at 128 rows, and the prediction was a 128-token TTFT near
 bf16's. Measured on the H200 (2026-12-05, BENCHMARKS.md): int8-wo's 128-token TTFT 12.52 →
-9.24 ms and batch-128 decode 11,249 → 15,202 tok/s at the first tiling guess; the
-conversion is not hidden behind the MMA (int8 gate|up at 128 rows 89 µs, 1.3 T weights/s,
-~270 TFLOP/s), and int4's unpacking costs more: faster than dequantising only where its K
-is not split (gate|up 141 against 165 µs), so int4 takes this kernel only there (`takes`).
+9.25 ms and batch-128 decode 11,319 → 16,689 tok/s. Not at bf16's 6.9 ms: int8 gate|up
+takes 89 µs at 128 rows (1.3 T weights/s, ~270 TFLOP/s), bound by neither bytes nor FLOPs;
+most likely the conversion is not hidden behind the MMA (the same warps convert, then wait
+on the wgmma; not profiled). int4's unpacking costs more: faster than dequantising only
+where its K is not split (gate|up 141 against 165 µs), so int4 takes this kernel only there
+(`takes`).
 sm_90 PTX (compiled on the CPU): m64n128k16 bf16 wgmma, no conversion instructions, no
 register spills (int8 126 registers, int4 238 at 128 x 128 on 8 warps).
 
