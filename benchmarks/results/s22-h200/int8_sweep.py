@@ -23,7 +23,8 @@ for shape, (n, k) in SHAPES.items():
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         expected = weight_only_linear_reference(x, dequantize_int8(q, scale)).float()
         d = default_int_gemm_config(m, n, k)
-        variants = {f"default n{d.block_n} s{d.split_k}": lambda i: int_gemm(x, *copies[i % COPIES])}
+        variants = {f"default n{d.block_n} s{d.split_k}":
+                    lambda i: int_gemm(x, *copies[i % COPIES])}
         for tokens, block_n, block_k, split, stages in itertools.product(
                 (64, 128), (64, 128), (64, 128), (1, 2, 4), (3, 4)):
             if block_k == 128 and stages == 4:
