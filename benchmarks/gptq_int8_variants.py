@@ -83,7 +83,8 @@ print(f"reference {time.time() - t:.1f}s", flush=True)
 
 
 class Stop(Exception):
-    pass
+    """Raised by the hook on the first decoder layer once it has its inputs: the rest of
+    the forward is not needed."""
 
 
 inputs, kwargs_list = [], []
@@ -101,8 +102,8 @@ with torch.no_grad():
     for i in range(0, calibration.shape[0], 8):
         try:
             model(calibration[i:i + 8], use_cache=False)
-        except Stop:
-            pass
+        except Stop:  # the first layer's inputs are captured; nothing else to run
+            continue
 h.remove()
 
 GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),

@@ -26,7 +26,7 @@ takes 89 µs at 128 rows (1.3 T weights/s, ~270 TFLOP/s), bound by neither bytes
 most likely the conversion is not hidden behind the MMA (the same warps convert, then wait
 on the wgmma; not profiled). int4's unpacking costs more: faster than dequantising only
 where its K is not split (gate|up 141 against 165 µs), so int4 takes this kernel only there
-(`takes`).
+(`chosen_config`).
 sm_90 PTX (compiled on the CPU): m64n128k16 bf16 wgmma, no conversion instructions, no
 register spills (int8 126 registers, int4 238 at 128 x 128 on 8 warps).
 
@@ -141,21 +141,23 @@ def int_gemm_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: to
     return None
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-          zero: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-    """Whether ops sends this linear here (after the skinny kernels declined it): up to 128
-    rows on Hopper (bf16 wgmma, the skinny kernels' machine), KILN_INT_GEMM not 0, and inputs
-    the kernels take. In practice 65-128 rows, and 17-64 where the Gluon twins do not run
-    (K not a multiple of 128 for int8, e.g. SmolLM2's 576). int4 only where its GEMM needs
-    no K split: measured faster than dequantise + cuBLAS there (gate|up at 128 rows 140.9 µs
-    against 165.2) and slower wherever it split (q|k|v 49.9 against 35.6, o 32.7 against
-    24.3; down 79.4 against 83.8, a wash): its unpacking, a few instructions a weight, is
-    not hidden behind the MMA, and a split adds the partials' round trip."""
+def chosen_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor | None, bias: torch.Tensor | None) -> IntGemmConfig | None:
+    """The tiling ops launches this linear with (after the skinny kernels declined it), or
+    None when it does not come here: up to 128 rows on Hopper (bf16 wgmma, the skinny
+    kernels' machine), KILN_INT_GEMM not 0, and inputs the kernels take. In practice 65-128
+    rows, and 17-64 where the Gluon twins do not run (K not a multiple of 128 for int8, e.g.
+    SmolLM2's 576). int4 only where its GEMM needs no K split: measured faster than
+    dequantise + cuBLAS there (gate|up at 128 rows 140.9 µs against 165.2) and slower
+    wherever it split (q|k|v 49.9 against 35.6, o 32.7 against 24.3; down 79.4 against
+    83.8, a wash): its unpacking, a few instructions a weight, is not hidden behind the MMA,
+    and a split adds the partials' round trip."""
     if not (x.shape[0] <= MAX_ROWS and has_sm90(x) and env_flag("KILN_INT_GEMM", default=True)
             and int_gemm_unsupported_reason(x, weight, scale, zero, bias) is None):
-        return False
+        return None
     rows, k = x.shape
-    return zero is None or default_int_gemm_config(rows, weight.shape[0], k).split_k == 1
+    config = default_int_gemm_config(rows, weight.shape[0], k)
+    return config if zero is None or config.split_k == 1 else None
 
 
 def int_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -174,7 +176,7 @@ def launch_int_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
                     config: IntGemmConfig | None = None) -> torch.Tensor:
     """int_gemm for inputs int_gemm_unsupported_reason already accepted (ops checked them
-    once, in `takes`)."""
+    once, in `chosen_config`, and passes the config it chose)."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -280,9 +280,10 @@ def _weight_only(x: torch.Tensor, kind: int, weight: torch.Tensor, scale: torch.
     # quant_linear, below.
     int4 = kind == quant_linear.KIND_INT4
     gemm_zero = zero if int4 else None
-    if (rows > quant_linear.MAX_GEMV_ROWS and (not int4 or integer_zeros)
-            and int_gemm.takes(x, weight, scale, gemm_zero, bias)):
-        return int_gemm.launch_int_gemm(x, weight, scale, gemm_zero, bias)
+    if rows > quant_linear.MAX_GEMV_ROWS and (not int4 or integer_zeros):
+        config = int_gemm.chosen_config(x, weight, scale, gemm_zero, bias)
+        if config is not None:
+            return int_gemm.launch_int_gemm(x, weight, scale, gemm_zero, bias, config=config)
     # Batch 1 unpacks int weights with bit operations (kernels/int_gemv.py) instead of
     # conversions; KILN_INT_GEMV=0 (the A/B switch) keeps quant_linear's kernel.
     if (rows == 1 and env_flag("KILN_INT_GEMV", default=True)

@@ -72,10 +72,10 @@ def test_matches_reference(fmt, m, dtype, config, device, poison_outputs):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_default_config_on_the_gpu(fmt, device, poison_outputs):
-    """The default tiling (128 x 128 tokens, 8 warps) at real widths: GPU only (the
-    interpreter at that size takes minutes)."""
+    """The default tilings (128 token columns; 128 weight rows on 8 warps, or 64 on 4 for
+    N = 4,096) at real widths: GPU only (the interpreter at that size takes minutes)."""
     if device == "cpu":
-        pytest.skip("the default 128 x 128 tiling is run on the GPU (CPU: small tiles above)")
+        pytest.skip("the default tilings run on the GPU (CPU: small tiles above)")
     for m, (n, k) in ((128, (6144, 4096)), (65, (4096, 14336)), (100, (200, 1152))):
         x, tensors, bias, dense = _quantised(fmt, m, n, k, torch.bfloat16, device, seed=n)
         _assert_matches(fmt, int_gemm(x, *tensors, bias), x, dense, bias)
@@ -170,8 +170,9 @@ def test_ops_dispatch(device, monkeypatch):
     _, (packed_long, scale4_long, zero_long), _, _ = _quantised("int4", 65, 80, 1024,
                                                                 torch.bfloat16, device, seed=5)
     assert default_int_gemm_config(65, 80, 1024).split_k == 2
-    assert module.takes(x_long, weight_long, scale_long, None, None)
-    assert not module.takes(x_long, packed_long, scale4_long, zero_long, None)
+    assert module.chosen_config(x_long, weight_long, scale_long, None, None) == (
+        default_int_gemm_config(65, 80, 1024))
+    assert module.chosen_config(x_long, packed_long, scale4_long, zero_long, None) is None
     # where the Gluon twins run, 17-64 rows are theirs
     monkeypatch.setattr(skinny_int8, "gluon_usable", lambda tensor, weight: True)
     monkeypatch.setattr(skinny_int4, "gluon_usable", lambda tensor: True)
