@@ -33,6 +33,8 @@ def cmd_build(args: argparse.Namespace) -> None:
         group_size=args.group_size, act_scales=args.act_scales, quant_lm_head=args.quant_lm_head,
         kv_cache_dtype=args.kv_cache_dtype, calibration=args.calibration,
         calibration_samples=args.calibration_samples, gptq=args.gptq,
+        unquantized_layers=None if args.unquantized_layers is None else
+        [name.strip() for names in args.unquantized_layers for name in names.split(",")],
     )
     hf_config = None
     if not args.random_weights:  # 'smollm2' as generate/serve take it
@@ -182,6 +184,10 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--calibration-samples", type=int, default=None, metavar="N")
     build.add_argument("--gptq", action="store_true",
                        help="round weights with GPTQ's error feedback from --calibration")
+    build.add_argument("--unquantized-layers", action="append", default=None,
+                       metavar="LAYER[,LAYER...]",
+                       help="linears --quant leaves in --dtype: names, prefixes or globs, e.g. "
+                       "model.layers.*.mlp.down_proj (repeatable)")
     build.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks: one sliced file per rank (default 1)")
     build.add_argument("--pp", type=int, default=1,

@@ -89,6 +89,11 @@ class BuildConfig(BaseModel):
         False, description="round the weights with GPTQ's error feedback from --calibration "
         "(instead of to nearest)"
     )
+    unquantized_layers: list[str] | None = Field(
+        None, description="linears the scheme leaves in the engine dtype: layer names "
+        "(model.layers.11.mlp.down_proj), prefixes (model.layers.0) or globs "
+        "(model.layers.*.self_attn.qkv_proj)"
+    )
 
     @field_validator("quant")
     @classmethod
@@ -114,6 +119,14 @@ class BuildConfig(BaseModel):
             raise ValueError("--gptq rounds the weights a build quantises, measured on "
                              "calibration data: it needs --quant fp8, int8-wo or int4-wo and "
                              "--calibration")
+        if self.unquantized_layers is not None:
+            if self.quant in ("none", KEEP_QUANTIZATION):
+                raise ValueError("--unquantized-layers picks layers a build's scheme leaves "
+                                 "unquantised: it needs --quant fp8, int8-wo or int4-wo (a "
+                                 "--quant keep checkpoint says which layers it quantised)")
+            if not self.unquantized_layers or not all(p.strip() for p in self.unquantized_layers):
+                raise ValueError("--unquantized-layers has an empty layer name; give names, "
+                                 "prefixes or globs separated by commas")
         if self.calibration and self.quant == "none" and self.kv_cache_dtype == "auto":
             raise ValueError("--calibration has nothing to calibrate without --quant or "
                              "--kv-cache-dtype fp8")
@@ -125,9 +138,11 @@ def validated(cls: type[BaseModel], **values) -> BaseModel:
     try:
         return cls(**values)
     except ValidationError as error:
+        # A field's error shows the value given; a whole-config check (no loc) names its
+        # flags in the message, and repeating every field after it would bury it.
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}"
-            f" (got {e.get('input')!r})"
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            if e["loc"] else e["msg"].removeprefix("Value error, ")
             for e in error.errors()
         )
         raise KilnError(f"invalid {cls.__name__}: {problems}") from None

@@ -33,8 +33,10 @@ from kiln.models.registry import get_model_class
 from kiln.parallel.layout import EngineLayout
 from kiln.parallel.state import SINGLE_PROCESS
 from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
-from kiln.quant.config import QuantConfig, quant_config_for_build
+from kiln.quant.config import NO_QUANTIZATION, QuantConfig, quant_config_for_build
 from kiln.quant.fp8 import check_fp8_device
+from kiln.quant.layer_selection import select_layers
+from kiln.quant.scheme_base import LM_HEAD_PREFIX
 from kiln.runtime.kv_tensors import kv_scales_of
 
 
@@ -153,8 +155,18 @@ def _random_init_quantized(layer: LinearBase, normal, dtype: torch.dtype) -> Non
                                      source_name=f"{layer.prefix}.weight")
 
 
+def _quantisable_layer_names(model_config: ModelConfig, quant_lm_head: bool) -> list[str]:
+    """The model's linear layers in order (and the LM head when it is quantised), read off
+    the model built on the meta device (no memory, ~0.1 s at 8B)."""
+    with torch.device("meta"):
+        model = get_model_class(model_config.architecture)(
+            model_config, quant_config=NO_QUANTIZATION, parallel=SINGLE_PROCESS)
+    names = [m.prefix for m in model.modules() if isinstance(m, LinearBase)]
+    return names + ([LM_HEAD_PREFIX] if quant_lm_head else [])
+
+
 def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
-                  source: str | Path) -> QuantConfig:
+                  source: str | Path, model_config: ModelConfig) -> QuantConfig:
     """The scheme and parameters the build flags ask for (ValueError naming a bad flag)."""
     if build_config.quant == KEEP_QUANTIZATION:
         # A pre-quantised checkpoint's reader says what it holds (kiln/checkpoint/).
@@ -169,6 +181,10 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
     options = {"group_size": build_config.group_size,
                "activation_scales": build_config.act_scales,
                "quantize_lm_head": True if build_config.quant_lm_head else None}
+    if build_config.unquantized_layers:
+        options["unquantized_layers"] = select_layers(
+            build_config.unquantized_layers,
+            _quantisable_layer_names(model_config, build_config.quant_lm_head))
     if build_config.quant != "none" and build_config.calibration:
         options.update(calibration=build_config.calibration,
                        calibration_samples=build_config.calibration_samples,
@@ -233,7 +249,7 @@ def build_engine(
     model_config = model_config_from_hf(hf_config)
     max_model_len = _resolve_max_model_len(model_config, build_config.max_model_len)
     dtype = getattr(torch, build_config.dtype)
-    quant_config = _quant_config(build_config, checkpoint, source)
+    quant_config = _quant_config(build_config, checkpoint, source, model_config)
     if build_config.calibration and importlib.util.find_spec("kiln.quant.calibration") is None:
         raise KilnError("calibration is not available in this build of kiln; drop --calibration")
     if build_config.kv_cache_dtype == "fp8" or quant_config.scheme == "fp8":

@@ -112,6 +112,7 @@ _FLAG_NAMES = {
     "calibration": "--calibration",
     "calibration_samples": "--calibration-samples",
     "gptq": "--gptq",
+    "unquantized_layers": "--unquantized-layers",
 }
 
 

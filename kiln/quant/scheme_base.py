@@ -25,6 +25,7 @@ from torch import nn
 from kiln.quant.base import QuantMethod, UnquantizedLinearMethod
 from kiln.quant.config import QuantConfig
 from kiln.quant.gptq import gptq_round, take_calibration_gram, take_calibration_grid
+from kiln.quant.layer_selection import layer_matches
 from kiln.quant.placement import ShardPlacement, copy_into_place
 from kiln.quant.quantize import (
     FULL_PRECISION,
@@ -44,7 +45,8 @@ class QuantizedSchemeConfig(QuantConfig):
     prequantized: bool = False
     calibration: str | None = None  # the calibration source (name or file), if any
     calibration_samples: int = 0
-    unquantized_layers: tuple[str, ...] = ()  # layer-name prefixes kept in the compute dtype
+    # Layers kept in the compute dtype: names or prefixes of names (kiln/quant/layer_selection.py).
+    unquantized_layers: tuple[str, ...] = ()
     source_format: str | None = None  # a pre-quantised checkpoint's format
     gptq: bool = False  # rounded by GPTQ from the calibration data (kiln/quant/gptq.py)
 
@@ -57,7 +59,7 @@ class QuantizedSchemeConfig(QuantConfig):
     def linear_method(self, prefix: str) -> QuantMethod:
         if prefix == LM_HEAD_PREFIX and not self.quantize_lm_head:
             return _UNQUANTIZED
-        if any(prefix == p or prefix.startswith(p + ".") for p in self.unquantized_layers):
+        if any(layer_matches(prefix, p) for p in self.unquantized_layers):
             return _UNQUANTIZED
         return self.quantized_method()
 

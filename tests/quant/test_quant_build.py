@@ -1,6 +1,7 @@
 """`kiln build --quant ...` and `--kv-cache-dtype fp8`: flags, manifest, random weights with
-every scheme, `kiln inspect`, an FP8 KV cache in a CPU engine, and bad input answered with
-one line and no engine directory left behind."""
+every scheme, `kiln inspect`, an FP8 KV cache in a CPU engine, layers kept unquantised
+(`--unquantized-layers`), and bad input answered with one line and no engine directory left
+behind."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from kiln.compiler.manifest import open_engine
 from kiln.runtime.kv_tensors import KVCacheSpec
 from kiln.runtime.sampling_params import SamplingParams
 from tests.helpers import make_cpu_engine, run_to_completion, tiny_llama_config
-from tests.quant.quant_helpers import build, logits_of, relative_error, tiny_quant_llama
+from tests.quant.quant_helpers import (
+    build, dequantised_weights, hf_logits_with, logits_of, relative_error, tiny_quant_llama,
+)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +190,62 @@ def test_random_weight_builds_of_one_seed_hold_the_same_model_in_every_scheme(tm
     # Quantisation error only (measured 0.012 / 0.072 / 0.17), far from another seed's (1.4).
     assert errors["int8-wo"] < 0.03 and errors["fp8"] < 0.15 and errors["int4-wo"] < 0.3, errors
     assert unrelated > 0.5, unrelated
+
+
+def test_unquantized_layers_stay_as_the_plain_build_stores_them(hf_dir, tmp_path):
+    plain = load_file(build(hf_dir, tmp_path / "plain") / "rank0.safetensors")
+    out = tmp_path / "mixed"
+    assert main(["build", str(hf_dir), "-o", str(out), "--quant", "int8-wo",
+                 "--unquantized-layers", "model.layers.1.mlp.down_proj",
+                 "--unquantized-layers", "model.layers.0.self_attn"]) == 0
+    kept = ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+            "model.layers.1.mlp.down_proj"]  # model order, whatever the flags' order
+    manifest = open_engine(out).manifest
+    assert manifest["quant"]["unquantized_layers"] == kept
+    assert manifest["build"]["unquantized_layers"] == ["model.layers.1.mlp.down_proj",
+                                                       "model.layers.0.self_attn"]
+    tensors = load_file(out / "rank0.safetensors")
+    quantised = [f"model.layers.{i}.{name}" for i in range(2) for name in
+                 ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    for layer in quantised:
+        if layer in kept:
+            assert torch.equal(tensors[f"{layer}.weight"], plain[f"{layer}.weight"]), layer
+            assert f"{layer}.weight_scale" not in tensors
+        else:
+            assert tensors[f"{layer}.weight"].dtype == torch.int8, layer
+    # The engine computes the model with exactly these weights (the HF oracle).
+    expected = hf_logits_with(hf_dir, dequantised_weights(out))
+    assert relative_error(logits_of(out), expected) < 1e-5
+
+
+def test_unquantized_layers_that_match_nothing_or_need_a_scheme_are_refused(hf_dir, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "e"
+    int8 = ["build", str(hf_dir), "-o", str(out), "--quant", "int8-wo"]
+    _fails_with(capsys, [*int8, "--unquantized-layers", "model.layers.1.mlp.gate_proj"],
+                "kiln fuses q_proj, k_proj and v_proj into qkv_proj (gate_proj and up_proj "
+                "into gate_up_proj) and quantises a fused layer whole; name "
+                "'model.layers.1.mlp.gate_up_proj'", out)
+    _fails_with(capsys, [*int8, "--unquantized-layers", "model.layers.0,layers.1"],
+                "--unquantized-layers 'layers.1' matches none of this model's 8 quantisable "
+                "layers (model.layers.0.self_attn.qkv_proj,", out)
+    _fails_with(capsys, [*int8, "--unquantized-layers", "model.layers.0,"],
+                "--unquantized-layers has an empty layer name", out)
+    _fails_with(capsys, ["build", str(hf_dir), "-o", str(out), "--unquantized-layers",
+                         "model.layers.0"], "it needs --quant fp8, int8-wo or int4-wo", out)
+
+
+def test_unquantized_layer_patterns_are_names_prefixes_or_globs():
+    from kiln.quant.layer_selection import select_layers
+
+    kinds = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    names = [f"model.layers.{i}.{kind}" for i in range(12) for kind in kinds]
+    assert select_layers(["model.layers.11.mlp.down_proj"], names) == (names[-1],)
+    # A prefix ends at a dot: layer 1 is not layers 10 and 11.
+    assert select_layers(["model.layers.1"], names) == tuple(names[4:8])
+    downs = tuple(name for name in names if name.endswith("down_proj"))
+    assert select_layers(["model.layers.*.mlp.down_proj"], names) == downs
+    assert select_layers(["*down_proj"], names) == downs  # * crosses dots
+    # Overlapping patterns: each layer once, in model order.
+    assert select_layers(["model.layers.1?.mlp.down_proj", "model.layers.10"], names) == (
+        *names[40:44], names[47])
