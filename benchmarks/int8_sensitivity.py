@@ -5,7 +5,9 @@ unquantised model on held-out ShareGPT text. Units are kiln's layers (q|k|v, o, 
 down: what `kiln build --unquantized-layers` can keep): each kind over all decoder layers,
 each decoder layer's four, and each linear of the --top N layers that cost most. The per-unit
 KLs add up to near the all-int8 KL when the errors are small, so they say which few linears
-to keep in full precision. --engine takes the rounded weights from a built int8-wo engine
+to keep in full precision. --gptq rounds each linear by one-pass GPTQ instead (E[x xᵀ] of
+the full-precision model on --calibration-samples × 512 calibration tokens), so a unit's share
+is its error after GPTQ with no compensation between layers. --engine takes the rounded weights from a built int8-wo engine
 (e.g. GPTQ's) instead, and --all-but measures each unit's share as the KL it removes when it
 alone is restored to full precision (GPTQ layer by layer makes later layers compensate
 earlier ones, so a unit rounded alone is not what the engine runs). An exploration aid;
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from kiln.evaluate.corpus import sharegpt_replies
+from kiln.quant.gptq import gptq_round
 from kiln.quant.quantize import int8_levels, int8_scales
 
 # HF linear names by the kiln layer they are fused into.
@@ -57,11 +60,46 @@ def engine_weights(engine: Path, original: dict[str, torch.Tensor]) -> dict[str,
     return rounded
 
 
+@torch.no_grad()
+def gptq_weights(model, linears: dict[str, nn.Linear], tokenizer, samples: int
+                 ) -> dict[str, torch.Tensor]:
+    """Each linear rounded to int8 per channel by GPTQ from its inputs' E[x xᵀ] in the
+    full-precision model (what kiln's one-pass --gptq did before the layer-by-layer pass)."""
+    ids: list[int] = []
+    for text in sharegpt_replies("calibration"):
+        ids += tokenizer(text + "\n\n")["input_ids"]
+        if len(ids) >= samples * 512:
+            break
+    calibration = torch.tensor(ids[:samples * 512]).reshape(samples, 512)
+    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+             for name, m in linears.items()}
+
+    def accumulate(name):
+        def hook(module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            grams[name].add_(x.T @ x)
+        return hook
+    handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in linears.items()]
+    for start in range(0, samples, 4):
+        model(calibration[start:start + 4])
+    for handle in handles:
+        handle.remove()
+    rounded = {}
+    for name, m in linears.items():
+        w = m.weight.data
+        scale = int8_scales(w, w.shape[1])
+        gram = (grams[name] / (samples * 512)).float()
+        rounded[name] = gptq_round(w, gram, lambda c, i: int8_levels(c, scale) * scale)
+    return rounded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--top", type=int, default=4, help="layers to split into linears")
     parser.add_argument("--engine", default=None, help="int8-wo engine whose weights to use")
+    parser.add_argument("--gptq", action="store_true", help="round by one-pass GPTQ")
+    parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--all-but", action="store_true",
                         help="round everything but the unit (its share: all's KL minus this)")
     args = parser.parse_args()
@@ -87,6 +125,8 @@ def main() -> None:
         rounded[name] = int8_levels(w, scale) * scale
     if args.engine:
         rounded = engine_weights(Path(args.engine), original)
+    elif args.gptq:
+        rounded = gptq_weights(model, linears, tokenizer, args.calibration_samples)
 
     @torch.no_grad()
     def kl_against(reference=None):
