@@ -7,10 +7,11 @@ each decoder layer's four, and each linear of the --top N layers that cost most.
 KLs add up to near the all-int8 KL when the errors are small, so they say which few linears
 to keep in full precision. --gptq rounds each linear by one-pass GPTQ instead (E[x xᵀ] of
 the full-precision model on --calibration-samples × 512 calibration tokens), so a unit's share
-is its error after GPTQ with no compensation between layers. --engine takes the rounded weights from a built int8-wo engine
-(e.g. GPTQ's) instead, and --all-but measures each unit's share as the KL it removes when it
-alone is restored to full precision (GPTQ layer by layer makes later layers compensate
-earlier ones, so a unit rounded alone is not what the engine runs). An exploration aid;
+is its error after GPTQ with no compensation between layers. --engine takes the rounded
+weights from a built int8-wo engine instead, and --all-but measures each unit's share as the
+KL it removes when it alone is restored to full precision: misleading for a layer-by-layer
+GPTQ engine, whose later layers compensate the earlier ones (restoring every q|k|v raised
+SmolLM2's KL 0.00053 → 0.00120). An exploration aid;
 `kiln eval --compare` on built engines is how figures are taken.
 
     python benchmarks/int8_sensitivity.py [--windows 4] [--top 4] [--engine DIR --all-but]

@@ -6,7 +6,7 @@
 # Usage on the GPU machine (carry .whl):
 #   bash benchmarks/quant_run.sh [tests|micro|pick|build|gptq|latency|ab|eval8b|verify8b|t128|t2048|
 #     attn|fp8dot|profile2048]...
-# Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"), T128_PROMPTS (3000),
+# Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"; "int8-wo-g128": --group-size 128), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
 set -uo pipefail
@@ -50,8 +50,10 @@ for step in "$@"; do
       # by layer); the times printed are each build's own wall time under that sharing.
       for name in $ENGINES; do
         scheme=$name; [ "$name" = bf16 ] && scheme=none
+        groups=""  # "int8-wo-g128": int8-wo with --group-size 128
+        case $name in *-g[0-9]*) scheme=${name%-g*}; groups="--group-size ${name##*-g}" ;; esac
         ( /usr/bin/time -f "build $name %e s, %M KB" timeout 240 python3 -P -m kiln.cli build \
-            llama-3.1-8b --random-weights --quant $scheme -o "$(engine_dir $name)" \
+            llama-3.1-8b --random-weights --quant $scheme $groups -o "$(engine_dir $name)" \
             --max-model-len 16384 > "$OUT/build-$name.log" 2>&1
           tail -2 "$OUT/build-$name.log" | tee -a "$OUT/quant.txt" ) &
       done
