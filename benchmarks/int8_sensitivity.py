@@ -29,18 +29,13 @@ from torch import nn
 
 from kiln.evaluate.corpus import sharegpt_replies
 from kiln.quant.gptq import gptq_round
+from kiln.quant.layer_selection import FUSED_NAMES
 from kiln.quant.quantize import int8_levels, int8_scales
 
-# HF linear names by the kiln layer they are fused into.
-KILN_UNIT = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-             "o_proj": "o_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
-             "down_proj": "down_proj"}
-
-
 def kiln_unit(name: str) -> str:
-    """model.layers.3.self_attn.q_proj → model.layers.3.self_attn.qkv_proj"""
+    """model.layers.3.self_attn.q_proj → model.layers.3.self_attn.qkv_proj (o, down: as is)"""
     prefix, _, leaf = name.rpartition(".")
-    return f"{prefix}.{KILN_UNIT[leaf]}"
+    return f"{prefix}.{FUSED_NAMES.get(leaf, leaf)}"
 
 
 def engine_weights(engine: Path, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,16 +113,16 @@ def main() -> None:
     evaluation = torch.tensor(ids[:1024 * args.windows]).reshape(args.windows, 1024)
     linears = {n: m for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and "lm_head" not in n}
-    original, rounded = {}, {}
+    original = {}
     for name, m in linears.items():
-        w = m.weight.data.bfloat16().float()
-        m.weight.data = original[name] = w
-        scale = int8_scales(w, w.shape[1])
-        rounded[name] = int8_levels(w, scale) * scale
+        m.weight.data = original[name] = m.weight.data.bfloat16().float()
     if args.engine:
         rounded = engine_weights(Path(args.engine), original)
     elif args.gptq:
         rounded = gptq_weights(model, linears, tokenizer, args.calibration_samples)
+    else:  # round to nearest
+        rounded = {name: int8_levels(w, s) * s for name, w in original.items()
+                   for s in [int8_scales(w, w.shape[1])]}
 
     @torch.no_grad()
     def kl_against(reference=None):
