@@ -34,7 +34,6 @@ from torch import nn
 from tqdm import tqdm
 
 from kiln.errors import KilnError
-from kiln.quant.gptq import CALIBRATION_GRAM
 from kiln.quant.quantize import FULL_PRECISION
 
 GRID = 20  # α = 0, 0.05, ..., 0.95
@@ -44,15 +43,18 @@ AWQ_SCHEMES = ("int4-wo", "int8-wo")
 
 
 def runs_awq(model: nn.Module, scheme: str, gptq: bool = False) -> bool:
-    """Whether a calibrating build of `model` runs AWQ: int4-wo always (apply_awq refuses a
-    model it cannot fold into: at 4 bits round-to-nearest is the option AWQ must beat, and
-    the user asked for AWQ); int8-wo where it folds (the Llama family), else its weights are
-    rounded as without AWQ and the calibration still measures the rest (KV scales) — and
-    not with --gptq, whose layer-by-layer rounding does better alone (SmolLM2, 50,000
-    held-out tokens: mean KL 0.00067 without AWQ, 0.00083 with; BENCHMARKS.md)."""
+    """Whether a calibrating build of `model` runs AWQ: int4-wo always without --gptq
+    (apply_awq refuses a model it cannot fold into: at 4 bits round-to-nearest is the option
+    AWQ must beat, and the user asked for AWQ); int8-wo where it folds (the Llama family),
+    else its weights are rounded as without AWQ and the calibration still measures the rest
+    (KV scales). Neither with --gptq, whose layer-by-layer rounding does better alone
+    (SmolLM2, 50,000 held-out tokens, mean KL without AWQ / with: int8-wo 0.00067 / 0.00083,
+    int4-wo g64 0.0698 / 0.0851; BENCHMARKS.md)."""
+    if gptq:
+        return False
     if scheme == "int4-wo":
         return True
-    return scheme in AWQ_SCHEMES and not gptq and _decoder_layers(model) is not None
+    return scheme in AWQ_SCHEMES and _decoder_layers(model) is not None
 
 
 def _decoder_layers(model: nn.Module):
@@ -98,14 +100,10 @@ def _staged(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _scale_columns(layer: nn.Module, s: torch.Tensor) -> None:
-    """W·diag(s), its input becomes x / s: with --gptq the inputs' second moment follows,
-    E[(x/s)(x/s)ᵀ] = diag(1/s) E[x xᵀ] diag(1/s)."""
+    """W·diag(s): its input becomes x / s (AWQ never runs with --gptq, so no second moment
+    of the inputs needs to follow)."""
     staged = _staged(layer)
     staged.mul_(s.to(staged.dtype)[None, :])
-    gram = getattr(layer, CALIBRATION_GRAM, None)
-    if gram is not None:
-        s = s.to(device=gram.device, dtype=gram.dtype)
-        gram.div_(s[:, None] * s[None, :])
 
 
 def _scale_rows(layer: nn.Module, rows: slice, s: torch.Tensor) -> None:
@@ -123,7 +121,8 @@ def apply_awq(model: nn.Module, linears: dict, *, progress: bool = True) -> dict
     layers = _decoder_layers(model)
     if layers is None:
         raise KilnError(f"AWQ needs a Llama-family model; {model.config.architecture} is not one "
-                        f"(build {model.quant_config.scheme} without --calibration)")
+                        f"(build {model.quant_config.scheme} without --calibration, or with "
+                        f"--gptq, which rounds without AWQ)")
     chosen: dict[str, float] = {}
     bar = tqdm(layers, desc="AWQ search", unit="layer", disable=not progress, file=sys.stderr)
 

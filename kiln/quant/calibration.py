@@ -314,11 +314,11 @@ def calibrate(model: nn.Module, build_config, *, checkpoint=None, progress: bool
         kv = _run(batches, capture, progress)
     finally:
         capture.close()
-    if gptq:  # before AWQ: its column scaling rescales them (kiln/quant/awq.py)
+    if gptq:
         _attach_grams(model, capture.linears)
-    if awq:  # searches and folds on `device` (weights and statistics are there).
+    if awq:  # searches and folds on `device` (weights and statistics are there); not with gptq
         apply_awq(model, capture.linears, progress=progress)
-    if layer_by_layer:  # on the folded model, as it will be built
+    if layer_by_layer:
         gptq_layer_by_layer(model, len(batches), batches.run, progress=progress)
     del batches  # its caches
     for p, original in originals:  # back to the build's device and dtype (AWQ folded norms)

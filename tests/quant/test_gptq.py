@@ -1,9 +1,8 @@
 """GPTQ at build (--gptq): every rounded value lies on the scheme's round-to-nearest grid (so
 the scheme stores it exactly), the linear's error on correlated calibration inputs drops well
 below round-to-nearest's for fp8, int8-wo and int4-wo, inputs calibration never saw are
-rounded to nearest, AWQ's column scaling carries the second moment along, and a built engine
-records gptq and sits closer to the full-precision model than the plain rounding; flags that
-cannot work are one line."""
+rounded to nearest, and a built engine records gptq and sits closer to the full-precision
+model than the plain rounding; flags that cannot work are one line."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.evaluate.forward import TeacherForcedModel
 from kiln.kernels.quant_linear import dequantize_int4, dequantize_int8
-from kiln.quant.awq import _scale_columns
 from kiln.quant.config import quant_config_for_build
 from kiln.quant.gptq import CALIBRATION_GRAM, gptq_round
 from kiln.quant.quantize import FULL_PRECISION
@@ -108,18 +106,6 @@ def test_bad_second_moments_are_one_line():
         gptq_round(weight, indefinite, round_columns, name="model.layers.0.mlp.down_proj")
 
 
-def test_awq_column_scaling_carries_the_second_moment():
-    layer = nn.Module()
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(64, 8, generator=generator)
-    setattr(layer, FULL_PRECISION, torch.randn(4, 8, generator=generator))
-    setattr(layer, CALIBRATION_GRAM, x.T @ x / 64)
-    s = torch.rand(8, generator=generator) + 0.5
-    _scale_columns(layer, s)
-    scaled = x / s  # the input once 1/s is folded into its producer
-    torch.testing.assert_close(getattr(layer, CALIBRATION_GRAM), scaled.T @ scaled / 64)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     directory = tiny_gguf_and_text(tmp_path_factory.mktemp("gptq"), WORDS)
@@ -130,13 +116,18 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_gptq_engine_is_closer_to_full_precision(tiny, tmp_path, scheme, capsys):
+    """Against round to nearest (no calibration). Not against AWQ, which --gptq replaces:
+    this tiny random model at 4 bits is wrecked either way (mean KL 5.8 nats after round to
+    nearest), far from any regime where their ranking means something; on SmolLM2 the layer
+    pass beat AWQ at 8 and 4 bits (BENCHMARKS.md)."""
     group = {"group_size": 32} if scheme == "int4-wo" else {}
     errors = {}
     for gptq in (False, True):
-        config = BuildConfig(dtype="float32", quant=scheme, calibration=str(tiny / "text.txt"),
-                             calibration_samples=8, gptq=gptq, **group)
+        calibration = dict(calibration=str(tiny / "text.txt"), calibration_samples=8,
+                           gptq=True) if gptq else {}
+        config = BuildConfig(dtype="float32", quant=scheme, **calibration, **group)
         build_engine(tiny / "tiny.gguf", tmp_path / str(gptq), config, progress=False)
-        assert open_engine(tmp_path / str(gptq)).manifest["quant"]["gptq"] is gptq
+        assert open_engine(tmp_path / str(gptq)).manifest["quant"].get("gptq", False) is gptq
         # Held-out tokens: ids the calibration text (letters and spaces) mixes differently.
         tokens = torch.Generator().manual_seed(5)
         ids = torch.randint(0, 48, (1, 96), generator=tokens)

@@ -113,23 +113,26 @@ def test_every_decoder_linear_is_rounded_once_in_order_against_the_full_model(
         torch.testing.assert_close(stored_weight, weight, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheme,group", [("int8-wo", {}), ("int4-wo", {"group_size": 32})])
-def test_calibrating_builds_leave_unquantized_layers_alone(tiny, tmp_path, scheme, group):
-    """AWQ folds nothing into or out of a kept layer (its norm neither) and GPTQ's layer pass
-    rounds around it: it is stored as the plain build stores it."""
+@pytest.mark.parametrize("scheme,group,gptq", [
+    ("int8-wo", {}, True), ("int4-wo", {"group_size": 32}, True),
+    ("int4-wo", {"group_size": 32}, False)], ids=["int8-wo-gptq", "int4-wo-gptq", "int4-wo-awq"])
+def test_calibrating_builds_leave_unquantized_layers_alone(tiny, tmp_path, scheme, group, gptq):
+    """AWQ (int4-wo without --gptq) folds nothing into or out of a kept layer (its norm
+    neither) and GPTQ's layer pass rounds around it: it is stored as the plain build stores
+    it."""
     build_engine(tiny / "tiny.gguf", tmp_path / "plain", BuildConfig(dtype="float32"),
                  progress=False)
     kept = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.qkv_proj"]
     config = BuildConfig(dtype="float32", quant=scheme, calibration=str(tiny / "text.txt"),
-                         calibration_samples=8, gptq=True, unquantized_layers=kept, **group)
+                         calibration_samples=8, gptq=gptq, unquantized_layers=kept, **group)
     build_engine(tiny / "tiny.gguf", tmp_path / "e", config, progress=False)
     plain = load_file(str(tmp_path / "plain" / "rank0.safetensors"))
     tensors = load_file(str(open_engine(tmp_path / "e").rank_file(0)))
     for name in [f"{layer}.weight" for layer in kept] + [
             "model.layers.1.input_layernorm.weight"]:  # qkv's norm: no AWQ scales folded
         assert torch.equal(tensors[name], plain[name]), name
-    # Its neighbours were quantised (and, int4, AWQ folded scales into layer 0's norm).
+    # Its neighbours were quantised (and AWQ, where it ran, folded scales into layer 0's norm).
     assert "model.layers.0.mlp.gate_up_proj.weight_scale" in tensors
-    assert (scheme == "int4-wo") == (not torch.equal(
+    assert (not gptq) == (not torch.equal(
         tensors["model.layers.0.input_layernorm.weight"],
         plain["model.layers.0.input_layernorm.weight"]))
