@@ -48,6 +48,14 @@ def cmd_build(args: argparse.Namespace) -> None:
     print(summary.describe())
 
 
+def _brief(value, most: int = 4):
+    """A long list (unquantized_layers: every q|k|v of 32 layers is 32 names) as its count,
+    first names and last; the manifest keeps them all."""
+    if not isinstance(value, list) or len(value) <= most:
+        return value
+    return f"{len(value)} layers ({', '.join(map(str, value[:most - 1]))}, ..., {value[-1]})"
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from kiln.compiler.manifest import open_engine
 
@@ -61,7 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
           f"quant {m['quant']['scheme']}, tp {m['parallel']['tp']} pp {m['parallel']['pp']}")
     quant = {k: v for k, v in m["quant"].items() if k != "scheme" and v not in (None, [], False)}
     if quant or m["build"].get("kv_cache_dtype", "auto") != "auto":
-        details = ", ".join(f"{k} {v}" for k, v in quant.items())
+        details = ", ".join(f"{k} {_brief(v)}" for k, v in quant.items())
         kv = m["build"].get("kv_cache_dtype", "auto")
         scales = m["build"].get("kv_scales")
         kv_note = f"KV cache {kv}" + (

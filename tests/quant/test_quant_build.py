@@ -193,7 +193,7 @@ def test_random_weight_builds_of_one_seed_hold_the_same_model_in_every_scheme(tm
     assert unrelated > 0.5, unrelated
 
 
-def test_unquantized_layers_stay_as_the_plain_build_stores_them(hf_dir, tmp_path):
+def test_unquantized_layers_stay_as_the_plain_build_stores_them(hf_dir, tmp_path, capsys):
     plain = load_file(build(hf_dir, tmp_path / "plain") / "rank0.safetensors")
     out = tmp_path / "mixed"
     assert main(["build", str(hf_dir), "-o", str(out), "--quant", "int8-wo",
@@ -217,6 +217,17 @@ def test_unquantized_layers_stay_as_the_plain_build_stores_them(hf_dir, tmp_path
     # The engine computes the model with exactly these weights (the HF oracle).
     expected = hf_logits_with(hf_dir, dequantised_weights(out))
     assert relative_error(logits_of(out), expected) < 1e-5
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert f"unquantized_layers {kept}" in capsys.readouterr().out  # three: in full
+    many = tmp_path / "many"  # more than four: a count, the first three and the last
+    assert main(["build", str(hf_dir), "-o", str(many), "--quant", "int8-wo",
+                 "--unquantized-layers", "model.layers.*"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(many)]) == 0
+    assert ("unquantized_layers 8 layers (model.layers.0.self_attn.qkv_proj, "
+            "model.layers.0.self_attn.o_proj, model.layers.0.mlp.gate_up_proj, ..., "
+            "model.layers.1.mlp.down_proj)") in capsys.readouterr().out
 
 
 def test_unquantized_layers_that_match_nothing_or_need_a_scheme_are_refused(hf_dir, tmp_path,
