@@ -8,6 +8,7 @@
 #     attn|fp8dot|profile2048]...
 # Knobs: ENGINES (default "bf16 fp8 int8-wo int4-wo"; "int8-wo-g128": --group-size 128), T128_PROMPTS (3000),
 #   T128_ENGINES ("fp8 bf16"), T2048_PROMPTS (300), LATENCY_TTFT ("128 8192"),
+#   LATENCY_BATCHES ("1"), LATENCY_NEW_TOKENS (200),
 #   QUANT_BENCH_ROWS ("1 4 16 512 4096").
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
@@ -70,8 +71,8 @@ for step in "$@"; do
       done ;;
     latency)
       for name in $ENGINES; do
-        bench latency "$name" latency "$(engine_dir $name)" --batch-sizes 1 \
-          --ttft-lens ${LATENCY_TTFT:-128 8192} --new-tokens 200
+        bench latency "$name" latency "$(engine_dir $name)" --batch-sizes ${LATENCY_BATCHES:-1} \
+          --ttft-lens ${LATENCY_TTFT:-128 8192} --new-tokens ${LATENCY_NEW_TOKENS:-200}
       done ;;
     ab)  # batch-1 decode A/B in one call: fp8 with the previous tree's kernels (.ab-prev, a
       # git archive of the base commit's kiln/) then this tree's; int8-wo / int4-wo with the

@@ -6,7 +6,8 @@ against quant_linear's converting kernel (what ran at 2-16 rows before them) and
 row, int_gemv (what runs there).
 
 --group-size N: group scales (GGUF Q8_0's 32, `--group-size`), which only the Gluon twin
-takes at 2-16 rows (and int_gemv at one row); quant_linear is what they ran on before.
+takes at 2-16 rows (and int_gemv at one row; int_gemm at 65-128); quant_linear is what they
+ran on before.
 --rows: the row counts (default 1 2 4 8 16); above 16 only the Gluon twin runs (32 or 64
 token columns), timed against the dequantise-then-cuBLAS path that took those rows before;
 above 64, kernels/int_gemm.py (128 token columns) at its default and a grid of tilings
@@ -67,13 +68,16 @@ def main() -> None:
                 x, quant_linear.dequantize(quant_linear.KIND_INT8, *copies[i % COPIES], None,
                                            x.dtype))}
             if m > skinny_int8_gluon.MAX_TOKENS:  # the int8 GEMM, against dequantising
-                if args.group_size != -1 or m > MAX_ROWS:  # int_gemm does not take these
+                if m > MAX_ROWS:  # int_gemm does not take these
                     _time(dequantised, expected, norm, shape, m, weight_bytes, rows)
                     continue
                 default = default_int_gemm_config(m, n, k)
                 variants = {**dequantised, f"int_gemm default (split {default.split_k})": (
                     lambda i: int_gemm(x, *copies[i % COPIES]))}
-                for block_n, block_k, split in itertools.product((128, 64), (64, 128),
+                # group scales: K tiles inside one group (int_gemm clips larger ones)
+                block_ks = [b for b in (64, 128) if args.group_size in (-1, b) or
+                            args.group_size % b == 0] or [64]
+                for block_n, block_k, split in itertools.product((128, 64), block_ks,
                                                                  (1, 2, 4)):
                     config = IntGemmConfig(block_n, block_k, 128, split, block_n // 16)
                     if config != default:

@@ -4,8 +4,9 @@ a twin does not run, e.g. int8 with K not a multiple of 128): the skinny kernels
 Triton GEMMs at 128 token columns and 64 or 128 weight rows a program
 (`default_int_gemm_config`), with a token-block grid axis.
 
-    int8  y (M, N) = x (M, K) · (q · s)^T          q int8 (N, K), s float16 (N, 1)
-          on skinny_fp8's kernel with W8A16 (as kernels/skinny_int8.py at 1-16 rows)
+    int8  y (M, N) = x (M, K) · (q · s)^T          q int8 (N, K), s float16 (N, 1) per
+          channel or (N, K / G) per group of G inputs (G a multiple of 16), on skinny_fp8's
+          kernel with W8A16 (as kernels/skinny_int8.py at 1-16 rows)
     int4  y (M, N) = x (M, K) · ((q − z) · s_g)^T   q packed int4 (N, K / 2), s_g, z float16
           (N, K / G), integer zero points, on kernels/skinny_int4.py's Triton kernel
 
@@ -31,8 +32,11 @@ sm_90 PTX (compiled on the CPU): m64n128k16 bf16 wgmma, no conversion instructio
 register spills (int8 126 registers, int4 238 at 128 x 128 on 8 warps).
 
 Rows beyond M in the token block read as 0 (masked loads), so 65 rows cost what 128 do.
-int8 takes per-channel scales only (applied once, after the MMA); group scales, and int4 with
-fractional zero points, keep the dequantise path. KILN_INT_GEMM=0 keeps the dequantise path
+int8 per-channel scales are applied once, after the MMA; group scales (`--group-size`,
+GGUF Q8_0's 32) multiply each weight in registers before it (K tiles inside one group: one
+scale load a row a tile; the int8 → fp32 by int_gemv's bit trick, not a conversion
+instruction; the fp32 product rounded once to bf16, as the Gluon twin at 1-64 rows). int4
+with fractional zero points keeps the dequantise path. KILN_INT_GEMM=0 keeps the dequantise path
 for both (the A/B switch).
 """
 
@@ -107,9 +111,14 @@ def _int8_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     n, k = weight.shape
     if k == 0 or k % 16:
         return f"K={k} must be a positive multiple of 16 (the MMA's K step)"
-    if scale.shape != (n, 1) or scale.dtype != torch.float16 or not scale.is_contiguous():
-        return (f"scale must be contiguous float16 ({n}, 1) (one per output channel; group "
-                f"scales dequantise instead); got {tuple(scale.shape)} {scale.dtype}")
+    if (scale.dim() != 2 or scale.shape[0] != n or scale.dtype != torch.float16
+            or not scale.is_contiguous()):
+        return (f"scale must be contiguous float16 ({n}, groups) (one per output channel or "
+                f"per group of K / groups inputs); got {tuple(scale.shape)} {scale.dtype}")
+    groups = scale.shape[1]
+    if groups < 1 or k % groups or (groups > 1 and (k // groups) % 16):
+        return (f"the group size K / {groups} must be a whole multiple of 16 (the MMA's K "
+                f"step) for K={k}")
     return None
 
 
@@ -184,7 +193,9 @@ def launch_int_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return y
     config = config or default_int_gemm_config(m, n, k)
     int4 = zero is not None
-    block_k = INT4_SUBTILE if int4 else min(config.block_k, k & -k)
+    # int8 group scales: a K tile inside one group (one scale a row a tile)
+    group = 0 if int4 or scale.shape[1] == 1 else k // scale.shape[1]
+    block_k = INT4_SUBTILE if int4 else min(config.block_k, k & -k, (group & -group) or k)
     tiles = k // block_k
     split_k = min(config.split_k, tiles)
     pdl = use_pdl(x)
@@ -206,7 +217,7 @@ def launch_int_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
             x, scale, weight, scale, bias_or_placeholder, out, y, scale, m, n, k, split_k,
             HAS_BIAS=bias is not None, MODE="unsplit" if split_k == 1 else "reduce",
             BLOCK_N=config.block_n, BLOCK_K=block_k, TOKENS=config.tokens, PROMOTE=0,
-            PREFETCH_TILES=0, USE_PDL=pdl, GPU_FENCE=gpu, W8A16=True, **launch)
+            PREFETCH_TILES=0, USE_PDL=pdl, GPU_FENCE=gpu, W8A16=True, GROUP=group, **launch)
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl)
     return y

@@ -158,6 +158,19 @@ def _release_fence_gpu():
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def _int8_times_scale(w, scale, dtype: tl.constexpr):
+    """int8 weights (rows, K) times their row's float16 scale (rows,) → `dtype` (bf16 or
+    fp16), rounded once, with no int-to-float conversion instruction: 2^23's bits plus q + 128
+    (0..255, in the low mantissa byte) read as the float 2^23 + q + 128 (exact), and one
+    subtraction leaves q (kernels/int_gemv.py's trick); the product is exact in fp32 (8 by 11
+    significant bits). Per weight: a sign extension, an integer add, an fp32 subtract and
+    multiply, half a packing conversion."""
+    field = w.to(tl.int32) + 0x4B000080  # 2^23 as fp32 bits, plus 128
+    q = field.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+    return (q * scale.to(tl.float32)[:, None]).to(dtype)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _skinny_fp8_kernel(
     xq_ptr,  # (M, K) E4M3, contiguous; W8A16: bfloat16 / float16
@@ -176,6 +189,9 @@ def _skinny_fp8_kernel(
     # False under the interpreter: no inline assembly there (and W8A16 dots in fp32)
     GPU_FENCE: tl.constexpr,
     W8A16: tl.constexpr = False,  # int8 weights, 16-bit x (kernels/skinny_int8.py)
+    # W8A16 only: 0 = one scale per output channel (w_scale_ptr (N,), applied after the MMA);
+    # else the inputs per scale (w_scale_ptr (N, K / GROUP), float16), BLOCK_K dividing it
+    GROUP: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -210,7 +226,16 @@ def _skinny_fp8_kernel(
     for t in range(tile_begin, tile_end):  # pipelined num_stages deep by the compiler
         w = tl.load(w_tile + t * BLOCK_K)
         x = tl.load(x_tile + t * BLOCK_K, mask=x_mask, other=0.0)
-        if W8A16:
+        if W8A16 and GROUP:
+            # Group scales: each weight times its group's scale before the MMA (one scale a
+            # row a tile: BLOCK_K divides GROUP), as the dequantise path's weight would be.
+            w_scale = tl.load(w_scale_ptr + rows * (K // GROUP) + t * BLOCK_K // GROUP)
+            if GPU_FENCE:
+                acc = tl.dot(_int8_times_scale(w, w_scale, x.dtype), tl.trans(x), acc)
+            else:  # the interpreter: the same bits, products kept in fp32
+                acc = tl.dot(_int8_times_scale(w, w_scale, tl.float32),
+                             tl.trans(x.to(tl.float32)), acc)
+        elif W8A16:
             # Every int8 is exactly a bf16 and an fp16. Triton converts in registers after
             # the shared-memory pipeline with bit operations (a PRMT puts a byte under the
             # exponent of 128, two LOP3s and a packed subtraction finish two weights), no
@@ -225,10 +250,12 @@ def _skinny_fp8_kernel(
 
     # Scaled here, in the reference's order ((x_q · w^T) · x_scale · w_scale): partials of a
     # split sum to the same y, and the second kernel needs no scales.
-    w_scale = tl.load(w_scale_ptr + rows).to(tl.float32)
-    if W8A16:
-        out = acc * w_scale[:, None]
+    if W8A16 and GROUP:
+        out = acc
+    elif W8A16:
+        out = acc * tl.load(w_scale_ptr + rows).to(tl.float32)[:, None]
     else:
+        w_scale = tl.load(w_scale_ptr + rows).to(tl.float32)
         x_scale = tl.load(x_scale_ptr + tokens, mask=tokens < M, other=0.0)
         out = acc * x_scale[None, :] * w_scale[:, None]  # (BLOCK_N, TOKENS)
     mask = (tokens[None, :] < M) & (cols[:, None] < N)

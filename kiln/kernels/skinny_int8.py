@@ -215,14 +215,16 @@ def batch_invariant_config(x: torch.Tensor, weight: torch.Tensor,
 # 31.9; results/s19-h200-skinny-int8-gluon-bench.log). Groups of 32 (GGUF Q8_0): the Gluon
 # twin on every shape (11.3 vs 14.8, 9.5 vs 10.8, 45.7 vs 51.0, 23.1 vs 37.5; results/
 # s20-h200-callB/g8-bench-32.log); int8-wo batch 1, Llama-3.1-8B, per channel: 335.0 → 340.1
-# tok/s with the long-rows rule (two alternations, s20-h200-callB).
+# tok/s with the long-rows rule (two alternations, s20-h200-callB). Groups of 64 (H100,
+# results/s23-h100/callB-bench-g64.log): the twin again on every shape (12.8 vs 13.8, 10.4 vs
+# 10.7, 50.5 vs 51.6, 27.1 vs 33.3); batch 1 with `--group-size 64` 238.7 → 243.9 tok/s.
 BATCH1_MIN_K = 8192
-BATCH1_MAX_GROUP = 32
+BATCH1_MAX_GROUP = 64
 
 
 def takes_batch1(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether a one-row int8 linear is faster here than on int_gemv (KILN_SKINNY_INT8_BATCH1=0
-    keeps int_gemv for every one-row linear): long rows, or groups of at most 32."""
+    keeps int_gemv for every one-row linear): long rows, or groups of at most 64."""
     k = weight.shape[1]
     return ((k >= BATCH1_MIN_K or k // scale.shape[1] <= BATCH1_MAX_GROUP)
             and env_flag("KILN_SKINNY_INT8_BATCH1", default=True) and gluon_usable(x, weight))

@@ -110,10 +110,12 @@ def int_gemm_variants() -> dict:
                  "w_scale_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
                  "y_ptr": "*bf16", "counter_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
                  "SPLIT_K": "i32"}
-    ptx = compile_ptx(_skinny_fp8_kernel, signature, {
-        "HAS_BIAS": False, "MODE": "reduce", "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k, "TOKENS": config.tokens, "PROMOTE": 0, "PREFETCH_TILES": 0,
-        "USE_PDL": True, "GPU_FENCE": True, "W8A16": True}, num_warps=config.num_warps)
+    int8 = {"HAS_BIAS": False, "MODE": "reduce", "BLOCK_N": config.block_n,
+            "BLOCK_K": config.block_k, "TOKENS": config.tokens, "PROMOTE": 0,
+            "PREFETCH_TILES": 0, "USE_PDL": True, "GPU_FENCE": True, "W8A16": True}
+    ptx = compile_ptx(_skinny_fp8_kernel, signature, int8, num_warps=config.num_warps)
+    grouped = compile_ptx(_skinny_fp8_kernel, signature, {**int8, "GROUP": 64},
+                          num_warps=config.num_warps)
     int4 = compile_ptx(_skinny_int4_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
         "stride_s": "i32", "bias_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32", "N": "i32",
@@ -123,10 +125,11 @@ def int_gemm_variants() -> dict:
         "GPU_ASM": True, "FLOAT16": False, "PAIRED": True}, num_warps=config.num_warps)
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{config.tokens}k16.f32.bf16.bf16"
     out = {}
-    for name, found in (("int8", ptx), ("int4", int4)):
+    for name, found in (("int8", ptx), ("int8_grouped", grouped), ("int4", int4)):
         out[name] = {"wgmma_bf16": wgmma in found,
                      "int_conversions": len(re.findall(r"cvt\.rn\.(?:bf16|f16|f32)\.s", found)),
-                     "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", found))}
+                     "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", found)),
+                     "local_memory": ".local" in found}
     return out
 
 

@@ -31,8 +31,8 @@ def _quantised(fmt: str, m: int, n: int, k: int, dtype, device: str, seed: int =
     dequantised weight the reference multiplies by."""
     x, weight, bias = weight_only_inputs(m, n, k, dtype, seed=seed)
     x[1] = 0
-    if fmt == "int8":
-        q, scale = quantize_int8(weight, k)
+    if fmt.startswith("int8"):  # "int8": per channel; "int8-g64": groups of 64 inputs
+        q, scale = quantize_int8(weight, int(fmt.partition("-g")[2] or k))
         tensors, dense = (q, scale, None), dequantize_int8(q, scale)
     else:
         packed, scale, zero = quantize_int4(weight, 128)
@@ -45,6 +45,9 @@ def _assert_matches(fmt: str, out, x, dense, bias):
     expected = weight_only_linear_reference(x.cpu(), dense, bias.cpu())
     assert out.shape == expected.shape and out.dtype == expected.dtype
     if fmt == "int4":
+        assert max_relative_error(out.cpu(), expected) < 2**-7
+        return
+    if fmt != "int8":  # group scales: each weight rounded once to x's dtype on the GPU
         assert max_relative_error(out.cpu(), expected) < 2**-7
         return
     magnitude = x.cpu().float().abs() @ dense.abs().T
@@ -62,7 +65,7 @@ CONFIGS = [IntGemmConfig(64, 64, 32, 1, 4, 2), IntGemmConfig(64, 64, 64, 2, 4, 2
 @pytest.mark.parametrize("config", CONFIGS, ids=["t32_unsplit", "t64_split2"])
 @pytest.mark.parametrize("m", [65, 100, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int8-g32", "int8-g64", "int4"])
 def test_matches_reference(fmt, m, dtype, config, device, poison_outputs):
     x, tensors, bias, dense = _quantised(fmt, m, 80, 384 if fmt == "int4" else 320, dtype,
                                          device, seed=m)
@@ -70,7 +73,7 @@ def test_matches_reference(fmt, m, dtype, config, device, poison_outputs):
     _assert_matches(fmt, out, x, dense, bias)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int8-g64", "int8-g128", "int4"])
 def test_default_config_on_the_gpu(fmt, device, poison_outputs):
     """The default tilings (128 token columns; 128 weight rows on 8 warps, or 64 on 4 for
     N = 4,096) at real widths: GPU only (the interpreter at that size takes minutes)."""
@@ -103,8 +106,10 @@ def test_unsupported_inputs_are_named(device):
             ((too_many, weight, scale, None, None), "x has 129 rows; this kernel takes 1-128"),
             ((too_many, packed, scale4, zero, None), "x has 129 rows; this kernel takes 1-128"),
             ((x.float(), weight, scale, None, None), "x must be bfloat16 or float16"),
-            ((x, weight, torch.ones(64, 2, dtype=torch.float16, device=device), None, None),
-             "group scales dequantise instead"),
+            ((x, weight, torch.ones(64, 3, dtype=torch.float16, device=device), None, None),
+             "the group size K / 3 must be a whole multiple of 16"),
+            ((x, weight, torch.ones(64, 32, dtype=torch.float16, device=device), None, None),
+             "the group size K / 32 must be a whole multiple of 16 (the MMA's K step)"),
             ((x[:, :128], weight, scale, None, None), "x must be a contiguous (M, K) tensor"),
             ((x[:, :128].contiguous(), weight, scale, None, None),
              "x has K=128 but weight has K=256"),
@@ -113,7 +118,7 @@ def test_unsupported_inputs_are_named(device):
             ((torch.zeros(65, 512, dtype=torch.bfloat16, device=device)[:, :256], packed,
               scale4, zero, None), "x must be a contiguous (M, K) tensor"),
             ((x, weight, torch.ones(64, 2, dtype=torch.float16, device=device)[:, :1], None,
-              None), "scale must be contiguous float16 (64, 1)"),
+              None), "scale must be contiguous float16 (64, groups)"),
             ((x, weight, scale, None, bias[:10]), "bias must be a contiguous (64,)")):
         assert message in int_gemm_unsupported_reason(*arguments)
         with pytest.raises(ValueError, match="int_gemm: "):
@@ -129,9 +134,9 @@ def test_unsupported_inputs_are_named(device):
 def test_ops_dispatch(device, monkeypatch):
     """ops sends int8 (per channel) and int4 (integer zero points) linears here on Hopper
     (has_sm90, stood in for by the interpreter) for 65-128 rows, and for 17-64 where the
-    Gluon twins do not run, unless KILN_INT_GEMM=0; 16 rows stay on quant_linear; 129 rows,
-    int8 group scales, int4 fractional zero points and int4 whose K would split dequantise;
-    17-64 rows go to the Gluon twins where they run."""
+    Gluon twins do not run, unless KILN_INT_GEMM=0, int8 group scales included; 16 rows stay
+    on quant_linear; 129 rows, int4 fractional zero points and int4 whose K would split
+    dequantise; 17-64 rows go to the Gluon twins where they run."""
     from kiln.kernels import int_gemm as module
     from kiln.kernels import ops, skinny_int4, skinny_int8
 
@@ -161,9 +166,12 @@ def test_ops_dispatch(device, monkeypatch):
             assert max_relative_error(out.cpu(), reference[:rows]) < 2**-7, rows
     assert calls == [(65, False), (65, True), (128, False), (128, True), (17, False),
                      (17, True)]
-    ops.int8_weight_only_linear(x[:100], grouped_weight, grouped_scale, None)
+    grouped = ops.int8_weight_only_linear(x[:100], grouped_weight, grouped_scale, None)
+    assert calls[6:] == [(100, False)]
+    assert max_relative_error(grouped.cpu(), weight_only_linear_reference(
+        x[:100].cpu(), dequantize_int8(grouped_weight.cpu(), grouped_scale.cpu()))) < 2**-7
     ops.int4_weight_only_linear(x[:100], packed, scale4, zero + 0.5, None, integer_zeros=False)
-    assert len(calls) == 6
+    assert len(calls) == 7
     # int4 whose GEMM would split K dequantises (measured slower there); int8 takes it
     x_long, (weight_long, scale_long, _), _, _ = _quantised("int8", 65, 80, 1024,
                                                             torch.bfloat16, device, seed=5)
@@ -183,8 +191,8 @@ def test_ops_dispatch(device, monkeypatch):
                         lambda *a, **kw: skinny.append("int4") or a[0])
     ops.int8_weight_only_linear(x[:64], weight, scale, bias)
     ops.int4_weight_only_linear(x[:64], packed, scale4, zero, bias, integer_zeros=True)
-    assert skinny == ["int8", "int4"] and len(calls) == 6
+    assert skinny == ["int8", "int4"] and len(calls) == 7
     monkeypatch.setenv("KILN_INT_GEMM", "0")
     ops.int8_weight_only_linear(x[:100], weight, scale, bias)
     ops.int4_weight_only_linear(x[:100], packed, scale4, zero, bias, integer_zeros=True)
-    assert len(calls) == 6
+    assert len(calls) == 7

@@ -160,7 +160,7 @@ def test_unsupported_inputs_are_named(device):
 
 def test_one_row_goes_to_the_gluon_twin_for_long_rows_or_small_groups(monkeypatch):
     """skinny_int8.takes_batch1: one row comes here only where the Gluon twin runs, and K is
-    at least BATCH1_MIN_K or the groups are of at most 32 (int_gemv measured faster on the
+    at least BATCH1_MIN_K or the groups are of at most 64 (int_gemv measured faster on the
     rest), unless KILN_SKINNY_INT8_BATCH1=0."""
     from kiln.kernels import skinny_int8
 
@@ -175,6 +175,7 @@ def test_one_row_goes_to_the_gluon_twin_for_long_rows_or_small_groups(monkeypatc
     assert not skinny_int8.takes_batch1(x[:, :4096], short_rows, channel)
     assert not skinny_int8.takes_batch1(x[:, :4096], short_rows, torch.ones(64, 4096 // 128))
     assert skinny_int8.takes_batch1(x[:, :4096], short_rows, torch.ones(64, 4096 // 32))
+    assert skinny_int8.takes_batch1(x[:, :4096], short_rows, torch.ones(64, 4096 // 64))
     monkeypatch.setenv("KILN_SKINNY_INT8_BATCH1", "0")
     assert not skinny_int8.takes_batch1(x, long_rows, channel)
 
