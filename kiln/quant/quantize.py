@@ -61,9 +61,11 @@ def check_group_size(group_size: int, input_size: int, prefix: str) -> int:
     if group_size == -1:
         return input_size
     if input_size % group_size:
+        fitting = [size for size in (16, 32, 64, 128, 256) if input_size % size == 0]
         raise ValueError(
             f"group size {group_size} does not divide {prefix}'s {input_size} input features; "
-            f"choose a group size that divides every layer's input size (e.g. 32, 64, 128)"
+            f"choose a group size that divides every layer's input size (this layer's: "
+            f"{', '.join(map(str, fitting)) or 'none of 16-256; -1 for one per row'})"
         )
     return group_size
 

@@ -39,8 +39,10 @@ def _fails_with(capsys, argv, message, output):
 
 def test_group_size_that_does_not_divide_a_layer_is_refused(hf_dir, tmp_path, capsys):
     out = tmp_path / "e"
-    _fails_with(capsys, ["build", str(hf_dir), "-o", str(out), "--quant", "int4-wo",
-                         "--group-size", "48"], "group size 48 does not divide", out)
+    error = _fails_with(capsys, ["build", str(hf_dir), "-o", str(out), "--quant", "int4-wo",
+                                 "--group-size", "48"], "group size 48 does not divide", out)
+    # the sizes that would fit that layer (hidden size 128 here), none that would not
+    assert error.endswith("input size (this layer's: 16, 32, 64, 128)"), error
 
 
 def test_unknown_scheme_and_misplaced_flags_are_refused(hf_dir, tmp_path, capsys):
