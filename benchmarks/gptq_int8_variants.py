@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kiln.evaluate.corpus import sharegpt_replies
+from kiln.evaluate.perplexity import kl_and_agreement
 from kiln.quant import gptq
 from kiln.quant.gptq import gptq_round
 from kiln.quant.quantize import int8_levels, int8_scales
@@ -68,13 +69,9 @@ def logits():
 
 
 def compare(ref, new):
-    kl = agree = n = 0.0
-    for a, b in zip(ref, new):
-        la, lb = a.log_softmax(-1), b.log_softmax(-1)
-        kl += float((la.exp() * (la - lb)).sum())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        n += a.shape[0]
-    return kl / n, agree / n
+    pairs = [kl_and_agreement(a.log_softmax(-1), b.log_softmax(-1)) for a, b in zip(ref, new)]
+    n = sum(a.shape[0] for a in ref)
+    return sum(kl for kl, _ in pairs) / n, sum(agree for _, agree in pairs) / n
 
 
 t = time.time()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from kiln.evaluate.corpus import sharegpt_replies
+from kiln.evaluate.perplexity import kl_and_agreement
 from kiln.quant.gptq import gptq_round
 from kiln.quant.layer_selection import FUSED_NAMES
 from kiln.quant.quantize import int8_levels, int8_scales
@@ -129,13 +130,10 @@ def main() -> None:
         logits = [model(evaluation[i:i + 1]).logits[0, :-1] for i in range(args.windows)]
         if reference is None:
             return logits, 0.0, 1.0
-        kl = agree = n = 0.0
-        for a, b in zip(reference, logits):
-            la, lb = a.log_softmax(-1), b.log_softmax(-1)
-            kl += float((la.exp() * (la - lb)).sum())
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            n += a.shape[0]
-        return logits, kl / n, agree / n
+        pairs = [kl_and_agreement(a.log_softmax(-1), b.log_softmax(-1))
+                 for a, b in zip(reference, logits)]
+        n = sum(a.shape[0] for a in reference)
+        return logits, sum(kl for kl, _ in pairs) / n, sum(agree for _, agree in pairs) / n
 
     def share(kl: float) -> str:
         cost = kl_all - kl if args.all_but else kl

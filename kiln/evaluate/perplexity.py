@@ -67,6 +67,19 @@ class EvalResult:
         return {"perplexity": self.perplexity, "num_tokens": self.num_tokens, "compare": compare}
 
 
+def kl_and_agreement(reference_log_probs: torch.Tensor, log_probs: torch.Tensor,
+                     reference_probs: torch.Tensor | None = None) -> tuple[float, int]:
+    """Σ KL(P_reference || P) over the positions, in nats, and how many positions' argmax
+    agree; (P, V) log-probabilities each (`reference_probs`: their exp, when the caller has
+    it for several engines)."""
+    if reference_probs is None:
+        reference_probs = reference_log_probs.exp()
+    agree = int((log_probs.argmax(-1) == reference_log_probs.argmax(-1)).sum())
+    # 0 · log 0 is 0: a token the reference rules out costs nothing.
+    kl = torch.where(reference_probs > 0, reference_probs * (reference_log_probs - log_probs), 0.0)
+    return float(kl.sum()), agree
+
+
 def windows(token_ids: list[int], window: int, num_tokens: int) -> list[list[int]]:
     """Consecutive windows (each ≥ 2 tokens) predicting at most `num_tokens` tokens."""
     out, start, predicted = [], 0, 0
@@ -152,19 +165,15 @@ def evaluate_many(
             targets = torch.tensor(target_ids, device=reference.device)  # (P,)
             reference_log_probs = torch.log_softmax(reference_logits, dim=-1)  # (P, V)
             reference_probs = reference_log_probs.exp()
-            reference_top1 = reference_log_probs.argmax(-1)
             _accumulate(totals["reference"], reference_log_probs, targets)
             for name, logits in zip(engines, engine_logits):
                 log_probs = torch.log_softmax(logits, dim=-1).to(reference.device)
                 total = totals[name]
                 _accumulate(total, log_probs, targets)
-                total.agree += int((log_probs.argmax(-1) == reference_top1).sum())
-                # 0 · log 0 is 0: a token the reference rules out costs nothing.
-                kl = torch.where(  # (P, V)
-                    reference_probs > 0, reference_probs * (reference_log_probs - log_probs), 0.0
-                )
-                total.kl += float(kl.sum())
-                del log_probs, kl
+                kl, agree = kl_and_agreement(reference_log_probs, log_probs, reference_probs)
+                total.kl += kl
+                total.agree += agree
+                del log_probs
             bar.update(len(targets))
     bar.close()
     base = totals["reference"]

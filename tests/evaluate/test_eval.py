@@ -14,7 +14,7 @@ import transformers
 from kiln.cli import main
 from kiln.evaluate.corpus import file_documents, token_stream
 from kiln.evaluate.forward import TeacherForcedModel
-from kiln.evaluate.perplexity import evaluate, windows
+from kiln.evaluate.perplexity import evaluate, kl_and_agreement, windows
 from tests.helpers import build_tiny_engine
 
 
@@ -262,3 +262,16 @@ def test_cli_eval_decode_path(tiny, tmp_path, capsys):
                  "--window", "32", "--path", "decode", "--decode-batch", "1000000000",
                  "--no-progress", "--device", "cpu"]) == 0
     assert "decode path (4 at a time)" in capsys.readouterr().err
+
+
+def test_kl_and_agreement_by_hand():
+    """Σ KL(P_reference || P) over positions and the argmax matches; a token the reference
+    rules out (probability 0) costs nothing, even where the other puts mass on it."""
+    reference = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
+    other = torch.tensor([[0.25, 0.5, 0.25], [0.2, 0.2, 0.6]])
+    kl, agree = kl_and_agreement(reference.log(), other.log())
+    expected = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.5)
+                + 0.1 * math.log(0.1 / 0.2) + 0.2 * math.log(0.2 / 0.2) + 0.7 * math.log(0.7 / 0.6))
+    assert kl == pytest.approx(expected, rel=1e-6)
+    assert agree == 1  # row 0: argmax 0 against 1 (ties break to the first); row 1: both 2
+    assert kl_and_agreement(reference.log(), other.log(), reference) == (kl, agree)
