@@ -13,8 +13,10 @@ token columns), timed against the dequantise-then-cuBLAS path that took those ro
 above 64, kernels/int_gemm.py (128 token columns) at its default and a grid of tilings
 (weight rows 64 / 128, K tiles 64 / 128, splits 1, 2, 4), against the same.
 
+--smollm2: the default model's shapes (K = 576: the Triton kernel, no Gluon twin).
+
 Usage (GPU machine): python3 benchmarks/skinny_int8_bench.py OUT_DIR [--group-size N]
-                     [--rows 17 32 48 64 96 128] [--int4]"""
+                     [--rows 17 32 48 64 96 128] [--int4] [--smollm2]"""
 
 from __future__ import annotations
 
@@ -33,10 +35,17 @@ from kiln.kernels.quant_linear import (
     weight_only_linear_reference,
 )
 from kiln.kernels.skinny_fp8 import MAX_TOKENS, default_skinny_fp8_config
-from kiln.kernels.skinny_int8 import default_gluon_split_and_tokens, skinny_int8_linear
+from kiln.kernels.skinny_int8 import (
+    default_gluon_split_and_tokens,
+    gluon_usable,
+    skinny_int8_linear,
+)
 from kiln.quant.quantize import quantize_int4, quantize_int8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# SmolLM2-135M (the default model): K = 576 is no multiple of 128, so no Gluon twin there
+SMOLLM2_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576),
+                  "down": (576, 1536)}
 COPIES = 6
 
 
@@ -47,10 +56,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--int4", action="store_true",
                         help="above 64 rows also int4-wo (groups of 128) through int_gemm")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="SmolLM2-135M's shapes instead of Llama-3.1-8B's")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for shape, (n, k) in SHAPES.items():
+    for shape, (n, k) in (SMOLLM2_SHAPES if args.smollm2 else SHAPES).items():
         weight = torch.randn(n, k, device="cuda") * 0.02
         q, scale = quantize_int8(weight, k if args.group_size == -1 else args.group_size)
         int4 = quantize_int4(weight, 128) if args.int4 else None
@@ -106,8 +117,8 @@ def main() -> None:
                     x, quant_linear.KIND_INT8, *copies[i % COPIES], None),
             }
             kernels = ((False, config.split_k), (True, gluon_split))
-            if args.group_size != -1:  # the Triton kernel takes per-channel scales only
-                kernels = kernels[1:]
+            if not gluon_usable(x, q):  # K not a multiple of 128 (--smollm2): Triton only
+                kernels = kernels[:1]
             for gluon, default in kernels:
                 kernel = "gluon" if gluon else "triton"
                 variants[f"{kernel} default (split {default})"] = (

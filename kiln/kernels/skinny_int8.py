@@ -13,9 +13,10 @@ in registers by Triton's bit-operation lowering of int8 → 16-bit float, with t
 tilings, split-K, combining kernel and PDL as the FP8 kernel: one byte a weight either way.
 
 Scales per output channel (int8-wo's default) are applied once, after the MMA. Group scales
-(`--group-size`, and GGUF Q8_0 kept quantised: groups of 32) only on the Gluon twin below,
-which multiplies each weight by its group's scale in registers before the MMA (rounded once
-to the 16-bit float, as the dequantise path's weights are); groups of any multiple of 32.
+(`--group-size`, and GGUF Q8_0 kept quantised: groups of 32; any multiple of 32) multiply
+each weight by its group's scale in registers before the MMA, rounded once to the 16-bit
+float as the dequantise path's weights are: here as in kernels/int_gemm.py (K tiles inside
+one group, int_gemv's bit trick for int8 → fp32), in the Gluon twin by its own assembly.
 
 On sm_90, with K a multiple of 128, the Gluon twin (kernels/skinny_int8_gluon.py) runs
 instead: each thread loads its own fragment's bytes from global memory in a permuted K order,
@@ -40,8 +41,9 @@ from kiln.kernels.skinny_fp8 import (
 )
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
 
-# Group sizes the Gluon twin takes: a thread's 32 bytes of a row in a sub-tile must share a
-# group (kernels/skinny_int8_gluon.py).
+# Group sizes both kernels take: in the Gluon twin a thread's 32 bytes of a row in a sub-tile
+# must share a group (kernels/skinny_int8_gluon.py); the Triton kernel's K tiles (≥ 32) lie
+# inside one.
 GROUP_MULTIPLE = 32
 
 __all__ = ["MAX_TOKENS", "skinny_int8_linear", "skinny_int8_unsupported_reason"]
@@ -77,13 +79,9 @@ def skinny_int8_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale:
         return (f"x has {rows} rows: more than {MAX_TOKENS} run on the Gluon twin only (sm_90, "
                 "K a multiple of 128)")
     groups = scale.shape[1]
-    if groups > 1:
-        if k % groups or (k // groups) % GROUP_MULTIPLE:
-            return (f"scale has {groups} groups over K={k}: this kernel takes one per output "
-                    f"channel or groups of a multiple of {GROUP_MULTIPLE} inputs")
-        if not (gluon and gluon_usable(x, weight)):
-            return (f"grouped scales (groups of {k // groups}) run on the Gluon twin only "
-                    "(sm_90, K a multiple of 128); per output channel runs everywhere")
+    if groups > 1 and (k % groups or (k // groups) % GROUP_MULTIPLE):
+        return (f"scale has {groups} groups over K={k}: this kernel takes one per output "
+                f"channel or groups of a multiple of {GROUP_MULTIPLE} inputs")
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         return f"bias must be a contiguous ({n},) tensor; got {tuple(bias.shape)}"
     for name, tensor in (("weight", weight), ("scale", scale), ("bias", bias)):
@@ -137,7 +135,8 @@ def launch_skinny_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         return skinny_int8_gluon.launch(x, weight, scale, bias, split_k, tokens,
                                         config.pdl if config else True)
     config = config or default_skinny_fp8_config(m, n, k)  # one byte a weight, as FP8
-    block_k = min(config.block_k, k & -k)
+    group = 0 if scale.shape[1] == 1 else k // scale.shape[1]  # K tiles inside one group
+    block_k = min(config.block_k, k & -k, (group & -group) or k)
     tiles = k // block_k
     split_k = min(config.split_k, tiles)
     tokens = config.tokens if m <= config.tokens else MAX_TOKENS
@@ -150,7 +149,7 @@ def launch_skinny_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         split_k, HAS_BIAS=bias is not None, MODE="unsplit" if split_k == 1 else "reduce",
         BLOCK_N=config.block_n, BLOCK_K=block_k, TOKENS=tokens, PROMOTE=0,
         PREFETCH_TILES=prefetch, USE_PDL=pdl, GPU_FENCE=not interpreter_active(), W8A16=True,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        GROUP=group, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl)

@@ -89,6 +89,22 @@ def test_weight_only_linear_matches_reference(quantised, scheme, n, k, m):
     assert _relative(out, expected) < 5e-3
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 64, 65, 128])
+def test_grouped_int8_where_the_gluon_twin_does_not_run(group, m):
+    """SmolLM2's shapes (K = 576 and 1,536 against N = 1,536 and 576): K = 576 is not a
+    multiple of 128, so its grouped int8 linears take the Triton kernels (skinny_int8 at 2-16
+    rows, int_gemm at 17-128) rather than the Gluon twin."""
+    for n, k in ((1536, 576), (576, 1536)):
+        generator = torch.Generator(device="cuda").manual_seed(n + m)
+        weight, scale = quantize_int8(
+            torch.randn(n, k, device="cuda", generator=generator) * 0.02, group)
+        x = _x(m, k)
+        out = ops.int8_weight_only_linear(x, weight, scale, None)
+        expected = weight_only_linear_reference(x, dequantize_int8(weight, scale))
+        assert _relative(out, expected) < 5e-3, (n, k)
+
+
 def test_static_fp8_and_per_token_quantiser(quantised):
     weight, scale = quantised("fp8", 4096, 4096)
     for m in (1, 64):

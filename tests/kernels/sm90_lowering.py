@@ -84,19 +84,28 @@ def skinny_fp8_variants() -> dict:
 
 
 def skinny_int8_variants() -> dict:
-    """skinny_fp8's kernel with int8 weights (kernels/skinny_int8.py), bf16 x: bf16 wgmma,
-    the weights turned into bf16 by bit operations, no integer-to-float conversion
-    instructions."""
+    """skinny_fp8's kernel with int8 weights (kernels/skinny_int8.py), bf16 x, per channel
+    and in groups of 64 and 128 (K tiles of the group): bf16 wgmma, the weights turned into bf16 by bit
+    operations, no integer-to-float conversion instructions, nothing spilled."""
     signature = {"xq_ptr": "*bf16", "x_scale_ptr": "*fp16", "w_ptr": "*i8",
                  "w_scale_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
                  "y_ptr": "*bf16", "counter_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
                  "SPLIT_K": "i32"}
-    ptx = compile_ptx(_skinny_fp8_kernel, signature, {
-        "HAS_BIAS": False, "MODE": "reduce", "BLOCK_N": 64, "BLOCK_K": 256, "TOKENS": 16,
-        "PROMOTE": 0, "PREFETCH_TILES": 3, "USE_PDL": True, "GPU_FENCE": True, "W8A16": True})
-    return {"wgmma_bf16": "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx,
+    int8 = {"HAS_BIAS": False, "MODE": "reduce", "BLOCK_N": 64, "BLOCK_K": 256, "TOKENS": 16,
+            "PROMOTE": 0, "PREFETCH_TILES": 3, "USE_PDL": True, "GPU_FENCE": True,
+            "W8A16": True}
+    out = {}
+    for name, constants in (  # as launch_skinny_int8 sets them: no L2 prefetch under 128
+            ("per_channel", int8),
+            ("groups_of_64", {**int8, "BLOCK_K": 64, "GROUP": 64, "PREFETCH_TILES": 0}),
+            ("groups_of_128", {**int8, "BLOCK_K": 128, "GROUP": 128})):
+        ptx = compile_ptx(_skinny_fp8_kernel, signature, constants)
+        out[name] = {
+            "wgmma_bf16": "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx,
             "int_conversions": len(re.findall(r"cvt\.rn\.(?:bf16|f16|f32)\.s", ptx)),
-            "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", ptx))}
+            "weight_copies": len(re.findall(r"cp\.async\.cg\.shared\.global", ptx)),
+            "local_memory": ".local" in ptx}
+    return out
 
 
 def int_gemm_variants() -> dict:

@@ -139,15 +139,13 @@ def test_unsupported_inputs_are_named(device):
         with pytest.raises(ValueError, match="skinny_int8_linear: "):
             skinny_int8_linear(*arguments)
     assert skinny_int8_unsupported_reason(x, weight, scale, bias) is None
-    # group scales on the Gluon twin only: named where it cannot run (or is not asked for)
-    assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None,
-                                                               gluon=False)
-    # so are 17-64 rows
+    # group scales on both kernels
+    assert skinny_int8_unsupported_reason(x, weight, grouped, None, gluon=False) is None
+    # 17-64 rows on the Gluon twin only: named where it cannot run (or is not asked for)
     wide = _x(17, 256, torch.bfloat16, device)
     assert "more than 16 run on the Gluon twin only" in skinny_int8_unsupported_reason(
         wide, weight, scale, None, gluon=False)
     if device == "cpu":
-        assert "Gluon twin only" in skinny_int8_unsupported_reason(x, weight, grouped, None)
         assert "Gluon twin only" in skinny_int8_unsupported_reason(wide, weight, scale, None)
     from kiln.kernels import skinny_int8_gluon
 
@@ -182,8 +180,9 @@ def test_one_row_goes_to_the_gluon_twin_for_long_rows_or_small_groups(monkeypatc
 
 def test_ops_dispatch(device, monkeypatch):
     """ops sends int8 linears of 2-16 rows here where the kernel runs (Hopper: has_sm90,
-    stood in for by the interpreter); one row stays on int_gemv unless takes_batch1;
-    KILN_SKINNY_INT8=0 keeps the previous kernels; 17 rows never come here."""
+    stood in for by the interpreter), group scales too (on the Triton kernel where the Gluon
+    twin does not run, e.g. K not a multiple of 128); one row stays on int_gemv unless
+    takes_batch1; KILN_SKINNY_INT8=0 keeps the previous kernels; 17 rows never come here."""
     from kiln.kernels import ops, skinny_int8
 
     weight, scale, bias = _weights(80, 512, device, seed=7)
@@ -207,6 +206,15 @@ def test_ops_dispatch(device, monkeypatch):
     for rows in (4, 1, 16, 17):
         run(rows)
     assert calls == [4, 16]
+    grouped_weight, grouped_scale = quantize_int8(
+        dequantize_int8(weight.cpu(), scale.cpu()), 64)
+    grouped = ops.int8_weight_only_linear(x[:5], grouped_weight.to(device),
+                                          grouped_scale.to(device), None)
+    reference = weight_only_linear_reference(x[:5], dequantize_int8(
+        grouped_weight, grouped_scale).to(device)).float()
+    assert (grouped.float() - reference).abs().max() / reference.abs().max() < 2**-7
+    assert calls == [4, 16, 5]
+    del calls[-1]
     monkeypatch.setattr(skinny_int8, "takes_batch1", lambda *args: True)
     run(1)
     assert calls == [4, 16, 1]
@@ -215,13 +223,15 @@ def test_ops_dispatch(device, monkeypatch):
     assert calls == [4, 16, 1]
 
 
+@pytest.mark.parametrize("gluon", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m", [2, 16])
-def test_group_scales_on_the_gluon_twin(m, group, dtype, device, poison_outputs):
-    """Group scales (GGUF Q8_0's 32, `--group-size`) run on the Gluon twin: each weight times
-    its group's scale, rounded once to x's dtype before the MMA. K = 1152 is 9 sub-tiles, which
-    the split below cuts unevenly; N = 200 a partial block."""
+def test_group_scales(m, group, dtype, gluon, device, poison_outputs):
+    """Group scales (GGUF Q8_0's 32, `--group-size`) on both kernels: each weight times its
+    group's scale, rounded once to x's dtype before the MMA (the interpreter keeps the product
+    in fp32). K = 1152 is 9 sub-tiles, which the split below cuts unevenly; N = 200 a partial
+    block."""
     from kiln.kernels.skinny_int8 import gluon_usable
 
     generator = torch.Generator().manual_seed(group + m)
@@ -229,10 +239,10 @@ def test_group_scales_on_the_gluon_twin(m, group, dtype, device, poison_outputs)
     weight, scale = (t.to(device) for t in quantize_int8(w, group))
     bias = (torch.randn(200, generator=generator) * 0.1).to(dtype).to(device)
     x = _x(m, 1152, dtype, device, seed=group)
-    if not gluon_usable(x, weight):
+    if gluon and not gluon_usable(x, weight):
         pytest.skip("the Gluon twin runs on sm_90 GPUs only (CPU: the reasons test above)")
-    for config in (None, SkinnyFp8Config(64, 128, 8 if m <= 8 else 16, 2)):
-        out = skinny_int8_linear(x, weight, scale, bias, config=config)
+    for config in (None, SkinnyFp8Config(64, 128, 8 if m <= 8 else 16, 2, num_stages=2)):
+        out = skinny_int8_linear(x, weight, scale, bias, config=config, gluon=gluon)
         _assert_matches(out, x, weight, scale, bias, rounded_weights=True)
 
 
@@ -240,8 +250,8 @@ def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_output
     """KILN_BATCH_INVARIANT=1: int8 linears of 1-16 rows all run here on 16 token columns
     and one K split (never int_gemv at one row), and a row's bits do not depend on the
     others' (the interpreter's dot here; the GPU kernels in tests/gpu/
-    test_batch_invariant_gpu.py); group scales the kernel does not take go to quant_linear's
-    kernel for every row count."""
+    test_batch_invariant_gpu.py); group scales the kernels do not take (groups of 16) go to
+    quant_linear's kernel for every row count."""
     from kiln.kernels import ops, skinny_int8
 
     weight, scale, bias = _weights(80, 512, device, seed=9)
@@ -253,7 +263,7 @@ def test_batch_invariant_rows_take_one_tiling(device, monkeypatch, poison_output
         lambda rows: ops.int8_weight_only_linear(rows, weight, scale, bias), x)
     assert configs[0].tokens == 16
     grouped_weight, grouped_scale = (t.to(device) for t in quantize_int8(
-        torch.randn(80, 512, generator=torch.Generator().manual_seed(11)) * 0.05, 128))
+        torch.randn(80, 512, generator=torch.Generator().manual_seed(11)) * 0.05, 16))
     configs = assert_rows_do_not_depend_on_the_batch(
         monkeypatch, ops.quant_linear, "quant_linear",
         lambda rows: ops.int8_weight_only_linear(rows, grouped_weight, grouped_scale, None), x)

@@ -56,9 +56,9 @@ def test_skinny_fp8_lowers_to_wgmma_and_serial_split_k_to_fence_and_atomic(lower
 
 
 def test_skinny_int8_converts_weights_by_bit_operations_into_bf16_wgmma(lowering):
-    found = lowering["skinny_int8"]
-    assert found["wgmma_bf16"] and found["weight_copies"] > 0
-    assert found["int_conversions"] == 0
+    for name, found in lowering["skinny_int8"].items():
+        assert found["wgmma_bf16"] and found["weight_copies"] > 0, name
+        assert found["int_conversions"] == 0 and not found["local_memory"], name
 
 
 def test_int_gemm_runs_128_token_bf16_wgmma_without_conversions(lowering):
