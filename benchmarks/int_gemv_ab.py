@@ -1,0 +1,101 @@
+"""One-row int8 / int4 weight-only linears at Llama-3.1-8B shapes: int_gemv at its default
+tiling and at the tilings given, and the dispatcher's own choice (ops: int_gemv or a Gluon
+twin), µs per call and weight GB/s, beside the bf16 GEMV and the card's copy rate. Run it
+once per tree (PYTHONPATH=ROOT) to A/B a kernel change in one device call; every timed
+output is checked against the torch reference first.
+
+Usage: python benchmarks/int_gemv_ab.py OUT_DIR --label new [--tilings 16x128x4 32x64x4]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from quant_bench import COPIES, SHAPES, nbytes, timed, write_results
+
+from kiln.bench.latency import measure_copy_bandwidth
+from kiln.kernels import int_gemv, ops
+from kiln.kernels.int_gemv import IntGemvConfig
+from kiln.kernels.quant_linear import (dequantize_int4, dequantize_int8,
+                                       weight_only_linear_reference)
+from kiln.quant.quantize import quantize_int4, quantize_int8
+
+FORMATS = {"int8": None, "int8-g64": 64, "int8-g128": 128, "int4-g128": 128}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--tilings", nargs="*", default=[])
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS))
+    args = parser.parse_args()
+    rows = []
+    copy = round(measure_copy_bandwidth(torch.device("cuda")) / 1e9, 1)  # as kiln bench
+    print(f"copy {copy} GB/s  {torch.cuda.get_device_name()}")
+    for shape, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(COPIES)]
+        x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+        dense = [w.to(torch.bfloat16) for w in weights]
+        turn = [0]
+
+        def next_dense():  # rotated as the int formats are, so L2 holds none of them
+            turn[0] = (turn[0] + 1) % COPIES
+            return dense[turn[0]]
+
+        us = timed(lambda: ops.linear(x, next_dense(), None))
+        rows.append({"shape": shape, "format": "bf16", "path": "ops", "us": round(us, 2),
+                     "weight_gb_s": round(nbytes(dense[0]) / us / 1e3, 1)})
+        print(f"{shape:8} bf16      ops        {us:7.2f} us {rows[-1]['weight_gb_s']:7.1f} GB/s")
+        del dense
+        for fmt in args.formats:
+            group = FORMATS[fmt] or k
+            if fmt.startswith("int4"):
+                copies = [quantize_int4(w, group, True) for w in weights]
+                reference = dequantize_int4(*copies[0])
+            else:
+                copies = [quantize_int8(w, group) for w in weights]
+                reference = dequantize_int8(*copies[0])
+            expected = weight_only_linear_reference(x, reference, None).float()
+            turn = [0]
+
+            def pick():
+                turn[0] = (turn[0] + 1) % COPIES
+                return copies[turn[0]]
+
+            if fmt.startswith("int4"):  # RTN's zero points are whole numbers
+                runs = {"ops": lambda: ops.int4_weight_only_linear(x, *pick(), None,
+                                                                   integer_zeros=True)}
+            else:
+                runs = {"ops": lambda: ops.int8_weight_only_linear(x, *pick(), None)}
+            runs |= {"gemv": lambda: int_gemv.int_gemv(x, *pick())}
+            for tag in args.tilings:
+                config = IntGemvConfig.parse(tag)
+                runs[f"gemv_{tag}"] = lambda c=config: int_gemv.int_gemv(x, *pick(), config=c)
+            for path, fn in runs.items():
+                turn[0] = COPIES - 1  # the next pick is copy 0: the one checked
+                try:
+                    error = ((fn().float() - expected).abs().max()
+                             / expected.abs().max()).item()
+                    us = timed(fn)
+                except Exception as failure:  # reported, not fatal
+                    rows.append({"shape": shape, "format": fmt, "path": path,
+                                 "error": str(failure)[:200]})
+                    print(f"{shape:8} {fmt:9} {path:16} ERROR {str(failure)[:100]}")
+                    continue
+                gb_s = nbytes(*copies[0]) / us / 1e3
+                rows.append({"shape": shape, "format": fmt, "path": path, "us": round(us, 2),
+                             "weight_gb_s": round(gb_s, 1), "max_rel_error": error,
+                             "pct_of_copy": round(100 * gb_s / copy, 1)})
+                flag = "  WRONG" if error > 2**-6 else ""
+                print(f"{shape:8} {fmt:9} {path:16} {us:7.2f} us {gb_s:7.1f} GB/s "
+                      f"{100 * gb_s / copy:5.1f} %{flag}")
+            del copies
+        del weights
+    write_results(args.out, f"int_gemv_ab-{args.label}", rows, copy_gb_s=copy,
+                  label=args.label)
+
+
+if __name__ == "__main__":
+    main()
