@@ -34,6 +34,7 @@ from kiln.kernels import skinny_int8_gluon
 from kiln.kernels.skinny_fp8 import (
     MAX_TOKENS,
     MIN_BLOCK_K,
+    NUM_SMS,
     SkinnyFp8Config,
     _skinny_fp8_kernel,
     default_skinny_fp8_config,
@@ -134,11 +135,14 @@ def launch_skinny_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                            else default_gluon_split_and_tokens(m, n, k, scale.shape[1] > 1))
         return skinny_int8_gluon.launch(x, weight, scale, bias, split_k, tokens,
                                         config.pdl if config else True)
+    chosen = config is None
     config = config or default_skinny_fp8_config(m, n, k)  # one byte a weight, as FP8
     group = 0 if scale.shape[1] == 1 else k // scale.shape[1]  # K tiles inside one group
     block_k = min(config.block_k, k & -k, (group & -group) or k)
     tiles = k // block_k
     split_k = min(config.split_k, tiles)
+    if chosen and block_k < config.block_k:
+        split_k = _split_for_shallow_tiles(n, tiles, config.block_n, config.block_k // block_k)
     tokens = config.tokens if m <= config.tokens else MAX_TOKENS
     pdl = config.pdl and use_pdl(x)
     prefetch = min(config.num_stages - 1, tiles // split_k) if pdl and block_k >= 128 else 0
@@ -154,6 +158,22 @@ def launch_skinny_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if split_k > 1:
         sum_split_k_partials(out, split_k, bias, y, pdl)
     return y
+
+
+def _split_for_shallow_tiles(n: int, tiles: int, block_n: int, shallower: int) -> int:
+    """Split K for K tiles `shallower` times less deep than the default rule assumes (K or
+    the group a power of 2 times an odd number: 2880 = 64 · 45 gives 64-deep tiles): a
+    program's loop is then latency-bound, so the split aims at `shallower` times the
+    programs (default_skinny_fp8_config's two thirds of the SMs), keeping ≥ 4 tiles a split.
+    H100, g64 at 8 rows (results/s24-h100/callD.txt, µs, split 1 / 2 / 4 / 8): 5760 × 2880
+    35.3 / 21.6 / 15.8 / 14.5, 2880 × 2880 33.9 / 19.4 / 12.7 / 10.4, 2880 × 5760 57.0 /
+    31.8 / 22.2 / 16.4 (quant_linear 32.2, 29.2, 57.8)."""
+    column_blocks = triton.cdiv(n, block_n)
+    split_k = 1
+    while (column_blocks * split_k < 2 * NUM_SMS // 3 * shallower
+           and tiles // (2 * split_k) >= 4):
+        split_k *= 2
+    return split_k
 
 
 def gluon_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
