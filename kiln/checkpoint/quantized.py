@@ -13,8 +13,9 @@ re-quantises.
     ModelOpt FP8 (hf_quant_config.json)           fp8       weight, weight_scale, input_scale
 
 Anything else in the config (other bit widths, activation order, an unknown method or
-strategy) is refused with one line naming the field; a linear that lacks one of its tensors
-is refused naming the tensor.
+strategy, transforms, sparsity) is refused with one line naming the field; a linear that lacks
+one of its tensors, or has one of the wrong dtype or shape, is refused naming the tensor, and
+so is a scale that is not finite (scales are small: every one is checked; weights are not).
 """
 
 from __future__ import annotations
@@ -65,7 +66,64 @@ class CheckpointQuantization:
 
 
 def _refuse(where: str, key: str, value, why: str) -> CheckpointError:
-    return CheckpointError(f"{where}: {key} = {value!r}: {why}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return CheckpointError(f"{where}: {key} = {shown}: {why}")
+
+
+_FLOAT_SCALES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _checked(name: str, tensor: torch.Tensor, *, dtypes: tuple[torch.dtype, ...] = (),
+             shape: tuple[int | str, ...] | None = None, why: str = "",
+             finite: bool = False) -> torch.Tensor:
+    """The checkpoint's tensor `name`, after checking what unpacking it relies on: a dtype in
+    `dtypes`; `shape` (an int: that size; a str: any size >= 1, named in the message, `why`
+    appended to it); every value finite (for scales only, which are small: weights are
+    never scanned)."""
+    if dtypes and tensor.dtype not in dtypes:
+        names = [_dtype_name(d) for d in dtypes]
+        expected = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise CheckpointError(f"tensor {name} is {_dtype_name(tensor.dtype)}, expected {expected}")
+    if shape is not None and (tensor.dim() != len(shape) or any(
+            size != want if isinstance(want, int) else size < 1
+            for size, want in zip(tensor.shape, shape))):
+        shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+        raise CheckpointError(
+            f"tensor {name} has shape {tuple(tensor.shape)}, expected {shown}{why}")
+    if finite:
+        bad = ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        if count:
+            first = torch.nonzero(bad)[0].tolist()
+            at = f" at {first}" if first else ""
+            raise CheckpointError(
+                f"tensor {name} has {count} non-finite value{'s' if count > 1 else ''} "
+                f"(first: {float(tensor[tuple(first)])}{at}); the checkpoint is corrupt")
+    return tensor
+
+
+def _words(get, name: str, shape: tuple[str, str]) -> torch.Tensor:
+    """AWQ's / GPTQ's packed qweight or qzeros: 2-D int32 words."""
+    return _checked(name, get(name), dtypes=(torch.int32,), shape=shape)
+
+
+def _group_scales(get, module: str, in_features: int, out_features: int,
+                  group_size: int) -> torch.Tensor:  # (out, groups)
+    """AWQ's / GPTQ's scales (in / group_size, out), checked against the config's group size
+    (-1: one group)."""
+    if group_size != -1 and in_features % group_size:
+        raise CheckpointError(f"quantization_config.group_size {group_size} does not divide "
+                              f"{module}'s {in_features} input features")
+    groups = 1 if group_size == -1 else in_features // group_size
+    name = f"{module}.scales"
+    return _checked(name, get(name), dtypes=_FLOAT_SCALES, finite=True,
+                    shape=(groups, out_features), why=f" (quantization_config.group_size "
+                    f"{group_size} over {in_features} input features)").T
 
 
 # ─── one converter per format: module name → its contract tensors ──────────────────────
@@ -87,15 +145,16 @@ class _Converter:
     available: set[str] = field(default_factory=set)
 
 
-def _fp8_converter(where: str, static_input: bool, scale_name: str = "weight_scale") -> _Converter:
+def _fp8_converter(
+    where: str, static_input: bool, scale_name: str = "weight_scale"
+) -> _Converter:
     def weight(get, module):
-        tensor = get(f"{module}.weight")
-        if tensor.dtype != torch.float8_e4m3fn:
-            raise CheckpointError(f"tensor {module}.weight is {tensor.dtype}, expected float8_e4m3fn")
-        return tensor
+        name = f"{module}.weight"
+        return _checked(name, get(name), dtypes=(torch.float8_e4m3fn,))
 
     def weight_scale(get, module):
-        scale = get(f"{module}.{scale_name}").float()
+        name = f"{module}.{scale_name}"
+        scale = _checked(name, get(name), dtypes=_FLOAT_SCALES, finite=True).float()
         rows = get(f"{module}.weight").shape[0]
         if scale.numel() == 1:  # per tensor: the contract keeps one per output channel
             return scale.reshape(()).expand(rows).clone()
@@ -106,10 +165,21 @@ def _fp8_converter(where: str, static_input: bool, scale_name: str = "weight_sca
             )
         return scale.reshape(rows)
 
+    def input_scale(get, module):
+        name = f"{module}.input_scale"
+        scale = _checked(name, get(name), dtypes=_FLOAT_SCALES, finite=True)
+        if scale.numel() != 1:
+            raise CheckpointError(f"tensor {name} has shape {tuple(scale.shape)}, expected one "
+                                  "value (a static per-tensor input scale)")
+        if float(scale) <= 0:
+            raise CheckpointError(f"tensor {name} = {float(scale)}: expected a positive scale "
+                                  "(activations are divided by it)")
+        return scale.float().reshape(1)
+
     outputs = {"weight": weight, "weight_scale": weight_scale}
     needs = ("weight", scale_name)
     if static_input:
-        outputs["input_scale"] = lambda get, module: get(f"{module}.input_scale").float().reshape(1)
+        outputs["input_scale"] = input_scale
         needs += ("input_scale",)
     # A linear is quantised when it has a weight scale (an excluded lm_head has none).
     return _Converter(scale_name, needs, outputs, dropped=("k_scale", "v_scale"), where=where)
@@ -124,7 +194,45 @@ def _int4_outputs(unpack: Callable) -> dict:
     }
 
 
-def _compressed_tensors(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]:
+def _ct_unsupported(config: dict, group: dict, weights: dict, where: str, key: str) -> None:
+    """Refuse the compressed-tensors fields that change what the stored tensors mean, which
+    kiln would otherwise ignore."""
+    if config.get("transform_config"):
+        raise _refuse(where, "quantization_config.transform_config", config["transform_config"],
+                      "transforms (rotations of the weights) are not supported")
+    sparsity = config.get("sparsity_config")
+    # "dense" is the package's identity format: the weights are stored as they are.
+    if sparsity and not (isinstance(sparsity, dict) and sparsity.get("format") == "dense"):
+        raise _refuse(where, "quantization_config.sparsity_config", sparsity,
+                      "sparse compression formats are not supported")
+    # "weight" (alias "static") only changes the order GPTQ visited the columns in: the
+    # stored format is the same (the package's ActivationOrdering); "group" needs a g_idx.
+    actorder = weights.get("actorder")
+    if actorder not in (None, False) and str(actorder).lower() not in ("weight", "static"):
+        raise _refuse(where, f"{key}.weights.actorder", actorder,
+                      "activation-ordered groups are not supported; expected null or weight")
+    if group.get("output_activations") is not None:
+        raise _refuse(where, f"{key}.output_activations", group["output_activations"],
+                      "quantised output activations are not supported")
+
+
+def _ct_packed(get, module: str, bits: int) -> tuple[torch.Tensor, int, int]:
+    """compressed-tensors' weight_packed (out, ⌈in·bits/32⌉) int32, checked against the
+    (out, in) its weight_shape says: (weight_packed, out, in)."""
+    name = f"{module}.weight_shape"
+    sizes = _checked(name, get(name), dtypes=(torch.int32, torch.int64), shape=(2,)).tolist()
+    if min(sizes) < 1:
+        raise CheckpointError(f"tensor {name} = {sizes}: expected two positive sizes (out, in)")
+    out, columns = sizes
+    packed_name = f"{module}.weight_packed"
+    packed = _checked(packed_name, get(packed_name), dtypes=(torch.int32,),
+                      shape=(out, -(-columns * bits // 32)), why=f" for weight_shape {sizes}")
+    return packed, out, columns
+
+
+def _compressed_tensors(
+    config: dict, where: str
+) -> tuple[CheckpointQuantization, _Converter]:
     groups = config.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise _refuse(where, "quantization_config.config_groups",
@@ -132,15 +240,21 @@ def _compressed_tensors(config: dict, where: str) -> tuple[CheckpointQuantizatio
                       "exactly one quantisation group (one scheme for every linear) is supported")
     (group_name, group), = groups.items()
     key = f"quantization_config.config_groups.{group_name}"
-    weights = group.get("weights") or {}
-    activations = group.get("input_activations")
+    if not isinstance(group, dict):
+        raise _refuse(where, key, group, "expected an object")
+    weights, activations = group.get("weights"), group.get("input_activations")
+    if not isinstance(weights, dict):
+        raise _refuse(where, f"{key}.weights", weights, "expected an object")
+    if activations is not None and not isinstance(activations, dict):
+        raise _refuse(where, f"{key}.input_activations", activations, "expected an object")
+    _ct_unsupported(config, group, weights, where, key)
     fmt = group.get("format") or config.get("format")
     bits, kind = weights.get("num_bits"), weights.get("type")
     strategy, symmetric = weights.get("strategy"), weights.get("symmetric", True)
     if kind == "float":
         if fmt != "float-quantized" or bits != 8:
-            raise _refuse(where, f"{key}.weights.num_bits", bits, "only 8-bit float (FP8 E4M3) "
-                          "float-quantized weights are supported")
+            raise _refuse(where, f"{key}.weights.num_bits", bits, "only 8-bit float "
+                          "(FP8 E4M3) float-quantized weights are supported")
         if strategy not in ("tensor", "channel"):
             raise _refuse(where, f"{key}.weights.strategy", strategy,
                           "FP8 weights need a per-tensor or per-channel scale")
@@ -152,7 +266,8 @@ def _compressed_tensors(config: dict, where: str) -> tuple[CheckpointQuantizatio
             static = not activations.get("dynamic", False)
             if static and activations.get("strategy") != "tensor":
                 raise _refuse(where, f"{key}.input_activations.strategy",
-                              activations.get("strategy"), "static input scales must be per tensor")
+                              activations.get("strategy"),
+                              "static input scales must be per tensor")
         params = {"activation_scales": "static" if static else "dynamic"}
         return (CheckpointQuantization("fp8", params, "compressed-tensors"),
                 _fp8_converter(where, static))
@@ -166,7 +281,12 @@ def _compressed_tensors(config: dict, where: str) -> tuple[CheckpointQuantizatio
                       "(int8-wo) integer weights are supported")
     if strategy not in ("group", "channel"):
         raise _refuse(where, f"{key}.weights.strategy", strategy, "expected group or channel")
-    group_size = weights.get("group_size") if strategy == "group" else -1
+    group_size = -1
+    if strategy == "group":
+        group_size = weights.get("group_size")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+            raise _refuse(where, f"{key}.weights.group_size", group_size,
+                          "strategy group needs a positive integer group size")
     if bits == 8 and not symmetric:
         raise _refuse(where, f"{key}.weights.symmetric", symmetric,
                       "int8-wo is symmetric; asymmetric 8-bit weights are not supported")
@@ -174,36 +294,43 @@ def _compressed_tensors(config: dict, where: str) -> tuple[CheckpointQuantizatio
         raise _refuse(where, "quantization_config.format", fmt,
                       "integer weights must be pack-quantized, int-quantized or naive-quantized")
     if bits == 4 and fmt != "pack-quantized":
-        raise _refuse(where, "quantization_config.format", fmt, "4-bit weights must be pack-quantized")
+        raise _refuse(where, "quantization_config.format", fmt,
+                      "4-bit weights must be pack-quantized")
+
+    def weight_scale(get, module):  # (out, groups)
+        name = f"{module}.weight_scale"
+        return _checked(name, get(name), dtypes=_FLOAT_SCALES, finite=True)
 
     if bits == 8:
         def weight(get, module):
             if fmt == "pack-quantized":
-                stored = unpack_int32_bytes(get(f"{module}.weight_packed"))
-                columns = int(get(f"{module}.weight_shape")[1])
-                return (stored[:, :columns] - 128).to(torch.int8)
-            return get(f"{module}.weight").to(torch.int8)
+                packed, _, columns = _ct_packed(get, module, bits)
+                return (unpack_int32_bytes(packed)[:, :columns] - 128).to(torch.int8)
+            # Any other dtype would wrap on conversion (300 → 44): refuse it.
+            name = f"{module}.weight"
+            return _checked(name, get(name), dtypes=(torch.int8,))
 
         marker = "weight_packed" if fmt == "pack-quantized" else "weight"
         needs = (marker, "weight_scale") + (("weight_shape",) if fmt == "pack-quantized" else ())
         outputs = {"weight": weight, "weight_scale":
-                   lambda get, module: get(f"{module}.weight_scale").to(torch.float16)}
+                   lambda get, module: weight_scale(get, module).to(torch.float16)}
         quant = CheckpointQuantization("int8-wo", {"group_size": group_size}, "compressed-tensors")
         return quant, _Converter(marker, needs, outputs, dropped=("weight_shape",), where=where)
 
     def unpack(get, module):
-        out, columns = (int(v) for v in get(f"{module}.weight_shape"))
-        q = unpack_int32_nibbles(get(f"{module}.weight_packed"), dim=-1)[:, :columns]  # stored q + 8
-        scale = get(f"{module}.weight_scale")  # (out, groups)
+        packed, out, columns = _ct_packed(get, module, bits)
+        q = unpack_int32_nibbles(packed, dim=-1)[:, :columns]  # stored q + 8
+        scale = weight_scale(get, module)  # (out, groups)
         if symmetric:
             zero = torch.full(scale.shape, 8.0)
-        else:
-            zero = unpack_int32_nibbles(get(f"{module}.weight_zero_point"), dim=0)[:out]  # zp + 8
+        else:  # zp + 8
+            zero = unpack_int32_nibbles(get(f"{module}.weight_zero_point"), dim=0)[:out]
         return q, scale, zero
 
-    needs = ("weight_packed", "weight_scale", "weight_shape") + (() if symmetric else ("weight_zero_point",))
-    quant = CheckpointQuantization("int4-wo", {"group_size": group_size, "zero_point": not symmetric},
-                                   "compressed-tensors")
+    needs = ("weight_packed", "weight_scale", "weight_shape")
+    needs += () if symmetric else ("weight_zero_point",)
+    quant = CheckpointQuantization(
+        "int4-wo", {"group_size": group_size, "zero_point": not symmetric}, "compressed-tensors")
     return quant, _Converter("weight_packed", needs, _int4_outputs(unpack),
                              dropped=("weight_shape",), where=where)
 
@@ -221,12 +348,14 @@ def _awq(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]:
         raise _refuse(where, "quantization_config.zero_point", False,
                       "AWQ without zero points is not supported")
     if not isinstance(group_size, int) or group_size <= 0:
-        raise _refuse(where, "quantization_config.group_size", group_size, "expected a positive group size")
+        raise _refuse(where, "quantization_config.group_size", group_size,
+                      "expected a positive group size")
 
     def unpack(get, module):
-        q = awq_unpack(get(f"{module}.qweight")).T  # (in, out) → (out, in)
-        zero = awq_unpack(get(f"{module}.qzeros")).T  # (out, groups)
-        scale = get(f"{module}.scales").T  # (out, groups)
+        qweight = _words(get, f"{module}.qweight", ("in", "out/8"))
+        q = awq_unpack(qweight).T  # (in, out) → (out, in)
+        zero = awq_unpack(_words(get, f"{module}.qzeros", ("groups", "out/8"))).T  # (out, groups)
+        scale = _group_scales(get, module, q.shape[1], q.shape[0], group_size)  # (out, groups)
         return q, scale, zero
 
     quant = CheckpointQuantization("int4-wo", {"group_size": group_size, "zero_point": True}, "awq")
@@ -237,7 +366,8 @@ def _awq(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]:
 def _gptq(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]:
     bits, group_size = config.get("bits"), config.get("group_size", -1)
     if bits not in (4, 8):
-        raise _refuse(where, "quantization_config.bits", bits, "only 4-bit and 8-bit GPTQ are supported")
+        raise _refuse(where, "quantization_config.bits", bits,
+                      "only 4-bit and 8-bit GPTQ are supported")
     if config.get("desc_act", False):
         raise _refuse(where, "quantization_config.desc_act", True, "activation-order GPTQ is not "
                       "supported; re-export with desc_act false")
@@ -262,23 +392,31 @@ def _gptq(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]
     def trivial_g_idx(get, module, columns: int, group: int):
         name = f"{module}.g_idx"
         if name in converter.available:
-            g_idx = get(name).long()
+            g_idx = _checked(name, get(name), shape=(columns,),
+                             why=" (one group index per input column)").long()
             if not torch.equal(g_idx, torch.arange(columns) // group):
                 raise CheckpointError(f"tensor {name} is not in order (activation-order "
                                       "GPTQ is not supported; re-export with desc_act false)")
 
+    def qweight(get, module):  # (in·bits/32, out)
+        return _words(get, f"{module}.qweight", (f"in·{bits}/32", "out"))
+
     def unpack(get, module):
-        q = unpack_values(get(f"{module}.qweight"), dim=0).T  # (in, out) → (out, in)
-        zero = ((unpack_values(get(f"{module}.qzeros"), dim=-1) + zero_offset) & mask).T
-        scale = get(f"{module}.scales").T  # (out, groups)
-        trivial_g_idx(get, module, q.shape[1], q.shape[1] // scale.shape[1])
-        return q, scale, zero[: scale.shape[0]]
+        q = unpack_values(qweight(get, module), dim=0).T  # (in, out) → (out, in)
+        qzeros = _words(get, f"{module}.qzeros", ("groups", f"out·{bits}/32"))
+        zero = ((unpack_values(qzeros, dim=-1) + zero_offset) & mask).T
+        out, columns = q.shape
+        scale = _group_scales(get, module, columns, out, group_size)  # (out, groups)
+        trivial_g_idx(get, module, columns, columns // scale.shape[1])
+        return q, scale, zero[:out]
 
     needs = ("qweight", "qzeros", "scales")
     if bits == 4:
         quant = CheckpointQuantization("int4-wo", {"group_size": group_size,
-                                                   "zero_point": not config.get("sym", True)}, "gptq")
-        converter = _Converter("qweight", needs, _int4_outputs(unpack), dropped=("g_idx",), where=where)
+                                                   "zero_point": not config.get("sym", True)},
+                                       "gptq")
+        converter = _Converter("qweight", needs, _int4_outputs(unpack), dropped=("g_idx",),
+                               where=where)
     else:
         def weight(get, module):
             q, _, zero = unpack(get, module)
@@ -287,11 +425,14 @@ def _gptq(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]
                                       "(zero point 128) for int8-wo")
             return (q - 128).to(torch.int8)
 
+        def weight_scale(get, module):
+            packed = qweight(get, module)  # (in·8/32, out)
+            scale = _group_scales(get, module, packed.shape[0] * 4, packed.shape[1], group_size)
+            return scale.to(torch.float16)
+
         quant = CheckpointQuantization("int8-wo", {"group_size": group_size}, "gptq")
-        converter = _Converter("qweight", needs, {
-            "weight": weight,
-            "weight_scale": lambda get, module: get(f"{module}.scales").T.to(torch.float16),
-        }, dropped=("g_idx",), where=where)
+        converter = _Converter("qweight", needs, {"weight": weight, "weight_scale": weight_scale},
+                               dropped=("g_idx",), where=where)
     return quant, converter
 
 
@@ -321,7 +462,8 @@ def detect(directory: Path, config: dict) -> tuple[CheckpointQuantization, _Conv
     if quant_config is None:
         return None
     if not isinstance(quant_config, dict):
-        raise _refuse(where, "quantization_config", type(quant_config).__name__, "expected an object")
+        raise _refuse(where, "quantization_config", type(quant_config).__name__,
+                      "expected an object")
     method = quant_config.get("quant_method")
     if method == "compressed-tensors":
         return _compressed_tensors(quant_config, where)
@@ -330,7 +472,8 @@ def detect(directory: Path, config: dict) -> tuple[CheckpointQuantization, _Conv
     if method == "gptq":
         return _gptq(quant_config, where)
     if method == "modelopt":
-        raise CheckpointError(f"{where}: quant_method modelopt needs hf_quant_config.json beside it")
+        raise CheckpointError(
+            f"{where}: quant_method modelopt needs hf_quant_config.json beside it")
     raise _refuse(where, "quantization_config.quant_method", method,
                   "supported: compressed-tensors, awq, gptq, modelopt (fp8)")
 
