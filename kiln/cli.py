@@ -1,13 +1,16 @@
 """kiln build | inspect | generate | chat | bench | serve.
 
 User errors (KilnError, ValueError from validation) print one line and exit 1, with no
-traceback; anything else is a kiln bug and keeps its traceback.
+traceback; anything else is a kiln bug and keeps its traceback. Ctrl-C exits 130; SIGTERM
+exits 143 through the same cleanup as an error (a build leaves no staging directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from kiln.bench.cli import add_bench_parsers
@@ -253,8 +256,26 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM as an exception (exit status 143), so cleanup runs as for an error: a build's
+    staging directory is removed (write_engine). A second SIGTERM ends the process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
+
+
+def _catch_sigterm():
+    """Install _exit_on_sigterm where SIGTERM has its default action (a caller's own handler
+    or an inherited SIG_IGN stays); returns the handler to restore, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # handlers are the main thread's to set
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    previous = _catch_sigterm()
     try:
         args.func(args)
     except (KilnError, ValueError) as error:
@@ -262,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

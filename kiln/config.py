@@ -110,6 +110,17 @@ class BuildConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent_quantisation(self) -> "BuildConfig":
+        # --quant keep takes the checkpoint's groups and scales as stored: a flag that would
+        # change them is refused rather than ignored.
+        keep_ignores = (
+            ("--group-size", self.group_size is not None, "uses the checkpoint's own groups"),
+            ("--quant-lm-head", self.quant_lm_head, "keeps the LM head the checkpoint stores"),
+            ("--act-scales", self.act_scales is not None, "keeps the checkpoint's own "
+             "activation scales"),
+        )
+        for flag, given, what_keep_does in keep_ignores:
+            if given and self.quant == KEEP_QUANTIZATION:
+                raise ValueError(f"{flag}: --quant keep {what_keep_does}; drop the flag")
         if self.act_scales == "static" and not self.calibration:
             raise ValueError("--act-scales static needs --calibration: static activation "
                              "scales are measured by running calibration data")
@@ -130,6 +141,9 @@ class BuildConfig(BaseModel):
         if self.calibration and self.quant == "none" and self.kv_cache_dtype == "auto":
             raise ValueError("--calibration has nothing to calibrate without --quant or "
                              "--kv-cache-dtype fp8")
+        if self.quant == KEEP_QUANTIZATION and self.calibration and self.kv_cache_dtype != "fp8":
+            raise ValueError("--calibration with --quant keep only calibrates the FP8 KV "
+                             "cache: add --kv-cache-dtype fp8 or drop it")
         return self
 
 

@@ -381,7 +381,9 @@ class _GGUFTensors:
         infos: dict[str, TensorInfo],
         qk_heads: dict[str, int],
         kept: dict[str, str] | None = None,
+        path: Path | None = None,
     ):
+        self._path = path  # named in the errors of kept tensors
         self._reader = reader  # keeps the memory map the tensor views point into alive
         by_gguf_name = {t.name: t for t in reader.tensors}
         self._tensors = {hf: by_gguf_name[name] for name, hf in hf_names.items()}
@@ -421,7 +423,9 @@ class _GGUFTensors:
         hf_name = self._kept[name]
         source = self._tensors[hf_name]
         rows = self._shapes[hf_name][0]
-        tensor = gguf_quantized.convert(source.data, source.tensor_type, rows)[name.rpartition(".")[2]]
+        where = f"{self._path}: GGUF tensor {source.name}"
+        tensor = gguf_quantized.convert(source.data, source.tensor_type, rows, where)
+        tensor = tensor[name.rpartition(".")[2]]
         if hf_name in self._qk_heads:  # whole rows move: the same un-permute as the weights
             tensor = _unpermute_qk(tensor, self._qk_heads[hf_name])
         return tensor.contiguous()
@@ -572,7 +576,7 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
     kept, quantization = ({}, None)
     if keep_quantized:
         kept, quantization = _kept_linears(path, hf_names, infos)
-    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept)
+    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept, path)
 
     generation_config = _special_token_ids(meta, config["vocab_size"])
     save_tokenizer = None

@@ -11,6 +11,10 @@ A block covers 32 consecutive input columns of one row (ggml's block layouts):
 so Q8_0 → int8-wo, scale d; Q4_0 → int4-wo, scale d, zero 8; Q4_1 → int4-wo, scale d,
 zero −m/d (fractional; float16 keeps it to 2⁻¹⁰ relative, well inside one step). A Q4_1
 block with d = 0 holds one value m (all q are 0): zero −1 and scale m give it back.
+
+A block whose d (or Q4_1's m) is inf or NaN is corruption, refused when the tensor is read:
+only those float16 arrays are checked (one value a block), never the weights. A negative d
+is normal (llama.cpp's Q8_0 / Q4_0 keep the sign of the block's largest value in it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from kiln.checkpoint.packing import pack_int4_rows
+from kiln.errors import CheckpointError
 
 BLOCK = 32
 KEEPABLE = {
@@ -45,20 +50,37 @@ def _nibble_columns(packed: np.ndarray) -> torch.Tensor:  # (rows, nb, 16) → (
     return torch.from_numpy(np.concatenate([low, high], axis=-1).reshape(packed.shape[0], -1))
 
 
-def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int) -> dict[str, torch.Tensor]:
-    """One GGUF tensor's raw blocks → its contract tensors by name (rows in file order)."""
+def _check_scales(where: str, *scales: torch.Tensor) -> None:  # each (rows, nb)
+    """CheckpointError unless every block's scales are finite (`where` names the tensor)."""
+    bad = ~torch.isfinite(scales[0])
+    for scale in scales[1:]:
+        bad |= ~torch.isfinite(scale)
+    count = int(bad.sum())
+    if count:
+        first = int(bad.flatten().nonzero()[0])  # in file order: row · blocks a row + block
+        raise CheckpointError(f"{where} has {count} blocks with non-finite scales "
+                              f"(first: block {first}); the file is corrupt")
+
+
+def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int,
+            where: str) -> dict[str, torch.Tensor]:
+    """One GGUF tensor's raw blocks → its contract tensors by name (rows in file order);
+    `where` names the tensor in the error a block with a non-finite scale raises."""
     scheme, block_bytes = KEEPABLE[ggml_type]
     blocks = _blocks(raw, rows, block_bytes)
-    if ggml_type == GGMLQuantizationType.Q8_0:
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1))
-        return {"weight": q, "weight_scale": _f16(blocks, 0)}
     d = _f16(blocks, 0)
+    if ggml_type == GGMLQuantizationType.Q8_0:
+        _check_scales(where, d)
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1))
+        return {"weight": q, "weight_scale": d}
     q = _nibble_columns(blocks[..., 2 if ggml_type == GGMLQuantizationType.Q4_0 else 4 :])
     if ggml_type == GGMLQuantizationType.Q4_0:
+        _check_scales(where, d)
         zero = torch.full_like(d, 8.0)
         scale = d
     else:
         m = _f16(blocks, 2).float()
+        _check_scales(where, d, m)
         d32 = d.float()
         empty = d32 == 0
         zero = torch.where(empty, -1.0, -m / torch.where(empty, 1.0, d32)).to(torch.float16)

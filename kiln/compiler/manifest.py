@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +165,9 @@ def write_engine(
     force: bool = False,
     chunk_bytes: int = HASH_CHUNK_BYTES,
 ) -> Path:
-    """Write into a temporary sibling directory, then rename: a failed build leaves nothing.
+    """Write into a temporary sibling directory, then rename: a failed build leaves nothing
+    (one killed outright leaves its directory, which the next build of `output` on the same host
+removes).
     rank_weights[r] is global rank r's tensors, written to layout.rank_files[r]."""
     output = Path(output)
     if len(rank_weights) != layout.world_size:
@@ -172,7 +176,8 @@ def write_engine(
         )
     if output.exists() and not force:
         raise EngineFormatError(f"{output} already exists; pass --force to replace it")
-    staging = output.parent / f".{output.name}.building-{os.getpid()}"
+    _remove_stale_staging(output)
+    staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -214,6 +219,41 @@ def write_engine(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _staging_prefix(output: Path) -> str:
+    """`.NAME.building-HOST-` (+ the building process's pid): the host, because an output
+    directory on a shared file system may be written from several machines, and a pid is
+    only known to be dead on its own."""
+    host = socket.gethostname().replace(os.sep, "_") or "localhost"
+    return f".{output.name}.building-{host}-"
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Remove the staging directories of builds of `output` on this host whose process is
+    gone (killed before its cleanup ran: SIGKILL, a crash), saying so on stderr. A directory
+    whose process is alive is another build in progress, and one from another host (or named
+    otherwise) is not ours to judge: both stay."""
+    prefix = _staging_prefix(output)
+    if not output.parent.is_dir():
+        return
+    for path in output.parent.iterdir():
+        pid = path.name.removeprefix(prefix)
+        if path.name == pid or not pid.isdigit() or not path.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            print(f"removed {path.name} left by an interrupted build", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a pid this system cannot have: keep it)
+    return True
 
 
 def _umask_file_mode() -> int:

@@ -8,7 +8,10 @@ full-precision weight between loading and `process_weights_after_loading`.
 
 Scales are computed in float32 and stored in the contract's dtype (kiln/quant/*.py). The
 functions take the weight on any device: the builder quantises on the GPU when there is one
-(an 8B model's 8 G weights take minutes of CPU time otherwise).
+(an 8B model's 8 G weights take minutes of CPU time otherwise). A weight row holding inf or
+NaN makes its scale inf or NaN (amax, min and max carry both): the scale functions check the
+scales they compute, one value a row or group, and raise NonFiniteWeightError, which the
+builder turns into an error naming the checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +30,22 @@ _MIN_SCALE = 1e-12
 # process_weights_after_loading. While it is there, `apply` multiplies by it unquantised:
 # calibration (kiln/quant/calibration.py) runs the model in that state.
 FULL_PRECISION = "full_precision_weight"
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight row (of the layer's (out, in) weight) holds inf or NaN."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"a weight has non-finite values (row {row}); kiln cannot quantise it")
+        self.row = row
+
+
+def _finite(scale: torch.Tensor) -> torch.Tensor:  # (out,) or (out, groups)
+    """`scale`, or NonFiniteWeightError naming the first row with an inf or NaN scale."""
+    bad = ~torch.isfinite(scale)
+    if bad.any():  # one host sync per layer, at build
+        raise NonFiniteWeightError(int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0]))
+    return scale
 
 
 def stage_full_precision_weight(
@@ -89,7 +108,7 @@ def int4_levels(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 def fp8_channel_scales(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) float → float32 scales (out,): each row's amax maps onto E4M3's 448."""
-    return (weight.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return _finite((weight.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE))
 
 
 def quantize_fp8_per_channel(
@@ -108,7 +127,7 @@ def int8_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
     scale = (groups.abs().amax(dim=2) / 127.0).clamp(min=_MIN_SCALE)
-    return scale.to(torch.float16).float().clamp(min=6e-8)
+    return _finite(scale.to(torch.float16).float().clamp(min=6e-8))
 
 
 def quantize_int8(
@@ -141,7 +160,7 @@ def int4_grid(
         scale = (groups.abs().amax(dim=2) / 8.0).clamp(min=_MIN_SCALE)
         scale = scale.to(torch.float16).float().clamp(min=6e-8)
         zero = torch.full_like(scale, 8.0)
-    return scale, zero
+    return _finite(scale), zero
 
 
 def quantize_int4(

@@ -1,0 +1,79 @@
+"""`kiln build x.gguf --quant keep` of a file whose kept blocks have inf / NaN scales: one
+line naming the tensor, the count and the first block, and no engine left behind. A
+negative d is normal GGUF and is kept."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import gguf
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from kiln.checkpoint.gguf import read_gguf
+from kiln.cli import main
+from tests.checkpoint.test_gguf import write_tiny_gguf
+from tests.compiler.test_build_errors import assert_nothing_left, assert_one_line_error
+
+TENSOR = "blk.0.ffn_down.weight"  # (64 rows, 128 inputs): 4 blocks a row
+BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
+
+
+def write_gguf(path: Path, qtype: Q) -> Path:
+    write_tiny_gguf(path, qtype=qtype, hidden=64, inter=128, heads=4, kv_heads=2, layers=2,
+                    tokenizer=False)
+    return path
+
+
+def set_block_scales(path: Path, qtype: Q, blocks: list[int], value: float,
+                     offset: int = 0) -> None:
+    """Write `value` as the float16 at `offset` (0: d, 2: Q4_1's m) of each block of TENSOR."""
+    reader = gguf.GGUFReader(path)
+    start = int(next(t for t in reader.tensors if t.name == TENSOR).data_offset)
+    del reader  # its memory map
+    raw = bytearray(path.read_bytes())
+    for block in blocks:
+        struct.pack_into("<e", raw, start + block * BLOCK_BYTES[qtype] + offset, value)
+    path.write_bytes(bytes(raw))
+
+
+def build_keep(capsys, source: Path, out: Path) -> tuple[int, str]:
+    code = main(["build", str(source), "-o", str(out), "--quant", "keep", "--dtype", "float32"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("qtype, value", [
+    (Q.Q8_0, float("nan")), (Q.Q8_0, float("inf")), (Q.Q4_0, float("-inf")),
+    (Q.Q4_1, float("nan")),
+], ids=["Q8_0-nan", "Q8_0-inf", "Q4_0-neg-inf", "Q4_1-nan"])
+def test_non_finite_d_is_refused_naming_tensor_count_and_first_block(
+        tmp_path, capsys, qtype, value):
+    path = write_gguf(tmp_path / "model.gguf", qtype)
+    set_block_scales(path, qtype, [41, 17, 200], value)
+    code, err = build_keep(capsys, path, tmp_path / "engine")
+    assert_one_line_error(
+        code, err, f"{path}: GGUF tensor {TENSOR} has 3 blocks with non-finite scales "
+        "(first: block 17); the file is corrupt")
+    assert_nothing_left(tmp_path, "engine")
+
+
+def test_non_finite_q4_1_minimum_is_refused(tmp_path, capsys):
+    path = write_gguf(tmp_path / "model.gguf", Q.Q4_1)
+    set_block_scales(path, Q.Q4_1, [5], float("inf"), offset=2)  # m; d stays finite
+    code, err = build_keep(capsys, path, tmp_path / "engine")
+    assert_one_line_error(code, err, f"GGUF tensor {TENSOR} has 1 blocks with non-finite "
+                          "scales (first: block 5)")
+    assert_nothing_left(tmp_path, "engine")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
+def test_negative_d_is_kept(tmp_path, capsys, qtype):
+    path = write_gguf(tmp_path / "model.gguf", qtype)
+    set_block_scales(path, qtype, [3], -0.5)
+    scale = read_gguf(path, keep_quantized=True).tensors.get(
+        "model.layers.0.mlp.down_proj.weight_scale")
+    assert scale[0, 3] == -0.5
+    code, err = build_keep(capsys, path, tmp_path / "engine")
+    assert code == 0, err
+    assert (tmp_path / "engine" / "engine.json").is_file()
