@@ -107,6 +107,20 @@ def _checked(name: str, tensor: torch.Tensor, *, dtypes: tuple[torch.dtype, ...]
     return tensor
 
 
+def _float16_scales(name: str, scale: torch.Tensor) -> torch.Tensor:
+    """`scale` as the float16 kiln's int schemes store, or CheckpointError where a finite
+    value lies beyond float16's range (it would become inf, and the layer's outputs NaN)."""
+    converted = scale.to(torch.float16)
+    over = torch.isinf(converted) & torch.isfinite(scale)
+    if bool(over.any()):
+        first = torch.nonzero(over)[0].tolist()
+        raise CheckpointError(
+            f"tensor {name} holds {float(scale[tuple(first)])} at {first}, beyond float16's "
+            "range (±65504) in which kiln stores int scales; the checkpoint's weights are "
+            "not what an int4 / int8 checkpoint of a real model holds")
+    return converted
+
+
 def _words(get, name: str, shape: tuple[str, str]) -> torch.Tensor:
     """AWQ's / GPTQ's packed qweight or qzeros: 2-D int32 words."""
     return _checked(name, get(name), dtypes=(torch.int32,), shape=shape)
@@ -189,7 +203,8 @@ def _int4_outputs(unpack: Callable) -> dict:
     """unpack(get, module) → (q (out, in) 0..15, scale (out, groups), zero (out, groups))."""
     return {
         "qweight": lambda get, module: pack_int4_rows(unpack(get, module)[0]),
-        "weight_scale": lambda get, module: unpack(get, module)[1].to(torch.float16),
+        "weight_scale": lambda get, module: _float16_scales(f"{module}'s scales",
+                                                            unpack(get, module)[1]),
         "weight_zero": lambda get, module: unpack(get, module)[2].to(torch.float16),
     }
 
@@ -313,7 +328,8 @@ def _compressed_tensors(
         marker = "weight_packed" if fmt == "pack-quantized" else "weight"
         needs = (marker, "weight_scale") + (("weight_shape",) if fmt == "pack-quantized" else ())
         outputs = {"weight": weight, "weight_scale":
-                   lambda get, module: weight_scale(get, module).to(torch.float16)}
+                   lambda get, module: _float16_scales(f"{module}.weight_scale",
+                                                       weight_scale(get, module))}
         quant = CheckpointQuantization("int8-wo", {"group_size": group_size}, "compressed-tensors")
         return quant, _Converter(marker, needs, outputs, dropped=("weight_shape",), where=where)
 
@@ -428,7 +444,7 @@ def _gptq(config: dict, where: str) -> tuple[CheckpointQuantization, _Converter]
         def weight_scale(get, module):
             packed = qweight(get, module)  # (in·8/32, out)
             scale = _group_scales(get, module, packed.shape[0] * 4, packed.shape[1], group_size)
-            return scale.to(torch.float16)
+            return _float16_scales(f"{module}.scales", scale)
 
         quant = CheckpointQuantization("int8-wo", {"group_size": group_size}, "gptq")
         converter = _Converter("qweight", needs, {"weight": weight, "weight_scale": weight_scale},

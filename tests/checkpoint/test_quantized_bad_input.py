@@ -121,6 +121,20 @@ def test_non_finite_scales_are_refused_naming_the_first(written, tmp_path, kind,
     _refused(source, f"tensor {M}.{suffix} {message}{CORRUPT}")
 
 
+@pytest.mark.parametrize("kind, suffix, shown", [
+    ("ct-int8", "weight_scale", "weight_scale"), ("ct-int4", "weight_scale", "'s scales"),
+])
+def test_scales_beyond_float16_are_refused(written, tmp_path, kind, suffix, shown):
+    """kiln stores int scales in float16: a finite float32 scale past 65504 would become inf
+    (NaN outputs) without a word."""
+    source = _copy(written, kind, tmp_path)
+    _set_tensor(source, f"{M}.{suffix}", lambda t: _with({(2, 0): 1e6})(t.float()))
+    name = f"{M}.{suffix}" if shown == suffix else f"{M}{shown}"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"tensor {name} holds 1000000.0 at [2, 0], beyond float16's range")):
+        _read_module(source)
+
+
 @pytest.mark.parametrize("kind, suffix, change, kept", [
     ("awq", "scales", torch.zeros_like, lambda s: s == 0),  # a zero group: all its weights 0
     ("ct-fp8", "weight_scale", torch.neg, lambda s: s < 0),
