@@ -134,11 +134,19 @@ def default_skinny_fp8_config(m: int, n: int, k: int) -> SkinnyFp8Config:
     99.7 → 81.5 µs for one layer's four linears."""
     block_n, block_k = 64, 256
     tiles = max(1, k // min(block_k, k & -k))
-    column_blocks = triton.cdiv(n, block_n)
-    split_k = 1
-    while column_blocks * split_k < 2 * NUM_SMS // 3 and tiles // (2 * split_k) >= 4:
-        split_k *= 2
+    split_k = default_split_k(triton.cdiv(n, block_n), tiles)
     return SkinnyFp8Config(block_n, block_k, tokens=MAX_TOKENS, split_k=split_k)
+
+
+def default_split_k(column_blocks: int, tiles: int, shallower: int = 1) -> int:
+    """The split rule above: double the split while the programs number fewer than two thirds
+    of the SMs (times `shallower`: K tiles that many times less deep than 256 make a
+    latency-bound loop, skinny_int8's clipped tiles) and each split keeps >= 4 tiles."""
+    split_k = 1
+    while (column_blocks * split_k < 2 * NUM_SMS // 3 * shallower
+           and tiles // (2 * split_k) >= 4):
+        split_k *= 2
+    return split_k
 
 
 @triton.jit

@@ -34,10 +34,10 @@ from kiln.kernels import skinny_int8_gluon
 from kiln.kernels.skinny_fp8 import (
     MAX_TOKENS,
     MIN_BLOCK_K,
-    NUM_SMS,
     SkinnyFp8Config,
     _skinny_fp8_kernel,
     default_skinny_fp8_config,
+    default_split_k,
     sum_split_k_partials,
 )
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
@@ -168,12 +168,7 @@ def _split_for_shallow_tiles(n: int, tiles: int, block_n: int, shallower: int) -
     H100, g64 at 8 rows (results/s24-h100/callD.txt, µs, split 1 / 2 / 4 / 8): 5760 × 2880
     35.3 / 21.6 / 15.8 / 14.5, 2880 × 2880 33.9 / 19.4 / 12.7 / 10.4, 2880 × 5760 57.0 /
     31.8 / 22.2 / 16.4 (quant_linear 32.2, 29.2, 57.8)."""
-    column_blocks = triton.cdiv(n, block_n)
-    split_k = 1
-    while (column_blocks * split_k < 2 * NUM_SMS // 3 * shallower
-           and tiles // (2 * split_k) >= 4):
-        split_k *= 2
-    return split_k
+    return default_split_k(triton.cdiv(n, block_n), tiles, shallower)
 
 
 def gluon_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
