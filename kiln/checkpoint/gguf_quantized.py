@@ -9,8 +9,12 @@ A block covers 32 consecutive input columns of one row (ggml's block layouts):
     nibbles: byte j holds column j (low nibble) and column j + 16 (high nibble)
 
 so Q8_0 → int8-wo, scale d; Q4_0 → int4-wo, scale d, zero 8; Q4_1 → int4-wo, scale d,
-zero −m/d (fractional; float16 keeps it to 2⁻¹⁰ relative, well inside one step). A Q4_1
-block with d = 0 holds one value m (all q are 0): zero −1 and scale m give it back.
+zero −m/d (fractional; float16 rounds it to 2⁻¹¹ relative, an error of at most 2⁻¹¹ · |m| in a
+weight, below bfloat16's own resolution of m). A Q4_1 block with d = 0 holds one value m (all
+q are 0): zero −1 and scale m give it back. A block whose −m/d lies past float16's range
+(|m| > 65504 · |d|: its 16 levels span less than 2⁻¹¹ of m, so in bfloat16 it is one value)
+is kept the same way, as its mean m + d · mean(q): float16 would make its zero inf, and every
+output it touches NaN.
 
 A block whose d (or Q4_1's m) is inf or NaN is corruption, refused when the tensor is read:
 only those float16 arrays are checked (one value a block), never the weights. A negative d
@@ -27,6 +31,7 @@ from kiln.checkpoint.packing import pack_int4_rows
 from kiln.errors import CheckpointError
 
 BLOCK = 32
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 KEEPABLE = {
     GGMLQuantizationType.Q8_0: ("int8-wo", 34),
     GGMLQuantizationType.Q4_0: ("int4-wo", 18),
@@ -82,7 +87,12 @@ def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int,
         m = _f16(blocks, 2).float()
         _check_scales(where, d, m)
         d32 = d.float()
-        empty = d32 == 0
-        zero = torch.where(empty, -1.0, -m / torch.where(empty, 1.0, d32)).to(torch.float16)
-        scale = torch.where(empty, m, d32).to(torch.float16)
+        # One value a block: d = 0, or levels finer than float16 can place the zero for.
+        flat = (d32 == 0) | (m.abs() > _FLOAT16_MAX * d32.abs())
+        levels = q.view(rows, -1, BLOCK)
+        mean = m + d32 * levels.float().mean(dim=-1)
+        if bool(flat.any()):
+            levels.masked_fill_(flat.unsqueeze(-1), 0)
+        zero = torch.where(flat, -1.0, -m / torch.where(flat, 1.0, d32)).to(torch.float16)
+        scale = torch.where(flat, mean, d32).to(torch.float16)
     return {"qweight": pack_int4_rows(q), "weight_scale": scale, "weight_zero": zero}

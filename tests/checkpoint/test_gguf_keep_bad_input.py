@@ -1,6 +1,7 @@
 """`kiln build x.gguf --quant keep` of a file whose kept blocks have inf / NaN scales: one
 line naming the tensor, the count and the first block, and no engine left behind. A
-negative d is normal GGUF and is kept."""
+negative d is normal GGUF and is kept, and so is a Q4_1 block whose zero point would not fit
+float16."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import gguf
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 
 from kiln.checkpoint.gguf import read_gguf
+from kiln.checkpoint.packing import dequantize_int4
 from kiln.cli import main
 from tests.checkpoint.test_gguf import write_tiny_gguf
 from tests.compiler.test_build_errors import assert_nothing_left, assert_one_line_error
@@ -77,3 +80,28 @@ def test_negative_d_is_kept(tmp_path, capsys, qtype):
     code, err = build_keep(capsys, path, tmp_path / "engine")
     assert code == 0, err
     assert (tmp_path / "engine" / "engine.json").is_file()
+
+
+def test_q4_1_block_whose_zero_overflows_float16_is_kept_as_its_mean(tmp_path, capsys):
+    """−m/d past float16's range (d = 2⁻²⁴, m = 2: −m/d ≈ −3.4e7) used to become an inf zero
+    point and NaN outputs. Such a block's 16 levels span 15 · 2⁻²⁴, far below bfloat16's
+    resolution of m, so it is kept as one value, m + d · mean(q); the other blocks are kept
+    exactly as before."""
+    path = write_gguf(tmp_path / "model.gguf", Q.Q4_1)
+    before = read_gguf(path, keep_quantized=True).tensors
+    module = "model.layers.0.mlp.down_proj"
+    expected = dequantize_int4(*(before.get(f"{module}.{name}")
+                                 for name in ("qweight", "weight_scale", "weight_zero")))
+    set_block_scales(path, Q.Q4_1, [6], 2.0 ** -24)  # d, the smallest float16 above 0
+    set_block_scales(path, Q.Q4_1, [6], 2.0, offset=2)  # m
+    kept = read_gguf(path, keep_quantized=True).tensors
+    zero = kept.get(f"{module}.weight_zero")
+    assert torch.isfinite(zero).all()
+    got = dequantize_int4(kept.get(f"{module}.qweight"), kept.get(f"{module}.weight_scale"), zero)
+    row, block = divmod(6, 4)  # 4 blocks a row
+    columns = slice(32 * block, 32 * block + 32)
+    torch.testing.assert_close(got[row, columns], torch.full((32,), 2.0), atol=2 ** -20, rtol=0)
+    got[row, columns] = expected[row, columns]
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)  # nothing else moved
+    code, err = build_keep(capsys, path, tmp_path / "engine")
+    assert code == 0, err
