@@ -36,7 +36,6 @@ from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
 from kiln.quant.config import NO_QUANTIZATION, QuantConfig, quant_config_for_build
 from kiln.quant.fp8 import check_fp8_device
 from kiln.quant.layer_selection import select_layers
-from kiln.quant.quantize import NonFiniteWeightError
 from kiln.quant.scheme_base import LM_HEAD_PREFIX
 from kiln.runtime.kv_tensors import kv_scales_of
 
@@ -193,19 +192,6 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
     return quant_config_for_build(build_config.quant, options)
 
 
-def _checkpoint_row(model: CausalLM, layer: LinearBase, row: int) -> tuple[str, int]:
-    """A row of a layer's (out, in) weight → (the checkpoint tensor it was loaded from, its row
-    there): a fused layer's (q|k|v, gate|up) rows come from several tensors."""
-    for fused, parts in model.packed_modules_mapping.items():
-        if layer.prefix.endswith(f".{fused}"):
-            for source, part_id in parts:
-                place = layer.placement(part_id)
-                if 0 <= row - place.output_offset < place.output_size:
-                    name = f"{layer.prefix.removesuffix(fused)}{source}.weight"
-                    return name, row - place.output_offset + place.output_start
-    return f"{layer.prefix}.weight", row
-
-
 def _calibrate(model: CausalLM, build_config: BuildConfig, quant_config: QuantConfig,
                checkpoint: Checkpoint | None, progress: bool) -> QuantConfig:
     """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
@@ -314,12 +300,7 @@ def build_engine(
                if isinstance(m, CheckpointLoadable) and id(m) not in processed]
     gptq = bool(getattr(quant_config, "gptq", False))
     for module in tqdm(pending, desc="GPTQ", unit="module", disable=not (progress and gptq)):
-        try:
-            module.process_weights_after_loading()
-        except NonFiniteWeightError as error:
-            name, row = _checkpoint_row(model, module, error.row)
-            raise KilnError(f"{name} has non-finite values (row {row}); kiln cannot "
-                            f"quantise it") from None
+        model.process_layer(module)
     compute_names = model.compute_dtype_names()
     weights = {
         name: (t.to(dtype) if name in compute_names else t).contiguous()

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, KilnError
 from kiln.layers.loading import CheckpointLoadable, default_weight_loader
 from kiln.models.config import ModelConfig
 from kiln.layers.embedding import ParallelLMHead, QuantizedLMHead
@@ -25,6 +25,7 @@ from kiln.parallel.pipeline import OtherStage, is_on_other_stage
 from kiln.parallel.state import SINGLE_PROCESS, ParallelState
 from kiln.quant.base import UnquantizedLinearMethod, has_fixed_dtype
 from kiln.quant.config import NO_QUANTIZATION, QuantConfig
+from kiln.quant.quantize import NonFiniteWeightError
 
 
 class CausalLM(nn.Module, abc.ABC):
@@ -205,7 +206,34 @@ class CausalLM(nn.Module, abc.ABC):
         """Every layer's build-time step after its tensors are in (quantisation)."""
         for module in self.modules():
             if isinstance(module, CheckpointLoadable):
-                module.process_weights_after_loading()
+                self.process_layer(module)
+
+    def process_layer(self, layer: CheckpointLoadable) -> None:
+        """One layer's after-loading step; a weight with inf or NaN (its quantisation scales
+        are not finite) becomes a KilnError naming the checkpoint tensor and row."""
+        try:
+            layer.process_weights_after_loading()
+        except NonFiniteWeightError as error:
+            name, row = self.checkpoint_row(layer, error.row)
+            raise KilnError(f"{name} has non-finite values (row {row}); kiln cannot "
+                            f"quantise it") from None
+
+    def checkpoint_row(self, layer: CheckpointLoadable, row: int) -> tuple[str, int]:
+        """A row of a layer's (out, in) weight on this rank → (the checkpoint tensor it was
+        loaded from, its row there): a fused layer's (q|k|v, gate|up) rows come from several
+        tensors, and a tensor-parallel rank holds a slice of each."""
+        prefix = getattr(layer, "prefix", "")
+        fused = prefix.rpartition(".")[2]
+        sources = {part_id: source
+                   for source, part_id in self.packed_modules_mapping.get(fused, ())}
+        for part_id in getattr(layer, "part_ids", ()):
+            place = layer.placement(part_id)
+            if 0 <= row - place.output_offset < place.output_size:
+                source = sources.get(part_id)
+                name = (f"{prefix.removesuffix(fused)}{source}.weight" if source
+                        else f"{prefix}.weight")
+                return name, row - place.output_offset + place.output_start
+        return f"{prefix}.weight", row
 
     def engine_state_dict(self) -> dict[str, torch.Tensor]:
         """The fused parameters as stored in an engine file (tied weights stored once)."""

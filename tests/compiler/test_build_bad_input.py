@@ -77,6 +77,28 @@ def test_non_finite_weight_is_refused_naming_the_tensor_and_row(
     assert_nothing_left(tmp_path, "engine")
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int4-wo"])
+@pytest.mark.parametrize("tensor, row", [
+    ("model.layers.0.mlp.up_proj.weight", 40),  # rank 1's half of the fused gate|up
+    ("model.layers.1.self_attn.q_proj.weight", 20),  # rank 1's head of q|k|v
+    ("model.layers.1.mlp.down_proj.weight", 5),  # row-parallel: columns split, rows whole
+])
+def test_non_finite_weight_in_a_sharded_build_names_the_tensor_and_row(
+        hf_dir, tmp_path, capsys, scheme, tensor, row):
+    """--tp 2: each rank quantises its slice, so the row it finds is the slice's; the
+    message still names the checkpoint tensor and its row there."""
+    model = copy_model(hf_dir, tmp_path / "m")
+    weights = load_file(model / "model.safetensors")
+    weights[tensor][row, 30] = float("nan")
+    save_file(weights, model / "model.safetensors")
+    code, err = build(capsys, model, "-o", tmp_path / "engine", "--dtype", "float32",
+                      "--quant", scheme, "--tp", "2",
+                      *(["--group-size", "16"] if scheme == "int4-wo" else []))
+    assert_one_line_error(code, err, f"{tensor} has non-finite values (row {row}); kiln "
+                          "cannot quantise it")
+    assert_nothing_left(tmp_path, "engine")
+
+
 # ─── flags --quant keep would ignore ───────────────────────────────────────────────────
 
 

@@ -4,6 +4,7 @@ exit, no traceback, and no partial engine left behind."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def build(capsys, *args) -> tuple[int, str]:
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code != 0
     # The progress bar may have drawn on stderr before the failure; the error is one line.
-    lines = [line for line in err.splitlines() if line.strip() and "converting:" not in line]
+    lines = [line for line in err.splitlines()
+             if line.strip() and not re.search(r"converting( rank \d+)?:", line)]
     assert len(lines) == 1, err
     assert lines[0].startswith("kiln: error: ")
     assert "Traceback" not in err
