@@ -59,6 +59,19 @@ def _brief(value, most: int = 4):
     return f"{len(value)} layers ({', '.join(map(str, value[:most - 1]))}, ..., {value[-1]})"
 
 
+def _kv_scales_note(scales: dict | None, kv_cache_dtype: str) -> str:
+    """What `kiln inspect` says of the engine's KV scales."""
+    if scales and scales.get("source") == "checkpoint":
+        return " (the checkpoint's scales)" if kv_cache_dtype != "auto" else (
+            "; the checkpoint's FP8 KV scales kept for --kv-cache-dtype fp8")
+    if kv_cache_dtype == "auto":
+        return ""
+    if scales and scales.get("calibrated"):
+        return " (calibrated scales, key offsets)" if scales.get("k_offset") else (
+            " (calibrated scales)")
+    return " (scales 1.0, uncalibrated)"
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from kiln.compiler.manifest import open_engine
 
@@ -75,11 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         details = ", ".join(f"{k} {_brief(v)}" for k, v in quant.items())
         kv = m["build"].get("kv_cache_dtype", "auto")
         scales = m["build"].get("kv_scales")
-        kv_note = f"KV cache {kv}" + (
-            "" if kv == "auto" else (
-                (" (calibrated scales, key offsets)" if scales.get("k_offset")
-                 else " (calibrated scales)") if scales and scales.get("calibrated")
-                else " (scales 1.0, uncalibrated)"))
+        kv_note = f"KV cache {kv}" + _kv_scales_note(scales, kv)
         print(f"quant       {m['quant']['scheme']}: {details or 'defaults'}; {kv_note}")
     layout = engine.layout
     if layout.world_size > 1:  # which rank holds what (kiln/parallel/layout.py)

@@ -16,10 +16,15 @@ Anything else in the config (other bit widths, activation order, an unknown meth
 strategy, transforms, sparsity) is refused with one line naming the field; a linear that lacks
 one of its tensors, or has one of the wrong dtype or shape, is refused naming the tensor, and
 so is a scale that is not finite (scales are small: every one is checked; weights are not).
+
+An FP8 KV cache the config declares (compressed-tensors kv_cache_scheme, ModelOpt
+kv_cache_quant_algo) comes with a k_scale and a v_scale per decoder layer: they are read into
+CheckpointQuantization.kv_scales for the build's manifest (kiln/compiler/builder.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -39,6 +44,9 @@ from kiln.errors import CheckpointError
 
 # Module names (HF) of the linears a decoder has; lm_head is handled as an ignored layer.
 _LINEAR = re.compile(r"(.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj))\.")
+# KV-cache scales: compressed-tensors keeps them on the attention module
+# (layers.N.self_attn.k_scale), ModelOpt on the projection (layers.N.self_attn.k_proj.k_scale).
+_KV_SCALE = re.compile(r".*\.layers\.(\d+)\.self_attn\.(?:[kv]_proj\.)?([kv])_scale$")
 _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
@@ -52,6 +60,11 @@ class CheckpointQuantization:
     source_format: str  # "compressed-tensors" | "awq" | "gptq" | "modelopt" | "gguf"
     # kiln layer prefixes (fused names) the checkpoint keeps in full precision.
     unquantized_layers: tuple[str, ...] = ()
+    # "fp8" when the config declares an FP8 KV cache with stored scales (compressed-tensors
+    # kv_cache_scheme, ModelOpt kv_cache_quant_algo); then kv_scales holds each decoder
+    # layer's (k_scale, v_scale) as read from the tensors (empty before they are read).
+    kv_cache: str | None = None
+    kv_scales: tuple[tuple[float, float], ...] = ()
 
     def quant_section(self) -> dict:
         section = {"scheme": self.scheme, **self.params, "prequantized": True,
@@ -196,7 +209,7 @@ def _fp8_converter(
         outputs["input_scale"] = input_scale
         needs += ("input_scale",)
     # A linear is quantised when it has a weight scale (an excluded lm_head has none).
-    return _Converter(scale_name, needs, outputs, dropped=("k_scale", "v_scale"), where=where)
+    return _Converter(scale_name, needs, outputs, where=where)
 
 
 def _int4_outputs(unpack: Callable) -> dict:
@@ -263,6 +276,7 @@ def _compressed_tensors(
     if activations is not None and not isinstance(activations, dict):
         raise _refuse(where, f"{key}.input_activations", activations, "expected an object")
     _ct_unsupported(config, group, weights, where, key)
+    kv_cache = _ct_kv_cache(config.get("kv_cache_scheme"), where)
     fmt = group.get("format") or config.get("format")
     bits, kind = weights.get("num_bits"), weights.get("type")
     strategy, symmetric = weights.get("strategy"), weights.get("symmetric", True)
@@ -284,7 +298,7 @@ def _compressed_tensors(
                               activations.get("strategy"),
                               "static input scales must be per tensor")
         params = {"activation_scales": "static" if static else "dynamic"}
-        return (CheckpointQuantization("fp8", params, "compressed-tensors"),
+        return (CheckpointQuantization("fp8", params, "compressed-tensors", kv_cache=kv_cache),
                 _fp8_converter(where, static))
     if kind != "int":
         raise _refuse(where, f"{key}.weights.type", kind, "expected int or float")
@@ -330,7 +344,8 @@ def _compressed_tensors(
         outputs = {"weight": weight, "weight_scale":
                    lambda get, module: _float16_scales(f"{module}.weight_scale",
                                                        weight_scale(get, module))}
-        quant = CheckpointQuantization("int8-wo", {"group_size": group_size}, "compressed-tensors")
+        quant = CheckpointQuantization("int8-wo", {"group_size": group_size}, "compressed-tensors",
+                                       kv_cache=kv_cache)
         return quant, _Converter(marker, needs, outputs, dropped=("weight_shape",), where=where)
 
     def unpack(get, module):
@@ -346,7 +361,8 @@ def _compressed_tensors(
     needs = ("weight_packed", "weight_scale", "weight_shape")
     needs += () if symmetric else ("weight_zero_point",)
     quant = CheckpointQuantization(
-        "int4-wo", {"group_size": group_size, "zero_point": not symmetric}, "compressed-tensors")
+        "int4-wo", {"group_size": group_size, "zero_point": not symmetric}, "compressed-tensors",
+        kv_cache=kv_cache)
     return quant, _Converter("weight_packed", needs, _int4_outputs(unpack),
                              dropped=("weight_shape",), where=where)
 
@@ -465,7 +481,12 @@ def _modelopt(directory: Path) -> tuple[CheckpointQuantization, _Converter]:
     algo = quantization.get("quant_algo")
     if algo != "FP8":
         raise _refuse(where, "quantization.quant_algo", algo, "only ModelOpt FP8 is supported")
-    quant = CheckpointQuantization("fp8", {"activation_scales": "static"}, "modelopt")
+    kv_algo = quantization.get("kv_cache_quant_algo")
+    if kv_algo not in (None, "FP8"):
+        raise _refuse(where, "quantization.kv_cache_quant_algo", kv_algo,
+                      "only an FP8 KV cache (or none) is supported")
+    quant = CheckpointQuantization("fp8", {"activation_scales": "static"}, "modelopt",
+                                   kv_cache="fp8" if kv_algo == "FP8" else None)
     return quant, _fp8_converter(where, static_input=True)
 
 
@@ -492,6 +513,62 @@ def detect(directory: Path, config: dict) -> tuple[CheckpointQuantization, _Conv
             f"{where}: quant_method modelopt needs hf_quant_config.json beside it")
     raise _refuse(where, "quantization_config.quant_method", method,
                   "supported: compressed-tensors, awq, gptq, modelopt (fp8)")
+
+
+# ─── KV-cache scales ───────────────────────────────────────────────────────────────────
+
+
+def _ct_kv_cache(scheme, where: str) -> str | None:
+    """compressed-tensors' kv_cache_scheme → "fp8" (static E4M3, one scale per layer for k and
+    for v: what kiln's FP8 cache takes), None when absent; anything else is refused."""
+    if scheme is None:
+        return None
+    key = "quantization_config.kv_cache_scheme"
+    if not isinstance(scheme, dict):
+        raise _refuse(where, key, scheme, "expected an object")
+    if scheme.get("type") != "float" or scheme.get("num_bits") != 8:
+        raise _refuse(where, f"{key}.type", scheme.get("type"),
+                      "only an FP8 (8-bit float) KV cache is supported")
+    if scheme.get("dynamic", False):
+        raise _refuse(where, f"{key}.dynamic", scheme.get("dynamic"),
+                      "kiln's FP8 KV cache needs static scales stored in the checkpoint")
+    # Per attention head: kiln keeps one scale a layer, the heads' largest (every head stays
+    # in E4M3's range; smaller heads lose a little resolution).
+    if scheme.get("strategy", "tensor") not in ("tensor", "attn_head"):
+        raise _refuse(where, f"{key}.strategy", scheme.get("strategy"),
+                      "expected tensor or attn_head")
+    return "fp8"
+
+
+def _kv_scales(source: TensorSource, config: dict, where: str) -> tuple[tuple[float, float], ...]:
+    """Each decoder layer's (k_scale, v_scale) from a checkpoint whose config declares an FP8
+    KV cache: every layer must have both, positive and finite (the cache stores k / k_scale)."""
+    found: dict[int, dict[str, str]] = {}
+    for name in source.names():
+        match = _KV_SCALE.match(name)
+        if match:
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = name
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        layers = max(found, default=-1) + 1
+    scales = []
+    for layer in range(layers):
+        pair = []
+        for kind in "kv":
+            name = found.get(layer, {}).get(kind)
+            if name is None:
+                raise CheckpointError(
+                    f"{where} declares an FP8 KV cache, but layer {layer} has no {kind}_scale "
+                    f"tensor (layers.{layer}.self_attn.{kind}_scale or "
+                    f"layers.{layer}.self_attn.{kind}_proj.{kind}_scale)")
+            scale = _checked(name, source.get(name), dtypes=_FLOAT_SCALES, finite=True).float()
+            if scale.numel() == 0 or bool((scale <= 0).any()):
+                shown = scale.flatten()[:4].tolist()
+                raise CheckpointError(f"tensor {name} = {shown}: expected positive KV-cache "
+                                      "scales (the cache stores k / k_scale)")
+            pair.append(float(scale.max()))
+        scales.append(tuple(pair))
+    return tuple(scales)
 
 
 # ─── the converting tensor source ───────────────────────────────────────────────────────
@@ -526,7 +603,9 @@ class QuantizedTensors:
                 self._outputs[f"{module}.{output}"] = (module, output)
         self.quantized_modules = modules
         dropped = tuple("." + s for s in self.converter.dropped)
-        self._plain = [n for n in self.source.names() if n not in owned and not n.endswith(dropped)]
+        # KV-cache scales are no model tensor: the build reads them (CheckpointQuantization).
+        self._plain = [n for n in self.source.names() if n not in owned
+                       and not n.endswith(dropped) and not _KV_SCALE.match(n)]
 
     def names(self) -> list[str]:
         return self._plain + list(self._outputs)
@@ -580,5 +659,8 @@ def quantized_source(
                               f"tensor ends in .{converter.marker} on a linear layer")
     unquantized = tensors.unquantized_layers()
     if unquantized:
-        quant = CheckpointQuantization(quant.scheme, quant.params, quant.source_format, unquantized)
+        quant = dataclasses.replace(quant, unquantized_layers=unquantized)
+    if quant.kv_cache is not None:
+        quant = dataclasses.replace(quant, kv_scales=_kv_scales(tensors.source, config,
+                                                                converter.where))
     return quant, tensors

@@ -37,7 +37,7 @@ from kiln.quant.config import NO_QUANTIZATION, QuantConfig, quant_config_for_bui
 from kiln.quant.fp8 import check_fp8_device
 from kiln.quant.layer_selection import select_layers
 from kiln.quant.scheme_base import LM_HEAD_PREFIX
-from kiln.runtime.kv_tensors import kv_scales_of
+from kiln.runtime.kv_tensors import kv_scales_of, stored_kv_scales
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,20 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
     return quant_config_for_build(build_config.quant, options)
 
 
+def kv_scales_record(model: CausalLM | None, build_config: BuildConfig,
+                      checkpoint: Checkpoint | None) -> dict | None:
+    """The build section's kv_scales: measured by --calibration for an FP8 cache; else those
+    a prequantised checkpoint stores (recorded whatever this build's cache dtype, so an FP8
+    cache chosen at serve time uses them too); else 1.0 for an FP8 cache (warned at load)."""
+    quantization = checkpoint.quantization if checkpoint is not None else None
+    fp8 = build_config.kv_cache_dtype == "fp8"
+    if fp8 and build_config.calibration:
+        return kv_scales_of(model, True)
+    if quantization is not None and quantization.kv_scales:
+        return stored_kv_scales(quantization.kv_scales)
+    return kv_scales_of(model, False) if fp8 else None
+
+
 def _calibrate(model: CausalLM, build_config: BuildConfig, quant_config: QuantConfig,
                checkpoint: Checkpoint | None, progress: bool) -> QuantConfig:
     """Run calibration (kiln/quant/calibration.py): it fills static input scales, the
@@ -308,8 +322,9 @@ def build_engine(
     }
 
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
-    if build_config.kv_cache_dtype == "fp8":
-        build["kv_scales"] = kv_scales_of(model, bool(build_config.calibration))
+    kv_scales = kv_scales_record(model, build_config, checkpoint)
+    if kv_scales is not None:
+        build["kv_scales"] = kv_scales
     generation_config, source_info = engine_provenance(source, build_config, checkpoint,
                                                        model_config)
     write_engine(

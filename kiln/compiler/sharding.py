@@ -123,7 +123,7 @@ def build_sharded_engine(source, output, build_config, checkpoint, model_config:
 
     from tqdm import tqdm
 
-    from kiln.compiler.builder import BuildSummary, engine_provenance
+    from kiln.compiler.builder import BuildSummary, kv_scales_record, engine_provenance
     from kiln.compiler.manifest import write_engine
 
     if build_config.calibration or build_config.kv_cache_dtype != "auto":
@@ -141,6 +141,9 @@ def build_sharded_engine(source, output, build_config, checkpoint, model_config:
         None if build_config.random_weights else checkpoint_tensors, seed=build_config.seed,
     )
     build = {**build_config.model_dump(), "max_model_len": max_model_len}
+    kv_scales = kv_scales_record(None, build_config, checkpoint)  # the checkpoint's, if any
+    if kv_scales is not None:
+        build["kv_scales"] = kv_scales
     generation_config, source_info = engine_provenance(source, build_config, checkpoint,
                                                        model_config)
     write_engine(

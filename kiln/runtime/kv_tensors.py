@@ -95,13 +95,22 @@ def kv_scales_of(model: torch.nn.Module, calibrated: bool) -> dict:
     return scales
 
 
+def stored_kv_scales(pairs) -> dict:
+    """The manifest's kv_scales from a checkpoint's own (k_scale, v_scale) per layer (a
+    prequantised checkpoint declaring an FP8 KV cache): not calibrated by kiln, so no key
+    offsets, but measured by whoever quantised it, so no warning either."""
+    return {"k": [k for k, _ in pairs], "v": [v for _, v in pairs], "calibrated": False,
+            "source": "checkpoint"}
+
+
 def apply_kv_scales(model: torch.nn.Module, build: dict, dtype: torch.dtype,
                     parallel=None) -> None:
     """Give each attention layer the KV scales (and key offsets) its engine recorded: a
     pipeline stage its own layers', a tensor-parallel rank its own KV heads' offsets
     (`parallel`: the rank's ParallelState; None = one process). An FP8 cache without
     calibrated scales runs with 1.0 and no offsets (E4M3 then holds |k|, |v| up to 448, and
-    loses precision on small values): warned about once."""
+    loses precision on small values): warned about once. Scales a prequantised checkpoint
+    stored (stored_kv_scales) are used as they are."""
     if dtype != FP8_KV_DTYPE:
         return
     layers = [m for m in model.modules() if isinstance(m, Attention)]
@@ -123,7 +132,7 @@ def apply_kv_scales(model: torch.nn.Module, build: dict, dtype: torch.dtype,
             all_offsets = _key_offsets(offsets, len(k), layers, tp_rank, tp_size)
             for layer, offset in zip(layers, all_offsets[own.start : own.stop]):
                 layer.k_offset.copy_(offset)
-    if not scales.get("calibrated"):
+    if not scales.get("calibrated") and scales.get("source") != "checkpoint":
         warnings.warn("FP8 KV cache with uncalibrated scales (1.0): build with --calibration "
                       "to measure them", stacklevel=2)
 
