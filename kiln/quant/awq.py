@@ -47,10 +47,11 @@ def runs_awq(model: nn.Module, scheme: str, gptq: bool = False) -> bool:
     (apply_awq refuses a model it cannot fold into: at 4 bits round-to-nearest is the option
     AWQ must beat, and the user asked for AWQ); int8-wo where it folds (the Llama family),
     else its weights are rounded as without AWQ and the calibration still measures the rest
-    (KV scales). Neither with --gptq, whose layer-by-layer rounding does better alone
-    (SmolLM2, 50,000 held-out tokens, mean KL without AWQ / with: int8-wo 0.00067 / 0.00083,
-    int4-wo g64 0.0698 / 0.0851; BENCHMARKS.md)."""
-    if gptq:
+    (KV scales). Never for a checkpoint kept quantised (--quant keep: its weights are rounded
+    already, calibration measures only KV scales). Neither with --gptq, whose layer-by-layer
+    rounding does better alone (SmolLM2, 50,000 held-out tokens, mean KL without AWQ / with:
+    int8-wo 0.00067 / 0.00083, int4-wo g64 0.0698 / 0.0851; BENCHMARKS.md)."""
+    if gptq or getattr(model.quant_config, "prequantized", False):
         return False
     if scheme == "int4-wo":
         return True

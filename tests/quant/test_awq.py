@@ -162,3 +162,19 @@ def test_a_model_awq_cannot_fold_into(tmp_path):
     assert not (tmp_path / "int4-wo").exists()
     quant = build("int4-wo", group_size=32, gptq=True)  # GPTQ alone: no AWQ to refuse
     assert quant["gptq"] is True and not quant.get("awq")
+
+
+def test_a_checkpoint_kept_quantised_never_runs_awq():
+    """--quant keep with --calibration measures only the FP8 KV scales: the checkpoint's
+    weights are rounded already, so no activation rows are kept and nothing is searched."""
+    from kiln.quant.awq import runs_awq
+    from kiln.quant.config import quant_config_from_manifest
+
+    config = model_config_from_hf({**tiny_llama_config().to_dict(),
+                                   "architectures": ["LlamaForCausalLM"]})
+    kept = quant_config_from_manifest({"scheme": "int4-wo", "group_size": 16,
+                                       "zero_point": True, "prequantized": True,
+                                       "source_format": "awq"})
+    built = quant_config_for_build("int4-wo", {"group_size": 16})
+    assert not runs_awq(LlamaForCausalLM(config, quant_config=kept), "int4-wo")
+    assert runs_awq(LlamaForCausalLM(config, quant_config=built), "int4-wo")
