@@ -193,7 +193,7 @@ def _quant_config(build_config: BuildConfig, checkpoint: Checkpoint | None,
 
 
 def kv_scales_record(model: CausalLM | None, build_config: BuildConfig,
-                      checkpoint: Checkpoint | None) -> dict | None:
+                     checkpoint: Checkpoint | None) -> dict | None:
     """The build section's kv_scales: measured by --calibration for an FP8 cache; else those
     a prequantised checkpoint stores (recorded whatever this build's cache dtype, so an FP8
     cache chosen at serve time uses them too); else 1.0 for an FP8 cache (warned at load)."""

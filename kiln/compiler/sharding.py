@@ -123,7 +123,7 @@ def build_sharded_engine(source, output, build_config, checkpoint, model_config:
 
     from tqdm import tqdm
 
-    from kiln.compiler.builder import BuildSummary, kv_scales_record, engine_provenance
+    from kiln.compiler.builder import BuildSummary, engine_provenance, kv_scales_record
     from kiln.compiler.manifest import write_engine
 
     if build_config.calibration or build_config.kv_cache_dtype != "auto":
