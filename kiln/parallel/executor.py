@@ -125,7 +125,7 @@ class ParallelExecutor:
         self._closed = False
         self.runner = None
         atexit.register(self._kill_workers)
-        self.world = launch.join_world(spec, 0)
+        self.world = launch.join_world(spec, 0, check_alive=self._check_alive)
         # The engine's view: the executor, not the engine, leaves the world (close()).
         self.parallel = dataclasses.replace(self.world.parallel, owns_process_group=False)
         self.runner = launch.make_runner(spec, self.world, device, engine_info=engine_info)

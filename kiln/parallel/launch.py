@@ -134,14 +134,18 @@ class World:
         return self.parallel.rank
 
 
-def join_world(spec: WorkerSpec, rank: int) -> World:
-    """Join the world as `rank` (every rank calls this, in the same order of groups)."""
+def join_world(spec: WorkerSpec, rank: int, check_alive=None) -> World:
+    """Join the world as `rank` (every rank calls this, in the same order of groups).
+    `check_alive()` (rank 0 of a spawned world) raises when a worker has died: it is polled
+    while rank 0 waits for the others to arrive."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        store = _spawned_world_store(spec, rank, check_alive)
+        where = {"store": store} if store is not None else {"init_method": spec.init_method}
         dist.init_process_group(
-            spec.backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size,
-            timeout=timedelta(seconds=spec.startup_timeout_s),
+            spec.backend, rank=rank, world_size=spec.world_size,
+            timeout=timedelta(seconds=spec.startup_timeout_s), **where,
         )
     parallel = ParallelState.initialize(
         spec.tp, spec.pp, rank, backend=spec.backend, init_method=spec.init_method,
@@ -153,6 +157,31 @@ def join_world(spec: WorkerSpec, rank: int) -> World:
     results = dist.new_group(list(range(spec.world_size)), backend="gloo",
                              timeout=timedelta(seconds=spec.step_timeout_s))
     return World(parallel, control, results)
+
+
+def _spawned_world_store(spec: WorkerSpec, rank: int, check_alive):
+    """The FileStore of a world rank 0 spawned (None under torchrun's env://), once every
+    worker has marked it is about to join. Rank 0 polls for those marks and its children in
+    Python: inside init_process_group it would wait blind, the whole start-up timeout, for a
+    worker that died before arriving (seen once as a ten-minute stall of the test suite)."""
+    if not spec.init_method.startswith("file://"):
+        return None
+    import torch.distributed as dist
+
+    store = dist.FileStore(spec.init_method.removeprefix("file://"), spec.world_size)
+    if rank != 0:
+        store.set(f"kiln-arriving/{rank}", "1")
+        return store
+    marks = [f"kiln-arriving/{other}" for other in range(1, spec.world_size)]
+    deadline = time.monotonic() + spec.startup_timeout_s
+    while not store.check(marks):
+        if check_alive is not None:
+            check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other ranks did not start within {spec.startup_timeout_s:.0f}"
+                               f" s ({STARTUP_TIMEOUT_ENV} sets the limit)")
+        time.sleep(0.02)
+    return store
 
 
 def _owning(parallel: ParallelState) -> ParallelState:

@@ -34,7 +34,8 @@ import time
 SPEC_ENV = "KILN_WORKER_SPEC"
 PARENT_ENV = "KILN_WORKER_PARENT_PID"
 # Test hook for the failure tests: "RANK:hang@STEP" makes that rank sleep forever when the
-# given step (1-based) arrives; "RANK:exit@STEP" makes it exit at once (code 3).
+# given step (1-based) arrives; "RANK:exit@STEP" makes it exit at once (code 3). Step 0:
+# at start-up, before the rank joins the world.
 FAULT_ENV = "KILN_TEST_WORKER_FAULT"
 
 
@@ -119,6 +120,9 @@ def _wait_all(works: list) -> None:
 def run_worker(spec, rank: int, local_rank: int) -> None:
     from kiln.parallel.launch import device_for, join_world, make_runner
 
+    fault = _fault_for(rank)
+    if fault is not None and fault[1] == 0:
+        _inject(fault[0])
     world = join_world(spec, rank)
     runner = None
     try:

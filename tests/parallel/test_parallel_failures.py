@@ -114,6 +114,23 @@ def test_killed_worker_stops_the_engine_with_a_clear_error(engine_dir):
     kill_rank_1_and_check_the_error(EngineProcess(engine_dir))
 
 
+def test_worker_dying_before_it_joins_fails_the_start_at_once(engine_dir, monkeypatch):
+    """Rank 0 polls its children while it waits for them to arrive: a worker that exits
+    before joining used to leave it waiting the whole start-up timeout (10 minutes), inside
+    init_process_group, with no process left to answer."""
+    from kiln.parallel.executor import WorkerFailure
+    from tests.helpers import make_cpu_engine
+
+    monkeypatch.setenv("KILN_TEST_WORKER_FAULT", "1:exit@0")
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"^a parallel worker failed at start-up: worker "
+                       r"rank 1 \(pid \d+\) exited with code 3$"):
+        make_cpu_engine(engine_dir)
+    assert time.monotonic() - started < DEADLINE_S
+    monkeypatch.delenv("KILN_TEST_WORKER_FAULT")
+    make_cpu_engine(engine_dir).close()  # the process can start an engine again
+
+
 def test_hung_worker_stops_the_engine_within_the_step_timeout(engine_dir):
     engine = EngineProcess(engine_dir, KILN_TEST_WORKER_FAULT="1:hang@4",
                            KILN_PARALLEL_STEP_TIMEOUT_S="5")
