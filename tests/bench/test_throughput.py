@@ -63,7 +63,8 @@ def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypa
     breakdown charges it to that step's rows bucket (charged to the collecting step, the
     H200's ramp-up buckets read 43.6 ms of host against 0.0 of GPU). A stand-in step() runs
     one request a step: launches of 1, 2, 3 rows (buckets 1, 2, 4), each collecting its
-    predecessor's device time of 10 ms × its rows, then one drain step."""
+    predecessor's device time of 10 ms × its rows, then one drain call, which launches
+    nothing: its host time goes to the step it collected, and it is no step of its own."""
     from kiln.runtime.engine import EngineStats
 
     rows_per_call = iter([1, 2, 3, 0])
@@ -86,8 +87,10 @@ def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypa
     monkeypatch.setattr(type(engine.scheduler), "num_running",
                         property(lambda scheduler: engine.scheduler_rows), raising=False)
     batched = run_batched(engine, synthetic_requests(1, 5, 3, vocab_size=64, seed=0))
-    # Buckets 1, 2, 4 ran 10, 20, 30 ms; the drain step (0 rows, bucket 1) ran nothing.
-    assert batched["steps_rows_le1"] == 2 and batched["gpu_ms_per_step_rows_le1"] == pytest.approx(5.0)
+    # Buckets 1, 2, 4 ran 10, 20, 30 ms; the drain call's 1 ms of host is bucket 4's.
+    assert batched["steps"] == 4
+    assert batched["steps_rows_le1"] == 1 and batched["gpu_ms_per_step_rows_le1"] == pytest.approx(10.0)
     assert batched["gpu_ms_per_step_rows_le2"] == pytest.approx(20.0)
     assert batched["gpu_ms_per_step_rows_le4"] == pytest.approx(30.0)
+    assert batched["cpu_ms_per_step_rows_le4"] == pytest.approx(2.0)
     assert batched["cpu_below_gpu_every_rows_bucket"] == 1.0
