@@ -15,7 +15,7 @@ Two measurements, both with time.perf_counter (cProfile inflates Python-heavy co
     micro   the same calls on fabricated batches (256 decode rows; a mix of prefill
             chunks and decode rows; several sampling mixes), median of --repeats calls
 
-Usage: python benchmarks/host_profile.py [loop|micro|all] [--cprofile] [--no-gc]
+Usage: python benchmarks/host_profile.py [loop|micro|all] [--cprofile] [--no-gc] [--no-freeze]
            [--batch-size 1024 --max-num-batched-tokens 16384 --output-kind final_only]
 To time another checkout's kiln against this one's, put it first on the path:
 PYTHONPATH=/path/to/other/checkout python benchmarks/host_profile.py.
@@ -101,7 +101,8 @@ def timed(calls: list[tuple[int, float]], size_of, function):
 
 
 def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: bool,
-             output_kind: str = "cumulative", max_num_batched_tokens: int = 8192) -> None:
+             output_kind: str = "cumulative", max_num_batched_tokens: int = 8192,
+             freeze: bool = True) -> None:
     from kiln.compiler.manifest import open_engine
     from kiln.config import EngineConfig
     from kiln.runtime.engine import LLMEngine
@@ -137,7 +138,7 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
     )
     runner = engine.runner
     runner.sampler = timed(
-        calls["Sampler.__call__"], lambda logits, metadata: logits.shape[0], runner.sampler
+        calls["Sampler.__call__"], lambda logits, *a, **k: logits.shape[0], runner.sampler
     )
     # Rows, metadata, sampler and output handling together.
     runner._sample = timed(
@@ -153,10 +154,26 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
             SamplingParams(temperature=0.8, max_tokens=OUTPUT_LEN, ignore_eos=True,
                            output_kind=output_kind),
         )
+    if freeze:  # as LLM.generate and `kiln bench throughput` do with a large batch
+        engine.freeze_admitted_requests(num_requests)
     profiler = cProfile.Profile() if profile else None
     steps = 0
     if not collect_garbage:
         gc.disable()
+    # The collector's passes during the loop: count, seconds and objects freed per generation.
+    passes = {generation: [0, 0.0, 0] for generation in range(3)}
+    pass_started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            pass_started[0] = time.perf_counter()
+            return
+        record = passes[info["generation"]]
+        record[0] += 1
+        record[1] += time.perf_counter() - pass_started[0]
+        record[2] += info["collected"]
+
+    gc.callbacks.append(on_gc)
     started = time.perf_counter()
     try:
         if profiler:
@@ -169,12 +186,16 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
             profiler.disable()
         SamplingMetadata.build = original_build
         gc.enable()
+        gc.callbacks.remove(on_gc)
     elapsed = time.perf_counter() - started
     notes = (" (profiled)" if profile else "") + ("" if collect_garbage else " (gc off)")
     print(
         f"loop: {num_requests} requests, {steps} steps, {elapsed:.2f} s, "
         f"{1000 * elapsed / steps:.2f} ms/step{notes}"
     )
+    print("gc passes: " + "; ".join(
+        f"gen{generation} {count} ({1000 * seconds:.0f} ms, {collected} freed)"
+        for generation, (count, seconds, collected) in passes.items()))
     print(f"per call at batch {BATCH_SIZE}:")
     for name, records in calls.items():
         print(format_times(name, [seconds for size, seconds in records if size == BATCH_SIZE]))
@@ -272,6 +293,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--cprofile", action="store_true", help="profile the loop with cProfile")
     parser.add_argument("--no-gc", action="store_true", help="no cyclic GC during the loop")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the queued requests in the collector's sight (LLM.generate "
+                             "freezes a batch of OFFLINE_FREEZE_AT or more)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/kiln-host-profile"))
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="max_num_seqs of the loop, and the batch the per-call times are of")
@@ -286,7 +310,8 @@ def main() -> None:
         run_micro(args.repeats)
     if args.mode in ("loop", "all"):
         run_loop(args.num_requests, args.work_dir, args.cprofile, collect_garbage=not args.no_gc,
-                 output_kind=args.output_kind, max_num_batched_tokens=args.max_num_batched_tokens)
+                 output_kind=args.output_kind, max_num_batched_tokens=args.max_num_batched_tokens,
+                 freeze=not args.no_freeze)
 
 
 if __name__ == "__main__":

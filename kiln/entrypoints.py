@@ -122,6 +122,7 @@ class LLM:
             for request_id in request_ids:
                 engine.abort_request(request_id)
             raise
+        engine.freeze_admitted_requests(len(request_ids))
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm)
         while engine.has_unfinished_requests():

@@ -113,6 +113,7 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     for request in requests:
         engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids},
                            _params(request, structured))
+    engine.freeze_admitted_requests(len(requests))  # as LLM.generate
     steps = 0
     output_tokens = 0
     preemptions = 0

@@ -79,3 +79,31 @@ def test_generate_rejects_what_is_not_sampling_params(tiny_engine_dir):
         llm.generate([[1, 2], [3]], [SamplingParams(max_tokens=2), {"max_tokens": 2}],
                      use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_a_large_offline_batch_is_frozen_out_of_the_collectors_sight(tiny_engine_dir,
+                                                                       monkeypatch):
+    """LLM.generate with OFFLINE_FREEZE_AT or more prompts freezes the heap once they are
+    queued (the collector's full passes walked them all and freed nothing); a smaller batch
+    is left alone; close() gives the frozen objects back."""
+    import gc
+
+    import kiln.runtime.engine as engine_module
+
+    llm = LLM(model=str(tiny_engine_dir), device="cpu", num_kv_blocks=64, block_size=4)
+    engine = llm.llm_engine
+    monkeypatch.setattr(engine_module, "OFFLINE_FREEZE_AT", 3)
+    counts = []
+    monkeypatch.setattr(engine_module.gc, "freeze",
+                        lambda: counts.append(engine.scheduler.has_unfinished_requests()))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm.generate([[1, 2]] * 2, params, use_tqdm=False)
+    assert counts == []  # below the threshold
+    outputs = llm.generate([[1, 2]] * 3, params, use_tqdm=False)
+    assert counts == [True]  # once, with the requests queued
+    assert all(len(o.outputs[0].token_ids) == 2 for o in outputs)
+    monkeypatch.undo()
+    gc.freeze()
+    assert gc.get_freeze_count() > 0
+    engine.close()
+    assert gc.get_freeze_count() == 0
