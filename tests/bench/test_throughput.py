@@ -89,7 +89,8 @@ def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypa
     batched = run_batched(engine, synthetic_requests(1, 5, 3, vocab_size=64, seed=0))
     # Buckets 1, 2, 4 ran 10, 20, 30 ms; the drain call's 1 ms of host is bucket 4's.
     assert batched["steps"] == 4
-    assert batched["steps_rows_le1"] == 1 and batched["gpu_ms_per_step_rows_le1"] == pytest.approx(10.0)
+    assert batched["steps_rows_le1"] == 1
+    assert batched["gpu_ms_per_step_rows_le1"] == pytest.approx(10.0)
     assert batched["gpu_ms_per_step_rows_le2"] == pytest.approx(20.0)
     assert batched["gpu_ms_per_step_rows_le4"] == pytest.approx(30.0)
     assert batched["cpu_ms_per_step_rows_le4"] == pytest.approx(2.0)
