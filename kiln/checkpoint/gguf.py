@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,30 +447,42 @@ def _kept_linears(
     """HF name → scheme of every decoder linear kept quantised, and the checkpoint's
     quantisation; CheckpointError naming a tensor whose type cannot be kept."""
     kept: dict[str, str] = {}
-    types = set()
+    types: dict[str, gguf.GGMLQuantizationType] = {}  # HF name → type, of the kept
     plain = []
+    dequantised: dict[str, list[str]] = {}  # type name → GGUF tensors of types kiln cannot keep
     for name, hf_name in hf_names.items():
         if not hf_name.endswith(_LINEAR_SUFFIXES):
             continue
         ggml_type = infos[name].ggml_type
-        if ggml_type in _FULL_PRECISION:
-            plain.append(hf_name.removesuffix(".weight"))
-        elif ggml_type in gguf_quantized.KEEPABLE:
+        block = gguf.GGML_QUANT_SIZES[ggml_type][0]
+        if ggml_type in gguf_quantized.KEEPABLE:
             kept[hf_name] = gguf_quantized.KEEPABLE[ggml_type][0]
-            types.add(ggml_type)
+            types[hf_name] = ggml_type
         else:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} is {ggml_type.name}; --quant keep keeps Q8_0, Q4_0 and "
-                "Q4_1 only (build without --quant keep to dequantise it)"
-            )
-        if infos[name].shape[1] % gguf_quantized.BLOCK:
-            raise corrupt_error(path, f"tensor {name!r} rows are not whole 32-value blocks")
+            # Full precision, or a type kiln has no kernels for (Q6_K, Q5_K, ...: a Q4_K_M
+            # file stores some v and down projections so): read dequantised, the layer kept
+            # in full precision.
+            plain.append(hf_name.removesuffix(".weight"))
+            if ggml_type not in _FULL_PRECISION:
+                dequantised.setdefault(ggml_type.name, []).append(name)
+        if infos[name].shape[1] % block:
+            raise corrupt_error(path, f"tensor {name!r} rows are not whole {block}-value blocks")
+    demoted = _demote_fused_siblings(kept, plain)
+    plain += demoted
+    for module in demoted:
+        types.pop(f"{module}.weight")
     schemes = set(kept.values())
     if not schemes:
         raise CheckpointError(
-            f"{path}: no linear layer is stored quantised (Q8_0/Q4_0/Q4_1), so there is nothing "
-            "to keep; build without --quant keep"
+            f"{path}: no linear layer is stored quantised as Q8_0, Q4_0, Q4_1 or Q4_K, so "
+            "there is nothing to keep; build without --quant keep"
         )
+    if dequantised:
+        listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(dequantised.items()))
+        fused = f" and {len(demoted)} fused with them" if demoted else ""
+        warnings.warn(f"{path}: --quant keep keeps Q8_0, Q4_0, Q4_1 and Q4_K; {listed} linears"
+                      f"{fused} are read dequantised and kept in full precision", stacklevel=3)
+    types = set(types.values())
     if len(schemes) > 1:
         raise CheckpointError(
             f"{path}: linears mix 8-bit and 4-bit types ({', '.join(sorted(t.name for t in types))}); "
@@ -478,22 +491,34 @@ def _kept_linears(
     scheme = schemes.pop()
     params = {"group_size": gguf_quantized.BLOCK}
     if scheme == "int4-wo":
-        params["zero_point"] = gguf.GGMLQuantizationType.Q4_1 in types
-    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+        params["zero_point"] = bool(types & {gguf.GGMLQuantizationType.Q4_1,
+                                             gguf.GGMLQuantizationType.Q4_K})
     unquantized = set()
     for module in plain:
         prefix, _, leaf = module.rpartition(".")
-        if leaf in fused:
-            siblings = [f"{prefix}.{p}.weight" for p, f in fused.items() if f == fused[leaf]]
-            if any(s in kept for s in siblings):
-                raise CheckpointError(
-                    f"{path}: {module} is full precision but a layer fused with it is "
-                    "quantised; --quant keep cannot mix them"
-                )
-            module = f"{prefix}.{fused[leaf]}"
-        unquantized.add(module)
+        unquantized.add(f"{prefix}.{_FUSED[leaf]}" if leaf in _FUSED else module)
     return kept, CheckpointQuantization(scheme, params, "gguf", tuple(sorted(unquantized)))
+
+
+# kiln fuses these projections into one layer, which must be all kept quantised or none.
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _demote_fused_siblings(kept: dict[str, str], plain: list[str]) -> list[str]:
+    """Take out of `kept` every projection fused with a full-precision one (a Q4_K_M file's
+    Q6_K v beside Q4_K q and k: the fused q|k|v is then read dequantised); returns their
+    module names, now plain too."""
+    demoted = []
+    for module in plain:
+        prefix, _, leaf = module.rpartition(".")
+        if leaf not in _FUSED:
+            continue
+        for sibling, fused in _FUSED.items():
+            name = f"{prefix}.{sibling}.weight"
+            if fused == _FUSED[leaf] and kept.pop(name, None) is not None:
+                demoted.append(name.removesuffix(".weight"))
+    return demoted
 
 
 # ─── tokenizer ──────────────────────────────────────────────────────────────────────────

@@ -1,5 +1,6 @@
-"""GGUF linears kept quantised (`kiln build x.gguf --quant keep`): llama.cpp's Q8_0, Q4_0 and
-Q4_1 blocks converted to kiln's int8-wo / int4-wo layout, groups of 32, no re-quantising.
+"""GGUF linears kept quantised (`kiln build x.gguf --quant keep`): llama.cpp's Q8_0, Q4_0,
+Q4_1 and Q4_K blocks converted to kiln's int8-wo / int4-wo layout, groups of 32, no
+re-quantising.
 
 A block covers 32 consecutive input columns of one row (ggml's block layouts):
 
@@ -8,15 +9,23 @@ A block covers 32 consecutive input columns of one row (ggml's block layouts):
     Q4_1  20 bytes: d, m (float16), 16 bytes of nibbles  w = q · d + m = (q − (−m/d)) · d
     nibbles: byte j holds column j (low nibble) and column j + 16 (high nibble)
 
-so Q8_0 → int8-wo, scale d; Q4_0 → int4-wo, scale d, zero 8; Q4_1 → int4-wo, scale d,
-zero −m/d (fractional; float16 rounds it to 2⁻¹¹ relative, an error of at most 2⁻¹¹ · |m| in a
+Q4_K's super-block covers 256 columns as 8 sub-blocks of 32, each its own scale and minimum:
+
+    Q4_K  144 bytes: d, dmin (float16); 12 bytes of 6-bit sc[8], m[8]; 128 bytes of nibbles
+          w = q · (d · sc[j]) − dmin · m[j] in sub-block j: Q4_1's form, step d · sc[j] and
+          offset −dmin · m[j]; the nibbles come in 4 runs of 32 bytes, run r's low nibbles
+          sub-block 2r, its high nibbles sub-block 2r + 1
+
+so Q8_0 → int8-wo, scale d; Q4_0 → int4-wo, scale d, zero 8; Q4_1 (and each Q4_K sub-block)
+→ int4-wo, scale d, zero −m/d (fractional; float16 rounds it to 2⁻¹¹ relative, an error of at most 2⁻¹¹ · |m| in a
 weight, below bfloat16's own resolution of m). A Q4_1 block with d = 0 holds one value m (all
 q are 0): zero −1 and scale m give it back. A block whose −m/d lies past float16's range
 (|m| > 65504 · |d|: its 16 levels span less than 2⁻¹¹ of m, so in bfloat16 it is one value)
 is kept the same way, as its mean m + d · mean(q): float16 would make its zero inf, and every
 output it touches NaN.
 
-A block whose d (or Q4_1's m) is inf or NaN is corruption, refused when the tensor is read:
+A block whose d (or Q4_1's m, Q4_K's dmin) is inf or NaN is corruption, refused when the
+tensor is read (and so is a Q4_K sub-block step d · sc past float16's range):
 only those float16 arrays are checked (one value a block), never the weights. A negative d
 is normal (llama.cpp's Q8_0 / Q4_0 keep the sign of the block's largest value in it).
 """
@@ -36,6 +45,7 @@ KEEPABLE = {
     GGMLQuantizationType.Q8_0: ("int8-wo", 34),
     GGMLQuantizationType.Q4_0: ("int4-wo", 18),
     GGMLQuantizationType.Q4_1: ("int4-wo", 20),
+    GGMLQuantizationType.Q4_K: ("int4-wo", 144),
 }
 # The tensor names each scheme's layer holds (the quantisation contract).
 OUTPUT_NAMES = {"int8-wo": ("weight", "weight_scale"),
@@ -78,21 +88,50 @@ def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int,
         _check_scales(where, d)
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1))
         return {"weight": q, "weight_scale": d}
+    if ggml_type == GGMLQuantizationType.Q4_K:
+        return _q4_k(blocks, rows, where)
     q = _nibble_columns(blocks[..., 2 if ggml_type == GGMLQuantizationType.Q4_0 else 4 :])
     if ggml_type == GGMLQuantizationType.Q4_0:
         _check_scales(where, d)
         zero = torch.full_like(d, 8.0)
-        scale = d
-    else:
-        m = _f16(blocks, 2).float()
-        _check_scales(where, d, m)
-        d32 = d.float()
-        # One value a block: d = 0, or levels finer than float16 can place the zero for.
-        flat = (d32 == 0) | (m.abs() > _FLOAT16_MAX * d32.abs())
-        levels = q.view(rows, -1, BLOCK)
-        mean = m + d32 * levels.float().mean(dim=-1)
-        if bool(flat.any()):
-            levels.masked_fill_(flat.unsqueeze(-1), 0)
-        zero = torch.where(flat, -1.0, -m / torch.where(flat, 1.0, d32)).to(torch.float16)
-        scale = torch.where(flat, mean, d32).to(torch.float16)
+        return {"qweight": pack_int4_rows(q), "weight_scale": d, "weight_zero": zero}
+    m = _f16(blocks, 2).float()
+    _check_scales(where, d, m)
+    return _affine_int4(q, d.float(), m, rows, where)
+
+
+def _affine_int4(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, rows: int,
+                 where: str) -> dict[str, torch.Tensor]:
+    """Groups of 32 levels q (rows, groups · 32) meaning w = q · step + offset (float32,
+    (rows, groups)) as int4-wo's scale step and zero −offset / step."""
+    scale16 = step.to(torch.float16)
+    if not bool(torch.isfinite(scale16).all()):
+        first = int((~torch.isfinite(scale16)).flatten().nonzero()[0])
+        raise CheckpointError(f"{where} has a group whose scale lies past float16's range "
+                              f"(first: group {first}); the file is corrupt")
+    # One value a group: step 0, or levels finer than float16 can place the zero for.
+    flat = (step == 0) | (offset.abs() > _FLOAT16_MAX * step.abs())
+    levels = q.view(rows, -1, BLOCK)
+    mean = offset + step * levels.float().mean(dim=-1)
+    if bool(flat.any()):
+        levels.masked_fill_(flat.unsqueeze(-1), 0)
+    zero = torch.where(flat, -1.0, -offset / torch.where(flat, 1.0, step)).to(torch.float16)
+    scale = torch.where(flat, mean, step).to(torch.float16)
     return {"qweight": pack_int4_rows(q), "weight_scale": scale, "weight_zero": zero}
+
+
+def _q4_k(blocks: np.ndarray, rows: int, where: str) -> dict[str, torch.Tensor]:
+    """Q4_K super-blocks (rows, nb, 144) → int4-wo in groups of 32 (ggml's
+    dequantize_row_q4_K, get_scale_min_k4)."""
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    _check_scales(where, d, dmin)
+    packed = blocks[..., 4:16].astype(np.int32)  # (rows, nb, 12)
+    low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([low & 63, (high & 0xF) | ((low >> 6) << 4)], axis=-1)  # (rows, nb, 8)
+    mn = np.concatenate([mid & 63, (high >> 4) | ((mid >> 6) << 4)], axis=-1)
+    nibbles = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # 4 runs of 32 bytes
+    levels = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=3)  # (rows, nb, 4, 2, 32)
+    q = torch.from_numpy(levels.reshape(rows, -1))
+    step = d.float()[..., None] * torch.from_numpy(sc).float()  # (rows, nb, 8)
+    offset = -dmin.float()[..., None] * torch.from_numpy(mn).float()
+    return _affine_int4(q, step.reshape(rows, -1), offset.reshape(rows, -1), rows, where)

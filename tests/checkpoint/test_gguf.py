@@ -131,10 +131,12 @@ def write_tiny_gguf(
     extra_tensors: dict[str, np.ndarray] | None = None,
     drop: tuple[str, ...] = (),
     seed: int = 0,
+    qtypes: dict[str, Q] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Writes a tiny model; returns (what the reader must hand out, the HF weights written).
 
-    Matrices are stored as `qtype`, 1-D tensors as F32 (as llama.cpp does). The expected
+    Matrices are stored as `qtype` (or `qtypes[gguf name]`, as llama.cpp's mixed files such
+    as Q4_K_M do), 1-D tensors as F32 (as llama.cpp does). The expected
     tensors are the stored values dequantised by gguf and, for llama q/k, put back in HF row
     order by inverting llama.cpp's permutation through its row indices — independent of
     the reader's own un-permute.
@@ -197,7 +199,7 @@ def write_tiny_gguf(
             n = heads if "attn_q" in name else kv_heads
             row_order = llama_cpp_permute(row_order[:, None], n).ravel()
         stored = weight[row_order]
-        store_type = Q.F32 if stored.ndim == 1 else qtype
+        store_type = Q.F32 if stored.ndim == 1 else (qtypes or {}).get(name, qtype)
         if store_type in K_QUANT_FP16_FIELDS:
             raw = random_k_quant_blocks(rng, stored.shape, store_type)
         else:

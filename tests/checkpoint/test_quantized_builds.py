@@ -82,6 +82,33 @@ def test_gguf_keep_matches_the_dequantising_build(tmp_path, qtype):
     assert error < (1e-2 if qtype == Q.Q4_1 else 1e-5), f"relative error {error:.2e}"
 
 
+def test_gguf_q4_k_m_style_mix_keeps_q4_k_and_dequantises_the_rest(tmp_path):
+    """A Q4_K_M-style file: Q4_K linears, with layer 0's v and layer 1's down stored as Q6_K.
+    The Q4_K ones stay int4; the Q6_K ones, and q and k fused with layer 0's v, are read
+    dequantised and their layers kept in full precision (named in the manifest, warned
+    about); the engine's logits match the build that dequantises everything."""
+    from kiln.checkpoint.gguf import read_gguf
+
+    path = tmp_path / "k_m.gguf"
+    write_tiny_gguf(path, qtype=Q.Q4_K, hidden=256, inter=512, heads=4, kv_heads=2, layers=2,
+                    vocab=48, tied=True, tokenizer=False,
+                    qtypes={"blk.0.attn_v.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q6_K})
+    with pytest.warns(UserWarning, match=r"keeps Q8_0, Q4_0, Q4_1 and Q4_K; 2 Q6_K linears "
+                      r"and 2 fused with them are read dequantised"):
+        quantization = read_gguf(path, keep_quantized=True).quantization
+    assert quantization.unquantized_layers == ("model.layers.0.self_attn.qkv_proj",
+                                               "model.layers.1.mlp.down_proj")
+    with pytest.warns(UserWarning, match="Q6_K"):
+        build_engine(path, tmp_path / "kept", KEEP, progress=False)
+    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
+    quant = open_engine(tmp_path / "kept").manifest["quant"]
+    assert quant["scheme"] == "int4-wo" and quant["zero_point"] is True
+    assert quant["unquantized_layers"] == list(quantization.unquantized_layers)
+    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
+    error = (kept - dequantised).norm() / dequantised.norm()
+    assert error < 1e-2, f"relative error {error:.2e}"  # float16 scales and zeros, as Q4_1
+
+
 def test_quantised_checkpoint_needs_keep_and_keep_needs_a_quantised_one(tmp_path):
     write_awq(tmp_path / "awq")
     with pytest.raises(KilnError, match="is a quantised checkpoint .*build it with --quant keep"):

@@ -161,6 +161,25 @@ def test_gguf_keep(tmp_path, qtype, scheme):
                                torch.from_numpy(expected["lm_head.weight"]))
 
 
+def test_gguf_q4_k_is_kept_as_int4_groups_of_32(tmp_path):
+    """Q4_K's 8 sub-blocks of 32 (6-bit scales and minimums under a float16 d and dmin) are
+    Q4_1's form a sub-block: int4-wo, groups of 32, fractional zero points; against gguf's
+    own dequantiser (float16 scales d · sc and zeros round to 2^-11 relative)."""
+    from gguf import GGMLQuantizationType as Q
+
+    path = tmp_path / "k.gguf"
+    expected, _ = write_tiny_gguf(path, qtype=Q.Q4_K, hidden=256, inter=512, heads=4,
+                                  kv_heads=2, layers=2, tied=False)
+    checkpoint = read_gguf(path, keep_quantized=True)
+    assert checkpoint.quantization.params == {"group_size": 32, "zero_point": True}
+    assert checkpoint.quantization.unquantized_layers == ()
+    linears = {n: torch.from_numpy(t) for n, t in expected.items() if n.endswith("_proj.weight")}
+    for name, reference in linears.items():
+        got = _dequantized(checkpoint.tensors, name.removesuffix(".weight"), "int4-wo")
+        torch.testing.assert_close(got, reference, atol=2e-3 * float(reference.abs().max()),
+                                   rtol=0, msg=name)
+
+
 def test_gguf_keep_refuses_what_it_cannot_keep(tmp_path):
     from gguf import GGMLQuantizationType as Q
 
@@ -169,6 +188,7 @@ def test_gguf_keep_refuses_what_it_cannot_keep(tmp_path):
     with pytest.raises(CheckpointError, match="nothing to keep"):
         read_gguf(path, keep_quantized=True)
     path = tmp_path / "k.gguf"
-    write_tiny_gguf(path, qtype=Q.Q4_K, hidden=256, inter=256, heads=4, kv_heads=2)
-    with pytest.raises(CheckpointError, match="is Q4_K; --quant keep keeps Q8_0, Q4_0 and Q4_1"):
+    write_tiny_gguf(path, qtype=Q.Q6_K, hidden=256, inter=256, heads=4, kv_heads=2)
+    with pytest.raises(CheckpointError, match="no linear layer is stored quantised as Q8_0, "
+                       "Q4_0, Q4_1 or Q4_K, so there is nothing to keep"):
         read_gguf(path, keep_quantized=True)
