@@ -128,8 +128,15 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     # Pipeline-parallel runs keep up to pp steps in flight: their buckets stay approximate.
     lagged = engine.overlap_scheduling
     previous_bucket = None
+    # Decode-only steps (CUDA graphs) and the rest apart, [steps, host s, GPU s] each: the
+    # buckets mix them, and a batch's decode steps can be host-bound while its prefill-heavy
+    # eager steps hide it. A step is known to be a graph step once collected
+    # (runner.graph_steps), under overlap by the next call, which also has its device time.
+    by_kind = {"graph": [0, 0.0, 0.0], "eager": [0, 0.0, 0.0]}
+    pending_host = None  # under overlap: host time of the step the last call launched
     while engine.has_unfinished_requests():
         host, gpu = stats.host_seconds, stats.gpu_seconds
+        graphs = runner.graph_steps
         finished = 0
         for output in engine.step():
             if output.finished:
@@ -160,6 +167,15 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         (previous_bucket if lagged and previous_bucket is not None else bucket)[2] += (
             stats.gpu_seconds - gpu)
         previous_bucket = bucket
+        call_host = stats.host_seconds - host
+        if lagged and pending_host is None:  # the first call: nothing collected yet
+            pending_host = call_host
+            continue
+        kind = by_kind["graph" if runner.graph_steps > graphs else "eager"]
+        kind[0] += 1
+        kind[1] += pending_host + (call_host if drain else 0.0) if lagged else call_host
+        kind[2] += stats.gpu_seconds - gpu
+        pending_host = call_host
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     grammar = {}
@@ -188,6 +204,9 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
         "gpu_s_graph_steps": runner.graph_gpu_seconds - graph_before[1],
         "gpu_s_eager_steps": (stats.gpu_seconds - stats_before.gpu_seconds)
         - (runner.graph_gpu_seconds - graph_before[1]),
+        **{f"{name}_{what}_ms_per_step": 1e3 * seconds / count
+           for name, (count, host, gpu) in by_kind.items() if count
+           for what, seconds in (("cpu", host), ("gpu", gpu))},
         "triton_compiles": _triton_cache_entries() - cache_entries_before,
         "cuda_mallocs": allocator[0] - allocator_before[0],
         "cuda_alloc_retries": allocator[1] - allocator_before[1],

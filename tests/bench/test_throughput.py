@@ -73,12 +73,14 @@ def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypa
     def step():
         engine.stats.step_seconds += 0.001  # host time, no wait
         engine.stats.gpu_seconds += 0.010 * state["launched"]  # the previous launch's
+        engine.runner.graph_steps += state["launched"] >= 2  # 2 and 3 rows: decode graphs
         state["launched"] = next(rows_per_call)
         engine.scheduler_rows = state["launched"]
         state["left"] -= 1
         return []
 
     monkeypatch.setattr(engine, "scheduler_rows", 0, raising=False)
+    monkeypatch.setattr(engine.runner, "graph_steps", 0)
     monkeypatch.setattr(engine, "stats", EngineStats())
     monkeypatch.setattr(engine, "overlap_scheduling", True)
     monkeypatch.setattr(engine, "step", step)
@@ -95,3 +97,8 @@ def test_device_time_goes_to_the_bucket_of_the_step_that_ran_it(engine, monkeypa
     assert batched["gpu_ms_per_step_rows_le4"] == pytest.approx(30.0)
     assert batched["cpu_ms_per_step_rows_le4"] == pytest.approx(2.0)
     assert batched["cpu_below_gpu_every_rows_bucket"] == 1.0
+    # Graph steps apart from eager ones, host and device time of the same steps.
+    assert batched["graph_gpu_ms_per_step"] == pytest.approx(25.0)  # 20 and 30 ms
+    assert batched["graph_cpu_ms_per_step"] == pytest.approx(1.5)  # 1 ms, and 1 + the drain's
+    assert batched["eager_gpu_ms_per_step"] == pytest.approx(10.0)
+    assert batched["eager_cpu_ms_per_step"] == pytest.approx(1.0)
