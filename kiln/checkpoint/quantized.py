@@ -45,8 +45,10 @@ from kiln.errors import CheckpointError
 # Module names (HF) of the linears a decoder has; lm_head is handled as an ignored layer.
 _LINEAR = re.compile(r"(.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj))\.")
 # KV-cache scales: compressed-tensors keeps them on the attention module
-# (layers.N.self_attn.k_scale), ModelOpt on the projection (layers.N.self_attn.k_proj.k_scale).
-_KV_SCALE = re.compile(r".*\.layers\.(\d+)\.self_attn\.(?:[kv]_proj\.)?([kv])_scale$")
+# (layers.N.self_attn.k_scale; llm-compressor before that: k_proj.output_scale), ModelOpt on
+# the projection (layers.N.self_attn.k_proj.k_scale).
+_KV_SCALE = re.compile(r".*\.layers\.(\d+)\.self_attn\."
+                       r"(?:(?:[kv]_proj\.)?([kv])_scale|([kv])_proj\.output_scale)$")
 _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
@@ -547,7 +549,7 @@ def _kv_scales(source: TensorSource, config: dict, where: str) -> tuple[tuple[fl
     for name in source.names():
         match = _KV_SCALE.match(name)
         if match:
-            found.setdefault(int(match.group(1)), {})[match.group(2)] = name
+            found.setdefault(int(match.group(1)), {})[match.group(2) or match.group(3)] = name
     layers = config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         layers = max(found, default=-1) + 1

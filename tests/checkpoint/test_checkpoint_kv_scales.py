@@ -30,15 +30,17 @@ FP8_KV_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic"
 
 
 def add_kv_cache_scheme(directory: Path, scheme: dict | None = FP8_KV_SCHEME,
-                        k_scales=K_SCALES, v_scales=V_SCALES) -> None:
+                        k_scales=K_SCALES, v_scales=V_SCALES,
+                        name: str = "self_attn.{kind}_scale") -> None:
     """What llm-compressor writes for an FP8 KV cache: kv_cache_scheme in the config and one
-    k_scale / v_scale on each attention module (the names compressed-tensors registers)."""
+    k_scale / v_scale on each attention module (the names compressed-tensors registers;
+    earlier versions: self_attn.{kind}_proj.output_scale)."""
     path = directory / "model.safetensors"
     state = load_file(path)
     for layer, (k, v) in enumerate(zip(k_scales, v_scales)):
         for kind, value in (("k", k), ("v", v)):
             if value is not None:
-                state[f"model.layers.{layer}.self_attn.{kind}_scale"] = torch.tensor([value])
+                state[f"model.layers.{layer}.{name.format(kind=kind)}"] = torch.tensor([value])
     save_file(state, path, metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
     config["quantization_config"]["kv_cache_scheme"] = scheme
@@ -113,6 +115,18 @@ def test_modelopt_fp8_kv_scales(tmp_path):
     (source / "hf_quant_config.json").write_text(json.dumps(hf_quant))
     quantization = read_hf_directory(source).quantization
     assert quantization.kv_cache is None and quantization.kv_scales == ()
+
+
+def test_earlier_llm_compressor_output_scale_names(tmp_path):
+    source = tmp_path / "source"
+    write_compressed_tensors(source, "fp8")
+    add_kv_cache_scheme(source, name="self_attn.{kind}_proj.output_scale")
+    checkpoint = read_hf_directory(source)
+    assert checkpoint.quantization.kv_scales == tuple(
+        pytest.approx(pair) for pair in zip(K_SCALES, V_SCALES))
+    assert not any(n.endswith("output_scale") for n in checkpoint.tensors.names())
+    engine_dir = keep(source, tmp_path / "engine", kv_cache_dtype="fp8")
+    assert open_engine(engine_dir).manifest["build"]["kv_scales"]["v"] == pytest.approx(V_SCALES)
 
 
 def test_per_head_scales_keep_the_largest(tmp_path):
