@@ -154,8 +154,6 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
             SamplingParams(temperature=0.8, max_tokens=OUTPUT_LEN, ignore_eos=True,
                            output_kind=output_kind),
         )
-    if freeze:  # as LLM.generate and `kiln bench throughput` do with a large batch
-        engine.freeze_admitted_requests(num_requests)
     profiler = cProfile.Profile() if profile else None
     steps = 0
     if not collect_garbage:
@@ -178,9 +176,11 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
     try:
         if profiler:
             profiler.enable()
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
+        # As LLM.generate and `kiln bench throughput` (a large batch frozen for the run).
+        with engine.offline_batch(num_requests if freeze else 0):
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
     finally:
         if profiler:
             profiler.disable()

@@ -122,14 +122,14 @@ class LLM:
             for request_id in request_ids:
                 engine.abort_request(request_id)
             raise
-        engine.freeze_admitted_requests(len(request_ids))
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm)
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-                    bar.update(1)
+        with engine.offline_batch(len(request_ids)):
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
         bar.close()
         return [finished[request_id] for request_id in request_ids]
 

@@ -113,7 +113,6 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     for request in requests:
         engine.add_request(None, {"prompt_token_ids": request.prompt_token_ids},
                            _params(request, structured))
-    engine.freeze_admitted_requests(len(requests))  # as LLM.generate
     steps = 0
     output_tokens = 0
     preemptions = 0
@@ -134,48 +133,49 @@ def run_batched(engine: LLMEngine, requests: list[BenchRequest], progress: Progr
     # (runner.graph_steps), under overlap by the next call, which also has its device time.
     by_kind = {"graph": [0, 0.0, 0.0], "eager": [0, 0.0, 0.0]}
     pending_host = None  # under overlap: host time of the step the last call launched
-    while engine.has_unfinished_requests():
-        host, gpu = stats.host_seconds, stats.gpu_seconds
-        graphs = runner.graph_steps
-        finished = 0
-        for output in engine.step():
-            if output.finished:
-                finished += 1
-                output_tokens += len(output.outputs[0].token_ids)
-                stopped += output.outputs[0].finish_reason == "stop"
-                preemptions += sum(m.num_preemptions for m in output.metrics)
-                if progress is not None:
-                    progress.update(len(output.outputs[0].token_ids))
-        steps += 1
-        # Under overlap the last call launches nothing: it collects the step before it, so
-        # its host time (that step's outputs) goes where its device time goes, and it is no
-        # step of a batch size of its own (counted, it read ~3 ms of host against 0 of GPU
-        # and failed the check below on every run).
-        drain = (lagged and previous_bucket is not None
-                 and not engine.has_unfinished_requests())
-        if drain:
-            bucket = previous_bucket
-        else:
-            bucket = by_rows.setdefault(rows_bucket(engine.scheduler.num_running + finished),
-                                        [0, 0.0, 0.0, 0, 0])
-            bucket[0] += 1
-        bucket[1] += stats.host_seconds - host
-        allocator_after = _allocator_counts(engine.device)
-        bucket[3] += allocator_after[0] - allocator[0]
-        bucket[4] += allocator_after[1] - allocator[1]
-        allocator = allocator_after
-        (previous_bucket if lagged and previous_bucket is not None else bucket)[2] += (
-            stats.gpu_seconds - gpu)
-        previous_bucket = bucket
-        call_host = stats.host_seconds - host
-        if lagged and pending_host is None:  # the first call: nothing collected yet
+    with engine.offline_batch(len(requests)):  # as LLM.generate
+        while engine.has_unfinished_requests():
+            host, gpu = stats.host_seconds, stats.gpu_seconds
+            graphs = runner.graph_steps
+            finished = 0
+            for output in engine.step():
+                if output.finished:
+                    finished += 1
+                    output_tokens += len(output.outputs[0].token_ids)
+                    stopped += output.outputs[0].finish_reason == "stop"
+                    preemptions += sum(m.num_preemptions for m in output.metrics)
+                    if progress is not None:
+                        progress.update(len(output.outputs[0].token_ids))
+            steps += 1
+            # Under overlap the last call launches nothing: it collects the step before it, so
+            # its host time (that step's outputs) goes where its device time goes, and it is no
+            # step of a batch size of its own (counted, it read ~3 ms of host against 0 of GPU
+            # and failed the check below on every run).
+            drain = (lagged and previous_bucket is not None
+                     and not engine.has_unfinished_requests())
+            if drain:
+                bucket = previous_bucket
+            else:
+                bucket = by_rows.setdefault(rows_bucket(engine.scheduler.num_running + finished),
+                                            [0, 0.0, 0.0, 0, 0])
+                bucket[0] += 1
+            bucket[1] += stats.host_seconds - host
+            allocator_after = _allocator_counts(engine.device)
+            bucket[3] += allocator_after[0] - allocator[0]
+            bucket[4] += allocator_after[1] - allocator[1]
+            allocator = allocator_after
+            (previous_bucket if lagged and previous_bucket is not None else bucket)[2] += (
+                stats.gpu_seconds - gpu)
+            previous_bucket = bucket
+            call_host = stats.host_seconds - host
+            if lagged and pending_host is None:  # the first call: nothing collected yet
+                pending_host = call_host
+                continue
+            kind = by_kind["graph" if runner.graph_steps > graphs else "eager"]
+            kind[0] += 1
+            kind[1] += pending_host + (call_host if drain else 0.0) if lagged else call_host
+            kind[2] += stats.gpu_seconds - gpu
             pending_host = call_host
-            continue
-        kind = by_kind["graph" if runner.graph_steps > graphs else "eager"]
-        kind[0] += 1
-        kind[1] += pending_host + (call_host if drain else 0.0) if lagged else call_host
-        kind[2] += stats.gpu_seconds - gpu
-        pending_host = call_host
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     grammar = {}

@@ -38,6 +38,7 @@ then step k's token bitmask is built and its sampling queued:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -138,7 +139,7 @@ class StartupReport:
         )
 
 
-# Offline batches of at least this many requests are frozen once queued (freeze_admitted_requests).
+# Offline batches of at least this many requests are frozen once queued (offline_batch).
 OFFLINE_FREEZE_AT = 1024
 
 
@@ -304,6 +305,7 @@ class LLMEngine:
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
         self.stats = EngineStats()
         self._closed = False
+        self._startup_frozen = False  # from_engine_dir froze the start-up heap (CUDA)
 
     def _start_parallel(self, engine_info: EngineInfo, config: EngineConfig):
         from kiln.parallel.executor import ParallelExecutor
@@ -330,6 +332,7 @@ class LLMEngine:
             # gives them back. Not on the CPU, where tests build many short-lived engines.
             gc.collect()
             gc.freeze()
+            engine._startup_frozen = True
         return engine
 
     # ---- lifetime -----------------------------------------------------------------------
@@ -484,16 +487,27 @@ class LLMEngine:
                 self.scheduler.abort_request(request.request_id)
             raise
 
-    def freeze_admitted_requests(self, count: int) -> None:
-        """An offline batch of `count` requests has just been added (LLM.generate, `kiln bench
-        throughput`): at OFFLINE_FREEZE_AT or more, move them (and everything else alive)
-        out of the collector's sight. They live for the whole run, and its full passes walked
-        them every ~20 steps and freed nothing: kiln's request objects form no cycles and go
-        by reference counting (benchmarks/host_profile.py at 1,024 rows, 30,000 requests:
-        168 full passes, 6.3 s of 55 s of host time, 0 objects freed). close() gives the
-        frozen objects back to the collector."""
-        if count >= OFFLINE_FREEZE_AT:
-            gc.freeze()
+    @contextlib.contextmanager
+    def offline_batch(self, count: int):
+        """Around running an offline batch of `count` requests already added (LLM.generate,
+        `kiln bench throughput`): at OFFLINE_FREEZE_AT or more, they (and everything else
+        alive) are moved out of the collector's sight for the run. They live for the whole
+        run, and its full passes walked them every ~20 steps and freed nothing: kiln's
+        request objects form no cycles and go by reference counting (benchmarks/
+        host_profile.py at 1,024 rows, 30,000 requests: 168 full passes, 6.3 s of 55 s of
+        host time, 0 objects freed). Afterwards one full pass collects whatever became cyclic
+        garbage meanwhile (the caller's objects too) and the start-up freeze is restored."""
+        if count < OFFLINE_FREEZE_AT:
+            yield
+            return
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            gc.collect()
+            if self._startup_frozen:
+                gc.freeze()
 
     def structured_outputs(self) -> StructuredOutputManager:
         """The grammar compiler and matchers (kiln/structured/backend.py), made on first

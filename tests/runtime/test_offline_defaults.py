@@ -84,8 +84,9 @@ def test_generate_rejects_what_is_not_sampling_params(tiny_engine_dir):
 def test_a_large_offline_batch_is_frozen_out_of_the_collectors_sight(tiny_engine_dir,
                                                                        monkeypatch):
     """LLM.generate with OFFLINE_FREEZE_AT or more prompts freezes the heap once they are
-    queued (the collector's full passes walked them all and freed nothing); a smaller batch
-    is left alone; close() gives the frozen objects back."""
+    queued (the collector's full passes walked them all and freed nothing) and afterwards
+    collects what became garbage meanwhile and restores the start-up freeze; a smaller
+    batch is left alone."""
     import gc
 
     import kiln.runtime.engine as engine_module
@@ -93,17 +94,23 @@ def test_a_large_offline_batch_is_frozen_out_of_the_collectors_sight(tiny_engine
     llm = LLM(model=str(tiny_engine_dir), device="cpu", num_kv_blocks=64, block_size=4)
     engine = llm.llm_engine
     monkeypatch.setattr(engine_module, "OFFLINE_FREEZE_AT", 3)
-    counts = []
-    monkeypatch.setattr(engine_module.gc, "freeze",
-                        lambda: counts.append(engine.scheduler.has_unfinished_requests()))
+    calls = []
+    for name in ("freeze", "unfreeze", "collect"):
+        monkeypatch.setattr(engine_module.gc, name,
+                            lambda *args, name=name: calls.append(
+                                (name, engine.scheduler.has_unfinished_requests())))
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     llm.generate([[1, 2]] * 2, params, use_tqdm=False)
-    assert counts == []  # below the threshold
+    assert calls == []  # below the threshold
     outputs = llm.generate([[1, 2]] * 3, params, use_tqdm=False)
-    assert counts == [True]  # once, with the requests queued
+    # Frozen with the requests queued; given back, collected, and (no start-up freeze on
+    # the CPU) left unfrozen once they are done.
+    assert calls == [("freeze", True), ("unfreeze", False), ("collect", False)]
     assert all(len(o.outputs[0].token_ids) == 2 for o in outputs)
+    calls.clear()
+    engine._startup_frozen = True  # as from_engine_dir on CUDA
+    llm.generate([[1, 2]] * 3, params, use_tqdm=False)
+    assert calls[-1] == ("freeze", False)  # the start-up freeze restored
     monkeypatch.undo()
-    gc.freeze()
-    assert gc.get_freeze_count() > 0
     engine.close()
     assert gc.get_freeze_count() == 0
