@@ -467,6 +467,13 @@ def _kept_linears(
                 dequantised.setdefault(ggml_type.name, []).append(name)
         if infos[name].shape[1] % block:
             raise corrupt_error(path, f"tensor {name!r} rows are not whole {block}-value blocks")
+    if len(set(kept.values())) > 1:
+        # One scheme an engine: the 4-bit layers stay quantised, the 8-bit ones (a few in
+        # llama.cpp's mixed files) are read dequantised like the types kiln cannot keep.
+        for hf_name in [n for n, scheme in kept.items() if scheme == "int8-wo"]:
+            del kept[hf_name]
+            plain.append(hf_name.removesuffix(".weight"))
+            dequantised.setdefault(types.pop(hf_name).name, []).append(hf_name)
     demoted = _demote_fused_siblings(kept, plain)
     plain += demoted
     for module in demoted:
@@ -480,14 +487,10 @@ def _kept_linears(
     if dequantised:
         listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(dequantised.items()))
         fused = f" and {len(demoted)} fused with them" if demoted else ""
-        warnings.warn(f"{path}: --quant keep keeps Q8_0, Q4_0, Q4_1 and Q4_K; {listed} linears"
-                      f"{fused} are read dequantised and kept in full precision", stacklevel=3)
+        warnings.warn(f"{path}: --quant keep keeps Q4_0, Q4_1, Q4_K (as int4-wo) or Q8_0 (as "
+                      f"int8-wo), one scheme an engine; {listed} linears{fused} are read "
+                      "dequantised and kept in full precision", stacklevel=3)
     types = set(types.values())
-    if len(schemes) > 1:
-        raise CheckpointError(
-            f"{path}: linears mix 8-bit and 4-bit types ({', '.join(sorted(t.name for t in types))}); "
-            "--quant keep needs one scheme for every layer"
-        )
     scheme = schemes.pop()
     params = {"group_size": gguf_quantized.BLOCK}
     if scheme == "int4-wo":

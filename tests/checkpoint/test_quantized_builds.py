@@ -93,8 +93,8 @@ def test_gguf_q4_k_m_style_mix_keeps_q4_k_and_dequantises_the_rest(tmp_path):
     write_tiny_gguf(path, qtype=Q.Q4_K, hidden=256, inter=512, heads=4, kv_heads=2, layers=2,
                     vocab=48, tied=True, tokenizer=False,
                     qtypes={"blk.0.attn_v.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q6_K})
-    with pytest.warns(UserWarning, match=r"keeps Q8_0, Q4_0, Q4_1 and Q4_K; 2 Q6_K linears "
-                      r"and 2 fused with them are read dequantised"):
+    with pytest.warns(UserWarning, match=r"one scheme an engine; 2 Q6_K linears and 2 fused "
+                      r"with them are read dequantised"):
         quantization = read_gguf(path, keep_quantized=True).quantization
     assert quantization.unquantized_layers == ("model.layers.0.self_attn.qkv_proj",
                                                "model.layers.1.mlp.down_proj")
@@ -107,6 +107,28 @@ def test_gguf_q4_k_m_style_mix_keeps_q4_k_and_dequantises_the_rest(tmp_path):
     kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
     error = (kept - dequantised).norm() / dequantised.norm()
     assert error < 1e-2, f"relative error {error:.2e}"  # float16 scales and zeros, as Q4_1
+
+
+def test_gguf_with_8_bit_and_4_bit_linears_keeps_the_4_bit_ones(tmp_path):
+    """One scheme an engine: a Q4_0 file with a Q8_0 down projection (llama.cpp's mixed
+    files) keeps the Q4_0 linears as int4-wo and reads the Q8_0 one dequantised (warned
+    about, named in the manifest), instead of refusing the file."""
+    from kiln.checkpoint.gguf import read_gguf
+
+    path = tmp_path / "mixed.gguf"
+    write_tiny_gguf(path, qtype=Q.Q4_0, hidden=64, inter=128, heads=4, kv_heads=2, layers=2,
+                    tokenizer=False, qtypes={"blk.1.ffn_down.weight": Q.Q8_0})
+    with pytest.warns(UserWarning, match=r"Q8_0 \(as int8-wo\), one scheme an engine; 1 Q8_0 "
+                      r"linears are read dequantised"):
+        quantization = read_gguf(path, keep_quantized=True).quantization
+    assert quantization.scheme == "int4-wo"
+    assert quantization.unquantized_layers == ("model.layers.1.mlp.down_proj",)
+    with pytest.warns(UserWarning, match="Q8_0"):
+        build_engine(path, tmp_path / "kept", KEEP, progress=False)
+    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
+    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
+    error = (kept - dequantised).norm() / dequantised.norm()
+    assert error < 1e-5, f"relative error {error:.2e}"  # Q4_0 and Q8_0 both exact
 
 
 def test_quantised_checkpoint_needs_keep_and_keep_needs_a_quantised_one(tmp_path):
