@@ -383,8 +383,10 @@ class _GGUFTensors:
         qk_heads: dict[str, int],
         kept: dict[str, str] | None = None,
         path: Path | None = None,
+        int8_group: int = gguf_quantized.BLOCK,
     ):
         self._path = path  # named in the errors of kept tensors
+        self._int8_group = int8_group  # int8-wo's groups: 32, or Q6_K's 16
         self._reader = reader  # keeps the memory map the tensor views point into alive
         by_gguf_name = {t.name: t for t in reader.tensors}
         self._tensors = {hf: by_gguf_name[name] for name, hf in hf_names.items()}
@@ -425,7 +427,8 @@ class _GGUFTensors:
         source = self._tensors[hf_name]
         rows = self._shapes[hf_name][0]
         where = f"{self._path}: GGUF tensor {source.name}"
-        tensor = gguf_quantized.convert(source.data, source.tensor_type, rows, where)
+        tensor = gguf_quantized.convert(source.data, source.tensor_type, rows, where,
+                                        self._int8_group)
         tensor = tensor[name.rpartition(".")[2]]
         if hf_name in self._qk_heads:  # whole rows move: the same un-permute as the weights
             tensor = _unpermute_qk(tensor, self._qk_heads[hf_name])
@@ -459,9 +462,8 @@ def _kept_linears(
             kept[hf_name] = gguf_quantized.KEEPABLE[ggml_type][0]
             types[hf_name] = ggml_type
         else:
-            # Full precision, or a type kiln has no kernels for (Q6_K, Q5_K, ...: a Q4_K_M
-            # file stores some v and down projections so): read dequantised, the layer kept
-            # in full precision.
+            # Full precision, or a type kiln has no kernels for (Q5_K, Q5_0, ...): read
+            # dequantised, the layer kept in full precision.
             plain.append(hf_name.removesuffix(".weight"))
             if ggml_type not in _FULL_PRECISION:
                 dequantised.setdefault(ggml_type.name, []).append(name)
@@ -481,18 +483,19 @@ def _kept_linears(
     schemes = set(kept.values())
     if not schemes:
         raise CheckpointError(
-            f"{path}: no linear layer is stored quantised as Q8_0, Q4_0, Q4_1 or Q4_K, so "
-            "there is nothing to keep; build without --quant keep"
+            f"{path}: no linear layer is stored quantised as Q8_0, Q6_K, Q4_0, Q4_1 or Q4_K, "
+            "so there is nothing to keep; build without --quant keep"
         )
     if dequantised:
         listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(dequantised.items()))
         fused = f" and {len(demoted)} fused with them" if demoted else ""
-        warnings.warn(f"{path}: --quant keep keeps Q4_0, Q4_1, Q4_K (as int4-wo) or Q8_0 (as "
-                      f"int8-wo), one scheme an engine; {listed} linears{fused} are read "
+        warnings.warn(f"{path}: --quant keep keeps Q4_0, Q4_1, Q4_K (as int4-wo) or Q8_0, Q6_K "
+                      f"(as int8-wo), one scheme an engine; {listed} linears{fused} are read "
                       "dequantised and kept in full precision", stacklevel=3)
     types = set(types.values())
     scheme = schemes.pop()
-    params = {"group_size": gguf_quantized.BLOCK}
+    q6_k = scheme == "int8-wo" and gguf.GGMLQuantizationType.Q6_K in types
+    params = {"group_size": gguf_quantized.Q6_K_GROUP if q6_k else gguf_quantized.BLOCK}
     if scheme == "int4-wo":
         params["zero_point"] = bool(types & {gguf.GGMLQuantizationType.Q4_1,
                                              gguf.GGMLQuantizationType.Q4_K})
@@ -580,7 +583,7 @@ def _save_tokenizer(
 
 def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
     """Reads a GGUF model file: config and tensor shapes now, tensor data on demand.
-    keep_quantized (`--quant keep`): Q8_0/Q4_0/Q4_1 linears stay quantised (see
+    keep_quantized (`--quant keep`): Q8_0/Q6_K/Q4_0/Q4_1/Q4_K linears stay quantised (see
     gguf_quantized.py) and the checkpoint says which scheme they make."""
     path = Path(path)
     reader, infos = open_reader(path)
@@ -604,7 +607,8 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
     kept, quantization = ({}, None)
     if keep_quantized:
         kept, quantization = _kept_linears(path, hf_names, infos)
-    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept, path)
+    int8_group = quantization.params["group_size"] if quantization is not None else gguf_quantized.BLOCK
+    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept, path, int8_group)
 
     generation_config = _special_token_ids(meta, config["vocab_size"])
     save_tokenizer = None

@@ -9,14 +9,18 @@ A block covers 32 consecutive input columns of one row (ggml's block layouts):
     Q4_1  20 bytes: d, m (float16), 16 bytes of nibbles  w = q · d + m = (q − (−m/d)) · d
     nibbles: byte j holds column j (low nibble) and column j + 16 (high nibble)
 
-Q4_K's super-block covers 256 columns as 8 sub-blocks of 32, each its own scale and minimum:
+The K-quants' super-blocks cover 256 columns, as 8 sub-blocks of 32 (Q4_K) or 16 of 16 (Q6_K):
+
+    Q6_K  210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits; 16 × int8 sc; d (float16)
+          w = (q − 32) · (d · sc[j]) in sub-block j of 16: int8-wo's form, groups of 16
 
     Q4_K  144 bytes: d, dmin (float16); 12 bytes of 6-bit sc[8], m[8]; 128 bytes of nibbles
           w = q · (d · sc[j]) − dmin · m[j] in sub-block j: Q4_1's form, step d · sc[j] and
           offset −dmin · m[j]; the nibbles come in 4 runs of 32 bytes, run r's low nibbles
           sub-block 2r, its high nibbles sub-block 2r + 1
 
-so Q8_0 → int8-wo, scale d; Q4_0 → int4-wo, scale d, zero 8; Q4_1 (and each Q4_K sub-block)
+so Q8_0 → int8-wo, scale d (each block's d twice when the engine's groups are Q6_K's 16);
+Q6_K → int8-wo, q − 32 and scale d · sc; Q4_0 → int4-wo, scale d, zero 8; Q4_1 (and each Q4_K sub-block)
 → int4-wo, scale d, zero −m/d (fractional; float16 rounds it to 2⁻¹¹ relative, an error of at most 2⁻¹¹ · |m| in a
 weight, below bfloat16's own resolution of m). A Q4_1 block with d = 0 holds one value m (all
 q are 0): zero −1 and scale m give it back. A block whose −m/d lies past float16's range
@@ -46,7 +50,10 @@ KEEPABLE = {
     GGMLQuantizationType.Q4_0: ("int4-wo", 18),
     GGMLQuantizationType.Q4_1: ("int4-wo", 20),
     GGMLQuantizationType.Q4_K: ("int4-wo", 144),
+    GGMLQuantizationType.Q6_K: ("int8-wo", 210),
 }
+# int8-wo's groups: Q8_0's blocks of 32, or Q6_K's sub-blocks of 16 (Q8_0 split to match).
+Q6_K_GROUP = 16
 # The tensor names each scheme's layer holds (the quantisation contract).
 OUTPUT_NAMES = {"int8-wo": ("weight", "weight_scale"),
                 "int4-wo": ("qweight", "weight_scale", "weight_zero")}
@@ -78,16 +85,19 @@ def _check_scales(where: str, *scales: torch.Tensor) -> None:  # each (rows, nb)
 
 
 def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int,
-            where: str) -> dict[str, torch.Tensor]:
+            where: str, int8_group: int = BLOCK) -> dict[str, torch.Tensor]:
     """One GGUF tensor's raw blocks → its contract tensors by name (rows in file order);
-    `where` names the tensor in the error a block with a non-finite scale raises."""
+    `where` names the tensor in the error a block with a non-finite scale raises;
+    `int8_group`: the engine's int8-wo group size (32, or 16 when it keeps Q6_K)."""
     scheme, block_bytes = KEEPABLE[ggml_type]
     blocks = _blocks(raw, rows, block_bytes)
+    if ggml_type == GGMLQuantizationType.Q6_K:
+        return _q6_k(blocks, rows, where)
     d = _f16(blocks, 0)
     if ggml_type == GGMLQuantizationType.Q8_0:
         _check_scales(where, d)
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1))
-        return {"weight": q, "weight_scale": d}
+        return {"weight": q, "weight_scale": d.repeat_interleave(BLOCK // int8_group, dim=1)}
     if ggml_type == GGMLQuantizationType.Q4_K:
         return _q4_k(blocks, rows, where)
     q = _nibble_columns(blocks[..., 2 if ggml_type == GGMLQuantizationType.Q4_0 else 4 :])
@@ -118,6 +128,29 @@ def _affine_int4(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, rows
     zero = torch.where(flat, -1.0, -offset / torch.where(flat, 1.0, step)).to(torch.float16)
     scale = torch.where(flat, mean, step).to(torch.float16)
     return {"qweight": pack_int4_rows(q), "weight_scale": scale, "weight_zero": zero}
+
+
+def _q6_k(blocks: np.ndarray, rows: int, where: str) -> dict[str, torch.Tensor]:
+    """Q6_K super-blocks (rows, nb, 210) → int8-wo in groups of 16 (ggml's
+    dequantize_row_q6_K): each half of 128 columns takes 64 bytes of low nibbles (a, then b)
+    and 32 of high 2-bit pairs, columns l, l + 32, l + 64, l + 96 from a's low nibble, b's
+    low, a's high, b's high."""
+    d = _f16(blocks, 208)
+    _check_scales(where, d)
+    low = blocks[..., :128].reshape(rows, -1, 2, 64)
+    high = blocks[..., 128:192].reshape(rows, -1, 2, 32)
+    a, b = low[..., :32], low[..., 32:]
+    parts = [(a & 0xF) | ((high & 3) << 4), (b & 0xF) | (((high >> 2) & 3) << 4),
+             (a >> 4) | (((high >> 4) & 3) << 4), (b >> 4) | (((high >> 6) & 3) << 4)]
+    levels = np.stack(parts, axis=-2).astype(np.int16) - 32  # (rows, nb, 2, 4, 32)
+    q = torch.from_numpy(levels.astype(np.int8).reshape(rows, -1))
+    sc = torch.from_numpy(blocks[..., 192:208].copy().view(np.int8)).float()  # (rows, nb, 16)
+    scale = (d.float()[..., None] * sc).reshape(rows, -1).to(torch.float16)
+    if not bool(torch.isfinite(scale).all()):
+        first = int((~torch.isfinite(scale)).flatten().nonzero()[0])
+        raise CheckpointError(f"{where} has a group whose scale lies past float16's range "
+                              f"(first: group {first}); the file is corrupt")
+    return {"weight": q, "weight_scale": scale}
 
 
 def _q4_k(blocks: np.ndarray, rows: int, where: str) -> dict[str, torch.Tensor]:

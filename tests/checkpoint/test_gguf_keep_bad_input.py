@@ -20,7 +20,7 @@ from tests.checkpoint.test_gguf import write_tiny_gguf
 from tests.compiler.test_build_errors import assert_nothing_left, assert_one_line_error
 
 TENSOR = "blk.0.ffn_down.weight"  # (64 rows, 128 inputs): 4 blocks a row (Q4_K: below)
-BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}
+BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144, Q.Q6_K: 210}
 
 
 def write_gguf(path: Path, qtype: Q) -> Path:
@@ -107,11 +107,20 @@ def test_q4_1_block_whose_zero_overflows_float16_is_kept_as_its_mean(tmp_path, c
     assert code == 0, err
 
 
-def write_q4_k_gguf(path: Path) -> Path:
-    """Q4_K needs 256-column super-blocks: TENSOR is then (256 rows, 512 inputs), 2 a row."""
-    write_tiny_gguf(path, qtype=Q.Q4_K, hidden=256, inter=512, heads=4, kv_heads=2, layers=2,
+def write_k_quant_gguf(path: Path, qtype: Q = Q.Q4_K) -> Path:
+    """K-quants need 256-column super-blocks: TENSOR is then (256 rows, 512 inputs), 2 a row."""
+    write_tiny_gguf(path, qtype=qtype, hidden=256, inter=512, heads=4, kv_heads=2, layers=2,
                     tokenizer=False)
     return path
+
+
+def test_q6_k_non_finite_d_is_refused(tmp_path, capsys):
+    path = write_k_quant_gguf(tmp_path / "model.gguf", Q.Q6_K)
+    set_block_scales(path, Q.Q6_K, [2], float("inf"), offset=208)  # d
+    code, err = build_keep(capsys, path, tmp_path / "engine")
+    assert_one_line_error(code, err, f"GGUF tensor {TENSOR} has 1 blocks with non-finite "
+                          "scales (first: block 2)")
+    assert_nothing_left(tmp_path, "engine")
 
 
 @pytest.mark.parametrize("offset, value, message", [
@@ -121,7 +130,7 @@ def write_q4_k_gguf(path: Path) -> Path:
     (0, 60000.0, "has a group whose scale lies past float16's range"),
 ], ids=["d-nan", "dmin-inf", "scale-overflow"])
 def test_q4_k_corrupt_scales_are_refused(tmp_path, capsys, offset, value, message):
-    path = write_q4_k_gguf(tmp_path / "model.gguf")
+    path = write_k_quant_gguf(tmp_path / "model.gguf")
     set_block_scales(path, Q.Q4_K, [3], value, offset=offset)
     if offset == 0 and value == 60000.0:  # every sub-block's 6-bit scale at its largest, 63
         reader = gguf.GGUFReader(path)

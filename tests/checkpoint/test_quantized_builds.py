@@ -118,7 +118,7 @@ def test_gguf_with_8_bit_and_4_bit_linears_keeps_the_4_bit_ones(tmp_path):
     path = tmp_path / "mixed.gguf"
     write_tiny_gguf(path, qtype=Q.Q4_0, hidden=64, inter=128, heads=4, kv_heads=2, layers=2,
                     tokenizer=False, qtypes={"blk.1.ffn_down.weight": Q.Q8_0})
-    with pytest.warns(UserWarning, match=r"Q8_0 \(as int8-wo\), one scheme an engine; 1 Q8_0 "
+    with pytest.warns(UserWarning, match=r"\(as int8-wo\), one scheme an engine; 1 Q8_0 "
                       r"linears are read dequantised"):
         quantization = read_gguf(path, keep_quantized=True).quantization
     assert quantization.scheme == "int4-wo"
@@ -129,6 +129,20 @@ def test_gguf_with_8_bit_and_4_bit_linears_keeps_the_4_bit_ones(tmp_path):
     kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
     error = (kept - dequantised).norm() / dequantised.norm()
     assert error < 1e-5, f"relative error {error:.2e}"  # Q4_0 and Q8_0 both exact
+
+
+def test_gguf_q6_k_keep_matches_the_dequantising_build(tmp_path):
+    """A Q6_K file with a Q8_0 linear: int8-wo in groups of 16 end to end."""
+    path = tmp_path / "q6.gguf"
+    write_tiny_gguf(path, qtype=Q.Q6_K, hidden=256, inter=512, heads=4, kv_heads=2, layers=2,
+                    vocab=48, tied=True, tokenizer=False, qtypes={"blk.0.attn_q.weight": Q.Q8_0})
+    build_engine(path, tmp_path / "kept", KEEP, progress=False)
+    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
+    quant = open_engine(tmp_path / "kept").manifest["quant"]
+    assert quant["scheme"] == "int8-wo" and quant["group_size"] == 16
+    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
+    error = (kept - dequantised).norm() / dequantised.norm()
+    assert error < 1e-2, f"relative error {error:.2e}"  # float16 scales d · sc
 
 
 def test_quantised_checkpoint_needs_keep_and_keep_needs_a_quantised_one(tmp_path):

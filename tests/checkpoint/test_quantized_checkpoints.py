@@ -180,6 +180,27 @@ def test_gguf_q4_k_is_kept_as_int4_groups_of_32(tmp_path):
                                    rtol=0, msg=name)
 
 
+def test_gguf_q6_k_is_kept_as_int8_groups_of_16(tmp_path):
+    """Q6_K's 16 sub-blocks of 16 (int8 scales under a float16 d, 6-bit levels around 32) are
+    int8-wo in groups of 16, exactly but for float16 scales d · sc; a Q8_0 linear beside them
+    takes the same groups (each block's d twice). Against gguf's own dequantiser."""
+    from gguf import GGMLQuantizationType as Q
+
+    path = tmp_path / "q6.gguf"
+    expected, _ = write_tiny_gguf(path, qtype=Q.Q6_K, hidden=256, inter=512, heads=4,
+                                  kv_heads=2, layers=2, tied=False,
+                                  qtypes={"blk.1.ffn_up.weight": Q.Q8_0})
+    checkpoint = read_gguf(path, keep_quantized=True)
+    assert checkpoint.quantization.scheme == "int8-wo"
+    assert checkpoint.quantization.params == {"group_size": 16}
+    assert checkpoint.tensors.get("model.layers.1.mlp.up_proj.weight_scale").shape == (512, 16)
+    for name, reference in expected.items():
+        if name.endswith("_proj.weight"):
+            got = _dequantized(checkpoint.tensors, name.removesuffix(".weight"), "int8-wo")
+            torch.testing.assert_close(got, torch.from_numpy(reference), rtol=0,
+                                       atol=1e-3 * float(abs(reference).max()), msg=name)
+
+
 def test_gguf_keep_refuses_what_it_cannot_keep(tmp_path):
     from gguf import GGMLQuantizationType as Q
 
@@ -188,7 +209,7 @@ def test_gguf_keep_refuses_what_it_cannot_keep(tmp_path):
     with pytest.raises(CheckpointError, match="nothing to keep"):
         read_gguf(path, keep_quantized=True)
     path = tmp_path / "k.gguf"
-    write_tiny_gguf(path, qtype=Q.Q6_K, hidden=256, inter=256, heads=4, kv_heads=2)
+    write_tiny_gguf(path, qtype=Q.Q5_K, hidden=256, inter=256, heads=4, kv_heads=2)
     with pytest.raises(CheckpointError, match="no linear layer is stored quantised as Q8_0, "
-                       "Q4_0, Q4_1 or Q4_K, so there is nothing to keep"):
+                       "Q6_K, Q4_0, Q4_1 or Q4_K, so there is nothing to keep"):
         read_gguf(path, keep_quantized=True)
