@@ -1,6 +1,6 @@
-"""GGUF linears kept quantised (`kiln build x.gguf --quant keep`): llama.cpp's Q8_0, Q4_0,
-Q4_1 and Q4_K blocks converted to kiln's int8-wo / int4-wo layout, groups of 32, no
-re-quantising.
+"""GGUF linears kept quantised (`kiln build x.gguf --quant keep`): llama.cpp's Q8_0, Q6_K,
+Q4_0, Q4_1 and Q4_K blocks converted to kiln's int8-wo / int4-wo layout, groups of 32 (16
+with Q6_K), no re-quantising.
 
 A block covers 32 consecutive input columns of one row (ggml's block layouts):
 
