@@ -65,7 +65,7 @@ CONFIGS = [IntGemmConfig(64, 64, 32, 1, 4, 2), IntGemmConfig(64, 64, 64, 2, 4, 2
 @pytest.mark.parametrize("config", CONFIGS, ids=["t32_unsplit", "t64_split2"])
 @pytest.mark.parametrize("m", [65, 100, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fmt", ["int8", "int8-g32", "int8-g64", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int8-g16", "int8-g32", "int8-g64", "int4"])
 def test_matches_reference(fmt, m, dtype, config, device, poison_outputs):
     x, tensors, bias, dense = _quantised(fmt, m, 80, 384 if fmt == "int4" else 320, dtype,
                                          device, seed=m)

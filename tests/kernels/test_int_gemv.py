@@ -31,7 +31,7 @@ def _inputs(n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
 _relative = max_relative_error
 
 
-@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("group_size", [-1, 16, 32, 128])  # 16: GGUF Q6_K
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_int8_matches_reference(group_size, dtype, device, poison_outputs):
     x, weight, bias = _inputs(40, 512, dtype)

@@ -58,7 +58,7 @@ def _assert_close_to(out: torch.Tensor, expected: torch.Tensor, relative: float)
 
 
 @pytest.mark.parametrize("m", ROWS)
-@pytest.mark.parametrize("group_size", [-1, 64])
+@pytest.mark.parametrize("group_size", [-1, 16, 64])  # 16: GGUF Q6_K
 def test_int8_kernel_matches_reference(m, group_size, device, poison_outputs):
     x, weight, bias = _inputs(m, device=device)
     q, scale = quantize_int8(weight, weight.shape[1] if group_size == -1 else group_size)
@@ -367,7 +367,7 @@ def test_fp8_cache_needs_its_scales(device):
 
 
 @pytest.mark.parametrize("kind", [KIND_INT8, KIND_INT4])
-@pytest.mark.parametrize("group", [64, 512])  # 512: one group a row (per channel)
+@pytest.mark.parametrize("group", [16, 64, 512])  # 512: one group a row; 16: Q6_K
 @pytest.mark.parametrize("block_n,block_k", [(32, 256), (16, 128), (64, 512)])
 def test_dequantize_kernel_matches_reference(kind, group, block_n, block_k, device):
     # 40 rows: a partial tile of rows; K = 512: tiles of 128-512 columns, within a group or not
