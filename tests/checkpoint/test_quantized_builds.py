@@ -66,19 +66,25 @@ def test_keep_builds_run_the_dequantised_weights(tmp_path, fmt, scheme, toleranc
     assert error < tolerance, f"relative error {error:.2e}"
 
 
+def _kept_against_dequantised(tmp_path, path) -> tuple[dict, float]:
+    """Build the GGUF file with --quant keep and dequantised: the kept engine's quant section
+    and the relative error of its logits against the dequantised engine's."""
+    build_engine(path, tmp_path / "kept", KEEP, progress=False)
+    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
+    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
+    error = float((kept - dequantised).norm() / dequantised.norm())
+    return open_engine(tmp_path / "kept").manifest["quant"], error
+
+
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
 def test_gguf_keep_matches_the_dequantising_build(tmp_path, qtype):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, qtype=qtype, hidden=64, inter=128, heads=4, kv_heads=2, layers=2,
                     vocab=48, tied=True, tokenizer=False)
-    build_engine(path, tmp_path / "kept", KEEP, progress=False)
-    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
-    quant = open_engine(tmp_path / "kept").manifest["quant"]
+    quant, error = _kept_against_dequantised(tmp_path, path)
     assert quant["source_format"] == "gguf" and quant["group_size"] == 32
-    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
     # Q4_1's zero point −m/d is kept in float16 (weights 4e-4 off, relative; this writer's
     # weights are large and two layers amplify it ~12x in the logits); Q8_0, Q4_0 exact.
-    error = (kept - dequantised).norm() / dequantised.norm()
     assert error < (1e-2 if qtype == Q.Q4_1 else 1e-5), f"relative error {error:.2e}"
 
 
@@ -99,13 +105,9 @@ def test_gguf_q4_k_m_style_mix_keeps_q4_k_and_dequantises_the_rest(tmp_path):
     assert quantization.unquantized_layers == ("model.layers.0.self_attn.qkv_proj",
                                                "model.layers.1.mlp.down_proj")
     with pytest.warns(UserWarning, match="Q6_K"):
-        build_engine(path, tmp_path / "kept", KEEP, progress=False)
-    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
-    quant = open_engine(tmp_path / "kept").manifest["quant"]
+        quant, error = _kept_against_dequantised(tmp_path, path)
     assert quant["scheme"] == "int4-wo" and quant["zero_point"] is True
     assert quant["unquantized_layers"] == list(quantization.unquantized_layers)
-    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
-    error = (kept - dequantised).norm() / dequantised.norm()
     assert error < 1e-2, f"relative error {error:.2e}"  # float16 scales and zeros, as Q4_1
 
 
@@ -124,10 +126,7 @@ def test_gguf_with_8_bit_and_4_bit_linears_keeps_the_4_bit_ones(tmp_path):
     assert quantization.scheme == "int4-wo"
     assert quantization.unquantized_layers == ("model.layers.1.mlp.down_proj",)
     with pytest.warns(UserWarning, match="Q8_0"):
-        build_engine(path, tmp_path / "kept", KEEP, progress=False)
-    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
-    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
-    error = (kept - dequantised).norm() / dequantised.norm()
+        _, error = _kept_against_dequantised(tmp_path, path)
     assert error < 1e-5, f"relative error {error:.2e}"  # Q4_0 and Q8_0 both exact
 
 
@@ -136,12 +135,8 @@ def test_gguf_q6_k_keep_matches_the_dequantising_build(tmp_path):
     path = tmp_path / "q6.gguf"
     write_tiny_gguf(path, qtype=Q.Q6_K, hidden=256, inter=512, heads=4, kv_heads=2, layers=2,
                     vocab=48, tied=True, tokenizer=False, qtypes={"blk.0.attn_q.weight": Q.Q8_0})
-    build_engine(path, tmp_path / "kept", KEEP, progress=False)
-    build_engine(path, tmp_path / "dequantised", BuildConfig(dtype="float32"), progress=False)
-    quant = open_engine(tmp_path / "kept").manifest["quant"]
+    quant, error = _kept_against_dequantised(tmp_path, path)
     assert quant["scheme"] == "int8-wo" and quant["group_size"] == 16
-    kept, dequantised = _engine_logits(tmp_path / "kept"), _engine_logits(tmp_path / "dequantised")
-    error = (kept - dequantised).norm() / dequantised.norm()
     assert error < 1e-2, f"relative error {error:.2e}"  # float16 scales d · sc
 
 
