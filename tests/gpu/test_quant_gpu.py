@@ -43,6 +43,8 @@ def quantised():
                 cache[key] = quantize_int8(weight, k)
             elif scheme == "int8_g32":  # GGUF Q8_0's groups
                 cache[key] = quantize_int8(weight, 32)
+            elif scheme == "int8_g16":  # GGUF Q6_K's groups (skinny_int8 refuses them)
+                cache[key] = quantize_int8(weight, 16)
             else:
                 cache[key] = quantize_int4(weight, 128)
         return cache[key]
@@ -70,7 +72,7 @@ def test_fp8_linear_matches_reference(quantised, n, k, m):
     assert _relative(out, expected) < 5e-3
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8_g32", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int8_g32", "int8_g16", "int4"])
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", ROWS)
 def test_weight_only_linear_matches_reference(quantised, scheme, n, k, m):
@@ -118,7 +120,7 @@ def test_static_fp8_and_per_token_quantiser(quantised):
     assert (q.float() == q_ref.float()).float().mean() > 0.999  # rounding ties aside
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8_g32", "int4"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8_g32", "int8_g16", "int4"])
 # 24, 48: _scaled_mm, the Gluon int4 / int8 kernels; 96: int_gemm (fp8: _scaled_mm)
 @pytest.mark.parametrize("rows", [4, 24, 48, 96])
 def test_quantised_linear_replays_in_a_cuda_graph(quantised, scheme, rows):
