@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# For the next session with a device (H200 for the issue's figures): offline 128/128 fp8 with
+# For the next session with a device (H200 for the issue's figures): the int8 kernels' GPU
+# tests (groups of 16 are new), then offline 128/128 fp8 with
 # the issue's 30,000 requests, this session's tree (offline batch frozen for the run, graph /
 # eager steps timed apart) against the base f11052e (in .ab-base: `git archive f11052e kiln`),
 # then fp8 batch-1 decode. Carry .whl and .ab-base.
@@ -9,6 +10,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONUNBUFFERED=1
 S="$OUT/next.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$S"
+# This session's GPU-untested path first: int8 groups of 16 (GGUF Q6_K) on every int8 kernel.
+PYTHONPATH="$PWD:/tmp/site" timeout 200 python3 -m pytest -q -p no:cacheprovider \
+  tests/gpu/test_quant_gpu.py tests/kernels/test_int_gemv.py tests/kernels/test_int_gemm.py \
+  tests/kernels/test_quant_kernels.py > "$OUT/gpu_tests.log" 2>&1
+tail -3 "$OUT/gpu_tests.log" | tee -a "$S"
 PYTHONPATH="$PWD:/tmp/site" timeout 200 python3 -P -m kiln.cli build llama-3.1-8b \
   --random-weights --quant fp8 -o /tmp/llama8b-fp8 --max-model-len 4096 > "$OUT/build-fp8.log" 2>&1
 bench() {  # bench NAME ROOT SUBCOMMAND ARGS...
