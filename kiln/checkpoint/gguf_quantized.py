@@ -84,6 +84,18 @@ def _check_scales(where: str, *scales: torch.Tensor) -> None:  # each (rows, nb)
                               f"(first: block {first}); the file is corrupt")
 
 
+def _float16_scales(where: str, scale: torch.Tensor) -> torch.Tensor:  # (rows, groups)
+    """`scale` (float32 products such as d · sc) in the float16 kiln stores, or
+    CheckpointError where one lies past float16's range (only a corrupt file has it)."""
+    converted = scale.to(torch.float16)
+    bad = ~torch.isfinite(converted)
+    if bool(bad.any()):
+        first = int(bad.flatten().nonzero()[0])
+        raise CheckpointError(f"{where} has a group whose scale lies past float16's range "
+                              f"(first: group {first}); the file is corrupt")
+    return converted
+
+
 def convert(raw: np.ndarray, ggml_type: GGMLQuantizationType, rows: int,
             where: str, int8_group: int = BLOCK) -> dict[str, torch.Tensor]:
     """One GGUF tensor's raw blocks → its contract tensors by name (rows in file order);
@@ -114,11 +126,7 @@ def _affine_int4(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, rows
                  where: str) -> dict[str, torch.Tensor]:
     """Groups of 32 levels q (rows, groups · 32) meaning w = q · step + offset (float32,
     (rows, groups)) as int4-wo's scale step and zero −offset / step."""
-    scale16 = step.to(torch.float16)
-    if not bool(torch.isfinite(scale16).all()):
-        first = int((~torch.isfinite(scale16)).flatten().nonzero()[0])
-        raise CheckpointError(f"{where} has a group whose scale lies past float16's range "
-                              f"(first: group {first}); the file is corrupt")
+    _float16_scales(where, step)
     # One value a group: step 0, or levels finer than float16 can place the zero for.
     flat = (step == 0) | (offset.abs() > _FLOAT16_MAX * step.abs())
     levels = q.view(rows, -1, BLOCK)
@@ -142,14 +150,10 @@ def _q6_k(blocks: np.ndarray, rows: int, where: str) -> dict[str, torch.Tensor]:
     a, b = low[..., :32], low[..., 32:]
     parts = [(a & 0xF) | ((high & 3) << 4), (b & 0xF) | (((high >> 2) & 3) << 4),
              (a >> 4) | (((high >> 4) & 3) << 4), (b >> 4) | (((high >> 6) & 3) << 4)]
-    levels = np.stack(parts, axis=-2).astype(np.int16) - 32  # (rows, nb, 2, 4, 32)
-    q = torch.from_numpy(levels.astype(np.int8).reshape(rows, -1))
+    levels = np.stack(parts, axis=-2).astype(np.int8) - 32  # (rows, nb, 2, 4, 32), 0..63
+    q = torch.from_numpy(levels.reshape(rows, -1))
     sc = torch.from_numpy(blocks[..., 192:208].copy().view(np.int8)).float()  # (rows, nb, 16)
-    scale = (d.float()[..., None] * sc).reshape(rows, -1).to(torch.float16)
-    if not bool(torch.isfinite(scale).all()):
-        first = int((~torch.isfinite(scale)).flatten().nonzero()[0])
-        raise CheckpointError(f"{where} has a group whose scale lies past float16's range "
-                              f"(first: group {first}); the file is corrupt")
+    scale = _float16_scales(where, (d.float()[..., None] * sc).reshape(rows, -1))
     return {"weight": q, "weight_scale": scale}
 
 

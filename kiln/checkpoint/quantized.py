@@ -49,8 +49,9 @@ _LINEAR = re.compile(r"(.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_
 # the projection (layers.N.self_attn.k_proj.k_scale).
 _KV_SCALE = re.compile(r".*\.layers\.(\d+)\.self_attn\."
                        r"(?:(?:[kv]_proj\.)?([kv])_scale|([kv])_proj\.output_scale)$")
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# HF projections kiln fuses into one layer, which must be all quantised or none (GGUF too).
+FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
 @dataclass(frozen=True)
@@ -632,11 +633,11 @@ class QuantizedTensors:
         layers = set()
         for module in plain:
             prefix, _, leaf = module.rpartition(".")
-            fused = _FUSED.get(leaf)
+            fused = FUSED_PROJECTIONS.get(leaf)
             if fused is None:
                 layers.add(module)
                 continue
-            siblings = [f"{prefix}.{p}" for p, f in _FUSED.items() if f == fused]
+            siblings = [f"{prefix}.{p}" for p, f in FUSED_PROJECTIONS.items() if f == fused]
             if any(s in quantized for s in siblings):
                 raise CheckpointError(f"checkpoint keeps {module} unquantised but quantises a "
                                       f"layer fused with it ({fused}); kiln cannot mix them")

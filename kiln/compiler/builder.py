@@ -59,7 +59,7 @@ class BuildSummary:
 def read_checkpoint(source: str | Path, *, weights: bool = True,
                     keep_quantized: bool = False) -> Checkpoint:
     """An HF directory, an HF config.json alone (random weights), or a .gguf file
-    (keep_quantized: its Q8_0/Q4_0/Q4_1/Q4_K linears stay quantised, `--quant keep`)."""
+    (keep_quantized: its Q8_0/Q6_K/Q4_0/Q4_1/Q4_K linears stay quantised, `--quant keep`)."""
     path = Path(source)
     if path.suffix == ".gguf":
         from kiln.checkpoint.gguf import read_gguf

@@ -166,8 +166,8 @@ def write_engine(
     chunk_bytes: int = HASH_CHUNK_BYTES,
 ) -> Path:
     """Write into a temporary sibling directory, then rename: a failed build leaves nothing
-    (one killed outright leaves its directory, which the next build of `output` on the same host
-removes).
+    (one killed outright leaves its directory, which the next build of `output` on the same
+    host removes).
     rank_weights[r] is global rank r's tensors, written to layout.rank_files[r]."""
     output = Path(output)
     if len(rank_weights) != layout.world_size:
