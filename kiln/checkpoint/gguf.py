@@ -503,7 +503,8 @@ def _kept_linears(
     unquantized = set()
     for module in plain:
         prefix, _, leaf = module.rpartition(".")
-        unquantized.add(f"{prefix}.{FUSED_PROJECTIONS[leaf]}" if leaf in FUSED_PROJECTIONS else module)
+        fused = FUSED_PROJECTIONS.get(leaf)
+        unquantized.add(f"{prefix}.{fused}" if fused else module)
     return kept, CheckpointQuantization(scheme, params, "gguf", tuple(sorted(unquantized)))
 
 
