@@ -10,11 +10,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONUNBUFFERED=1
 S="$OUT/next.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$S"
+PART=${1:-all}  # "a": tests + this tree; "b": base + latency (one call each, < 600 s)
+if [ "$PART" != b ]; then
 # This session's GPU-untested path first: int8 groups of 16 (GGUF Q6_K) on every int8 kernel.
 PYTHONPATH="$PWD:/tmp/site" timeout 200 python3 -m pytest -q -p no:cacheprovider \
   tests/gpu/test_quant_gpu.py tests/kernels/test_int_gemv.py tests/kernels/test_int_gemm.py \
   tests/kernels/test_quant_kernels.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log" | tee -a "$S"
+fi
+[ -d /tmp/llama8b-fp8 ] || \
 PYTHONPATH="$PWD:/tmp/site" timeout 200 python3 -P -m kiln.cli build llama-3.1-8b \
   --random-weights --quant fp8 -o /tmp/llama8b-fp8 --max-model-len 4096 > "$OUT/build-fp8.log" 2>&1
 bench() {  # bench NAME ROOT SUBCOMMAND ARGS...
@@ -27,6 +31,7 @@ bench() {  # bench NAME ROOT SUBCOMMAND ARGS...
     "$OUT/$name.log" | tee -a "$S"
 }
 T128="throughput /tmp/llama8b-fp8 --dataset random --num-prompts 30000 --input-len 128 --output-len 128"
-bench t128-30k-new "$PWD" $T128
+[ "$PART" != b ] && bench t128-30k-new "$PWD" $T128
+[ "$PART" = a ] && exit 0
 bench t128-30k-base "$PWD/.ab-base" $T128
 T=100 bench lat-fp8 "$PWD" latency /tmp/llama8b-fp8 --batch-sizes 1 --ttft-lens 128 8192 --new-tokens 128
