@@ -10,6 +10,7 @@ Usage: python benchmarks/int_gemv_ab.py OUT_DIR --label new [--tilings 16x128x4 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from quant_bench import COPIES, SHAPES, nbytes, timed, write_results
@@ -22,6 +23,18 @@ from kiln.kernels.quant_linear import (dequantize_int4, dequantize_int8,
 from kiln.quant.quantize import quantize_int4, quantize_int8
 
 FORMATS = {"int8": None, "int8-g64": 64, "int8-g128": 128, "int4-g128": 128}
+
+
+def fp32_unpacking(fn):
+    """fn with KILN_INT_GEMV_PACKED=0 (int4 unpacked to fp32, not two bf16 weights an
+    instruction) for each call, so the A/B runs in one process and one graph capture."""
+    def run():
+        os.environ["KILN_INT_GEMV_PACKED"] = "0"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("KILN_INT_GEMV_PACKED", None)
+    return run
 
 
 def main() -> None:
@@ -70,6 +83,8 @@ def main() -> None:
             else:
                 runs = {"ops": lambda: ops.int8_weight_only_linear(x, *pick(), None)}
             runs |= {"gemv": lambda: int_gemv.int_gemv(x, *pick())}
+            if fmt.startswith("int4"):
+                runs["gemv_fp32"] = fp32_unpacking(runs["gemv"])
             for tag in args.tilings:
                 config = IntGemvConfig.parse(tag)
                 runs[f"gemv_{tag}"] = lambda c=config: int_gemv.int_gemv(x, *pick(), config=c)

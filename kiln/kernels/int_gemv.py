@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_utils import launchable, pdl_prologue, power_of_2_dividing, use_pdl
+from kiln.kernels.triton_utils import (env_flag, interpreter_active, launchable, pdl_prologue,
+                                       power_of_2_dividing, use_pdl)
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,70 @@ def _tile_int4(word, x):
     return t, x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
 
 
+# PTX: x's bf16 pairs (x_i, x_{i+1}) per 32-bit word, four words a0..a3 ($4..$7) of a weight
+# word's 8 columns → the pairs (x_i, x_{i+4}) ($0..$3) that match the nibble pairs below.
+_X_PAIRS_ASM = tl.constexpr("""{
+prmt.b32 $0, $4, $6, 0x5410;
+prmt.b32 $1, $4, $6, 0x7632;
+prmt.b32 $2, $5, $7, 0x5410;
+prmt.b32 $3, $5, $7, 0x7632;
+}""")
+
+# PTX: Σ_i (q_i − 8) · x_i over a word ($1) of 8 nibbles, x as the pairs above ($2..$5), as
+# fp32 bits ($0). Nibbles i and i + 4 OR-ed into the two bf16 halves of 128.0 read 128 + q
+# (one LOP3 for two weights), − 136 leaves q − 8 exactly, and four packed bf16 FMAs sum the
+# products, each half over 4 weights; the halves are widened to fp32 (bf16 is fp32's upper
+# half) and added. Two weights an instruction instead of fp32's one (sm_80+; −0 is the
+# first FMA's addend, so the product is only rounded).
+_DOT_ASM = tl.constexpr("""{
+.reg .b32 t0, t1, t2, t3, s1, s2, s3, acc, lo, hi, one, minus, nought;
+.reg .f32 flo, fhi, sum;
+mov.b32 one, 0x3F803F80;
+mov.b32 minus, 0xC308C308;
+mov.b32 nought, 0x80008000;
+shr.u32 s1, $1, 4;
+shr.u32 s2, $1, 8;
+shr.u32 s3, $1, 12;
+lop3.b32 t0, $1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 t1, s1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 t2, s2, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 t3, s3, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t0, t0, one, minus;
+fma.rn.bf16x2 t1, t1, one, minus;
+fma.rn.bf16x2 t2, t2, one, minus;
+fma.rn.bf16x2 t3, t3, one, minus;
+fma.rn.bf16x2 acc, t0, $2, nought;
+fma.rn.bf16x2 acc, t1, $3, acc;
+fma.rn.bf16x2 acc, t2, $4, acc;
+fma.rn.bf16x2 acc, t3, $5, acc;
+shl.b32 lo, acc, 16;
+and.b32 hi, acc, 0xFFFF0000;
+mov.b32 flo, lo;
+mov.b32 fhi, hi;
+add.f32 sum, flo, fhi;
+mov.b32 $0, sum;
+}""")
+
+
+@triton.jit
+def _tile_int4_packed(word, x_words):
+    """Σ_i (q_i − 8) · x_i per word (BLOCK_N, TG, GW) fp32; x_words (TG, GW, 4) int32: the
+    word's 8 bf16 x values as they lie in memory."""
+    a0, a1, a2, a3 = _columns4(x_words)
+    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        _X_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r", [a0, a1, a2, a3], dtype=(tl.int32,) * 4,
+        is_pure=True, pack=1)
+    bits = tl.inline_asm_elementwise(
+        _DOT_ASM, "=r,r,r,r,r,r", [word, p0[None], p1[None], p2[None], p3[None]],
+        dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, stride_sn, rows,
                      g_offs, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                     PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUP: tl.constexpr):
+                     PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUP: tl.constexpr,
+                     PACKED: tl.constexpr, x_word_offs):
     """One tile starting at word `start` of every row."""
     x = tl.load(x_ptr + start * PER_WORD + x_offs).to(tl.float32)  # (TG, GW, PER_WORD)
     # if/else, not early returns: Triton traces the code after a constexpr-if's return too.
@@ -184,7 +245,17 @@ def _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, strid
         groups = (start + g_offs * GROUP_WORDS) * PER_WORD // GROUP  # (TG,)
         s_offs = rows[:, None] * stride_sn + groups[None, :]
         s = tl.load(scale_ptr + s_offs).to(tl.float32)[:, :, None]  # (BLOCK_N, TG, 1)
-        if INT4:
+        if INT4 and PACKED:
+            x_words = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                              + start * 4 + x_word_offs)
+            t = _tile_int4_packed(word, x_words)
+            # Σ (q − z) x = Σ (q − 8) x − (z − 8) Σ x: the zero's share is spread evenly over
+            # the group's words of the tile (Σ x once a group, not once a word, and in fp32,
+            # so fractional zero points stay exact).
+            z = tl.load(zero_ptr + s_offs).to(tl.float32)[:, :, None] - 8.0
+            x_share = tl.sum(tl.sum(x, axis=2), axis=1) * (1.0 / GROUP_WORDS)  # (TG,)
+            acc += s * (t - z * x_share[None, :, None])
+        elif INT4:
             t, x_sum = _tile_int4(word, x)
             z = tl.load(zero_ptr + s_offs).to(tl.float32)[:, :, None]
             acc += s * (t - z * x_sum[None])
@@ -204,7 +275,7 @@ def _int_gemv_kernel(
     N, WORDS,
     INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PACKED: tl.constexpr,
 ):
     PER_WORD: tl.constexpr = 8 if INT4 else 4
     TILE_WORDS: tl.constexpr = TILE_GROUPS * GROUP_WORDS
@@ -214,6 +285,7 @@ def _int_gemv_kernel(
     words = g_offs[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # (TG, GW)
     w_ptrs = w_ptr + rows[:, None, None] * WORDS + words[None]
     x_offs = words[:, :, None] * PER_WORD + tl.arange(0, PER_WORD)[None, None, :]
+    x_word_offs = words[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # x as int32 pairs
 
     word = tl.load(w_ptrs)  # weights never depend on the previous kernel
     pdl_prologue(USE_PDL)
@@ -222,17 +294,31 @@ def _int_gemv_kernel(
         next_word = tl.load(w_ptrs + start + TILE_WORDS)
         acc = _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr,
                                stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
-                               GROUP_WORDS, GROUP)
+                               GROUP_WORDS, GROUP, PACKED, x_word_offs)
         word = next_word
     acc = _accumulate_tile(acc, word, x_ptr, x_offs, WORDS - TILE_WORDS, scale_ptr, zero_ptr,
                            stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
-                           GROUP_WORDS, GROUP)
+                           GROUP_WORDS, GROUP, PACKED, x_word_offs)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
     if PER_CHANNEL:
         out = out * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+@functools.lru_cache(maxsize=8)
+def _has_packed_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # fma.rn.bf16x2: sm_80
+
+
+def packed_usable(x: torch.Tensor) -> bool:
+    """Whether int4 runs with two weights an instruction (_DOT_ASM): bf16 x on an sm_80+
+    GPU, 4-byte aligned (read as pairs); not under the interpreter (no inline assembly).
+    KILN_INT_GEMV_PACKED=0 is the A/B switch to the fp32 unpacking."""
+    return (env_flag("KILN_INT_GEMV_PACKED", default=True) and x.dtype == torch.bfloat16
+            and x.is_cuda and not interpreter_active() and x.data_ptr() % 4 == 0
+            and _has_packed_bf16(x.device))
 
 
 def int_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -304,7 +390,7 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         n, words,
         INT4=int4, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, GROUP=group,
         BLOCK_N=config.block_n, TILE_GROUPS=tile_words // group_words,
-        GROUP_WORDS=group_words, USE_PDL=pdl,
+        GROUP_WORDS=group_words, USE_PDL=pdl, PACKED=int4 and packed_usable(x),
         num_warps=config.num_warps, launch_pdl=pdl,
     )
     return y

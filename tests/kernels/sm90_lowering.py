@@ -55,15 +55,18 @@ def int_gemv_variants() -> dict:
         "int8_per_channel": (False, True, 4096, 1, 128, 8, 2),
         "int8_grouped": (False, False, 128, 4, 32, 16, 4),
         "int4_grouped": (True, False, 128, 4, 16, 16, 4),
+        "int4_packed": (True, False, 128, 4, 16, 16, 4),
     }
     out = {}
     for name, (int4, per_channel, group, groups, words, block_n, warps) in variants.items():
         ptx = compile_ptx(_int_gemv_kernel, signature, {
             "INT4": int4, "PER_CHANNEL": per_channel, "HAS_BIAS": True, "GROUP": group,
             "BLOCK_N": block_n, "TILE_GROUPS": groups, "GROUP_WORDS": words, "USE_PDL": True,
+            "PACKED": name == "int4_packed",
         }, warps)
         out[name] = {"conversions_from_int": ptx.count("cvt.rn.f32.s") + ptx.count("cvt.rn.f32.u"),
-                     "griddepcontrol": "griddepcontrol.wait" in ptx}
+                     "griddepcontrol": "griddepcontrol.wait" in ptx,
+                     "packed_bf16_fma": "fma.rn.bf16x2" in ptx}
     return out
 
 

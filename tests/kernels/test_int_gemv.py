@@ -54,35 +54,70 @@ def test_int4_matches_reference(group_size, zero_point, device, poison_outputs):
     assert _relative(out.cpu(), expected) < 2**-7
 
 
-def test_every_byte_and_nibble_value_is_unpacked_exactly(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: packed on a GPU
+def test_every_byte_and_nibble_value_is_unpacked_exactly(dtype, device):
     """Each weight value in each position of a word: x is one-hot per column, so y[n] is
-    exactly w[n, column] (no rounding anywhere: powers of 2, integers below 2^23)."""
+    exactly w[n, column] (no rounding anywhere: powers of 2, integers below 2^23; on the
+    GPU's packed bf16 path q − 8 and its product with 1 are exact too)."""
     k = 64
     q8 = torch.arange(-128, 128, dtype=torch.int16).reshape(4, k).to(torch.int8)  # every byte
     q4 = torch.arange(16 * k, dtype=torch.int64).remainder(16).reshape(16, k)
     q4 = q4[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
     ones = torch.ones(4, 1, dtype=torch.float16)
     for column in range(k):
-        x = torch.zeros(1, k, dtype=torch.float32)
+        x = torch.zeros(1, k, dtype=dtype)
         x[0, column] = 1.0
         y8 = int_gemv(x.to(device), q8.to(device), ones.to(device), config=SMALL)
-        assert torch.equal(y8.cpu()[0], q8[:, column].float())
+        assert torch.equal(y8.cpu()[0].float(), q8[:, column].float())
         y4 = int_gemv(x.to(device), pack_int4(q4).to(device),
                       torch.ones(16, 1, dtype=torch.float16, device=device),
                       torch.full((16, 1), 3.0, dtype=torch.float16, device=device), config=SMALL)
-        assert torch.equal(y4.cpu()[0], (q4[:, column] - 3).float())
+        assert torch.equal(y4.cpu()[0].float(), (q4[:, column] - 3).float())
 
 
-def test_fractional_zero_points_are_exact_enough(device):
-    """GGUF Q4_1 imports carry non-integer zero points (−min / scale): the zero leaves the
-    inner loop as z · Σx, which must not lose them."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: packed (GPU)
+def test_fractional_zero_points_are_exact_enough(dtype, device):
+    """GGUF Q4_1 and Q4_K imports carry non-integer zero points (−min / scale): the zero
+    leaves the inner loop as z · Σx in fp32, which must not lose them (the packed bf16 path
+    rounds only its products of q − 8, whatever z is). bf16: x has a mean of 1, so Σx is
+    large and a zero rounded to a whole number would miss by far more than the output's
+    rounding (checked below)."""
     x, weight, _ = _inputs(16, 256, torch.float32, seed=3)
+    x = (x + 1.0 if dtype == torch.bfloat16 else x).to(dtype)
     packed, scale, zero = quantize_int4(weight, 64)
     zero = zero + 0.37
     out = int_gemv(x.to(device), packed.to(device), scale.to(device), zero.to(device),
                    config=SMALL)
     expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero))
-    assert _relative(out.cpu(), expected) < 1e-5
+    if dtype == torch.float32:
+        assert _relative(out.cpu(), expected) < 1e-5
+    else:
+        rounded = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero.round()))
+        assert _relative(rounded, expected) > 2**-5  # what losing the fraction would cost
+        assert _relative(out.cpu(), expected) < 2**-7
+
+
+def test_packed_int4_matches_the_fp32_unpacking_at_llama_shapes(device, monkeypatch):
+    """The GPU's packed path (two bf16 weights an instruction; KILN_INT_GEMV_PACKED=0 is its
+    A/B switch) against the fp32 unpacking and the reference at a real K: its products are
+    rounded to bf16 and summed in bf16 four at a time, so it may differ by a few bf16 steps,
+    never more. Under the interpreter both runs take the fp32 unpacking."""
+    k = 4096 if device == "cuda" else 512
+    x, weight, bias = _inputs(64, k, seed=5)
+    packed, scale, zero = quantize_int4(weight, 128)
+    args = [tensor.to(device) for tensor in (x, packed, scale, zero, bias)]
+    expected = weight_only_linear_reference(x, dequantize_int4(packed, scale, zero), bias)
+    assert int_gemv_module.packed_usable(args[0]) == (device == "cuda")
+    out = int_gemv(*args)
+    monkeypatch.setenv("KILN_INT_GEMV_PACKED", "0")
+    assert not int_gemv_module.packed_usable(args[0])
+    plain = int_gemv(*args)
+    assert _relative(out.cpu(), expected) < 2**-7 and _relative(plain.cpu(), expected) < 2**-7
+    assert _relative(out.cpu(), plain.cpu()) < 2**-7
+    assert not int_gemv_module.packed_usable(args[0].float())  # fp32 x: the fp32 unpacking
+    monkeypatch.setenv("KILN_INT_GEMV_PACKED", "yes")
+    with pytest.raises(ValueError, match="KILN_INT_GEMV_PACKED must be 0 or 1"):
+        int_gemv_module.packed_usable(args[0])
 
 
 def test_default_config_and_ops_dispatch(device, monkeypatch):
