@@ -99,16 +99,30 @@ def _tiling_override(value: str) -> dict[str, IntGemvConfig]:
     return configs
 
 
-def default_int_gemv_config(n: int, k: int, int4: bool) -> IntGemvConfig:
+# Matrices at least this wide take the packed int4 path at one row in 1-warp programs of
+# 16 rows (128-byte row tiles), and not the Gluon twin: on the H100, gate|up (28,672 x 4,096)
+# 26.3 µs (80 % of copy) against the Gluon kernel's 31.0 and the 4-warp tiling's 32.1; it
+# needs ~8 programs an SM, so narrower matrices (q|k|v 9.9 vs 11.9, down 18.1 vs 23.9) stay
+# where they were (results/s26/h100-int4/int_gemv_ab-packed.json).
+PACKED_WIDE_ROWS = 16384
+
+
+def default_int_gemv_config(n: int, k: int, int4: bool, packed: bool = False) -> IntGemvConfig:
     """From the H200 tiling grid (benchmarks/quant_bench.py, QUANT_BENCH_INT_GRID=1;
     results/s8-h200-int-gemv-grid.json), Llama-3.1-8B shapes: int8 streams 512-byte row tiles,
     8 rows over 2 warps on the 25-50 MB matrices and 16 rows over 4 warps on the larger ones
     (within 5 % of each shape's best); int4 16 rows over 4 warps with 256-byte tiles (within
     4 % of the best per layer). A 15-tiling grid later (results/s9-*, BENCHMARKS.md) found
-    nothing faster: tilings giving a thread 8 rows, fewer instructions, were slower."""
+    nothing faster: tilings giving a thread 8 rows, fewer instructions, were slower. The
+    packed int4 path (H100, results/s26/h100-int4): 1 warp of 16 rows on wide matrices
+    (PACKED_WIDE_ROWS), 512-byte tiles up to 4096 x 4096 (o: 6.9 vs 7.4 µs)."""
     override = _tiling_override(os.environ.get(TILING_ENV, "")).get("int4" if int4 else "int8")
     if override is not None:
         return override
+    if int4 and packed and n >= PACKED_WIDE_ROWS:
+        return IntGemvConfig(block_n=16, tile_words=32, num_warps=1)
+    if int4 and packed and n * k <= 4096 * 4096:
+        return IntGemvConfig(block_n=16, tile_words=128, num_warps=4)
     if int4:
         return IntGemvConfig(block_n=16, tile_words=64, num_warps=4)
     if n * k >= 48 * 2**20:
@@ -321,6 +335,11 @@ def packed_usable(x: torch.Tensor) -> bool:
             and _has_packed_bf16(x.device))
 
 
+def takes_wide_packed(x: torch.Tensor, n: int) -> bool:
+    """Whether a one-row int4 linear N rows wide runs fastest here (PACKED_WIDE_ROWS)."""
+    return n >= PACKED_WIDE_ROWS and packed_usable(x)
+
+
 def int_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                 int4: bool) -> str | None:
     """Why int_gemv cannot take these inputs (the dispatcher then uses quant_linear), or
@@ -377,7 +396,8 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     per_word = 8 if int4 else 4
     words = k // per_word
     group = k // scale.shape[1]
-    config = config or default_int_gemv_config(n, k, int4)
+    packed = int4 and packed_usable(x)
+    config = config or default_int_gemv_config(n, k, int4, packed)
     tile_words = min(config.tile_words, power_of_2_dividing(words))
     per_channel = group == k and not int4
     # A power of 2 (a divisor of tile_words) dividing the words of a group: sub-tiles never
@@ -390,7 +410,7 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         n, words,
         INT4=int4, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, GROUP=group,
         BLOCK_N=config.block_n, TILE_GROUPS=tile_words // group_words,
-        GROUP_WORDS=group_words, USE_PDL=pdl, PACKED=int4 and packed_usable(x),
+        GROUP_WORDS=group_words, USE_PDL=pdl, PACKED=packed,
         num_warps=config.num_warps, launch_pdl=pdl,
     )
     return y

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels import skinny_int4_gluon
+from kiln.kernels import int_gemv, skinny_int4_gluon
 from kiln.kernels.int4_unpack import ASM_BF16, ASM_F16
 from kiln.kernels.skinny_fp8 import NUM_SMS, _prefetch_l2, sum_split_k_partials
 from kiln.kernels.triton_utils import env_flag, has_sm90, interpreter_active, use_pdl
@@ -182,9 +182,10 @@ BATCH1_MIN_WEIGHTS = 4096 * 4096
 
 def takes_batch1(x: torch.Tensor, n: int, k: int) -> bool:
     """Whether a one-row int4 linear of N x K weights is faster here than on int_gemv
-    (KILN_SKINNY_INT4_BATCH1=0 keeps int_gemv for every one-row linear)."""
+    (KILN_SKINNY_INT4_BATCH1=0 keeps int_gemv for every one-row linear): not the wide ones
+    int_gemv's packed path streams faster (int_gemv.takes_wide_packed)."""
     return (n * k > BATCH1_MIN_WEIGHTS and env_flag("KILN_SKINNY_INT4_BATCH1", default=True)
-            and gluon_usable(x))
+            and gluon_usable(x) and not int_gemv.takes_wide_packed(x, n))
 
 
 @triton.jit

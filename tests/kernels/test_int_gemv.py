@@ -176,3 +176,23 @@ def test_tiling_override_from_the_environment(monkeypatch):
         monkeypatch.setenv("KILN_INT_GEMV_TILING", bad)
         with pytest.raises(ValueError, match=f"KILN_INT_GEMV_TILING.*{message}"):
             int_gemv_module.default_int_gemv_config(8, 64, True)
+
+
+def test_packed_int4_tilings_and_the_wide_matrices_it_takes_from_the_gluon_kernel(monkeypatch):
+    """The packed path's measured rules (H100, BENCHMARKS.md): 1-warp programs on matrices at
+    least PACKED_WIDE_ROWS wide, which then stay off the Gluon twin at one row; 512-byte tiles
+    up to 4096 x 4096; the fp32 unpacking keeps its own default."""
+    from kiln.kernels import skinny_int4
+
+    config = int_gemv_module.default_int_gemv_config
+    assert config(28672, 4096, True, packed=True) == IntGemvConfig(16, 32, 1)
+    assert config(4096, 4096, True, packed=True) == IntGemvConfig(16, 128, 4)
+    assert config(6144, 4096, True, packed=True) == IntGemvConfig(16, 64, 4)
+    assert config(28672, 4096, True) == config(4096, 4096, True) == IntGemvConfig(16, 64, 4)
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    monkeypatch.setattr(skinny_int4, "gluon_usable", lambda tensor: True)
+    monkeypatch.setattr(int_gemv_module, "packed_usable", lambda tensor: True)
+    assert not skinny_int4.takes_batch1(x, 28672, 4096)  # gate|up: int_gemv, packed
+    assert skinny_int4.takes_batch1(x, 6144, 4096) and skinny_int4.takes_batch1(x, 4096, 14336)
+    monkeypatch.setattr(int_gemv_module, "packed_usable", lambda tensor: False)
+    assert skinny_int4.takes_batch1(x, 28672, 4096)  # fp16 / fp32 x: the Gluon kernel as before
