@@ -24,15 +24,15 @@ if true; then
   grep -E "int4|bf16|copy|rror" "$OUT/int_gemv_ab.log" | tee -a "$S"
 fi
 [ -d /tmp/llama8b-int4 ] || timeout 200 python3 -P -m kiln.cli build llama-3.1-8b --random-weights \
-  --quant int4-wo -o /tmp/llama8b-int4 --max-model-len 4096 > "$OUT/build-int4.log" 2>&1
-tail -1 "$OUT/build-int4.log" | tee -a "$S"
+  --quant int4-wo -o /tmp/llama8b-int4 --max-model-len 4096 > /tmp/build-int4.log 2>&1
+tail -1 /tmp/build-int4.log | tee -a "$S"
 lat() {  # lat NAME ENV...
   local name=$1; shift
   env "$@" timeout 120 python3 -P -m kiln.cli bench latency /tmp/llama8b-int4 --batch-sizes 1 \
-    --ttft-lens 128 --new-tokens 128 --output-dir /tmp/res-$name > "$OUT/lat-$name.log" 2>&1
+    --ttft-lens 128 --new-tokens 128 --output-dir /tmp/res-$name > /tmp/lat-$name.log 2>&1
   cp /tmp/res-$name/*.json "$OUT/lat-$name.json" 2>/dev/null
-  echo "== $name $*: $(grep -E '^(bs1_decode_tok_s|bs1_gpu_ms_per_step|bs1_pct_of_copy|decode_tok_s_bs1)' "$OUT/lat-$name.log" | tr -s ' ' | tr '\n' ' ')" | tee -a "$S"
-  grep -E "rror" "$OUT/lat-$name.log" | head -3 | tee -a "$S"
+  echo "== $name $*: $(grep -E '^(bs1_decode_tok_s|bs1_gpu_ms_per_step|bs1_pct_of_copy|decode_tok_s_bs1)' /tmp/lat-$name.log | tr -s ' ' | tr '\n' ' ')" | tee -a "$S"
+  grep -E "rror" /tmp/lat-$name.log | head -3 | tee -a "$S"
 }
 if [ "$MODE" = all ]; then
   lat packed-default KILN_INT_GEMV_PACKED=1
