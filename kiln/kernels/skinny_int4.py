@@ -176,7 +176,8 @@ def gluon_usable(x: torch.Tensor) -> bool:
 
 # One row goes to the Gluon twin only for matrices larger than this (weights): the H200 had
 # int_gemv faster on o (4096 x 4096: 7.6 vs 9.2 µs) and the Gluon kernel on q|k|v, gate|up and
-# down (11.4 vs 12.8, 33.2 vs 40.9, 19.2 vs 23.5 µs).
+# down (11.4 vs 12.8, 33.2 vs 40.9, 19.2 vs 23.5 µs); since int_gemv's packed int4 path, wide
+# matrices (gate|up) are int_gemv's again (int_gemv.PACKED_WIDE_ROWS).
 BATCH1_MIN_WEIGHTS = 4096 * 4096
 
 
