@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.skinny_fp8 import sum_split_k_partials
 from kiln.kernels.triton_utils import (env_flag, interpreter_active, launchable, pdl_prologue,
                                        power_of_2_dividing, use_pdl)
 
@@ -72,19 +73,26 @@ class IntGemvConfig:
     block_n: int = 16  # output rows per program
     tile_words: int = 64  # int32 words of each row per tile (256 B); clipped to divide K
     num_warps: int = 4
+    # K in this many parts, one program each (more programs for a matrix of few rows); the
+    # fp32 partials are summed by a second launch (skinny_fp8.sum_split_k_partials).
+    split_k: int = 1
 
     def __post_init__(self):
         for name in ("block_n", "tile_words", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of 2; got {value}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be at least 1; got {self.split_k}")
 
     @classmethod
     def parse(cls, spec: str) -> IntGemvConfig:
-        """"64x32x2": rows × words × warps (KILN_INT_GEMV_TILING, quant_bench's grid)."""
+        """"64x32x2": rows × words × warps, and "x4" more to split K in 4
+        (KILN_INT_GEMV_TILING, quant_bench's grid)."""
         numbers = spec.split("x")
-        if len(numbers) != 3 or not all(number.isdigit() for number in numbers):
-            raise ValueError(f"expected rows x words x warps such as 64x32x2; got {spec!r}")
+        if len(numbers) not in (3, 4) or not all(number.isdigit() for number in numbers):
+            raise ValueError(f"expected rows x words x warps [x splits] such as 64x32x2; got "
+                             f"{spec!r}")
         return cls(*(int(number) for number in numbers))
 
 
@@ -295,8 +303,9 @@ def _int_gemv_kernel(
     scale_ptr, stride_sn,  # (N, K / G) float16
     zero_ptr,  # int4: (N, K / G) float16
     bias_ptr,  # (N,) when HAS_BIAS
-    y_ptr,  # (N,)
-    N, WORDS,
+    y_ptr,  # (N,), or (SPLIT_K, N) fp32 partials when SPLIT_K > 1
+    N, WORDS,  # a row's words; each of a row block's SPLIT_K programs takes 1 / SPLIT_K of them
+    SPLIT_K: tl.constexpr,
     INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
     USE_PDL: tl.constexpr, PACKED: tl.constexpr,
@@ -311,24 +320,30 @@ def _int_gemv_kernel(
     x_offs = words[:, :, None] * PER_WORD + tl.arange(0, PER_WORD)[None, None, :]
     x_word_offs = words[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # x as int32 pairs
 
-    word = tl.load(w_ptrs)  # weights never depend on the previous kernel
+    split_words = WORDS // SPLIT_K
+    first = tl.program_id(1) * split_words
+    last = first + split_words - TILE_WORDS
+    word = tl.load(w_ptrs + first)  # weights never depend on the previous kernel
     pdl_prologue(USE_PDL)
     acc = tl.zeros((BLOCK_N, TILE_GROUPS, GROUP_WORDS), tl.float32)
-    for start in range(0, WORDS - TILE_WORDS, TILE_WORDS):  # one tile always in flight
+    for start in range(first, last, TILE_WORDS):  # one tile always in flight
         next_word = tl.load(w_ptrs + start + TILE_WORDS)
         acc = _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr,
                                stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
                                GROUP_WORDS, GROUP, PACKED, x_word_offs)
         word = next_word
-    acc = _accumulate_tile(acc, word, x_ptr, x_offs, WORDS - TILE_WORDS, scale_ptr, zero_ptr,
+    acc = _accumulate_tile(acc, word, x_ptr, x_offs, last, scale_ptr, zero_ptr,
                            stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
                            GROUP_WORDS, GROUP, PACKED, x_word_offs)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
     if PER_CHANNEL:
         out = out * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
+    if SPLIT_K > 1:  # fp32 partials; the summing launch adds the bias
+        tl.store(y_ptr + tl.program_id(1) * N + cols, out, mask=cols < N)
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
 @functools.lru_cache(maxsize=8)
@@ -408,19 +423,24 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     group = k // scale.shape[1]
     packed = int4 and packed_usable(x)
     config = config or default_int_gemv_config(n, k, int4, packed)
-    tile_words = min(config.tile_words, power_of_2_dividing(words))
+    # split K in the largest number of parts up to config.split_k that divides the row's words
+    split = math.gcd(config.split_k, words)
+    tile_words = min(config.tile_words, power_of_2_dividing(words // split))
     per_channel = group == k and not int4
     # A power of 2 (a divisor of tile_words) dividing the words of a group: sub-tiles never
     # straddle two groups.
     group_words = tile_words if per_channel else math.gcd(tile_words, group // per_word)
     pdl = use_pdl(x)
-    launchable(_int_gemv_kernel, x)[(triton.cdiv(n, config.block_n),)](
+    out = y if split == 1 else torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
+    launchable(_int_gemv_kernel, x)[(triton.cdiv(n, config.block_n), split)](
         x, weight.view(torch.int32), scale, scale.stride(0),
-        zero if int4 else scale, bias if bias is not None else scale, y,
-        n, words,
+        zero if int4 else scale, bias if bias is not None else scale, out,
+        n, words, SPLIT_K=split,
         INT4=int4, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, GROUP=group,
         BLOCK_N=config.block_n, TILE_GROUPS=tile_words // group_words,
         GROUP_WORDS=group_words, USE_PDL=pdl, PACKED=packed,
         num_warps=config.num_warps, launch_pdl=pdl,
     )
+    if split > 1:
+        sum_split_k_partials(out, split, bias, y, pdl)
     return y

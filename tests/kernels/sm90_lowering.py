@@ -56,13 +56,14 @@ def int_gemv_variants() -> dict:
         "int8_grouped": (False, False, 128, 4, 32, 16, 4),
         "int4_grouped": (True, False, 128, 4, 16, 16, 4),
         "int4_packed": (True, False, 128, 4, 16, 16, 4),
+        "int4_packed_split": (True, False, 128, 2, 16, 16, 1),
     }
     out = {}
     for name, (int4, per_channel, group, groups, words, block_n, warps) in variants.items():
         ptx = compile_ptx(_int_gemv_kernel, signature, {
             "INT4": int4, "PER_CHANNEL": per_channel, "HAS_BIAS": True, "GROUP": group,
             "BLOCK_N": block_n, "TILE_GROUPS": groups, "GROUP_WORDS": words, "USE_PDL": True,
-            "PACKED": name == "int4_packed",
+            "PACKED": name.startswith("int4_packed"), "SPLIT_K": 4 if "split" in name else 1,
         }, warps)
         out[name] = {"conversions_from_int": ptx.count("cvt.rn.f32.s") + ptx.count("cvt.rn.f32.u"),
                      "griddepcontrol": "griddepcontrol.wait" in ptx,

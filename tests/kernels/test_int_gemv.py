@@ -54,6 +54,27 @@ def test_int4_matches_reference(group_size, zero_point, device, poison_outputs):
     assert _relative(out.cpu(), expected) < 2**-7
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 8])  # 3: not a divisor of 128 words, so 1
+@pytest.mark.parametrize("scheme", ["int8", "int8_g32", "int4"])
+def test_split_k_matches_reference(scheme, split_k, device, poison_outputs):
+    """K in parts, one program each, fp32 partials summed (with the bias) by a second launch:
+    the same result as one part, for every scheme; a split that does not divide the row's
+    words falls back to the largest one that does."""
+    x, weight, bias = _inputs(40, 1024, seed=6)
+    if scheme == "int4":
+        tensors = quantize_int4(weight, 128)
+        expected = weight_only_linear_reference(x, dequantize_int4(*tensors), bias)
+    else:
+        tensors = quantize_int8(weight, 32 if scheme == "int8_g32" else 1024)
+        expected = weight_only_linear_reference(x, dequantize_int8(*tensors), bias)
+    args = [tensor.to(device) for tensor in tensors]
+    config = IntGemvConfig(block_n=16, tile_words=16, num_warps=4, split_k=split_k)
+    out = int_gemv(x.to(device), *args, bias=bias.to(device), config=config)
+    whole = int_gemv(x.to(device), *args, bias=bias.to(device), config=SMALL)
+    assert out.shape == (1, 40) and _relative(out.cpu(), expected) < 2**-7
+    assert _relative(out.cpu(), whole.cpu()) < 2**-7
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: packed on a GPU
 def test_every_byte_and_nibble_value_is_unpacked_exactly(dtype, device):
     """Each weight value in each position of a word: x is one-hot per column, so y[n] is
@@ -159,6 +180,9 @@ def test_unsupported_inputs_are_named(device):
         int_gemv(torch.zeros(2, 64, device=device), q.to(device), scale.to(device))
     with pytest.raises(ValueError, match="power of 2"):
         IntGemvConfig(block_n=12)
+    with pytest.raises(ValueError, match="split_k must be at least 1"):
+        IntGemvConfig(split_k=0)
+    assert IntGemvConfig.parse("16x32x1x4") == IntGemvConfig(16, 32, 1, 4)
 
 
 def test_tiling_override_from_the_environment(monkeypatch):
