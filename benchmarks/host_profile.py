@@ -23,8 +23,9 @@ PYTHONPATH=/path/to/other/checkout python benchmarks/host_profile.py.
 Run it on an otherwise idle machine: other processes on the cores move these numbers.
 Torch runs on one thread, so the sampler's CPU compute does not compete with the host work.
 Python's cyclic garbage collector runs in the loop as in production (start-up objects
-frozen, as from_engine_dir does on CUDA); its pauses land in whichever call happens to
-allocate, so --no-gc shows the calls' own cost.
+frozen and its thresholds raised, as from_engine_dir does on CUDA; KILN_GC_THRESHOLD=python
+for Python's own); its pauses land in whichever call happens to allocate, so --no-gc shows
+the calls' own cost.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.helpers builds the model
 
+from kiln.runtime import collector
 from kiln.runtime.input_batch import BatchRow, InputBuffers
 from kiln.runtime.sampler import Sampler, SamplingMetadata, SamplingRow
 from kiln.runtime.sampling_params import SamplingParams
@@ -118,9 +120,9 @@ def run_loop(num_requests: int, work_dir: Path, profile: bool, collect_garbage: 
         ),
     )
     # As LLMEngine.from_engine_dir does on CUDA: start-up objects out of the collector's
-    # sight, so its full passes cost what they cost in production.
-    gc.collect()
-    gc.freeze()
+    # sight and its thresholds raised (KILN_GC_THRESHOLD=python keeps Python's), so its
+    # passes cost what they cost in production.
+    collector.tune_for_engine()
     model = engine.runner.model
     model.forward = lambda input_ids, positions, kv_caches, metadata: torch.zeros(
         input_ids.shape[0], 64

@@ -119,6 +119,7 @@ def _wait_all(works: list) -> None:
 
 def run_worker(spec, rank: int, local_rank: int) -> None:
     from kiln.parallel.launch import device_for, join_world, make_runner
+    from kiln.runtime import collector
 
     fault = _fault_for(rank)
     if fault is not None and fault[1] == 0:
@@ -126,7 +127,10 @@ def run_worker(spec, rank: int, local_rank: int) -> None:
     world = join_world(spec, rank)
     runner = None
     try:
-        runner = make_runner(spec, world, device_for(spec, local_rank))
+        device = device_for(spec, local_rank)
+        runner = make_runner(spec, world, device)
+        if device.type == "cuda":  # as rank 0's engine (LLMEngine.from_engine_dir)
+            collector.tune_for_engine()
         serve_steps(world, runner)
     finally:
         if runner is not None:

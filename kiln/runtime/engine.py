@@ -57,6 +57,7 @@ from kiln.checkpoint.tokenizer import load_tokenizer
 from kiln.config import EngineConfig
 from kiln.errors import KilnError
 from kiln.parallel.state import SINGLE_PROCESS
+from kiln.runtime import collector
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.model_runner import LaunchedStep, ModelRunner
 from kiln.runtime.messages import SchedulerOutput, TokenLogprobs
@@ -306,6 +307,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._closed = False
         self._startup_frozen = False  # from_engine_dir froze the start-up heap (CUDA)
+        self._collector_before: tuple[int, int, int] | None = None  # and its thresholds then
 
     def _start_parallel(self, engine_info: EngineInfo, config: EngineConfig):
         from kiln.parallel.executor import ParallelExecutor
@@ -326,12 +328,12 @@ class LLMEngine:
         engine = cls(info, config, speculative_config)
         engine.startup.open_seconds = opened
         logger.info("%s", engine.startup.describe())
+        collector.engine_thresholds()  # a malformed KILN_GC_THRESHOLD fails on every device
         if engine.device.type == "cuda":
-            # The model, tokenizer and caches are long-lived: move them out of the collector's
-            # sight so its full passes stop walking them (~1 ms a step at batch 256); close()
-            # gives them back. Not on the CPU, where tests build many short-lived engines.
-            gc.collect()
-            gc.freeze()
+            # The model, tokenizer and caches are long-lived: out of the collector's sight, and
+            # its passes made rarer (kiln/runtime/collector.py); close() undoes both. Not on
+            # the CPU, where tests build many short-lived engines.
+            engine._collector_before = collector.tune_for_engine()
             engine._startup_frozen = True
         return engine
 
@@ -375,8 +377,11 @@ class LLMEngine:
         self.parallel.close()
         # Objects frozen at start-up (from_engine_dir) are invisible to the collector; the
         # model's reference cycles (parameters holding bound weight loaders) need it.
-        gc.unfreeze()
-        gc.collect()
+        if self._collector_before is not None:
+            collector.restore(self._collector_before)  # and the thresholds as they were
+        else:
+            gc.unfreeze()
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
