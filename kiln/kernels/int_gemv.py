@@ -423,7 +423,7 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     group = k // scale.shape[1]
     packed = int4 and packed_usable(x)
     config = config or default_int_gemv_config(n, k, int4, packed)
-    # split K in the largest number of parts up to config.split_k that divides the row's words
+    # K in config.split_k parts, or in its largest divisor that divides the row's words
     split = math.gcd(config.split_k, words)
     tile_words = min(config.tile_words, power_of_2_dividing(words // split))
     per_channel = group == k and not int4
