@@ -3,13 +3,7 @@
 # call, each < 600 s; carry .whl). a: batch-1 decode of bf16 / fp8 / int8-wo / int4-wo and the
 # fp8 8,192-token TTFT; b: offline 128/128 fp8 with 30,000 requests, default and 2,048
 # sequences + FP8 KV; c: offline 2048/2048 fp8 + FP8 KV with 1,500 requests.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-  > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
-S="$OUT/summary.txt"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$S"
+source benchmarks/device_preamble.sh
 build() {  # build SCHEME LIMIT
   local dir=/tmp/e-$1-$2
   [ -d $dir ] || timeout 200 python3 -P -m kiln.cli build llama-3.1-8b --random-weights \

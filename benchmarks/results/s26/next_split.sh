@@ -4,13 +4,7 @@
 # one row (q|k|v, o, down). GPU tests first, then the per-linear grid (int4 packed and
 # int8), then int4 / int8 batch-1 decode with the split forced through the tiling variable.
 # Carry .whl. Pick the rule from the grid, set it in default_int_gemv_config, measure again.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-  > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
-S="$OUT/summary.txt"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$S"
+source benchmarks/device_preamble.sh
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_int_gemv.py \
   tests/gpu/test_quant_gpu.py > "$OUT/gpu_tests.log" 2>&1
 tail -2 "$OUT/gpu_tests.log" | tee -a "$S"
