@@ -4,13 +4,7 @@
 # (int_gemv_ab.py), then batch-1 decode of one int4-wo engine three ways. Carry .whl.
 # `int4_packed.sh rule`: the second call, after the per-shape rule (wide matrices on 1-warp
 # packed programs): tests, the tilings near 16x32x1, then decode new / old / new.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-  > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
-S="$OUT/summary.txt"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$S"
+source benchmarks/device_preamble.sh  # as run: these lines were inline
 MODE=${1:-all}
 TILINGS="16x128x4 32x64x4 64x32x4 32x32x2 16x32x1 8x128x2"
 [ "$MODE" = rule ] && TILINGS="16x32x1 16x32x2 32x32x1 8x32x1 16x16x1 16x64x1 8x64x1 16x64x2"
