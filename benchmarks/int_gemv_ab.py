@@ -1,8 +1,8 @@
-"""One-row int8 / int4 weight-only linears at Llama-3.1-8B shapes: int_gemv at its default
-tiling and at the tilings given, and the dispatcher's own choice (ops: int_gemv or a Gluon
-twin), µs per call and weight GB/s, beside the bf16 GEMV and the card's copy rate. Run it
-once per tree (PYTHONPATH=ROOT) to A/B a kernel change in one device call; every timed
-output is checked against the torch reference first.
+"""One-row int8 / int4 weight-only and fp8 linears at Llama-3.1-8B shapes: int_gemv
+(fp8_gemv) at its default tiling and at the tilings given, and the dispatcher's own choice
+(ops: int_gemv or a Gluon twin; fp8: skinny_fp8), µs per call and weight GB/s, beside the
+bf16 GEMV and the card's copy rate. Run it once per tree (PYTHONPATH=ROOT) to A/B a kernel
+change in one device call; every timed output is checked against the torch reference first.
 
 Usage: python benchmarks/int_gemv_ab.py OUT_DIR --label new [--tilings 16x128x4 32x64x4]
 """
@@ -19,10 +19,18 @@ from kiln.bench.latency import measure_copy_bandwidth
 from kiln.kernels import int_gemv, ops
 from kiln.kernels.int_gemv import IntGemvConfig
 from kiln.kernels.quant_linear import (dequantize_int4, dequantize_int8,
+                                       fp8_linear_prequantized_reference,
+                                       quantize_fp8_per_token_reference,
                                        weight_only_linear_reference)
 from kiln.quant.quantize import quantize_int4, quantize_int8
 
-FORMATS = {"int8": None, "int8-g64": 64, "int8-g128": 128, "int4-g128": 128}
+FORMATS = {"int8": None, "int8-g64": 64, "int8-g128": 128, "int4-g128": 128, "fp8": None}
+
+
+def fp8_copy(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 weights with per-output-channel scales, as `kiln build --quant fp8` makes them."""
+    scale = (weight.abs().amax(1) / 448).float()
+    return (weight / scale[:, None]).to(torch.float8_e4m3fn), scale
 
 
 def fp32_unpacking(fn):
@@ -64,30 +72,46 @@ def main() -> None:
         del dense
         for fmt in args.formats:
             group = FORMATS[fmt] or k
-            if fmt.startswith("int4"):
+            if fmt == "fp8":
+                copies = [fp8_copy(w) for w in weights]
+                x_q, x_scale = quantize_fp8_per_token_reference(x)
+                expected_fp8 = fp8_linear_prequantized_reference(
+                    x_q, x_scale, *copies[0], None, torch.bfloat16).float()
+            elif fmt.startswith("int4"):
                 copies = [quantize_int4(w, group, True) for w in weights]
                 reference = dequantize_int4(*copies[0])
             else:
                 copies = [quantize_int8(w, group) for w in weights]
                 reference = dequantize_int8(*copies[0])
-            expected = weight_only_linear_reference(x, reference, None).float()
+            expected = (expected_fp8 if fmt == "fp8"
+                        else weight_only_linear_reference(x, reference, None).float())
             turn = [0]
 
             def pick():
                 turn[0] = (turn[0] + 1) % COPIES
                 return copies[turn[0]]
 
-            if fmt.startswith("int4"):  # RTN's zero points are whole numbers
+            if fmt == "fp8":  # x quantised by its producer (fused_quant), as in the model
+                runs = {"ops": lambda: ops.fp8_linear(x_q, *pick(), None, None,
+                                                      x_scale=x_scale, out_dtype=x.dtype),
+                        "gemv": lambda: int_gemv.fp8_gemv(x_q, x_scale, *pick())}
+            elif fmt.startswith("int4"):  # RTN's zero points are whole numbers
                 runs = {"ops": lambda: ops.int4_weight_only_linear(x, *pick(), None,
                                                                    integer_zeros=True)}
             else:
                 runs = {"ops": lambda: ops.int8_weight_only_linear(x, *pick(), None)}
-            runs |= {"gemv": lambda: int_gemv.int_gemv(x, *pick())}
+            if fmt != "fp8":
+                runs |= {"gemv": lambda: int_gemv.int_gemv(x, *pick())}
             if fmt.startswith("int4"):
                 runs["gemv_fp32"] = fp32_unpacking(runs["gemv"])
             for tag in args.tilings:
                 config = IntGemvConfig.parse(tag)
-                runs[f"gemv_{tag}"] = lambda c=config: int_gemv.int_gemv(x, *pick(), config=c)
+                if fmt == "fp8":
+                    runs[f"gemv_{tag}"] = lambda c=config: int_gemv.fp8_gemv(
+                        x_q, x_scale, *pick(), config=c)
+                else:
+                    runs[f"gemv_{tag}"] = lambda c=config: int_gemv.int_gemv(
+                        x, *pick(), config=c)
             for path, fn in runs.items():
                 turn[0] = COPIES - 1  # the next pick is copy 0: the one checked
                 try:

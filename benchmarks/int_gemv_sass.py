@@ -10,7 +10,7 @@ weight, not a time: the packed int4 loop counted 4.58 against 8.14 at 16 x 64 x 
 8.20 since split K's bounds) and streamed gate|up 22 % faster at the same tiling, but the
 narrow matrices hardly at all (too few programs).
 
-Usage: python benchmarks/int_gemv_sass.py [--format int4|int8] [--group 128]
+Usage: python benchmarks/int_gemv_sass.py [--format int4|int8|fp8] [--group 128]
            [--tilings 16x64x4 16x32x1x4] [--fp32-unpacking] [--dump]
 """
 
@@ -35,18 +35,20 @@ from kiln.kernels.int_gemv import IntGemvConfig, _int_gemv_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_sn": "i32",
-             "zero_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
-             "WORDS": "i32"}
+             "zero_ptr": "*fp16", "x_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+             "y_ptr": "*bf16", "N": "i32", "WORDS": "i32"}
 
 
-def sass(config: IntGemvConfig, int4: bool, group: int, packed: bool) -> str:
-    """The kernel's sm_90 SASS for this tiling, as launch_int_gemv would specialise it."""
+def sass(config: IntGemvConfig, fmt: str, group: int, packed: bool) -> str:
+    """The kernel's sm_90 SASS for this tiling, as int_gemv / fp8_gemv would specialise it
+    (fp8: per channel, whatever --group says)."""
+    int4, fp8 = fmt == "int4", fmt == "fp8"
     per_word = 8 if int4 else 4
     group_words = min(config.tile_words, group // per_word)
-    constants = {"SPLIT_K": config.split_k, "INT4": int4, "PER_CHANNEL": False,
+    constants = {"SPLIT_K": config.split_k, "INT4": int4, "PER_CHANNEL": fp8,
                  "HAS_BIAS": False, "GROUP": group, "BLOCK_N": config.block_n,
                  "TILE_GROUPS": config.tile_words // group_words, "GROUP_WORDS": group_words,
-                 "USE_PDL": True, "PACKED": packed and int4}
+                 "USE_PDL": True, "PACKED": packed and int4, "FP8": fp8, "GPU_ASM": fp8}
     aligned = [["tt.divisibility", 16]]
     attrs = {(_int_gemv_kernel.arg_names.index(name),): aligned
              for name, kind in SIGNATURE.items() if not kind.startswith("fp")}
@@ -84,7 +86,7 @@ def loop_body(listing: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--format", choices=["int4", "int8"], default="int4")
+    parser.add_argument("--format", choices=["int4", "int8", "fp8"], default="int4")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--tilings", nargs="*", default=["16x64x4", "16x128x4", "16x32x1"])
     parser.add_argument("--fp32-unpacking", action="store_true",
@@ -95,7 +97,7 @@ def main() -> None:
     int4 = args.format == "int4"
     for tag in args.tilings:
         config = IntGemvConfig.parse(tag)
-        body = loop_body(sass(config, int4, args.group, not args.fp32_unpacking))
+        body = loop_body(sass(config, args.format, args.group, not args.fp32_unpacking))
         weights = config.block_n * config.tile_words * (8 if int4 else 4)
         per_weight = len(body) * config.num_warps * 32 / weights
         opcodes = collections.Counter(

@@ -107,9 +107,9 @@ def _tiling_override(value: str) -> dict[str, IntGemvConfig]:
     configs = {}
     for entry in filter(None, (part.strip() for part in value.split(","))):
         fmt, _, spec = entry.partition("=")
-        if fmt not in ("int4", "int8"):
+        if fmt not in ("int4", "int8", "fp8"):
             raise ValueError(f"{TILING_ENV}: expected entries like int4=64x32x2 (rows x words "
-                             f"x warps, for int4 or int8); got {entry!r}")
+                             f"x warps, for int4, int8 or fp8); got {entry!r}")
         try:
             configs[fmt] = IntGemvConfig.parse(spec)
         except ValueError as error:
@@ -125,7 +125,8 @@ def _tiling_override(value: str) -> dict[str, IntGemvConfig]:
 PACKED_WIDE_ROWS = 16384
 
 
-def default_int_gemv_config(n: int, k: int, int4: bool, packed: bool = False) -> IntGemvConfig:
+def default_int_gemv_config(n: int, k: int, int4: bool, packed: bool = False,
+                            fp8: bool = False) -> IntGemvConfig:
     """From the H200 tiling grid (benchmarks/quant_bench.py, QUANT_BENCH_INT_GRID=1;
     results/s8-h200-int-gemv-grid.json), Llama-3.1-8B shapes: int8 streams 512-byte row tiles,
     8 rows over 2 warps on the 25-50 MB matrices and 16 rows over 4 warps on the larger ones
@@ -134,7 +135,8 @@ def default_int_gemv_config(n: int, k: int, int4: bool, packed: bool = False) ->
     nothing faster: tilings giving a thread 8 rows, fewer instructions, were slower. The
     packed int4 path (H100, results/s26/h100-int4): 1 warp of 16 rows on wide matrices
     (PACKED_WIDE_ROWS), 512-byte tiles up to 4096 x 4096 (o: 6.9 vs 7.4 µs)."""
-    override = _tiling_override(os.environ.get(TILING_ENV, "")).get("int4" if int4 else "int8")
+    formats = _tiling_override(os.environ.get(TILING_ENV, ""))
+    override = formats.get("fp8" if fp8 else "int4" if int4 else "int8")
     if override is not None:
         return override
     if int4 and packed and n >= PACKED_WIDE_ROWS:
@@ -263,14 +265,98 @@ def _tile_int4_packed(word, x_words):
     return bits.to(tl.float32, bitcast=True)
 
 
+# PTX (sm_89+): a word of 4 E4M3 x bytes ($2) → the f16x2 pairs (x0, x1) and (x2, x3)
+# ($0, $1), each times 2^-8 so that a product with a weight (≤ 448 · 1.75) and the sum of two
+# stay far below float16's 65,504. Exact: E4M3 values are float16 values, and 2^-8 of them
+# are too (down to 2^-17, float16's subnormals reach 2^-24).
+_FP8_X_ASM = tl.constexpr("""{
+.reg .b16 lo, hi;
+.reg .b32 scale;
+mov.b32 {lo, hi}, $2;
+mov.b32 scale, 0x1C001C00;
+cvt.rn.f16x2.e4m3x2 $0, lo;
+cvt.rn.f16x2.e4m3x2 $1, hi;
+mul.rn.f16x2 $0, $0, scale;
+mul.rn.f16x2 $1, $1, scale;
+}""")
+
+# PTX (sm_89+): Σ_i w_i · x_i · 2^-8 over a word ($1) of 4 E4M3 weights, x as the pairs above
+# ($2, $3), as fp32 bits ($0): one conversion and one packed float16 FMA per two weights (the
+# product of two E4M3 values is exact in float16, the sum of two rounds at 2^-11), the two
+# halves widened and added in fp32.
+_FP8_DOT_ASM = tl.constexpr("""{
+.reg .b16 wlo, whi, alo, ahi;
+.reg .b32 w01, w23, acc, nought;
+.reg .f32 flo, fhi, sum;
+mov.b32 nought, 0x80008000;
+mov.b32 {wlo, whi}, $1;
+cvt.rn.f16x2.e4m3x2 w01, wlo;
+cvt.rn.f16x2.e4m3x2 w23, whi;
+fma.rn.f16x2 acc, w01, $2, nought;
+fma.rn.f16x2 acc, w23, $3, acc;
+mov.b32 {alo, ahi}, acc;
+cvt.f32.f16 flo, alo;
+cvt.f32.f16 fhi, ahi;
+add.f32 sum, flo, fhi;
+mov.b32 $0, sum;
+}""")
+
+@triton.jit
+def _e4m3(byte):
+    """An E4M3 byte (int32, 0-255) → its value in fp32, exactly: sign, exponent and mantissa
+    moved to fp32's places read 2^-120 of it (subnormals included), then times 2^120. The
+    interpreter's path (no inline assembly there)."""
+    bits = ((byte & 0x80) << 24) | ((byte & 0x7F) << 20)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+
+
+@triton.jit
+def _tile_fp8(word, x_words, GPU_ASM: tl.constexpr):
+    """Σ_i w_i · x_i per word (BLOCK_N, TG, GW) fp32 (times 2^-8 on the GPU path); word and
+    x_words (TG, GW) hold 4 E4M3 values each, column 4j + i in byte i."""
+    if GPU_ASM:
+        x01, x23 = tl.inline_asm_elementwise(
+            _FP8_X_ASM, "=r,=r,r", [x_words], dtype=(tl.int32, tl.int32), is_pure=True,
+            pack=1)
+        bits = tl.inline_asm_elementwise(
+            _FP8_DOT_ASM, "=r,r,r,r", [word, x01[None], x23[None]], dtype=tl.int32,
+            is_pure=True, pack=1)
+        t = bits.to(tl.float32, bitcast=True)
+    else:
+        x = x_words[None]
+        t = _e4m3(word & 0xFF) * _e4m3(x & 0xFF)
+        t += _e4m3((word >> 8) & 0xFF) * _e4m3((x >> 8) & 0xFF)
+        t += _e4m3((word >> 16) & 0xFF) * _e4m3((x >> 16) & 0xFF)
+        t += _e4m3((word >> 24) & 0xFF) * _e4m3((x >> 24) & 0xFF)
+    return t
+
+
 @triton.jit
 def _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, stride_sn, rows,
                      g_offs, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
                      PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUP: tl.constexpr,
-                     PACKED: tl.constexpr, x_word_offs):
+                     PACKED: tl.constexpr, x_word_offs, FP8: tl.constexpr,
+                     GPU_ASM: tl.constexpr):
     """One tile starting at word `start` of every row."""
-    x = tl.load(x_ptr + start * PER_WORD + x_offs).to(tl.float32)  # (TG, GW, PER_WORD)
     # if/else, not early returns: Triton traces the code after a constexpr-if's return too.
+    if FP8:  # per channel: the weight and x scales wait for the end
+        x_words = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                          + start + x_word_offs)  # (TG, GW): x's bytes of each weight word
+        acc += _tile_fp8(word, x_words, GPU_ASM)
+    else:
+        acc = _accumulate_int_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr,
+                                   stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
+                                   GROUP_WORDS, GROUP, PACKED, x_word_offs)
+    return acc
+
+
+@triton.jit
+def _accumulate_int_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr, stride_sn, rows,
+                         g_offs, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                         PER_WORD: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                         GROUP: tl.constexpr, PACKED: tl.constexpr, x_word_offs):
+    """_accumulate_tile for int8 / int4 weights."""
+    x = tl.load(x_ptr + start * PER_WORD + x_offs).to(tl.float32)  # (TG, GW, PER_WORD)
     if PER_CHANNEL:  # INT8 only (int4 is always grouped): the scale waits for the end
         acc = _tile_int8(acc, word, x)
     else:
@@ -302,13 +388,14 @@ def _int_gemv_kernel(
     w_ptr,  # (N, WORDS) int32: the int8 (N, K) or packed-int4 (N, K / 2) weight as words
     scale_ptr, stride_sn,  # (N, K / G) float16
     zero_ptr,  # int4: (N, K / G) float16
+    x_scale_ptr,  # FP8: (1,) float32, x's per-token scale
     bias_ptr,  # (N,) when HAS_BIAS
     y_ptr,  # (N,), or (SPLIT_K, N) fp32 partials when SPLIT_K > 1
     N, WORDS,  # a row's words; each of a row block's SPLIT_K programs takes 1 / SPLIT_K of them
     SPLIT_K: tl.constexpr,
     INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
-    USE_PDL: tl.constexpr, PACKED: tl.constexpr,
+    USE_PDL: tl.constexpr, PACKED: tl.constexpr, FP8: tl.constexpr, GPU_ASM: tl.constexpr,
 ):
     PER_WORD: tl.constexpr = 8 if INT4 else 4
     TILE_WORDS: tl.constexpr = TILE_GROUPS * GROUP_WORDS
@@ -318,7 +405,10 @@ def _int_gemv_kernel(
     words = g_offs[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # (TG, GW)
     w_ptrs = w_ptr + rows[:, None, None] * WORDS + words[None]
     x_offs = words[:, :, None] * PER_WORD + tl.arange(0, PER_WORD)[None, None, :]
-    x_word_offs = words[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # x as int32 pairs
+    if FP8:
+        x_word_offs = words  # x's 4 bytes of a weight word are one int32 word too
+    else:
+        x_word_offs = words[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # int32 pairs
 
     split_words = WORDS // SPLIT_K
     first = tl.program_id(1) * split_words
@@ -330,14 +420,16 @@ def _int_gemv_kernel(
         next_word = tl.load(w_ptrs + start + TILE_WORDS)
         acc = _accumulate_tile(acc, word, x_ptr, x_offs, start, scale_ptr, zero_ptr,
                                stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
-                               GROUP_WORDS, GROUP, PACKED, x_word_offs)
+                               GROUP_WORDS, GROUP, PACKED, x_word_offs, FP8, GPU_ASM)
         word = next_word
     acc = _accumulate_tile(acc, word, x_ptr, x_offs, last, scale_ptr, zero_ptr,
                            stride_sn, rows, g_offs, INT4, PER_CHANNEL, PER_WORD,
-                           GROUP_WORDS, GROUP, PACKED, x_word_offs)
+                           GROUP_WORDS, GROUP, PACKED, x_word_offs, FP8, GPU_ASM)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
     if PER_CHANNEL:
         out = out * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)
+    if FP8:
+        out = out * (tl.load(x_scale_ptr) * (256.0 if GPU_ASM else 1.0))  # 2^-8: _FP8_X_ASM
     if SPLIT_K > 1:  # fp32 partials; the summing launch adds the bias
         tl.store(y_ptr + tl.program_id(1) * N + cols, out, mask=cols < N)
     else:
@@ -416,13 +508,21 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     int4 = zero is not None
     n, k = weight.shape[0], x.shape[1]
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    packed = int4 and packed_usable(x)
+    config = config or default_int_gemv_config(n, k, int4, packed)
+    return _launch(x, weight, scale, zero, None, bias, y, config, int4=int4, packed=packed)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+            zero: torch.Tensor | None, x_scale: torch.Tensor | None,
+            bias: torch.Tensor | None, y: torch.Tensor, config: IntGemvConfig, *,
+            int4: bool = False, packed: bool = False, fp8: bool = False) -> torch.Tensor:
+    n, k = weight.shape[0], x.shape[1]
     if n == 0:
         return y
     per_word = 8 if int4 else 4
     words = k // per_word
-    group = k // scale.shape[1]
-    packed = int4 and packed_usable(x)
-    config = config or default_int_gemv_config(n, k, int4, packed)
+    group = k // scale.shape[1] if scale.dim() == 2 else k  # fp8: (N,) per channel
     # K in config.split_k parts, or in its largest divisor that divides the row's words
     split = math.gcd(config.split_k, words)
     tile_words = min(config.tile_words, power_of_2_dividing(words // split))
@@ -434,13 +534,69 @@ def launch_int_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     out = y if split == 1 else torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
     launchable(_int_gemv_kernel, x)[(triton.cdiv(n, config.block_n), split)](
         x, weight.view(torch.int32), scale, scale.stride(0),
-        zero if int4 else scale, bias if bias is not None else scale, out,
+        zero if int4 else scale, x_scale if fp8 else scale,
+        bias if bias is not None else scale, out,
         n, words, SPLIT_K=split,
         INT4=int4, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, GROUP=group,
         BLOCK_N=config.block_n, TILE_GROUPS=tile_words // group_words,
-        GROUP_WORDS=group_words, USE_PDL=pdl, PACKED=packed,
+        GROUP_WORDS=group_words, USE_PDL=pdl, PACKED=packed, FP8=fp8,
+        GPU_ASM=fp8 and not interpreter_active(),
         num_warps=config.num_warps, launch_pdl=pdl,
     )
     if split > 1:
         sum_split_k_partials(out, split, bias, y, pdl)
     return y
+
+
+@functools.lru_cache(maxsize=8)
+def _has_fp8_conversion(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)  # cvt.rn.f16x2.e4m3x2: sm_89
+
+
+def fp8_gemv_unsupported_reason(x_q: torch.Tensor, x_scale: torch.Tensor,
+                                weight: torch.Tensor, weight_scale: torch.Tensor) -> str | None:
+    """Why fp8_gemv cannot take these inputs (the dispatcher then uses skinny_fp8), or
+    None."""
+    if x_q.dim() != 2 or x_q.shape[0] != 1 or x_q.stride(1) != 1:
+        return f"x must be one contiguous row (1, K); got {tuple(x_q.shape)}"
+    k = x_q.shape[1]
+    if x_q.dtype != torch.float8_e4m3fn or weight.dtype != torch.float8_e4m3fn:
+        return f"x and the weight must be float8_e4m3fn; got {x_q.dtype} and {weight.dtype}"
+    if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
+        return f"weight must be contiguous (N, {k}); got {tuple(weight.shape)}"
+    if k % 4 or weight.data_ptr() % 4 or x_q.data_ptr() % 4:
+        return f"K = {k}, x and the weight must be whole 32-bit words (4-byte aligned)"
+    if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype != torch.float32:
+        return "weight_scale must be float32 (N,), one scale an output channel"
+    if x_scale.numel() != 1 or x_scale.dtype != torch.float32:
+        return "x_scale must be one float32 scale (x quantised per token)"
+    if x_q.is_cuda and not _has_fp8_conversion(x_q.device):
+        return "E4M3 conversions need sm_89 or newer"
+    if not (x_q.is_cuda or (interpreter_active() and x_q.device.type == "cpu")):
+        return f"x is on {x_q.device}: Triton runs on CUDA, or on the CPU when interpreted"
+    return None
+
+
+def fp8_gemv(
+    x_q: torch.Tensor,  # (1, K) E4M3
+    x_scale: torch.Tensor,  # (1, 1) float32
+    weight: torch.Tensor,  # (N, K) E4M3
+    weight_scale: torch.Tensor,  # (N,) float32
+    bias: torch.Tensor | None = None,  # (N,)
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    config: IntGemvConfig | None = None,
+) -> torch.Tensor:  # (1, N) in out_dtype
+    """Batch-1 W8A8 FP8 on the CUDA cores, in this file's loop: each word's 4 weights and 4
+    x values converted to float16 pairs by the E4M3 conversion instruction, one packed FMA
+    per two weights (_FP8_DOT_ASM), fp32 across words, the weight's and x's scales at the
+    end. Twin of quant_linear.fp8_linear_prequantized_reference. KILN_FP8_GEMV=1 sends
+    one-row fp8 linears here (off until measured on a GPU)."""
+    reason = fp8_gemv_unsupported_reason(x_q, x_scale, weight, weight_scale)
+    if reason is not None:
+        raise ValueError(f"fp8_gemv: {reason}")
+    n, k = weight.shape
+    y = torch.empty(1, n, dtype=out_dtype, device=x_q.device)
+    config = config or default_int_gemv_config(n, k, int4=False, fp8=True)
+    return _launch(x_q, weight, weight_scale, None, x_scale.reshape(1), bias, y, config,
+                   fp8=True)

@@ -221,6 +221,13 @@ def fp8_linear(
         input_scale = None  # the producer applied it (static) or computed x_scale (dynamic)
     else:
         x = x.contiguous()
+    # One row on the CUDA cores, two weights a packed float16 FMA (kernels/int_gemv.py), for
+    # the A/B against skinny_fp8 (KILN_FP8_GEMV=1; off until measured on a GPU).
+    if x.shape[0] == 1 and env_flag("KILN_FP8_GEMV", default=False):
+        x_q, scale = ((x, x_scale) if prequantized
+                      else quant_linear.quantize_fp8_per_token(x, input_scale))
+        if int_gemv.fp8_gemv_unsupported_reason(x_q, scale, weight, weight_scale) is None:
+            return int_gemv.fp8_gemv(x_q, scale, weight, weight_scale, bias, dtype)
     if _skinny_fp8_shapes(x, weight):
         return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, input_scale, bias,
                                             x_scale=x_scale, out_dtype=out_dtype)

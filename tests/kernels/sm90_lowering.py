@@ -49,14 +49,15 @@ def compile_gluon_ptx(kernel, signature: dict, constants: dict) -> str:
 
 def int_gemv_variants() -> dict:
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "stride_sn": "i32",
-                 "zero_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
-                 "WORDS": "i32"}
+                 "zero_ptr": "*fp16", "x_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+                 "y_ptr": "*bf16", "N": "i32", "WORDS": "i32"}
     variants = {  # name: (INT4, PER_CHANNEL, GROUP, TILE_GROUPS, GROUP_WORDS, BLOCK_N, warps)
         "int8_per_channel": (False, True, 4096, 1, 128, 8, 2),
         "int8_grouped": (False, False, 128, 4, 32, 16, 4),
         "int4_grouped": (True, False, 128, 4, 16, 16, 4),
         "int4_packed": (True, False, 128, 4, 16, 16, 4),
         "int4_packed_split": (True, False, 128, 2, 16, 16, 1),
+        "fp8": (False, True, 4096, 1, 128, 16, 4),
     }
     out = {}
     for name, (int4, per_channel, group, groups, words, block_n, warps) in variants.items():
@@ -64,10 +65,12 @@ def int_gemv_variants() -> dict:
             "INT4": int4, "PER_CHANNEL": per_channel, "HAS_BIAS": True, "GROUP": group,
             "BLOCK_N": block_n, "TILE_GROUPS": groups, "GROUP_WORDS": words, "USE_PDL": True,
             "PACKED": name.startswith("int4_packed"), "SPLIT_K": 4 if "split" in name else 1,
+            "FP8": name == "fp8", "GPU_ASM": name == "fp8",
         }, warps)
         out[name] = {"conversions_from_int": ptx.count("cvt.rn.f32.s") + ptx.count("cvt.rn.f32.u"),
                      "griddepcontrol": "griddepcontrol.wait" in ptx,
-                     "packed_bf16_fma": "fma.rn.bf16x2" in ptx}
+                     "packed_bf16_fma": "fma.rn.bf16x2" in ptx,
+                     "e4m3_pairs_to_f16": "cvt.rn.f16x2.e4m3x2" in ptx}
     return out
 
 

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from kiln.kernels import int_gemv as int_gemv_module, ops
-from kiln.kernels.int_gemv import IntGemvConfig, int_gemv, int_gemv_unsupported_reason
+from kiln.kernels.int_gemv import (IntGemvConfig, fp8_gemv, fp8_gemv_unsupported_reason,
+                                   int_gemv, int_gemv_unsupported_reason)
 from kiln.kernels.quant_linear import (
     dequantize_int4,
     dequantize_int8,
+    fp8_linear_prequantized_reference,
+    fp8_linear_reference,
+    quantize_fp8_per_token_reference,
     weight_only_linear_reference,
 )
 from kiln.quant.quantize import pack_int4, quantize_int4, quantize_int8
@@ -195,7 +199,7 @@ def test_tiling_override_from_the_environment(monkeypatch):
     monkeypatch.setenv("KILN_INT_GEMV_TILING", "int4=64x32x2, int8=16x64x4")
     assert int_gemv_module.default_int_gemv_config(8, 64, True) == IntGemvConfig(64, 32, 2)
     for bad, message in (("int4=64x32", "expected rows x words x warps"),
-                         ("fp8=1x1x1", "expected entries like"),
+                         ("fp16=1x1x1", "expected entries like"),
                          ("int4=64x30x2", "tile_words must be a power of 2")):
         monkeypatch.setenv("KILN_INT_GEMV_TILING", bad)
         with pytest.raises(ValueError, match=f"KILN_INT_GEMV_TILING.*{message}"):
@@ -220,3 +224,75 @@ def test_packed_int4_tilings_and_the_wide_matrices_it_takes_from_the_gluon_kerne
     assert skinny_int4.takes_batch1(x, 6144, 4096) and skinny_int4.takes_batch1(x, 4096, 14336)
     monkeypatch.setattr(int_gemv_module, "packed_usable", lambda tensor: False)
     assert skinny_int4.takes_batch1(x, 28672, 4096)  # fp16 / fp32 x: the Gluon kernel as before
+
+
+def _fp8_inputs(n: int, k: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator) * 0.02
+    weight_scale = (weight.abs().amax(1) / 448).float()
+    w_q = (weight / weight_scale[:, None]).to(torch.float8_e4m3fn)
+    x = torch.randn(1, k, generator=generator).to(torch.bfloat16) * 3
+    bias = torch.randn(n, generator=generator).to(torch.bfloat16)
+    return x, w_q, weight_scale, bias
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_fp8_gemv_matches_reference(split_k, device, poison_outputs):
+    """W8A8 FP8 at one row: each product of two E4M3 values is exact in float16 and two are
+    summed there, so against the fp32 reference it is a bf16 rounding of the output apart
+    (fp32 out: close to exact on the interpreter's fp32 path)."""
+    x, w_q, weight_scale, bias = _fp8_inputs(40, 512, seed=7)
+    x_q, x_scale = quantize_fp8_per_token_reference(x)
+    config = IntGemvConfig(block_n=16, tile_words=16, num_warps=4, split_k=split_k)
+    args = [t.to(device) for t in (x_q, x_scale, w_q, weight_scale)]
+    out = fp8_gemv(*args, bias.to(device), torch.bfloat16, config=config)
+    expected = fp8_linear_prequantized_reference(x_q, x_scale, w_q, weight_scale, bias,
+                                                 torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and _relative(out.cpu(), expected) < 2**-7
+    exact = fp8_linear_prequantized_reference(x_q, x_scale, w_q, weight_scale, None,
+                                              torch.float32)
+    out = fp8_gemv(*args, None, torch.float32, config=config)
+    assert _relative(out.cpu(), exact) < (1e-6 if device == "cpu" else 2**-10)
+
+
+def test_fp8_gemv_reads_every_e4m3_value_exactly(device):
+    """Every finite E4M3 byte in every position of a word, x one-hot (1.0): y[n] is exactly
+    the weight's value (the GPU path's float16 products of E4M3 values and 2^-8 are exact)."""
+    finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
+    w_q = finite[:248].view(torch.float8_e4m3fn).reshape(62, 4).repeat(1, 2).contiguous()
+    for column in range(8):
+        x = torch.zeros(1, 8)
+        x[0, column] = 1.0
+        y = fp8_gemv(x.to(torch.float8_e4m3fn).to(device), torch.ones(1, 1, device=device),
+                     w_q.to(device), torch.ones(62, device=device), None, torch.float32,
+                     config=IntGemvConfig(block_n=16, tile_words=2, num_warps=4))
+        assert torch.equal(y.cpu()[0], w_q[:, column].float()), column
+
+
+def test_fp8_gemv_refusals_and_the_opt_in_dispatch(device, monkeypatch):
+    x, w_q, weight_scale, bias = _fp8_inputs(24, 256, seed=8)
+    x_q, x_scale = quantize_fp8_per_token_reference(x)
+    assert fp8_gemv_unsupported_reason(x_q, x_scale, w_q, weight_scale) is None
+    assert "one contiguous row" in fp8_gemv_unsupported_reason(x_q.expand(2, -1), x_scale,
+                                                               w_q, weight_scale)
+    assert "float8_e4m3fn" in fp8_gemv_unsupported_reason(x, x_scale, w_q, weight_scale)
+    assert "weight_scale must be float32 (N,)" in fp8_gemv_unsupported_reason(
+        x_q, x_scale, w_q, weight_scale[:4])
+    assert "x_scale must be one float32" in fp8_gemv_unsupported_reason(
+        x_q, x_scale.expand(2, 1), w_q, weight_scale)
+    with pytest.raises(ValueError, match="fp8_gemv: weight must be contiguous"):
+        fp8_gemv(x_q, x_scale, w_q[:, :128], weight_scale)
+    # ops: one bf16 row goes here only with KILN_FP8_GEMV=1, quantised on the way.
+    monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
+    calls = []
+    real = int_gemv_module.fp8_gemv
+    monkeypatch.setattr(int_gemv_module, "fp8_gemv",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    tensors = [t.to(device) for t in (x, w_q, weight_scale, bias)]
+    expected = fp8_linear_reference(x, w_q, weight_scale, None, bias)
+    monkeypatch.setenv("KILN_FP8_GEMV", "1")
+    out = ops.fp8_linear(tensors[0], tensors[1], tensors[2], None, tensors[3])
+    assert calls == [1] and _relative(out.cpu(), expected) < 2**-7
+    monkeypatch.setenv("KILN_FP8_GEMV", "0")
+    ops.fp8_linear(tensors[0], tensors[1], tensors[2], None, tensors[3])
+    assert calls == [1]

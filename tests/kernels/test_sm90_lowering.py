@@ -44,12 +44,13 @@ def _skip_without_gluon() -> None:
 
 
 def test_int_gemv_compiles_for_sm90_without_weight_conversions(lowering):
-    """And the packed int4 variant's assembly (two bf16 weights an instruction) assembles
-    for sm_90 (ptxas runs in the compile), with K split too: a PTX typo or a split-only
-    compile error fails here, not on the device."""
+    """And the packed int4 variant's assembly (two bf16 weights an instruction) and the FP8
+    one (E4M3 pairs to float16) assemble for sm_90 (ptxas runs in the compile), with K split
+    too: a PTX typo or a split-only compile error fails here, not on the device."""
     for name, found in lowering["int_gemv"].items():
         assert found == {"conversions_from_int": 0, "griddepcontrol": True,
-                         "packed_bf16_fma": name.startswith("int4_packed")}, name
+                         "packed_bf16_fma": name.startswith("int4_packed"),
+                         "e4m3_pairs_to_f16": name == "fp8"}, name
 
 
 def test_skinny_fp8_lowers_to_wgmma_and_serial_split_k_to_fence_and_atomic(lowering):
