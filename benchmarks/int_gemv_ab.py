@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 from quant_bench import COPIES, SHAPES, nbytes, timed, write_results
@@ -45,19 +46,36 @@ def fp32_unpacking(fn):
     return run
 
 
-def main() -> None:
+# --smoke: small shapes on the CPU under the interpreter (tests/bench/test_int_gemv_ab.py), so a
+# script error shows before a device call does.
+SMOKE_SHAPES = {"qkv": (48, 256), "down": (32, 512)}
+
+
+def smoke_timed(fn) -> float:
+    """µs of one call (the --smoke stand-in for quant_bench.timed's CUDA graph)."""
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e6
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--label", required=True)
     parser.add_argument("--tilings", nargs="*", default=[])
     parser.add_argument("--formats", nargs="*", default=list(FORMATS))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="small shapes on the CPU (TRITON_INTERPRET=1): the script's check")
+    args = parser.parse_args(argv)
     rows = []
-    copy = round(measure_copy_bandwidth(torch.device("cuda")) / 1e9, 1)  # as kiln bench
-    print(f"copy {copy} GB/s  {torch.cuda.get_device_name()}")
-    for shape, (n, k) in SHAPES.items():
-        weights = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(COPIES)]
-        x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    device = "cpu" if args.smoke else "cuda"
+    timer = smoke_timed if args.smoke else timed
+    copy = (1.0 if args.smoke  # no copy rate to compare with: percentages are meaningless
+            else round(measure_copy_bandwidth(torch.device("cuda")) / 1e9, 1))  # as kiln bench
+    print(f"copy {copy} GB/s  {device_name(device)}")
+    for shape, (n, k) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
+        weights = [torch.randn(n, k, device=device) * 0.02 for _ in range(COPIES)]
+        x = torch.randn(1, k, device=device).to(torch.bfloat16)
         dense = [w.to(torch.bfloat16) for w in weights]
         turn = [0]
 
@@ -65,7 +83,7 @@ def main() -> None:
             turn[0] = (turn[0] + 1) % COPIES
             return dense[turn[0]]
 
-        us = timed(lambda: ops.linear(x, next_dense(), None))
+        us = timer(lambda: ops.linear(x, next_dense(), None))
         rows.append({"shape": shape, "format": "bf16", "path": "ops", "us": round(us, 2),
                      "weight_gb_s": round(nbytes(dense[0]) / us / 1e3, 1)})
         print(f"{shape:8} bf16      ops        {us:7.2f} us {rows[-1]['weight_gb_s']:7.1f} GB/s")
@@ -117,7 +135,7 @@ def main() -> None:
                 try:
                     error = ((fn().float() - expected).abs().max()
                              / expected.abs().max()).item()
-                    us = timed(fn)
+                    us = timer(fn)
                 except Exception as failure:  # reported, not fatal
                     rows.append({"shape": shape, "format": fmt, "path": path,
                                  "error": str(failure)[:200]})
@@ -134,6 +152,11 @@ def main() -> None:
         del weights
     write_results(args.out, f"int_gemv_ab-{args.label}", rows, copy_gb_s=copy,
                   label=args.label)
+    return rows
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreted)"
 
 
 if __name__ == "__main__":

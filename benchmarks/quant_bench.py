@@ -72,7 +72,8 @@ def write_results(out_dir, name: str, rows: list, **extra) -> Path:
 
     path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"device": device, "torch": torch.__version__,
               "triton": triton.__version__, **extra, "rows": rows}
     path.write_text(json.dumps(report, indent=1))
     return path
