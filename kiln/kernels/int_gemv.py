@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.int4_unpack import nibble_pair_lines
 from kiln.kernels.skinny_fp8 import sum_split_k_partials
 from kiln.kernels.triton_utils import (env_flag, interpreter_active, launchable, pdl_prologue,
                                        power_of_2_dividing, use_pdl)
@@ -217,38 +218,30 @@ prmt.b32 $3, $5, $7, 0x7632;
 
 # PTX: Σ_i (q_i − 8) · x_i over a word ($1) of 8 nibbles, x as the pairs above ($2..$5), as
 # fp32 bits ($0). Nibbles i and i + 4 OR-ed into the two bf16 halves of 128.0 read 128 + q
-# (one LOP3 for two weights), − 136 leaves q − 8 exactly, and four packed bf16 FMAs sum the
-# products, each half over 4 weights; the halves are widened to fp32 (bf16 is fp32's upper
-# half) and added. Two weights an instruction instead of fp32's one (sm_80+; −0 is the
-# first FMA's addend, so the product is only rounded).
-_DOT_ASM = tl.constexpr("""{
-.reg .b32 t0, t1, t2, t3, s1, s2, s3, acc, lo, hi, one, minus, nought;
-.reg .f32 flo, fhi, sum;
-mov.b32 one, 0x3F803F80;
-mov.b32 minus, 0xC308C308;
-mov.b32 nought, 0x80008000;
-shr.u32 s1, $1, 4;
-shr.u32 s2, $1, 8;
-shr.u32 s3, $1, 12;
-lop3.b32 t0, $1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 t1, s1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 t2, s2, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 t3, s3, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t0, t0, one, minus;
-fma.rn.bf16x2 t1, t1, one, minus;
-fma.rn.bf16x2 t2, t2, one, minus;
-fma.rn.bf16x2 t3, t3, one, minus;
-fma.rn.bf16x2 acc, t0, $2, nought;
-fma.rn.bf16x2 acc, t1, $3, acc;
-fma.rn.bf16x2 acc, t2, $4, acc;
-fma.rn.bf16x2 acc, t3, $5, acc;
-shl.b32 lo, acc, 16;
-and.b32 hi, acc, 0xFFFF0000;
-mov.b32 flo, lo;
-mov.b32 fhi, hi;
-add.f32 sum, flo, fhi;
-mov.b32 $0, sum;
-}""")
+# (one LOP3 for two weights; int4_unpack's lines), − 136 leaves q − 8 exactly, and four
+# packed bf16 FMAs sum the products, each half over 4 weights; the halves are widened to fp32
+# (bf16 is fp32's upper half) and added. Two weights an instruction instead of fp32's one
+# (sm_80+; −0 is the first FMA's addend, so the product is only rounded).
+_DOT_ASM = tl.constexpr("\n".join([
+    "{",
+    ".reg .b32 t0, t1, t2, t3, s1, s2, s3, acc, lo, hi, one, minus, nought;",
+    ".reg .f32 flo, fhi, sum;",
+    "mov.b32 one, 0x3F803F80;",
+    "mov.b32 minus, 0xC308C308;",
+    "mov.b32 nought, 0x80008000;",
+    *nibble_pair_lines("$1", "minus", float16=False),
+    "fma.rn.bf16x2 acc, t0, $2, nought;",
+    "fma.rn.bf16x2 acc, t1, $3, acc;",
+    "fma.rn.bf16x2 acc, t2, $4, acc;",
+    "fma.rn.bf16x2 acc, t3, $5, acc;",
+    "shl.b32 lo, acc, 16;",
+    "and.b32 hi, acc, 0xFFFF0000;",
+    "mov.b32 flo, lo;",
+    "mov.b32 fhi, hi;",
+    "add.f32 sum, flo, fhi;",
+    "mov.b32 $0, sum;",
+    "}",
+]))
 
 
 @triton.jit
@@ -300,6 +293,7 @@ cvt.f32.f16 fhi, ahi;
 add.f32 sum, flo, fhi;
 mov.b32 $0, sum;
 }""")
+
 
 @triton.jit
 def _e4m3(byte):
@@ -439,8 +433,8 @@ def _int_gemv_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-def _has_packed_bf16(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)  # fma.rn.bf16x2: sm_80
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def packed_usable(x: torch.Tensor) -> bool:
@@ -449,7 +443,7 @@ def packed_usable(x: torch.Tensor) -> bool:
     KILN_INT_GEMV_PACKED=0 is the A/B switch to the fp32 unpacking."""
     return (env_flag("KILN_INT_GEMV_PACKED", default=True) and x.dtype == torch.bfloat16
             and x.is_cuda and not interpreter_active() and x.data_ptr() % 4 == 0
-            and _has_packed_bf16(x.device))
+            and _capability(x.device) >= (8, 0))  # fma.rn.bf16x2: sm_80
 
 
 def takes_wide_packed(x: torch.Tensor, n: int) -> bool:
@@ -548,11 +542,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-@functools.lru_cache(maxsize=8)
-def _has_fp8_conversion(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 9)  # cvt.rn.f16x2.e4m3x2: sm_89
-
-
 def fp8_gemv_unsupported_reason(x_q: torch.Tensor, x_scale: torch.Tensor,
                                 weight: torch.Tensor, weight_scale: torch.Tensor) -> str | None:
     """Why fp8_gemv cannot take these inputs (the dispatcher then uses skinny_fp8), or
@@ -570,7 +559,7 @@ def fp8_gemv_unsupported_reason(x_q: torch.Tensor, x_scale: torch.Tensor,
         return "weight_scale must be float32 (N,), one scale an output channel"
     if x_scale.numel() != 1 or x_scale.dtype != torch.float32:
         return "x_scale must be one float32 scale (x quantised per token)"
-    if x_q.is_cuda and not _has_fp8_conversion(x_q.device):
+    if x_q.is_cuda and _capability(x_q.device) < (8, 9):  # cvt.rn.f16x2.e4m3x2: sm_89
         return "E4M3 conversions need sm_89 or newer"
     if not (x_q.is_cuda or (interpreter_active() and x_q.device.type == "cpu")):
         return f"x is on {x_q.device}: Triton runs on CUDA, or on the CPU when interpreted"
@@ -595,6 +584,15 @@ def fp8_gemv(
     reason = fp8_gemv_unsupported_reason(x_q, x_scale, weight, weight_scale)
     if reason is not None:
         raise ValueError(f"fp8_gemv: {reason}")
+    return launch_fp8_gemv(x_q, x_scale, weight, weight_scale, bias, out_dtype, config=config)
+
+
+def launch_fp8_gemv(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                    weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype, *,
+                    config: IntGemvConfig | None = None) -> torch.Tensor:
+    """fp8_gemv for inputs fp8_gemv_unsupported_reason already accepted (the dispatcher
+    checks once per call, not twice)."""
     n, k = weight.shape
     y = torch.empty(1, n, dtype=out_dtype, device=x_q.device)
     config = config or default_int_gemv_config(n, k, int4=False, fp8=True)

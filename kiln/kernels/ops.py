@@ -227,7 +227,7 @@ def fp8_linear(
         x_q, scale = ((x, x_scale) if prequantized
                       else quant_linear.quantize_fp8_per_token(x, input_scale))
         if int_gemv.fp8_gemv_unsupported_reason(x_q, scale, weight, weight_scale) is None:
-            return int_gemv.fp8_gemv(x_q, scale, weight, weight_scale, bias, dtype)
+            return int_gemv.launch_fp8_gemv(x_q, scale, weight, weight_scale, bias, dtype)
     if _skinny_fp8_shapes(x, weight):
         return skinny_fp8.skinny_fp8_linear(x, weight, weight_scale, input_scale, bias,
                                             x_scale=x_scale, out_dtype=out_dtype)

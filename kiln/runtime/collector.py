@@ -57,10 +57,11 @@ def tune_for_engine() -> tuple[int, int, int]:
     return previous
 
 
-def restore(previous: tuple[int, int, int]) -> None:
+def restore(previous: tuple[int, int, int] | None) -> None:
     """Undo tune_for_engine: the frozen heap back in the collector's sight (the model's
     reference cycles, parameters holding bound weight loaders, need it), one full pass, the
-    thresholds as they were."""
+    thresholds as they were (None: never tuned, so only the pass)."""
     gc.unfreeze()
     gc.collect()
-    gc.set_threshold(*previous)
+    if previous is not None:
+        gc.set_threshold(*previous)

@@ -377,11 +377,7 @@ class LLMEngine:
         self.parallel.close()
         # Objects frozen at start-up (from_engine_dir) are invisible to the collector; the
         # model's reference cycles (parameters holding bound weight loaders) need it.
-        if self._collector_before is not None:
-            collector.restore(self._collector_before)  # and the thresholds as they were
-        else:
-            gc.unfreeze()
-            gc.collect()
+        collector.restore(self._collector_before)  # and the thresholds as they were
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()

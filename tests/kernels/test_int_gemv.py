@@ -199,6 +199,7 @@ def test_tiling_override_from_the_environment(monkeypatch):
     monkeypatch.setenv("KILN_INT_GEMV_TILING", "int4=64x32x2, int8=16x64x4")
     assert int_gemv_module.default_int_gemv_config(8, 64, True) == IntGemvConfig(64, 32, 2)
     for bad, message in (("int4=64x32", "expected rows x words x warps"),
+                         ("int4=16x32x1x4x2", r"expected rows x words x warps \[x splits\]"),
                          ("fp16=1x1x1", "expected entries like"),
                          ("int4=64x30x2", "tile_words must be a power of 2")):
         monkeypatch.setenv("KILN_INT_GEMV_TILING", bad)
@@ -285,8 +286,8 @@ def test_fp8_gemv_refusals_and_the_opt_in_dispatch(device, monkeypatch):
     # ops: one bf16 row goes here only with KILN_FP8_GEMV=1, quantised on the way.
     monkeypatch.setattr(ops, "_fast", lambda tensor: True)  # the interpreter stands in for CUDA
     calls = []
-    real = int_gemv_module.fp8_gemv
-    monkeypatch.setattr(int_gemv_module, "fp8_gemv",
+    real = int_gemv_module.launch_fp8_gemv  # what ops calls once it has checked the inputs
+    monkeypatch.setattr(int_gemv_module, "launch_fp8_gemv",
                         lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     tensors = [t.to(device) for t in (x, w_q, weight_scale, bias)]
     expected = fp8_linear_reference(x, w_q, weight_scale, None, bias)
