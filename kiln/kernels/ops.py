@@ -222,7 +222,7 @@ def fp8_linear(
     else:
         x = x.contiguous()
     # One row on the CUDA cores, two weights a packed float16 FMA (kernels/int_gemv.py), for
-    # the A/B against skinny_fp8 (KILN_FP8_GEMV=1; off until measured on a GPU).
+    # the A/B against skinny_fp8 (KILN_FP8_GEMV=1; off: no faster end to end on the H100).
     if x.shape[0] == 1 and env_flag("KILN_FP8_GEMV", default=False):
         x_q, scale = ((x, x_scale) if prequantized
                       else quant_linear.quantize_fp8_per_token(x, input_scale))

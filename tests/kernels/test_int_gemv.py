@@ -271,7 +271,7 @@ def test_fp8_gemv_reads_every_e4m3_value_exactly(device):
 
 
 def test_fp8_gemv_refusals_and_the_opt_in_dispatch(device, monkeypatch):
-    x, w_q, weight_scale, bias = _fp8_inputs(24, 256, seed=8)
+    x, w_q, weight_scale, bias = [t.to(device) for t in _fp8_inputs(24, 256, seed=8)]
     x_q, x_scale = quantize_fp8_per_token_reference(x)
     assert fp8_gemv_unsupported_reason(x_q, x_scale, w_q, weight_scale) is None
     assert "one contiguous row" in fp8_gemv_unsupported_reason(x_q.expand(2, -1), x_scale,
@@ -289,11 +289,10 @@ def test_fp8_gemv_refusals_and_the_opt_in_dispatch(device, monkeypatch):
     real = int_gemv_module.launch_fp8_gemv  # what ops calls once it has checked the inputs
     monkeypatch.setattr(int_gemv_module, "launch_fp8_gemv",
                         lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    tensors = [t.to(device) for t in (x, w_q, weight_scale, bias)]
     expected = fp8_linear_reference(x, w_q, weight_scale, None, bias)
     monkeypatch.setenv("KILN_FP8_GEMV", "1")
-    out = ops.fp8_linear(tensors[0], tensors[1], tensors[2], None, tensors[3])
-    assert calls == [1] and _relative(out.cpu(), expected) < 2**-7
+    out = ops.fp8_linear(x, w_q, weight_scale, None, bias)
+    assert calls == [1] and _relative(out.cpu(), expected.cpu()) < 2**-7
     monkeypatch.setenv("KILN_FP8_GEMV", "0")
-    ops.fp8_linear(tensors[0], tensors[1], tensors[2], None, tensors[3])
+    ops.fp8_linear(x, w_q, weight_scale, None, bias)
     assert calls == [1]
