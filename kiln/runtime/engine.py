@@ -306,8 +306,8 @@ class LLMEngine:
         # taken: with runner.gpu_seconds, the CPU time per step next to the GPU time.
         self.stats = EngineStats()
         self._closed = False
-        self._startup_frozen = False  # from_engine_dir froze the start-up heap (CUDA)
-        self._collector_before: tuple[int, int, int] | None = None  # and its thresholds then
+        # Set when from_engine_dir froze the start-up heap (CUDA): the thresholds before.
+        self._collector_before: tuple[int, int, int] | None = None
 
     def _start_parallel(self, engine_info: EngineInfo, config: EngineConfig):
         from kiln.parallel.executor import ParallelExecutor
@@ -334,7 +334,6 @@ class LLMEngine:
             # its passes made rarer (kiln/runtime/collector.py); close() undoes both. Not on
             # the CPU, where tests build many short-lived engines.
             engine._collector_before = collector.tune_for_engine()
-            engine._startup_frozen = True
         return engine
 
     # ---- lifetime -----------------------------------------------------------------------
@@ -507,7 +506,7 @@ class LLMEngine:
         finally:
             gc.unfreeze()
             gc.collect()
-            if self._startup_frozen:
+            if self._collector_before is not None:  # the start-up freeze
                 gc.freeze()
 
     def structured_outputs(self) -> StructuredOutputManager:

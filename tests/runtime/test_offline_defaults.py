@@ -108,7 +108,7 @@ def test_a_large_offline_batch_is_frozen_out_of_the_collectors_sight(tiny_engine
     assert calls == [("freeze", True), ("unfreeze", False), ("collect", False)]
     assert all(len(o.outputs[0].token_ids) == 2 for o in outputs)
     calls.clear()
-    engine._startup_frozen = True  # as from_engine_dir on CUDA
+    engine._collector_before = gc.get_threshold()  # as from_engine_dir on CUDA
     llm.generate([[1, 2]] * 3, params, use_tqdm=False)
     assert calls[-1] == ("freeze", False)  # the start-up freeze restored
     monkeypatch.undo()
