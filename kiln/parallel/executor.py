@@ -129,6 +129,7 @@ class ParallelExecutor:
         # The engine's view: the executor, not the engine, leaves the world (close()).
         self.parallel = dataclasses.replace(self.world.parallel, owns_process_group=False)
         self.runner = launch.make_runner(spec, self.world, device, engine_info=engine_info)
+        launch.bound_control_timeout(self.world, spec.step_timeout_s)  # started: no more waits
         # The sampling rank: rank 0 itself at pp 1, tp rank 0 of the last stage otherwise.
         self._driver = self.parallel.last_stage_driver_rank
 
@@ -244,7 +245,7 @@ class ParallelExecutor:
         if self._broken is None:
             _wait_exit(self.processes, _SHUTDOWN_GRACE_S)
         _stop(self.processes)
-        _leave_world(self.world.parallel)
+        _leave_world(self.world, self.parallel)
         if self._rendezvous_dir:
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
         atexit.unregister(self._kill_workers)
@@ -372,8 +373,23 @@ def _stop(processes: list[subprocess.Popen], grace: float = _TERMINATE_GRACE_S) 
             pass
 
 
-def _leave_world(parallel) -> None:
-    """Destroy the process groups without risking a hang on a broken peer."""
-    thread = threading.Thread(target=parallel.close, name="kiln-leave-world", daemon=True)
+def _leave_world(world: launch.World, *states) -> None:
+    """Destroy the process groups, and drop this process's references to them, in a thread
+    of their own, so the groups' destructors run there: a gloo group is destroyed only once
+    its pending operations end (its destructor waits for its worker threads), and left to the
+    collector it would stall whichever thread collected next (the test suite's main thread
+    once sat 15 minutes in an engine's close()). Waited for 5 s; after that the thread is
+    left behind (a daemon) and the engine closes anyway."""
+
+    def leave() -> None:
+        world.parallel.close()
+        world.forget_groups()
+        for state in states:  # copies of world.parallel (the engine's)
+            state.forget_groups()
+
+    thread = threading.Thread(target=leave, name="kiln-leave-world", daemon=True)
     thread.start()
     thread.join(5.0)
+    if thread.is_alive():
+        logger.warning("a process group of the closed world is still shutting down after 5 s "
+                       "(an operation waiting on a peer); it is left to a background thread")

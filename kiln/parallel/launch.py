@@ -133,6 +133,21 @@ class World:
     def rank(self) -> int:
         return self.parallel.rank
 
+    def forget_groups(self) -> None:
+        """After the world is left: drop this rank's references to every group of it."""
+        self.control_group = None
+        self.result_group = None
+        self.parallel.forget_groups()
+
+
+def bound_control_timeout(world: World, seconds: float) -> None:
+    """Rank 0, once every rank has started: its control-group operations (a step's
+    broadcast, which completes once the idle workers have posted their receives) get the
+    step timeout instead of the workers' idle one (30 days). Gloo destroys a group only after
+    its pending operations end, so an operation left behind by a failed step must not be
+    able to wait for weeks (executor._leave_world)."""
+    world.control_group.set_timeout(timedelta(seconds=seconds))
+
 
 def join_world(spec: WorkerSpec, rank: int, check_alive=None) -> World:
     """Join the world as `rank` (every rank calls this, in the same order of groups).

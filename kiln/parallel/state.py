@@ -142,9 +142,22 @@ class ParallelState:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
+    def forget_groups(self) -> None:
+        """After the world is left: drop this state's process groups (in place: the model's
+        layers hold this very state) and its ownership of the world, so the groups are
+        destroyed now, in the caller's thread (executor._leave_world says why), and a
+        collective afterwards fails naming the cause."""
+        for name in ("tp_group", "pp_group"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _LEFT_GROUP)
+        object.__setattr__(self, "owns_process_group", False)
+
     def _check_group(self) -> None:
         if self.tp_group is _NO_GROUP:
             raise RuntimeError("a build-time ParallelState (for_slicing) cannot run collectives")
+        if self.tp_group is _LEFT_GROUP:
+            raise RuntimeError("this rank has left its world (the engine was closed): no "
+                               "collectives after close()")
 
     # ---- pipeline: activations between stages ---------------------------------------------
 
@@ -248,13 +261,17 @@ def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 
 class _NoProcessGroup:
-    """The group of a build-time state: there is nobody to talk to."""
+    """The group of a build-time state, or of one whose world was left: nobody to talk to."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
 
     def __repr__(self) -> str:
-        return "<no process group: build-time slicing only>"
+        return f"<no process group: {self.why}>"
 
 
-_NO_GROUP = _NoProcessGroup()
+_NO_GROUP = _NoProcessGroup("build-time slicing only")
+_LEFT_GROUP = _NoProcessGroup("the world was left")
 
 
 # One process holding the whole model: what every engine uses until it asks for more.

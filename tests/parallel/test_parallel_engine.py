@@ -2,12 +2,16 @@
 the same tokens as tp 1: chunked prefill, preemption, prefix reuse, abort and n > 1 in one
 run, through the real executor (worker processes spawned by the engine, step messages as
 msgpack bytes). Also: the engine refuses a layout it was not built for, the KV cache is the
-smallest fit of all ranks, and closing the engine leaves no worker behind.
+smallest fit of all ranks, and closing the engine leaves no worker behind, and no process
+group for the collector to destroy later.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,6 +186,46 @@ def test_kv_cache_is_the_smallest_fit_and_close_leaves_no_worker(engines):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _gloo_threads() -> int:
+    """This process's gloo threads: a live group has two workers and an I/O loop."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sum(name.startswith(("pt_gloo", "gloo_")) for name in names)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from /proc")
+def test_close_destroys_the_groups_itself_not_the_collector(engines):
+    """A gloo group is destroyed only once its pending operations end, so close() destroys
+    the world's groups itself, in its leave-world thread: with the collector off, the gloo
+    threads are gone when close() returns (left to the collector, they were destroyed by
+    whichever thread collected next: once the suite's main thread, for 15 minutes). Rank 0's
+    control group waits at most the step timeout once started; after close the engine's
+    state refuses collectives by name."""
+    gc.collect()
+    before = _gloo_threads()
+    gc.disable()
+    try:
+        engine = make_cpu_engine(engines[(2, 1)])
+        world = engine.runner.world
+        assert _gloo_threads() > before
+        # (no local keeps the backend: it would keep the group alive)
+        timeout = world.control_group._get_backend(torch.device("cpu")).options._timeout
+        assert timeout == timedelta(seconds=engine.runner.spec.step_timeout_s)
+        greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        run_to_completion(engine, _prompts()[:2], [greedy] * 2)
+        engine.close()
+        assert _gloo_threads() <= before  # (another test's group may have ended meanwhile)
+    finally:
+        gc.enable()
+    assert world.control_group is None and world.result_group is None
+    with pytest.raises(RuntimeError, match="left its world"):
+        engine.parallel.all_reduce(torch.ones(2))
 
 
 def test_engine_config_fields():
