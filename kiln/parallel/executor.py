@@ -382,10 +382,12 @@ def _leave_world(world: launch.World, *states) -> None:
     left behind (a daemon) and the engine closes anyway."""
 
     def leave() -> None:
-        world.parallel.close()
-        world.forget_groups()
-        for state in states:  # copies of world.parallel (the engine's)
-            state.forget_groups()
+        try:
+            world.parallel.close()
+        finally:  # destroyed or not, this process lets go of the groups here
+            world.forget_groups()
+            for state in states:  # copies of world.parallel (the engine's)
+                state.forget_groups()
 
     thread = threading.Thread(target=leave, name="kiln-leave-world", daemon=True)
     thread.start()
