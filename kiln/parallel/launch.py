@@ -146,7 +146,11 @@ def bound_control_timeout(world: World, seconds: float) -> None:
     step timeout instead of the workers' idle one (30 days). Gloo destroys a group only after
     its pending operations end, so an operation left behind by a failed step must not be
     able to wait for weeks (executor._leave_world)."""
-    world.control_group.set_timeout(timedelta(seconds=seconds))
+    group, timeout = world.control_group, timedelta(seconds=seconds)
+    if hasattr(group, "set_timeout"):  # ProcessGroup.set_timeout: the CI's torch 2.13 has it
+        group.set_timeout(timeout)
+    else:  # an older torch (the device machine's 2.11 is unchecked): the gloo backend's own
+        group._get_backend(torch.device("cpu"))._set_default_timeout(timeout)
 
 
 def join_world(spec: WorkerSpec, rank: int, check_alive=None) -> World:

@@ -228,6 +228,18 @@ def test_close_destroys_the_groups_itself_not_the_collector(engines):
         engine.parallel.all_reduce(torch.ones(2))
 
 
+def test_control_timeout_is_bounded_on_a_torch_without_set_timeout(engines, monkeypatch):
+    """Before ProcessGroup.set_timeout (torch older than the CI's; the device machine runs
+    2.11), rank 0 bounds its control group through the gloo backend's own setter."""
+    import torch.distributed as dist
+
+    monkeypatch.delattr(dist.ProcessGroup, "set_timeout")
+    with make_cpu_engine(engines[(2, 1)]) as engine:
+        backend = engine.runner.world.control_group._get_backend(torch.device("cpu"))
+        timeout, backend = backend.options._timeout, None  # (no local keeps the group alive)
+        assert timeout == timedelta(seconds=engine.runner.spec.step_timeout_s)
+
+
 def test_engine_config_fields():
     config = EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2)
     assert (config.tensor_parallel_size, config.pipeline_parallel_size) == (2, 2)
