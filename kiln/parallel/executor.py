@@ -128,8 +128,12 @@ class ParallelExecutor:
         self.world = launch.join_world(spec, 0, check_alive=self._check_alive)
         # The engine's view: the executor, not the engine, leaves the world (close()).
         self.parallel = dataclasses.replace(self.world.parallel, owns_process_group=False)
-        self.runner = launch.make_runner(spec, self.world, device, engine_info=engine_info)
-        launch.bound_control_timeout(self.world, spec.step_timeout_s)  # started: no more waits
+        try:
+            self.runner = launch.make_runner(spec, self.world, device, engine_info=engine_info)
+            launch.bound_control_timeout(self.world, spec.step_timeout_s)  # all started
+        except BaseException:  # a worker died loading, say: the next engine needs a new world
+            _leave_world(self.world, self.parallel)
+            raise
         # The sampling rank: rank 0 itself at pp 1, tp rank 0 of the last stage otherwise.
         self._driver = self.parallel.last_stage_driver_rank
 
@@ -374,12 +378,10 @@ def _stop(processes: list[subprocess.Popen], grace: float = _TERMINATE_GRACE_S) 
 
 
 def _leave_world(world: launch.World, *states) -> None:
-    """Destroy the process groups, and drop this process's references to them, in a thread
-    of their own, so the groups' destructors run there: a gloo group is destroyed only once
-    its pending operations end (its destructor waits for its worker threads), and left to the
-    collector it would stall whichever thread collected next (the test suite's main thread
-    once sat 15 minutes in an engine's close()). Waited for 5 s; after that the thread is
-    left behind (a daemon) and the engine closes anyway."""
+    """Destroy the world's process groups and drop this process's references to them, both
+    in launch.in_leaving_thread, so the groups' destructors run there: left to the collector,
+    a group with a pending operation stalled whichever thread collected next (the test
+    suite's main thread once sat 15 minutes in an engine's close())."""
 
     def leave() -> None:
         try:
@@ -389,9 +391,6 @@ def _leave_world(world: launch.World, *states) -> None:
             for state in states:  # copies of world.parallel (the engine's)
                 state.forget_groups()
 
-    thread = threading.Thread(target=leave, name="kiln-leave-world", daemon=True)
-    thread.start()
-    thread.join(5.0)
-    if thread.is_alive():
+    if not launch.in_leaving_thread(leave):
         logger.warning("a process group of the closed world is still shutting down after 5 s "
                        "(an operation waiting on a peer); it is left to a background thread")

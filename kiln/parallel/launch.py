@@ -159,23 +159,43 @@ def join_world(spec: WorkerSpec, rank: int, check_alive=None) -> World:
     while rank 0 waits for the others to arrive."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    started_here = not dist.is_initialized()
+    if started_here:
         store = _spawned_world_store(spec, rank, check_alive)
         where = {"store": store} if store is not None else {"init_method": spec.init_method}
         dist.init_process_group(
             spec.backend, rank=rank, world_size=spec.world_size,
             timeout=timedelta(seconds=spec.startup_timeout_s), **where,
         )
-    parallel = ParallelState.initialize(
-        spec.tp, spec.pp, rank, backend=spec.backend, init_method=spec.init_method,
-        timeout=timedelta(seconds=spec.step_timeout_s),
-    )
-    # initialize() saw an initialised world and so does not own it; this state does.
-    parallel = _owning(parallel)
-    control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=_IDLE_TIMEOUT)
-    results = dist.new_group(list(range(spec.world_size)), backend="gloo",
-                             timeout=timedelta(seconds=spec.step_timeout_s))
+    try:
+        parallel = ParallelState.initialize(
+            spec.tp, spec.pp, rank, backend=spec.backend, init_method=spec.init_method,
+            timeout=timedelta(seconds=spec.step_timeout_s),
+        )
+        # initialize() saw an initialised world and so does not own it; this state does.
+        parallel = _owning(parallel)
+        control = dist.new_group(list(range(spec.world_size)), backend="gloo",
+                                 timeout=_IDLE_TIMEOUT)
+        results = dist.new_group(list(range(spec.world_size)), backend="gloo",
+                                 timeout=timedelta(seconds=spec.step_timeout_s))
+    except BaseException:
+        if started_here:  # a world joined halfway is left: the next start makes its own
+            in_leaving_thread(dist.destroy_process_group)
+        raise
     return World(parallel, control, results)
+
+
+def in_leaving_thread(leave) -> bool:
+    """Run `leave` (what destroys process groups) in a daemon thread, waited for 5 s; True
+    when it finished. A gloo group is destroyed only once its pending operations end (its
+    destructor waits for its worker threads), so no caller waits on a peer that never
+    answers: after 5 s the thread is left behind and the caller goes on."""
+    import threading
+
+    thread = threading.Thread(target=leave, name="kiln-leave-world", daemon=True)
+    thread.start()
+    thread.join(5.0)
+    return not thread.is_alive()
 
 
 def _spawned_world_store(spec: WorkerSpec, rank: int, check_alive):

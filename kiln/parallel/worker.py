@@ -35,8 +35,9 @@ SPEC_ENV = "KILN_WORKER_SPEC"
 PARENT_ENV = "KILN_WORKER_PARENT_PID"
 # Test hook for the failure tests: "RANK:hang@STEP" makes that rank sleep forever when the
 # given step (1-based) arrives; "RANK:exit@STEP" makes it exit at once (code 3). Step 0:
-# at start-up, before the rank joins the world.
+# at start-up, before the rank joins the world; "joined": once it has joined, before loading.
 FAULT_ENV = "KILN_TEST_WORKER_FAULT"
+JOINED = -1  # the step number "joined" stands for
 
 
 def serve_steps(world, runner) -> None:
@@ -125,6 +126,8 @@ def run_worker(spec, rank: int, local_rank: int) -> None:
     if fault is not None and fault[1] == 0:
         _inject(fault[0])
     world = join_world(spec, rank)
+    if fault is not None and fault[1] == JOINED:
+        _inject(fault[0])
     runner = None
     try:
         device = device_for(spec, local_rank)
@@ -204,7 +207,7 @@ def _fault_for(rank: int) -> tuple[str, int] | None:
     kind, _, step = action.partition("@")
     if int(target) != rank:
         return None
-    return kind, int(step)
+    return kind, JOINED if step == "joined" else int(step)
 
 
 def _inject(kind: str) -> None:

@@ -131,6 +131,31 @@ def test_worker_dying_before_it_joins_fails_the_start_at_once(engine_dir, monkey
     make_cpu_engine(engine_dir).close()  # the process can start an engine again
 
 
+def test_worker_dying_after_it_joined_fails_the_start_and_leaves_no_world(engine_dir,
+                                                                          monkeypatch):
+    """A worker that dies once the world is up (loading its weights, sizing its cache):
+    the start fails naming it, and rank 0 leaves that world, so the next engine in the
+    process starts a world of its own instead of reusing one whose peer is gone."""
+    import torch.distributed as dist
+
+    from kiln.parallel.executor import WorkerFailure
+    from kiln.runtime.sampling_params import SamplingParams
+    from tests.helpers import make_cpu_engine, run_to_completion
+
+    monkeypatch.setenv("KILN_TEST_WORKER_FAULT", "1:exit@joined")
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"worker rank 1 \(pid \d+\) exited with code 3"):
+        make_cpu_engine(engine_dir)
+    assert time.monotonic() - started < DEADLINE_S
+    assert not dist.is_initialized()
+    monkeypatch.delenv("KILN_TEST_WORKER_FAULT")
+    monkeypatch.setenv("KILN_PARALLEL_STARTUP_TIMEOUT_S", "30")  # (a stale world: a stall)
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    with make_cpu_engine(engine_dir) as engine:
+        outputs = run_to_completion(engine, [[1, 2, 3]], [greedy])
+    assert len(outputs[0].outputs[0].token_ids) == 2
+
+
 def test_hung_worker_stops_the_engine_within_the_step_timeout(engine_dir):
     engine = EngineProcess(engine_dir, KILN_TEST_WORKER_FAULT="1:hang@4",
                            KILN_PARALLEL_STEP_TIMEOUT_S="5")
