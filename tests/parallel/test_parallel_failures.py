@@ -149,7 +149,6 @@ def test_worker_dying_after_it_joined_fails_the_start_and_leaves_no_world(engine
     assert time.monotonic() - started < DEADLINE_S
     assert not dist.is_initialized()
     monkeypatch.delenv("KILN_TEST_WORKER_FAULT")
-    monkeypatch.setenv("KILN_PARALLEL_STARTUP_TIMEOUT_S", "30")  # (a stale world: a stall)
     greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     with make_cpu_engine(engine_dir) as engine:
         outputs = run_to_completion(engine, [[1, 2, 3]], [greedy])
