@@ -132,6 +132,7 @@ class ParallelExecutor:
             self.runner = launch.make_runner(spec, self.world, device, engine_info=engine_info)
             launch.bound_control_timeout(self.world, spec.step_timeout_s)  # all started
         except BaseException:  # a worker died loading, say: the next engine needs a new world
+            _stop(processes)  # first, as close() does: no live peer for a pending operation
             _leave_world(self.world, self.parallel)
             raise
         # The sampling rank: rank 0 itself at pp 1, tp rank 0 of the last stage otherwise.
